@@ -1,0 +1,100 @@
+"""Self-describing checkpoints: safetensors weights + a JSON description in its header.
+
+No pickle: loading reads tensors and JSON only, so a checkpoint from a stranger
+cannot run code. The description holds everything needed to rebuild the model
+and use it: backbone, head shape, preprocessing, class names, threshold (and
+how it was chosen), metrics and package versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save
+
+from .data import CLASS_NAMES
+from .outputs import write_bytes_atomic
+from .models import PneumoniaClassifier, Preprocessing, create_model
+
+FORMAT = "pneumoscope-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "model.safetensors"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("pneumoscope", "torch", "timm", "numpy", "scikit-learn", "grad-cam", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def describe(model: PneumoniaClassifier, *, threshold: float, threshold_policy: str, metrics: dict | None = None, extra: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": model.backbone_name,
+        "head": {"in_features": model.head.fc1.in_features, "hidden": model.head.fc1.out_features, "dropout": model.head.dropout.p},
+        "preprocessing": model.preprocessing.to_dict(),
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "output": "one logit; P(PNEUMONIA) = sigmoid(logit)",
+        "threshold": float(threshold),
+        "threshold_policy": threshold_policy,
+        "metrics": metrics or {},
+        "versions": package_versions(),
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model: PneumoniaClassifier, description: dict) -> Path:
+    """Write weights and description to one file, atomically."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / CHECKPOINT_NAME
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_bytes_atomic(path, save(tensors, metadata={"pneumoscope": json.dumps(description)}))
+    return path
+
+
+def read_description(path: str | os.PathLike) -> dict:
+    path = resolve_checkpoint(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if "pneumoscope" not in meta:
+        raise ValueError(f"{path}: not a pneumoscope checkpoint (no description in its header). Train one with `pneumoscope train`.")
+    description = json.loads(meta["pneumoscope"])
+    if description.get("format") != FORMAT or description.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {description.get('format_version')} is newer than this pneumoscope reads; upgrade pneumoscope.")
+    return description
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, dict]:
+    """Rebuild the model from a checkpoint; returns (model in eval mode, description)."""
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(path)
+    description = read_description(path)
+    head = description["head"]
+    model = create_model(description["backbone"], pretrained="none", hidden=head["hidden"], dropout=head["dropout"])
+    stored = Preprocessing.from_dict(description["preprocessing"])
+    if stored != model.preprocessing:
+        model.preprocessing = stored
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval(), description

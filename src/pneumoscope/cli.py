@@ -1,0 +1,226 @@
+"""The ``pneumoscope`` command line. Thin: each command calls into the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("pneumoscope")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .models import BACKBONES, DEFAULT_BACKBONE
+
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
+    p.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"], help="ImageNet weights or random initialisation")
+    p.add_argument("--weights", help="local state dict (.pth/.safetensors, timm key names) for the backbone")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--patience", type=int, default=10, help="early stopping on val loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="head training batch size")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train patients held out for validation")
+    p.add_argument("--limit", type=int, help="at most N images per split (quick runs)")
+    p.add_argument("--workers", type=int, default=1, help="image decoding worker processes")
+    p.add_argument("--cache-dir", help="feature cache (default: $PNEUMOSCOPE_CACHE or the user cache dir)")
+
+
+def _config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, epochs=args.epochs, patience=args.patience,
+        seed=args.seed, batch_size=args.batch_size, val_fraction=args.val_fraction, limit=args.limit,
+        num_workers=args.workers, cache_dir=args.cache_dir,
+    )  # fmt: skip
+
+
+def cmd_inspect(args) -> int:
+    from .data import load_dataset, scan, split_by_patient, summarize
+
+    dataset = load_dataset(args.data)
+    if dataset.layout != "npz":
+        dataset = dataset.subset(split_by_patient(dataset.records, val_fraction=args.val_fraction, seed=args.seed))
+    dataset = scan(dataset, progress=not args.json)
+    summary = summarize(dataset)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{s['source']} ({s['layout']} layout), {s['images']} readable images"]
+    lines.append(f"{'split':<6} {'images':>7} {'NORMAL':>7} {'PNEUM.':>7} {'%pneu':>6} {'patients':>9} {'max/pt':>7}  types")
+    for name, sp in s["splits"].items():
+        c = sp["classes"]
+        pts = "-" if sp["patients"] is None else sp["patients"]
+        mx = "-" if sp["max_images_per_patient"] is None else sp["max_images_per_patient"]
+        types = ", ".join(f"{k} {v}" for k, v in sp["pneumonia_types"].items())
+        lines.append(f"{name:<6} {sp['images']:>7} {c['NORMAL']:>7} {c['PNEUMONIA']:>7} {100 * sp['positive_fraction']:>5.1f}% {pts:>9} {mx:>7}  {types}")
+    lk = s["leakage"]
+    if lk["patients_in_several_splits"] is None:
+        lines.append(f"leakage check: {lk['note']}")
+    else:
+        lines.append(f"leakage check: {'OK' if lk['ok'] else 'FAILED'}: {len(lk['patients_in_several_splits'])} patients in several splits, "
+                     f"{len(lk['duplicates_across_splits'])} identical images across splits")  # fmt: skip
+    lines.append(f"duplicate images (same bytes): {lk['duplicate_images']} images in {lk['duplicate_groups']} groups")
+    if s["patient_id_from_file_stem"]:
+        lines.append(f"patient id not in file name (file stem used): {s['patient_id_from_file_stem']} images")
+    lines.append(f"unreadable files: {len(s['unreadable'])}")
+    for u in s["unreadable"][:20]:
+        lines.append(f"  {u['path']}: {u['reason']}")
+    if s["ignored_files"]:
+        lines.append(f"ignored files (not images in class folders): {s['ignored_files']}")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from .train import train_run
+
+    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite)
+    print(f"run written to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    out, result = evaluate_run(args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir)
+    m = result.metrics
+    auc = "n/a (one class)" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+    print(f"n={m['n']} AUC={auc} accuracy={m['accuracy']:.4f} sensitivity={_fmt(m['sensitivity'])} specificity={_fmt(m['specificity'])} "
+          f"threshold={m['threshold']:.4f}\nwritten to {out}")  # fmt: skip
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain_images
+    from .predict import Predictor
+
+    results = explain_images(Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, overwrite=args.overwrite)
+    print(f"{len(results)} explanations written to {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import Predictor, expand_inputs
+
+    predictor = Predictor.from_checkpoint(args.run)
+    results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs))]
+    if args.format == "json":
+        print(json.dumps(results, indent=2))
+    else:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "prob", "label", "threshold", "error"])
+        writer.writeheader()
+        writer.writerows({**r, "prob": "" if r["prob"] is None else f"{r['prob']:.6f}"} for r in results)
+    return 1 if any(r["error"] for r in results) else 0
+
+
+def cmd_demo(args) -> int:
+    """train -> evaluate -> explain on the default (or given) dataset."""
+    from .data import load_dataset
+    from .download import fetch_pneumoniamnist
+    from .evaluate import evaluate_run
+    from .explain import explain_images
+    from .predict import Predictor
+    from .train import train_run
+
+    data = args.data or os.environ.get("PNEUMOSCOPE_DATA") or fetch_pneumoniamnist()
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = train_run(data, out / "run", _config(args), overwrite=False)
+    _, result = evaluate_run(run, data, out / "eval", split="test", limit=args.limit, cache_dir=args.cache_dir)
+    wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
+    right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
+    if load_dataset(data).layout != "npz":
+        explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain")
+    m = result.metrics
+    print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
+          f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
+    print(f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (metrics.json, confusion_matrix.png, roc_curve.png)"
+          + (", explain/ (Grad-CAM overlays)" if (out / "explain").exists() else ""))  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="counts, patients, leakage check, unreadable files")
+    p.add_argument("data", help="Kaggle chest_xray root, folder of class folders, .zip, or PneumoniaMNIST .npz")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a model (frozen backbone, cached features, head with early stopping)")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, predictions and figures on labelled data")
+    p.add_argument("run")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test", help="split of a Kaggle root or npz (a folder of class folders is used whole)")
+    p.add_argument("--limit", type=int, help="at most N images (quick runs)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default="predicted", choices=["predicted", "pneumonia", "normal"], help="class to explain")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("predict", help="probability, label and threshold per image")
+    p.add_argument("run")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--format", default="csv", choices=["csv", "json"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="train -> evaluate -> explain on DATA, $PNEUMOSCOPE_DATA, or downloaded PneumoniaMNIST")
+    p.add_argument("--data")
+    p.add_argument("--out", help="results folder (default runs/demo-<time>)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .io import ImageReadError
+    from .outputs import OutputExistsError
+
+    from .runtime import tune_cpu_allocator
+
+    args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (DataError, ImageReadError, OutputExistsError, FileNotFoundError, ValueError, ConnectionError, RuntimeError) as err:
+        print(f"pneumoscope: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Frozen-backbone features, computed once and cached on disk.
+
+The cache key is the backbone's weight fingerprint plus its preprocessing plus
+the image's content hash, so a renamed file hits the cache and a changed one,
+or a different backbone, misses it. Each entry is one small ``.npy`` written
+atomically: a run killed mid-way leaves only whole entries behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from .data import Dataset, Record
+from .io import ImageReadError
+from .outputs import write_bytes_atomic
+from .models import PneumoniaClassifier
+
+logger = logging.getLogger(__name__)
+
+FEATURE_VERSION = 1  # bump when the way features are computed changes
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PNEUMOSCOPE_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("pneumoscope"))
+
+
+class FeatureCache:
+    """``root/<model key>/<ab>/<content hash>.npy``, one pooled feature vector each."""
+
+    def __init__(self, root: str | os.PathLike, model_key: str):
+        self.dir = Path(root) / "features" / model_key
+
+    def _path(self, content_hash: str) -> Path:
+        return self.dir / content_hash[:2] / f"{content_hash}.npy"
+
+    def get(self, content_hash: str) -> np.ndarray | None:
+        path = self._path(content_hash)
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:  # a damaged entry is recomputed, never trusted
+            logger.warning("feature cache entry %s unreadable (%s); recomputing", path, err)
+            return None
+
+    def put(self, content_hash: str, feature: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(feature, dtype=np.float32), allow_pickle=False)
+        write_bytes_atomic(self._path(content_hash), buf.getvalue())
+
+
+def model_key(model: PneumoniaClassifier) -> str:
+    payload = json.dumps(
+        {"backbone": model.backbone_fingerprint(), "pre": model.preprocessing.to_dict(), "v": FEATURE_VERSION},
+        sort_keys=True,
+    )
+    return f"{model.backbone_name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+class ImageDataset(TorchDataset):
+    """Records -> preprocessed tensors; a bad file yields its error, not an exception."""
+
+    def __init__(self, dataset: Dataset, records: list[Record], preprocessing):
+        self.reader = dataset.reader
+        self.records = records
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        try:
+            image = self.reader.read_image(record.ref, draft_size=self.preprocessing.input_size)
+            return i, torch.from_numpy(np.ascontiguousarray(self.preprocessing.apply(image))), ""
+        except (ImageReadError, OSError, KeyError) as err:
+            return i, None, str(getattr(err, "reason", err))
+
+
+def _collate(batch):
+    ok = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, why) for i, x, why in batch if x is None]
+    if ok:
+        idx, xs = zip(*ok)
+        return list(idx), torch.stack(xs), bad
+    return [], None, bad
+
+
+@dataclass
+class FeatureResult:
+    features: np.ndarray  # (N, C) for the rows that decoded
+    records: list[Record]  # those rows, in input order
+    problems: list[tuple[str, str]]  # (path, reason) for rows that did not
+
+
+def extract_features(
+    model: PneumoniaClassifier,
+    dataset: Dataset,
+    records: list[Record] | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> FeatureResult:
+    """Pooled backbone features for ``records`` (default: all), using the cache.
+
+    Records need ``content_hash`` (see :func:`pneumoscope.data.scan`) for the
+    cache; without one, features are computed every time.
+    """
+    from tqdm.auto import tqdm
+
+    records = dataset.records if records is None else records
+    cache = FeatureCache(cache_dir or default_cache_dir(), model_key(model))
+    feats: dict[int, np.ndarray] = {}
+    for i, r in enumerate(records):
+        if r.content_hash:
+            hit = cache.get(r.content_hash)
+            if hit is not None:
+                feats[i] = hit
+    todo = [i for i in range(len(records)) if i not in feats]
+    logger.info("features: %d cached, %d to compute (%s)", len(feats), len(todo), cache.dir)
+    problems: dict[int, str] = {}
+    if todo:
+        loader = DataLoader(
+            ImageDataset(dataset, [records[i] for i in todo], model.preprocessing),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        model.eval()
+        bar = tqdm(total=len(todo), desc="features", unit="img", disable=not progress)
+        with torch.inference_mode():
+            for idx, x, bad in loader:
+                for j, why in bad:
+                    problems[todo[j]] = why
+                if x is not None:
+                    out = model.pooled_features(x).float().numpy()
+                    for j, f in zip(idx, out):
+                        feats[todo[j]] = f
+                        if records[todo[j]].content_hash:
+                            cache.put(records[todo[j]].content_hash, f)
+                bar.update(len(idx) + len(bad))
+        bar.close()
+    kept = [i for i in range(len(records)) if i in feats]
+    for i, why in sorted(problems.items()):
+        logger.warning("skipping %s: %s", dataset.display(records[i]), why)
+    dim = model.head.fc1.in_features
+    features = np.stack([feats[i] for i in kept]) if kept else np.zeros((0, dim), np.float32)
+    return FeatureResult(features, [records[i] for i in kept], [(dataset.display(records[i]), why) for i, why in sorted(problems.items())])

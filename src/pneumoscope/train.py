@@ -1,0 +1,227 @@
+"""Train the notebook's frozen-backbone model, fast: cache features once, fit the head.
+
+``fit_head`` is the training loop (read it top to bottom); ``train_run`` is the
+whole command: data -> split -> features -> head -> threshold -> run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .checkpoint import describe, save_checkpoint
+from .features import extract_features
+from .metrics import compute_binary_metrics, compute_youden_threshold
+from .models import DEFAULT_BACKBONE, Head, create_model
+from .outputs import atomic_output_dir, check_output_dir, write_csv, write_json
+from .plots import plot_history, plot_image_grid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: str = "imagenet"
+    weights: str | None = None
+    epochs: int = 100
+    patience: int = 10
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 256
+    dropout: float = 0.3
+    val_fraction: float = 0.1
+    limit: int | None = None
+    feature_batch_size: int = 32
+    num_workers: int = 1
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("epochs", "patience", "batch_size", "hidden", "feature_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def class_weights(y: np.ndarray) -> np.ndarray:
+    """Keras-style balanced weights n / (2 n_c), one per class."""
+    counts = np.bincount(y.astype(int), minlength=2)
+    if (counts == 0).any():
+        raise ValueError(f"training needs images of both classes, got counts {counts.tolist()} (NORMAL, PNEUMONIA)")
+    return counts.sum() / (2.0 * counts)
+
+
+def fit_head(
+    head: Head,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int = 100,
+    patience: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], int]:
+    """Adam on class-weighted BCE; early stopping on (unweighted) val loss, best weights restored.
+
+    Returns the per-epoch history and the best epoch (1-based). ``head`` ends
+    holding the best weights.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt, yt = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.float32)
+    xv, yv = torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val, dtype=torch.float32)
+    w = torch.as_tensor(class_weights(y_train), dtype=torch.float32)
+    sample_w = w[yt.long()]
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    bce = nn.BCEWithLogitsLoss(reduction="none")
+
+    history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
+    bar = tqdm(range(1, epochs + 1), desc="head", unit="epoch", disable=not progress)
+    for epoch in bar:
+        head.train()
+        order = torch.randperm(len(xt), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, len(xt), batch_size):
+            idx = order[start : start + batch_size]
+            logits = head(xt[idx]).squeeze(1)
+            loss = (bce(logits, yt[idx]) * sample_w[idx]).sum() / sample_w[idx].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            correct += int(((logits > 0).float() == yt[idx]).sum())
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(xv).squeeze(1)
+            val_loss = float(bce(val_logits, yv).mean())
+            val_acc = float(((val_logits > 0).float() == yv).float().mean())
+        row = {"epoch": epoch, "loss": total / len(xt), "accuracy": correct / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
+        history.append(row)
+        logger.info("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, best_state, waited = val_loss, epoch, copy.deepcopy(head.state_dict()), 0
+        else:
+            waited += 1
+            if waited >= patience:
+                logger.info("early stopping at epoch %d; restoring epoch %d (val_loss %.4f)", epoch, best_epoch, best_loss)
+                break
+    bar.close()
+    head.load_state_dict(best_state)
+    head.eval()
+    return history, best_epoch
+
+
+def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
+    head.eval()
+    with torch.no_grad():
+        return torch.sigmoid(head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1)).numpy()
+
+
+def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data_mod.Record]:
+    """Train/val/test assignment: patient-level re-split, unless the source has its own (npz)."""
+    if dataset.layout == "npz":
+        records = dataset.records  # MedMNIST's own split; it carries no patient ids
+    else:
+        records = data_mod.split_by_patient(dataset.records, val_fraction=config.val_fraction, seed=config.seed)
+    if config.limit:
+        records = data_mod.limit_per_split(records, config.limit, seed=config.seed)
+    return records
+
+
+def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """The ``pneumoscope train`` command. Returns the run folder."""
+    check_output_dir(out, overwrite)
+    t0 = time.perf_counter()
+    dataset = data_mod.load_dataset(data)
+    records = prepare_records(dataset, config)
+    dataset = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
+    leakage = data_mod.check_leakage(dataset.records, display=dataset.display)
+    if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
+        raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
+
+    model = create_model(config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout)
+    fit_rows = [r for r in dataset.records if r.split in ("train", "val")]
+    feats = extract_features(
+        model, dataset, fit_rows, cache_dir=config.cache_dir, batch_size=config.feature_batch_size, num_workers=config.num_workers, progress=progress
+    )
+    problems = list(dataset.problems) + feats.problems
+    split = np.array([r.split for r in feats.records])
+    y = np.array([r.label for r in feats.records])
+    tr, va = split == "train", split == "val"
+    if not va.any() or len(np.unique(y[va])) < 2:
+        raise data_mod.DataError(
+            f"{data}: the validation split has {int(va.sum())} images and needs both classes; use more data or a larger --val-fraction."
+        )
+    t_feat = time.perf_counter() - t0
+
+    history, best_epoch = fit_head(
+        model.head, feats.features[tr], y[tr], feats.features[va], y[va],
+        epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
+        lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, progress=progress,
+    )  # fmt: skip
+    val_prob = predict_head(model.head, feats.features[va])
+    threshold = compute_youden_threshold(y[va], val_prob)
+    val_metrics = compute_binary_metrics(y[va], val_prob, threshold)
+    logger.info("val: AUC %.4f, threshold %.4f (Youden's J on validation)", val_metrics["roc_auc"], threshold)
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        resolved = {**asdict(config), "data": str(Path(data).absolute())}
+        write_json(tmp / "config.json", resolved)
+        description = describe(
+            model, threshold=threshold, threshold_policy="youden (max sensitivity + specificity - 1) on the patient-level validation split",
+            metrics={"val": val_metrics},
+            extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
+                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": "frozen backbone, head only"}},
+        )  # fmt: skip
+        save_checkpoint(tmp, model, description)
+        write_json(tmp / "checkpoint.json", description)
+        write_json(tmp / "metrics.json", val_metrics)
+        write_csv(tmp / "history.csv", list(history[0]), [list(h.values()) for h in history])
+        plot_history(history, tmp / "history.png", best_epoch=best_epoch)
+        used = {id(r) for r in feats.records}
+        write_csv(
+            tmp / "splits.csv",
+            ["path", "split", "label", "patient_id", "pneumonia_type", "sha256", "status"],
+            [[dataset.display(r), r.split, data_mod.CLASS_NAMES[r.label], r.patient_id, r.pneumonia_type, r.content_hash,
+              "used" if (id(r) in used or r.split == "test") else "skipped"] for r in dataset.records],
+        )  # fmt: skip
+        write_csv(tmp / "skipped.csv", ["path", "reason"], problems)
+        summary = data_mod.summarize(dataset)
+        summary["leakage"] = leakage
+        write_json(tmp / "data_summary.json", summary)
+        _sample_grid(dataset, feats.records, tmp / "samples.png", seed=config.seed)
+    logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
+    if problems:
+        logger.warning("%d images were skipped; see %s", len(problems), Path(out) / "skipped.csv")
+    return Path(out)
+
+
+def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path: Path, *, seed: int, n: int = 8) -> None:
+    rng = np.random.default_rng(seed)
+    picks = []
+    for label in (0, 1):
+        rows = [r for r in records if r.label == label and r.split == "train"]
+        picks += [rows[i] for i in rng.permutation(len(rows))[: n // 2]]
+    images = [dataset.reader.read_image(r.ref, draft_size=256) for r in picks]
+    plot_image_grid(images, [f"{data_mod.CLASS_NAMES[r.label]}\n{r.patient_id}" for r in picks], path)

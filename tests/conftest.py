@@ -1,0 +1,62 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PNEUMOSCOPE_SHARED", REPO.parent / "shared"))
+CHEST_XRAY = SHARED / "data" / "chest_xray"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Every test run gets its own feature cache, never the user's."""
+    old = os.environ.get("PNEUMOSCOPE_CACHE")
+    os.environ["PNEUMOSCOPE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("PNEUMOSCOPE_CACHE", None)
+    else:
+        os.environ["PNEUMOSCOPE_CACHE"] = old
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
+        pytest.skip(f"real data not found at {CHEST_XRAY}")
+    return CHEST_XRAY
+
+
+def synthetic_xray(rng: np.random.Generator, label: int, size: int = 64) -> np.ndarray:
+    """A rough chest-like picture; pneumonia ones get a bright blob in a lung."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 0.25 + 0.3 * np.exp(-((xx - 0.5) ** 2) / 0.02) + 0.05 * rng.standard_normal((size, size))
+    if label:
+        cy, cx = rng.uniform(0.35, 0.7), rng.choice([0.3, 0.7])
+        img += 0.5 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.01)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_kaggle_tree(root: Path, *, n_patients: int = 12, per_patient: int = 2, seed: int = 0, test: bool = True) -> Path:
+    """train/ val/ test/ x NORMAL/ PNEUMONIA/ with Kermany-style file names."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": n_patients, "val": 2}
+    if test:
+        splits["test"] = 4
+    for split, n in splits.items():
+        for p in range(n):
+            for label, cls in ((0, "NORMAL"), (1, "PNEUMONIA")):
+                folder = root / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for k in range(per_patient):
+                    pid = 100 * (split == "val") + p
+                    name = f"IM-{pid:04d}-{k:04d}.jpeg" if label == 0 else f"person{pid}_{'bacteria' if k % 2 == 0 else 'virus'}_{k}.jpeg"
+                    Image.fromarray(synthetic_xray(rng, label)).save(folder / name, quality=90)
+    return root
+
+
+@pytest.fixture
+def kaggle_tree(tmp_path) -> Path:
+    return make_kaggle_tree(tmp_path / "chest_xray")

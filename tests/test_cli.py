@@ -1,0 +1,112 @@
+"""End to end through the command line on about 100 real images."""
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscope.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from tests.conftest import CHEST_XRAY
+
+    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
+        pytest.skip("real data not available")
+    run = tmp_path_factory.mktemp("e2e") / "run"
+    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(run), "--limit", "40", "--epochs", "30", "--patience", "5"]) == 0
+    return run
+
+
+def test_train_writes_a_complete_run(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"model.safetensors", "config.json", "checkpoint.json", "history.csv", "history.png", "splits.csv",
+            "samples.png", "metrics.json", "skipped.csv", "data_summary.json"} <= names  # fmt: skip
+    desc = json.loads((trained_run / "checkpoint.json").read_text())
+    assert 0 < desc["threshold"] < 1 and "youden" in desc["threshold_policy"]
+    rows = list(csv.DictReader(open(trained_run / "splits.csv")))
+    splits_of = {}
+    for r in rows:
+        splits_of.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits_of.values())
+    history = list(csv.DictReader(open(trained_run / "history.csv")))
+    assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+def test_existing_run_is_not_overwritten(trained_run, capsys):
+    from tests.conftest import CHEST_XRAY
+
+    before = (trained_run / "model.safetensors").read_bytes()
+    assert main(["train", str(CHEST_XRAY), "--out", str(trained_run), "--limit", "40"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (trained_run / "model.safetensors").read_bytes() == before
+
+
+def test_second_training_hits_the_feature_cache(trained_run, tmp_path, caplog):
+    from tests.conftest import CHEST_XRAY
+
+    with caplog.at_level(logging.INFO, logger="pneumoscope"):
+        assert main(["-q", "train", str(CHEST_XRAY), "--out", str(tmp_path / "again"), "--limit", "40", "--epochs", "3"]) == 0
+    assert any("0 to compute" in r.getMessage() for r in caplog.records)
+
+
+def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
+    from tests.conftest import CHEST_XRAY
+
+    ev = tmp_path / "eval"
+    assert main(["-q", "evaluate", str(trained_run), str(CHEST_XRAY), "--out", str(ev), "--limit", "30"]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert list(metrics) == ["n", "n_positive", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "confusion_matrix"]
+    assert metrics["n"] == 30 and sum(metrics["confusion_matrix"].values()) == 30
+    assert metrics["roc_auc"] > 0.6  # a frozen ImageNet backbone separates the classes even from 80 images
+    for name in ("predictions.csv", "classification_report.txt", "confusion_matrix.png", "roc_curve.png"):
+        assert (ev / name).is_file()
+    preds = list(csv.DictReader(open(ev / "predictions.csv")))
+    assert len(preds) == 30 and all(p["patient_id"].startswith("test/") for p in preds)
+    capsys.readouterr()
+
+    images = [p["path"] for p in preds[:3]]
+    assert main(["-q", "predict", str(trained_run), *images, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for row, pred in zip(out, preds[:3]):
+        assert abs(row["prob"] - float(pred["prob"])) < 1e-4  # the same model through both paths
+        assert row["label"] == pred["pred"]
+
+    ex = tmp_path / "explain"
+    assert main(["-q", "explain", str(trained_run), *images[:2], "--out", str(ex)]) == 0
+    index = json.loads((ex / "explanations.json").read_text())
+    assert len(index["images"]) == 2
+    figure = Image.open(ex / index["images"][0]["figure"])
+    assert figure.size[0] > figure.size[1] > 100
+
+
+def test_predict_reports_a_bad_file_and_goes_on(trained_run, tmp_path, capsys):
+    good = tmp_path / "ok.png"
+    Image.fromarray((np.random.default_rng(0).uniform(size=(64, 64)) * 255).astype(np.uint8)).save(good)
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"")
+    assert main(["-q", "predict", str(trained_run), str(tmp_path)]) == 1
+    rows = {r["path"]: r for r in csv.DictReader(capsys.readouterr().out.splitlines())}
+    assert rows[str(good)]["label"] in ("NORMAL", "PNEUMONIA") and rows[str(bad)]["error"]
+
+
+def test_data_inspect_json(kaggle_tree, capsys):
+    (kaggle_tree / "train" / "NORMAL" / "IM-7777-0001.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    assert main(["data", "inspect", str(kaggle_tree), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["layout"] == "kaggle" and s["leakage"]["ok"]
+    assert [u["path"].endswith("IM-7777-0001.jpeg") for u in s["unreadable"]] == [True]
+    assert s["splits"]["test"]["images"] == 16
+
+
+def test_train_on_synthetic_tree_skips_corrupt_images(kaggle_tree, tmp_path):
+    bad = kaggle_tree / "train" / "PNEUMONIA" / "person55_virus_1.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--val-fraction", "0.3", "--pretrained", "none"]) == 0
+    skipped = list(csv.DictReader(open(run / "skipped.csv")))
+    assert [s["path"] for s in skipped] == [str(bad)]

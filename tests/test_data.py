@@ -1,0 +1,126 @@
+import zipfile
+
+import numpy as np
+import pytest
+
+from pneumoscope import data as D
+
+
+@pytest.mark.parametrize(
+    "name,label,expected",
+    [
+        ("person12_bacteria_45.jpeg", 1, ("person12", "bacteria", True)),
+        ("person1946_virus_4874.jpeg", 1, ("person1946", "virus", True)),
+        ("person447_virus_921_1.jpeg", 1, ("person447", "virus", True)),
+        ("IM-0115-0001.jpeg", 0, ("IM-0115", "none", True)),
+        ("NORMAL2-IM-0374-0001-0002.jpeg", 0, ("NORMAL2-IM-0374", "none", True)),
+        ("scan_0007.png", 1, ("scan_0007", "unknown", False)),
+    ],
+)
+def test_parse_patient_id(name, label, expected):
+    pid = D.parse_patient_id(name, label)
+    assert (pid.patient_id, pid.pneumonia_type, pid.from_name) == expected
+
+
+def test_kaggle_layout_namespaces_test_patients(kaggle_tree):
+    ds = D.load_dataset(kaggle_tree)
+    assert ds.layout == "kaggle"
+    test_ids = {r.patient_id for r in ds.records if r.split == "test"}
+    train_ids = {r.patient_id for r in ds.records if r.split in ("train", "val")}
+    assert all(p.startswith("test/") for p in test_ids)
+    assert "test/person0" in test_ids and "train/person0" in train_ids  # same number, different patients
+
+
+def test_class_folder_names_are_case_insensitive(tmp_path, kaggle_tree):
+    (kaggle_tree / "train" / "NORMAL").rename(kaggle_tree / "train" / "normal")
+    ds = D.load_dataset(kaggle_tree / "train")
+    assert ds.layout == "class-folders"
+    assert {r.label for r in ds.records} == {0, 1}
+
+
+def test_zip_of_kaggle_root_matches_folder(tmp_path, kaggle_tree):
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in kaggle_tree.rglob("*.jpeg"):
+            zf.write(f, "chest_xray/" + f.relative_to(kaggle_tree).as_posix())
+    folder, zipped = D.load_dataset(kaggle_tree), D.load_dataset(archive)
+    assert [(r.label, r.split, r.patient_id) for r in folder.records] == [(r.label, r.split, r.patient_id) for r in zipped.records]
+    image = zipped.reader.read_image(zipped.records[0].ref)
+    assert image.ndim == 2
+
+
+def test_npz_uses_medmnist_split(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 10), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
+    np.savez(tmp_path / "p.npz", **arrays)
+    ds = D.load_dataset(tmp_path / "p.npz")
+    assert ds.layout == "npz" and not ds.has_patient_ids
+    assert [sum(r.split == s for r in ds.records) for s in ("train", "val", "test")] == [10, 4, 4]
+    img = ds.reader.read_image(ds.records[3].ref)
+    np.testing.assert_allclose(img, arrays["train_images"][3] / 255.0, atol=1e-6)
+
+
+def test_missing_class_folders_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "stuff").mkdir(parents=True)
+    with pytest.raises(D.DataError, match="NORMAL/ and PNEUMONIA/"):
+        D.load_dataset(tmp_path / "empty")
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(D.DataError, match="no such file"):
+        D.load_dataset(tmp_path / "nope")
+
+
+def test_scan_skips_and_lists_bad_files(kaggle_tree):
+    bad = kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.write_bytes(b"")
+    text = kaggle_tree / "train" / "PNEUMONIA" / "person9999_virus_1.jpeg"
+    text.write_text("<html>not an image</html>")
+    ds = D.scan(D.load_dataset(kaggle_tree))
+    problems = dict(ds.problems)
+    assert set(problems) == {str(bad), str(text)}
+    assert "empty" in problems[str(bad)] and "not a readable image" in problems[str(text)]
+    assert all(r.content_hash for r in ds.records)
+
+
+def test_no_patient_in_two_splits(kaggle_tree):
+    ds = D.load_dataset(kaggle_tree)
+    records = D.split_by_patient(ds.records, val_fraction=0.25, seed=3)
+    splits_of = {}
+    for r in records:
+        splits_of.setdefault(r.patient_id, set()).add(r.split)
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert {r.split for r in records} == {"train", "val", "test"}
+    val_labels = {r.label for r in records if r.split == "val"}
+    assert val_labels == {0, 1}  # stratified
+
+
+def test_split_is_seeded():
+    records = [D.Record(f"{i}.png", i % 2, "train", f"train/p{i // 3}", "none", True) for i in range(300)]
+    a = D.split_by_patient(records, seed=1)
+    b = D.split_by_patient(records, seed=1)
+    c = D.split_by_patient(records, seed=2)
+    assert [r.split for r in a] == [r.split for r in b] != [r.split for r in c]
+    n_val_patients = len({r.patient_id for r in a if r.split == "val"})
+    assert 8 <= n_val_patients <= 12  # 10% of 100 patients, per class rounding
+
+
+def test_leakage_check_flags_crossing_patients_and_duplicates():
+    rows = [
+        D.Record("a", 1, "train", "train/p1", "virus", True, content_hash="h1"),
+        D.Record("b", 1, "val", "train/p1", "virus", True, content_hash="h2"),
+        D.Record("c", 0, "test", "test/p2", "none", True, content_hash="h1"),
+    ]
+    report = D.check_leakage(rows)
+    assert report["patients_in_several_splits"] == ["train/p1"]
+    assert report["duplicate_groups"] == 1 and len(report["duplicates_across_splits"]) == 1
+    assert not report["ok"]
+
+
+def test_limit_per_split_keeps_both_classes():
+    records = [D.Record(f"{i}", int(i < 10), "train", f"p{i}", "none", True) for i in range(100)]
+    kept = D.limit_per_split(records, 20)
+    assert len(kept) == 20 and {r.label for r in kept} == {0, 1}

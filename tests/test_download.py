@@ -1,0 +1,42 @@
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from pneumoscope.download import fetch_pneumoniamnist
+
+
+@pytest.fixture
+def server(tmp_path):
+    payload = b"npz-bytes" * 1000
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "p.npz").write_bytes(payload)
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"), **kw)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", payload
+    httpd.shutdown()
+
+
+def test_download_verifies_and_caches(server, tmp_path):
+    base, payload = server
+    md5 = hashlib.md5(payload).hexdigest()
+    path = fetch_pneumoniamnist(tmp_path / "cache", url=f"{base}/p.npz", md5=md5)
+    assert path.read_bytes() == payload
+    # cached: a second call does not need the server
+    again = fetch_pneumoniamnist(tmp_path / "cache", url=f"{base}/missing.npz", md5=md5)
+    assert again == path
+
+
+def test_wrong_checksum_keeps_nothing(server, tmp_path):
+    base, _ = server
+    with pytest.raises(ValueError, match="MD5"):
+        fetch_pneumoniamnist(tmp_path / "cache", url=f"{base}/p.npz", md5="0" * 32)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_unreachable_server_says_what_to_do(tmp_path):
+    with pytest.raises(ConnectionError, match="DATA=path"):
+        fetch_pneumoniamnist(tmp_path / "cache", url="http://127.0.0.1:9/p.npz", md5="0" * 32, timeout=2)

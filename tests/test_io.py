@@ -1,0 +1,91 @@
+import io
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscope.io import ImageReadError, read_image, resize_image
+
+
+def _save(tmp_path, name, img: Image.Image, **kw):
+    path = tmp_path / name
+    img.save(path, **kw)
+    return path
+
+
+def test_grayscale_jpeg_is_float_in_unit_range(tmp_path):
+    arr = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    out = read_image(_save(tmp_path, "a.png", Image.fromarray(arr)))
+    assert out.dtype == np.float32 and out.shape == (16, 256)
+    assert out.min() == 0.0 and out.max() == 1.0
+
+
+def test_rgba_drops_alpha_and_matches_gray(tmp_path):
+    gray = np.full((20, 30), 128, np.uint8)
+    rgba = np.dstack([gray, gray, gray, np.zeros_like(gray)])
+    out = read_image(_save(tmp_path, "a.png", Image.fromarray(rgba, "RGBA")))
+    np.testing.assert_allclose(out, 128 / 255, atol=1e-6)
+
+
+def test_cmyk_is_converted(tmp_path):
+    img = Image.new("CMYK", (10, 12), (0, 0, 0, 0))  # white
+    out = read_image(_save(tmp_path, "a.jpeg", img))
+    assert out.shape == (12, 10) and out.mean() > 0.95
+
+
+def test_16bit_png_scaled_by_bit_depth(tmp_path):
+    arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    out = read_image(_save(tmp_path, "a.png", Image.fromarray(arr)))
+    np.testing.assert_allclose(out, [[0, 32768 / 65535, 1]], atol=1e-6)
+
+
+def test_zero_byte_file_names_the_file(tmp_path):
+    path = tmp_path / "empty.jpeg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty.jpeg.*empty"):
+        read_image(path)
+
+
+def test_non_image_with_image_extension(tmp_path):
+    path = tmp_path / "notes.jpeg"
+    path.write_text("this is not a picture")
+    with pytest.raises(ImageReadError, match="notes.jpeg.*not a readable image"):
+        read_image(path)
+
+
+def test_truncated_jpeg(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(buf, "JPEG")
+    path = tmp_path / "cut.jpeg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageReadError, match="cut.jpeg.*truncated"):
+        read_image(path)
+
+
+def test_decompression_bomb_over_our_limit(tmp_path):
+    path = _save(tmp_path, "big.png", Image.new("L", (300, 300)))
+    with pytest.raises(ImageReadError, match="big.png.*decompression bomb"):
+        read_image(path, max_pixels=10_000)
+
+
+def test_decompression_bomb_pillow_limit_is_an_error_not_a_warning(tmp_path):
+    # 12,000 x 12,000 1-bit PNG: tiny on disk, 144 MP; Pillow warns above ~89 MP
+    path = _save(tmp_path, "bomb.png", Image.new("1", (12_000, 12_000)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageReadError, match="bomb.png.*(too large|decompression bomb)"):
+            read_image(path, max_pixels=10**10)
+
+
+def test_draft_keeps_both_sides_at_least_the_requested_size(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 255, (1500, 1100), dtype=np.uint8)
+    path = _save(tmp_path, "large.jpeg", Image.fromarray(arr))
+    out = read_image(path, draft_size=224)
+    assert min(out.shape) >= 224 and out.shape[0] < 1500
+
+
+def test_resize_squashes_to_square():
+    out = resize_image(np.ones((300, 200), np.float32), 64)
+    assert out.shape == (64, 64)
+    np.testing.assert_allclose(out, 1.0, atol=1e-5)

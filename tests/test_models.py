@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from pneumoscope.models import BACKBONES, create_model, load_imagenet_state_dict
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_contract(name):
+    torch.manual_seed(0)
+    model = create_model(name, pretrained="none", hidden=16)
+    s = model.preprocessing.input_size
+    x = torch.randn(2, 3, s, s)
+    model.train()
+    out = model(x)
+    assert out.shape == (2, 1) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert model.head.fc1.weight.grad is not None and model.head.fc1.weight.grad.abs().sum() > 0
+    layer = model.cam_layer()
+    assert isinstance(layer, torch.nn.Module)
+    with torch.no_grad():
+        fmap = model.eval().forward_features(x)
+    assert fmap.ndim == 4 and fmap.shape[1] == model.head.fc1.in_features
+
+
+def test_preprocessing_is_derived_from_the_registry():
+    img = np.linspace(0, 1, 100 * 80, dtype=np.float32).reshape(100, 80)
+    for name, spec in BACKBONES.items():
+        x = spec.preprocessing.apply(img)
+        s = spec.preprocessing.input_size
+        assert x.shape == (3, s, s)
+        np.testing.assert_allclose(x[0].mean(), (0.5 - spec.preprocessing.mean[0]) / spec.preprocessing.std[0], atol=0.02)
+
+
+def _imagenet_top1(name: str, image: np.ndarray) -> int:
+    spec = BACKBONES[name]
+    net = timm.create_model(spec.timm_name, pretrained=False)
+    net.load_state_dict(load_imagenet_state_dict(name), strict=True)
+    s = spec.preprocessing.input_size
+    x = np.asarray(Image.fromarray(image).resize((s, s), Image.Resampling.BILINEAR), np.float32) / 255.0
+    x = (x - np.array(spec.preprocessing.mean, np.float32)) / np.array(spec.preprocessing.std, np.float32)
+    with torch.no_grad():
+        return int(net.eval()(torch.from_numpy(x).permute(2, 0, 1)[None]).argmax())
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_imagenet_weights_recognise_a_cat_and_an_espresso(name):
+    assert 281 <= _imagenet_top1(name, skdata.chelsea()) <= 285  # tabby/tiger/Persian/Siamese/Egyptian cat
+    assert _imagenet_top1(name, skdata.coffee()) == 967  # espresso
+
+
+def test_resnet50_loads_a_local_state_dict(tmp_path):
+    reference = timm.create_model("resnet50", pretrained=False)
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model("resnet50", weights=path)
+    torch.testing.assert_close(model.backbone.conv1.weight, reference.conv1.weight)
+    torch.testing.assert_close(model.backbone.layer4[2].bn3.running_var, reference.layer4[2].bn3.running_var)
+
+
+def test_resnet50_local_weights_of_the_wrong_model_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit resnet50"):
+        create_model("resnet50", weights=path)
+
+
+def test_resnet50_imagenet_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(timm, "create_model", _offline_create_model(timm.create_model))
+    with pytest.raises(RuntimeError, match="--weights PATH.*--pretrained none"):
+        create_model("resnet50", pretrained="imagenet")
+
+
+def _offline_create_model(real):
+    def create(name, pretrained=False, **kw):
+        if pretrained:  # what huggingface_hub raises with no network
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        return real(name, pretrained=False, **kw)
+
+    return create
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ValueError, match="choose one of"):
+        create_model("vgg99", pretrained="none")
