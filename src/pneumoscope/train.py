@@ -160,6 +160,7 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
     if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
         raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
 
+    torch.manual_seed(config.seed)  # the head's initial weights
     model = create_model(config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout)
     fit_rows = [r for r in dataset.records if r.split in ("train", "val")]
     feats = extract_features(
