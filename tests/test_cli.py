@@ -110,3 +110,42 @@ def test_train_on_synthetic_tree_skips_corrupt_images(kaggle_tree, tmp_path):
     assert main(["-q", "train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--val-fraction", "0.3", "--pretrained", "none"]) == 0
     skipped = list(csv.DictReader(open(run / "skipped.csv")))
     assert [s["path"] for s in skipped] == [str(bad)]
+
+
+def test_train_on_a_zip_and_an_npz(kaggle_tree, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in kaggle_tree.rglob("*.jpeg"):
+            zf.write(f, f.relative_to(kaggle_tree).as_posix())
+    common = ["--epochs", "2", "--pretrained", "none", "--val-fraction", "0.3"]
+    assert main(["-q", "train", str(archive), "--out", str(tmp_path / "zrun"), *common]) == 0
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
+    np.savez(tmp_path / "p.npz", **arrays)
+    run = tmp_path / "nrun"
+    assert main(["-q", "train", str(tmp_path / "p.npz"), "--out", str(run), *common]) == 0
+    assert main(["-q", "evaluate", str(run), str(tmp_path / "p.npz"), "--out", str(tmp_path / "neval")]) == 0
+    assert json.loads((tmp_path / "neval" / "metrics.json").read_text())["n"] == 8
+
+
+def test_train_without_normal_images_names_the_fix(kaggle_tree, tmp_path, capsys):
+    import shutil
+
+    for split in ("train", "val"):
+        shutil.rmtree(kaggle_tree / split / "NORMAL")
+    assert main(["-q", "train", str(kaggle_tree), "--out", str(tmp_path / "r"), "--pretrained", "none"]) == 2
+    assert "no NORMAL images to train on" in capsys.readouterr().err
+
+
+def test_demo_runs_train_evaluate_explain(kaggle_tree, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--data", str(kaggle_tree), "--out", str(out), "--epochs", "2", "--pretrained", "none", "--val-fraction", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert "test: n=16" in printed and str(out) in printed
+    assert (out / "run" / "model.safetensors").is_file() and (out / "eval" / "metrics.json").is_file()
+    assert len(list((out / "explain").glob("*_gradcam.png"))) >= 2

@@ -146,6 +146,12 @@ def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data
         records = data_mod.split_by_patient(dataset.records, val_fraction=config.val_fraction, seed=config.seed)
     if config.limit:
         records = data_mod.limit_per_split(records, config.limit, seed=config.seed)
+    for label, name in enumerate(data_mod.CLASS_NAMES):
+        if not any(r.label == label and r.split == "train" for r in records):
+            raise data_mod.DataError(
+                f"{dataset.source}: no {name} images to train on. Fix: put {name} images in a {name}/ folder "
+                "(under train/ for a Kaggle layout); training needs both classes."
+            )
     return records
 
 
