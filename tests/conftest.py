@@ -60,3 +60,14 @@ def make_kaggle_tree(root: Path, *, n_patients: int = 12, per_patient: int = 2, 
 @pytest.fixture
 def kaggle_tree(tmp_path) -> Path:
     return make_kaggle_tree(tmp_path / "chest_xray")
+
+
+def make_npz(path: Path, counts=(("train", 24), ("val", 8), ("test", 8)), seed: int = 0) -> dict:
+    """A PneumoniaMNIST-shaped .npz with alternating labels; returns its arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in counts:
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return arrays

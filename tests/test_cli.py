@@ -121,12 +121,9 @@ def test_train_on_a_zip_and_an_npz(kaggle_tree, tmp_path):
             zf.write(f, f.relative_to(kaggle_tree).as_posix())
     common = ["--epochs", "2", "--pretrained", "none", "--val-fraction", "0.3"]
     assert main(["-q", "train", str(archive), "--out", str(tmp_path / "zrun"), *common]) == 0
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 24), ("val", 8), ("test", 8)):
-        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
-    np.savez(tmp_path / "p.npz", **arrays)
+    from tests.conftest import make_npz
+
+    make_npz(tmp_path / "p.npz")
     run = tmp_path / "nrun"
     assert main(["-q", "train", str(tmp_path / "p.npz"), "--out", str(run), *common]) == 0
     assert main(["-q", "evaluate", str(run), str(tmp_path / "p.npz"), "--out", str(tmp_path / "neval")]) == 0

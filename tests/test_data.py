@@ -50,12 +50,9 @@ def test_zip_of_kaggle_root_matches_folder(tmp_path, kaggle_tree):
 
 
 def test_npz_uses_medmnist_split(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 10), ("val", 4), ("test", 4)):
-        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
-    np.savez(tmp_path / "p.npz", **arrays)
+    from tests.conftest import make_npz
+
+    arrays = make_npz(tmp_path / "p.npz", (("train", 10), ("val", 4), ("test", 4)))
     ds = D.load_dataset(tmp_path / "p.npz")
     assert ds.layout == "npz" and not ds.has_patient_ids
     assert [sum(r.split == s for r in ds.records) for s in ("train", "val", "test")] == [10, 4, 4]
