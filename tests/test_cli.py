@@ -1,6 +1,7 @@
 """End to end through the command line on about 100 real images."""
 
 import csv
+from pathlib import Path
 import json
 import logging
 
@@ -60,7 +61,13 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     ev = tmp_path / "eval"
     assert main(["-q", "evaluate", str(trained_run), str(CHEST_XRAY), "--out", str(ev), "--limit", "30"]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
-    assert list(metrics) == ["n", "n_positive", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "confusion_matrix"]
+    flat = ["n", "n_positive", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "confusion_matrix"]
+    assert list(metrics)[: len(flat)] == flat
+    added = {"balanced_accuracy", "ppv", "npv", "pr_auc", "brier", "ece", "ci95"}
+    assert added <= set(metrics)
+    for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc"):
+        lo, hi = metrics["ci95"][key]
+        assert lo <= metrics[key] <= hi, key
     assert metrics["n"] == 30 and sum(metrics["confusion_matrix"].values()) == 30
     assert metrics["roc_auc"] > 0.6  # a frozen ImageNet backbone separates the classes even from 80 images
     for name in ("predictions.csv", "classification_report.txt", "confusion_matrix.png", "roc_curve.png"):
@@ -146,3 +153,105 @@ def test_demo_runs_train_evaluate_explain(kaggle_tree, tmp_path, capsys):
     assert "test: n=16" in printed and str(out) in printed
     assert (out / "run" / "model.safetensors").is_file() and (out / "eval" / "metrics.json").is_file()
     assert len(list((out / "explain").glob("*_gradcam.png"))) >= 2
+
+
+# --------------------------------------------------------------------------- issue 4: calibrate, compare, report, contract
+
+
+def _real_sample(tmp_path, n_per_class=12):
+    """A 'local site' folder of class folders holding real test images (symlinks)."""
+    from tests.conftest import CHEST_XRAY
+
+    site = tmp_path / "site"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (site / cls).mkdir(parents=True)
+        for f in sorted((CHEST_XRAY / "test" / cls).iterdir())[-n_per_class:]:
+            (site / cls / f.name).symlink_to(f)
+    return site
+
+
+def test_calibrate_writes_a_new_run_and_evaluation_leaves_its_images_out(trained_run, tmp_path, capsys):
+    from tests.conftest import CHEST_XRAY
+
+    site = _real_sample(tmp_path)
+    new = tmp_path / "calibrated"
+    assert main(["-q", "calibrate", str(trained_run), str(site), "--out", str(new), "--target-sensitivity", "0.9"]) == 0
+    desc = json.loads((new / "checkpoint.json").read_text())
+    old = json.loads((trained_run / "checkpoint.json").read_text())
+    assert desc["calibration"]["n"] == 24 and len(desc["calibration"]["image_sha256"]) == 24
+    assert desc["calibration"]["previous_threshold"] == old["threshold"]
+    assert "local calibration sample" in desc["threshold_policy"] and desc["temperature"] > 0
+    capsys.readouterr()
+    # the whole test split holds the 24 calibration images: they must be left out
+    ev = tmp_path / "ev"
+    assert main(["-q", "evaluate", str(new), str(CHEST_XRAY), "--out", str(ev), "--bootstraps", "200"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["n"] == 312 - 24
+    preds = {Path(r["path"]).name for r in csv.DictReader(open(ev / "predictions.csv"))}
+    assert not preds & {f.name for f in (site / "NORMAL").iterdir()}
+
+
+def test_calibrate_refuses_a_tiny_sample(trained_run, tmp_path, capsys):
+    site = _real_sample(tmp_path, n_per_class=3)
+    assert main(["-q", "calibrate", str(trained_run), str(site), "--out", str(tmp_path / "c")]) == 2
+    assert "at least 10 images of each class" in capsys.readouterr().err
+
+
+def test_compare_two_runs_on_the_same_images(trained_run, tmp_path, capsys):
+    from tests.conftest import CHEST_XRAY
+
+    other = tmp_path / "other"
+    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(other), "--limit", "40", "--epochs", "3", "--seed", "1"]) == 0
+    for name, run in (("a", trained_run), ("b", other)):
+        assert main(["-q", "evaluate", str(run), str(CHEST_XRAY), "--out", str(tmp_path / name), "--limit", "30", "--bootstraps", "100"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.json")]) == 0
+    assert "DeLong p" in capsys.readouterr().out
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert result["n"] == 30 and 0 <= result["auc_delong"]["p_value"] <= 1
+    assert result["mcnemar"]["only_a_correct"] >= 0
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert result["auc_delong"]["auc_a"] == pytest.approx(ma["roc_auc"], abs=1e-5)
+
+
+def test_compare_refuses_different_images(tmp_path):
+    for name, rows in (("a", [("x.png", "NORMAL")]), ("b", [("y.png", "NORMAL")])):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "predictions.csv", "w") as fh:
+            fh.write("path,patient_id,label,prob,pred\n" + "".join(f"{p},p,{lab},0.1,NORMAL\n" for p, lab in rows))
+    assert main(["-q", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+
+
+def test_evaluate_single_class_explains_missing_auc(trained_run, tmp_path, capsys):
+    site = _real_sample(tmp_path, n_per_class=4)
+    import shutil
+
+    shutil.rmtree(site / "NORMAL")
+    ev = tmp_path / "ev1"
+    assert main(["-q", "evaluate", str(trained_run), str(site), "--out", str(ev), "--bootstraps", "50"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["roc_auc"] is None and m["specificity"] is None and m["sensitivity"] is not None
+    assert "cannot be computed" in m["note"] and "cannot be computed" in capsys.readouterr().out
+    assert "cannot be computed" in (ev / "report.html").read_text()
+
+
+def test_evaluate_refuses_classes_the_checkpoint_does_not_know(trained_run, tmp_path, capsys):
+    site = _real_sample(tmp_path, n_per_class=2)
+    (site / "COVID19").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(site / "COVID19" / "c1.png")
+    assert main(["-q", "evaluate", str(trained_run), str(site), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "COVID19" in err and "checkpoint knows only" in err
+
+
+def test_report_is_self_contained(trained_run, tmp_path):
+    from tests.conftest import CHEST_XRAY
+
+    ev = tmp_path / "ev"
+    assert main(["-q", "evaluate", str(trained_run), str(CHEST_XRAY), "--out", str(ev), "--limit", "40", "--bootstraps", "100"]) == 0
+    html = (ev / "report.html").read_text()
+    for section in ("Data", "Training history", "Operating point", "Metrics (95% intervals)", "Subgroups",
+                    "Most confident errors", "Model card", "Intended use", "Out-of-scope uses", "Not a medical device"):  # fmt: skip
+        assert section in html, section
+    assert "http://" not in html and "https://" not in html  # nothing to fetch
+    assert html.count("data:image/png;base64,") >= 5

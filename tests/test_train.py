@@ -23,7 +23,7 @@ def test_head_learns_separable_features_and_restores_best_epoch():
     assert len(history) == best + 5
     prob = predict_head(head, xv)
     with torch.no_grad():
-        loss = torch.nn.functional.binary_cross_entropy(torch.as_tensor(prob), torch.as_tensor(yv, dtype=torch.float32))
+        loss = torch.nn.functional.binary_cross_entropy(torch.as_tensor(prob, dtype=torch.float32), torch.as_tensor(yv, dtype=torch.float32))
     assert float(loss) == pytest.approx(history[best - 1]["val_loss"], rel=1e-4)  # best weights were restored
     assert ((prob >= 0.5) == yv).mean() > 0.9
 

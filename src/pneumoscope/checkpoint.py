@@ -36,7 +36,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def describe(model: PneumoniaClassifier, *, threshold: float, threshold_policy: str, metrics: dict | None = None, extra: dict | None = None) -> dict:
+def describe(
+    model: PneumoniaClassifier, *, threshold: float, threshold_policy: str, temperature: float = 1.0, metrics: dict | None = None, extra: dict | None = None
+) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -45,7 +47,8 @@ def describe(model: PneumoniaClassifier, *, threshold: float, threshold_policy: 
         "preprocessing": model.preprocessing.to_dict(),
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
-        "output": "one logit; P(PNEUMONIA) = sigmoid(logit)",
+        "output": "one logit; P(PNEUMONIA) = sigmoid(logit / temperature)",
+        "temperature": float(temperature),
         "threshold": float(threshold),
         "threshold_policy": threshold_policy,
         "metrics": metrics or {},

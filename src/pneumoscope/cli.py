@@ -27,6 +27,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="at most N images per split (quick runs)")
     p.add_argument("--workers", type=int, default=1, help="image decoding worker processes")
     p.add_argument("--cache-dir", help="feature cache (default: $PNEUMOSCOPE_CACHE or the user cache dir)")
+    _add_policy_args(p)
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-sensitivity", type=float, help="threshold: the highest reaching this sensitivity (default: Youden's J)")
+    g.add_argument("--target-specificity", type=float, help="threshold: the lowest reaching this specificity")
+
+
+def _policy(args) -> tuple[str, float | None]:
+    if args.target_sensitivity is not None:
+        return "sensitivity", args.target_sensitivity
+    if args.target_specificity is not None:
+        return "specificity", args.target_specificity
+    return "youden", None
 
 
 def _config(args):
@@ -36,6 +51,7 @@ def _config(args):
         backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, epochs=args.epochs, patience=args.patience,
         seed=args.seed, batch_size=args.batch_size, val_fraction=args.val_fraction, limit=args.limit,
         num_workers=args.workers, cache_dir=args.cache_dir,
+        threshold_policy=_policy(args)[0], threshold_target=_policy(args)[1],
     )  # fmt: skip
 
 
@@ -91,11 +107,47 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
-    out, result = evaluate_run(args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir)
-    m = result.metrics
-    auc = "n/a (one class)" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
-    print(f"n={m['n']} AUC={auc} accuracy={m['accuracy']:.4f} sensitivity={_fmt(m['sensitivity'])} specificity={_fmt(m['specificity'])} "
-          f"threshold={m['threshold']:.4f}\nwritten to {out}")  # fmt: skip
+    out, result = evaluate_run(
+        args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps
+    )
+    print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
+    return 0
+
+
+def format_metrics(m: dict) -> str:
+    ci = m.get("ci95", {})
+    lines = [f"n={m['n']} ({m['n_positive']} pneumonia, prevalence {_fmt(m.get('prevalence'))}), threshold {m['threshold']:.4f}"]
+    for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc"):
+        if key in m:
+            interval = ci.get(key)
+            lines.append(f"  {key:<18} {_fmt(m[key])}" + (f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""))
+    if m.get("note"):
+        lines.append(f"  note: {m['note']}")
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_run
+
+    policy, target = _policy(args)
+    out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, overwrite=args.overwrite, cache_dir=args.cache_dir)
+    c = desc["calibration"]
+    print(f"calibrated on {c['n']} images: temperature {desc['temperature']:.3f}, threshold {desc['threshold']:.4f} "
+          f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .calibrate import compare_evaluations
+    from .outputs import write_json
+
+    result = compare_evaluations(args.eval_a, args.eval_b)
+    if args.out:
+        write_json(args.out, result)
+    d, mc = result["auc_delong"], result["mcnemar"]
+    print(f"n={result['n']}: AUC A {d['auc_a']:.4f} vs B {d['auc_b']:.4f}, difference {d['difference']:+.4f} "
+          f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], DeLong p = {d['p_value']:.4g}\n"
+          f"decisions: only A correct {mc['only_a_correct']}, only B correct {mc['only_b_correct']}, McNemar p = {mc['p_value']:.4g}")  # fmt: skip
     return 0
 
 
@@ -148,7 +200,7 @@ def cmd_demo(args) -> int:
     m = result.metrics
     print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
           f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
-    print(f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (metrics.json, confusion_matrix.png, roc_curve.png)"
+    print(f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (report.html, metrics.json, confusion_matrix.png, roc_curve.png)"
           + (", explain/ (Grad-CAM overlays)" if (out / "explain").exists() else ""))  # fmt: skip
     return 0
 
@@ -179,9 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test", help="split of a Kaggle root or npz (a folder of class folders is used whole)")
     p.add_argument("--limit", type=int, help="at most N images (quick runs)")
+    p.add_argument("--bootstraps", type=int, default=2000, help="patient-level bootstrap resamples for AUC intervals")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="refit temperature and threshold on a labelled local sample; writes a new run")
+    p.add_argument("run")
+    p.add_argument("data", help="labelled local images (folder of class folders, Kaggle root, .zip or .npz)")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--split", default="val", help="split of a Kaggle root or npz to calibrate on (a folder of class folders is used whole)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache-dir")
+    _add_policy_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("compare", help="paired comparison of two evaluations of the same images (DeLong, McNemar)")
+    p.add_argument("eval_a")
+    p.add_argument("eval_b")
+    p.add_argument("--out", help="write the result as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays")
     p.add_argument("run")

@@ -175,12 +175,13 @@ class Dataset:
     records: list[Record]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     ignored_files: int = 0
+    unknown_classes: list[str] = field(default_factory=list)  # image folders beside the class folders
 
     def display(self, record: Record) -> str:
         return self.reader.display(record.ref)
 
     def subset(self, records: list[Record]) -> "Dataset":
-        return Dataset(self.source, self.layout, self.reader, records, list(self.problems), self.ignored_files)
+        return Dataset(self.source, self.layout, self.reader, records, list(self.problems), self.ignored_files, list(self.unknown_classes))
 
     @property
     def has_patient_ids(self) -> bool:
@@ -219,7 +220,7 @@ def _walk(root: Path) -> list[str]:
 
 def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:
     class_index = {c.lower(): i for i, c in enumerate(CLASS_NAMES)}
-    records, ignored, non_images = [], 0, []
+    records, ignored, non_images, unclassed = [], 0, [], []
     for name in sorted(names):
         parts = name.split("/")
         if "__MACOSX" in parts or any(p.startswith(".") for p in parts):
@@ -228,6 +229,8 @@ def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:
         cls_pos = max((i for i, p in enumerate(parts[:-1]) if p.lower() in class_index), default=None)
         if cls_pos is None:
             ignored += 1
+            if is_image_path(name) and len(parts) >= 2:
+                unclassed.append(parts)
             continue
         if not is_image_path(name):
             non_images.append(name)
@@ -251,7 +254,12 @@ def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:
         )
     if non_images:
         logger.info("%d non-image files in class folders were ignored, e.g. %s", len(non_images), non_images[0])
-    dataset = Dataset(source, layout, reader, out, ignored_files=ignored)
+    # image folders beside the class folders, e.g. COVID19/ next to NORMAL/: classes we do not know
+    class_parents = {"/".join(name.split("/")[: -2]) for name, _, _ in records}
+    unknown = sorted({p[-2] for p in unclassed if "/".join(p[:-2]) in class_parents})
+    dataset = Dataset(source, layout, reader, out, ignored_files=ignored, unknown_classes=unknown)
+    if unknown:
+        logger.warning("%s: image folders %s are not classes this tool knows (%s); they are ignored", source, unknown, ", ".join(CLASS_NAMES))
     _check_classes(dataset)
     return dataset
 

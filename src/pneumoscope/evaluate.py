@@ -1,20 +1,22 @@
-"""Evaluate a trained run on labelled data: predictions, metrics, report, figures."""
+"""Evaluate a trained run on labelled data: predictions, metrics with intervals, figures, report."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import classification_report
+from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
-from .metrics import compute_binary_metrics, compute_roc_curve
+from .metrics import compute_clinical_metrics, compute_reliability, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
-from .plots import plot_confusion_matrix, plot_roc
+from .plots import plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, overlay_cam
 from .predict import Predictor
+from .report import model_card, render_report
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class EvaluationResult:
     y_prob: np.ndarray
     metrics: dict
     problems: list[tuple[str, str]]
+    excluded_calibration: int = 0
 
 
 def select_split(dataset: data_mod.Dataset, split: str) -> list[data_mod.Record]:
@@ -40,35 +43,81 @@ def select_split(dataset: data_mod.Dataset, split: str) -> list[data_mod.Record]
     return rows
 
 
+def check_contract(predictor: Predictor, dataset: data_mod.Dataset) -> None:
+    """The data's classes must be the checkpoint's classes."""
+    if tuple(predictor.class_names) != data_mod.CLASS_NAMES:
+        raise ValueError(
+            f"the checkpoint's classes {list(predictor.class_names)} are not {list(data_mod.CLASS_NAMES)}; this pneumoscope cannot evaluate it."
+        )
+    if dataset.unknown_classes:
+        raise data_mod.DataError(
+            f"{dataset.source}: has image folders {dataset.unknown_classes} beside the class folders, but the checkpoint knows only "
+            f"{list(predictor.class_names)}. Fix: evaluate a copy without those folders, or relabel them."
+        )
+
+
 def evaluate_dataset(
-    predictor: Predictor, dataset: data_mod.Dataset, *, split: str = "test", limit: int | None = None, cache_dir=None, progress: bool = True
-) -> EvaluationResult:
+    predictor: Predictor, dataset: data_mod.Dataset, *, split: str = "test", limit: int | None = None, cache_dir=None,
+    n_boot: int = 2000, seed: int = 0, progress: bool = True,
+) -> EvaluationResult:  # fmt: skip
+    check_contract(predictor, dataset)
     records = select_split(dataset, split)
     if limit:
         records = data_mod.limit_per_split(records, limit, seed=0)
     scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
+    calibrated_on = set((predictor.description.get("calibration") or {}).get("image_sha256", []))
+    excluded = [r for r in scanned.records if r.content_hash in calibrated_on]
+    if excluded:
+        logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
+        scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
     kept, prob, problems = predictor.predict_dataset(scanned, cache_dir=cache_dir, progress=progress)
     if not kept:
-        raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be read; see the warnings above.")
+        raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_true = np.array([r.label for r in kept])
-    metrics = compute_binary_metrics(y_true, prob, predictor.threshold)
+    metrics = compute_clinical_metrics(
+        y_true, prob, predictor.threshold, groups=[r.patient_id for r in kept],
+        pneumonia_type=[r.pneumonia_type for r in kept], n_boot=n_boot, seed=seed,
+    )  # fmt: skip
     if metrics["roc_auc"] is None:
         logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
-    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems)
+    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded))
+
+
+def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 3) -> list[tuple[Path, str]]:
+    """Grad-CAM figures of the most confident false positives and false negatives."""
+    from .explain import compute_gradcam
+
+    pred = result.y_prob >= predictor.threshold
+    fp = np.flatnonzero(pred & (result.y_true == 0))
+    fn = np.flatnonzero(~pred & (result.y_true == 1))
+    picks = [("false positive", i) for i in fp[np.argsort(-result.y_prob[fp])][:per_kind]]
+    picks += [("false negative", i) for i in fn[np.argsort(result.y_prob[fn])][:per_kind]]
+    out = []
+    for kind, i in picks:
+        record = result.records[i]
+        image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
+        cls = int(pred[i])  # explain what the model decided
+        cam = compute_gradcam(predictor.model, predictor.preprocess(image), cls)[0]
+        shown = predictor.preprocessing_view(image)
+        path = folder / f"error_{len(out):02d}.png"
+        caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
+        plot_cam(shown, overlay_cam(shown, cam), path, title=caption)
+        out.append((path, caption))
+    return out
 
 
 def evaluate_run(
     run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
-    limit: int | None = None, overwrite: bool = False, cache_dir=None, progress: bool = True,
+    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, progress: bool = True,
 ) -> tuple[Path, EvaluationResult]:  # fmt: skip
     """The ``pneumoscope evaluate`` command."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
-    if tuple(predictor.class_names) != data_mod.CLASS_NAMES:
-        raise ValueError(f"{run}: checkpoint classes {predictor.class_names} differ from {data_mod.CLASS_NAMES}; it cannot be evaluated here.")
-    result = evaluate_dataset(predictor, data_mod.load_dataset(data), split=split, limit=limit, cache_dir=cache_dir, progress=progress)
+    dataset = data_mod.load_dataset(data)
+    result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, progress=progress)
     m = result.metrics
     names = list(data_mod.CLASS_NAMES)
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "metrics.json", m)
         write_csv(
@@ -81,11 +130,33 @@ def evaluate_run(
         report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
         header = f"threshold {predictor.threshold:.4f} ({predictor.description.get('threshold_policy', '')})\n\n"
         write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
-        plot_confusion_matrix(m["confusion_matrix"], names, tmp / "confusion_matrix.png", title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
+        figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
+        plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
         if m["roc_auc"] is not None:
-            op = (1 - m["specificity"], m["sensitivity"])
-            plot_roc(compute_roc_curve(result.y_true, result.y_prob), tmp / "roc_curve.png", auc=m["roc_auc"], operating_point=op)
+            figures["roc_curve"] = tmp / "roc_curve.png"
+            plot_roc(compute_roc_curve(result.y_true, result.y_prob), figures["roc_curve"], auc=m["roc_auc"], operating_point=(1 - m["specificity"], m["sensitivity"]))
+            precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
+            figures["pr_curve"] = tmp / "pr_curve.png"
+            plot_pr(precision, recall, figures["pr_curve"], ap=m["pr_auc"], prevalence=m["prevalence"], operating_point=(m["sensitivity"], m["ppv"] or 0.0))
+        figures["reliability"] = tmp / "reliability.png"
+        plot_reliability(compute_reliability(result.y_true, result.y_prob), figures["reliability"], ece=m["ece"], brier=m["brier"])
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
+        gallery = _gallery(predictor, dataset, result, tmp)
+        summary_path = run_dir / "data_summary.json"
+        context = {
+            "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
+            "metrics": m,
+            "description": predictor.description,
+            "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
+                     "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},
+            "training_summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+            "history": run_dir / "history.png" if (run_dir / "history.png").is_file() else None,
+            "figures": figures,
+            "gallery": gallery,
+            "model_card": model_card(predictor.description, m, str(data)),
+            "notes": [m["note"]] if m.get("note") else [],
+        }  # fmt: skip
+        write_bytes_atomic(tmp / "report.html", render_report(context).encode())
     logger.info("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], m["roc_auc"], m["accuracy"], out)
     return Path(out), result

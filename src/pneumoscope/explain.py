@@ -20,7 +20,7 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-from .io import ImageReadError, resize_image
+from .io import ImageReadError
 from .outputs import atomic_output_dir, write_json
 from .plots import overlay_cam, plot_cam
 from .predict import Predictor, expand_inputs
@@ -67,7 +67,7 @@ def explain_images(predictor: Predictor, paths: list[str | os.PathLike], out: st
             label = predictor.label_of(prob)
             cls = predictor.class_names.index(label) if target == "predicted" else predictor.class_names.index(target.upper())
             cam = compute_gradcam(predictor.model, x, cls)[0]
-            shown = resize_image(image, predictor.preprocessing.input_size)
+            shown = predictor.preprocessing_view(image)
             name = f"{i:04d}_{Path(path).stem}_gradcam.png"
             title = f"{Path(path).name}: P(pneumonia) = {prob:.3f} -> {label} (threshold {predictor.threshold:.3f}); CAM for {predictor.class_names[cls]}"
             plot_cam(shown, overlay_cam(shown, cam), tmp / name, title=title)

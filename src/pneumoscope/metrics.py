@@ -86,3 +86,264 @@ def compute_roc_curve(y_true, y_prob) -> dict[str, np.ndarray]:
     y_true, y_prob = _check(y_true, y_prob)
     fpr, tpr, thr = roc_curve(y_true, y_prob)
     return {"fpr": fpr, "tpr": tpr, "thresholds": thr}
+
+
+# --------------------------------------------------------------------------- operating point
+
+
+def compute_threshold(y_true, y_prob, policy: str = "youden", target: float | None = None) -> float:
+    """Decision threshold by a stated policy, for validation data only.
+
+    ``youden``: max sensitivity + specificity - 1. ``sensitivity``: the highest
+    threshold whose sensitivity is at least ``target`` (so specificity is as high
+    as that allows). ``specificity``: the lowest threshold whose specificity is at
+    least ``target``.
+    """
+    if policy == "youden":
+        return compute_youden_threshold(y_true, y_prob)
+    if policy not in ("sensitivity", "specificity"):
+        raise ValueError(f"threshold policy must be youden, sensitivity or specificity, got {policy!r}")
+    if target is None or not 0.0 < target < 1.0:
+        raise ValueError(f"a {policy} policy needs a target in (0, 1), got {target!r}")
+    y_true, y_prob = _check(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation data")
+    cands = np.unique(y_prob)  # ascending; predicting positive at prob >= c
+    pos, neg = y_prob[y_true == 1], y_prob[y_true == 0]
+    sens = (pos[None, :] >= cands[:, None]).mean(1)  # (n_cands,)
+    spec = (neg[None, :] < cands[:, None]).mean(1)
+    if policy == "sensitivity":
+        ok = np.flatnonzero(sens >= target)
+        return float(cands[ok[-1]])
+    ok = np.flatnonzero(spec >= target)
+    return float(cands[ok[0]]) if ok.size else float(np.nextafter(cands[-1], np.inf))
+
+
+def describe_policy(policy: str, target: float | None) -> str:
+    if policy == "youden":
+        return "youden: maximise sensitivity + specificity - 1 on validation data"
+    return f"target {policy} >= {target:g} on validation data"
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def compute_wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Wilson score interval for a proportion k/n; None when n == 0."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return None
+    z = norm.ppf(0.5 + confidence / 2)
+    p = k / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def compute_pr_auc(y_true, y_prob) -> float | None:
+    from sklearn.metrics import average_precision_score
+
+    y_true, y_prob = _check(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        return None
+    return float(average_precision_score(y_true, y_prob))
+
+
+def compute_bootstrap_ci(
+    y_true, y_prob, groups, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, list[float] | None]:
+    """Percentile intervals for ROC-AUC and PR-AUC, resampling patients, stratified by class.
+
+    Patients are drawn with replacement within each class stratum (a patient's
+    class is the highest label among their images), and all their images come
+    along, so correlated images of one child do not narrow the interval.
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    groups = np.asarray(groups)
+    if len(np.unique(y_true)) < 2:
+        return {"roc_auc": None, "pr_auc": None}
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    patient_label = np.array([y_true[m].max() for m in members])
+    strata = [np.flatnonzero(patient_label == c) for c in (0, 1)]
+    rng = np.random.default_rng(seed)
+    aucs, aps = [], []
+    for _ in range(n_boot):
+        chosen = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata if len(s)])
+        idx = np.concatenate([members[g] for g in chosen])
+        yt, yp = y_true[idx], y_prob[idx]
+        if yt.min() == yt.max():
+            continue
+        auc, ap = _auc_and_ap(yt, yp)
+        aucs.append(auc)
+        aps.append(ap)
+    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
+    return {
+        "roc_auc": [float(np.percentile(aucs, lo)), float(np.percentile(aucs, hi))],
+        "pr_auc": [float(np.percentile(aps, lo)), float(np.percentile(aps, hi))],
+    }
+
+
+def _auc_and_ap(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[float, float]:
+    """ROC-AUC and average precision in one sort; equal to scikit-learn's, ties included.
+
+    The bootstrap calls this thousands of times; scikit-learn's input checks
+    would dominate its run time.
+    """
+    order = np.argsort(-y_prob, kind="mergesort")
+    p, y = y_prob[order], y_true[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last].astype(float)
+    fp = (last + 1) - tp
+    n_pos, n_neg = tp[-1], fp[-1]
+    tpr, fpr = np.r_[0.0, tp / n_pos], np.r_[0.0, fp / n_neg]
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids: ties count one half
+    precision = tp / (tp + fp)
+    ap = float(np.sum(np.diff(tpr) * precision))
+    return auc, ap
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def compute_brier(y_true, y_prob) -> float:
+    y_true, y_prob = _check(y_true, y_prob)
+    return float(np.mean((y_prob - y_true) ** 2))
+
+
+def compute_reliability(y_true, y_prob, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width bins of predicted probability: mean prediction, observed frequency, count."""
+    y_true, y_prob = _check(y_true, y_prob)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(y_prob, edges[1:-1]), 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    sums_p = np.bincount(which, weights=y_prob, minlength=n_bins)
+    sums_y = np.bincount(which, weights=y_true, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"edges": edges, "mean_predicted": sums_p / counts, "observed": sums_y / counts, "count": counts}
+
+
+def compute_ece(y_true, y_prob, n_bins: int = 15) -> float:
+    """Expected calibration error: count-weighted |observed - predicted| over equal-width bins."""
+    rel = compute_reliability(y_true, y_prob, n_bins)
+    used = rel["count"] > 0
+    gaps = np.abs(rel["observed"][used] - rel["mean_predicted"][used])
+    return float(np.sum(gaps * rel["count"][used]) / rel["count"].sum())
+
+
+def fit_temperature(logits, y_true) -> float:
+    """Temperature T > 0 minimising the NLL of sigmoid(logits / T) (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=float).reshape(-1)
+    y_true = np.asarray(y_true, dtype=float).reshape(-1)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("fitting a temperature needs both classes")
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0, z) - y_true * z))  # -log sigmoid for y=1, -log(1-sigmoid) for y=0
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+# --------------------------------------------------------------------------- the full table
+
+
+def compute_clinical_metrics(
+    y_true, y_prob, threshold: float, *, groups=None, pneumonia_type=None, n_boot: int = 2000, seed: int = 0
+) -> dict:
+    """:func:`compute_binary_metrics` plus PPV/NPV, balanced accuracy, PR-AUC, Brier, ECE,
+    prevalence, 95% intervals (Wilson for rates, patient bootstrap for AUCs) and
+    sensitivity per pneumonia type."""
+    y_true, y_prob = _check(y_true, y_prob)
+    m = compute_binary_metrics(y_true, y_prob, threshold)
+    cm = m["confusion_matrix"]
+    tp, tn, fp, fn = cm["tp"], cm["tn"], cm["fp"], cm["fn"]
+    sens, spec = m["sensitivity"], m["specificity"]
+    m["balanced_accuracy"] = (sens + spec) / 2 if sens is not None and spec is not None else None
+    m["ppv"] = m["precision"]
+    m["npv"] = _ratio(tn, tn + fn)
+    m["pr_auc"] = compute_pr_auc(y_true, y_prob)
+    m["brier"] = compute_brier(y_true, y_prob)
+    m["ece"] = compute_ece(y_true, y_prob)
+    m["prevalence"] = m["n_positive"] / m["n"] if m["n"] else None
+    ci = {
+        "sensitivity": compute_wilson_interval(tp, tp + fn),
+        "specificity": compute_wilson_interval(tn, tn + fp),
+        "ppv": compute_wilson_interval(tp, tp + fp),
+        "npv": compute_wilson_interval(tn, tn + fn),
+        "accuracy": compute_wilson_interval(tp + tn, m["n"]),
+        "precision": compute_wilson_interval(tp, tp + fp),
+        # balanced accuracy and F1 are not single proportions: Wilson on their
+        # effective counts (mean of the two rates' intervals; 2TP of 2TP+FP+FN)
+        "f1": compute_wilson_interval(2 * tp, 2 * tp + fp + fn),
+    }
+    if ci["sensitivity"] and ci["specificity"]:
+        ci["balanced_accuracy"] = [(a + b) / 2 for a, b in zip(ci["sensitivity"], ci["specificity"])]
+    else:
+        ci["balanced_accuracy"] = None
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    ci.update(compute_bootstrap_ci(y_true, y_prob, groups, n_boot=n_boot, seed=seed))
+    m["ci95"] = ci
+    m["ci95_method"] = f"Wilson score for rates; percentile bootstrap over patients (stratified, {n_boot} resamples, seed {seed}) for roc_auc and pr_auc"
+    if pneumonia_type is not None:
+        pneumonia_type = np.asarray(pneumonia_type)
+        sub = {}
+        for t in sorted(set(pneumonia_type[y_true == 1].tolist())):
+            sel = (y_true == 1) & (pneumonia_type == t)
+            k, n = int((y_prob[sel] >= threshold).sum()), int(sel.sum())
+            sub[t] = {"n": n, "sensitivity": k / n, "ci95": compute_wilson_interval(k, n)}
+        m["subgroups"] = sub
+    if m["roc_auc"] is None:
+        m["note"] = "only one class in the evaluated images: ROC-AUC, PR-AUC and one of sensitivity/specificity cannot be computed"
+    return m
+
+
+# --------------------------------------------------------------------------- comparing two models
+
+
+def _delong_components(y_true: np.ndarray, scores: np.ndarray):
+    pos, neg = scores[y_true == 1], scores[y_true == 0]
+    # psi(x, y) = 1 if x > y, 0.5 if equal: structural components of the Mann-Whitney AUC
+    cmp = (pos[:, None] > neg[None, :]).astype(float) + 0.5 * (pos[:, None] == neg[None, :])  # (m, n)
+    return cmp.mean(), cmp.mean(1), cmp.mean(0)  # auc, V10 (per positive), V01 (per negative)
+
+
+def compute_delong(y_true, prob_a, prob_b) -> dict:
+    """Paired DeLong test for the difference of two correlated ROC-AUCs (DeLong et al. 1988)."""
+    from scipy.stats import norm
+
+    y_true, prob_a = _check(y_true, prob_a)
+    _, prob_b = _check(y_true, prob_b)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("comparing AUCs needs both classes")
+    auc_a, v10a, v01a = _delong_components(y_true, prob_a)
+    auc_b, v10b, v01b = _delong_components(y_true, prob_b)
+    s10 = np.cov(np.vstack([v10a, v10b]))  # (2, 2)
+    s01 = np.cov(np.vstack([v01a, v01b]))
+    m, n = len(v10a), len(v01a)
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    diff = auc_a - auc_b
+    se = float(np.sqrt(max(var, 0.0)))
+    z = diff / se if se > 0 else 0.0
+    p = float(2 * norm.sf(abs(z))) if se > 0 else 1.0
+    half = norm.ppf(0.975) * se
+    return {"auc_a": float(auc_a), "auc_b": float(auc_b), "difference": float(diff), "se": se, "z": float(z), "p_value": p,
+            "ci95": [float(diff - half), float(diff + half)]}  # fmt: skip
+
+
+def compute_mcnemar(y_true, pred_a, pred_b) -> dict:
+    """Exact McNemar test on the discordant decisions of two classifiers."""
+    from scipy.stats import binomtest
+
+    y_true = np.asarray(y_true).astype(int)
+    right_a = np.asarray(pred_a).astype(int) == y_true
+    right_b = np.asarray(pred_b).astype(int) == y_true
+    b = int((right_a & ~right_b).sum())  # only A right
+    c = int((~right_a & right_b).sum())  # only B right
+    p = float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
+    return {"only_a_correct": b, "only_b_correct": c, "p_value": p, "method": "exact binomial McNemar"}

@@ -83,7 +83,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np
     """Blend a [0, 1] CAM (same H, W as ``image``) as a jet heatmap over a grayscale image; RGB in [0, 1]."""
     heat = matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3]  # (H, W, 3)
     gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)  # (H, W, 3)
-    return (1 - alpha) * gray + alpha * heat
+    return np.clip((1 - alpha) * gray + alpha * heat, 0.0, 1.0)
 
 
 def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str) -> None:
@@ -96,4 +96,34 @@ def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str) -> Non
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_pr(precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None, prevalence: float, operating_point: tuple[float, float] | None = None) -> None:
+    """Precision-recall curve; ``operating_point`` is (sensitivity, PPV) at the threshold."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot(recall, precision, label=f"PR (AP {ap:.3f})" if ap is not None else "PR")
+    ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"prevalence {prevalence:.2f}")
+    if operating_point is not None:
+        ax.plot(*operating_point, "o", color="crimson", label="operating point")
+    ax.set_xlabel("sensitivity (recall)")
+    ax.set_ylabel("PPV (precision)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def plot_reliability(reliability: dict, path, *, ece: float, brier: float) -> None:
+    """Observed frequency against mean predicted probability per bin, with bin counts."""
+    used = reliability["count"] > 0
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    ax.plot(reliability["mean_predicted"][used], reliability["observed"][used], "o-", label=f"model (ECE {ece:.3f}, Brier {brier:.3f})")
+    ax.set_ylabel("observed frequency of pneumonia")
+    ax.legend(loc="upper left", fontsize=8)
+    edges = reliability["edges"]
+    axc.bar((edges[:-1] + edges[1:]) / 2, reliability["count"], width=np.diff(edges) * 0.9, color="silver")
+    axc.set_xlabel("predicted P(pneumonia)")
+    axc.set_ylabel("images")
     _save(fig, path)

@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, Dataset, Record
 from .features import extract_features
-from .io import ImageReadError, is_image_path, read_image
+from .io import ImageReadError, is_image_path, read_image, resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Predictor:
         self.model = model.eval()
         self.description = description
         self.threshold = float(description["threshold"])
+        self.temperature = float(description.get("temperature", 1.0))
         self.preprocessing = model.preprocessing
         self.class_names = tuple(description.get("class_names", CLASS_NAMES))
 
@@ -64,9 +65,17 @@ class Predictor:
     def from_checkpoint(cls, path: str | os.PathLike) -> "Predictor":
         return cls(*load_checkpoint(path))
 
+    def probability(self, logits: torch.Tensor) -> np.ndarray:
+        """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
+        return torch.sigmoid(logits / self.temperature).numpy()
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) in [0, 1] -> (1, C, S, S)."""
         return torch.from_numpy(np.ascontiguousarray(self.preprocessing.apply(image)))[None]
+
+    def preprocessing_view(self, image: np.ndarray) -> np.ndarray:
+        """The image as the model sees it, before normalisation: (S, S) in [0, 1], for display."""
+        return resize_image(image, self.preprocessing.input_size)
 
     def read(self, path: str | os.PathLike) -> np.ndarray:
         return read_image(path, draft_size=self.preprocessing.input_size)
@@ -80,7 +89,7 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 x = torch.cat([self.preprocess(im) for im in images[start : start + batch_size]])
-                probs.append(torch.sigmoid(self.model(x)[:, 0]).numpy())
+                probs.append(self.probability(self.model(x)[:, 0]))
         return np.concatenate(probs) if probs else np.zeros(0)
 
     def predict_paths(self, paths: list[str | os.PathLike], *, batch_size: int = 32) -> list[Prediction]:
@@ -98,16 +107,21 @@ class Predictor:
             results[i] = Prediction(str(paths[i]), float(prob), self.label_of(prob), self.threshold)
         return results
 
-    def predict_dataset(
+    def dataset_logits(
         self, dataset: Dataset, records: list[Record] | None = None, *, cache_dir=None, batch_size: int = 32, num_workers: int = 1, progress: bool = True
-    ) -> tuple[list[Record], np.ndarray, list[tuple[str, str]]]:
-        """Probabilities for a dataset's records through the feature cache.
+    ) -> tuple[list[Record], torch.Tensor, list[tuple[str, str]]]:
+        """Raw logits for a dataset's records through the feature cache.
 
-        Returns (records that decoded, their probabilities, (path, reason) for the rest).
+        Returns (records that decoded, their logits, (path, reason) for the rest).
         """
         feats = extract_features(
             self.model, dataset, records, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
         )
         with torch.inference_mode():
             logits = self.model.head(torch.as_tensor(feats.features))[:, 0]
-        return feats.records, torch.sigmoid(logits).numpy(), feats.problems
+        return feats.records, logits, feats.problems
+
+    def predict_dataset(self, dataset: Dataset, records: list[Record] | None = None, **kw) -> tuple[list[Record], np.ndarray, list[tuple[str, str]]]:
+        """Like :meth:`dataset_logits`, with calibrated probabilities."""
+        kept, logits, problems = self.dataset_logits(dataset, records, **kw)
+        return kept, self.probability(logits), problems

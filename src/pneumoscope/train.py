@@ -20,7 +20,7 @@ from torch import nn
 from . import data as data_mod
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
-from .metrics import compute_binary_metrics, compute_youden_threshold
+from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature
 from .models import DEFAULT_BACKBONE, Head, create_model
 from .outputs import atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
@@ -43,6 +43,8 @@ class TrainConfig:
     dropout: float = 0.3
     val_fraction: float = 0.1
     limit: int | None = None
+    threshold_policy: str = "youden"  # or "sensitivity" / "specificity" with threshold_target
+    threshold_target: float | None = None
     feature_batch_size: int = 32
     num_workers: int = 1
     cache_dir: str | None = None
@@ -133,9 +135,13 @@ def fit_head(
 
 
 def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-head_logits(head, features)))
+
+
+def head_logits(head: Head, features: np.ndarray) -> np.ndarray:
     head.eval()
     with torch.no_grad():
-        return torch.sigmoid(head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1)).numpy()
+        return head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1).double().numpy()
 
 
 def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data_mod.Record]:
@@ -187,16 +193,20 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
         epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
         lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, progress=progress,
     )  # fmt: skip
-    val_prob = predict_head(model.head, feats.features[va])
-    threshold = compute_youden_threshold(y[va], val_prob)
-    val_metrics = compute_binary_metrics(y[va], val_prob, threshold)
-    logger.info("val: AUC %.4f, threshold %.4f (Youden's J on validation)", val_metrics["roc_auc"], threshold)
+    val_logits = head_logits(model.head, feats.features[va])
+    temperature = fit_temperature(val_logits, y[va])
+    val_prob = 1 / (1 + np.exp(-val_logits / temperature))
+    threshold = compute_threshold(y[va], val_prob, config.threshold_policy, config.threshold_target)
+    policy = describe_policy(config.threshold_policy, config.threshold_target)
+    val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
+    val_metrics = compute_clinical_metrics(y[va], val_prob, threshold, groups=val_groups, seed=config.seed)
+    logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], temperature, threshold, policy)
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         resolved = {**asdict(config), "data": str(Path(data).absolute())}
         write_json(tmp / "config.json", resolved)
         description = describe(
-            model, threshold=threshold, threshold_policy="youden (max sensitivity + specificity - 1) on the patient-level validation split",
+            model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
             metrics={"val": val_metrics},
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
                                 "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": "frozen backbone, head only"}},

@@ -1,0 +1,143 @@
+"""Render an evaluation into one self-contained HTML file. Computes nothing.
+
+Images are embedded as data URIs so the file opens anywhere, offline, on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0}figcaption{font-size:.85em;color:#555}
+.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.6em 1em}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:1em}
+img{max-width:100%}
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _ci(ci) -> str:
+    return "n/a" if not ci else f"{ci[0]:.3f} – {ci[1]:.3f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_report(ctx: dict) -> str:
+    """``ctx`` holds: title, metrics, description (checkpoint), data (summary of the
+    evaluated data), training_summary (or None), figures {name: path}, history (path
+    or None), gallery [(path, caption)], model_card {section: text}, notes [str]."""
+    m, desc = ctx["metrics"], ctx["description"]
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(ctx['title'])}</title><style>{_CSS}</style></head><body>"]
+    parts.append(f"<h1>{html.escape(ctx['title'])}</h1>")
+    parts.append("<p class='warn'><b>Research software, not a medical device.</b> These results describe one model on one data set; "
+                 "they are not a clinical validation.</p>")  # fmt: skip
+    for note in ctx.get("notes", []):
+        parts.append(f"<p class='warn'>{html.escape(note)}</p>")
+
+    parts.append("<h2>Data</h2>")
+    d = ctx["data"]
+    parts.append(f"<p>Evaluated: <code>{html.escape(d['source'])}</code>, split <code>{html.escape(d['split'])}</code>: "
+                 f"{m['n']} images, {m['n_positive']} pneumonia; prevalence {_fmt(m.get('prevalence'))} "
+                 "(PPV and NPV depend on it). Images skipped as unreadable: "
+                 f"{d['skipped']}. Images excluded because they were used for calibration: {d.get('excluded_calibration', 0)}.</p>")  # fmt: skip
+    if d.get("patients") is not None:
+        parts.append(f"<p>Patients in the evaluated images: {d['patients']}.</p>")
+    ts = ctx.get("training_summary")
+    if ts:
+        rows = [[name, sp["images"], sp["classes"]["NORMAL"], sp["classes"]["PNEUMONIA"], _fmt(sp["patients"]), _fmt(sp["max_images_per_patient"])]
+                for name, sp in ts["splits"].items()]  # fmt: skip
+        parts.append("<p>Training data (the run's splits):</p>" + _table(["split", "images", "NORMAL", "PNEUMONIA", "patients", "max images / patient"], rows))
+        lk = ts["leakage"]
+        crossing = lk.get("patients_in_several_splits")
+        parts.append(f"<p>Leakage check: {'passed' if lk.get('ok') else 'FAILED'}; patients in several splits: "
+                     f"{'not checkable' if crossing is None else len(crossing)}; identical images across splits: "
+                     f"{len(lk.get('duplicates_across_splits', []))}.</p>")  # fmt: skip
+    if ctx.get("history"):
+        parts.append("<h2>Training history</h2><div class='figs'><figure>" + _img(ctx["history"], "training history") + "</figure></div>")
+
+    parts.append("<h2>Operating point</h2>")
+    parts.append(f"<p>Threshold <b>{m['threshold']:.4f}</b> on calibrated P(pneumonia); policy: {html.escape(desc.get('threshold_policy', 'unknown'))}. "
+                 f"Temperature {desc.get('temperature', 1.0):.3f}. The threshold was never chosen on the evaluated images.</p>")  # fmt: skip
+
+    parts.append("<h2>Metrics (95% intervals)</h2>")
+    ci = m.get("ci95", {})
+    keys = ["sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc"]
+    parts.append(_table(["metric", "value", "95% interval"], [[k, _fmt(m.get(k)), _ci(ci.get(k))] for k in keys]
+                        + [["brier", _fmt(m.get("brier")), ""], ["ece", _fmt(m.get("ece")), ""]]))  # fmt: skip
+    parts.append(f"<p><small>{html.escape(m.get('ci95_method', ''))}</small></p>")
+    if m.get("note"):
+        parts.append(f"<p class='warn'>{html.escape(m['note'])}</p>")
+    figs = ctx["figures"]
+    captions = {"confusion_matrix": "Confusion matrix", "roc_curve": "ROC curve, operating point marked",
+                "pr_curve": "Precision-recall curve, operating point marked", "reliability": "Reliability diagram"}  # fmt: skip
+    parts.append("<div class='figs'>" + "".join(f"<figure>{_img(figs[k], captions[k])}<figcaption>{captions[k]}</figcaption></figure>"
+                                                 for k in captions if k in figs) + "</div>")  # fmt: skip
+
+    if m.get("subgroups"):
+        parts.append("<h2>Subgroups</h2>")
+        rows = [[t, g["n"], _fmt(g["sensitivity"]), _ci(g["ci95"])] for t, g in m["subgroups"].items()]
+        parts.append(_table(["pneumonia type", "images", "sensitivity", "95% interval"], rows))
+
+    parts.append("<h2>Most confident errors, with Grad-CAM</h2>")
+    if ctx["gallery"]:
+        parts.append("<div class='gallery'>" + "".join(f"<figure>{_img(p, c)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in ctx["gallery"]) + "</div>")
+    else:
+        parts.append("<p>No errors to show.</p>")
+
+    parts.append("<h2>Model card</h2>")
+    for section, text in ctx["model_card"].items():
+        parts.append(f"<h3>{html.escape(section)}</h3><p>{html.escape(text)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def model_card(description: dict, metrics: dict, data_source: str) -> dict[str, str]:
+    """Mitchell et al. (2019) sections, filled from the checkpoint and the evaluation."""
+    training = description.get("training", {})
+    versions = ", ".join(f"{k} {v}" for k, v in description.get("versions", {}).items())
+    calibration = description.get("calibration")
+    return {
+        "Model details": f"pneumoscope classifier: {description['backbone']} backbone (ImageNet-pretrained), head of global average pooling, "
+        f"dropout, dense ReLU layer and one logit for PNEUMONIA; input {description['preprocessing']['input_size']} px grayscale repeated to 3 channels. "
+        f"Training stage: {training.get('stage', 'unknown')}. Software: {versions}.",
+        "Intended use": "Research on pediatric (ages 1-5) frontal (AP) chest radiographs: studying and benchmarking pneumonia vs normal "
+        "classification. Not for diagnosis, triage or any clinical decision.",
+        "Out-of-scope uses": "Adults; lateral views; CT or other modalities; other diseases (COVID-19, tuberculosis, effusion); images from "
+        "other hospitals or scanners without local validation; any clinical use.",
+        "Training data": f"{training.get('data', 'unknown')} ({training.get('layout', '?')} layout): {training.get('n_train', '?')} training and "
+        f"{training.get('n_val', '?')} validation images, split by patient. Kermany et al. 2018 chest X-rays (Guangzhou Women and Children's "
+        "Medical Center), CC BY 4.0.",
+        "Evaluation data": f"{data_source}: {metrics['n']} images, {metrics['n_positive']} pneumonia.",
+        "Metrics": f"Threshold {description['threshold']:.4f} chosen by {description.get('threshold_policy', '?')}"
+        + (f"; recalibrated on a local sample ({calibration.get('n')} images from {calibration.get('data')})" if calibration else "")
+        + f". Sensitivity {_fmt(metrics.get('sensitivity'))}, specificity {_fmt(metrics.get('specificity'))}, ROC-AUC {_fmt(metrics.get('roc_auc'))}, "
+        "with 95% intervals above.",
+        "Limitations": "Single hospital, pediatric only; validation split of train is far more optimistic than the official test images "
+        "(different grading and prevalence); known shortcut risks (burned-in markers, borders); Grad-CAM heatmaps are not proof of "
+        "clinically relevant reasoning.",
+        "License and citation": "Data: Kermany D, Zhang K, Goldbaum M (2018), Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, CC BY 4.0; "
+        "Kermany DS et al., Cell 172(5):1122-1131 (2018). Code: pneumoscope, Apache-2.0. EfficientNet-Lite weights: Apache-2.0.",
+        "Not a medical device": "This model is research software and has not been cleared or approved by any regulator.",
+    }
