@@ -87,6 +87,10 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     assert main(["-q", "explain", str(trained_run), *images[:2], "--out", str(ex)]) == 0
     index = json.loads((ex / "explanations.json").read_text())
     assert len(index["images"]) == 2
+    assert len(list((ex / "cams").glob("*.npy"))) == 2
+    scores = list(csv.DictReader(open(ex / "scores.csv")))
+    assert len(scores) == 2 and all(-1 <= float(s["road_most"]) <= 1 and -1 <= float(s["sanity_spearman"]) <= 1 for s in scores)
+    assert index["checks"]["n"] == 2 and "random" in index["checks"]["faithfulness_verdict"]
     figure = Image.open(ex / index["images"][0]["figure"])
     assert figure.size[0] > figure.size[1] > 100
 
@@ -251,7 +255,7 @@ def test_report_is_self_contained(trained_run, tmp_path):
     assert main(["-q", "evaluate", str(trained_run), str(CHEST_XRAY), "--out", str(ev), "--limit", "40", "--bootstraps", "100"]) == 0
     html = (ev / "report.html").read_text()
     for section in ("Data", "Training history", "Operating point", "Metrics (95% intervals)", "Subgroups",
-                    "Most confident errors", "Model card", "Intended use", "Out-of-scope uses", "Not a medical device"):  # fmt: skip
+                    "Shortcut audit", "Gallery", "Model card", "Intended use", "Out-of-scope uses", "Not a medical device"):  # fmt: skip
         assert section in html, section
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     assert html.count("data:image/png;base64,") >= 5

@@ -62,3 +62,91 @@ def test_hooks_are_released(model):
 def test_bad_target_is_refused(model):
     with pytest.raises(ValueError, match="target_class"):
         compute_gradcam(model, torch.randn(1, 3, 224, 224), 2)
+
+
+# --------------------------------------------------------------------------- issue 5: methods and checks
+
+from pneumoscope import explain as E  # noqa: E402
+from pneumoscope.models import BACKBONES  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("method", sorted(E.CAM_METHODS))
+def test_every_method_on_every_backbone(name, method):
+    torch.manual_seed(0)
+    model = create_model(name, pretrained="none", hidden=8).eval()
+    s = model.preprocessing.input_size
+    layer = model.cam_layer()
+    before = (len(layer._forward_hooks), len(layer._backward_hooks))
+    maps = E.compute_cam(model, torch.randn(1, 3, s, s), [1], method)
+    assert maps.shape == (1, s, s) and np.isfinite(maps).all()
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert (len(layer._forward_hooks), len(layer._backward_hooks)) == before
+
+
+class _PatchModel(torch.nn.Module):
+    """Its logit is the brightness of the top-left quarter: the true explanation is known."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        torch.nn.init.constant_(self.conv.weight, 1 / 3)
+        torch.nn.init.zeros_(self.conv.bias)
+
+    def cam_layer(self):
+        return self.conv
+
+    def forward(self, x):
+        q = x.shape[-1] // 4
+        return 8 * (self.conv(x)[:, :, :q, :q].mean(dim=(1, 2, 3)) - 0.5)[:, None]
+
+
+def test_road_rewards_the_true_map_over_random_maps():
+    model = _PatchModel().eval()
+    x = torch.full((4, 3, 64, 64), 0.2)
+    x[:, :, :16, :16] = 1.0  # bright patch -> high logit
+    true_map = np.zeros((4, 64, 64), np.float32)
+    true_map[:, :16, :16] = 1.0
+    true_map += np.random.default_rng(0).uniform(0, 0.01, true_map.shape).astype(np.float32)  # break ties
+    drop_true = E.compute_road(model, x, true_map, [1] * 4, most_relevant=True, percent=10)
+    drop_least = E.compute_road(model, x, true_map, [1] * 4, most_relevant=False, percent=10)
+    drop_random = E.compute_road(model, x, E.random_maps(4, 64, np.random.default_rng(1)), [1] * 4, most_relevant=True, percent=10)
+    assert drop_true.mean() < -0.3  # removing the patch kills the evidence
+    assert abs(drop_least.mean()) < 0.05  # removing irrelevant pixels does nothing
+    assert drop_true.mean() < drop_random.mean() - 0.1
+
+
+def test_randomized_copy_changes_only_the_top():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", pretrained="imagenet", hidden=8).eval()
+    clone = E.randomized_copy(model, seed=1)
+    assert torch.equal(clone.backbone.conv_stem.weight, model.backbone.conv_stem.weight)
+    assert torch.equal(clone.backbone.blocks[5][0].conv_pw.weight, model.backbone.blocks[5][0].conv_pw.weight)
+    assert not torch.equal(clone.backbone.conv_head.weight, model.backbone.conv_head.weight)
+    assert not torch.equal(clone.head.fc1.weight, model.head.fc1.weight)
+
+
+def test_spearman_of_a_map_with_itself_and_with_noise():
+    m = E.random_maps(1, 224, np.random.default_rng(0))[0]
+    assert E.spearman(m, m) == pytest.approx(1.0)
+    assert abs(E.spearman(m, E.random_maps(1, 224, np.random.default_rng(5))[0])) < 0.5
+
+
+def test_regions_and_cam_mass():
+    shape = (200, 200)
+    centre, border = E.central_mask(shape), E.border_mask(shape)
+    assert centre.mean() == pytest.approx(0.7 * 0.6, abs=0.01)
+    assert border.mean() == pytest.approx(1 - 0.8 * 0.8, abs=0.01)
+    assert not (centre & border).any()
+    assert E.cam_mass_outside_centre(centre.astype(np.float32)) == 0.0
+    assert E.cam_mass_outside_centre(np.ones(shape, np.float32)) == pytest.approx(1 - centre.mean())
+    img = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+    masked = E.mask_region(img, border)
+    assert np.allclose(masked[border], img[~border].mean()) and np.array_equal(masked[~border], img[~border])
+
+
+def test_summary_verdict_follows_the_evidence():
+    good = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": 0.0} for i in range(20)]
+    bad = [{"road_most": -0.05 + 0.01 * (i % 3), "road_random": -0.05, "road_least": 0.0} for i in range(20)]
+    assert E.summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"
+    assert E.summarize_checks(bad, "eigencam")["faithfulness_verdict"].startswith("NOT better")

@@ -108,7 +108,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
     out, result = evaluate_run(
-        args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps
+        args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps,
+        audit_shortcuts=args.audit,
     )
     print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
     return 0
@@ -159,8 +160,17 @@ def cmd_explain(args) -> int:
     from .explain import explain_images
     from .predict import Predictor
 
-    results = explain_images(Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, overwrite=args.overwrite)
+    results = explain_images(
+        Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite
+    )
     print(f"{len(results)} explanations written to {args.out}")
+    summary = json.loads((Path(args.out) / "explanations.json").read_text())["checks"]
+    if summary:
+        print(f"faithfulness (ROAD, top {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} "
+              f"vs random maps {summary['mean_road_random']:+.3f} -> {summary['faithfulness_verdict']}\n"
+              f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
+              f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
+              f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}")  # fmt: skip
     return 0
 
 
@@ -232,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of a Kaggle root or npz (a folder of class folders is used whole)")
     p.add_argument("--limit", type=int, help="at most N images (quick runs)")
     p.add_argument("--bootstraps", type=int, default=2000, help="patient-level bootstrap resamples for AUC intervals")
+    p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the shortcut audit (border/centre masking, CAM mass)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_evaluate)
@@ -257,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="predicted", choices=["predicted", "pneumonia", "normal"], help="class to explain")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "hirescam", "eigencam"])
+    p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_explain)
 

@@ -83,15 +83,18 @@ def evaluate_dataset(
     return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded))
 
 
-def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 3) -> list[tuple[Path, str]]:
-    """Grad-CAM figures of the most confident false positives and false negatives."""
+def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
+    """Grad-CAM figures of the most confident true/false positives and negatives."""
     from .explain import compute_gradcam
 
     pred = result.y_prob >= predictor.threshold
-    fp = np.flatnonzero(pred & (result.y_true == 0))
-    fn = np.flatnonzero(~pred & (result.y_true == 1))
-    picks = [("false positive", i) for i in fp[np.argsort(-result.y_prob[fp])][:per_kind]]
-    picks += [("false negative", i) for i in fn[np.argsort(result.y_prob[fn])][:per_kind]]
+    picks = []
+    for kind, sel, most_confident_first in (
+        ("false positive", pred & (result.y_true == 0), -result.y_prob), ("false negative", ~pred & (result.y_true == 1), result.y_prob),
+        ("true positive", pred & (result.y_true == 1), -result.y_prob), ("true negative", ~pred & (result.y_true == 0), result.y_prob),
+    ):  # fmt: skip
+        idx = np.flatnonzero(sel)
+        picks += [(kind, i) for i in idx[np.argsort(most_confident_first[idx])][:per_kind]]
     out = []
     for kind, i in picks:
         record = result.records[i]
@@ -108,7 +111,7 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
 
 def evaluate_run(
     run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
-    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, progress: bool = True,
+    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, progress: bool = True,
 ) -> tuple[Path, EvaluationResult]:  # fmt: skip
     """The ``pneumoscope evaluate`` command."""
     check_output_dir(out, overwrite)
@@ -143,6 +146,13 @@ def evaluate_run(
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
         gallery = _gallery(predictor, dataset, result, tmp)
+        audit = None
+        if audit_shortcuts:
+            from .explain import audit_dataset
+
+            reader, size = dataset.reader, predictor.preprocessing.input_size
+            audit = audit_dataset(predictor, lambda i: reader.read_image(result.records[i].ref, draft_size=size), len(result.records), progress=progress)
+            write_json(tmp / "shortcut_audit.json", audit)
         summary_path = run_dir / "data_summary.json"
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
@@ -154,6 +164,7 @@ def evaluate_run(
             "history": run_dir / "history.png" if (run_dir / "history.png").is_file() else None,
             "figures": figures,
             "gallery": gallery,
+            "shortcut_audit": audit,
             "model_card": model_card(predictor.description, m, str(data)),
             "notes": [m["note"]] if m.get("note") else [],
         }  # fmt: skip

