@@ -148,5 +148,8 @@ def test_regions_and_cam_mass():
 def test_summary_verdict_follows_the_evidence():
     good = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": 0.0} for i in range(20)]
     bad = [{"road_most": -0.05 + 0.01 * (i % 3), "road_random": -0.05, "road_least": 0.0} for i in range(20)]
+    partial = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": -0.4} for i in range(20)]
     assert E.summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"
+    assert E.summarize_checks(good, "gradcam")["road_combined"] > 0
     assert E.summarize_checks(bad, "eigencam")["faithfulness_verdict"].startswith("NOT better")
+    assert E.summarize_checks(partial, "x")["faithfulness_verdict"].startswith("only partly faithful")

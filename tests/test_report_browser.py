@@ -53,3 +53,60 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
     assert len(text) > 1000 and "Model card" in text
     m = json.loads((ev / "metrics.json").read_text())
     assert f"{m['threshold']:.4f}" in text
+
+
+def test_web_app_in_chromium_shows_result_and_heatmap(tmp_path):
+    """A real browser uploads a real radiograph to `pneumoscope serve` and sees the result."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from pneumoscope.predict import Predictor
+    from pneumoscope.serve import create_app
+    from tests.conftest import CHEST_XRAY
+
+    chromium = _chromium()
+    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
+        pytest.skip("real data not available")
+    from playwright.sync_api import sync_playwright
+
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(run), "--limit", "40", "--epochs", "5"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(Predictor.from_checkpoint(run)), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.1)
+        xray = sorted((CHEST_XRAY / "test" / "PNEUMONIA").iterdir())[0]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                assert "not a medical device" in page.inner_text("body")
+                page.set_input_files("#file", str(xray))
+                page.wait_for_selector("#result", state="visible", timeout=30_000)
+                verdict = page.inner_text("#verdict")
+                prob = float(page.inner_text("#prob"))
+                page.wait_for_function("document.getElementById('heat').naturalWidth > 0", timeout=10_000)
+                sizes = page.evaluate("() => ['base', 'heat'].map(id => document.getElementById(id).naturalWidth)")
+                page.fill("#opacity", "80")
+                page.dispatch_event("#opacity", "input")
+                opacity = page.evaluate("() => getComputedStyle(document.getElementById('heat')).opacity")
+                page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert verdict and 0.0 <= prob <= 1.0
+    assert sizes == [224, 224]
+    assert float(opacity) == pytest.approx(0.8)

@@ -19,7 +19,7 @@ from safetensors.torch import save
 
 from .data import CLASS_NAMES
 from .outputs import write_bytes_atomic
-from .models import PneumoniaClassifier, Preprocessing, create_model
+from .models import MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
 
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 1
@@ -96,6 +96,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, dict]
     description = read_description(path)
     head = description["head"]
     model = create_model(description["backbone"], pretrained="none", hidden=head["hidden"], dropout=head["dropout"])
+    if description.get("ood"):
+        model.ood = MahalanobisGuard.empty(head["in_features"])
     stored = Preprocessing.from_dict(description["preprocessing"])
     if stored != model.preprocessing:
         model.preprocessing = stored

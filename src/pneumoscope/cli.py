@@ -127,6 +127,24 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    from .predict import expand_inputs
+    from .io import read_image
+
+    images = [read_image(p) for p in expand_inputs(args.check_images)] if args.check_images else None
+    report = export_onnx(args.run, args.out, overwrite=args.overwrite, check_images=images)
+    print(f"wrote {args.out}; parity with PyTorch on {report['n']} images: max |delta prob| {report['max_abs_prob_diff']:.2e}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.run, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_run
 
@@ -166,8 +184,9 @@ def cmd_explain(args) -> int:
     print(f"{len(results)} explanations written to {args.out}")
     summary = json.loads((Path(args.out) / "explanations.json").read_text())["checks"]
     if summary:
-        print(f"faithfulness (ROAD, top {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} "
-              f"vs random maps {summary['mean_road_random']:+.3f} -> {summary['faithfulness_verdict']}\n"
+        print(f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} for the most "
+              f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
+              f"-> {summary['faithfulness_verdict']}\n"
               f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
               f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
               f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}")  # fmt: skip
@@ -177,14 +196,14 @@ def cmd_explain(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import Predictor, expand_inputs
 
-    predictor = Predictor.from_checkpoint(args.run)
+    predictor = Predictor.load(args.run)
     results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs))]
     if args.format == "json":
         print(json.dumps(results, indent=2))
     else:
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "prob", "label", "threshold", "error"])
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "prob", "label", "threshold", "ood", "ood_distance", "error"])
         writer.writeheader()
         writer.writerows({**r, "prob": "" if r["prob"] is None else f"{r['prob']:.6f}"} for r in results)
     return 1 if any(r["error"] for r in results) else 0
@@ -257,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("export", help="ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--check-images", nargs="*", help="images or folders for the parity check (default: 4 generated images)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="web app and JSON API (POST /predict, GET /health, /docs)")
+    p.add_argument("run", help="run folder, checkpoint, or .onnx export (no heatmaps with ONNX)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("compare", help="paired comparison of two evaluations of the same images (DeLong, McNemar)")
     p.add_argument("eval_a")
     p.add_argument("eval_b")
@@ -273,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("predict", help="probability, label and threshold per image")
-    p.add_argument("run")
+    p = sub.add_parser("predict", help="probability, label, threshold and OOD flag per image")
+    p.add_argument("run", help="run folder, checkpoint, or .onnx export")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--format", default="csv", choices=["csv", "json"])
     p.set_defaults(func=cmd_predict)

@@ -17,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
 
 # A radiograph from a large detector is about 4,300 x 3,500 (15 MP); Kaggle's
 # largest chest_xray JPEG is about 2,900 x 2,900. Anything far beyond is more
@@ -64,6 +65,8 @@ def read_image(
             raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the path and permissions.") from err
     if len(data) == 0:
         raise ImageReadError(path, "file is empty (0 bytes)", "Re-copy or remove the file.")
+    if Path(str(path)).suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":
+        return read_dicom(path, data, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():
             # Turn Pillow's bomb warning into an error for this call only.
@@ -93,6 +96,77 @@ def read_image(
         raise ImageReadError(
             path, f"image is corrupt or truncated ({err})", "Re-export or re-download the file, or remove it."
         ) from err
+
+
+_DICOM_FIX = "Export the frontal radiograph as a single-frame grayscale DICOM (or PNG)."
+
+
+def read_dicom(path: str | os.PathLike, data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a grayscale radiograph DICOM into float32 (H, W) in [0, 1], as a viewer would show it.
+
+    Modality LUT (rescale slope/intercept) first, then the VOI transform: a VOI LUT
+    sequence or window centre/width (LINEAR, LINEAR_EXACT or SIGMOID, DICOM PS3.3
+    C.11.2.1.2); without either, the full range of the image. MONOCHROME1 (white is
+    zero) is inverted. Multi-frame, colour and pixel-less objects (reports, plans)
+    are refused with the reason.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
+        raise ImageReadError(path, f"not a readable DICOM file ({err})", _DICOM_FIX) from err
+    if "PixelData" not in ds:
+        sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown SOP class")
+        raise ImageReadError(path, f"DICOM object has no pixel data ({sop}): not an image", _DICOM_FIX)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageReadError(path, f"DICOM holds {frames} frames; one radiograph per file is expected", _DICOM_FIX)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(path, f"DICOM is colour ({photometric or 'no PhotometricInterpretation'}); chest radiographs are grayscale", _DICOM_FIX)
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > max_pixels:
+        raise ImageReadError(path, f"DICOM is {cols}x{rows}, over the limit of {max_pixels:,} pixels", "Downscale the image or remove it.")
+    try:
+        stored = ds.pixel_array
+    except Exception as err:  # pydicom raises many kinds: truncated data, missing codec
+        raise ImageReadError(path, f"DICOM pixel data cannot be decoded ({type(err).__name__}: {err})", _DICOM_FIX) from err
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds:
+        lut = ds.VOILUTSequence[0]
+        bits = int(lut.LUTDescriptor[2])
+        arr = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64) / (2**bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        arr = _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        arr = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    arr = np.clip(arr, 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        arr = 1.0 - arr
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _first(value) -> float:
+    """The first of several windows (a viewer's default), or the only one."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    """DICOM window to [0, 1] (PS3.3 C.11.2.1.2.1-3)."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - centre) / width))
+    if function == "LINEAR_EXACT":
+        return (x - centre) / width + 0.5
+    width = max(width, 1.0)
+    return (x - (centre - 0.5)) / (width - 1.0) + 0.5
 
 
 def _to_gray_float(img: Image.Image, path) -> np.ndarray:

@@ -206,6 +206,38 @@ class Head(nn.Module):
         return self.fc2(self.act(self.fc1(self.dropout(x))))  # (B, 1): logit of PNEUMONIA
 
 
+class MahalanobisGuard(nn.Module):
+    """Out-of-distribution score: Mahalanobis distance of pooled backbone features to the
+    training features (Lee et al. 2018), with a cut-off chosen on validation data."""
+
+    def __init__(self, mean: torch.Tensor, precision: torch.Tensor, cutoff: float):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("precision", precision.float())
+        self.register_buffer("cutoff", torch.tensor(float(cutoff)))
+
+    @classmethod
+    def fit(cls, features: np.ndarray, val_features: np.ndarray, quantile: float = 0.99) -> "MahalanobisGuard":
+        from sklearn.covariance import LedoitWolf  # shrinkage: 1,280 dims from a few thousand images
+
+        lw = LedoitWolf().fit(features)
+        guard = cls(torch.from_numpy(lw.location_), torch.from_numpy(lw.precision_), 0.0)
+        guard.cutoff.fill_(float(np.quantile(guard.distance_np(val_features), quantile)))
+        return guard
+
+    @classmethod
+    def empty(cls, dim: int) -> "MahalanobisGuard":
+        return cls(torch.zeros(dim), torch.eye(dim), 0.0)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        d = features.float() - self.mean  # (B, C)
+        return torch.sqrt(torch.clamp(((d @ self.precision) * d).sum(dim=1), min=0.0))  # (B,)
+
+    def distance_np(self, features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self(torch.as_tensor(features, dtype=torch.float32)).numpy()
+
+
 class PneumoniaClassifier(nn.Module):
     """Backbone feature map -> :class:`Head`. ``forward`` returns (B, 1) logits."""
 
@@ -216,6 +248,7 @@ class PneumoniaClassifier(nn.Module):
         self.backbone_name = backbone_name
         self.cam_layer_name = cam_layer
         self.preprocessing = preprocessing
+        self.ood: MahalanobisGuard | None = None  # set by training; part of the state dict when present
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, C, h, w)

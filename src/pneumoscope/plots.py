@@ -79,9 +79,14 @@ def plot_image_grid(images: list[np.ndarray], titles: list[str], path, *, cols: 
     _save(fig, path)
 
 
+def heatmap_rgb(cam: np.ndarray) -> np.ndarray:
+    """A [0, 1] CAM as a jet-coloured RGB image (H, W, 3) in [0, 1]."""
+    return matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+
+
 def overlay_cam(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
     """Blend a [0, 1] CAM (same H, W as ``image``) as a jet heatmap over a grayscale image; RGB in [0, 1]."""
-    heat = matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3]  # (H, W, 3)
+    heat = heatmap_rgb(cam)  # (H, W, 3)
     gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)  # (H, W, 3)
     return np.clip((1 - alpha) * gray + alpha * heat, 0.0, 1.0)
 

@@ -1,11 +1,15 @@
-"""Predictor: load a checkpoint once, preprocess exactly as in training, predict.
+"""Predictor: load a model once, preprocess exactly as in training, predict.
 
-Everything that turns images into probabilities goes through here: the
-``predict`` and ``evaluate`` commands and Grad-CAM's input preparation.
+This is the only inference code: the ``predict``, ``explain`` and ``evaluate``
+commands, the web app and the ONNX parity check all go through it. A backend
+runs the network (PyTorch, or ONNX Runtime for an exported model); everything
+around it (decoding, preprocessing, temperature, threshold, out-of-distribution
+flag) is shared.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, Dataset, Record
 from .features import extract_features
 from .io import ImageReadError, is_image_path, read_image, resize_image
+from .models import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +30,16 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Prediction:
     path: str
-    prob: float | None  # P(PNEUMONIA)
+    prob: float | None  # calibrated P(PNEUMONIA)
     label: str | None
     threshold: float
+    ood: bool | None = None  # unlike the training images (None: the checkpoint has no guard)
+    ood_distance: float | None = None
     error: str = ""
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "prob": self.prob, "label": self.label, "threshold": self.threshold, "error": self.error}
+        return {"path": self.path, "prob": self.prob, "label": self.label, "threshold": self.threshold,
+                "ood": self.ood, "ood_distance": self.ood_distance, "error": self.error}  # fmt: skip
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
@@ -50,47 +58,123 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-class Predictor:
-    """A loaded model with its threshold and preprocessing contract."""
+class TorchBackend:
+    name = "pytorch"
 
-    def __init__(self, model, description: dict):
+    def __init__(self, model):
         self.model = model.eval()
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, C, S, S) normalised -> logits (B,), OOD distances (B,) or None."""
+        with torch.inference_mode():
+            feats = self.model.pooled_features(torch.from_numpy(x))
+            logits = self.model.head(feats)[:, 0].double().numpy()
+            dist = self.model.ood(feats).double().numpy() if self.model.ood is not None else None
+        return logits, dist
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "pneumoscope" not in meta:
+            raise ValueError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
+        self.description = json.loads(meta["pneumoscope"])
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = dict(zip(self.outputs, self.session.run(None, {"image": x})))
+        return out["logit"].astype(np.float64), out["ood_distance"].astype(np.float64) if "ood_distance" in out else None
+
+
+class Predictor:
+    """A loaded model with its threshold, temperature and preprocessing contract."""
+
+    def __init__(self, backend, description: dict):
+        self.backend = backend
         self.description = description
         self.threshold = float(description["threshold"])
         self.temperature = float(description.get("temperature", 1.0))
-        self.preprocessing = model.preprocessing
+        self.preprocessing = Preprocessing.from_dict(description["preprocessing"])
         self.class_names = tuple(description.get("class_names", CLASS_NAMES))
+        self.ood_cutoff = float(description["ood"]["cutoff"]) if description.get("ood") else None
+
+    @property
+    def model(self):
+        """The PyTorch model (Grad-CAM and the feature cache need it)."""
+        if not isinstance(self.backend, TorchBackend):
+            raise TypeError(f"this predictor runs on {self.backend.name}; Grad-CAM and training need a PyTorch checkpoint")
+        return self.backend.model
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Predictor":
-        return cls(*load_checkpoint(path))
+        model, description = load_checkpoint(path)
+        return cls(TorchBackend(model), description)
 
-    def probability(self, logits: torch.Tensor) -> np.ndarray:
-        """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
-        return torch.sigmoid(logits / self.temperature).numpy()
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> "Predictor":
+        backend = OnnxBackend(path, threads)
+        return cls(backend, backend.description)
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Predictor":
+        """A run folder or checkpoint (PyTorch), or an ``.onnx`` export (ONNX Runtime)."""
+        return cls.from_onnx(path) if str(path).endswith(".onnx") else cls.from_checkpoint(path)
+
+    # -- preprocessing: the training contract
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) in [0, 1] -> (1, C, S, S)."""
-        return torch.from_numpy(np.ascontiguousarray(self.preprocessing.apply(image)))[None]
+        x = self.preprocessing.apply(image)
+        if x.shape != (self.preprocessing.in_chans, self.preprocessing.input_size, self.preprocessing.input_size):
+            raise ValueError(f"preprocessed image has shape {x.shape}, the model's contract is {self.preprocessing}")
+        return torch.from_numpy(np.ascontiguousarray(x))[None]
 
     def preprocessing_view(self, image: np.ndarray) -> np.ndarray:
         """The image as the model sees it, before normalisation: (S, S) in [0, 1], for display."""
         return resize_image(image, self.preprocessing.input_size)
 
-    def read(self, path: str | os.PathLike) -> np.ndarray:
-        return read_image(path, draft_size=self.preprocessing.input_size)
+    def read(self, path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
+        return read_image(path, data, draft_size=self.preprocessing.input_size)
+
+    # -- prediction
+    def probability(self, logits) -> np.ndarray:
+        """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
+        z = np.asarray(logits.numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-z / self.temperature))
 
     def label_of(self, prob: float) -> str:
         return self.class_names[int(prob >= self.threshold)]
 
+    def run(self, images: list[np.ndarray], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and OOD distances (or None) for decoded (H, W) images."""
+        probs, dists = [], []
+        for start in range(0, len(images), batch_size):
+            x = np.concatenate([self.preprocess(im).numpy() for im in images[start : start + batch_size]])
+            logits, dist = self.backend.run(x)
+            probs.append(self.probability(logits))
+            dists.append(dist)
+        if not probs:
+            return np.zeros(0), None
+        return np.concatenate(probs), (None if dists[0] is None else np.concatenate(dists))
+
     def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
-        """P(PNEUMONIA) for decoded (H, W) images."""
-        probs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                x = torch.cat([self.preprocess(im) for im in images[start : start + batch_size]])
-                probs.append(self.probability(self.model(x)[:, 0]))
-        return np.concatenate(probs) if probs else np.zeros(0)
+        return self.run(images, batch_size=batch_size)[0]
+
+    def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32) -> list[Prediction]:
+        probs, dists = self.run(images, batch_size=batch_size)
+        out = []
+        for i, (name, prob) in enumerate(zip(names, probs)):
+            dist = None if dists is None else float(dists[i])
+            flag = None if dist is None or self.ood_cutoff is None else bool(dist > self.ood_cutoff)
+            out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, flag, dist))
+        return out
 
     def predict_paths(self, paths: list[str | os.PathLike], *, batch_size: int = 32) -> list[Prediction]:
         """One :class:`Prediction` per file; unreadable files carry their error, never raise."""
@@ -102,15 +186,15 @@ class Predictor:
                 good.append(i)
             except ImageReadError as err:
                 logger.warning("%s", err)
-                results[i] = Prediction(str(p), None, None, self.threshold, f"{err.reason}. {err.fix}")
-        for i, prob in zip(good, self.predict_proba(images, batch_size=batch_size)):
-            results[i] = Prediction(str(paths[i]), float(prob), self.label_of(prob), self.threshold)
+                results[i] = Prediction(str(p), None, None, self.threshold, error=f"{err.reason}. {err.fix}")
+        for i, pred in zip(good, self.predict_images(images, [str(paths[i]) for i in good], batch_size=batch_size)):
+            results[i] = pred
         return results
 
     def dataset_logits(
         self, dataset: Dataset, records: list[Record] | None = None, *, cache_dir=None, batch_size: int = 32, num_workers: int = 1, progress: bool = True
     ) -> tuple[list[Record], torch.Tensor, list[tuple[str, str]]]:
-        """Raw logits for a dataset's records through the feature cache.
+        """Raw logits for a dataset's records through the feature cache (PyTorch backend).
 
         Returns (records that decoded, their logits, (path, reason) for the rest).
         """

@@ -21,7 +21,7 @@ from . import data as data_mod
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
 from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature
-from .models import DEFAULT_BACKBONE, Head, create_model
+from .models import DEFAULT_BACKBONE, Head, MahalanobisGuard, create_model
 from .outputs import atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 
@@ -45,6 +45,7 @@ class TrainConfig:
     limit: int | None = None
     threshold_policy: str = "youden"  # or "sensitivity" / "specificity" with threshold_target
     threshold_target: float | None = None
+    ood_quantile: float = 0.99
     feature_batch_size: int = 32
     num_workers: int = 1
     cache_dir: str | None = None
@@ -202,6 +203,10 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
     val_metrics = compute_clinical_metrics(y[va], val_prob, threshold, groups=val_groups, seed=config.seed)
     logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], temperature, threshold, policy)
 
+    model.ood = MahalanobisGuard.fit(feats.features[tr], feats.features[va], quantile=config.ood_quantile)
+    ood = {"method": "mahalanobis distance of pooled backbone features (Ledoit-Wolf covariance of the training split)",
+           "cutoff": float(model.ood.cutoff), "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances"}  # fmt: skip
+
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         resolved = {**asdict(config), "data": str(Path(data).absolute())}
         write_json(tmp / "config.json", resolved)
@@ -209,7 +214,8 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
             model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
             metrics={"val": val_metrics},
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
-                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": "frozen backbone, head only"}},
+                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": "frozen backbone, head only"},
+                   "ood": ood},
         )  # fmt: skip
         save_checkpoint(tmp, model, description)
         write_json(tmp / "checkpoint.json", description)

@@ -1,0 +1,124 @@
+"""Benchmark: ONNX Runtime vs PyTorch eager, the OOD guard on real radiographs, and a web app load test.
+
+    python benchmarks/bench_deploy.py RUN [--data ../shared/data/chest_xray/test] [--requests 200] [--concurrency 8]
+
+RUN is a folder written by `pneumoscope train`. The load test starts `pneumoscope
+serve` on a free loopback port, sends a bounded number of uploads and stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rate(backend, batch: int, size: int, seconds: float = 6.0) -> float:
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    backend.run(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        backend.run(x)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_test(run: str, files: list[Path], n: int, concurrency: int) -> dict:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "-q", "serve", run, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
+        payloads = [(f.name, f.read_bytes()) for f in files]
+        with httpx.Client(timeout=60) as client:  # warm-up, then memory before
+            client.post(f"{base}/predict", files={"file": payloads[0]})
+        before = rss_mib(proc.pid)
+
+        def one(i: int):
+            name, data = payloads[i % len(payloads)]
+            t0 = time.perf_counter()
+            try:
+                with httpx.Client(timeout=60) as client:
+                    ok = client.post(f"{base}/predict", files={"file": (name, data)}).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            return time.perf_counter() - t0, ok
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(one, range(n)))
+        wall = time.perf_counter() - t0
+        after = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lat = np.array([r[0] for r in results]) * 1000
+    return {"requests": n, "concurrency": concurrency, "errors": int(sum(not r[1] for r in results)), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "p95_ms": round(float(np.percentile(lat, 95)), 1), "throughput_rps": round(n / wall, 2), "rss_before_mib": round(before), "rss_after_mib": round(after)}  # fmt: skip
+
+
+def main() -> None:
+    from pneumoscope.export import export_onnx
+    from pneumoscope.io import is_image_path
+    from pneumoscope.predict import Predictor
+    from pneumoscope.runtime import tune_cpu_allocator
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray" / "test"))
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    files = sorted(f for f in Path(args.data).rglob("*") if f.is_file() and is_image_path(f))
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": args.run}
+
+    onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
+    torch_pred = Predictor.from_checkpoint(args.run)
+    images = [torch_pred.read(f) for f in files]
+    record["parity"] = export_onnx(args.run, onnx_path, check_images=images[:64])
+    onnx_pred = Predictor.from_onnx(onnx_path, threads=os.cpu_count())
+    size = torch_pred.preprocessing.input_size
+    for name, pred in (("pytorch_eager", torch_pred), ("onnxruntime", onnx_pred)):
+        record[name] = {f"batch{b}_images_per_s": round(rate(pred.backend, b, size), 1) for b in (1, 32)}
+        print(json.dumps({name: record[name]}), flush=True)
+
+    dists = onnx_pred.run(images)[1]
+    flagged = int((dists > onnx_pred.ood_cutoff).sum())
+    record["ood_on_real"] = {"n": len(images), "flagged": flagged, "fraction": round(flagged / len(images), 4), "cutoff": onnx_pred.ood_cutoff}
+    record["load_test"] = load_test(args.run, files, args.requests, args.concurrency)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""One inference path: OOD guard, batch vs single, ONNX export and parity, the web app API."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from pneumoscope.cli import main
+from pneumoscope.predict import Predictor
+from tests.dicom_util import write_dicom
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run trained on ~200 real images: enough for a meaningful OOD guard."""
+    from tests.conftest import CHEST_XRAY
+
+    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
+        pytest.skip("real data not available")
+    out = tmp_path_factory.mktemp("deploy") / "run"
+    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(out), "--limit", "150", "--epochs", "20", "--patience", "5"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return Predictor.from_checkpoint(run)
+
+
+def _test_images(n_per_class=10):
+    from tests.conftest import CHEST_XRAY
+
+    return [f for c in ("NORMAL", "PNEUMONIA") for f in sorted((CHEST_XRAY / "test" / c).iterdir())[:n_per_class]]
+
+
+def test_batch_and_single_image_predictions_agree(predictor):
+    images = [predictor.read(p) for p in _test_images(4)]
+    batch, dist_b = predictor.run(images, batch_size=8)
+    single = [predictor.run([im])for im in images]
+    np.testing.assert_allclose(batch, [s[0][0] for s in single], atol=1e-5)
+    np.testing.assert_allclose(dist_b, [s[1][0] for s in single], rtol=1e-4)
+
+
+def test_ood_guard_flags_photos_noise_and_blank_but_not_radiographs(predictor):
+    rng = np.random.default_rng(0)
+    gray = lambda rgb: rgb.astype(np.float32).mean(axis=2) / 255  # noqa: E731
+    strangers = {
+        "cat": gray(skdata.chelsea()), "coffee": gray(skdata.coffee()), "astronaut": gray(skdata.astronaut()),
+        "noise": rng.uniform(size=(256, 256)).astype(np.float32), "blank": np.zeros((256, 256), np.float32),
+        "white": np.ones((256, 256), np.float32),
+    }  # fmt: skip
+    preds = predictor.predict_images(list(strangers.values()), list(strangers))
+    assert all(p.ood for p in preds), [(p.path, p.ood_distance) for p in preds]
+    xrays = predictor.predict_paths(_test_images(10))
+    assert sum(p.ood for p in xrays) <= 1  # the guard's cut-off is the 99th percentile on validation
+
+
+def test_prediction_carries_the_ood_flag_in_cli_output(run, tmp_path, capsys):
+    path = tmp_path / "cat.png"
+    Image.fromarray(skdata.chelsea()).save(path)
+    assert main(["-q", "predict", str(run), str(path), "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["ood"] is True and row["ood_distance"] > 0
+
+
+def test_dicom_predicts_like_the_same_picture(predictor, tmp_path):
+    src = _test_images(1)[0]
+    image = predictor.read(src)
+    stored = np.rint(image * 4095)
+    dcm = write_dicom(tmp_path / "x.dcm", stored, window=(2047.5, 4096))  # the full 12-bit range, no stretch
+    a, b = predictor.predict_paths([src, dcm])
+    assert abs(a.prob - b.prob) < 0.02
+
+
+def test_onnx_export_matches_pytorch(run, tmp_path, capsys, predictor):
+    out = tmp_path / "model.onnx"
+    images = [str(p) for p in _test_images(3)]
+    assert main(["-q", "export", str(run), "--out", str(out), "--check-images", *images]) == 0
+    assert "max |delta prob|" in capsys.readouterr().out
+    onnx_pred = Predictor.from_onnx(out)
+    assert onnx_pred.threshold == predictor.threshold and onnx_pred.preprocessing == predictor.preprocessing
+    decoded = [predictor.read(p) for p in _test_images(5)]
+    pa, da = predictor.run(decoded)
+    pb, db = onnx_pred.run(decoded)
+    assert np.max(np.abs(pa - pb)) <= 1e-4
+    np.testing.assert_allclose(da, db, rtol=1e-3)
+    # the CLI predicts from the .onnx as well
+    assert main(["-q", "predict", str(out), images[0], "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert abs(row["prob"] - float(pa[0])) <= 1e-4
+    # an existing file is not replaced silently
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 2
+
+
+# --------------------------------------------------------------------------- web app
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve import create_app
+
+    return TestClient(create_app(predictor, max_upload_bytes=300_000))
+
+
+def test_health_and_openapi(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["ood_guard"] is True
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_page_is_served_without_any_cdn(client):
+    html = client.get("/").text
+    assert "not a medical device" in html and 'id="opacity"' in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_predict_endpoint_returns_probability_flag_and_heatmap(client, predictor):
+    path = _test_images(1)[0]
+    res = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    expected = predictor.predict_paths([path])[0]
+    assert abs(body["prob"] - expected.prob) < 1e-6 and body["label"] == expected.label
+    assert body["threshold"] == predictor.threshold and body["ood"] is False
+    heat = Image.open(io.BytesIO(__import__("base64").b64decode(body["heatmap_png"])))
+    assert heat.size == (224, 224)
+
+
+def test_predict_accepts_dicom(client, predictor, tmp_path):
+    image = predictor.read(_test_images(1)[0])
+    dcm = write_dicom(tmp_path / "a.dcm", np.rint(image * 4095))
+    res = client.post("/predict", files={"file": ("a.dcm", dcm.read_bytes(), "application/dicom")})
+    assert res.status_code == 200 and res.json()["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[:2000]
+
+
+@pytest.mark.parametrize(
+    "payload,name,status",
+    [(b"x" * 400_000, "big.png", 413), (b"this is not an image", "notes.png", 415), (b"", "empty.jpeg", 422),
+     (_truncated_jpeg(), "cut.jpeg", 422)],
+)  # fmt: skip
+def test_bad_uploads_get_clear_errors(client, payload, name, status):
+    res = client.post("/predict", files={"file": (name, payload, "application/octet-stream")})
+    assert res.status_code == status, res.text
+    assert name in res.json()["detail"] or status == 413
+
+
+def test_concurrent_requests_are_served_safely(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = _test_images(4)
+    expected = {p.name: client.post("/predict", files={"file": (p.name, p.read_bytes())}).json()["prob"] for p in paths}
+
+    def one(p):
+        return p.name, client.post("/predict", files={"file": (p.name, p.read_bytes())}).json()["prob"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, paths * 3))
+    assert all(abs(prob - expected[name]) < 1e-6 for name, prob in results)

@@ -1,0 +1,81 @@
+"""DICOM input: pydicom's own test files and DICOMs written here from real images."""
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from pneumoscope.io import ImageReadError, read_image
+from tests.dicom_util import write_dicom
+
+
+@pytest.fixture
+def radiograph(real_data) -> np.ndarray:
+    return read_image(next((real_data / "test" / "PNEUMONIA").iterdir()))
+
+
+def test_pydicom_ct_applies_rescale_and_spans_unit_range():
+    arr = read_image(get_testdata_file("CT_small.dcm"))
+    assert arr.shape == (128, 128) and arr.dtype == np.float32
+    assert arr.min() == 0.0 and arr.max() == 1.0
+
+
+def test_pydicom_mr_uses_its_window():
+    arr = read_image(get_testdata_file("MR_small.dcm"))  # window 600 / 1600
+    assert arr.shape == (64, 64) and 0 <= arr.min() and arr.max() <= 1
+    assert arr.max() == 1.0 and arr.min() > 0.1  # windowed, not min-max stretched
+
+
+@pytest.mark.parametrize(
+    "name,reason",
+    [("rtplan.dcm", "no pixel data"), ("reportsi.dcm", "no pixel data"), ("rtdose.dcm", "15 frames"),
+     ("examples_rgb_color.dcm", "colour"), ("MR_truncated.dcm", "cannot be decoded")],
+)  # fmt: skip
+def test_unusable_dicoms_are_refused_with_the_reason(name, reason):
+    with pytest.raises(ImageReadError, match=reason):
+        read_image(get_testdata_file(name))
+
+
+def _stretched(x):
+    """Without a window, the full range of the image is shown (min -> black, max -> white)."""
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def test_monochrome2_12bit_decodes_to_the_same_picture(radiograph, tmp_path):
+    stored = np.rint(radiograph * 4095)
+    arr = read_image(write_dicom(tmp_path / "m2.dcm", stored))
+    np.testing.assert_allclose(arr, _stretched(radiograph), atol=2 / 4095)
+
+
+def test_monochrome1_is_inverted_back(radiograph, tmp_path):
+    stored = np.rint((1 - radiograph) * 4095)  # white stored as zero
+    arr = read_image(write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(arr, _stretched(radiograph), atol=2 / 4095)
+
+
+def test_rescale_and_window_give_the_same_picture(radiograph, tmp_path):
+    # stored 1000..3000 for the picture, rescaled to -1000..1000 "units", windowed over exactly that span
+    stored = np.rint(1000 + radiograph * 2000)
+    arr = read_image(write_dicom(tmp_path / "w.dcm", stored, rescale=(1, -2000), window=(0, 2001)))
+    np.testing.assert_allclose(arr, radiograph, atol=2e-3)
+    # a narrower window clips: everything above the window is white
+    narrow = read_image(write_dicom(tmp_path / "n.dcm", stored, rescale=(1, -2000), window=(-500, 1001)))
+    assert (narrow[radiograph > 0.5] == 1.0).all()
+
+
+def test_voi_lut_sequence_is_applied(radiograph, tmp_path):
+    stored = np.rint(radiograph * 4095)
+    lut = 65535 - np.arange(4096) * 16  # an inverting LUT: bright stored -> dark shown
+    arr = read_image(write_dicom(tmp_path / "lut.dcm", stored, voi_lut=lut))
+    np.testing.assert_allclose(arr, 1 - radiograph, atol=2e-3)
+
+
+def test_multiframe_written_here_is_refused(tmp_path):
+    with pytest.raises(ImageReadError, match="2 frames"):
+        read_image(write_dicom(tmp_path / "mf.dcm", np.zeros((8, 8)), frames=2))
+
+
+def test_dicom_without_extension_is_recognised(radiograph, tmp_path):
+    path = write_dicom(tmp_path / "m2.dcm", np.rint(radiograph * 4095))
+    plain = tmp_path / "IMG0001"
+    plain.write_bytes(path.read_bytes())
+    np.testing.assert_allclose(read_image(plain), read_image(path))
