@@ -79,12 +79,16 @@ def load_test(run: str, files: list[Path], n: int, concurrency: int) -> dict:
             results = list(pool.map(one, range(n)))
         wall = time.perf_counter() - t0
         after = rss_mib(proc.pid)
+        with ThreadPoolExecutor(concurrency) as pool:  # a second round: does memory keep growing?
+            second = list(pool.map(one, range(n)))
+        after_second = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     lat = np.array([r[0] for r in results]) * 1000
     return {"requests": n, "concurrency": concurrency, "errors": int(sum(not r[1] for r in results)), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p95_ms": round(float(np.percentile(lat, 95)), 1), "throughput_rps": round(n / wall, 2), "rss_before_mib": round(before), "rss_after_mib": round(after)}  # fmt: skip
+            "p95_ms": round(float(np.percentile(lat, 95)), 1), "throughput_rps": round(n / wall, 2), "rss_before_mib": round(before), "rss_after_mib": round(after),
+            "rss_after_second_round_mib": round(after_second), "errors_second_round": int(sum(not r[1] for r in second))}  # fmt: skip
 
 
 def main() -> None:
@@ -98,8 +102,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray" / "test"))
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--load-test-only", action="store_true")
     args = parser.parse_args()
     tune_cpu_allocator()
+    if args.load_test_only:
+        files = sorted(f for f in Path(args.data).rglob("*") if f.is_file() and is_image_path(f))
+        print(json.dumps(load_test(args.run, files, args.requests, args.concurrency), indent=2))
+        return
     files = sorted(f for f in Path(args.data).rglob("*") if f.is_file() and is_image_path(f))
     record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": args.run}
 

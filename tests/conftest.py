@@ -71,3 +71,14 @@ def make_npz(path: Path, counts=(("train", 24), ("val", 8), ("test", 8)), seed: 
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
     np.savez(path, **arrays)
     return arrays
+
+
+def train_real_run(tmp_path_factory, name: str, *args: str) -> Path:
+    """A run trained through the CLI on a capped subset of the real data (skips where absent)."""
+    from pneumoscope.cli import main
+
+    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
+        pytest.skip(f"real data not found at {CHEST_XRAY}")
+    run = tmp_path_factory.mktemp(name) / "run"
+    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(run), *args]) == 0
+    return run

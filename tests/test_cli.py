@@ -14,13 +14,9 @@ from pneumoscope.cli import main
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from tests.conftest import CHEST_XRAY
+    from tests.conftest import train_real_run
 
-    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
-        pytest.skip("real data not available")
-    run = tmp_path_factory.mktemp("e2e") / "run"
-    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(run), "--limit", "40", "--epochs", "30", "--patience", "5"]) == 0
-    return run
+    return train_real_run(tmp_path_factory, "e2e", "--limit", "40", "--epochs", "30", "--patience", "5")
 
 
 def test_train_writes_a_complete_run(trained_run):

@@ -16,14 +16,10 @@ from tests.dicom_util import write_dicom
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A run trained on ~200 real images: enough for a meaningful OOD guard."""
-    from tests.conftest import CHEST_XRAY
+    """A run trained on ~300 real images: enough for a meaningful OOD guard."""
+    from tests.conftest import train_real_run
 
-    if not (CHEST_XRAY / "MANIFEST.csv").is_file():
-        pytest.skip("real data not available")
-    out = tmp_path_factory.mktemp("deploy") / "run"
-    assert main(["-q", "train", str(CHEST_XRAY), "--out", str(out), "--limit", "150", "--epochs", "20", "--patience", "5"]) == 0
-    return out
+    return train_real_run(tmp_path_factory, "deploy", "--limit", "150", "--epochs", "20", "--patience", "5")
 
 
 @pytest.fixture(scope="module")

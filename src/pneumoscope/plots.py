@@ -57,14 +57,18 @@ def plot_roc(curve: dict, path, *, auc: float | None, operating_point: tuple[flo
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     ax.plot(curve["fpr"], curve["tpr"], label=f"ROC (AUC {auc:.3f})" if auc is not None else "ROC")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    _finish_unit_axes(ax, operating_point, "1 - specificity", "sensitivity", "lower right")
+    _save(fig, path)
+
+
+def _finish_unit_axes(ax, operating_point, xlabel: str, ylabel: str, legend_loc: str) -> None:
     if operating_point is not None:
         ax.plot(*operating_point, "o", color="crimson", label="operating point")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
-    ax.legend(loc="lower right")
-    _save(fig, path)
+    ax.legend(loc=legend_loc)
 
 
 def plot_image_grid(images: list[np.ndarray], titles: list[str], path, *, cols: int = 4) -> None:
@@ -109,13 +113,7 @@ def plot_pr(precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     ax.plot(recall, precision, label=f"PR (AP {ap:.3f})" if ap is not None else "PR")
     ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"prevalence {prevalence:.2f}")
-    if operating_point is not None:
-        ax.plot(*operating_point, "o", color="crimson", label="operating point")
-    ax.set_xlabel("sensitivity (recall)")
-    ax.set_ylabel("PPV (precision)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.legend(loc="lower left")
+    _finish_unit_axes(ax, operating_point, "sensitivity (recall)", "PPV (precision)", "lower left")
     _save(fig, path)
 
 
