@@ -14,20 +14,33 @@ logger = logging.getLogger("pneumoscope")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .models import BACKBONES, DEFAULT_BACKBONE
+    """Training options. Defaults come from TrainConfig, then --config YAML, then these flags, then --set."""
+    from .models import BACKBONES
 
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
-    p.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"], help="ImageNet weights or random initialisation")
-    p.add_argument("--weights", help="local state dict (.pth/.safetensors, timm key names) for the backbone")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--patience", type=int, default=10, help="early stopping on val loss")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="head training batch size")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train patients held out for validation")
-    p.add_argument("--limit", type=int, help="at most N images per split (quick runs)")
-    p.add_argument("--workers", type=int, default=1, help="image decoding worker processes")
-    p.add_argument("--cache-dir", help="feature cache (default: $PNEUMOSCOPE_CACHE or the user cache dir)")
-    _add_policy_args(p)
+    S = argparse.SUPPRESS
+    p.add_argument("--config", help="YAML file of training settings (TrainConfig field names)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set finetune_lr=3e-5")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default=S, help="default efficientnet_lite0")
+    p.add_argument("--pretrained", choices=["imagenet", "none"], default=S, help="ImageNet weights or random initialisation")
+    p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
+    p.add_argument("--epochs", type=int, default=S, help="head epochs (default 100)")
+    p.add_argument("--patience", type=int, default=S, help="early stopping on val loss (default 10)")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--batch-size", type=int, default=S, help="head training batch size (default 64)")
+    p.add_argument("--val-fraction", type=float, default=S, help="share of train patients held out for validation (default 0.1)")
+    p.add_argument("--limit", type=int, default=S, help="at most N images per split (quick runs)")
+    p.add_argument("--workers", dest="num_workers", type=int, default=S, help="image decoding worker processes (default 1)")
+    p.add_argument("--cache-dir", default=S, help="feature and image cache (default: $PNEUMOSCOPE_CACHE or the user cache dir)")
+    p.add_argument("--finetune-epochs", type=int, default=S, help="stage 2: fine-tune the backbone for up to N epochs (default 0: off)")
+    p.add_argument("--unfreeze", choices=["top", "all"], default=S, help="stage 2: the top layers (default) or the whole backbone")
+    p.add_argument("--finetune-lr", type=float, default=S, help="stage 2 AdamW learning rate for the backbone (head 10x; default 1e-4)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="stage 2 without augmentation")
+    p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
+    p.add_argument("--num-nodes", type=int, default=S)
+    p.add_argument("--accelerator", default=S, help="stage 2: auto, cpu, gpu")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-sensitivity", type=float, default=S, help="threshold: the highest reaching this sensitivity (default: Youden's J)")
+    g.add_argument("--target-specificity", type=float, default=S, help="threshold: the lowest reaching this specificity")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -37,22 +50,29 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _policy(args) -> tuple[str, float | None]:
-    if args.target_sensitivity is not None:
+    if getattr(args, "target_sensitivity", None) is not None:
         return "sensitivity", args.target_sensitivity
-    if args.target_specificity is not None:
+    if getattr(args, "target_specificity", None) is not None:
         return "specificity", args.target_specificity
     return "youden", None
 
 
 def _config(args):
-    from .train import TrainConfig
+    from .train import load_train_config
 
-    return TrainConfig(
-        backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, epochs=args.epochs, patience=args.patience,
-        seed=args.seed, batch_size=args.batch_size, val_fraction=args.val_fraction, limit=args.limit,
-        num_workers=args.workers, cache_dir=args.cache_dir,
-        threshold_policy=_policy(args)[0], threshold_target=_policy(args)[1],
-    )  # fmt: skip
+    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
+    if "devices" in flags and str(flags["devices"]).isdigit():
+        flags["devices"] = int(flags["devices"])
+    policy, target = _policy(args)
+    if policy != "youden":
+        flags.update(threshold_policy=policy, threshold_target=target)
+    return load_train_config(args.config, flags, args.set)
+
+
+_TRAIN_FIELDS = {
+    "backbone", "pretrained", "weights", "epochs", "patience", "seed", "batch_size", "val_fraction", "limit", "num_workers", "cache_dir",
+    "finetune_epochs", "unfreeze", "finetune_lr", "augment", "devices", "num_nodes", "accelerator",
+}  # fmt: skip
 
 
 def cmd_inspect(args) -> int:
@@ -99,8 +119,9 @@ def format_summary(s: dict) -> str:
 def cmd_train(args) -> int:
     from .train import train_run
 
-    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite)
-    print(f"run written to {out}")
+    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume)
+    if out is not None:
+        print(f"run written to {out}")
     return 0
 
 
@@ -220,8 +241,9 @@ def cmd_demo(args) -> int:
 
     data = args.data or os.environ.get("PNEUMOSCOPE_DATA") or fetch_pneumoniamnist()
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = train_run(data, out / "run", _config(args), overwrite=False)
-    _, result = evaluate_run(run, data, out / "eval", split="test", limit=args.limit, cache_dir=args.cache_dir)
+    config = _config(args)
+    run = train_run(data, out / "run", config, overwrite=False)
+    _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir)
     wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
     right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
     if load_dataset(data).layout != "npz":
@@ -251,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--resume", action="store_true", help="continue a fine-tuning run that was killed")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 

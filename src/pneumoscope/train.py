@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from .checkpoint import describe, save_checkpoint
 from .features import extract_features
 from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature
 from .models import DEFAULT_BACKBONE, Head, MahalanobisGuard, create_model
-from .outputs import atomic_output_dir, check_output_dir, write_csv, write_json
+from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ class TrainConfig:
     threshold_policy: str = "youden"  # or "sensitivity" / "specificity" with threshold_target
     threshold_target: float | None = None
     ood_quantile: float = 0.99
+    # stage 2: fine-tuning (0 epochs: the frozen-backbone model of stage 1)
+    finetune_epochs: int = 0
+    unfreeze: str = "top"
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 32
+    finetune_patience: int = 3
+    augment: bool = True
+    devices: int | str = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
     feature_batch_size: int = 32
     num_workers: int = 1
     cache_dir: str | None = None
@@ -57,6 +68,46 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def load_train_config(path: str | os.PathLike | None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from defaults, then a YAML file, then explicit flags, then ``key=value`` overrides."""
+    import dataclasses
+
+    import yaml
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values: dict = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(flags or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = yaml.safe_load(raw)  # YAML typing: 3e-5, true, null, [0.9, 1.1]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}; known: {sorted(fields)}")
+    return TrainConfig(**{k: _coerce(k, str(fields[k].type), v) for k, v in values.items()})
+
+
+def _coerce(key: str, annotation: str, value):
+    """Numbers written as YAML 1.1 strings ('3e-5') become the field's type; anything else must fit it."""
+    if value is None or isinstance(value, bool) or not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        if kind.__name__ in annotation.split(" | "):
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    if "str" in annotation.split(" | "):
+        return value
+    raise ValueError(f"setting {key} must be {annotation}, got {value!r}")
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:
@@ -162,9 +213,28 @@ def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data
     return records
 
 
-def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """The ``pneumoscope train`` command. Returns the run folder."""
-    check_output_dir(out, overwrite)
+def work_dir_for(out: str | os.PathLike) -> Path:
+    """Where fine-tuning keeps its resumable state until the run is complete."""
+    out = Path(out).absolute()
+    return out.with_name(f".{out.name}.work")
+
+
+def _is_launched_rank() -> bool:
+    """True in the extra processes a distributed launcher starts (they only join the fit)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
+def train_run(
+    data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True
+) -> Path | None:
+    """The ``pneumoscope train`` command. Returns the run folder (None in non-zero distributed ranks)."""
+    work = work_dir_for(out)
+    if not _is_launched_rank():
+        check_output_dir(out, overwrite)
+        if config.finetune_epochs and work.exists() and not resume:
+            if not overwrite:
+                raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
+            shutil.rmtree(work)
     t0 = time.perf_counter()
     dataset = data_mod.load_dataset(data)
     records = prepare_records(dataset, config)
@@ -194,6 +264,16 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
         epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
         lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, progress=progress,
     )  # fmt: skip
+    stage = "frozen backbone, head only"
+    finetune_history: list[dict] = []
+    if config.finetune_epochs:
+        finetune_history = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress)
+        if finetune_history is None:
+            return None  # a launched rank: rank 0 writes the run
+        stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
+        # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
+        feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
+                                 num_workers=config.num_workers, progress=progress)  # fmt: skip
     val_logits = head_logits(model.head, feats.features[va])
     temperature = fit_temperature(val_logits, y[va])
     val_prob = 1 / (1 + np.exp(-val_logits / temperature))
@@ -214,7 +294,7 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
             model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
             metrics={"val": val_metrics},
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
-                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": "frozen backbone, head only"},
+                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage},
                    "ood": ood},
         )  # fmt: skip
         save_checkpoint(tmp, model, description)
@@ -222,6 +302,9 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
         write_json(tmp / "metrics.json", val_metrics)
         write_csv(tmp / "history.csv", list(history[0]), [list(h.values()) for h in history])
         plot_history(history, tmp / "history.png", best_epoch=best_epoch)
+        if finetune_history:
+            keys = ["epoch", "train_loss", "val_loss", "val_auc"]
+            write_csv(tmp / "finetune_history.csv", keys, [[h.get(k) for k in keys] for h in finetune_history])
         used = {id(r) for r in feats.records}
         write_csv(
             tmp / "splits.csv",
@@ -234,10 +317,49 @@ def train_run(data: str | os.PathLike, out: str | os.PathLike, config: TrainConf
         summary["leakage"] = leakage
         write_json(tmp / "data_summary.json", summary)
         _sample_grid(dataset, feats.records, tmp / "samples.png", seed=config.seed)
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)  # the run is complete: nothing left to resume
     logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
     if problems:
         logger.warning("%d images were skipped; see %s", len(problems), Path(out) / "skipped.csv")
     return Path(out)
+
+
+def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool) -> list[dict] | None:
+    """Stage 2 on cached uint8 images; returns the fine-tuning history, or None in a launched rank."""
+    from .augment import Augment, AugmentConfig
+    from .features import default_cache_dir
+    from .finetune import ArrayDataset, FinetuneConfig, finetune
+    from .imagecache import build_image_array
+
+    size = model.preprocessing.input_size
+    arr = build_image_array(dataset, records, size, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
+    if len(arr.records) != len(records):
+        raise RuntimeError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
+    split = np.array([r.split for r in arr.records])
+    y = np.array([r.label for r in arr.records])
+    tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    augment = Augment(AugmentConfig()) if config.augment else None
+    train_set = ArrayDataset(_Rows(arr.images, tr), y[tr], model.preprocessing, augment, seed=config.seed)
+    val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
+    ft = FinetuneConfig(epochs=config.finetune_epochs, unfreeze=config.unfreeze, lr=config.finetune_lr, batch_size=config.finetune_batch_size,
+                        patience=config.finetune_patience, devices=config.devices, num_nodes=config.num_nodes, accelerator=config.accelerator,
+                        num_workers=config.num_workers, seed=config.seed)  # fmt: skip
+    history, is_zero = finetune(model, train_set, val_set, ft, work, resume=resume, progress=progress)
+    return history if is_zero else None
+
+
+class _Rows:
+    """A view of selected rows of a (memory-mapped) array, without copying them."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.array[self.rows[i]]
 
 
 def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path: Path, *, seed: int, n: int = 8) -> None:

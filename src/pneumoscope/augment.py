@@ -1,0 +1,81 @@
+"""Augmentation for radiographs, on one grayscale image at a time (in DataLoader workers).
+
+Small rotations, scale and translation; brightness, contrast and gamma; blur and
+noise; JPEG re-encoding (the test images were re-saved as JPEG). Horizontal flips
+are off by default: the heart's side is anatomy, and a flipped film is not a
+plausible input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_deg: float = 7.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.15
+    gamma: tuple[float, float] = (0.8, 1.25)
+    blur_p: float = 0.2
+    noise_p: float = 0.2
+    noise_std: float = 0.02
+    jpeg_p: float = 0.3
+    jpeg_quality: tuple[int, int] = (50, 95)
+    hflip_p: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Augment:
+    """uint8 (1, S, S) tensor -> float32 (1, S, S) in [0, 1], randomly perturbed."""
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.config
+        size = img.shape[-1]
+
+        def chance(p: float) -> bool:
+            return p > 0 and float(torch.rand((), generator=generator)) < p
+
+        def uniform(lo: float, hi: float) -> float:
+            return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+        if chance(c.jpeg_p):
+            img = _jpeg(img, round(uniform(*c.jpeg_quality)))
+        shift = [round(uniform(-c.translate, c.translate) * size), round(uniform(-c.translate, c.translate) * size)]
+        # fill with the image's mean grey: black wedges at the border would be a new shortcut
+        img = F.affine(img, angle=uniform(-c.rotation_deg, c.rotation_deg), translate=shift, scale=uniform(*c.scale), shear=[0.0, 0.0],
+                       interpolation=v2.InterpolationMode.BILINEAR, fill=[float(img.float().mean())])  # fmt: skip
+        x = img.float() / 255.0
+        if chance(c.hflip_p):
+            x = torch.flip(x, dims=(-1,))
+        mean = x.mean()
+        x = (x - mean) * uniform(1 - c.contrast, 1 + c.contrast) + mean + uniform(-c.brightness, c.brightness)
+        x = x.clamp(0, 1) ** uniform(*c.gamma)
+        if chance(c.blur_p):
+            x = F.gaussian_blur(x, kernel_size=5, sigma=uniform(0.3, 1.2))
+        if chance(c.noise_p):
+            x = x + c.noise_std * torch.randn(x.shape, generator=generator)
+        return x.clamp(0, 1)
+
+
+def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """Re-encode a uint8 (1, S, S) image as JPEG at ``quality`` and decode it again."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img[0].numpy()).save(buf, format="JPEG", quality=int(quality))
+    return torch.from_numpy(np.array(Image.open(buf).convert("L")))[None]

@@ -1,0 +1,213 @@
+"""Stage 2: fine-tune the backbone with PyTorch Lightning (AdamW, warm-up + cosine, early stopping).
+
+Lightning's Trainer is the engine: EarlyStopping on validation ROC-AUC,
+ModelCheckpoint (best and last, written atomically), a CSV logger, its progress
+bar, and data parallel training over devices and nodes (``strategy="ddp"``:
+NCCL on GPUs, gloo on CPUs; or launched by torchrun).
+
+BatchNorm: the layers that stay frozen are kept in eval mode, so their running
+statistics stay the ImageNet ones; the unfrozen top layers update theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from .augment import Augment, AugmentConfig
+from .models import PneumoniaClassifier, get_spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 0  # 0: no fine-tuning (the frozen-backbone model of stage 1)
+    unfreeze: str = "top"  # "top": the registry's top layers; "all": the whole backbone
+    lr: float = 1e-4  # backbone; the head gets 10x
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    batch_size: int = 32
+    patience: int = 3  # epochs without a better validation AUC
+    augment: bool = True
+    devices: int | str = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+
+
+class ArrayDataset(TorchDataset):
+    """Rows of a uint8 (N, S, S) array -> normalised (C, S, S) tensors, augmented when training."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing, augment: Augment | None, seed: int = 0):
+        self.images, self.labels = images, labels.astype(np.float32)
+        self.mean = torch.tensor(preprocessing.mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(preprocessing.std, dtype=torch.float32)[:, None, None]
+        self.chans, self.augment, self.seed, self.epoch = preprocessing.in_chans, augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(np.array(self.images[i]))[None]  # (1, S, S) uint8, copied out of the memmap
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            x = self.augment(img, g)
+        else:
+            x = img.float() / 255.0
+        return (x.expand(self.chans, -1, -1) - self.mean) / self.std, self.labels[i]
+
+
+def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.Module]:
+    """The backbone modules that stay frozen (requires_grad off, eval mode)."""
+    if unfreeze == "all":
+        return []
+    if unfreeze != "top":
+        raise ValueError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
+    top = {id(m) for name in get_spec(model.backbone_name).top_layers for m in model.backbone.get_submodule(name).modules()}
+    def owns_state(m) -> bool:  # holds weights or BatchNorm statistics itself
+        return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+
+    return [m for m in model.backbone.modules() if id(m) not in top and owns_state(m)]
+
+
+class FineTuner(L.LightningModule):
+    def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, pos_weight: float, total_steps: int):
+        super().__init__()
+        self.model, self.config, self.total_steps = model, config, max(1, total_steps)
+        self.frozen = frozen_modules(model, config.unfreeze)
+        for m in self.frozen:
+            m.requires_grad_(False)
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        self._val_logits, self._val_labels = [], []
+
+    def on_train_epoch_start(self) -> None:
+        for m in self.frozen:
+            m.eval()  # keep ImageNet BatchNorm statistics in the frozen part
+        loader = self.trainer.train_dataloader
+        if loader is not None and hasattr(loader.dataset, "epoch"):
+            loader.dataset.epoch = self.current_epoch
+
+    def forward(self, x):
+        return self.model(x)[:, 0]
+
+    def training_step(self, batch, _):
+        x, y = batch
+        logits = self(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", torch.nn.functional.binary_cross_entropy_with_logits(logits, y), prog_bar=True, sync_dist=True)
+        self._val_logits.append(logits.detach().float())
+        self._val_labels.append(y.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        from sklearn.metrics import roc_auc_score
+
+        logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1).cpu().numpy()
+        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
+        self._val_logits, self._val_labels = [], []
+        auc = roc_auc_score(labels, logits) if len(np.unique(labels)) == 2 else 0.5
+        self.log("val_auc", float(auc), prog_bar=True, sync_dist=True)  # the same on every rank: computed from gathered outputs
+
+    def configure_optimizers(self):
+        head = list(self.model.head.parameters())
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": backbone, "lr": self.config.lr}, {"params": head, "lr": 10 * self.config.lr}],
+                                weight_decay=self.config.weight_decay)  # fmt: skip
+        warmup = max(1, int(self.config.warmup_fraction * self.total_steps))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, self.total_steps - warmup))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the previous checkpoint whole."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def finetune(
+    model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
+    resume: bool = False, progress: bool = True,
+) -> tuple[list[dict], bool]:  # fmt: skip
+    """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
+
+    Returns (per-epoch history, is_global_zero). Checkpoints live in ``work_dir``
+    (``last.ckpt`` to resume, ``best.ckpt``).
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    work_dir = Path(work_dir)
+    cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    y = train.labels
+    pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
+    steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
+    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs)
+    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_auc", mode="max", save_last=True, save_top_k=1)
+    trainer = L.Trainer(
+        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
+        precision="16-mixed" if cuda else "32-true", callbacks=[best, EarlyStopping("val_auc", mode="max", patience=config.patience)],
+        logger=CSVLogger(work_dir, name="logs", version=0), enable_progress_bar=progress, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
+    )  # fmt: skip
+    loader_kw = {"batch_size": config.batch_size, "num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
+    ckpt = work_dir / "last.ckpt"
+    if resume and not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: nothing to resume from. Start without --resume.")
+    trainer.fit(
+        module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
+        ckpt_path=str(ckpt) if resume else None,
+    )  # fmt: skip
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    model.to(memory_format=torch.contiguous_format).cpu().eval()
+    history = _read_history(work_dir / "logs" / "version_0" / "metrics.csv")
+    return history, trainer.is_global_zero
+
+
+def _read_history(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    for r in csv.DictReader(open(path)):
+        epoch = int(r["epoch"]) + 1
+        row = rows.setdefault(epoch, {"epoch": epoch})
+        for key in ("train_loss", "val_loss", "val_auc"):
+            if r.get(key):
+                row[key] = float(r[key])
+    return [rows[e] for e in sorted(rows)]

@@ -1,0 +1,143 @@
+"""Stage 2 (issue 3): image cache, augmentation, Lightning fine-tuning, DDP on CPU, resume after kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscope import data as D
+from pneumoscope.augment import Augment, AugmentConfig
+from pneumoscope.finetune import AtomicCheckpointIO, frozen_modules
+from pneumoscope.imagecache import build_image_array
+from pneumoscope.models import create_model
+from pneumoscope.train import load_train_config
+from tests.conftest import make_kaggle_tree
+
+
+def test_image_cache_is_built_once_and_memory_mapped(kaggle_tree, tmp_path):
+    ds = D.scan(D.load_dataset(kaggle_tree))
+    bad = D.Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
+    (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
+    records = ds.records[:10] + [bad]
+    first = build_image_array(ds, records, 64, tmp_path, num_workers=0, progress=False)
+    assert isinstance(first.images, np.memmap) and first.images.shape == (10, 64, 64) and first.images.dtype == np.uint8
+    assert [p for p, _ in first.problems] == [ds.display(bad)] and first.records == records[:10]
+    again = build_image_array(ds, records, 64, tmp_path, num_workers=0, progress=False)
+    assert np.array_equal(np.asarray(first.images), np.asarray(again.images)) and again.records == first.records
+    assert len(list((tmp_path / "images").glob("*.npy"))) == 1
+    direct = D.DirReader(kaggle_tree).read_image(records[3].ref)
+    from pneumoscope.io import resize_image
+
+    assert np.abs(first.images[3] / 255.0 - resize_image(direct, 64)).max() < 1 / 255 + 1e-6
+
+
+def test_augmentation_keeps_range_and_is_seeded():
+    aug = Augment(AugmentConfig())
+    img = torch.from_numpy((np.random.default_rng(0).uniform(size=(1, 96, 96)) * 255).astype(np.uint8))
+    a = aug(img, torch.Generator().manual_seed(3))
+    b = aug(img, torch.Generator().manual_seed(3))
+    c = aug(img, torch.Generator().manual_seed(4))
+    assert a.shape == (1, 96, 96) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert AugmentConfig().hflip_p == 0.0  # the heart's side is anatomy
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_unfreezing_keeps_frozen_batchnorm_statistics():
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8)
+    frozen = {id(m) for m in frozen_modules(model, "top")}
+    b = model.backbone
+    assert id(b.conv_stem) in frozen and id(b.blocks[5][0].bn1) in frozen
+    assert id(b.blocks[6][0].conv_pw) not in frozen and id(b.conv_head) not in frozen and id(b.bn2) not in frozen
+    assert frozen_modules(model, "all") == []
+    with pytest.raises(ValueError, match="'top' or 'all'"):
+        frozen_modules(model, "some")
+
+
+def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_yaml_config_then_flags_then_set(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("finetune_epochs: 3\nfinetune_lr: 1.0e-4\nseed: 5\n")
+    c = load_train_config(cfg, {"seed": 7}, ["finetune_lr=3e-5", "augment=false", "unfreeze=all"])
+    assert (c.finetune_epochs, c.seed, c.finetune_lr, c.augment, c.unfreeze) == (3, 7, 3e-5, False, "all")
+    with pytest.raises(ValueError, match="unknown training settings"):
+        load_train_config(None, {}, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_train_config(None, {}, ["seed"])
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "pneumoscope", "-q", *args]
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    return make_kaggle_tree(tmp_path / "data", n_patients=10)
+
+
+COMMON = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--accelerator", "cpu", "--workers", "0"]
+
+
+def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
+    from pneumoscope.cli import main
+    import json
+
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--unfreeze", "all"]) == 0
+    desc = json.loads((run / "checkpoint.json").read_text())
+    assert "fine-tuned" in desc["training"]["stage"]
+    history = (run / "finetune_history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,val_loss,val_auc" and len(history) == 3
+    assert not (tmp_path / ".run.work").exists()  # resumable state is removed once the run is complete
+
+
+def test_ddp_with_two_cpu_processes(small_tree, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(_cli("train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--devices", "2"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr and "distributed_backend=gloo" in proc.stderr
+    assert (run / "model.safetensors").is_file() and len((run / "finetune_history.csv").read_text().splitlines()) == 3
+
+
+def test_resume_after_kill_9(small_tree, tmp_path):
+    run, work = tmp_path / "run", tmp_path / ".run.work"
+    args = ["train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "6", "--set", "finetune_patience=100"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not (work / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (work / "last.ckpt").exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    time.sleep(1.0)  # let it get into the next epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not run.exists()  # nothing half-written where the run should be
+    # without --resume the leftover state is not silently discarded
+    refused = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    done = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in done.stderr
+    history = (run / "finetune_history.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in history][-1] == 6
+    assert not work.exists()
