@@ -141,3 +141,19 @@ def test_resume_after_kill_9(small_tree, tmp_path):
     history = (run / "finetune_history.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in history][-1] == 6
     assert not work.exists()
+
+
+def test_seeds_train_several_runs_and_report_mean_and_sd(small_tree, tmp_path, capsys):
+    import json
+
+    from pneumoscope.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["-q", "train", str(small_tree), "--out", str(out), "--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3",
+                 "--seeds", "0", "1"]) == 0  # fmt: skip
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and {"mean", "sd"} <= set(summary["val"]["roc_auc"])
+    assert (out / "seed-0" / "model.safetensors").is_file() and (out / "seed-1" / "model.safetensors").is_file()
+    a = json.loads((out / "seed-0" / "config.json").read_text())["seed"]
+    b = json.loads((out / "seed-1" / "config.json").read_text())["seed"]
+    assert (a, b) == (0, 1) and "± " in capsys.readouterr().out

@@ -119,6 +119,15 @@ def format_summary(s: dict) -> str:
 def cmd_train(args) -> int:
     from .train import train_run
 
+    if args.seeds:
+        from .train import train_seeds
+
+        summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume)
+        if summary is not None:
+            for key, stats in summary["val"].items():
+                print(f"val {key}: {stats['mean']:.4f} ± {stats['sd']:.4f} over seeds {args.seeds}")
+            print(f"runs written to {args.out}/seed-*")
+        return 0
     out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume)
     if out is not None:
         print(f"run written to {out}")
@@ -274,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--resume", action="store_true", help="continue a fine-tuning run that was killed")
+    p.add_argument("--seeds", type=int, nargs="+", help="train one run per seed into OUT/seed-N and report mean ± sd")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -7,6 +7,8 @@ whole command: data -> split -> features -> head -> threshold -> run folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -370,3 +372,21 @@ def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path
         picks += [rows[i] for i in rng.permutation(len(rows))[: n // 2]]
     images = [dataset.reader.read_image(r.ref, draft_size=256) for r in picks]
     plot_image_grid(images, [f"{data_mod.CLASS_NAMES[r.label]}\n{r.patient_id}" for r in picks], path)
+
+
+def train_seeds(
+    data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, seeds: list[int], *, overwrite: bool = False, resume: bool = False
+) -> dict | None:
+    """One run per seed in ``out/seed-N``; ``out/seeds.json`` holds mean and sd of the validation metrics."""
+    out = Path(out)
+    metrics = []
+    for seed in seeds:
+        run = train_run(data, out / f"seed-{seed}", dataclasses.replace(config, seed=seed), overwrite=overwrite, resume=resume)
+        if run is None:
+            return None  # a launched distributed rank
+        metrics.append(json.loads((run / "metrics.json").read_text()))
+    keys = ["roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy"]
+    summary = {"seeds": list(seeds), "val": {k: {"mean": float(np.mean([m[k] for m in metrics])), "sd": float(np.std([m[k] for m in metrics], ddof=1))
+                                                 if len(metrics) > 1 else 0.0} for k in keys}}  # fmt: skip
+    write_json(out / "seeds.json", summary)
+    return summary
