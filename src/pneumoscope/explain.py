@@ -173,12 +173,15 @@ def shortcut_probs(predictor: Predictor, images: list[np.ndarray]) -> dict[str, 
     }
 
 
-def check_batch(predictor: Predictor, images: list[np.ndarray], method: str, *, randomized=None, n_random: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
-    """Per-image CAMs and check scores for a batch of decoded images."""
+def check_batch(
+    predictor: Predictor, images: list[np.ndarray], method: str, *, targets: list[int] | None = None, randomized=None, n_random: int = 3, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Per-image CAMs and check scores for a batch of decoded images (targets: the predicted classes by default)."""
     model = predictor.model
     x = torch.cat([predictor.preprocess(im) for im in images])
     probs = predictor.predict_proba(images)
-    targets = [int(p >= predictor.threshold) for p in probs]
+    if targets is None:
+        targets = [int(p >= predictor.threshold) for p in probs]
     cams = compute_cam(model, x, targets, method)
     out: dict[str, np.ndarray] = {"cams": cams, "prob": probs, "target": np.array(targets)}
     out["road_most"] = compute_road(model, x, cams, targets, most_relevant=True)
@@ -278,8 +281,8 @@ def explain_images(
             else:
                 classes = [predictor.class_names.index(target.upper())] * len(images)
             if checks:
-                scores = check_batch(predictor, images, method, randomized=randomized, seed=start)
-                cams = scores["cams"] if target == "predicted" else compute_cam(predictor.model, torch.cat([predictor.preprocess(i) for i in images]), classes, method)
+                scores = check_batch(predictor, images, method, targets=classes, randomized=randomized, seed=start)
+                cams = scores["cams"]
             else:
                 scores = None
                 cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(i) for i in images]), classes, method)

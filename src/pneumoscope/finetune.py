@@ -191,6 +191,7 @@ def finetune(
         ckpt_path=str(ckpt) if resume else None,
     )  # fmt: skip
     if best.best_model_path:
+        # this run's own Lightning checkpoint (optimizer and loop state need full unpickling); never a user-supplied file
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format).cpu().eval()
