@@ -45,6 +45,7 @@ class FinetuneConfig:
     accelerator: str = "auto"
     num_workers: int = 2
     seed: int = 0
+    precision: str = "auto"  # auto: 16-mixed on CUDA, 32-true on CPU; any Lightning precision, e.g. bf16-mixed
 
 
 class ArrayDataset(TorchDataset):
@@ -178,7 +179,7 @@ def finetune(
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
-        precision="16-mixed" if cuda else "32-true", callbacks=[best, EarlyStopping("val_auc", mode="max", patience=config.patience)],
+        precision=config.precision if config.precision != "auto" else ("16-mixed" if cuda else "32-true"), callbacks=[best, EarlyStopping("val_auc", mode="max", patience=config.patience)],
         logger=CSVLogger(work_dir, name="logs", version=0), enable_progress_bar=progress, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip

@@ -59,6 +59,7 @@ class TrainConfig:
     devices: int | str = 1
     num_nodes: int = 1
     accelerator: str = "auto"
+    precision: str = "auto"
     feature_batch_size: int = 32
     num_workers: int = 1
     cache_dir: str | None = None
@@ -346,7 +347,7 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
     ft = FinetuneConfig(epochs=config.finetune_epochs, unfreeze=config.unfreeze, lr=config.finetune_lr, batch_size=config.finetune_batch_size,
                         patience=config.finetune_patience, devices=config.devices, num_nodes=config.num_nodes, accelerator=config.accelerator,
-                        num_workers=config.num_workers, seed=config.seed)  # fmt: skip
+                        num_workers=config.num_workers, seed=config.seed, precision=config.precision)  # fmt: skip
     history, is_zero = finetune(model, train_set, val_set, ft, work, resume=resume, progress=progress)
     return history if is_zero else None
 
