@@ -362,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints through its own handler; once is enough
     try:
         return args.func(args)
     except (DataError, ImageReadError, OutputExistsError, FileNotFoundError, ValueError, ConnectionError, RuntimeError) as err:

@@ -157,11 +157,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def finetune(
     model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
     resume: bool = False, progress: bool = True,
-) -> tuple[list[dict], bool]:  # fmt: skip
+) -> tuple[list[dict], dict | None]:  # fmt: skip
     """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
 
-    Returns (per-epoch history, is_global_zero). Checkpoints live in ``work_dir``
-    (``last.ckpt`` to resume, ``best.ckpt``).
+    Returns (per-epoch history, facts about the fit) in the global-zero process and
+    (history, None) in the others. Checkpoints live in ``work_dir`` (``last.ckpt``
+    to resume, ``best.ckpt``).
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -187,6 +188,8 @@ def finetune(
     ckpt = work_dir / "last.ckpt"
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from. Start without --resume.")
+    # this run's own Lightning checkpoint: its loop state needs full unpickling; never a user-supplied file
+    resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else None
     trainer.fit(
         module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
         ckpt_path=str(ckpt) if resume else None,
@@ -197,7 +200,10 @@ def finetune(
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format).cpu().eval()
     history = _read_history(work_dir / "logs" / "version_0" / "metrics.csv")
-    return history, trainer.is_global_zero
+    facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
+             "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
+             "epochs_run": trainer.current_epoch}  # fmt: skip
+    return history, facts if trainer.is_global_zero else None
 
 
 def _read_history(path: Path) -> list[dict]:

@@ -269,10 +269,12 @@ def train_run(
     )  # fmt: skip
     stage = "frozen backbone, head only"
     finetune_history: list[dict] = []
+    finetune_facts: dict = {}
     if config.finetune_epochs:
-        finetune_history = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress)
-        if finetune_history is None:
+        result = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress)
+        if result is None:
             return None  # a launched rank: rank 0 writes the run
+        finetune_history, finetune_facts = result
         stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
         # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
         feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
@@ -297,7 +299,8 @@ def train_run(
             model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
             metrics={"val": val_metrics},
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
-                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage},
+                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
+                                **({"finetune": finetune_facts} if finetune_facts else {})},
                    "ood": ood},
         )  # fmt: skip
         save_checkpoint(tmp, model, description)
@@ -328,8 +331,8 @@ def train_run(
     return Path(out)
 
 
-def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool) -> list[dict] | None:
-    """Stage 2 on cached uint8 images; returns the fine-tuning history, or None in a launched rank."""
+def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool) -> tuple[list[dict], dict] | None:
+    """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
     from .augment import Augment, AugmentConfig
     from .features import default_cache_dir
     from .finetune import ArrayDataset, FinetuneConfig, finetune
@@ -348,8 +351,10 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     ft = FinetuneConfig(epochs=config.finetune_epochs, unfreeze=config.unfreeze, lr=config.finetune_lr, batch_size=config.finetune_batch_size,
                         patience=config.finetune_patience, devices=config.devices, num_nodes=config.num_nodes, accelerator=config.accelerator,
                         num_workers=config.num_workers, seed=config.seed, precision=config.precision)  # fmt: skip
-    history, is_zero = finetune(model, train_set, val_set, ft, work, resume=resume, progress=progress)
-    return history if is_zero else None
+    history, facts = finetune(model, train_set, val_set, ft, work, resume=resume, progress=progress)
+    if facts is None:
+        return None
+    return history, facts
 
 
 class _Rows:
