@@ -164,3 +164,24 @@ def test_concurrent_requests_are_served_safely(client):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, paths * 3))
     assert all(abs(prob - expected[name]) < 1e-6 for name, prob in results)
+
+
+def test_test_time_augmentation(predictor):
+    from pneumoscope.predict import tta_views
+
+    view = predictor.preprocessing_view(predictor.read(_test_images(1)[0]))
+    views = tta_views(view)
+    assert len(views) == 5 and all(v.shape == view.shape for v in views)
+    assert np.array_equal(views[0], view) and not np.array_equal(views[1], view)
+    images = [predictor.read(p) for p in _test_images(3)]
+    plain, tta = predictor.predict_proba(images), predictor.predict_proba(images, tta=True)
+    assert tta.shape == plain.shape and np.all((0 <= tta) & (tta <= 1)) and not np.allclose(tta, plain)
+    assert np.corrcoef(plain, tta)[0, 1] > 0.5
+
+
+def test_evaluate_with_tta(run, tmp_path):
+    from tests.conftest import CHEST_XRAY
+
+    ev = tmp_path / "ev"
+    assert main(["-q", "evaluate", str(run), str(CHEST_XRAY), "--out", str(ev), "--limit", "20", "--tta", "--no-audit", "--bootstraps", "50"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["n"] == 20

@@ -139,7 +139,7 @@ def cmd_evaluate(args) -> int:
 
     out, result = evaluate_run(
         args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps,
-        audit_shortcuts=args.audit,
+        audit_shortcuts=args.audit, tta=args.tta,
     )
     print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
     return 0
@@ -227,7 +227,7 @@ def cmd_predict(args) -> int:
     from .predict import Predictor, expand_inputs
 
     predictor = Predictor.load(args.run)
-    results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs))]
+    results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs), tta=args.tta)]
     if args.format == "json":
         print(json.dumps(results, indent=2))
     else:
@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N images (quick runs)")
     p.add_argument("--bootstraps", type=int, default=2000, help="patient-level bootstrap resamples for AUC intervals")
     p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the shortcut audit (border/centre masking, CAM mass)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_evaluate)
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, checkpoint, or .onnx export")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--format", default="csv", choices=["csv", "json"])
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="train -> evaluate -> explain on DATA, $PNEUMOSCOPE_DATA, or downloaded PneumoniaMNIST")

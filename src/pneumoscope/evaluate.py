@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
+from .io import ImageReadError
 from .metrics import compute_clinical_metrics, compute_reliability, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
 from .plots import plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, overlay_cam
@@ -58,7 +59,7 @@ def check_contract(predictor: Predictor, dataset: data_mod.Dataset) -> None:
 
 def evaluate_dataset(
     predictor: Predictor, dataset: data_mod.Dataset, *, split: str = "test", limit: int | None = None, cache_dir=None,
-    n_boot: int = 2000, seed: int = 0, progress: bool = True,
+    n_boot: int = 2000, seed: int = 0, tta: bool = False, progress: bool = True,
 ) -> EvaluationResult:  # fmt: skip
     check_contract(predictor, dataset)
     records = select_split(dataset, split)
@@ -70,7 +71,17 @@ def evaluate_dataset(
     if excluded:
         logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
         scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
-    kept, prob, problems = predictor.predict_dataset(scanned, cache_dir=cache_dir, progress=progress)
+    if tta:  # the feature cache holds untransformed images only: decode and run every view
+        kept, images, problems = [], [], []
+        for r in scanned.records:
+            try:
+                images.append(scanned.reader.read_image(r.ref, draft_size=predictor.preprocessing.input_size))
+                kept.append(r)
+            except ImageReadError as err:
+                problems.append((scanned.display(r), f"{err.reason}. {err.fix}"))
+        prob = predictor.predict_proba(images, tta=True)
+    else:
+        kept, prob, problems = predictor.predict_dataset(scanned, cache_dir=cache_dir, progress=progress)
     if not kept:
         raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_true = np.array([r.label for r in kept])
@@ -111,13 +122,14 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
 
 def evaluate_run(
     run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
-    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, progress: bool = True,
+    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, tta: bool = False,
+    progress: bool = True,
 ) -> tuple[Path, EvaluationResult]:  # fmt: skip
     """The ``pneumoscope evaluate`` command."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     dataset = data_mod.load_dataset(data)
-    result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, progress=progress)
+    result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
     m = result.metrics
     names = list(data_mod.CLASS_NAMES)
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent

@@ -58,6 +58,28 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+TTA_SHIFT = 0.04  # of the image side
+TTA_ZOOM = 1.06
+
+
+def tta_views(view: np.ndarray) -> list[np.ndarray]:
+    """The image and four mild variants: shifted left/right/up by 4% (mean-grey fill) and zoomed 6% in."""
+    from PIL import Image
+
+    s = view.shape[0]
+    d = max(1, round(TTA_SHIFT * s))
+    fill = float(view.mean())
+    out = [view]
+    for dy, dx in ((0, d), (0, -d), (d, 0)):
+        shifted = np.full_like(view, fill)
+        src = view[max(0, -dy) : s - max(0, dy), max(0, -dx) : s - max(0, dx)]
+        shifted[max(0, dy) : max(0, dy) + src.shape[0], max(0, dx) : max(0, dx) + src.shape[1]] = src
+        out.append(shifted)
+    c = round(s * (1 - 1 / TTA_ZOOM) / 2)
+    out.append(np.asarray(Image.fromarray(view[c : s - c, c : s - c]).resize((s, s), Image.Resampling.BILINEAR), dtype=np.float32))
+    return out
+
+
 class TorchBackend:
     name = "pytorch"
 
@@ -152,8 +174,17 @@ class Predictor:
     def label_of(self, prob: float) -> str:
         return self.class_names[int(prob >= self.threshold)]
 
-    def run(self, images: list[np.ndarray], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and OOD distances (or None) for decoded (H, W) images."""
+    def run(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and OOD distances (or None) for decoded (H, W) images.
+
+        ``tta``: average the logits over the image and small shifted and zoomed
+        copies of it (test-time augmentation); the OOD distance is the original's.
+        """
+        if tta:
+            views = [tta_views(self.preprocessing_view(im)) for im in images]
+            flat = [v for vs in views for v in vs]
+            logits = self.probability_logits(flat, batch_size=batch_size).reshape(len(images), -1).mean(axis=1)
+            return self.probability(logits), self.run(images, batch_size=batch_size)[1]
         probs, dists = [], []
         for start in range(0, len(images), batch_size):
             x = np.concatenate([self.preprocess(im).numpy() for im in images[start : start + batch_size]])
@@ -164,11 +195,19 @@ class Predictor:
             return np.zeros(0), None
         return np.concatenate(probs), (None if dists[0] is None else np.concatenate(dists))
 
-    def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
-        return self.run(images, batch_size=batch_size)[0]
+    def probability_logits(self, images: list[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
+        """Raw logits for decoded images (no temperature)."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = np.concatenate([self.preprocess(im).numpy() for im in images[start : start + batch_size]])
+            out.append(self.backend.run(x)[0])
+        return np.concatenate(out) if out else np.zeros(0)
 
-    def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32) -> list[Prediction]:
-        probs, dists = self.run(images, batch_size=batch_size)
+    def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+        return self.run(images, batch_size=batch_size, tta=tta)[0]
+
+    def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
+        probs, dists = self.run(images, batch_size=batch_size, tta=tta)
         out = []
         for i, (name, prob) in enumerate(zip(names, probs)):
             dist = None if dists is None else float(dists[i])
@@ -176,7 +215,7 @@ class Predictor:
             out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, flag, dist))
         return out
 
-    def predict_paths(self, paths: list[str | os.PathLike], *, batch_size: int = 32) -> list[Prediction]:
+    def predict_paths(self, paths: list[str | os.PathLike], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
         """One :class:`Prediction` per file; unreadable files carry their error, never raise."""
         results: list[Prediction | None] = [None] * len(paths)
         good, images = [], []
@@ -187,7 +226,7 @@ class Predictor:
             except ImageReadError as err:
                 logger.warning("%s", err)
                 results[i] = Prediction(str(p), None, None, self.threshold, error=f"{err.reason}. {err.fix}")
-        for i, pred in zip(good, self.predict_images(images, [str(paths[i]) for i in good], batch_size=batch_size)):
+        for i, pred in zip(good, self.predict_images(images, [str(paths[i]) for i in good], batch_size=batch_size, tta=tta)):
             results[i] = pred
         return results
 
