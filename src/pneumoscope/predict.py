@@ -180,28 +180,25 @@ class Predictor:
         ``tta``: average the logits over the image and small shifted and zoomed
         copies of it (test-time augmentation); the OOD distance is the original's.
         """
-        if tta:
-            views = [tta_views(self.preprocessing_view(im)) for im in images]
-            flat = [v for vs in views for v in vs]
-            logits = self.probability_logits(flat, batch_size=batch_size).reshape(len(images), -1).mean(axis=1)
-            return self.probability(logits), self.run(images, batch_size=batch_size)[1]
-        probs, dists = [], []
-        for start in range(0, len(images), batch_size):
-            x = np.concatenate([self.preprocess(im).numpy() for im in images[start : start + batch_size]])
-            logits, dist = self.backend.run(x)
-            probs.append(self.probability(logits))
-            dists.append(dist)
-        if not probs:
-            return np.zeros(0), None
-        return np.concatenate(probs), (None if dists[0] is None else np.concatenate(dists))
+        if not tta:
+            logits, dists = self._forward(images, batch_size)
+            return self.probability(logits), dists
+        views = [v for im in images for v in tta_views(self.preprocessing_view(im))]
+        logits, dists = self._forward(views, batch_size)
+        k = len(views) // max(1, len(images))  # views per image; the first is the image itself
+        return self.probability(logits.reshape(len(images), k).mean(axis=1)), (None if dists is None else dists[::k])
 
-    def probability_logits(self, images: list[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
-        """Raw logits for decoded images (no temperature)."""
-        out = []
+    def _forward(self, images: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw logits (no temperature) and OOD distances, in batches."""
+        logits, dists = [], []
         for start in range(0, len(images), batch_size):
             x = np.concatenate([self.preprocess(im).numpy() for im in images[start : start + batch_size]])
-            out.append(self.backend.run(x)[0])
-        return np.concatenate(out) if out else np.zeros(0)
+            z, d = self.backend.run(x)
+            logits.append(z)
+            dists.append(d)
+        if not logits:
+            return np.zeros(0), None
+        return np.concatenate(logits), (None if dists[0] is None else np.concatenate(dists))
 
     def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> np.ndarray:
         return self.run(images, batch_size=batch_size, tta=tta)[0]
