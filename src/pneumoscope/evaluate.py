@@ -113,7 +113,7 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
         cls = int(pred[i])  # explain what the model decided
         cam = compute_gradcam(predictor.model, predictor.preprocess(image), cls)[0]
         shown = predictor.preprocessing_view(image)
-        path = folder / f"error_{len(out):02d}.png"
+        path = folder / f"gallery_{len(out):02d}.png"
         caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
         plot_cam(shown, overlay_cam(shown, cam), path, title=caption)
         out.append((path, caption))
@@ -163,7 +163,8 @@ def evaluate_run(
             from .explain import audit_dataset
 
             reader, size = dataset.reader, predictor.preprocessing.input_size
-            audit = audit_dataset(predictor, lambda i: reader.read_image(result.records[i].ref, draft_size=size), len(result.records), progress=progress)
+            audit = audit_dataset(predictor, lambda i: reader.read_image(result.records[i].ref, draft_size=size), len(result.records),
+                                  probs=None if tta else result.y_prob, progress=progress)  # fmt: skip
             write_json(tmp / "shortcut_audit.json", audit)
         summary_path = run_dir / "data_summary.json"
         context = {

@@ -35,7 +35,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from .io import ImageReadError
 from .models import get_spec
-from .outputs import atomic_output_dir, write_bytes_atomic, write_csv, write_json
+from .outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from .plots import overlay_cam, plot_cam
 from .predict import Predictor, expand_inputs
 
@@ -161,25 +161,27 @@ def cam_mass_outside_centre(cam: np.ndarray) -> float:
     return float(cam[~central_mask(cam.shape)].sum() / total) if total > 0 else float("nan")
 
 
-def shortcut_probs(predictor: Predictor, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """P(pneumonia) for each image as is, with its border band masked, and with its centre masked."""
+def shortcut_probs(predictor: Predictor, images: list[np.ndarray], probs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """P(pneumonia) for each image as is (``probs`` when the caller has them), with its border band masked, and with its centre masked."""
     views = [predictor.preprocessing_view(im) for im in images]
     border = [mask_region(v, border_mask(v.shape)) for v in views]
     centre = [mask_region(v, central_mask(v.shape)) for v in views]
     return {
-        "prob": predictor.predict_proba(views),
+        "prob": predictor.predict_proba(views) if probs is None else np.asarray(probs),
         "prob_border_masked": predictor.predict_proba(border),
         "prob_centre_masked": predictor.predict_proba(centre),
     }
 
 
 def check_batch(
-    predictor: Predictor, images: list[np.ndarray], method: str, *, targets: list[int] | None = None, randomized=None, n_random: int = 3, seed: int = 0
-) -> dict[str, np.ndarray]:
+    predictor: Predictor, images: list[np.ndarray], method: str, *, probs: np.ndarray | None = None, targets: list[int] | None = None,
+    randomized=None, n_random: int = 3, seed: int = 0,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Per-image CAMs and check scores for a batch of decoded images (targets: the predicted classes by default)."""
     model = predictor.model
     x = torch.cat([predictor.preprocess(im) for im in images])
-    probs = predictor.predict_proba(images)
+    if probs is None:
+        probs = predictor.predict_proba(images)
     if targets is None:
         targets = [int(p >= predictor.threshold) for p in probs]
     cams = compute_cam(model, x, targets, method)
@@ -192,7 +194,7 @@ def check_batch(
     if randomized is not None:
         rcams = compute_cam(randomized, x, targets, method)
         out["sanity_spearman"] = np.array([spearman(a, b) for a, b in zip(cams, rcams)])
-    shortcut = shortcut_probs(predictor, images)
+    shortcut = shortcut_probs(predictor, images, probs)
     out["delta_border_masked"] = shortcut["prob_border_masked"] - shortcut["prob"]
     out["delta_centre_masked"] = shortcut["prob_centre_masked"] - shortcut["prob"]
     out["cam_outside_centre"] = np.array([cam_mass_outside_centre(c) for c in cams])
@@ -281,7 +283,7 @@ def explain_images(
             else:
                 classes = [predictor.class_names.index(target.upper())] * len(images)
             if checks:
-                scores = check_batch(predictor, images, method, targets=classes, randomized=randomized, seed=start)
+                scores = check_batch(predictor, images, method, probs=probs, targets=classes, randomized=randomized, seed=start)
                 cams = scores["cams"]
             else:
                 scores = None
@@ -294,8 +296,7 @@ def explain_images(
                 title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
                          f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip
                 plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title)
-                buf = _npy_bytes(cams[j].astype(np.float16))
-                write_bytes_atomic(tmp / "cams" / f"{name}.npy", buf)
+                write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
                 results.append(Explanation(str(path), float(probs[j]), label, predictor.class_names[classes[j]], f"{name}_{method}.png"))
                 row = {"path": str(path), "prob": float(probs[j]), "label": label, "target": predictor.class_names[classes[j]]}
                 if scores is not None:
@@ -315,26 +316,21 @@ def explain_images(
     return results
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def audit_dataset(predictor: Predictor, images_of, n: int, *, method: str = "gradcam", batch_size: int = 16, progress: bool = True) -> dict:
+def audit_dataset(
+    predictor: Predictor, images_of, n: int, *, probs: np.ndarray | None = None, method: str = "gradcam", batch_size: int = 16, progress: bool = True
+) -> dict:
     """Shortcut audit over a set: mean change in P(pneumonia) with the border or the centre
-    masked, and mean share of CAM mass outside the centre. ``images_of(i)`` decodes image i."""
+    masked, and mean share of CAM mass outside the centre. ``images_of(i)`` decodes image i;
+    ``probs`` are the images' unmasked probabilities when the caller has them."""
     from tqdm.auto import tqdm
 
     deltas_b, deltas_c, outside = [], [], []
     for start in tqdm(range(0, n, batch_size), desc="shortcut audit", disable=not progress):
         images = [images_of(i) for i in range(start, min(n, start + batch_size))]
-        probs = shortcut_probs(predictor, images)
-        deltas_b.extend(probs["prob_border_masked"] - probs["prob"])
-        deltas_c.extend(probs["prob_centre_masked"] - probs["prob"])
-        targets = [int(p >= predictor.threshold) for p in probs["prob"]]
+        shortcut = shortcut_probs(predictor, images, None if probs is None else probs[start : start + len(images)])
+        deltas_b.extend(shortcut["prob_border_masked"] - shortcut["prob"])
+        deltas_c.extend(shortcut["prob_centre_masked"] - shortcut["prob"])
+        targets = [int(p >= predictor.threshold) for p in shortcut["prob"]]
         cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), targets, method)
         outside.extend(cam_mass_outside_centre(c) for c in cams)
     return {

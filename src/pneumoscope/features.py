@@ -9,7 +9,6 @@ atomically: a run killed mid-way leaves only whole entries behind.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .data import Dataset, Record
 from .io import ImageReadError
-from .outputs import write_bytes_atomic
+from .outputs import npy_bytes, write_bytes_atomic
 from .models import PneumoniaClassifier
 
 logger = logging.getLogger(__name__)
@@ -60,9 +59,7 @@ class FeatureCache:
             return None
 
     def put(self, content_hash: str, feature: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(feature, dtype=np.float32), allow_pickle=False)
-        write_bytes_atomic(self._path(content_hash), buf.getvalue())
+        write_bytes_atomic(self._path(content_hash), npy_bytes(np.asarray(feature, dtype=np.float32)))
 
 
 def model_key(model: PneumoniaClassifier) -> str:

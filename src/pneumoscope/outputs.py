@@ -34,6 +34,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def npy_bytes(arr) -> bytes:
+    """An array serialised as .npy (no pickle), ready for :func:`write_bytes_atomic`."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
 
