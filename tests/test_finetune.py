@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pneumoscope import data as D
-from pneumoscope.augment import Augment, AugmentConfig
+from pneumoscope.augment import Augment, AugmentConfig, resolve_augment
 from pneumoscope.finetune import AtomicCheckpointIO, frozen_modules
 from pneumoscope.imagecache import build_image_array
 from pneumoscope.models import create_model
@@ -45,6 +45,22 @@ def test_augmentation_keeps_range_and_is_seeded():
     assert a.shape == (1, 96, 96) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert AugmentConfig().hflip_p == 0.0  # the heart's side is anatomy
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_augmentation_settings_resolve_to_configs():
+    assert resolve_augment(True) == AugmentConfig() == resolve_augment("default")
+    assert resolve_augment(False) is None and resolve_augment("none") is None
+    geo = resolve_augment("geometric")
+    assert geo.rotation_deg == AugmentConfig().rotation_deg and (geo.contrast, geo.jpeg_p, geo.gamma) == (0.0, 0.0, (1.0, 1.0))
+    assert resolve_augment("intensity").translate == 0.0 and resolve_augment("default+hflip").hflip_p == 0.5
+    assert resolve_augment({"hflip_p": 0.5, "scale": [0.8, 1.2]}) == AugmentConfig(hflip_p=0.5, scale=(0.8, 1.2))
+    with pytest.raises(ValueError, match="one of"):
+        resolve_augment("heavy")
+    with pytest.raises(ValueError, match="unknown augmentation settings"):
+        resolve_augment({"flip": 1})
+    with pytest.raises(ValueError, match="one of"):  # a typo fails when the config is read, before any work
+        load_train_config(None, {}, ["augment=geometrc"])
+    assert load_train_config(None, {}, ["augment={hflip_p: 0.5}"]).augment == {"hflip_p": 0.5}
 
 
 def test_top_unfreezing_keeps_frozen_batchnorm_statistics():
@@ -103,9 +119,10 @@ def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
     import json
 
     run = tmp_path / "run"
-    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--unfreeze", "all"]) == 0
+    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--unfreeze", "all", "--augment", "default+hflip"]) == 0
     desc = json.loads((run / "checkpoint.json").read_text())
     assert "fine-tuned" in desc["training"]["stage"]
+    assert desc["training"]["finetune"]["augmentation"]["hflip_p"] == 0.5  # the preset asked for, recorded
     history = (run / "finetune_history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_auc" and len(history) == 3
     assert not (tmp_path / ".run.work").exists()  # resumable state is removed once the run is complete

@@ -34,6 +34,43 @@ class AugmentConfig:
         return asdict(self)
 
 
+# Named settings for the ablation in BENCHMARKS.md (``--augment NAME``); each is a set of
+# changes to the default AugmentConfig.
+PRESETS: dict[str, dict | None] = {
+    "none": None,
+    "default": {},
+    "geometric": {"brightness": 0.0, "contrast": 0.0, "gamma": (1.0, 1.0), "blur_p": 0.0, "noise_p": 0.0, "jpeg_p": 0.0},
+    "intensity": {"rotation_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0},
+    "default+hflip": {"hflip_p": 0.5},
+    "strong": {"rotation_deg": 12.0, "scale": (0.8, 1.2), "translate": 0.1, "brightness": 0.2, "contrast": 0.3, "gamma": (0.7, 1.4),
+               "blur_p": 0.3, "noise_p": 0.3, "jpeg_p": 0.5},
+}
+
+
+def resolve_augment(setting: bool | str | dict | None) -> AugmentConfig | None:
+    """A training setting -> the AugmentConfig it means (None: no augmentation).
+
+    ``True``/``False``, a preset name from :data:`PRESETS`, or a mapping of
+    AugmentConfig fields that change the default (YAML: ``augment: {hflip_p: 0.5}``).
+    """
+    if setting is True:
+        setting = "default"
+    if setting is False or setting is None:
+        return None
+    if isinstance(setting, str):
+        if setting not in PRESETS:
+            raise ValueError(f"augment must be true, false, a mapping of settings or one of {sorted(PRESETS)}; got {setting!r}")
+        changes = PRESETS[setting]
+        return None if changes is None else AugmentConfig(**changes)
+    if isinstance(setting, dict):
+        known = set(AugmentConfig.__dataclass_fields__)
+        unknown = sorted(set(setting) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation settings {unknown}; known: {sorted(known)}")
+        return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()})
+    raise ValueError(f"augment must be true, false, a preset name or a mapping; got {setting!r}")
+
+
 class Augment:
     """uint8 (1, S, S) tensor -> float32 (1, S, S) in [0, 1], randomly perturbed."""
 

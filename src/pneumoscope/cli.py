@@ -34,7 +34,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=int, default=S, help="stage 2: fine-tune the backbone for up to N epochs (default 0: off)")
     p.add_argument("--unfreeze", choices=["top", "all"], default=S, help="stage 2: the top layers (default) or the whole backbone")
     p.add_argument("--finetune-lr", type=float, default=S, help="stage 2 AdamW learning rate for the backbone (head 10x; default 1e-4)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="stage 2 without augmentation")
+    a = p.add_mutually_exclusive_group()
+    a.add_argument("--augment", metavar="PRESET", default=S,
+                   help="stage 2 augmentation: default, none, geometric, intensity, default+hflip or strong (see BENCHMARKS.md)")
+    a.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=S, help="stage 2 without augmentation")
     p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
     p.add_argument("--num-nodes", type=int, default=S)
     p.add_argument("--accelerator", default=S, help="stage 2: auto, cpu, gpu")

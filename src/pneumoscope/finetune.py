@@ -24,7 +24,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .augment import Augment, AugmentConfig
+from .augment import Augment
 from .models import PneumoniaClassifier, get_spec
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1
     batch_size: int = 32
     patience: int = 3  # epochs without a better validation AUC
-    augment: bool = True
     devices: int | str = 1
     num_nodes: int = 1
     accelerator: str = "auto"

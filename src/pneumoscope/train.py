@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
 from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature
@@ -55,7 +56,7 @@ class TrainConfig:
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 32
     finetune_patience: int = 3
-    augment: bool = True
+    augment: bool | str | dict = True  # stage 2: true/false, a preset (augment.PRESETS) or AugmentConfig changes
     devices: int | str = 1
     num_nodes: int = 1
     accelerator: str = "auto"
@@ -71,6 +72,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        resolve_augment(self.augment)  # a typo fails before any work
 
 
 def load_train_config(path: str | os.PathLike | None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -276,6 +278,8 @@ def train_run(
             return None  # a launched rank: rank 0 writes the run
         finetune_history, finetune_facts = result
         stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
+        aug = resolve_augment(config.augment)
+        finetune_facts["augmentation"] = aug.to_dict() if aug is not None else None
         # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
         feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
                                  num_workers=config.num_workers, progress=progress)  # fmt: skip
@@ -333,7 +337,7 @@ def train_run(
 
 def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool) -> tuple[list[dict], dict] | None:
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
-    from .augment import Augment, AugmentConfig
+    from .augment import Augment
     from .features import default_cache_dir
     from .finetune import ArrayDataset, FinetuneConfig, finetune
     from .imagecache import build_image_array
@@ -345,7 +349,8 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     split = np.array([r.split for r in arr.records])
     y = np.array([r.label for r in arr.records])
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    augment = Augment(AugmentConfig()) if config.augment else None
+    aug = resolve_augment(config.augment)
+    augment = Augment(aug) if aug is not None else None
     train_set = ArrayDataset(_Rows(arr.images, tr), y[tr], model.preprocessing, augment, seed=config.seed)
     val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
     ft = FinetuneConfig(epochs=config.finetune_epochs, unfreeze=config.unfreeze, lr=config.finetune_lr, batch_size=config.finetune_batch_size,
