@@ -28,6 +28,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py $(if $(DATA),--data $(DATA))
+	$(PY) benchmarks/bench_recipe.py --name frozen-default $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

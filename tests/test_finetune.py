@@ -123,6 +123,7 @@ def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
     desc = json.loads((run / "checkpoint.json").read_text())
     assert "fine-tuned" in desc["training"]["stage"]
     assert desc["training"]["finetune"]["augmentation"]["hflip_p"] == 0.5  # the preset asked for, recorded
+    assert desc["training"]["finetune"]["fit_seconds"] > 0 and desc["training"]["finetune"]["train_images_per_s"] > 0
     history = (run / "finetune_history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_auc" and len(history) == 3
     assert not (tmp_path / ".run.work").exists()  # resumable state is removed once the run is complete

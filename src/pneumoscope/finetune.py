@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,10 +190,12 @@ def finetune(
         raise FileNotFoundError(f"{ckpt}: nothing to resume from. Start without --resume.")
     # this run's own Lightning checkpoint: its loop state needs full unpickling; never a user-supplied file
     resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else None
+    t0 = time.perf_counter()
     trainer.fit(
         module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
         ckpt_path=str(ckpt) if resume else None,
     )  # fmt: skip
+    fit_s = time.perf_counter() - t0
     if best.best_model_path:
         # this run's own Lightning checkpoint (optimizer and loop state need full unpickling); never a user-supplied file
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
@@ -201,7 +204,9 @@ def finetune(
     history = _read_history(work_dir / "logs" / "version_0" / "metrics.csv")
     facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
              "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
-             "epochs_run": trainer.current_epoch}  # fmt: skip
+             "epochs_run": trainer.current_epoch, "fit_seconds": round(fit_s, 1),
+             # training images per second of fit wall time (validation passes included), this process's epochs only
+             "train_images_per_s": round(len(train) * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1)}  # fmt: skip
     return history, facts if trainer.is_global_zero else None
 
 

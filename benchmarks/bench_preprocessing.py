@@ -1,0 +1,99 @@
+"""Benchmark: do input changes help the frozen-backbone model generalise to `test/`? (issue 3)
+
+    python benchmarks/bench_preprocessing.py [--data ../shared/data/chest_xray] base clahe crop80 ...
+
+Cheap screening before any fine-tuning: the default EfficientNet-Lite0 features of
+every image under one preprocessing variant, the default head trained on the seed-0
+patient-level train split with early stopping on its validation split, the threshold
+by Youden's J on validation, then ROC-AUC / accuracy / sensitivity / specificity on
+`test/`. Variants: ``base`` (the shipped squash to 224), ``clahe`` (contrast-limited
+adaptive histogram equalisation first), ``histeq`` (global equalisation), ``crop80``
+(the central 80% only: no border), ``r320`` (320 px input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscope import data as D
+from pneumoscope import metrics as ME
+from pneumoscope.io import resize_image
+from pneumoscope.models import Head, create_model
+from pneumoscope.runtime import tune_cpu_allocator
+from pneumoscope.train import fit_head, head_logits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def squash(image: np.ndarray, size: int) -> np.ndarray:
+    return resize_image(image, size)
+
+
+def clahe(image: np.ndarray, size: int) -> np.ndarray:
+    from skimage import exposure
+
+    return resize_image(exposure.equalize_adapthist(np.clip(resize_image(image, 512), 0, 1), clip_limit=0.01).astype(np.float32), size)
+
+
+def histeq(image: np.ndarray, size: int) -> np.ndarray:
+    from skimage import exposure
+
+    return resize_image(exposure.equalize_hist(resize_image(image, 512)).astype(np.float32), size)
+
+
+def central(fraction: float):
+    def crop(image: np.ndarray, size: int) -> np.ndarray:
+        x = resize_image(image, 448)
+        m = int(448 * (1 - fraction) / 2)
+        return resize_image(x[m : 448 - m, m : 448 - m], size)
+
+    return crop
+
+
+VARIANTS = {"base": (squash, 224), "clahe": (clahe, 224), "histeq": (histeq, 224), "crop80": (central(0.8), 224), "r320": (squash, 320)}
+
+
+def features(model, images: list[np.ndarray], prepare, size: int) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(images), 64):
+            x = np.stack([prepare(im, size) for im in images[s : s + 64]])  # (B, S, S) in [0, 1]
+            x = torch.from_numpy((x[:, None] - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # lite0: mean = std = 0.5
+            out.append(model.pooled_features(x).numpy())
+    return np.concatenate(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
+    parser.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    ds = D.load_dataset(args.data)
+    recs = D.split_by_patient(ds.records, val_fraction=0.1, seed=0)
+    images = [ds.reader.read_image(r.ref) for r in recs]
+    y, split = np.array([r.label for r in recs]), np.array([r.split for r in recs])
+    tr, va, te = split == "train", split == "val", split == "test"
+    model = create_model().eval()
+    print("| variant | val AUC | test AUC | accuracy | sensitivity | specificity | threshold | seconds |")
+    for name in args.variants:
+        t0 = time.perf_counter()
+        prepare, size = VARIANTS[name]
+        f = features(model, images, prepare, size)
+        torch.manual_seed(0)
+        head = Head(f.shape[1])
+        fit_head(head, f[tr], y[tr], f[va], y[va], seed=0, progress=False)
+        pv, pt = (1 / (1 + np.exp(-head_logits(head, f[m]))) for m in (va, te))
+        th = ME.compute_youden_threshold(y[va], pv)
+        m = ME.compute_binary_metrics(y[te], pt, th)
+        print(f"| {name} | {ME.compute_roc_auc(y[va], pv):.4f} | {ME.compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
+              f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | {time.perf_counter() - t0:.0f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
