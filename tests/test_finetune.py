@@ -36,6 +36,27 @@ def test_image_cache_is_built_once_and_memory_mapped(kaggle_tree, tmp_path):
     assert np.abs(first.images[3] / 255.0 - resize_image(direct, 64)).max() < 1 / 255 + 1e-6
 
 
+def test_image_cache_takes_full_size_kaggle_jpegs(tmp_path):
+    """The original Kaggle files are 1-2 MB JPEGs of about 2000 x 1700: decoded once, at reduced scale."""
+    from PIL import Image
+
+    from pneumoscope.io import read_image, resize_image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1700, 0:2000]
+    for folder, name in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_bacteria_1.jpeg")):
+        img = 120 + 60 * np.sin(xx / 150.0) * np.cos(yy / 170.0) + rng.normal(0, 25, xx.shape)
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / "data" / folder / name, quality=95)
+    paths = sorted((tmp_path / "data").glob("*/*.jpeg"))
+    assert all(p.stat().st_size > 1_000_000 for p in paths)
+    ds = D.scan(D.load_dataset(tmp_path / "data"))
+    arr = build_image_array(ds, ds.records, 224, tmp_path / "cache", num_workers=0, progress=False)
+    assert arr.images.shape == (2, 224, 224) and not arr.problems
+    full = resize_image(read_image(ds.display(arr.records[0])), 224)  # full decode, then resize
+    assert np.abs(arr.images[0] / 255.0 - full).mean() < 0.01
+
+
 def test_augmentation_keeps_range_and_is_seeded():
     aug = Augment(AugmentConfig())
     img = torch.from_numpy((np.random.default_rng(0).uniform(size=(1, 96, 96)) * 255).astype(np.uint8))
