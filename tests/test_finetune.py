@@ -84,6 +84,16 @@ def test_augmentation_settings_resolve_to_configs():
     assert load_train_config(None, {}, ["augment={hflip_p: 0.5}"]).augment == {"hflip_p": 0.5}
 
 
+def test_auto_precision_uses_bf16_only_on_a_cpu_that_has_it(monkeypatch):
+    from pneumoscope import finetune as F
+
+    assert F.auto_precision(cuda=True) == "16-mixed"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert F.auto_precision(cuda=False) == "32-true"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert F.auto_precision(cuda=False) == "bf16-mixed"
+
+
 def test_top_unfreezing_keeps_frozen_batchnorm_statistics():
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8)
     frozen = {id(m) for m in frozen_modules(model, "top")}

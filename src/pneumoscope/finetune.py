@@ -45,7 +45,7 @@ class FinetuneConfig:
     accelerator: str = "auto"
     num_workers: int = 2
     seed: int = 0
-    precision: str = "auto"  # auto: 16-mixed on CUDA, 32-true on CPU; any Lightning precision, e.g. bf16-mixed
+    precision: str = "auto"  # see auto_precision; or any Lightning precision, e.g. 32-true
 
 
 class ArrayDataset(TorchDataset):
@@ -141,6 +141,14 @@ class FineTuner(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
 
+def auto_precision(cuda: bool) -> str:
+    """fp16 AMP on CUDA; bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), where a
+    fine-tuning step measured 1.4x faster with the same test AUC (BENCHMARKS.md); else fp32."""
+    if cuda:
+        return "16-mixed"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file, then rename: a run killed mid-write leaves the previous checkpoint whole."""
 
@@ -180,7 +188,7 @@ def finetune(
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
-        precision=config.precision if config.precision != "auto" else ("16-mixed" if cuda else "32-true"), callbacks=[best, EarlyStopping("val_auc", mode="max", patience=config.patience)],
+        precision=config.precision if config.precision != "auto" else auto_precision(cuda), callbacks=[best, EarlyStopping("val_auc", mode="max", patience=config.patience)],
         logger=CSVLogger(work_dir, name="logs", version=0), enable_progress_bar=progress, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip
