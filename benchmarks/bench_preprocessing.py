@@ -8,7 +8,8 @@ patient-level train split with early stopping on its validation split, the thres
 by Youden's J on validation, then ROC-AUC / accuracy / sensitivity / specificity on
 `test/`. Variants: ``base`` (the shipped squash to 224), ``clahe`` (contrast-limited
 adaptive histogram equalisation first), ``histeq`` (global equalisation), ``crop80``
-(the central 80% only: no border), ``r320`` (320 px input).
+(the central 80% only: no border), ``r320`` (320 px input). ``--logistic`` adds
+logistic-regression heads at several regularisation strengths.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def features(model, images: list[np.ndarray], prepare, size: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
+    parser.add_argument("--logistic", action="store_true", help="also a logistic-regression head (standardised features, C 1e-4 to 1)")
     parser.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
     args = parser.parse_args()
     tune_cpu_allocator()
@@ -93,6 +95,22 @@ def main() -> None:
         m = ME.compute_binary_metrics(y[te], pt, th)
         print(f"| {name} | {ME.compute_roc_auc(y[va], pv):.4f} | {ME.compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
               f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | {time.perf_counter() - t0:.0f} |", flush=True)  # fmt: skip
+        if args.logistic:
+            logistic_heads(name, f, y, tr, va, te)
+
+
+def logistic_heads(name: str, f: np.ndarray, y: np.ndarray, tr, va, te) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(f[tr])
+    for c in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        lr = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(scaler.transform(f[tr]), y[tr])
+        pv, pt = (lr.predict_proba(scaler.transform(f[m]))[:, 1] for m in (va, te))
+        th = ME.compute_youden_threshold(y[va], pv)
+        m = ME.compute_binary_metrics(y[te], pt, th)
+        print(f"| {name}, logistic C={c:g} | {ME.compute_roc_auc(y[va], pv):.4f} | {ME.compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
+              f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
