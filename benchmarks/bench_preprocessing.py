@@ -26,7 +26,7 @@ from pneumoscope import metrics as ME
 from pneumoscope.io import resize_image
 from pneumoscope.models import Head, create_model
 from pneumoscope.runtime import tune_cpu_allocator
-from pneumoscope.train import fit_head, head_logits
+from pneumoscope.train import fit_head, predict_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def main() -> None:
         torch.manual_seed(0)
         head = Head(f.shape[1])
         fit_head(head, f[tr], y[tr], f[va], y[va], seed=0, progress=False)
-        pv, pt = (1 / (1 + np.exp(-head_logits(head, f[m]))) for m in (va, te))
+        pv, pt = (predict_head(head, f[m]) for m in (va, te))
         th = ME.compute_youden_threshold(y[va], pv)
         m = ME.compute_binary_metrics(y[te], pt, th)
         print(f"| {name} | {ME.compute_roc_auc(y[va], pv):.4f} | {ME.compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "

@@ -22,7 +22,7 @@ from .checkpoint import save_checkpoint
 from .evaluate import check_contract, select_split
 from .metrics import compute_clinical_metrics, compute_delong, compute_mcnemar, compute_threshold, describe_policy, fit_temperature
 from .outputs import atomic_output_dir, check_output_dir, write_json
-from .predict import Predictor
+from .predict import Predictor, calibrated_probability
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def calibrate_run(
         )
     z = logits.double().numpy()
     temperature = fit_temperature(z, y)
-    prob = 1 / (1 + np.exp(-z / temperature))
+    prob = calibrated_probability(z, temperature)
     threshold = compute_threshold(y, prob, policy, target)
     metrics = compute_clinical_metrics(y, prob, threshold, groups=[r.patient_id for r in kept], seed=0)
     description = dict(predictor.description)

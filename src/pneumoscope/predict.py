@@ -58,6 +58,13 @@ def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:
+    """P(PNEUMONIA) = sigmoid(logit / temperature), in float64: the one definition that
+    training, site calibration and inference share."""
+    z = np.asarray(logits.numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-z / temperature))
+
+
 TTA_SHIFT = 0.04  # of the image side
 TTA_ZOOM = 1.06
 
@@ -168,8 +175,7 @@ class Predictor:
     # -- prediction
     def probability(self, logits) -> np.ndarray:
         """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
-        z = np.asarray(logits.numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
-        return 1.0 / (1.0 + np.exp(-z / self.temperature))
+        return calibrated_probability(logits, self.temperature)
 
     def label_of(self, prob: float) -> str:
         return self.class_names[int(prob >= self.threshold)]

@@ -28,6 +28,7 @@ from .metrics import compute_clinical_metrics, compute_threshold, describe_polic
 from .models import DEFAULT_BACKBONE, Head, MahalanobisGuard, create_model
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
+from .predict import calibrated_probability
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def fit_head(
 
 
 def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-head_logits(head, features)))
+    return calibrated_probability(head_logits(head, features))
 
 
 def head_logits(head: Head, features: np.ndarray) -> np.ndarray:
@@ -285,7 +286,7 @@ def train_run(
                                  num_workers=config.num_workers, progress=progress)  # fmt: skip
     val_logits = head_logits(model.head, feats.features[va])
     temperature = fit_temperature(val_logits, y[va])
-    val_prob = 1 / (1 + np.exp(-val_logits / temperature))
+    val_prob = calibrated_probability(val_logits, temperature)
     threshold = compute_threshold(y[va], val_prob, config.threshold_policy, config.threshold_target)
     policy = describe_policy(config.threshold_policy, config.threshold_target)
     val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
