@@ -22,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import REPO, run  # noqa: E402
+
+from pneumoscope.metrics import mean_sd  # noqa: E402
 
 TARGETS = {"roc_auc": 0.985, "accuracy": 0.94, "sensitivity": 0.95, "specificity": 0.90}
 
@@ -59,9 +60,6 @@ def main() -> None:
             "test": {k: test[k] for k in ("n", *TARGETS)},
         })  # fmt: skip
         print(json.dumps(seeds[-1]), flush=True)
-
-    def mean_sd(values):
-        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
     summary = {k: mean_sd([s["test"][k] for s in seeds]) for k in TARGETS}
     record = {

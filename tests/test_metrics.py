@@ -191,3 +191,13 @@ def test_delong_agrees_with_paired_bootstrap():
     assert d["p_value"] < 0.01
     same = M.compute_delong(y, a, a)
     assert same["difference"] == 0 and same["p_value"] == 1.0
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    import statistics
+
+    from pneumoscope.metrics import mean_sd
+
+    values = [0.956, 0.964, 0.962]
+    assert mean_sd(values) == pytest.approx({"mean": statistics.mean(values), "sd": statistics.stdev(values)})
+    assert mean_sd([0.9]) == {"mean": 0.9, "sd": 0.0}

@@ -205,6 +205,12 @@ def _auc_and_ap(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[float, float]:
     return auc, ap
 
 
+def mean_sd(values) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value), e.g. of a metric over seeds."""
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+
 # --------------------------------------------------------------------------- calibration
 
 

@@ -24,7 +24,7 @@ from . import data as data_mod
 from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
-from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature
+from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature, mean_sd
 from .models import DEFAULT_BACKBONE, Head, MahalanobisGuard, create_model
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
@@ -398,7 +398,6 @@ def train_seeds(
             return None  # a launched distributed rank
         metrics.append(json.loads((run / "metrics.json").read_text()))
     keys = ["roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy"]
-    summary = {"seeds": list(seeds), "val": {k: {"mean": float(np.mean([m[k] for m in metrics])), "sd": float(np.std([m[k] for m in metrics], ddof=1))
-                                                 if len(metrics) > 1 else 0.0} for k in keys}}  # fmt: skip
+    summary = {"seeds": list(seeds), "val": {k: mean_sd([m[k] for m in metrics]) for k in keys}}
     write_json(out / "seeds.json", summary)
     return summary
