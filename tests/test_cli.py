@@ -255,3 +255,16 @@ def test_report_is_self_contained(trained_run, tmp_path):
         assert section in html, section
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     assert html.count("data:image/png;base64,") >= 5
+
+
+def test_threshold_policy_flags_reach_the_training_config():
+    from pneumoscope.cli import _config, _policy, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "DATA", "--out", "RUN", "--target-specificity", "0.9"])
+    config = _config(args)
+    assert (config.threshold_policy, config.threshold_target) == ("specificity", 0.9)
+    assert _config(parser.parse_args(["train", "DATA", "--out", "RUN"])).threshold_policy == "youden"
+    assert _policy(parser.parse_args(["calibrate", "RUN", "DATA", "--out", "NEW", "--target-sensitivity", "0.95"])) == ("sensitivity", 0.95)
+    with pytest.raises(SystemExit):  # one policy at a time
+        parser.parse_args(["train", "DATA", "--out", "RUN", "--target-sensitivity", "0.9", "--target-specificity", "0.9"])

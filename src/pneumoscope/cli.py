@@ -41,15 +41,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
     p.add_argument("--num-nodes", type=int, default=S)
     p.add_argument("--accelerator", default=S, help="stage 2: auto, cpu, gpu")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-sensitivity", type=float, default=S, help="threshold: the highest reaching this sensitivity (default: Youden's J)")
-    g.add_argument("--target-specificity", type=float, default=S, help="threshold: the lowest reaching this specificity")
+    _add_policy_args(p, default=S)
 
 
-def _add_policy_args(p: argparse.ArgumentParser) -> None:
+def _add_policy_args(p: argparse.ArgumentParser, default=None) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-sensitivity", type=float, help="threshold: the highest reaching this sensitivity (default: Youden's J)")
-    g.add_argument("--target-specificity", type=float, help="threshold: the lowest reaching this specificity")
+    g.add_argument("--target-sensitivity", type=float, default=default, help="threshold: the highest reaching this sensitivity (default: Youden's J)")
+    g.add_argument("--target-specificity", type=float, default=default, help="threshold: the lowest reaching this specificity")
 
 
 def _policy(args) -> tuple[str, float | None]:
