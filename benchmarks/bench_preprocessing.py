@@ -15,6 +15,7 @@ logistic-regression heads at several regularisation strengths.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -60,12 +61,12 @@ VARIANTS = {"base": (squash, 224), "clahe": (clahe, 224), "histeq": (histeq, 224
 
 
 def features(model, images: list[np.ndarray], prepare, size: int) -> np.ndarray:
+    contract = dataclasses.replace(model.preprocessing, input_size=size)  # the model's normalisation, at this variant's size
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), 64):
-            x = np.stack([prepare(im, size) for im in images[s : s + 64]])  # (B, S, S) in [0, 1]
-            x = torch.from_numpy((x[:, None] - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # lite0: mean = std = 0.5
-            out.append(model.pooled_features(x).numpy())
+            x = np.stack([contract.apply(prepare(im, size)) for im in images[s : s + 64]])  # (B, C, S, S)
+            out.append(model.pooled_features(torch.from_numpy(x)).numpy())
     return np.concatenate(out)
 
 

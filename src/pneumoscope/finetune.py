@@ -143,7 +143,7 @@ class FineTuner(L.LightningModule):
 
 def auto_precision(cuda: bool) -> str:
     """fp16 AMP on CUDA; bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), where a
-    fine-tuning step measured 1.4x faster with the same test AUC (BENCHMARKS.md); else fp32."""
+    whole fine-tuning run measured 1.4x faster with the same test AUC (BENCHMARKS.md); else fp32."""
     if cuda:
         return "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"

@@ -279,8 +279,6 @@ def train_run(
             return None  # a launched rank: rank 0 writes the run
         finetune_history, finetune_facts = result
         stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
-        aug = resolve_augment(config.augment)
-        finetune_facts["augmentation"] = aug.to_dict() if aug is not None else None
         # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
         feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
                                  num_workers=config.num_workers, progress=progress)  # fmt: skip
@@ -360,7 +358,7 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     history, facts = finetune(model, train_set, val_set, ft, work, resume=resume, progress=progress)
     if facts is None:
         return None
-    return history, facts
+    return history, {**facts, "augmentation": aug.to_dict() if aug is not None else None}
 
 
 class _Rows:
