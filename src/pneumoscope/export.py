@@ -27,11 +27,8 @@ class _Exported(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor):
-        feats = self.model.pooled_features(image)
-        logit = self.model.head(feats)[:, 0]
-        if self.model.ood is None:
-            return logit
-        return logit, self.model.ood(feats)
+        logit, ood = self.model.logit_and_ood(image)
+        return logit if ood is None else (logit, ood)
 
 
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, check_images: list[np.ndarray] | None = None) -> dict:

@@ -259,6 +259,12 @@ class PneumoniaClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    def logit_and_ood(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, S, S) -> logit (B,) and OOD distance (B,), or None without a guard: what
+        inference and the ONNX export compute, from one pass of the backbone."""
+        feats = self.pooled_features(x)
+        return self.head(feats)[:, 0], (self.ood(feats) if self.ood is not None else None)
+
     def cam_layer(self) -> nn.Module:
         return self.backbone.get_submodule(self.cam_layer_name)
 

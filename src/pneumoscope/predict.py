@@ -96,10 +96,8 @@ class TorchBackend:
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, C, S, S) normalised -> logits (B,), OOD distances (B,) or None."""
         with torch.inference_mode():
-            feats = self.model.pooled_features(torch.from_numpy(x))
-            logits = self.model.head(feats)[:, 0].double().numpy()
-            dist = self.model.ood(feats).double().numpy() if self.model.ood is not None else None
-        return logits, dist
+            logits, dist = self.model.logit_and_ood(torch.from_numpy(x))
+        return logits.double().numpy(), (None if dist is None else dist.double().numpy())
 
 
 class OnnxBackend:
