@@ -185,3 +185,9 @@ def test_evaluate_with_tta(run, tmp_path):
     ev = tmp_path / "ev"
     assert main(["-q", "evaluate", str(run), str(CHEST_XRAY), "--out", str(ev), "--limit", "20", "--tta", "--no-audit", "--bootstraps", "50"]) == 0
     assert json.loads((ev / "metrics.json").read_text())["n"] == 20
+
+
+def test_one_decision_rule_a_probability_at_the_threshold_is_pneumonia(predictor):
+    t = predictor.threshold
+    assert predictor.decide([t - 1e-9, t, t + 1e-9]).tolist() == [0, 1, 1]
+    assert [predictor.label_of(p) for p in (t - 1e-9, t)] == ["NORMAL", "PNEUMONIA"]

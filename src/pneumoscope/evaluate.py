@@ -98,7 +98,7 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
     """Grad-CAM figures of the most confident true/false positives and negatives."""
     from .explain import compute_gradcam
 
-    pred = result.y_prob >= predictor.threshold
+    pred = predictor.decide(result.y_prob).astype(bool)
     picks = []
     for kind, sel, most_confident_first in (
         ("false positive", pred & (result.y_true == 0), -result.y_prob), ("false negative", ~pred & (result.y_true == 1), result.y_prob),
@@ -138,10 +138,10 @@ def evaluate_run(
         write_csv(
             tmp / "predictions.csv",
             ["path", "patient_id", "label", "prob", "pred"],
-            [[path, r.patient_id, names[r.label], f"{p:.6f}", names[int(p >= predictor.threshold)]]
+            [[path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
              for r, path, p in zip(result.records, result.paths, result.y_prob)],
         )  # fmt: skip
-        y_pred = (result.y_prob >= predictor.threshold).astype(int)
+        y_pred = predictor.decide(result.y_prob)
         report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
         header = f"threshold {predictor.threshold:.4f} ({predictor.description.get('threshold_policy', '')})\n\n"
         write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())

@@ -52,13 +52,17 @@ BORDER_FRACTION = 0.10
 REMOVE_PERCENT = 20
 
 
+def _check_method(method: str) -> None:
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+
+
 def compute_cam(model, x: torch.Tensor, target_classes, method: str = "gradcam") -> np.ndarray:
     """CAMs (B, S, S) in [0, 1]; ``target_classes`` is one int or one per image (1 PNEUMONIA, 0 NORMAL).
 
     The hooks live only inside the ``with``: the model is left as it was.
     """
-    if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+    _check_method(method)
     targets = [target_classes] * len(x) if isinstance(target_classes, (int, np.integer)) else list(target_classes)
     if len(targets) != len(x) or any(t not in (0, 1) for t in targets):
         raise ValueError(f"target_class must be 0 (NORMAL) or 1 (PNEUMONIA) per image, got {target_classes!r}")
@@ -183,7 +187,7 @@ def check_batch(
     if probs is None:
         probs = predictor.predict_proba(images)
     if targets is None:
-        targets = [int(p >= predictor.threshold) for p in probs]
+        targets = predictor.decide(probs).tolist()
     cams = compute_cam(model, x, targets, method)
     out: dict[str, np.ndarray] = {"cams": cams, "prob": probs, "target": np.array(targets)}
     out["road_most"] = compute_road(model, x, cams, targets, most_relevant=True)
@@ -257,8 +261,7 @@ def explain_images(
     """The ``pneumoscope explain`` command: overlays, raw CAMs, per-image check scores and their summary."""
     from tqdm.auto import tqdm
 
-    if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+    _check_method(method)
     files = expand_inputs(paths)
     randomized = randomized_copy(predictor.model) if checks else None
     results, skipped, rows = [], [], []
@@ -279,7 +282,7 @@ def explain_images(
                 continue
             probs = predictor.predict_proba(images)
             if target == "predicted":
-                classes = [int(p >= predictor.threshold) for p in probs]
+                classes = predictor.decide(probs).tolist()
             else:
                 classes = [predictor.class_names.index(target.upper())] * len(images)
             if checks:
@@ -330,7 +333,7 @@ def audit_dataset(
         shortcut = shortcut_probs(predictor, images, None if probs is None else probs[start : start + len(images)])
         deltas_b.extend(shortcut["prob_border_masked"] - shortcut["prob"])
         deltas_c.extend(shortcut["prob_centre_masked"] - shortcut["prob"])
-        targets = [int(p >= predictor.threshold) for p in shortcut["prob"]]
+        targets = predictor.decide(shortcut["prob"]).tolist()
         cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), targets, method)
         outside.extend(cam_mass_outside_centre(c) for c in cams)
     return {

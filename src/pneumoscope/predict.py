@@ -175,8 +175,12 @@ class Predictor:
         """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
         return calibrated_probability(logits, self.temperature)
 
+    def decide(self, probs) -> np.ndarray:
+        """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold, else 0."""
+        return (np.asarray(probs, dtype=np.float64) >= self.threshold).astype(int)
+
     def label_of(self, prob: float) -> str:
-        return self.class_names[int(prob >= self.threshold)]
+        return self.class_names[int(self.decide(prob))]
 
     def run(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and OOD distances (or None) for decoded (H, W) images.

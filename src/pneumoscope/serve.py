@@ -76,7 +76,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
         with lock:
             pred = predictor.predict_images([image], [name])[0]
             view = predictor.preprocessing_view(image)
-            cam = compute_cam(predictor.model, predictor.preprocess(image), int(pred.prob >= predictor.threshold))[0] if can_explain else None
+            cam = compute_cam(predictor.model, predictor.preprocess(image), int(predictor.decide(pred.prob)))[0] if can_explain else None
         result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "image_png": _png(view), "notice": "Research software, not a medical device."}
         if cam is not None:
             result.update(cam_method="gradcam", cam_target=pred.label, heatmap_png=_png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
