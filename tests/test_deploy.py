@@ -191,3 +191,32 @@ def test_one_decision_rule_a_probability_at_the_threshold_is_pneumonia(predictor
     t = predictor.threshold
     assert predictor.decide([t - 1e-9, t, t + 1e-9]).tolist() == [0, 1, 1]
     assert [predictor.label_of(p) for p in (t - 1e-9, t)] == ["NORMAL", "PNEUMONIA"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (512, 512), (8, 300)])
+def test_blank_tiny_and_elongated_images_are_flagged_before_the_feature_guard(predictor, shape):
+    pred = predictor.predict_images([np.full(shape, 0.5, np.float32)], ["grey"])[0]
+    assert pred.ood is True and pred.ood_reason
+    assert predictor.predict_images([predictor.read(_test_images(1)[0])], ["xray"])[0].ood_reason == ""
+
+
+def test_a_nan_probability_never_becomes_a_label(predictor, monkeypatch):
+    monkeypatch.setattr(predictor.backend, "run", lambda x: (np.full(len(x), np.nan), np.zeros(len(x))))
+    pred = predictor.predict_images([predictor.read(_test_images(1)[0])], ["x"])[0]
+    assert pred.prob is None and pred.label is None and "not a finite number" in pred.error
+    with pytest.raises(ValueError, match="non-finite"):
+        predictor.decide([0.2, float("nan")])
+
+
+def test_a_dicom_that_would_decode_to_nan_gets_an_error_row_and_valid_json(run, tmp_path, capsys):
+    from pydicom import dcmread
+
+    bad = write_dicom(tmp_path / "w0.dcm", np.arange(4096).reshape(64, 64), window=(2000, 0))
+    ds = dcmread(bad)
+    ds.VOILUTFunction = "LINEAR_EXACT"
+    ds.save_as(bad)
+    good = _test_images(1)[0]
+    assert main(["predict", str(run), str(bad), str(good), "--format", "json"]) == 1
+    rows = json.loads(capsys.readouterr().out)  # strict JSON: no NaN
+    assert rows[0]["prob"] is None and rows[0]["label"] is None and "WindowWidth" in rows[0]["error"]
+    assert rows[1]["label"] in ("NORMAL", "PNEUMONIA") and 0 <= rows[1]["prob"] <= 1

@@ -79,3 +79,29 @@ def test_dicom_without_extension_is_recognised(radiograph, tmp_path):
     plain = tmp_path / "IMG0001"
     plain.write_bytes(path.read_bytes())
     np.testing.assert_allclose(read_image(plain), read_image(path))
+
+
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "LINEAR", "SIGMOID"])
+def test_a_zero_window_width_is_refused_never_nan(tmp_path, function):
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "w0.dcm", np.arange(64).reshape(8, 8) * 10, window=(300, 0))
+    ds = dcmread(path)
+    ds.VOILUTFunction = function
+    ds.save_as(path)
+    with pytest.raises(ImageReadError, match="WindowWidth 0.0"):
+        read_image(path)
+
+
+def test_a_width_one_linear_window_is_a_threshold_at_the_centre(tmp_path):
+    arr = read_image(write_dicom(tmp_path / "w1.dcm", np.arange(64).reshape(8, 8), window=(32, 1)))
+    assert set(np.unique(arr)) == {0.0, 1.0} and (arr.ravel()[:32] == 0).all() and (arr.ravel()[32:] == 1).all()
+
+
+def test_every_decoder_output_is_checked_for_nan(tmp_path, monkeypatch):
+    import pneumoscope.io as io_mod
+
+    monkeypatch.setattr(io_mod, "read_dicom", lambda path, data, max_pixels: np.full((4, 4), np.nan, np.float32))
+    path = write_dicom(tmp_path / "nan.dcm", np.zeros((4, 4)))
+    with pytest.raises(ImageReadError, match="NaN or infinite"):
+        read_image(path)

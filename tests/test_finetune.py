@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,26 @@ def test_seeds_train_several_runs_and_report_mean_and_sd(small_tree, tmp_path, c
     a = json.loads((out / "seed-0" / "config.json").read_text())["seed"]
     b = json.loads((out / "seed-1" / "config.json").read_text())["seed"]
     assert (a, b) == (0, 1) and "± " in capsys.readouterr().out
+
+
+class _Planted:
+    """A pickle that would create a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
+    from pneumoscope.cli import main
+    from pneumoscope.finetune import load_resume_state
+
+    marker, work = tmp_path / "code-ran", tmp_path / ".run.work"
+    work.mkdir()
+    torch.save({"epoch": 0, "state_dict": {}, "payload": _Planted(marker)}, work / "last.ckpt")
+    with pytest.raises(RuntimeError, match="refused to load"):
+        load_resume_state(work / "last.ckpt")
+    assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "2", "--resume"]) == 2
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -76,6 +76,62 @@ def read_description(path: str | os.PathLike) -> dict:
     description = json.loads(meta["pneumoscope"])
     if description.get("format") != FORMAT or description.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {description.get('format_version')} is newer than this pneumoscope reads; upgrade pneumoscope.")
+    return validate_description(description, path)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or ONNX export) whose description cannot be used as it stands."""
+
+
+# Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
+# above 1,024 px one CPU image costs seconds and a batch gigabytes.
+INPUT_SIZE_RANGE = (16, 1024)
+
+
+def validate_description(description: dict, source: str | os.PathLike) -> dict:
+    """Refuse a description that would silently change answers: a temperature <= 0 inverts
+    every probability, a threshold outside (0, 1) makes one class impossible, a NaN or
+    negative OOD cut-off turns the guard off. Returns the description unchanged."""
+    import math
+
+    def number(value, name: str) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{source}: {name} must be a number, got {value!r}. Fix: re-train, re-calibrate or re-export the model.") from None
+        if not math.isfinite(x):
+            raise CheckpointError(f"{source}: {name} must be finite, got {value!r}. Fix: re-train, re-calibrate or re-export the model.")
+        return x
+
+    def refuse(name: str, rule: str, value) -> CheckpointError:
+        return CheckpointError(f"{source}: {name} must be {rule}, got {value!r}; the file was edited or damaged. Fix: re-train, re-calibrate or re-export the model.")
+
+    if number(description.get("temperature", 1.0), "temperature") <= 0:
+        raise refuse("temperature", "> 0 (a negative one inverts every prediction)", description.get("temperature"))
+    threshold = number(description.get("threshold"), "threshold")
+    if not 0.0 < threshold < 1.0:
+        raise refuse("threshold", "in (0, 1)", threshold)
+    if description.get("ood"):
+        if number(description["ood"].get("cutoff"), "ood.cutoff") < 0:
+            raise refuse("ood.cutoff", ">= 0 (a negative one flags everything; NaN flags nothing)", description["ood"].get("cutoff"))
+    pre = description.get("preprocessing")
+    if not isinstance(pre, dict):
+        raise refuse("preprocessing", "a mapping (input_size, mean, std, in_chans)", pre)
+    size = number(pre.get("input_size"), "preprocessing.input_size")
+    lo, hi = INPUT_SIZE_RANGE
+    if size != int(size) or not lo <= size <= hi:
+        raise refuse("preprocessing.input_size", f"an integer in [{lo}, {hi}]", pre.get("input_size"))
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not isinstance(values, (list, tuple)) or not values:
+            raise refuse(f"preprocessing.{key}", "a list of numbers", values)
+        for v in values:
+            if key == "std" and number(v, "preprocessing.std") <= 0:
+                raise refuse("preprocessing.std", "> 0", values)
+            number(v, f"preprocessing.{key}")
+    names = description.get("class_names", list(CLASS_NAMES))
+    if list(names) != list(CLASS_NAMES):
+        raise refuse("class_names", f"{list(CLASS_NAMES)} (the positive class is index 1)", names)
     return description
 
 

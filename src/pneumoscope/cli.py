@@ -225,16 +225,16 @@ def cmd_explain(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import Predictor, expand_inputs
+    from .predict import Prediction, Predictor, expand_inputs
 
     predictor = Predictor.load(args.run)
     results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs), tta=args.tta)]
     if args.format == "json":
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2, allow_nan=False))  # a NaN is never written as if it were a number
     else:
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "prob", "label", "threshold", "ood", "ood_distance", "error"])
+        writer = csv.DictWriter(sys.stdout, fieldnames=Prediction.FIELDS)
         writer.writeheader()
         writer.writerows({**r, "prob": "" if r["prob"] is None else f"{r['prob']:.6f}"} for r in results)
     return 1 if any(r["error"] for r in results) else 0

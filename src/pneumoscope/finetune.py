@@ -150,7 +150,17 @@ def auto_precision(cuda: bool) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, then rename: a run killed mid-write leaves the previous checkpoint whole."""
+    """Write to a temporary file, then rename: a run killed mid-write leaves the previous checkpoint whole.
+
+    Read without unpickling arbitrary objects: anyone who can write beside ``--out`` could
+    otherwise plant a pickle that runs code on ``--resume``. The state this module's
+    Trainer saves holds only tensors, containers, strings and numbers (no
+    hyper-parameter objects), so PyTorch's ``weights_only`` loader reads all of it;
+    anything else is refused.
+    """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_resume_state(path)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
@@ -160,6 +170,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+
+
+def load_resume_state(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (no arbitrary code), or a clear error."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(
+            f"{path}: refused to load fine-tuning state: it holds objects other than tensors and plain values ({str(err).splitlines()[0]}). "
+            "It may have been planted or damaged. Fix: delete the folder and train again without --resume."
+        ) from None
 
 
 def finetune(
@@ -196,8 +219,7 @@ def finetune(
     ckpt = work_dir / "last.ckpt"
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from. Start without --resume.")
-    # this run's own Lightning checkpoint: its loop state needs full unpickling; never a user-supplied file
-    resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else None
+    resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None
     t0 = time.perf_counter()
     trainer.fit(
         module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
@@ -205,8 +227,7 @@ def finetune(
     )  # fmt: skip
     fit_s = time.perf_counter() - t0
     if best.best_model_path:
-        # this run's own Lightning checkpoint (optimizer and loop state need full unpickling); never a user-supplied file
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_resume_state(best.best_model_path)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format).cpu().eval()
     history = _read_history(work_dir / "logs" / "version_0" / "metrics.csv")

@@ -66,7 +66,27 @@ def read_image(
     if len(data) == 0:
         raise ImageReadError(path, "file is empty (0 bytes)", "Re-copy or remove the file.")
     if Path(str(path)).suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":
-        return read_dicom(path, data, max_pixels=max_pixels)
+        return check_decoded(read_dicom(path, data, max_pixels=max_pixels), path)
+    return check_decoded(_read_pillow(path, data, draft_size=draft_size, max_pixels=max_pixels), path)
+
+
+def check_decoded(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """The one check every decoder's output passes: a finite 2-D float32 array in [0, 1].
+
+    A NaN that reached the network would come out as a NaN probability, and a NaN
+    compares false with every threshold: it would be read as NORMAL.
+    """
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ImageReadError(path, f"decoded to an unusable shape {image.shape}", "Re-export as a 2-D grayscale image.")
+    if not np.isfinite(image).all():
+        bad = int((~np.isfinite(image)).sum())
+        raise ImageReadError(path, f"decoded to {bad:,} NaN or infinite pixel values", "Re-export the image (check its window/LUT settings).")
+    if image.min() < 0.0 or image.max() > 1.0:  # a decoder bug, never the user's file
+        raise RuntimeError(f"{path}: decoder returned values in [{image.min()}, {image.max()}], outside [0, 1] (a bug; please report it)")
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _read_pillow(path, data: bytes, *, draft_size: int | None, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # Turn Pillow's bomb warning into an error for this call only.
@@ -141,7 +161,7 @@ def read_dicom(path: str | os.PathLike, data: bytes, *, max_pixels: int = MAX_PI
         arr = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64) / (2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        arr = _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+        arr = _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper(), path)
     else:
         lo, hi = float(values.min()), float(values.max())
         arr = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -159,13 +179,26 @@ def _first(value) -> float:
         return float(value)
 
 
-def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
-    """DICOM window to [0, 1] (PS3.3 C.11.2.1.2.1-3)."""
+def _window(x: np.ndarray, centre: float, width: float, function: str, path="") -> np.ndarray:
+    """DICOM window to [0, 1] (PS3.3 C.11.2.1.2.1-3).
+
+    The standard requires Window Width >= 1 for LINEAR and > 0 for LINEAR_EXACT and
+    SIGMOID; a header that breaks it (a width of 0 would divide by zero) is refused
+    rather than guessed at.
+    """
+    smallest = 1.0 if function == "LINEAR" else 0.0
+    if not (np.isfinite(centre) and np.isfinite(width)) or width < smallest or (width == 0.0):
+        rule = ">= 1" if function == "LINEAR" else "> 0"
+        raise ImageReadError(
+            path, f"DICOM window is invalid: WindowCenter {centre!r}, WindowWidth {width!r} (must be finite, width {rule} for {function})",
+            "Fix the header's WindowCenter/WindowWidth (or remove both to show the full range), or export as PNG.",
+        )
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (x - centre) / width))
     if function == "LINEAR_EXACT":
         return (x - centre) / width + 0.5
-    width = max(width, 1.0)
+    if width == 1.0:  # LINEAR with width 1 is a hard threshold at the centre (PS3.3 C.11.2.1.2.1)
+        return (x > centre - 0.5).astype(np.float64)
     return (x - (centre - 0.5)) / (width - 1.0) + 0.5
 
 
@@ -192,6 +225,26 @@ def _to_gray_float(img: Image.Image, path) -> np.ndarray:
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise ImageReadError(path, f"decoded to an unusable shape {arr.shape}", "Re-export as a 2-D grayscale image.")
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# Cheap image-level checks before the feature-level OOD guard: a blank or tiny picture
+# can land close to the training features and would get a confident-looking answer.
+MIN_SIDE = 28  # PneumoniaMNIST's side, the smallest images a model here is trained on
+MAX_ASPECT = 3.0  # chest radiographs are between about 0.7 and 1.4 (width / height)
+MIN_CONTRAST = 0.01  # standard deviation of [0, 1] pixel values; 8-bit noise alone is ~0.004
+
+
+def screen_image(image: np.ndarray) -> str:
+    """Why a decoded image cannot be a radiograph (near-constant, too small, too elongated), or ""."""
+    h, w = image.shape
+    if min(h, w) < MIN_SIDE:
+        return f"image is {w}x{h} pixels; radiographs are at least {MIN_SIDE} px a side"
+    if max(h, w) / min(h, w) > MAX_ASPECT:
+        return f"aspect ratio {max(h, w) / min(h, w):.1f} is beyond {MAX_ASPECT:g}; not a chest radiograph"
+    sd = float(image.std())
+    if sd < MIN_CONTRAST:
+        return f"image is near-constant (pixel sd {sd:.4f} < {MIN_CONTRAST}): blank or empty"
+    return ""
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
 from .features import extract_features
-from .io import ImageReadError, is_image_path, read_image, resize_image
+from .io import ImageReadError, is_image_path, read_image, resize_image, screen_image
 from .models import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,12 @@ class Prediction:
     ood: bool | None = None  # unlike the training images (None: the checkpoint has no guard)
     ood_distance: float | None = None
     error: str = ""
+    ood_reason: str = ""  # why the image-level checks flagged it (blank, tiny, elongated), else ""
+
+    FIELDS = ("path", "prob", "label", "threshold", "ood", "ood_distance", "ood_reason", "error")
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "prob": self.prob, "label": self.label, "threshold": self.threshold,
-                "ood": self.ood, "ood_distance": self.ood_distance, "error": self.error}  # fmt: skip
+        return {k: getattr(self, k) for k in self.FIELDS}
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
@@ -124,9 +126,9 @@ class OnnxBackend:
 class Predictor:
     """A loaded model with its threshold, temperature and preprocessing contract."""
 
-    def __init__(self, backend, description: dict):
+    def __init__(self, backend, description: dict, source: str | os.PathLike = "model"):
         self.backend = backend
-        self.description = description
+        self.description = validate_description(description, source)
         self.threshold = float(description["threshold"])
         self.temperature = float(description.get("temperature", 1.0))
         self.preprocessing = Preprocessing.from_dict(description["preprocessing"])
@@ -143,12 +145,12 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Predictor":
         model, description = load_checkpoint(path)
-        return cls(TorchBackend(model), description)
+        return cls(TorchBackend(model), description, path)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> "Predictor":
         backend = OnnxBackend(path, threads)
-        return cls(backend, backend.description)
+        return cls(backend, backend.description, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Predictor":
@@ -176,8 +178,13 @@ class Predictor:
         return calibrated_probability(logits, self.temperature)
 
     def decide(self, probs) -> np.ndarray:
-        """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold, else 0."""
-        return (np.asarray(probs, dtype=np.float64) >= self.threshold).astype(int)
+        """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold, else 0.
+
+        A missing or NaN probability has no label (NaN >= t is False: it would read as NORMAL)."""
+        p = np.asarray(probs, dtype=np.float64)
+        if not np.isfinite(p).all():
+            raise ValueError(f"cannot decide on a non-finite probability ({int((~np.isfinite(p)).sum())} of {p.size}); such an image has no label")
+        return (p >= self.threshold).astype(int)
 
     def label_of(self, prob: float) -> str:
         return self.class_names[int(self.decide(prob))]
@@ -214,10 +221,15 @@ class Predictor:
     def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
         probs, dists = self.run(images, batch_size=batch_size, tta=tta)
         out = []
-        for i, (name, prob) in enumerate(zip(names, probs)):
-            dist = None if dists is None else float(dists[i])
+        for i, (name, prob, image) in enumerate(zip(names, probs, images)):
+            dist = None if dists is None or not np.isfinite(dists[i]) else float(dists[i])
+            if not np.isfinite(prob):
+                out.append(Prediction(name, None, None, self.threshold, error="the model's output is not a finite number; no label is given. "
+                                      "Check the image and the model file."))  # fmt: skip
+                continue
             flag = None if dist is None or self.ood_cutoff is None else bool(dist > self.ood_cutoff)
-            out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, flag, dist))
+            reason = screen_image(image)
+            out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, True if reason else flag, dist, ood_reason=reason))
         return out
 
     def predict_paths(self, paths: list[str | os.PathLike], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
