@@ -19,7 +19,7 @@ from safetensors.torch import save
 
 from .data import CLASS_NAMES
 from .outputs import write_bytes_atomic
-from .models import MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
+from .models import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
 
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 1
@@ -52,6 +52,8 @@ def describe(
         "threshold": float(threshold),
         "threshold_policy": threshold_policy,
         "metrics": metrics or {},
+        # training feature moments and a sample of training features; fitted to a site by `adapt`
+        "feature_adapter": None if model.adapter is None else {"reference_sample": int(model.adapter.ref_sample.shape[0])},
         "versions": package_versions(),
         **(extra or {}),
     }
@@ -154,8 +156,31 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, dict]
     model = create_model(description["backbone"], pretrained="none", hidden=head["hidden"], dropout=head["dropout"])
     if description.get("ood"):
         model.ood = MahalanobisGuard.empty(head["in_features"])
+    if description.get("feature_adapter"):
+        model.adapter = FeatureAdapter.empty(head["in_features"], int(description["feature_adapter"]["reference_sample"]))
     stored = Preprocessing.from_dict(description["preprocessing"])
     if stored != model.preprocessing:
         model.preprocessing = stored
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval(), description
+
+
+# What a derived run (calibrated, adapted) keeps of the run it came from, beside its own checkpoint.
+RUN_CONTEXT_FILES = ("history.png", "history.csv", "data_summary.json", "config.json", "splits.csv", "samples.png")
+
+
+def save_derived_run(run: str | os.PathLike, out: str | os.PathLike, model: PneumoniaClassifier, description: dict, *, overwrite: bool = False) -> Path:
+    """A new run folder: this checkpoint and description, plus the source run's training context."""
+    import shutil
+
+    from .outputs import atomic_output_dir, write_json
+
+    validate_description(description, out)
+    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        save_checkpoint(tmp, model, description)
+        write_json(tmp / "checkpoint.json", description)
+        for name in RUN_CONTEXT_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
+    return Path(out)

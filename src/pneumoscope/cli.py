@@ -180,10 +180,43 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_run
 
     policy, target = _policy(args)
-    out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, overwrite=args.overwrite, cache_dir=args.cache_dir)
+    out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, refit=args.refit_head,
+                              overwrite=args.overwrite, cache_dir=args.cache_dir)  # fmt: skip
     c = desc["calibration"]
     print(f"calibrated on {c['n']} images: temperature {desc['temperature']:.3f}, threshold {desc['threshold']:.4f} "
           f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
+    return 0
+
+
+def cmd_shift(args) -> int:
+    from .adapt import shift_report
+    from .outputs import write_json
+
+    report = shift_report(args.run, args.site, cache_dir=args.cache_dir, seed=args.seed)
+    if args.out:
+        write_json(args.out, report)
+    if args.json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+        return 0
+    prev = report["prevalence"]
+    print(f"{report['n']} site images vs the training split of {args.run}\n"
+          f"  two-sample test: MMD² {report['mmd']['mmd2']:.4f}, permutation p = {report['mmd']['p_value']:.3g}\n"
+          f"  domain classifier AUC (0.5: indistinguishable): {report['domain_auc']:.3f}\n"
+          f"  predicted positive rate {prev['predicted_positive_rate']:.3f}; estimated prevalence {prev['mixture']:.3f} (mixture of the "
+          f"site's logits), {_fmt(prev['bbse'])} (BBSE), {prev['em']:.3f} (EM); validation prevalence {report['validation_prevalence']:.3f}\n"
+          f"  out-of-distribution one by one: {_fmt(report['ood_fraction'])}\n"
+          f"verdict: {report['verdict']}")  # fmt: skip
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from .adapt import adapt_run
+
+    out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed)
+    a = desc["adaptation"]
+    print(f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
+          f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc['threshold']:.4f} "
+          f"(was {a['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
     return 0
 
 
@@ -267,6 +300,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .adapt import ADAPT_METHODS
+
     parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,10 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="labelled local images (folder of class folders, Kaggle root, .zip or .npz)")
     p.add_argument("--out", required=True, help="new run folder")
     p.add_argument("--split", default="val", help="split of a Kaggle root or npz to calibrate on (a folder of class folders is used whole)")
+    p.add_argument("--refit-head", action="store_true",
+                   help="also refit the head on these images beside the run's training sample (temperature and threshold then cross-fitted)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--cache-dir")
     _add_policy_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("shift", help="does a site's set of images differ from the training split? two-sample test, prevalence, verdict")
+    p.add_argument("run")
+    p.add_argument("site", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
+    p.add_argument("--out", help="also write the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_shift)
+
+    p = sub.add_parser("adapt", help="adapt a run to a site's unlabelled images; writes a new run")
+    p.add_argument("run")
+    p.add_argument("site", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--method", default=ADAPT_METHODS[0], choices=ADAPT_METHODS,
+                   help="center: feature means moved to the training split's; standardize: means and sds; +prior: probabilities moved "
+                        "to the site's estimated prevalence (default center+prior)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("export", help="ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check")
     p.add_argument("run")

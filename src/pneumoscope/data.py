@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import ImageReadError, is_image_path, read_image
+from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,37 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     else:
         raise DataError(f"{path}: unsupported data source. Give a folder, a .zip or a PneumoniaMNIST .npz.")
     return _from_names(path, reader, names)
+
+
+UNLABELLED = -1  # Record.label of a site image whose class nobody told us
+
+
+def load_unlabelled(path: str | os.PathLike) -> Dataset:
+    """Every image under a folder or in a .zip, searched recursively, without labels.
+
+    For a site's unlabelled images: folder names (``NORMAL/``, ``PNEUMONIA/``) are never
+    read as labels; each record's label is :data:`UNLABELLED`. Patient ids come from
+    file names as elsewhere, namespaced ``site/``.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
+        reader: Reader = ZipReader(path)
+        names = reader.names()
+    elif path.is_dir():
+        reader = DirReader(path)
+        names = _walk(path)
+    else:
+        raise DataError(f"{path}: not a folder or .zip of images. Give the folder that holds the site's images (searched recursively).")
+    records = []
+    for name in sorted(names):
+        parts = name.split("/")
+        if "__MACOSX" in parts or any(p.startswith(".") for p in parts) or not is_image_path(name):
+            continue
+        pid = parse_patient_id(parts[-1], UNLABELLED)
+        records.append(Record(name, UNLABELLED, "site", f"site/{pid.patient_id}", "unknown", pid.from_name, origin_split="site"))
+    if not records:
+        raise DataError(f"{path}: no image files found (searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return Dataset(path, "unlabelled", reader, records)
 
 
 def _walk(root: Path) -> list[str]:

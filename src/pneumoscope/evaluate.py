@@ -71,6 +71,11 @@ def evaluate_dataset(
     if excluded:
         logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
         scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
+    adapted_on = set((predictor.description.get("adaptation") or {}).get("image_sha256", []))
+    transductive = sum(r.content_hash in adapted_on for r in scanned.records)
+    if transductive:
+        logger.warning("%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
+                       "transductive. For an unbiased estimate evaluate on other images of the site.", transductive)  # fmt: skip
     if tta:  # the feature cache holds untransformed images only: decode and run every view
         kept, images, problems = [], [], []
         for r in scanned.records:
@@ -89,6 +94,7 @@ def evaluate_dataset(
         y_true, prob, predictor.threshold, groups=[r.patient_id for r in kept],
         pneumonia_type=[r.pneumonia_type for r in kept], n_boot=n_boot, seed=seed,
     )  # fmt: skip
+    metrics["adapted_on_evaluated_images"] = transductive
     if metrics["roc_auc"] is None:
         logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
     return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded))
@@ -179,7 +185,9 @@ def evaluate_run(
             "gallery": gallery,
             "shortcut_audit": audit,
             "model_card": model_card(predictor.description, m, str(data)),
-            "notes": [m["note"]] if m.get("note") else [],
+            "notes": ([m["note"]] if m.get("note") else []) + (
+                [f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
+                 "the figures are transductive."] if m.get("adapted_on_evaluated_images") else []),
         }  # fmt: skip
         write_bytes_atomic(tmp / "report.html", render_report(context).encode())
     logger.info("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], m["roc_auc"], m["accuracy"], out)

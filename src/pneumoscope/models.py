@@ -238,6 +238,64 @@ class MahalanobisGuard(nn.Module):
             return self(torch.as_tensor(features, dtype=torch.float32)).numpy()
 
 
+class FeatureAdapter(nn.Module):
+    """Site adaptation of the pooled features: ``f * scale + shift``, per feature.
+
+    Holds the training split's feature moments (``ref_mean``, ``ref_sd``) and a
+    sample of its features with their labels (``ref_sample``, ``ref_labels``: for
+    set-level shift tests, and to refit the head beside a few labelled site images). Identity
+    (scale 1, shift 0, exactly) until :meth:`fit_site` maps a site's feature mean and
+    sd onto the training split's, from the site's images alone (no labels).
+    """
+
+    def __init__(self, ref_mean: torch.Tensor, ref_sd: torch.Tensor, ref_sample: torch.Tensor, ref_labels: torch.Tensor):
+        super().__init__()
+        self.register_buffer("ref_mean", ref_mean.float())
+        self.register_buffer("ref_sd", ref_sd.float())
+        self.register_buffer("ref_sample", ref_sample.float())
+        self.register_buffer("ref_labels", ref_labels.float())
+        self.register_buffer("scale", torch.ones_like(self.ref_mean))
+        self.register_buffer("shift", torch.zeros_like(self.ref_mean))
+
+    REFERENCE_SAMPLE = 512  # training features kept for shift tests (2.6 MB for 1,280 features)
+    MIN_SD = 1e-3  # features that barely vary at the site are left unscaled
+
+    @classmethod
+    def reference(cls, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> "FeatureAdapter":
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.permutation(len(features))[: cls.REFERENCE_SAMPLE])
+        return cls(torch.from_numpy(features.mean(0)), torch.from_numpy(features.std(0)), torch.from_numpy(features[rows]),
+                   torch.from_numpy(np.asarray(labels)[rows].astype(np.float32)))  # fmt: skip
+
+    @classmethod
+    def empty(cls, dim: int, n_sample: int) -> "FeatureAdapter":
+        return cls(torch.zeros(dim), torch.ones(dim), torch.zeros(n_sample, dim), torch.zeros(n_sample))
+
+    def fit_site(self, site_features: np.ndarray, *, shrink: float = 1.0) -> None:
+        """Map the site's per-feature mean and sd onto the training split's.
+
+        ``shrink`` in [0, 1] blends the site's sd with the training one (1: the site's
+        own; 0: a mean shift only), for small site samples.
+        """
+        site = torch.as_tensor(np.asarray(site_features, np.float64))
+        ref_mean, ref_sd = self.ref_mean.double(), self.ref_sd.double()
+        sd = shrink * site.std(0, unbiased=False) + (1 - shrink) * ref_sd
+        scale = torch.where(sd > self.MIN_SD, ref_sd / sd.clamp(min=self.MIN_SD), torch.ones_like(sd))
+        self.scale.copy_(scale.float())
+        self.shift.copy_((ref_mean - site.mean(0) * scale).float())
+
+    @property
+    def is_identity(self) -> bool:
+        return bool((self.scale == 1).all() and (self.shift == 0).all())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features * self.scale + self.shift  # (B, C)
+
+    def apply_np(self, features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self(torch.as_tensor(features, dtype=torch.float32)).numpy()
+
+
 class PneumoniaClassifier(nn.Module):
     """Backbone feature map -> :class:`Head`. ``forward`` returns (B, 1) logits."""
 
@@ -249,6 +307,7 @@ class PneumoniaClassifier(nn.Module):
         self.cam_layer_name = cam_layer
         self.preprocessing = preprocessing
         self.ood: MahalanobisGuard | None = None  # set by training; part of the state dict when present
+        self.adapter: FeatureAdapter | None = None  # set by training (identity), fitted by `adapt`
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, C, h, w)
@@ -256,14 +315,22 @@ class PneumoniaClassifier(nn.Module):
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3))  # (B, C)
 
+    def adapted(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features as the head and the OOD guard see them (after site adaptation)."""
+        return features if self.adapter is None else self.adapter(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.head(self.adapted(self.pooled_features(x)))  # (B, 1)
 
     def logit_and_ood(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C, S, S) -> logit (B,) and OOD distance (B,), or None without a guard: what
         inference and the ONNX export compute, from one pass of the backbone."""
-        feats = self.pooled_features(x)
+        feats = self.adapted(self.pooled_features(x))
         return self.head(feats)[:, 0], (self.ood(feats) if self.ood is not None else None)
+
+    def head_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) from cached pooled backbone features."""
+        return self.head(self.adapted(torch.as_tensor(pooled, dtype=torch.float32)))[:, 0]
 
     def cam_layer(self) -> nn.Module:
         return self.backbone.get_submodule(self.cam_layer_name)

@@ -258,7 +258,7 @@ class Predictor:
             self.model, dataset, records, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
         )
         with torch.inference_mode():
-            logits = self.model.head(torch.as_tensor(feats.features))[:, 0]
+            logits = self.model.head_logits(feats.features)
         return feats.records, logits, feats.problems
 
     def predict_dataset(self, dataset: Dataset, records: list[Record] | None = None, **kw) -> tuple[list[Record], np.ndarray, list[tuple[str, str]]]:

@@ -24,8 +24,8 @@ from . import data as data_mod
 from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
-from .metrics import compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature, mean_sd
-from .models import DEFAULT_BACKBONE, Head, MahalanobisGuard, create_model
+from .metrics import THRESHOLD_POLICIES, compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature, mean_sd
+from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 from .predict import calibrated_probability
@@ -74,6 +74,10 @@ class TrainConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         resolve_augment(self.augment)  # a typo fails before any work
+        if self.threshold_policy not in THRESHOLD_POLICIES:
+            raise ValueError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
+        if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
+            raise ValueError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
 
 
 def load_train_config(path: str | os.PathLike | None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -291,6 +295,7 @@ def train_run(
     val_metrics = compute_clinical_metrics(y[va], val_prob, threshold, groups=val_groups, seed=config.seed)
     logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], temperature, threshold, policy)
 
+    model.adapter = FeatureAdapter.reference(feats.features[tr], y[tr], seed=config.seed)  # identity; `adapt` fits it to a site
     model.ood = MahalanobisGuard.fit(feats.features[tr], feats.features[va], quantile=config.ood_quantile)
     ood = {"method": "mahalanobis distance of pooled backbone features (Ledoit-Wolf covariance of the training split)",
            "cutoff": float(model.ood.cutoff), "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances"}  # fmt: skip

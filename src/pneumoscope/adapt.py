@@ -1,0 +1,170 @@
+"""A run meets a new site: measure the shift, adapt to the site's unlabelled images.
+
+``assess_site`` compares a site's images with the training split (set-level tests,
+prevalence estimate, verdict); ``adapt_run`` fits what can be fitted without labels and
+writes a new run that records the images it used (by content hash) and the method.
+No label is ever read from the site's folder names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from .checkpoint import save_derived_run
+from .features import extract_features
+from .predict import Predictor
+from .shift import (
+    MIN_SITE_IMAGES,
+    compute_domain_auc,
+    compute_mmd_test,
+    estimate_prevalence,
+    prior_shift_offset,
+    shift_verdict,
+)
+
+logger = logging.getLogger(__name__)
+
+# center: the site's feature means mapped onto the training split's; standardize: means and sds.
+# +prior: probabilities moved to the site's estimated prevalence (decisions unchanged).
+ADAPT_METHODS = ("center+prior", "center", "standardize+prior", "standardize")
+
+
+@dataclass
+class SiteFeatures:
+    dataset: data_mod.Dataset
+    records: list[data_mod.Record]
+    features: np.ndarray  # (N, C) raw pooled backbone features
+    problems: list[tuple[str, str]]
+
+
+def read_site(predictor: Predictor, site: str | os.PathLike, *, cache_dir=None, progress: bool = True) -> SiteFeatures:
+    """Pooled backbone features of every image under ``site`` (labels, if any, ignored)."""
+    dataset = data_mod.scan(data_mod.load_unlabelled(site), check_decode=False, progress=progress)
+    feats = extract_features(predictor.model, dataset, cache_dir=cache_dir, progress=progress)
+    if len(feats.records) < MIN_SITE_IMAGES:
+        raise data_mod.DataError(
+            f"{site}: {len(feats.records)} readable images; judging or adapting to a site needs at least {MIN_SITE_IMAGES} "
+            "(a few hundred are better). Fix: add more of the site's images."
+        )
+    return SiteFeatures(dataset, feats.records, feats.features, dataset.problems + feats.problems)
+
+
+def _require_adapter(predictor: Predictor, run) -> None:
+    if predictor.model.adapter is None:
+        raise data_mod.DataError(
+            f"{run}: this run was trained before site adaptation existed and holds no training feature statistics. "
+            "Fix: train it again with this version of pneumoscope."
+        )
+
+
+def _validation_rates(predictor: Predictor) -> tuple[float, float, float]:
+    """(sensitivity, 1 - specificity, prevalence) of the run's validation split at its threshold."""
+    val = predictor.description.get("metrics", {}).get("val") or {}
+    if not {"sensitivity", "specificity", "prevalence"} <= set(val):
+        raise data_mod.DataError("the run records no validation metrics; train it again with this version of pneumoscope.")
+    return float(val["sensitivity"]), 1.0 - float(val["specificity"]), float(val["prevalence"])
+
+
+def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 0, n_perm: int = 500) -> dict:
+    """Set-level shift between the training split and a site (features as the model sees them now)."""
+    model = predictor.model
+    ref = model.adapter.ref_sample.numpy()
+    adapted = model.adapter.apply_np(site_features)
+    mmd = compute_mmd_test(ref, adapted, n_perm=n_perm, seed=seed)
+    domain_auc = compute_domain_auc(ref, adapted, seed=seed)
+    with torch.no_grad():
+        logits = model.head(torch.as_tensor(adapted))[:, 0].double().numpy()
+    prob = predictor.probability(logits)
+    tpr, fpr, val_prev = _validation_rates(predictor)
+    prevalence = estimate_prevalence(prob, predictor.threshold, tpr, fpr, val_prev)
+    ood = None
+    if model.ood is not None:
+        ood = float((model.ood.distance_np(adapted) > predictor.ood_cutoff).mean())
+    detected, verdict = shift_verdict(mmd, domain_auc, prevalence, val_prevalence=val_prev, ood_fraction=ood)
+    return {"n": int(len(site_features)), "shift_detected": detected, "verdict": verdict, "mmd": mmd, "domain_auc": domain_auc,
+            "prevalence": prevalence, "validation_prevalence": val_prev, "ood_fraction": ood, "threshold": predictor.threshold,
+            "adapted": not model.adapter.is_identity}  # fmt: skip
+
+
+def shift_report(run: str | os.PathLike, site: str | os.PathLike, *, cache_dir=None, progress: bool = True, seed: int = 0) -> dict:
+    """The ``pneumoscope shift`` command: how a site's images differ from the run's training split."""
+    predictor = Predictor.from_checkpoint(run)
+    _require_adapter(predictor, run)
+    site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
+    report = assess_site(predictor, site_feats.features, seed=seed)
+    report.update(run=str(run), site=str(site), skipped=len(site_feats.problems))
+    return report
+
+
+def adapt_run(
+    run: str | os.PathLike, site: str | os.PathLike, out: str | os.PathLike, *, method: str = ADAPT_METHODS[0],
+    overwrite: bool = False, cache_dir=None, progress: bool = True, seed: int = 0,
+) -> tuple[Path, dict]:  # fmt: skip
+    """The ``pneumoscope adapt`` command: a new run adapted to a site's unlabelled images.
+
+    ``center``: the site's pooled features are shifted so that their mean is the training
+    split's, per feature (the head, the OOD guard and the threshold then see site images
+    as they saw training ones); ``standardize`` also maps each feature's sd (measured:
+    sds from ~150 images cost about 0.01 AUC, means alone do not). ``+prior`` then moves
+    the probabilities to the site's estimated prevalence (a Gaussian mixture on the
+    adapted logits), folded into the head's bias; the threshold moves with them, so the
+    decisions stay those of the validation threshold.
+    """
+    from .outputs import check_output_dir
+
+    if method not in ADAPT_METHODS:
+        raise ValueError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
+    check_output_dir(out, overwrite)
+    predictor = Predictor.from_checkpoint(run)
+    _require_adapter(predictor, run)
+    model = predictor.model
+    site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
+    before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
+
+    model.adapter.fit_site(site_feats.features, shrink=1.0 if method.startswith("standardize") else 0.0)
+    adapted = model.adapter.apply_np(site_feats.features)
+    description = dict(predictor.description)
+    ood = dict(description.get("ood") or {})
+    if model.ood is not None:
+        # the guard now sees adapted features; its cut-off admits the site's own 99% (never tighter than validation's)
+        site_cut = float(np.quantile(model.ood.distance_np(adapted), 0.99))
+        model.ood.cutoff.fill_(max(float(model.ood.cutoff), site_cut))
+        ood.update(cutoff=float(model.ood.cutoff), cutoff_rule=f"{ood.get('cutoff_rule', '')}; after adaptation, at least the 0.99 quantile of the site's adapted distances")
+    after = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
+    threshold, offset = predictor.threshold, 0.0
+    if method.endswith("+prior"):
+        offset = prior_shift_offset(after["prevalence"]["mixture"], after["validation_prevalence"])
+        # fold the offset into the head's bias, so every backend (ONNX included) computes it:
+        # sigmoid((z + offset * T) / T) = sigmoid(z / T + offset); the threshold moves with it
+        with torch.no_grad():
+            model.head.fc2.bias += offset * predictor.temperature
+        threshold = float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1 - threshold)) + offset))))
+    description.update(
+        threshold=threshold,
+        threshold_policy=f"{predictor.description.get('threshold_policy', '')}; carried to the site by unlabelled adaptation ({method})",
+        ood=ood or None,
+        adaptation={
+            "method": method, "data": str(Path(site).absolute()), "n": len(site_feats.records), "date": time.strftime("%Y-%m-%d"),
+            "labels_used": False, "estimated_prevalence": after["prevalence"]["mixture"], "prior_logit_offset": offset,
+            "previous_threshold": predictor.threshold, "shift_before": _brief(before), "shift_after": _brief(after),
+            "image_sha256": sorted(r.content_hash for r in site_feats.records),
+        },
+    )  # fmt: skip
+    save_derived_run(run, out, model, description, overwrite=overwrite)
+    logger.info("adapted to %d site images (%s): domain AUC %.3f -> %.3f, estimated prevalence %s, threshold %.4f (was %.4f)",
+                len(site_feats.records), method, before["domain_auc"], after["domain_auc"], after["prevalence"]["mixture"],
+                threshold, predictor.threshold)  # fmt: skip
+    return Path(out), description
+
+
+def _brief(report: dict) -> dict:
+    return {"mmd_p_value": report["mmd"]["p_value"], "domain_auc": report["domain_auc"], "prevalence": report["prevalence"],
+            "ood_fraction": report["ood_fraction"]}  # fmt: skip

@@ -1,0 +1,77 @@
+"""Site shift: set-level tests on generated feature sets, prevalence without labels, adaptation."""
+
+import numpy as np
+import pytest
+
+from pneumoscope.shift import compute_domain_auc, compute_mmd_test, estimate_prevalence, prior_shift_offset, shift_verdict
+
+
+def _features(rng, n, dim=64, shift=0.0, scale=1.0):
+    base = rng.standard_normal((n, dim)) @ np.diag(np.linspace(2.0, 0.2, dim))  # correlated-looking spectrum
+    return base * scale + shift
+
+
+def test_same_distribution_is_not_called_a_shift():
+    rng = np.random.default_rng(0)
+    ref, site = _features(rng, 400), _features(rng, 150)
+    mmd = compute_mmd_test(ref, site, n_perm=300, seed=0)
+    assert mmd["p_value"] > 0.05
+    assert abs(compute_domain_auc(ref, site) - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("shift,scale", [(0.5, 1.0), (0.0, 1.6)])
+def test_a_mean_or_scale_shift_is_detected(shift, scale):
+    rng = np.random.default_rng(1)
+    ref, site = _features(rng, 400), _features(rng, 150, shift=shift, scale=scale)
+    mmd = compute_mmd_test(ref, site, n_perm=300, seed=0)
+    assert mmd["p_value"] < 0.01
+    assert compute_domain_auc(ref, site) > 0.65
+
+
+def test_mmd_p_values_are_uniform_enough_under_the_null():
+    """A valid test rejects about alpha of the time when nothing differs."""
+    rejections = 0
+    for seed in range(40):
+        rng = np.random.default_rng(100 + seed)
+        rejections += compute_mmd_test(_features(rng, 120, dim=16), _features(rng, 60, dim=16), n_perm=99, seed=seed)["p_value"] < 0.1
+    assert rejections <= 9  # expected 4 of 40 at alpha 0.1; 9 is beyond p < 0.01 of Binomial(40, 0.1)
+
+
+def test_bbse_recovers_the_prevalence_under_label_shift_where_counting_does_not():
+    rng = np.random.default_rng(2)
+    tpr, fpr = 0.9, 0.2  # a modest classifier: counting positives is biased
+    n, prevalence = 4000, 0.3
+    y = rng.uniform(size=n) < prevalence
+    decided = np.where(y, rng.uniform(size=n) < tpr, rng.uniform(size=n) < fpr)
+    prob = np.where(decided, 0.8, 0.2)
+    est = estimate_prevalence(prob, 0.5, tpr, fpr, source_prevalence=0.74)
+    assert abs(est["predicted_positive_rate"] - prevalence) > 0.08
+    assert abs(est["bbse"] - prevalence) < 0.03
+
+
+def test_em_prevalence_is_exact_for_calibrated_probabilities():
+    rng = np.random.default_rng(3)
+    # probabilities calibrated at prevalence 0.5; the site has 0.2
+    n = 20000
+    y = rng.uniform(size=n) < 0.2
+    score = rng.normal(np.where(y, 1.0, -1.0), 1.0)
+    prob = 1 / (1 + np.exp(-2 * score))  # the exact posterior at prior 0.5 for unit-variance Gaussians at +-1
+    est = estimate_prevalence(prob, 0.5, 0.84, 0.16, source_prevalence=0.5)
+    assert abs(est["em"] - 0.2) < 0.02
+
+
+def test_prior_offset_moves_probabilities_to_the_new_prevalence():
+    off = prior_shift_offset(0.625, 0.74)
+    odds = lambda p: p / (1 - p)  # noqa: E731
+    p = 0.9
+    moved = 1 / (1 + np.exp(-(np.log(odds(p)) + off)))
+    assert np.isclose(odds(moved) / odds(p), odds(0.625) / odds(0.74))
+    assert prior_shift_offset(0.5, 0.5) == 0.0
+
+
+def test_verdict_names_the_remedy_only_when_shifted():
+    prev = {"predicted_positive_rate": 0.7, "bbse": 0.6, "em": 0.65, "mixture": 0.6, "mean_probability": 0.7}
+    shifted, text = shift_verdict({"p_value": 0.002}, 0.8, prev, val_prevalence=0.74, ood_fraction=0.0)
+    assert shifted and "unlikely to hold" in text and "pneumoscope adapt" in text and "calibrate" in text
+    same, text = shift_verdict({"p_value": 0.4}, 0.52, prev, val_prevalence=0.74, ood_fraction=0.0)
+    assert not same and "No set-level shift" in text

@@ -1,0 +1,110 @@
+"""A run meets a new site through the command line: shift, adapt without labels, calibrate with a few."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from pneumoscope.cli import main
+from tests.conftest import CHEST_XRAY
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.conftest import train_real_run
+
+    return train_real_run(tmp_path_factory, "site", "--limit", "150", "--epochs", "20", "--patience", "5")
+
+
+def _site(root, n_per_class, *, labelled=False, offset=0):
+    """Real test/ images as a site: one flat folder (unlabelled) or class folders (labelled), symlinked."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        folder = root / cls if labelled else root / "images" / cls.lower()[:3]  # nested, names not class names
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in sorted((CHEST_XRAY / "test" / cls).iterdir())[offset : offset + n_per_class]:
+            (folder / f.name).symlink_to(f)
+    return root
+
+
+def test_shift_on_the_official_test_images_says_the_threshold_may_not_hold(run, capsys):
+    assert main(["-q", "shift", str(run), str(CHEST_XRAY / "test"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 312 and report["shift_detected"] and report["mmd"]["p_value"] < 0.01
+    assert "unlikely to hold" in report["verdict"] and "calibrate" in report["verdict"]
+    assert 0.0 <= report["prevalence"]["bbse"] <= 1.0
+
+
+def test_shift_between_two_samples_of_the_training_site_is_not_called(run, tmp_path, capsys):
+    from tests.conftest import CHEST_XRAY as root
+
+    site = tmp_path / "same"
+    site.mkdir()
+    val = sorted((root / "train" / "NORMAL").iterdir())[-60:] + sorted((root / "train" / "PNEUMONIA").iterdir())[-120:]
+    for f in val:
+        (site / f.name).symlink_to(f)
+    assert main(["-q", "shift", str(run), str(site), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # training-site images (some seen in training): no clear shift
+    assert report["domain_auc"] < 0.7, report
+
+
+def test_adapt_writes_a_run_that_records_its_images_and_method(run, tmp_path, capsys, caplog):
+    site = _site(tmp_path / "site", 60)
+    new = tmp_path / "adapted"
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(new)]) == 0
+    desc = json.loads((new / "checkpoint.json").read_text())
+    a = desc["adaptation"]
+    assert a["n"] == 120 and len(a["image_sha256"]) == 120 and a["labels_used"] is False and a["method"] == "center+prior"
+    assert a["shift_after"]["domain_auc"] < a["shift_before"]["domain_auc"]
+    assert 0 < desc["threshold"] < 1 and desc["ood"]["cutoff"] >= json.loads((run / "checkpoint.json").read_text())["ood"]["cutoff"]
+    # evaluating on the images it adapted on is flagged as transductive
+    ev = tmp_path / "ev"
+    with caplog.at_level(logging.WARNING):
+        assert main(["-q", "evaluate", str(new), str(CHEST_XRAY), "--out", str(ev), "--bootstraps", "100", "--no-audit"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["adapted_on_evaluated_images"] == 120
+    assert "transductive" in caplog.text and "transductive" in (ev / "report.html").read_text()
+
+
+def test_adapt_ignores_class_folder_names(run, tmp_path):
+    """The same images in NORMAL/ PNEUMONIA/ folders or in one flat folder adapt identically."""
+    flat, labelled = _site(tmp_path / "flat", 25), _site(tmp_path / "labelled", 25, labelled=True)
+    assert main(["-q", "adapt", str(run), str(flat), "--out", str(tmp_path / "a"), "--method", "standardize"]) == 0
+    assert main(["-q", "adapt", str(run), str(labelled), "--out", str(tmp_path / "b"), "--method", "standardize"]) == 0
+    da, db = (json.loads((tmp_path / x / "checkpoint.json").read_text())["adaptation"] for x in "ab")
+    assert da["image_sha256"] == db["image_sha256"] and da["estimated_prevalence"] == db["estimated_prevalence"]
+
+
+def test_an_adapted_run_exports_to_onnx_with_its_adaptation(run, tmp_path, capsys):
+    from pneumoscope.predict import Predictor
+
+    site = _site(tmp_path / "site", 30)
+    new = tmp_path / "adapted"
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(new)]) == 0
+    onnx = tmp_path / "adapted.onnx"
+    assert main(["-q", "export", str(new), "--out", str(onnx), "--check-images", str(site)]) == 0
+    images = [p for p in sorted(site.rglob("*.jpeg"))[:6]]
+    torch_p = [r.prob for r in Predictor.load(new).predict_paths(images)]
+    onnx_p = [r.prob for r in Predictor.load(onnx).predict_paths(images)]
+    base_p = [r.prob for r in Predictor.load(run).predict_paths(images)]
+    np.testing.assert_allclose(onnx_p, torch_p, atol=1e-4)
+    assert np.abs(np.array(torch_p) - np.array(base_p)).max() > 1e-3  # the adaptation is in the exported graph
+
+
+def test_adapt_refuses_too_few_images(run, tmp_path, capsys):
+    site = _site(tmp_path / "site", 5)
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 2
+    assert "at least 20" in capsys.readouterr().err
+
+
+def test_calibrate_refit_head_on_a_few_labelled_site_images(run, tmp_path, capsys):
+    sample = _site(tmp_path / "sample", 20, labelled=True)
+    new = tmp_path / "refit"
+    assert main(["-q", "calibrate", str(run), str(sample), "--out", str(new), "--refit-head"]) == 0
+    desc = json.loads((new / "checkpoint.json").read_text())
+    assert "head refitted" in desc["calibration"]["method"] and desc["calibration"]["n"] == 40
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(run / "model.safetensors")), load_file(str(new / "model.safetensors"))
+    assert not np.allclose(before["head.fc2.weight"].numpy(), after["head.fc2.weight"].numpy())
+    assert np.allclose(before["backbone.conv_stem.weight"].numpy(), after["backbone.conv_stem.weight"].numpy())
