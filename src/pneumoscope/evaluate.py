@@ -126,6 +126,19 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
     return out
 
 
+def _site_shift(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, cache_dir) -> dict | None:
+    """How the evaluated images differ from the training split, as `pneumoscope shift` reports it (runs that keep
+    training feature statistics, and at least a few dozen images)."""
+    from .adapt import assess_site
+    from .features import extract_features
+    from .shift import MIN_SITE_IMAGES
+
+    if predictor.model.adapter is None or len(result.records) < MIN_SITE_IMAGES:
+        return None
+    feats = extract_features(predictor.model, dataset.subset(result.records), cache_dir=cache_dir, progress=False)
+    return assess_site(predictor, feats.features, n_perm=200)
+
+
 def evaluate_run(
     run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
     limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, tta: bool = False,
@@ -172,6 +185,9 @@ def evaluate_run(
             audit = audit_dataset(predictor, lambda i: reader.read_image(result.records[i].ref, draft_size=size), len(result.records),
                                   probs=None if tta else result.y_prob, progress=progress)  # fmt: skip
             write_json(tmp / "shortcut_audit.json", audit)
+        shift = _site_shift(predictor, dataset, result, cache_dir) if not tta else None
+        if shift:
+            write_json(tmp / "site_shift.json", shift)
         summary_path = run_dir / "data_summary.json"
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
@@ -184,6 +200,7 @@ def evaluate_run(
             "figures": figures,
             "gallery": gallery,
             "shortcut_audit": audit,
+            "site_shift": shift,
             "model_card": model_card(predictor.description, m, str(data)),
             "notes": ([m["note"]] if m.get("note") else []) + (
                 [f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "

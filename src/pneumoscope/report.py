@@ -100,6 +100,20 @@ def render_report(ctx: dict) -> str:
         rows = [[t, g["n"], _fmt(g["sensitivity"]), _ci(g["ci95"])] for t, g in m["subgroups"].items()]
         parts.append(_table(["pneumonia type", "images", "sensitivity", "95% interval"], rows))
 
+    shift = ctx.get("site_shift")
+    if shift:
+        prev = shift["prevalence"]
+        parts.append("<h2>Site shift</h2>")
+        parts.append(f"<p class='{'warn' if shift['shift_detected'] else ''}'>{html.escape(shift['verdict'])}</p>")
+        parts.append(_table(["measure", "value"], [
+            ["MMD² (training split vs these images), permutation p-value", f"{shift['mmd']['mmd2']:.4f}, p = {shift['mmd']['p_value']:.3g}"],
+            ["domain classifier AUC (0.5: indistinguishable)", _fmt(shift["domain_auc"])],
+            ["predicted positive rate", _fmt(prev["predicted_positive_rate"])],
+            ["estimated prevalence without labels: mixture / BBSE / EM", f"{_fmt(prev['mixture'])} / {_fmt(prev['bbse'])} / {_fmt(prev['em'])}"],
+            ["validation prevalence", _fmt(shift["validation_prevalence"])],
+            ["flagged out of distribution one by one", _fmt(shift["ood_fraction"])],
+        ]))  # fmt: skip
+
     audit = ctx.get("shortcut_audit")
     if audit:
         parts.append("<h2>Shortcut audit</h2>")
