@@ -121,3 +121,29 @@ def test_limit_per_split_keeps_both_classes():
     records = [D.Record(f"{i}", int(i < 10), "train", f"p{i}", "none", True) for i in range(100)]
     kept = D.limit_per_split(records, 20)
     assert len(kept) == 20 and {r.label for r in kept} == {0, 1}
+
+
+def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, tmp_path):
+    import zipfile
+
+    from pneumoscope.cli import main
+    from pneumoscope.data import load_dataset
+    from pneumoscope.io import read_image
+
+    (kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"not a jpeg")
+    packed = tmp_path / "packed.zip"
+    assert main(["-q", "pack", str(kaggle_tree), "--out", str(packed), "--size", "48"]) == 1  # one unreadable file left out
+    src, out = load_dataset(kaggle_tree), load_dataset(packed)
+    key = lambda r: (r.split, r.label, r.patient_id)  # noqa: E731
+    assert sorted(map(key, out.records)) == sorted(map(key, [r for r in src.records if "9999" not in r.ref]))
+    with zipfile.ZipFile(packed) as zf:
+        first = out.records[0]
+        assert max(read_image(first.ref, zf.read(first.ref)).shape) == 48
+    assert main(["-q", "pack", str(kaggle_tree), "--out", str(packed)]) == 2  # never replaced silently
+    small = tmp_path / "same.zip"
+    assert main(["-q", "pack", str(kaggle_tree), "--out", str(small), "--size", "64"]) == 1
+    with zipfile.ZipFile(small) as zf:  # images no larger than --size are stored byte for byte
+        name = next(n for n in zf.namelist() if n.endswith(".jpeg"))
+        assert zf.read(name) == (kaggle_tree / name).read_bytes()
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(packed), "--out", str(run), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3"]) == 0

@@ -220,6 +220,15 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from .pack import pack_dataset
+
+    summary = pack_dataset(args.data, args.out, size=args.size, quality=args.quality, overwrite=args.overwrite)
+    print(f"packed {summary['images']} images ({summary['resized']} resized to at most {args.size} px, {summary['stored_as_is']} stored as they "
+          f"were) into {args.out}: {summary['bytes'] / 2**20:.1f} MiB; {len(summary['skipped'])} unreadable files left out")  # fmt: skip
+    return 1 if summary["skipped"] else 0
+
+
 def cmd_compare(args) -> int:
     from .calibrate import compare_evaluations
     from .outputs import write_json
@@ -301,6 +310,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .adapt import ADAPT_METHODS
+    from .explain import CAM_METHODS
 
     parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -369,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_adapt)
 
+    p = sub.add_parser("pack", help="write a dataset as one compact .zip (images squashed to at most SIZE px) that train reads directly")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="the .zip to write")
+    p.add_argument("--size", type=int, default=256, help="largest side kept (default 256); smaller images are stored byte for byte")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
     p = sub.add_parser("export", help="ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check")
     p.add_argument("run")
     p.add_argument("--out", required=True, help="the .onnx file to write")
@@ -393,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="predicted", choices=["predicted", "pneumonia", "normal"], help="class to explain")
-    p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "hirescam", "eigencam"])
+    p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS))
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_explain)
