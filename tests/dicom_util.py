@@ -39,3 +39,48 @@ def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", bi
     ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_rle_dicom(path: Path, rows: int, cols: int, *, bits_stored: int = 12) -> Path:
+    """A large, highly compressible RLE Lossless DICOM (each row one value, a vertical ramp).
+
+    The shape of a decompression-bomb-sized upload: ``rows * cols`` pixels from a
+    file of about ``rows * cols / 64`` bytes (PackBits runs of 128, two byte planes).
+    """
+    from pydicom.uid import RLELossless
+    from pydicom.encaps import encapsulate
+
+    values = (np.arange(rows) * ((1 << bits_stored) - 1) // max(1, rows - 1)).astype(np.uint16)  # (rows,)
+    full, rest = divmod(cols, 128)
+
+    def plane(byte_values: np.ndarray) -> bytes:
+        # PackBits per row: `full` replicate runs of 128 (header 0x81) and one shorter run
+        row = np.empty((rows, 2 * full + (2 if rest else 0)), np.uint8)
+        row[:, 0 : 2 * full : 2] = 0x81
+        row[:, 1 : 2 * full : 2] = byte_values[:, None]
+        if rest:
+            row[:, -2] = (257 - rest) & 0xFF
+            row[:, -1] = byte_values
+        data = row.tobytes()
+        return data + b"\0" * (len(data) % 2)
+
+    hi, lo = plane((values >> 8).astype(np.uint8)), plane((values & 0xFF).astype(np.uint8))
+    header = np.zeros(16, "<u4")
+    header[0], header[1], header[2] = 2, 64, 64 + len(hi)
+    frame = header.tobytes() + hi + lo
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = RLELossless
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path

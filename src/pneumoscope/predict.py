@@ -212,7 +212,18 @@ class Predictor:
         return self.run(images, batch_size=batch_size, tta=tta)[0]
 
     def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
-        probs, dists = self.run(images, batch_size=batch_size, tta=tta)
+        return self._predictions(names, *self.run(images, batch_size=batch_size, tta=tta))
+
+    def predict_batch(self, x: np.ndarray, names: list[str]) -> list[Prediction]:
+        """Predictions for an already preprocessed batch (B, C, S, S), in one forward pass.
+
+        The web app preprocesses each upload as it arrives and stacks those that
+        arrive together; the result is the same as :meth:`predict_images` on them.
+        """
+        logits, dists = self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
+        return self._predictions(names, self.probability(logits), dists)
+
+    def _predictions(self, names: list[str], probs: np.ndarray, dists: np.ndarray | None) -> list[Prediction]:
         out = []
         for i, (name, prob) in enumerate(zip(names, probs)):
             dist = None if dists is None else float(dists[i])
