@@ -9,21 +9,27 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", bits_stored=12, window=None, rescale=None,
-                voi_lut=None, frames: int = 1) -> Path:  # fmt: skip
-    stored = np.asarray(stored, dtype=np.uint16)
+def _cr_dataset(rows: int, cols: int, transfer_syntax: str, photometric: str, bits_stored: int) -> Dataset:
+    """A grayscale CR image's attributes, without pixel data."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CR_STORAGE
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, meta.MediaStorageSOPInstanceUID
     ds.Modality = "CR"
-    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    return ds
+
+
+def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", bits_stored=12, window=None, rescale=None,
+                voi_lut=None, frames: int = 1) -> Path:  # fmt: skip
+    stored = np.asarray(stored, dtype=np.uint16)
+    ds = _cr_dataset(*stored.shape[-2:], ExplicitVRLittleEndian, photometric, bits_stored)
     if frames > 1:
         ds.NumberOfFrames = frames
         stored = np.stack([stored] * frames)
@@ -68,18 +74,7 @@ def write_rle_dicom(path: Path, rows: int, cols: int, *, bits_stored: int = 12) 
     header = np.zeros(16, "<u4")
     header[0], header[1], header[2] = 2, 64, 64 + len(hi)
     frame = header.tobytes() + hi + lo
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = RLELossless
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds = _cr_dataset(rows, cols, RLELossless, "MONOCHROME2", bits_stored)
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
