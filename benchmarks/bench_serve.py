@@ -71,14 +71,14 @@ class RssSampler(threading.Thread):
 
     def __init__(self, pid: int, every: float = 0.02):
         super().__init__(daemon=True)
-        self.pid, self.every, self.peak, self._stop = pid, every, 0.0, threading.Event()
+        self.pid, self.every, self.peak, self._done = pid, every, 0.0, threading.Event()
 
     def run(self):
-        while not self._stop.wait(self.every):
+        while not self._done.wait(self.every):
             self.peak = max(self.peak, rss_mib(self.pid))
 
     def stop(self) -> float:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.peak
 
