@@ -12,12 +12,8 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,60 +31,22 @@ def rate(backend, batch: int, size: int, seconds: float = 6.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def load_test(run: str, files: list[Path], n: int, concurrency: int) -> dict:
-    import httpx
+    from bench_serve import hammer, rss_mib, served
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "-q", "serve", run, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
-        payloads = [(f.name, f.read_bytes()) for f in files]
-        with httpx.Client(timeout=60) as client:  # warm-up, then memory before
-            client.post(f"{base}/predict", files={"file": payloads[0]})
-        before = rss_mib(proc.pid)
-
-        def one(i: int):
-            name, data = payloads[i % len(payloads)]
-            t0 = time.perf_counter()
-            try:
-                with httpx.Client(timeout=60) as client:
-                    ok = client.post(f"{base}/predict", files={"file": (name, data)}).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            return time.perf_counter() - t0, ok
-
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(one, range(n)))
-        wall = time.perf_counter() - t0
-        after = rss_mib(proc.pid)
-        with ThreadPoolExecutor(concurrency) as pool:  # a second round: does memory keep growing?
-            second = list(pool.map(one, range(n)))
-        after_second = rss_mib(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    payloads = [(f.name, f.read_bytes()) for f in files]
+    with served(run) as (base, pid):
+        url = f"{base}/predict?heatmap=true"  # each answer includes Grad-CAM and three PNGs, as when this was first measured
+        hammer(url, payloads[:1], 1, 1)  # warm-up, then memory before
+        before = rss_mib(pid)
+        results, wall = hammer(url, payloads, n, concurrency)
+        after = rss_mib(pid)
+        second, _ = hammer(url, payloads, n, concurrency)  # a second round: does memory keep growing?
+        after_second = rss_mib(pid)
     lat = np.array([r[0] for r in results]) * 1000
-    return {"requests": n, "concurrency": concurrency, "errors": int(sum(not r[1] for r in results)), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+    return {"requests": n, "concurrency": concurrency, "errors": int(sum(r[1] != 200 for r in results)), "p50_ms": round(float(np.percentile(lat, 50)), 1),
             "p95_ms": round(float(np.percentile(lat, 95)), 1), "throughput_rps": round(n / wall, 2), "rss_before_mib": round(before), "rss_after_mib": round(after),
-            "rss_after_second_round_mib": round(after_second), "errors_second_round": int(sum(not r[1] for r in second))}  # fmt: skip
+            "rss_after_second_round_mib": round(after_second), "errors_second_round": int(sum(r[1] != 200 for r in second))}  # fmt: skip
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def client(predictor):
 
     from pneumoscope.serve import create_app
 
-    return TestClient(create_app(predictor, max_upload_bytes=300_000))
+    return TestClient(create_app(predictor, max_upload_bytes=300_000), base_url="http://127.0.0.1")
 
 
 def test_health_and_openapi(client):
@@ -118,7 +118,7 @@ def test_page_is_served_without_any_cdn(client):
 
 def test_predict_endpoint_returns_probability_flag_and_heatmap(client, predictor):
     path = _test_images(1)[0]
-    res = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+    res = client.post("/predict?heatmap=true", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
     assert res.status_code == 200, res.text
     body = res.json()
     expected = predictor.predict_paths([path])[0]
@@ -164,6 +164,148 @@ def test_concurrent_requests_are_served_safely(client):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, paths * 3))
     assert all(abs(prob - expected[name]) < 1e-6 for name, prob in results)
+
+
+def test_heatmap_only_when_asked_and_the_page_asks(client):
+    path = _test_images(1)[0]
+    plain = client.post("/predict", files={"file": (path.name, path.read_bytes())}).json()
+    assert "heatmap_png" not in plain and plain["image_png"]
+    assert "/predict?heatmap=true" in client.get("/app.js").text
+
+
+def test_batch_endpoint_answers_each_file_in_order(client, predictor):
+    paths = _test_images(2)[:3]
+    files = [("files", (p.name, p.read_bytes())) for p in paths[:2]] + [("files", ("notes.png", b"not an image"))]
+    files.append(("files", (paths[2].name, paths[2].read_bytes())))
+    res = client.post("/predict/batch", files=files)
+    assert res.status_code == 200, res.text
+    results = res.json()["results"]
+    assert [r["path"] for r in results] == [paths[0].name, paths[1].name, "notes.png", paths[2].name]
+    expected = predictor.predict_paths(paths[:3])
+    assert all(abs(r["prob"] - e.prob) < 1e-5 for r, e in zip([results[0], results[1], results[3]], expected))
+    assert results[2]["prob"] is None and results[2]["status"] == 415 and "not a readable image" in results[2]["error"]
+    too_many = [("files", (f"{i}.png", b"x")) for i in range(17)]
+    assert client.post("/predict/batch", files=too_many).status_code == 413
+
+
+def test_uploads_are_forward_passed_together(predictor):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve import create_app
+
+    app = create_app(predictor, batch_wait_s=0.3)
+    paths = _test_images(4)
+    with TestClient(app, base_url="http://127.0.0.1") as client, ThreadPoolExecutor(8) as pool:
+        probs = list(pool.map(lambda p: client.post("/predict", files={"file": (p.name, p.read_bytes())}).json()["prob"], paths))
+    assert max(app.state.batcher.batches) > 1, app.state.batcher.batches
+    np.testing.assert_allclose(probs, [p.prob for p in predictor.predict_paths(paths)], atol=1e-5)
+
+
+def test_full_queue_answers_503_with_retry_after(predictor, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve import create_app
+
+    entered, release = threading.Semaphore(0), threading.Event()
+    read = predictor.read
+
+    def slow_read(name, data=None):
+        entered.release()
+        release.wait(30)
+        return read(name, data)
+
+    monkeypatch.setattr(predictor, "read", slow_read)
+    client = TestClient(create_app(predictor, max_pending=2, decode_workers=2), base_url="http://127.0.0.1")
+    path = _test_images(1)[0]
+    post = lambda: client.post("/predict", files={"file": (path.name, path.read_bytes())})  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        admitted = [pool.submit(post) for _ in range(2)]
+        try:
+            assert entered.acquire(timeout=30) and entered.acquire(timeout=30)  # both are decoding
+            busy = post()
+        finally:
+            release.set()
+        assert [f.result().status_code for f in admitted] == [200, 200]
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    assert post().status_code == 200  # the slots come back
+
+
+def _tempfile_spy(monkeypatch, tmp_path):
+    """Point the temporary folder at an empty one and record every temporary file made."""
+    import tempfile
+
+    made = []
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "SpooledTemporaryFile"):
+        original = getattr(tempfile, name)
+        monkeypatch.setattr(tempfile, name, lambda *a, _f=original, _n=name, **k: made.append(_n) or _f(*a, **k))
+    return folder, made
+
+
+def test_uploads_stay_in_memory_and_the_cap_holds_while_streaming(predictor, monkeypatch, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve import create_app
+
+    folder, made = _tempfile_spy(monkeypatch, tmp_path)
+    client = TestClient(create_app(predictor, max_upload_bytes=3_000_000), base_url="http://127.0.0.1")
+    image = predictor.read(_test_images(1)[0])
+    big = np.rint(np.asarray(Image.fromarray(image).resize((1100, 1100))) * 4095)
+    dcm = write_dicom(tmp_path / "big.dcm", big).read_bytes()  # 2.4 MB: Starlette's form parser would spool it to disk
+    assert len(dcm) > 2_000_000
+    ok = client.post("/predict", files={"file": ("big.dcm", dcm, "application/dicom")})
+    assert ok.status_code == 200, ok.text
+
+    boundary = "pneumoscope-test"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="huge.png"\r\n\r\n'.encode()
+
+    def chunks():  # no Content-Length: chunked transfer encoding
+        yield head
+        for _ in range(80):
+            yield b"\0" * 65536  # 5 MB in all
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    res = client.post("/predict", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert res.status_code == 413 and "3,000,000" in res.json()["detail"]
+    assert made == [] and list(folder.iterdir()) == []
+
+
+def test_only_the_bound_names_are_answered(client):
+    assert client.get("/health", headers={"host": "attacker.example"}).status_code == 421
+    assert client.get("/health", headers={"host": "attacker.example:8000"}).status_code == 421
+    assert "DNS rebinding" in client.get("/", headers={"host": "127.0.0.1.attacker.example"}).json()["detail"]
+    for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "localhost"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+
+
+def test_security_headers(client):
+    page = client.get("/")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "<script>" not in page.text and "<style>" not in page.text  # inline code would need 'unsafe-inline'
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/app.js").headers["content-type"].startswith("text/javascript")
+    path = _test_images(1)[0]
+    res = client.post("/predict", files={"file": (path.name, path.read_bytes())})
+    assert res.headers["cache-control"] == "no-store" and res.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("name", ["notes.png", "notes.dcm", "notes"])
+def test_error_answers_do_not_echo_the_upload(client, name):
+    secret = b"PATIENT^SECRET<script>alert(1)</script>"
+    for payload in (secret * 20, b"\0" * 128 + b"DICM" + secret * 20, _truncated_jpeg() + secret):
+        res = client.post("/predict", files={"file": (name, payload)})
+        assert res.status_code in (415, 422) and b"SECRET" not in res.content and b"<script>" not in res.content, res.text
+    res = client.post("/predict", content=secret, headers={"content-type": "text/plain"})
+    assert res.status_code == 415 and b"SECRET" not in res.content and "multipart/form-data" in res.json()["detail"]
 
 
 def test_test_time_augmentation(predictor):
@@ -220,3 +362,28 @@ def test_a_dicom_that_would_decode_to_nan_gets_an_error_row_and_valid_json(run, 
     rows = json.loads(capsys.readouterr().out)  # strict JSON: no NaN
     assert rows[0]["prob"] is None and rows[0]["label"] is None and "WindowWidth" in rows[0]["error"]
     assert rows[1]["label"] in ("NORMAL", "PNEUMONIA") and 0 <= rows[1]["prob"] <= 1
+
+
+def test_pixel_budget_lets_images_decode_together_only_while_they_fit():
+    import threading
+    import time
+
+    from pneumoscope.serve import PixelBudget
+
+    budget, order = PixelBudget(100), []
+
+    def take(n, tag):
+        with budget.take(n):
+            order.append((tag, budget.used))
+            time.sleep(0.05)
+
+    with budget.take(60):
+        waiting = threading.Thread(target=take, args=(60, "second"))
+        fits = threading.Thread(target=take, args=(40, "fits"))
+        waiting.start(), fits.start()
+        fits.join(5)
+        time.sleep(0.1)
+        assert order == [("fits", 100)]  # 60 + 40 fit together; another 60 does not
+    waiting.join(5)
+    take(500, "alone")  # larger than the whole budget: runs when nothing else does
+    assert order[1:] == [("second", 60), ("alone", 500)] and budget.used == 0

@@ -105,3 +105,37 @@ def test_every_decoder_output_is_checked_for_nan(tmp_path, monkeypatch):
     path = write_dicom(tmp_path / "nan.dcm", np.zeros((4, 4)))
     with pytest.raises(ImageReadError, match="NaN or infinite"):
         read_image(path)
+
+
+def test_large_dicom_decodes_within_eight_bytes_a_pixel(tmp_path):
+    """A server decodes uploads side by side: float64 temporaries took a 64-megapixel RLE DICOM to 1.6 GB."""
+    import tracemalloc
+
+    from tests.dicom_util import write_rle_dicom
+
+    rows, cols = 3000, 2000
+    path = write_rle_dicom(tmp_path / "big.dcm", rows, cols)
+    data = path.read_bytes()
+    assert len(data) < rows * cols / 16  # compressed: the pixels are the cost, not the upload
+    tracemalloc.start()
+    try:
+        arr = read_image(path, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert arr.shape == (rows, cols) and arr[0, 0] == 0.0 and arr[-1, 0] == 1.0
+    assert peak < 8 * rows * cols, f"{peak / (rows * cols):.1f} bytes a pixel"
+
+
+def test_image_pixels_reads_the_header_only(tmp_path):
+    from PIL import Image
+
+    from pneumoscope.io import image_pixels
+    from tests.dicom_util import write_rle_dicom
+
+    dcm = write_rle_dicom(tmp_path / "h.dcm", 300, 200)
+    assert image_pixels(dcm, dcm.read_bytes()) == 60_000
+    png = tmp_path / "a.png"
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(png)
+    assert image_pixels(png, png.read_bytes()) == 1200
+    assert image_pixels("x.png", b"not an image") is None

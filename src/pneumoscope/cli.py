@@ -172,7 +172,7 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(args.run, host=args.host, port=args.port)
+    serve(args.run, host=args.host, port=args.port, allow_hosts=tuple(args.allow_host))
     return 0
 
 
@@ -398,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, checkpoint, or .onnx export (no heatmaps with ONNX)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name clients may use in the Host header besides the bound address and localhost (repeatable)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("compare", help="paired comparison of two evaluations of the same images (DeLong, McNemar)")

@@ -219,16 +219,27 @@ class Predictor:
         return self.run(images, batch_size=batch_size, tta=tta)[0]
 
     def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
-        probs, dists = self.run(images, batch_size=batch_size, tta=tta)
+        return self._predictions(names, *self.run(images, batch_size=batch_size, tta=tta), [screen_image(im) for im in images])
+
+    def predict_batch(self, x: np.ndarray, names: list[str], screened: list[str]) -> list[Prediction]:
+        """Predictions for an already preprocessed batch (B, C, S, S), in one forward pass.
+
+        The web app preprocesses each upload as it arrives and stacks those that
+        arrive together; the result is the same as :meth:`predict_images` on them.
+        ``screened``: :func:`~pneumoscope.io.screen_image` of each decoded image.
+        """
+        logits, dists = self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
+        return self._predictions(names, self.probability(logits), dists, screened)
+
+    def _predictions(self, names: list[str], probs: np.ndarray, dists: np.ndarray | None, screened: list[str]) -> list[Prediction]:
         out = []
-        for i, (name, prob, image) in enumerate(zip(names, probs, images)):
+        for i, (name, prob, reason) in enumerate(zip(names, probs, screened)):
             dist = None if dists is None or not np.isfinite(dists[i]) else float(dists[i])
             if not np.isfinite(prob):
                 out.append(Prediction(name, None, None, self.threshold, error="the model's output is not a finite number; no label is given. "
                                       "Check the image and the model file."))  # fmt: skip
                 continue
             flag = None if dist is None or self.ood_cutoff is None else bool(dist > self.ood_cutoff)
-            reason = screen_image(image)
             out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, True if reason else flag, dist, ood_reason=reason))
         return out
 

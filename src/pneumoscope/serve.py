@@ -1,28 +1,53 @@
 """A small web app: one page and a JSON API over the Predictor. Calls predict/explain only.
 
-Safe by default: binds 127.0.0.1, caps uploads, writes nothing to disk, loads the
-model once and serialises inference (Grad-CAM hooks change the model while they
-run, so two requests must not overlap on it).
+Safe by default: binds 127.0.0.1 and answers only to the names of the address it is
+bound to (DNS rebinding), caps uploads while they stream in and keeps them in
+memory (nothing is written to disk), and bounds the work in flight:
+
+- at most ``max_pending`` requests are admitted; the next gets 503 with Retry-After;
+- decoding runs on a small pool and draws on a pixel budget, so a few
+  64-megapixel DICOMs cannot take the machine's memory between them;
+- uploads that arrive within a few milliseconds share one forward pass
+  (:class:`MicroBatcher`); Grad-CAM registers hooks on the model, so a heatmap
+  (``?heatmap=true``) takes the model lock that the forward passes hold too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
+import os
+import queue
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+from starlette.datastructures import MutableHeaders
 
-from .io import ImageReadError
-from .predict import Predictor
+from .io import MAX_PIXELS, ImageReadError, image_pixels, screen_image
+from .predict import Prediction, Predictor
 
 logger = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one file, or all the files of a batch together
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the files
+MAX_PENDING = 32  # requests admitted at once (reading, decoding, queued or running)
+MAX_BATCH = 16  # uploads in one forward pass
+BATCH_WAIT_S = 0.005  # how long the first upload of a batch waits for company
+MAX_FILES = 16  # files in one POST /predict/batch
+RETRY_AFTER_S = 1
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+NOTICE = "Research software, not a medical device."
+# The page's own origin only; images are data: URLs made by the page's own script.
+CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+DOCS_PATHS = ("/docs", "/redoc")  # FastAPI's docs pages load Swagger UI / ReDoc from a CDN
 
 
 def _png(rgb_or_gray: np.ndarray, alpha: np.ndarray | None = None) -> str:
@@ -36,60 +61,342 @@ def _png(rgb_or_gray: np.ndarray, alpha: np.ndarray | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+def _clean_name(filename: str | None) -> str:
+    """The upload's base name, printable and at most 100 characters: it is echoed in answers."""
+    name = os.path.basename((filename or "").replace("\\", "/"))
+    name = "".join(c for c in name if c.isprintable())[:100]
+    return name or "upload"
+
+
+class PixelBudget:
+    """A counting semaphore over pixels: decodes run side by side while their pixels fit.
+
+    An image larger than the whole budget waits until it can run alone.
+    """
+
+    def __init__(self, pixels: int):
+        if pixels <= 0:
+            raise ValueError(f"pixel_budget must be a positive number of pixels, got {pixels!r}")
+        self.pixels = pixels
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, pixels: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.pixels)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+class MicroBatcher:
+    """One thread runs the network; uploads that arrive within ``wait_s`` share a forward pass.
+
+    ``lock`` is held during each forward pass; whoever needs the model to itself
+    (Grad-CAM's hooks) takes the same lock.
+    """
+
+    def __init__(self, predictor: Predictor, lock: threading.Lock, *, max_batch: int = MAX_BATCH, wait_s: float = BATCH_WAIT_S):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
+        self.predictor, self.lock, self.max_batch, self.wait_s = predictor, lock, max_batch, wait_s
+        self.batches: list[int] = []  # sizes of the last batches run, for tests and logs
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="pneumoscope-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: np.ndarray, name: str, screened: str = "") -> Future:
+        """``x``: one preprocessed image (1, C, S, S); ``screened``: why the decoded image cannot be a radiograph, or "";
+        the future gives its :class:`Prediction`."""
+        future: Future = Future()
+        self._queue.put((x, name, screened, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch, deadline = [item], time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch: list) -> None:
+        try:
+            with self.lock:
+                x = np.concatenate([x for x, *_ in batch])  # (B, C, S, S)
+                preds = self.predictor.predict_batch(x, [name for _, name, _, _ in batch], [why for _, _, why, _ in batch])
+        except Exception as err:  # every waiting request gets the failure; the loop goes on
+            logger.exception("forward pass of %d uploads failed", len(batch))
+            for *_, future in batch:
+                future.set_exception(err)
+            return
+        self.batches = [*self.batches[-99:], len(batch)]
+        for (*_, future), pred in zip(batch, preds):
+            future.set_result(pred)
+
+
+class Guard:
+    """ASGI middleware: refuse a Host header this server was not bound under; security headers on every answer."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None):
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.allowed is not None:
+            host = _host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                detail = (f"this server answers to {', '.join(sorted(self.allowed))}, not to the Host header {host[:100]!r} (a guard against DNS rebinding); "
+                          "open it by one of those names, or start it with `--allow-host NAME`")  # fmt: skip
+                return await _json_error(421, detail)(scope, receive, send)
+        csp = not scope["path"].startswith(DOCS_PATHS)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Cache-Control"] = "no-store"
+                headers["Referrer-Policy"] = "no-referrer"
+                if csp:
+                    headers["Content-Security-Policy"] = CSP
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _host_name(host: str) -> str:
+    """'example.org:8000' -> 'example.org'; '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _json_error(status: int, detail: str) -> Response:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+async def read_multipart(request: Request, fields: tuple[str, ...], *, max_bytes: int, max_files: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each part named in ``fields``, parsed from the body as it streams in.
+
+    Everything stays in memory: the body is counted as it arrives (chunked or
+    not) and refused with 413 as soon as it passes ``max_bytes``; Starlette's own
+    form parser would spool it to a temporary file first.
+    """
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    how = f"send multipart/form-data with the image in a `{fields[0]}` field, e.g. `curl -F {fields[0]}=@xray.dcm URL`"
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or not params.get(b"boundary"):
+        raise HTTPException(415, f"the request body must be multipart/form-data, got {content_type.decode('latin-1')[:60]!r}; {how}")
+    too_big = f"the limit is {max_bytes:,} bytes of files per request. Send a smaller file (downscale it or export a PNG)"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
+        raise HTTPException(413, f"upload is {int(declared):,} bytes; {too_big}")
+
+    parts: list[tuple[str, bytearray]] = []
+    state = {"headers": {}, "field": b"", "keep": False}
+
+    def on_header_field(data, start, end):
+        state["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        key = state["field"].lower()
+        state["headers"][key] = state["headers"].get(key, b"") + data[start:end]
+
+    def on_header_end():
+        state["field"] = b""
+
+    def on_headers_finished():
+        _, options = parse_options_header(state["headers"].get(b"content-disposition"))
+        state["headers"] = {}
+        state["keep"] = options.get(b"name", b"").decode("utf-8", "replace") in fields
+        if state["keep"]:
+            if len(parts) == max_files:
+                raise HTTPException(413, f"a request may carry at most {max_files} files; send the rest in another request")
+            parts.append((_clean_name(options.get(b"filename", b"").decode("utf-8", "replace")), bytearray()))
+
+    def on_part_data(data, start, end):
+        if state["keep"]:
+            parts[-1][1].extend(data[start:end])
+
+    callbacks = {"on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_headers_finished": on_headers_finished, "on_part_data": on_part_data}  # fmt: skip
+    parser = MultipartParser(params[b"boundary"], callbacks)
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes + FORM_OVERHEAD:
+                raise HTTPException(413, f"upload is over {received - len(chunk):,} bytes and still coming; {too_big}")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as err:
+        raise HTTPException(400, f"the multipart body is malformed ({type(err).__name__}); {how}") from err
+    if not parts:
+        raise HTTPException(422, f"no `{fields[0]}` field in the form; {how}")
+    return [(name, bytes(data)) for name, data in parts]
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pending: int = MAX_PENDING,
+    pixel_budget: int = MAX_PIXELS,
+    decode_workers: int | None = None,
+    max_batch: int = MAX_BATCH,
+    batch_wait_s: float = BATCH_WAIT_S,
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
+):
+    """The app. ``allowed_hosts``: names the Host header may carry (None: any, for a server behind a proxy)."""
+    import torch
+
     from . import __version__
     from .explain import compute_cam
     from .plots import heatmap_rgb, overlay_cam
 
-    app = FastAPI(
-        title="pneumoscope",
-        version=__version__,
-        description="Chest X-ray PNEUMONIA vs NORMAL. Research software, not a medical device.",
-    )
     lock = threading.Lock()
-    page = resources.files("pneumoscope").joinpath("static/index.html").read_text()
+    batcher = MicroBatcher(predictor, lock, max_batch=max_batch, wait_s=batch_wait_s)
+    budget = PixelBudget(pixel_budget)
+    decode_pool = ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="pneumoscope-decode")
+    cam_pool = ThreadPoolExecutor(1, thread_name_prefix="pneumoscope-cam")
     can_explain = predictor.backend.name == "pytorch"
+    static = resources.files("pneumoscope").joinpath("static")
+    page = static.joinpath("index.html").read_text()
+    assets = {name: static.joinpath(name).read_text() for name in ("app.js", "app.css")}
+    slots = threading.BoundedSemaphore(max_pending)  # one per request admitted
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+        cam_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="pneumoscope", version=__version__, lifespan=lifespan,
+                  description="Chest X-ray PNEUMONIA vs NORMAL. Research software, not a medical device.")  # fmt: skip
+    app.state.batcher, app.state.budget = batcher, budget
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
         return page
 
+    @app.get("/app.js", include_in_schema=False)
+    def script() -> Response:
+        return Response(assets["app.js"], media_type="text/javascript")
+
+    @app.get("/app.css", include_in_schema=False)
+    def style() -> Response:
+        return Response(assets["app.css"], media_type="text/css")
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "version": __version__, "backbone": predictor.description.get("backbone"), "threshold": predictor.threshold,
-                "backend": predictor.backend.name, "ood_guard": predictor.ood_cutoff is not None, "max_upload_bytes": max_upload_bytes}  # fmt: skip
+                "backend": predictor.backend.name, "ood_guard": predictor.ood_cutoff is not None, "max_upload_bytes": max_upload_bytes,
+                "max_pending": max_pending}  # fmt: skip
 
-    @app.post("/predict")
-    def predict(request: Request, file: UploadFile = File(..., description="a radiograph: PNG, JPEG or DICOM")) -> dict:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload is {int(declared):,} bytes; the limit is {max_upload_bytes:,}")
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload is over the limit of {max_upload_bytes:,} bytes")
-        name = file.filename or "upload"
-        try:
+    def prepare(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, str]:
+        """Decode within the pixel budget -> (the model's view (S, S), its input (1, C, S, S), the image-level screen);
+        the full-size image is dropped here."""
+        pixels = image_pixels(name, data)
+        with budget.take(min(pixels or budget.pixels, budget.pixels)):  # unknown size: as much as the largest accepted
             image = predictor.read(name, data)
+            screened = screen_image(image)
+            view = predictor.preprocessing_view(image)
+            del image
+        return view, predictor.preprocess(view).numpy(), screened  # the view is already at the input size: same input as from the full image
+
+    def explain(view: np.ndarray, x: np.ndarray, pred: Prediction) -> dict:
+        with lock:  # Grad-CAM's hooks must not meet a batched forward pass
+            cam = compute_cam(predictor.model, torch.from_numpy(x), int(predictor.decide(pred.prob)))[0]  # (S, S)
+        return {"cam_method": "gradcam", "cam_target": pred.label, "heatmap_png": _png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
+                "overlay_png": _png(overlay_cam(view, cam))}  # fmt: skip
+
+    async def analyse(name: str, data: bytes, heatmap: bool) -> dict:
+        loop = asyncio.get_running_loop()
+        try:
+            view, x, screened = await loop.run_in_executor(decode_pool, prepare, name, data)
         except ImageReadError as err:
             unknown = "not a readable image" in err.reason or "not a readable DICOM" in err.reason
             raise HTTPException(415 if unknown else 422, f"{name}: {err.reason}. {err.fix}") from err
-        with lock:
-            pred = predictor.predict_images([image], [name])[0]
-            view = predictor.preprocessing_view(image)
-            cam = compute_cam(predictor.model, predictor.preprocess(image), int(predictor.decide(pred.prob)))[0] if can_explain else None
-        result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "image_png": _png(view), "notice": "Research software, not a medical device."}
-        if cam is not None:
-            result.update(cam_method="gradcam", cam_target=pred.label, heatmap_png=_png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
-                          overlay_png=_png(overlay_cam(view, cam)))  # fmt: skip
+        del data
+        pred = await asyncio.wrap_future(batcher.submit(x, name, screened))
+        result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}
+        result["image_png"] = await loop.run_in_executor(decode_pool, _png, view)
+        if heatmap and can_explain and pred.prob is not None:  # no label, nothing to explain
+            result.update(await loop.run_in_executor(cam_pool, explain, view, x, pred))
         return result
 
+    async def admitted(request: Request, fields: tuple[str, ...], max_files: int, heatmap: bool) -> list[dict]:
+        """Admit the request (or 503 when ``max_pending`` are in progress), read its uploads, analyse them."""
+        if not slots.acquire(blocking=False):
+            raise HTTPException(503, f"the server is busy ({max_pending} requests in progress); retry in {RETRY_AFTER_S} s",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+        try:
+            uploads = await read_multipart(request, fields, max_bytes=max_upload_bytes, max_files=max_files)
+            if max_files == 1:
+                return [await analyse(*uploads[0], heatmap)]
+            results = await asyncio.gather(*(analyse(name, data, heatmap) for name, data in uploads), return_exceptions=True)
+            return [r if isinstance(r, dict) else _failed(name, r) for (name, _), r in zip(uploads, results)]
+        finally:
+            slots.release()
+
+    def _failed(name: str, err: BaseException) -> dict:
+        if not isinstance(err, HTTPException):
+            raise err
+        return {**Prediction(name, None, None, predictor.threshold, error=err.detail).to_dict(), "status": err.status_code}
+
+    upload_body = {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "a radiograph: PNG, JPEG or DICOM"}}}}}, "required": True}  # fmt: skip
+    batch_body = {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": f"up to {MAX_FILES} radiographs"}}}}},
+        "required": True}  # fmt: skip
+
+    @app.post("/predict", openapi_extra={"requestBody": upload_body})
+    async def predict(request: Request, heatmap: bool = False):
+        """One upload (form field `file`) -> probability, label, threshold, OOD flag and the image as the model sees it;
+        with `?heatmap=true`, the Grad-CAM heatmap and overlay too."""
+        return (await admitted(request, ("file",), 1, heatmap))[0]
+
+    @app.post("/predict/batch", openapi_extra={"requestBody": batch_body})
+    async def predict_batch(request: Request, heatmap: bool = False):
+        """Several uploads (repeated form field `files`, at most 16, `max_upload_bytes` in all) -> one result each, in order;
+        an unreadable file gets `error` and its `status` instead of a probability."""
+        return {"results": await admitted(request, ("files",), MAX_FILES, heatmap)}
+
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
     return app
 
 
-def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, allow_hosts: tuple[str, ...] = ()) -> None:
     import uvicorn
 
     predictor = Predictor.load(run)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         logger.warning("serving on %s: reachable from other machines; there is no authentication", host)
-    uvicorn.run(create_app(predictor), host=host, port=port, log_level="info")
+    allowed = (*LOOPBACK_HOSTS, *allow_hosts) if host in LOOPBACK_HOSTS else (host, *LOOPBACK_HOSTS, *allow_hosts)
+    if host in ("0.0.0.0", "::") and not allow_hosts:
+        logger.warning("bound to all interfaces: requests must name this server as %s; add the names clients use with --allow-host",
+                       ", ".join(allowed))  # fmt: skip
+    uvicorn.run(create_app(predictor, allowed_hosts=allowed), host=host, port=port, log_level="info")
