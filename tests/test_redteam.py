@@ -57,6 +57,44 @@ def _rows(out: str) -> dict[str, dict]:
     return {r["path"]: r for r in csv.DictReader(out.splitlines())}
 
 
+# --------------------------------------------------------------------------- datasets
+
+
+def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog):
+    tree = make_kaggle_tree(tmp_path / "data", n_patients=8)
+    source = tree / "train" / "PNEUMONIA" / "person0_bacteria_0.jpeg"
+    (tree / "test" / "PNEUMONIA" / "person77_bacteria_0.jpeg").write_bytes(source.read_bytes())
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "train", str(tree), "--out", str(run), "--epochs", "2", "--val-fraction", "0.3", "--pretrained", "none"]) == 0
+    assert any("identical (same bytes) across splits" in r.getMessage() for r in caplog.records)
+    leakage = json.loads((run / "checkpoint.json").read_text())["leakage"]
+    assert leakage["duplicates_across_splits"] == 1 and not leakage["ok"]
+    assert any(p.endswith("person77_bacteria_0.jpeg") for p in leakage["duplicate_examples"][0])
+
+
+@pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
+def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
+    from pneumoscope.data import load_dataset, scan
+    from pneumoscope.features import FeatureCache, extract_features, model_key
+    from pneumoscope.models import create_model
+
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
+    dataset = scan(load_dataset(kaggle_tree))
+    records = dataset.records[:2]
+    first = extract_features(model, dataset, records, cache_dir=tmp_path, progress=False)
+    dim = first.features.shape[1]
+    cache = FeatureCache(tmp_path, model_key(model), dim=dim)
+    entry = cache._path(records[0].content_hash)
+    bad = {"wrong shape": np.zeros(dim + 1, np.float32), "nan": np.full(dim, np.nan, np.float32), "not a float": np.zeros(dim, np.int64)}[damage]
+    entry.write_bytes(outputs.npy_bytes(bad))
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        again = extract_features(model, dataset, records, cache_dir=tmp_path, progress=False)
+    np.testing.assert_allclose(again.features, first.features, atol=1e-5)
+    assert any(str(entry) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(cache.get(records[0].content_hash), first.features[0], atol=1e-5)  # repaired on disk
+
+
 # --------------------------------------------------------------------------- nothing half-done left behind
 
 
