@@ -57,7 +57,200 @@ def _rows(out: str) -> dict[str, dict]:
     return {r["path"]: r for r in csv.DictReader(out.splitlines())}
 
 
+# --------------------------------------------------------------------------- the command failed: exit 2, one line
+
+
+def _truncated_checkpoint(tmp_path, run):
+    raw = (run / "model.safetensors").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    return tmp_path / "cut", "damaged or truncated"
+
+
+def _edited_header(tmp_path, run):
+    raw = bytearray((run / "model.safetensors").read_bytes())
+    raw[8:12] = b"!!!!"  # the JSON header no longer parses
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "model.safetensors").write_bytes(bytes(raw))
+    return tmp_path / "edited", "damaged or truncated"
+
+
+def _missing_tensor(tmp_path, run):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = run / "model.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    tensors.pop("head.fc1.weight")
+    (tmp_path / "missing").mkdir()
+    save_file(tensors, str(tmp_path / "missing" / "model.safetensors"), metadata=meta)
+    return tmp_path / "missing", "do not match its description"
+
+
+def _truncated_onnx(tmp_path, run):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x07\x12\x04abcd" + bytes(40))
+    return path, "ONNX Runtime cannot load it"
+
+
+@pytest.mark.parametrize("make", [_truncated_checkpoint, _edited_header, _missing_tensor, _truncated_onnx])
+def test_damaged_model_file_is_one_line_naming_it(make, tiny_run, tmp_path, capsys, caplog):
+    model_file, expected = make(tmp_path, tiny_run)
+    image = _png(tmp_path / "x.png")
+    assert main(["-q", "predict", str(model_file), str(image)]) == 2
+    line = _error_line(capsys, caplog)
+    assert expected in line and str(model_file) in line and "Fix:" in line
+
+
+def _compare_inputs(tmp_path) -> list[str]:
+    """Two evaluation folders of the same three images, as `evaluate` writes them."""
+    folders = []
+    for name, probs in (("a", (0.2, 0.7, 0.9)), ("b", (0.3, 0.6, 0.4))):
+        folder = tmp_path / name
+        folder.mkdir()
+        with open(folder / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "patient_id", "label", "prob", "pred"])
+            for i, (label, p) in enumerate(zip(("NORMAL", "PNEUMONIA", "PNEUMONIA"), probs)):
+                w.writerow([f"img{i}.png", f"p{i}", label, p, "PNEUMONIA" if p >= 0.5 else "NORMAL"])
+        folders.append(str(folder))
+    return folders
+
+
+def _disk_full(monkeypatch, tmp_path):
+    def full(fh, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_write_all", full)
+    return tmp_path / "result.json", "no space left on the device"
+
+
+def _read_only_below(root: Path, make):
+    """``make`` (tempfile.mkstemp or mkdtemp), failing with EROFS below ``root``: a read-only mount, even for root."""
+
+    def refuse(*args, dir=None, **kw):
+        if str(dir).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return make(*args, dir=dir, **kw)
+
+    return refuse
+
+
+def _read_only(monkeypatch, tmp_path):
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", _read_only_below(tmp_path / "ro", tempfile.mkstemp))
+    return tmp_path / "ro" / "result.json", "read-only"
+
+
+def _name_too_long(monkeypatch, tmp_path):
+    return tmp_path / ("x" * 300 + ".json"), "file name too long"  # a real ENAMETOOLONG, nothing simulated
+
+
+@pytest.mark.parametrize("make", [_disk_full, _read_only, _name_too_long])
+def test_unwritable_output_is_one_line_naming_it(make, monkeypatch, tmp_path, capsys, caplog):
+    out, expected = make(monkeypatch, tmp_path)
+    assert main(["compare", *_compare_inputs(tmp_path), "--out", str(out)]) == 2
+    line = _error_line(capsys, caplog)
+    assert expected in line and str(out) in line and "Fix:" in line
+    assert not list(out.parent.glob(".*.tmp")) if out.parent.exists() else True  # no temporary file left behind
+
+
+def test_read_only_out_fails_before_any_work(monkeypatch, tmp_path, capsys, caplog):
+    import pneumoscope.data
+
+    def no_work(*args, **kw):
+        raise AssertionError("the data was read before the output folder was checked")
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", _read_only_below(tmp_path / "ro", tempfile.mkdtemp))
+    monkeypatch.setattr(pneumoscope.data, "load_dataset", no_work)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "ro" / "run")]) == 2
+    line = _error_line(capsys, caplog)
+    assert "read-only" in line and str(tmp_path / "ro") in line
+
+
+def test_out_of_memory_is_one_line(monkeypatch, tiny_run, tmp_path, capsys, caplog):
+    from pneumoscope.predict import Predictor
+
+    def huge(*args, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(Predictor, "predict_paths", huge)
+    assert main(["-q", "predict", str(tiny_run), str(_png(tmp_path / "x.png"))]) == 2
+    assert "out of memory" in _error_line(capsys, caplog)
+
+
+# --------------------------------------------------------------------------- predict: one row per input, 1 when some failed
+
+
+def _missing(tmp_path):
+    return tmp_path / "nowhere.png", "no such file or folder"
+
+
+def _gif(tmp_path):
+    path = tmp_path / "scan.gif"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)
+    return path, "not an image type pneumoscope reads"
+
+
+def _long_name(tmp_path):
+    return tmp_path / ("y" * 300 + ".png"), "cannot be read"
+
+
+def _empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    return tmp_path / "empty", "folder holds no image files"
+
+
+@pytest.mark.parametrize("make", [_missing, _gif, _long_name, _empty_folder])
+def test_one_bad_input_among_many_gets_a_row_and_the_rest_are_predicted(make, tiny_run, tmp_path, capsys, caplog):
+    good = [_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(2)]
+    bad, reason = make(tmp_path)
+    assert main(["-q", "predict", str(tiny_run), str(good[0]), str(bad), str(good[1])]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    rows = _rows(out)
+    assert all(rows[str(g)]["label"] in ("NORMAL", "PNEUMONIA") for g in good)
+    assert reason in rows[str(bad)]["error"] and "Fix:" in rows[str(bad)]["error"]
+
+
+@pytest.mark.parametrize("make", [_missing, _gif, _empty_folder])
+def test_nothing_to_predict_is_a_failure(make, tiny_run, tmp_path, capsys, caplog):
+    bad, _ = make(tmp_path)
+    assert main(["-q", "predict", str(tiny_run), str(bad)]) == 2
+    assert "none of the 1 inputs could be predicted" in _error_line(capsys, caplog)
+
+
+def test_a_folder_with_a_symlink_cycle_is_walked_once(tiny_run, tmp_path, capsys, caplog):
+    folder = tmp_path / "images"
+    _png(folder / "sub" / "a.png")
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)  # images/sub/up -> images: a cycle
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "predict", str(tiny_run), str(folder)]) == 0
+    assert list(_rows(capsys.readouterr().out)) == [str(folder / "sub" / "a.png")]
+    assert any("cycle" in r.getMessage() and str(folder / "sub" / "up") in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- datasets
+
+
+def test_data_inspect_counts_the_unreadable_files_it_does_not_list(kaggle_tree, capsys):
+    for i in range(25):
+        (kaggle_tree / "train" / "NORMAL" / f"IM-9{i:03d}-0001.jpeg").write_bytes(b"")
+    assert main(["-q", "data", "inspect", str(kaggle_tree)]) == 1  # done, but some inputs were unreadable
+    out = capsys.readouterr().out
+    assert "unreadable files: 25" in out and "... and 5 more not listed here" in out
+
+
+def test_data_inspect_survives_a_symlink_cycle(kaggle_tree, capsys, caplog):
+    link = kaggle_tree / "train" / "NORMAL" / "loop"
+    link.symlink_to(kaggle_tree, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "data", "inspect", str(kaggle_tree), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 72  # (12 + 2 + 4) patients x 2 images x 2 classes
+    assert any(str(link) in r.getMessage() and "cycle" in r.getMessage() for r in caplog.records)
 
 
 def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog):

@@ -59,7 +59,7 @@ def calibrate_run(
         calibration={
             "data": str(Path(data).absolute()), "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
             "date": time.strftime("%Y-%m-%d"), "previous_threshold": predictor.threshold, "previous_temperature": predictor.temperature,
-            "image_sha256": sorted(r.content_hash for r in kept), "metrics_on_sample": metrics,
+            "image_sha256": sorted(r.content_hash for r in kept), "metrics_on_sample": metrics, "skipped": len(scanned.problems) + len(problems),
         },
     )  # fmt: skip
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
