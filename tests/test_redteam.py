@@ -351,3 +351,12 @@ def test_outputs_follow_the_umask(umask, tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "run" / "b.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_explain_keeps_long_input_names_short_and_goes_on_past_a_missing_one(tiny_run, tmp_path, capsys, caplog):
+    long = _png(tmp_path / ("z" * 240 + ".png"))  # "0000_" + stem + "_gradcam.png" would pass the 255-byte limit
+    out = tmp_path / "explained"
+    assert main(["-q", "explain", str(tiny_run), str(long), str(tmp_path / "nowhere.png"), "--out", str(out), "--no-checks"]) == 1
+    written = json.loads((out / "explanations.json").read_text())
+    assert [e["path"] for e in written["images"]] == [str(long)] and (out / written["images"][0]["figure"]).is_file()
+    assert [s["path"] for s in written["skipped"]] == [str(tmp_path / "nowhere.png")]
