@@ -103,7 +103,7 @@ def test_predict_reports_a_bad_file_and_goes_on(trained_run, tmp_path, capsys):
 
 def test_data_inspect_json(kaggle_tree, capsys):
     (kaggle_tree / "train" / "NORMAL" / "IM-7777-0001.jpeg").write_bytes(b"\xff\xd8\xff garbage")
-    assert main(["data", "inspect", str(kaggle_tree), "--json"]) == 0
+    assert main(["data", "inspect", str(kaggle_tree), "--json"]) == 1  # done, but one input was unreadable
     s = json.loads(capsys.readouterr().out)
     assert s["layout"] == "kaggle" and s["leakage"]["ok"]
     assert [u["path"].endswith("IM-7777-0001.jpeg") for u in s["unreadable"]] == [True]
@@ -114,7 +114,7 @@ def test_train_on_synthetic_tree_skips_corrupt_images(kaggle_tree, tmp_path):
     bad = kaggle_tree / "train" / "PNEUMONIA" / "person55_virus_1.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     run = tmp_path / "run"
-    assert main(["-q", "train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--val-fraction", "0.3", "--pretrained", "none"]) == 0
+    assert main(["-q", "train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--val-fraction", "0.3", "--pretrained", "none"]) == 1
     skipped = list(csv.DictReader(open(run / "skipped.csv")))
     assert [s["path"] for s in skipped] == [str(bad)]
 

@@ -71,6 +71,25 @@ def test_missing_path_is_a_clear_error(tmp_path):
         D.load_dataset(tmp_path / "nope")
 
 
+def test_walk_follows_links_but_not_round_a_cycle(tmp_path, caplog):
+    import logging
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes(b"b")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"a")
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    (root / "sub" / "self").symlink_to(root / "sub", target_is_directory=True)  # a cycle of one
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # not a cycle: followed
+    (root / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # the same folder twice: still no cycle
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        files = D.walk_files(root)
+    assert sorted(str(f.relative_to(root)) for f in files) == ["again/b.png", "linked/b.png", "sub/a.png"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(root / "sub" / "up") in warned and str(root / "sub" / "self") in warned and "linked" not in warned
+
+
 def test_scan_skips_and_lists_bad_files(kaggle_tree):
     bad = kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg"
     bad.write_bytes(b"")

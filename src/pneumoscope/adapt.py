@@ -155,7 +155,7 @@ def adapt_run(
             "method": method, "data": str(Path(site).absolute()), "n": len(site_feats.records), "date": time.strftime("%Y-%m-%d"),
             "labels_used": False, "estimated_prevalence": after["prevalence"]["mixture"], "prior_logit_offset": offset,
             "previous_threshold": predictor.threshold, "shift_before": _brief(before), "shift_after": _brief(after),
-            "image_sha256": sorted(r.content_hash for r in site_feats.records),
+            "image_sha256": sorted(r.content_hash for r in site_feats.records), "skipped": len(site_feats.problems),
         },
     )  # fmt: skip
     save_derived_run(run, out, model, description, overwrite=overwrite)

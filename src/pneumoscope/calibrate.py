@@ -127,7 +127,7 @@ def calibrate_run(
         calibration={
             "method": method, "data": str(Path(data).absolute()), "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
             "date": time.strftime("%Y-%m-%d"), "previous_threshold": predictor.threshold, "previous_temperature": predictor.temperature,
-            "image_sha256": sorted(r.content_hash for r in kept), "metrics_on_sample": metrics,
+            "image_sha256": sorted(r.content_hash for r in kept), "metrics_on_sample": metrics, "skipped": len(scanned.problems) + len(feats.problems),
         },
     )  # fmt: skip
     save_derived_run(run, out, model, description, overwrite=overwrite)

@@ -1,8 +1,14 @@
-"""The ``pneumoscope`` command line. Thin: each command calls into the modules."""
+"""The ``pneumoscope`` command line. Thin: each command calls into the modules.
+
+Exit status, the same for every command: 0 done; 1 done, but some inputs were
+unreadable and skipped (they are listed); 2 the command failed (one line on
+stderr says why and how to fix it), including usage errors.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -11,6 +17,12 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger("pneumoscope")
+
+EXIT_OK, EXIT_SOME_INPUTS_SKIPPED, EXIT_FAILED = 0, 1, 2
+
+
+def _exit_status(skipped: int) -> int:
+    return EXIT_SOME_INPUTS_SKIPPED if skipped else EXIT_OK
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +100,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
-    return 0
+    return _exit_status(len(summary["unreadable"]))
 
 
 def format_summary(s: dict) -> str:
@@ -112,6 +124,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"unreadable files: {len(s['unreadable'])}")
     for u in s["unreadable"][:20]:
         lines.append(f"  {u['path']}: {u['reason']}")
+    if len(s["unreadable"]) > 20:
+        lines.append(f"  ... and {len(s['unreadable']) - 20} more not listed here (--json lists them all)")
     if s["ignored_files"]:
         lines.append(f"ignored files (not images in class folders): {s['ignored_files']}")
     return "\n".join(lines)
@@ -124,15 +138,23 @@ def cmd_train(args) -> int:
         from .train import train_seeds
 
         summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume)
-        if summary is not None:
-            for key, stats in summary["val"].items():
-                print(f"val {key}: {stats['mean']:.4f} ± {stats['sd']:.4f} over seeds {args.seeds}")
-            print(f"runs written to {args.out}/seed-*")
-        return 0
+        if summary is None:
+            return EXIT_OK  # a launched distributed rank
+        for key, stats in summary["val"].items():
+            print(f"val {key}: {stats['mean']:.4f} ± {stats['sd']:.4f} over seeds {args.seeds}")
+        print(f"runs written to {args.out}/seed-*")
+        return _exit_status(sum(_skipped_in_run(Path(args.out) / f"seed-{seed}") for seed in args.seeds))
     out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume)
-    if out is not None:
-        print(f"run written to {out}")
-    return 0
+    if out is None:
+        return EXIT_OK
+    print(f"run written to {out}")
+    return _exit_status(_skipped_in_run(out))
+
+
+def _skipped_in_run(run: Path) -> int:
+    """Images a training run skipped as unreadable (its skipped.csv, header excluded)."""
+    with open(run / "skipped.csv", newline="") as fh:
+        return max(0, sum(1 for _ in csv.reader(fh)) - 1)
 
 
 def cmd_evaluate(args) -> int:
@@ -143,7 +165,7 @@ def cmd_evaluate(args) -> int:
         audit_shortcuts=args.audit, tta=args.tta,
     )
     print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
-    return 0
+    return _exit_status(len(result.problems))
 
 
 def format_metrics(m: dict) -> str:
@@ -163,7 +185,12 @@ def cmd_export(args) -> int:
     from .predict import expand_inputs
     from .io import read_image
 
-    images = [read_image(p) for p in expand_inputs(args.check_images)] if args.check_images else None
+    images = None
+    if args.check_images:  # the check runs on the images asked for, or not at all
+        files, problems = expand_inputs(args.check_images)
+        if problems:
+            raise ValueError(f"--check-images: {problems[0][0]}: {problems[0][1]}")
+        images = [read_image(p) for p in files]
     report = export_onnx(args.run, args.out, overwrite=args.overwrite, check_images=images)
     print(f"wrote {args.out}; parity with PyTorch on {report['n']} images: max |delta prob| {report['max_abs_prob_diff']:.2e}")
     return 0
@@ -185,7 +212,7 @@ def cmd_calibrate(args) -> int:
     c = desc["calibration"]
     print(f"calibrated on {c['n']} images: temperature {desc['temperature']:.3f}, threshold {desc['threshold']:.4f} "
           f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
-    return 0
+    return _exit_status(c["skipped"])
 
 
 def cmd_shift(args) -> int:
@@ -197,7 +224,7 @@ def cmd_shift(args) -> int:
         write_json(args.out, report)
     if args.json:
         print(json.dumps(report, indent=2, allow_nan=False))
-        return 0
+        return _exit_status(report["skipped"])
     prev = report["prevalence"]
     print(f"{report['n']} site images vs the training split of {args.run}\n"
           f"  two-sample test: MMD² {report['mmd']['mmd2']:.4f}, permutation p = {report['mmd']['p_value']:.3g}\n"
@@ -206,7 +233,7 @@ def cmd_shift(args) -> int:
           f"site's logits), {_fmt(prev['bbse'])} (BBSE), {prev['em']:.3f} (EM); validation prevalence {report['validation_prevalence']:.3f}\n"
           f"  out-of-distribution one by one: {_fmt(report['ood_fraction'])}\n"
           f"verdict: {report['verdict']}")  # fmt: skip
-    return 0
+    return _exit_status(report["skipped"])
 
 
 def cmd_adapt(args) -> int:
@@ -217,7 +244,7 @@ def cmd_adapt(args) -> int:
     print(f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
           f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc['threshold']:.4f} "
           f"(was {a['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
-    return 0
+    return _exit_status(a["skipped"])
 
 
 def cmd_pack(args) -> int:
@@ -226,7 +253,7 @@ def cmd_pack(args) -> int:
     summary = pack_dataset(args.data, args.out, size=args.size, quality=args.quality, overwrite=args.overwrite)
     print(f"packed {summary['images']} images ({summary['resized']} resized to at most {args.size} px, {summary['stored_as_is']} stored as they "
           f"were) into {args.out}: {summary['bytes'] / 2**20:.1f} MiB; {len(summary['skipped'])} unreadable files left out")  # fmt: skip
-    return 1 if summary["skipped"] else 0
+    return _exit_status(len(summary["skipped"]))
 
 
 def cmd_compare(args) -> int:
@@ -249,13 +276,16 @@ def _fmt(v) -> str:
 
 def cmd_explain(args) -> int:
     from .explain import explain_images
+    from .outputs import check_output_dir
     from .predict import Predictor
 
+    check_output_dir(args.out, args.overwrite)  # before the model loads
     results = explain_images(
         Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite
     )
     print(f"{len(results)} explanations written to {args.out}")
-    summary = json.loads((Path(args.out) / "explanations.json").read_text())["checks"]
+    written = json.loads((Path(args.out) / "explanations.json").read_text())
+    summary = written["checks"]
     if summary:
         print(f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} for the most "
               f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
@@ -263,14 +293,16 @@ def cmd_explain(args) -> int:
               f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
               f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
               f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}")  # fmt: skip
-    return 0
+    return _exit_status(len(written["skipped"]))
 
 
 def cmd_predict(args) -> int:
     from .predict import Prediction, Predictor, expand_inputs
 
     predictor = Predictor.load(args.run)
-    results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs), tta=args.tta)]
+    files, problems = expand_inputs(args.inputs)
+    predictions = predictor.predict_paths(files, tta=args.tta) + [Prediction(p, None, None, predictor.threshold, error=why) for p, why in problems]
+    results = [r.to_dict() for r in predictions]
     if args.format == "json":
         print(json.dumps(results, indent=2, allow_nan=False))  # a NaN is never written as if it were a number
     else:
@@ -279,7 +311,10 @@ def cmd_predict(args) -> int:
         writer = csv.DictWriter(sys.stdout, fieldnames=Prediction.FIELDS)
         writer.writeheader()
         writer.writerows({**r, "prob": "" if r["prob"] is None else f"{r['prob']:.6f}"} for r in results)
-    return 1 if any(r["error"] for r in results) else 0
+    failed = sum(bool(r["error"]) for r in results)
+    if failed == len(results):
+        raise ValueError(f"none of the {len(results)} inputs could be predicted; the error column says why for each")
+    return _exit_status(failed)
 
 
 def cmd_demo(args) -> int:
@@ -295,6 +330,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = _config(args)
     run = train_run(data, out / "run", config, overwrite=False)
+    skipped = _skipped_in_run(run)
     _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir)
     wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
     right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
@@ -305,7 +341,7 @@ def cmd_demo(args) -> int:
           f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
     print(f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (report.html, metrics.json, confusion_matrix.png, roc_curve.png)"
           + (", explain/ (Grad-CAM overlays)" if (out / "explain").exists() else ""))  # fmt: skip
-    return 0
+    return _exit_status(skipped + len(result.problems))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,10 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .io import ImageReadError
-    from .outputs import OutputExistsError
-
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
@@ -445,9 +477,59 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DataError, ImageReadError, OutputExistsError, FileNotFoundError, ValueError, ConnectionError, RuntimeError) as err:
-        print(f"pneumoscope: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("pneumoscope: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        print(f"pneumoscope: error: {error_line(err, getattr(args, 'run', None) or getattr(args, 'weights', None))}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def error_line(err: Exception, model_file: str | None = None) -> str:
+    """One line for a failed command: where, what, and the fix. ``model_file``: the checkpoint or ONNX file the command loads.
+
+    Expected failures (bad data, bad paths, a full or read-only disk, a damaged model
+    file) get one line; anything else is a bug, and its traceback is logged first.
+    """
+    from .data import DataError
+    from .io import ImageReadError
+    from .outputs import describe_os_error
+
+    damaged = _damaged_model_file(err, model_file)
+    if damaged:
+        return damaged
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    if isinstance(err, MemoryError):
+        return ("out of memory. Fix: a smaller --batch-size or --limit; if a checkpoint was edited, check its "
+                "preprocessing input_size (224 to 260 for the registered backbones)")  # fmt: skip
+    if isinstance(err, (DataError, ImageReadError, ValueError, RuntimeError)):
+        return " ".join(str(err).split())
+    logger.error("unexpected error (a bug: please report it with this traceback)", exc_info=err)
+    return f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _damaged_model_file(err: Exception, model_file: str | None) -> str | None:
+    """Truncated or edited checkpoints and ONNX files, named, with the fix; None for other errors.
+
+    The loaders raise whatever their libraries raise (safetensors' SafetensorError,
+    PyTorch's RuntimeError from load_state_dict, ONNX Runtime's own classes); they are
+    recognised here, at the command line's edge, so the library keeps its exceptions.
+    """
+    from safetensors import SafetensorError
+
+    name = model_file or "the model file"
+    if model_file and Path(model_file).is_dir():
+        name = str(Path(model_file) / "model.safetensors")
+    detail = " ".join(str(err).split())[:300]
+    if isinstance(err, SafetensorError):
+        return f"{name}: the checkpoint is damaged or truncated ({detail}). Fix: copy it again from where it was made, or train it again."
+    if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
+        return f"{name}: the checkpoint's tensors do not match its description ({detail}). Fix: use the file as `pneumoscope train` wrote it, or train again."
+    if type(err).__module__.startswith("onnxruntime"):
+        name = model_file if str(model_file).endswith(".onnx") else "the exported model"
+        return f"{name}: ONNX Runtime cannot load it ({detail}). Fix: export it again with `pneumoscope export`."
+    return None
 
 
 if __name__ == "__main__":

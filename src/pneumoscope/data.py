@@ -240,13 +240,34 @@ def load_unlabelled(path: str | os.PathLike) -> Dataset:
 
 
 def _walk(root: Path) -> list[str]:
-    names = []
+    return [str(f.relative_to(root)).replace(os.sep, "/") for f in walk_files(root)]
+
+
+def walk_files(root: str | os.PathLike) -> list[Path]:
+    """Every file under ``root``, following symbolic links to folders, but not round a cycle.
+
+    A link to a folder that is already on the way down (``a/b/up -> ../..``) would be
+    walked for ever; it is reported (a warning naming the link) and not followed. Links
+    that are not cycles are followed, even to a folder listed elsewhere. Hidden folders
+    and ``__MACOSX`` are skipped. Sorted, so listings are reproducible.
+    """
+    root = Path(root)
+    above: dict[str, frozenset[str]] = {str(root): frozenset({os.path.realpath(root)})}  # folder -> real paths on its way down
+    files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-        rel = os.path.relpath(dirpath, root)
-        for fn in sorted(filenames):
-            names.append(fn if rel == "." else f"{rel}/{fn}".replace(os.sep, "/"))
-    return names
+        chain = above.pop(dirpath)
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX"):
+            link = os.path.join(dirpath, d)
+            real = os.path.realpath(link)
+            if real in chain:
+                logger.warning("%s: symbolic link to %s, a folder that holds it (a cycle); not followed. Fix: remove the link", link, real)
+                continue
+            keep.append(d)
+            above[link] = chain | {real}
+        dirnames[:] = keep
+        files.extend(Path(dirpath, fn) for fn in sorted(filenames))
+    return files
 
 
 def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:

@@ -50,6 +50,7 @@ GRADIENT_FREE = {"eigencam"}
 CENTRAL_BOX = (0.15, 0.85, 0.20, 0.80)
 BORDER_FRACTION = 0.10
 REMOVE_PERCENT = 20
+MAX_STEM = 50  # characters of an input name kept in output names: 4-byte UTF-8 and the suffixes stay under 255 bytes
 
 
 def _check_method(method: str) -> None:
@@ -262,9 +263,11 @@ def explain_images(
     from tqdm.auto import tqdm
 
     _check_method(method)
-    files = expand_inputs(paths)
+    files, problems = expand_inputs(paths)
+    if not files:
+        raise ValueError(f"none of the inputs {[str(p) for p in paths][:5]} is an image that can be read: {problems[0][1]}")
     randomized = randomized_copy(predictor.model) if checks else None
-    results, skipped, rows = [], [], []
+    results, skipped, rows = [], [{"path": p, "reason": why} for p, why in problems], []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "cams").mkdir()
         bar = tqdm(total=len(files), desc=f"explain ({method})", unit="img", disable=not progress)
@@ -294,7 +297,7 @@ def explain_images(
             for j, (path, image) in enumerate(zip(batch, images)):
                 i = len(results)
                 label = predictor.label_of(probs[j])
-                name = f"{i:04d}_{Path(path).stem}"
+                name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
                 shown = predictor.preprocessing_view(image)
                 title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
                          f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outputs import OutputExistsError, write_bytes_atomic
+from .outputs import OutputExistsError, check_writable, partial_name, remove_orphans, write_bytes_atomic
 from .predict import Predictor
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,20 @@ class _Exported(nn.Module):
 
 
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, check_images: list[np.ndarray] | None = None) -> dict:
-    """Write ``out`` (.onnx) from a run; returns the parity report. Raises if parity fails."""
+    """Write ``out`` (.onnx) from a run; returns the parity report. Raises if parity fails.
+
+    The model is written under a temporary name beside ``out`` and renamed only once
+    the ONNX checker and the parity check pass: a killed or failed export never
+    leaves an unverified ``out``, and ``overwrite`` keeps the previous file until the
+    new one is verified.
+    """
     import onnx
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
+    check_writable(out)
+    remove_orphans(out)
     predictor = Predictor.from_checkpoint(run)
     model = predictor.model
     s = predictor.preprocessing.input_size
@@ -54,12 +62,16 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
                        ("preprocessing", json.dumps(predictor.description["preprocessing"])), ("class_names", json.dumps(list(predictor.class_names)))):  # fmt: skip
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    write_bytes_atomic(out, proto.SerializeToString())
-    onnx.checker.check_model(str(out))
-    report = check_parity(predictor, Predictor.from_onnx(out), check_images)
-    if report["max_abs_prob_diff"] > PARITY_TOLERANCE:
-        out.unlink()
-        raise RuntimeError(f"ONNX export differs from PyTorch by {report['max_abs_prob_diff']:.2e} in probability (limit {PARITY_TOLERANCE}); not kept.")
+    staged = out.with_name(f"{partial_name(out)}unverified.onnx")
+    try:
+        write_bytes_atomic(staged, proto.SerializeToString())
+        onnx.checker.check_model(str(staged))
+        report = check_parity(predictor, Predictor.from_onnx(staged), check_images)
+        if report["max_abs_prob_diff"] > PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX export differs from PyTorch by {report['max_abs_prob_diff']:.2e} in probability (limit {PARITY_TOLERANCE}); not kept.")
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
     logger.info("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
     return report
 

@@ -42,21 +42,29 @@ def default_cache_dir() -> Path:
 class FeatureCache:
     """``root/<model key>/<ab>/<content hash>.npy``, one pooled feature vector each."""
 
-    def __init__(self, root: str | os.PathLike, model_key: str):
+    def __init__(self, root: str | os.PathLike, model_key: str, dim: int | None = None):
         self.dir = Path(root) / "features" / model_key
+        self.dim = dim  # the feature length an entry must have (None: not checked)
 
     def _path(self, content_hash: str) -> Path:
         return self.dir / content_hash[:2] / f"{content_hash}.npy"
 
     def get(self, content_hash: str) -> np.ndarray | None:
+        """The cached vector, or None when there is none or it is damaged (then it is recomputed, never trusted)."""
         path = self._path(content_hash)
         try:
-            return np.load(path, allow_pickle=False)
+            feature = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as err:  # a damaged entry is recomputed, never trusted
+        except (OSError, ValueError, EOFError) as err:
             logger.warning("feature cache entry %s unreadable (%s); recomputing", path, err)
             return None
+        expected = (self.dim,) if self.dim is not None else (feature.size,)
+        if feature.shape != expected or feature.dtype.kind != "f" or not np.isfinite(feature).all():
+            logger.warning("feature cache entry %s is damaged (shape %s, dtype %s, expected %s finite floats); recomputing",
+                           path, feature.shape, feature.dtype, expected)  # fmt: skip
+            return None
+        return feature
 
     def put(self, content_hash: str, feature: np.ndarray) -> None:
         write_bytes_atomic(self._path(content_hash), npy_bytes(np.asarray(feature, dtype=np.float32)))
@@ -124,7 +132,7 @@ def extract_features(
     from tqdm.auto import tqdm
 
     records = dataset.records if records is None else records
-    cache = FeatureCache(cache_dir or default_cache_dir(), model_key(model))
+    cache = FeatureCache(cache_dir or default_cache_dir(), model_key(model), dim=model.head.fc1.in_features)
     feats: dict[int, np.ndarray] = {}
     for i, r in enumerate(records):
         if r.content_hash:

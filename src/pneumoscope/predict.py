@@ -44,20 +44,50 @@ class Prediction:
         return {k: getattr(self, k) for k in self.FIELDS}
 
 
-def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
-    """Image files named directly, and image files found (recursively) in folders."""
-    out = []
+def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files named directly, and image files found (recursively, links followed, cycles not) in folders.
+
+    Returns (files, problems): a path that cannot be used (missing, a name too long,
+    a file type that is not read, a folder without images) is a (path, reason and fix)
+    problem, never an exception, so the other inputs are still predicted. A file named
+    directly is accepted by the same rule as one found in a folder: an image suffix
+    (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
+    """
+    from .data import walk_files
+    from .io import IMAGE_SUFFIXES
+
+    def is_input(f: Path) -> bool:
+        if is_image_path(f):
+            return True
+        try:
+            with open(f, "rb") as fh:
+                return fh.read(132)[128:] == b"DICM"
+        except OSError:
+            return False
+
+    files, problems = [], []
     for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_path(f))
-            if not found:
-                logger.warning("%s: no image files found", p)
-            out.extend(found)
-        elif p.exists():
-            out.append(p)
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except OSError as err:  # ENAMETOOLONG, EACCES, ELOOP: this path only, not the whole call
+            problems.append((str(p), f"cannot be read ({err.strerror}). Fix: check the path"))
+            continue
+        if is_dir:
+            found = sorted(f for f in walk_files(p) if f.is_file() and is_input(f))
+            if found:
+                files.extend(found)
+            else:
+                problems.append((str(p), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). Fix: give a folder of images"))
+        elif not exists:
+            problems.append((str(p), "no such file or folder. Fix: check the path"))
+        elif is_input(p):
+            files.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return out
+            problems.append((str(p), f"not an image type pneumoscope reads (suffix {p.suffix or 'none'!r}; it reads "
+                                     f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM). Fix: convert it to PNG"))  # fmt: skip
+    for path, why in problems:
+        logger.warning("%s: %s", path, why)
+    return files, problems
 
 
 def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:

@@ -252,6 +252,10 @@ def train_run(
     leakage = data_mod.check_leakage(dataset.records, display=dataset.display)
     if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
         raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
+    if leakage["duplicates_across_splits"]:
+        logger.warning("%d images are identical (same bytes) across splits, e.g. %s; validation and test figures may be optimistic. "
+                       "Fix: remove the copies (`pneumoscope data inspect --json` lists them all)",
+                       len(leakage["duplicates_across_splits"]), leakage["duplicates_across_splits"][0])  # fmt: skip
 
     torch.manual_seed(config.seed)  # the head's initial weights
     model = create_model(config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout)
@@ -309,7 +313,10 @@ def train_run(
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
                                 "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
                                 **({"finetune": finetune_facts} if finetune_facts else {})},
-                   "ood": ood},
+                   "ood": ood,
+                   "leakage": {"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
+                               "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
+                               "duplicate_examples": leakage["duplicates_across_splits"][:20]}},
         )  # fmt: skip
         save_checkpoint(tmp, model, description)
         write_json(tmp / "checkpoint.json", description)

@@ -1,0 +1,362 @@
+"""The red-team corpus (issue 11): hostile inputs and broken environments, one line and a stated exit code each.
+
+Exit status for every command: 0 done; 1 done, but some inputs were unreadable
+(listed); 2 the command failed, with one ``pneumoscope: error: ...`` line.
+"""
+
+import csv
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumoscope import outputs
+from pneumoscope.cli import main
+from tests.conftest import make_kaggle_tree
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A checkpoint of an untrained model (random head): enough to load, predict and export."""
+    from pneumoscope.checkpoint import describe, save_checkpoint
+    from pneumoscope.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    save_checkpoint(run, model, describe(model, threshold=0.5, threshold_policy="test"))
+    return run
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.default_rng(seed).uniform(size=(48, 48)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _error_line(capsys, caplog) -> str:
+    """The one ``pneumoscope: error:`` line on stderr; no traceback anywhere."""
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err + caplog.text
+    lines = [line for line in err.splitlines() if line.startswith("pneumoscope: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _rows(out: str) -> dict[str, dict]:
+    return {r["path"]: r for r in csv.DictReader(out.splitlines())}
+
+
+# --------------------------------------------------------------------------- the command failed: exit 2, one line
+
+
+def _truncated_checkpoint(tmp_path, run):
+    raw = (run / "model.safetensors").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    return tmp_path / "cut", "damaged or truncated"
+
+
+def _edited_header(tmp_path, run):
+    raw = bytearray((run / "model.safetensors").read_bytes())
+    raw[8:12] = b"!!!!"  # the JSON header no longer parses
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "model.safetensors").write_bytes(bytes(raw))
+    return tmp_path / "edited", "damaged or truncated"
+
+
+def _missing_tensor(tmp_path, run):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = run / "model.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    tensors.pop("head.fc1.weight")
+    (tmp_path / "missing").mkdir()
+    save_file(tensors, str(tmp_path / "missing" / "model.safetensors"), metadata=meta)
+    return tmp_path / "missing", "do not match its description"
+
+
+def _truncated_onnx(tmp_path, run):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x07\x12\x04abcd" + bytes(40))
+    return path, "ONNX Runtime cannot load it"
+
+
+@pytest.mark.parametrize("make", [_truncated_checkpoint, _edited_header, _missing_tensor, _truncated_onnx])
+def test_damaged_model_file_is_one_line_naming_it(make, tiny_run, tmp_path, capsys, caplog):
+    model_file, expected = make(tmp_path, tiny_run)
+    image = _png(tmp_path / "x.png")
+    assert main(["-q", "predict", str(model_file), str(image)]) == 2
+    line = _error_line(capsys, caplog)
+    assert expected in line and str(model_file) in line and "Fix:" in line
+
+
+def _compare_inputs(tmp_path) -> list[str]:
+    """Two evaluation folders of the same three images, as `evaluate` writes them."""
+    folders = []
+    for name, probs in (("a", (0.2, 0.7, 0.9)), ("b", (0.3, 0.6, 0.4))):
+        folder = tmp_path / name
+        folder.mkdir()
+        with open(folder / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "patient_id", "label", "prob", "pred"])
+            for i, (label, p) in enumerate(zip(("NORMAL", "PNEUMONIA", "PNEUMONIA"), probs)):
+                w.writerow([f"img{i}.png", f"p{i}", label, p, "PNEUMONIA" if p >= 0.5 else "NORMAL"])
+        folders.append(str(folder))
+    return folders
+
+
+def _disk_full(monkeypatch, tmp_path):
+    def full(fh, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_write_all", full)
+    return tmp_path / "result.json", "no space left on the device"
+
+
+def _read_only_below(root: Path, make):
+    """``make`` (tempfile.mkstemp or mkdtemp), failing with EROFS below ``root``: a read-only mount, even for root."""
+
+    def refuse(*args, dir=None, **kw):
+        if str(dir).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return make(*args, dir=dir, **kw)
+
+    return refuse
+
+
+def _read_only(monkeypatch, tmp_path):
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", _read_only_below(tmp_path / "ro", tempfile.mkstemp))
+    return tmp_path / "ro" / "result.json", "read-only"
+
+
+def _name_too_long(monkeypatch, tmp_path):
+    return tmp_path / ("x" * 300 + ".json"), "file name too long"  # a real ENAMETOOLONG, nothing simulated
+
+
+@pytest.mark.parametrize("make", [_disk_full, _read_only, _name_too_long])
+def test_unwritable_output_is_one_line_naming_it(make, monkeypatch, tmp_path, capsys, caplog):
+    out, expected = make(monkeypatch, tmp_path)
+    assert main(["compare", *_compare_inputs(tmp_path), "--out", str(out)]) == 2
+    line = _error_line(capsys, caplog)
+    assert expected in line and str(out) in line and "Fix:" in line
+    assert not list(out.parent.glob(".*.tmp")) if out.parent.exists() else True  # no temporary file left behind
+
+
+def test_read_only_out_fails_before_any_work(monkeypatch, tmp_path, capsys, caplog):
+    import pneumoscope.data
+
+    def no_work(*args, **kw):
+        raise AssertionError("the data was read before the output folder was checked")
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", _read_only_below(tmp_path / "ro", tempfile.mkdtemp))
+    monkeypatch.setattr(pneumoscope.data, "load_dataset", no_work)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "ro" / "run")]) == 2
+    line = _error_line(capsys, caplog)
+    assert "read-only" in line and str(tmp_path / "ro") in line
+
+
+def test_out_of_memory_is_one_line(monkeypatch, tiny_run, tmp_path, capsys, caplog):
+    from pneumoscope.predict import Predictor
+
+    def huge(*args, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(Predictor, "predict_paths", huge)
+    assert main(["-q", "predict", str(tiny_run), str(_png(tmp_path / "x.png"))]) == 2
+    assert "out of memory" in _error_line(capsys, caplog)
+
+
+# --------------------------------------------------------------------------- predict: one row per input, 1 when some failed
+
+
+def _missing(tmp_path):
+    return tmp_path / "nowhere.png", "no such file or folder"
+
+
+def _gif(tmp_path):
+    path = tmp_path / "scan.gif"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)
+    return path, "not an image type pneumoscope reads"
+
+
+def _long_name(tmp_path):
+    return tmp_path / ("y" * 300 + ".png"), "cannot be read"
+
+
+def _empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    return tmp_path / "empty", "folder holds no image files"
+
+
+@pytest.mark.parametrize("make", [_missing, _gif, _long_name, _empty_folder])
+def test_one_bad_input_among_many_gets_a_row_and_the_rest_are_predicted(make, tiny_run, tmp_path, capsys, caplog):
+    good = [_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(2)]
+    bad, reason = make(tmp_path)
+    assert main(["-q", "predict", str(tiny_run), str(good[0]), str(bad), str(good[1])]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    rows = _rows(out)
+    assert all(rows[str(g)]["label"] in ("NORMAL", "PNEUMONIA") for g in good)
+    assert reason in rows[str(bad)]["error"] and "Fix:" in rows[str(bad)]["error"]
+
+
+@pytest.mark.parametrize("make", [_missing, _gif, _empty_folder])
+def test_nothing_to_predict_is_a_failure(make, tiny_run, tmp_path, capsys, caplog):
+    bad, _ = make(tmp_path)
+    assert main(["-q", "predict", str(tiny_run), str(bad)]) == 2
+    assert "none of the 1 inputs could be predicted" in _error_line(capsys, caplog)
+
+
+def test_a_folder_with_a_symlink_cycle_is_walked_once(tiny_run, tmp_path, capsys, caplog):
+    folder = tmp_path / "images"
+    _png(folder / "sub" / "a.png")
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)  # images/sub/up -> images: a cycle
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "predict", str(tiny_run), str(folder)]) == 0
+    assert list(_rows(capsys.readouterr().out)) == [str(folder / "sub" / "a.png")]
+    assert any("cycle" in r.getMessage() and str(folder / "sub" / "up") in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_data_inspect_counts_the_unreadable_files_it_does_not_list(kaggle_tree, capsys):
+    for i in range(25):
+        (kaggle_tree / "train" / "NORMAL" / f"IM-9{i:03d}-0001.jpeg").write_bytes(b"")
+    assert main(["-q", "data", "inspect", str(kaggle_tree)]) == 1  # done, but some inputs were unreadable
+    out = capsys.readouterr().out
+    assert "unreadable files: 25" in out and "... and 5 more not listed here" in out
+
+
+def test_data_inspect_survives_a_symlink_cycle(kaggle_tree, capsys, caplog):
+    link = kaggle_tree / "train" / "NORMAL" / "loop"
+    link.symlink_to(kaggle_tree, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "data", "inspect", str(kaggle_tree), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 72  # (12 + 2 + 4) patients x 2 images x 2 classes
+    assert any(str(link) in r.getMessage() and "cycle" in r.getMessage() for r in caplog.records)
+
+
+def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog):
+    tree = make_kaggle_tree(tmp_path / "data", n_patients=8)
+    source = tree / "train" / "PNEUMONIA" / "person0_bacteria_0.jpeg"
+    (tree / "test" / "PNEUMONIA" / "person77_bacteria_0.jpeg").write_bytes(source.read_bytes())
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "train", str(tree), "--out", str(run), "--epochs", "2", "--val-fraction", "0.3", "--pretrained", "none"]) == 0
+    assert any("identical (same bytes) across splits" in r.getMessage() for r in caplog.records)
+    leakage = json.loads((run / "checkpoint.json").read_text())["leakage"]
+    assert leakage["duplicates_across_splits"] == 1 and not leakage["ok"]
+    assert any(p.endswith("person77_bacteria_0.jpeg") for p in leakage["duplicate_examples"][0])
+
+
+@pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
+def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
+    from pneumoscope.data import load_dataset, scan
+    from pneumoscope.features import FeatureCache, extract_features, model_key
+    from pneumoscope.models import create_model
+
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
+    dataset = scan(load_dataset(kaggle_tree))
+    records = dataset.records[:2]
+    first = extract_features(model, dataset, records, cache_dir=tmp_path, progress=False)
+    dim = first.features.shape[1]
+    cache = FeatureCache(tmp_path, model_key(model), dim=dim)
+    entry = cache._path(records[0].content_hash)
+    bad = {"wrong shape": np.zeros(dim + 1, np.float32), "nan": np.full(dim, np.nan, np.float32), "not a float": np.zeros(dim, np.int64)}[damage]
+    entry.write_bytes(outputs.npy_bytes(bad))
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        again = extract_features(model, dataset, records, cache_dir=tmp_path, progress=False)
+    np.testing.assert_allclose(again.features, first.features, atol=1e-5)
+    assert any(str(entry) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(cache.get(records[0].content_hash), first.features[0], atol=1e-5)  # repaired on disk
+
+
+# --------------------------------------------------------------------------- nothing half-done left behind
+
+
+def test_staging_folder_of_a_killed_run_is_removed_by_the_next(tmp_path):
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pneumoscope.outputs import atomic_output_dir
+        with atomic_output_dir({str(out)!r}) as tmp:
+            (tmp / "half.json").write_text("{{")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-c", script], env=env).returncode == -9
+    orphans = list(tmp_path.glob(".run.partial-*"))
+    assert len(orphans) == 1 and not out.exists()
+    with outputs.atomic_output_dir(out) as tmp:
+        (tmp / "done.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and (out / "done.json").is_file()
+
+
+def test_a_result_moved_aside_by_a_killed_run_is_restored(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    aside = tmp_path / f".run.old-{dead}"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"good")
+    outputs.remove_orphans(tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"good" and not aside.exists()
+
+
+def test_failed_export_keeps_the_previous_file_and_leaves_no_partial(tiny_run, tmp_path, monkeypatch, capsys, caplog):
+    import pneumoscope.export
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous, verified export")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".model.onnx.partial-{dead}-unverified.onnx").write_bytes(b"left by a killed export")
+    seen = []
+
+    def parity_fails(torch_predictor, onnx_predictor, images=None):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return {"n": 4, "max_abs_prob_diff": 0.5}
+
+    monkeypatch.setattr(pneumoscope.export, "check_parity", parity_fails)
+    assert main(["-q", "export", str(tiny_run), "--out", str(out), "--overwrite"]) == 2
+    assert "differs from PyTorch" in _error_line(capsys, caplog)
+    assert out.read_bytes() == b"the previous, verified export"  # the unverified model never took its name
+    assert len(seen[0]) == 2 and seen[0][1] == "model.onnx"  # checked under a temporary name, the killed one's leftover gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_outputs_follow_the_umask(umask, tmp_path):
+    old = os.umask(umask)
+    try:
+        outputs.write_json(tmp_path / "a.json", {})
+        with outputs.atomic_output_dir(tmp_path / "run") as tmp:
+            outputs.write_json(tmp / "b.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "run" / "b.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_explain_keeps_long_input_names_short_and_goes_on_past_a_missing_one(tiny_run, tmp_path, capsys, caplog):
+    long = _png(tmp_path / ("z" * 240 + ".png"))  # "0000_" + stem + "_gradcam.png" would pass the 255-byte limit
+    out = tmp_path / "explained"
+    assert main(["-q", "explain", str(tiny_run), str(long), str(tmp_path / "nowhere.png"), "--out", str(out), "--no-checks"]) == 1
+    written = json.loads((out / "explanations.json").read_text())
+    assert [e["path"] for e in written["images"]] == [str(long)] and (out / written["images"][0]["figure"]).is_file()
+    assert [s["path"] for s in written["skipped"]] == [str(tmp_path / "nowhere.png")]
