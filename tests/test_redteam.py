@@ -188,9 +188,9 @@ def _missing(tmp_path):
     return tmp_path / "nowhere.png", "no such file or folder"
 
 
-def _gif(tmp_path):
-    path = tmp_path / "scan.gif"
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)
+def _pdf(tmp_path):
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(b"%PDF-1.4 not an image")
     return path, "not an image type pneumoscope reads"
 
 
@@ -204,7 +204,7 @@ def _empty_folder(tmp_path):
     return tmp_path / "empty", "folder holds no image files"
 
 
-@pytest.mark.parametrize("make", [_missing, _gif, _long_name, _empty_folder])
+@pytest.mark.parametrize("make", [_missing, _pdf, _long_name, _empty_folder])
 def test_one_bad_input_among_many_gets_a_row_and_the_rest_are_predicted(make, tiny_run, tmp_path, capsys, caplog):
     good = [_png(tmp_path / "ok" / f"{i}.png", seed=i) for i in range(2)]
     bad, reason = make(tmp_path)
@@ -216,11 +216,24 @@ def test_one_bad_input_among_many_gets_a_row_and_the_rest_are_predicted(make, ti
     assert reason in rows[str(bad)]["error"] and "Fix:" in rows[str(bad)]["error"]
 
 
-@pytest.mark.parametrize("make", [_missing, _gif, _empty_folder])
+@pytest.mark.parametrize("make", [_missing, _pdf, _empty_folder])
 def test_nothing_to_predict_is_a_failure(make, tiny_run, tmp_path, capsys, caplog):
     bad, _ = make(tmp_path)
     assert main(["-q", "predict", str(tiny_run), str(bad)]) == 2
     assert "none of the 1 inputs could be predicted" in _error_line(capsys, caplog)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp"])
+def test_gif_and_webp_are_read_alike_named_or_found_in_a_folder(suffix, tiny_run, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(folder / f"a{suffix}", lossless=True)
+    assert main(["-q", "predict", str(tiny_run), str(folder / f"a{suffix}")]) == 0
+    named = _rows(capsys.readouterr().out)
+    assert main(["-q", "predict", str(tiny_run), str(folder)]) == 0
+    found = _rows(capsys.readouterr().out)
+    assert named == found and named[str(folder / f"a{suffix}")]["label"] in ("NORMAL", "PNEUMONIA")
 
 
 def test_a_folder_with_a_symlink_cycle_is_walked_once(tiny_run, tmp_path, capsys, caplog):

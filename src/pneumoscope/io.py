@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}) | DICOM_SUFFIXES
 
 # A radiograph from a large detector is about 4,300 x 3,500 (15 MP); Kaggle's
 # largest chest_xray JPEG is about 2,900 x 2,900. Anything far beyond is more
