@@ -394,26 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("shift", help="does a site's set of images differ from the training split? two-sample test, prevalence, verdict")
-    p.add_argument("run")
-    p.add_argument("site", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
-    p.add_argument("--out", help="also write the report as JSON")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
-    p.add_argument("--cache-dir")
-    p.set_defaults(func=cmd_shift)
+    def site_command(name: str, help: str, func, out_help: str, out_required: bool):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("run")
+        p.add_argument("site", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
+        p.add_argument("--out", required=out_required, help=out_help)
+        p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
+        p.add_argument("--cache-dir")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("adapt", help="adapt a run to a site's unlabelled images; writes a new run")
-    p.add_argument("run")
-    p.add_argument("site", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
-    p.add_argument("--out", required=True, help="new run folder")
+    p = site_command("shift", "does a site's set of images differ from the training split? two-sample test, prevalence, verdict",
+                     cmd_shift, "also write the report as JSON", False)  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = site_command("adapt", "adapt a run to a site's unlabelled images; writes a new run", cmd_adapt, "new run folder", True)
     p.add_argument("--method", default=ADAPT_METHODS[0], choices=ADAPT_METHODS,
                    help="center: feature means moved to the training split's; standardize: means and sds; +prior: probabilities moved "
                         "to the site's estimated prevalence (default center+prior)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--cache-dir")
-    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("pack", help="write a dataset as one compact .zip (images squashed to at most SIZE px) that train reads directly")
     p.add_argument("data")

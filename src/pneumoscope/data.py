@@ -195,17 +195,19 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         raise DataError(f"{path}: no such file or folder. Give a chest_xray folder, a .zip of one, or a .npz.")
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_npz(path)
+    return _from_names(path, *_open_images(path, "Give a folder, a .zip or a PneumoniaMNIST .npz."))
+
+
+def _open_images(path: Path, fix: str) -> tuple[Reader, list[str]]:
+    """The reader of a folder or a .zip, and the names of every file in it."""
     if path.is_file() and path.suffix.lower() == ".zip":
         if not zipfile.is_zipfile(path):
             raise DataError(f"{path}: not a readable zip archive. Re-download it or unpack it and pass the folder.")
-        reader = ZipReader(path)
-        names = reader.names()
-    elif path.is_dir():
-        reader = DirReader(path)
-        names = _walk(path)
-    else:
-        raise DataError(f"{path}: unsupported data source. Give a folder, a .zip or a PneumoniaMNIST .npz.")
-    return _from_names(path, reader, names)
+        reader: Reader = ZipReader(path)
+        return reader, reader.names()
+    if path.is_dir():
+        return DirReader(path), _walk(path)
+    raise DataError(f"{path}: not a folder or a .zip. {fix}")
 
 
 UNLABELLED = -1  # Record.label of a site image whose class nobody told us
@@ -219,14 +221,7 @@ def load_unlabelled(path: str | os.PathLike) -> Dataset:
     file names as elsewhere, namespaced ``site/``.
     """
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
-        reader: Reader = ZipReader(path)
-        names = reader.names()
-    elif path.is_dir():
-        reader = DirReader(path)
-        names = _walk(path)
-    else:
-        raise DataError(f"{path}: not a folder or .zip of images. Give the folder that holds the site's images (searched recursively).")
+    reader, names = _open_images(path, "Give the folder that holds the site's images (searched recursively).")
     records = []
     for name in sorted(names):
         parts = name.split("/")
