@@ -51,7 +51,7 @@ def test_ood_guard_flags_photos_noise_and_blank_but_not_radiographs(predictor):
     }  # fmt: skip
     preds = predictor.predict_images(list(strangers.values()), list(strangers))
     assert all(p.ood for p in preds), [(p.path, p.ood_distance) for p in preds]
-    xrays = predictor.predict_paths(_test_images(10))
+    xrays = predictor.predict_inputs(_test_images(10))
     assert sum(p.ood for p in xrays) <= 1  # the guard's cut-off is the 99th percentile on validation
 
 
@@ -68,7 +68,7 @@ def test_dicom_predicts_like_the_same_picture(predictor, tmp_path):
     image = predictor.read(src)
     stored = np.rint(image * 4095)
     dcm = write_dicom(tmp_path / "x.dcm", stored, window=(2047.5, 4096))  # the full 12-bit range, no stretch
-    a, b = predictor.predict_paths([src, dcm])
+    a, b = predictor.predict_inputs([src, dcm])
     assert abs(a.prob - b.prob) < 0.02
 
 
@@ -121,7 +121,7 @@ def test_predict_endpoint_returns_probability_flag_and_heatmap(client, predictor
     res = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
     assert res.status_code == 200, res.text
     body = res.json()
-    expected = predictor.predict_paths([path])[0]
+    expected = predictor.predict_inputs([path])[0]
     assert abs(body["prob"] - expected.prob) < 1e-6 and body["label"] == expected.label
     assert body["threshold"] == predictor.threshold and body["ood"] is False
     heat = Image.open(io.BytesIO(__import__("base64").b64decode(body["heatmap_png"])))

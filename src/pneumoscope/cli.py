@@ -261,7 +261,7 @@ def cmd_predict(args) -> int:
     from .predict import Prediction, Predictor, expand_inputs
 
     predictor = Predictor.load(args.run)
-    results = [r.to_dict() for r in predictor.predict_paths(expand_inputs(args.inputs), tta=args.tta)]
+    results = [r.to_dict() for r in predictor.predict_inputs(expand_inputs(args.inputs), tta=args.tta)]
     if args.format == "json":
         print(json.dumps(results, indent=2, allow_nan=False))  # a NaN is never written as if it were a number
     else:

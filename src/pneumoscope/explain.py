@@ -73,6 +73,15 @@ def compute_cam(model, x: torch.Tensor, target_classes, method: str = "gradcam")
     return np.clip(maps, 0.0, 1.0)  # (B, S, S)
 
 
+def target_classes(predictor: Predictor, probs, target: str = "predicted") -> list[int]:
+    """The class each map explains: the predicted one, or the one named ("pneumonia" 1, "normal" 0)."""
+    if target == "predicted":
+        return predictor.decide(probs).tolist()
+    if target.upper() not in predictor.class_names:
+        raise ValueError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
+    return [predictor.class_names.index(target.upper())] * len(probs)
+
+
 def compute_gradcam(model, x: torch.Tensor, target_class) -> np.ndarray:
     return compute_cam(model, x, target_class, "gradcam")
 
@@ -281,10 +290,7 @@ def explain_images(
                 bar.update(len(files[start : start + batch_size]))
                 continue
             probs = predictor.predict_proba(images)
-            if target == "predicted":
-                classes = predictor.decide(probs).tolist()
-            else:
-                classes = [predictor.class_names.index(target.upper())] * len(images)
+            classes = target_classes(predictor, probs, target)
             if checks:
                 scores = check_batch(predictor, images, method, probs=probs, targets=classes, randomized=randomized, seed=start)
                 cams = scores["cams"]
