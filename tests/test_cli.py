@@ -81,12 +81,15 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
 
     ex = tmp_path / "explain"
     assert main(["-q", "explain", str(trained_run), *images[:2], "--out", str(ex)]) == 0
+    printed = capsys.readouterr().out
+    assert "too few images to test faithfulness: n=2, need ≥ 5" in printed and "NOT better" not in printed  # no verdict without a p-value
     index = json.loads((ex / "explanations.json").read_text())
     assert len(index["images"]) == 2
     assert len(list((ex / "cams").glob("*.npy"))) == 2
     scores = list(csv.DictReader(open(ex / "scores.csv")))
     assert len(scores) == 2 and all(-1 <= float(s["road_most"]) <= 1 and -1 <= float(s["sanity_spearman"]) <= 1 for s in scores)
-    assert index["checks"]["n"] == 2 and "random" in index["checks"]["faithfulness_verdict"]
+    assert index["checks"]["n"] == 2 and index["checks"]["road_vs_random_p"] is None
+    assert index["checks"]["faithfulness_verdict"] == "too few images to test faithfulness: n=2, need ≥ 5"
     figure = Image.open(ex / index["images"][0]["figure"])
     assert figure.size[0] > figure.size[1] > 100
 
@@ -99,6 +102,16 @@ def test_predict_reports_a_bad_file_and_goes_on(trained_run, tmp_path, capsys):
     assert main(["-q", "predict", str(trained_run), str(tmp_path)]) == 1
     rows = {r["path"]: r for r in csv.DictReader(capsys.readouterr().out.splitlines())}
     assert rows[str(good)]["label"] in ("NORMAL", "PNEUMONIA") and rows[str(bad)]["error"]
+
+
+def test_explain_exits_1_when_inputs_are_unreadable(trained_run, tmp_path, capsys):
+    """Exit codes as for predict: 0 all explained, 1 some inputs unreadable (here all of them), 2 the command failed."""
+    (bad := tmp_path / "bad.jpeg").write_bytes(b"not a jpeg")
+    (empty := tmp_path / "empty.png").write_bytes(b"")
+    assert main(["-q", "explain", str(trained_run), str(bad), str(empty), "--out", str(tmp_path / "ex")]) == 1
+    captured = capsys.readouterr()
+    assert "0 explanations written" in captured.out and "2 unreadable inputs skipped" in captured.err
+    assert len(json.loads((tmp_path / "ex" / "explanations.json").read_text())["skipped"]) == 2
 
 
 def test_data_inspect_json(kaggle_tree, capsys):

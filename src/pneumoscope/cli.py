@@ -246,7 +246,8 @@ def cmd_explain(args) -> int:
         Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite
     )
     print(f"{len(results)} explanations written to {args.out}")
-    summary = json.loads((Path(args.out) / "explanations.json").read_text())["checks"]
+    written = json.loads((Path(args.out) / "explanations.json").read_text())
+    summary = written["checks"]
     if summary:
         print(f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} for the most "
               f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
@@ -254,7 +255,9 @@ def cmd_explain(args) -> int:
               f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
               f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
               f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}")  # fmt: skip
-    return 0
+    if written["skipped"]:
+        print(f"{len(written['skipped'])} unreadable inputs skipped (listed in explanations.json)", file=sys.stderr)
+    return 1 if written["skipped"] else 0
 
 
 def cmd_predict(args) -> int:
