@@ -1,6 +1,8 @@
 """End to end through the command line on about 100 real images."""
 
 import csv
+import io
+import sys
 from pathlib import Path
 import json
 import logging
@@ -281,3 +283,59 @@ def test_threshold_policy_flags_reach_the_training_config():
     assert _policy(parser.parse_args(["calibrate", "RUN", "DATA", "--out", "NEW", "--target-sensitivity", "0.95"])) == ("sensitivity", 0.95)
     with pytest.raises(SystemExit):  # one policy at a time
         parser.parse_args(["train", "DATA", "--out", "RUN", "--target-sensitivity", "0.9", "--target-specificity", "0.9"])
+
+
+def test_export_log_has_no_third_party_info_and_no_progress_frames(trained_run, tmp_path):
+    """Issue 14: `export` printed 78 lines of onnx_ir INFO (logging was configured on the root logger). stderr is a pipe here."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pneumoscope", "export", str(trained_run), "--out", str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    records = [line for line in proc.stderr.splitlines() if line.split(" ", 1)[0] in ("DEBUG", "INFO")]
+    assert records and all(line.split(" ", 2)[1].startswith("pneumoscope") for line in records), records[:5]
+    assert any(line.startswith("INFO pneumoscope.export: exported") for line in records)  # our own INFO still shows
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_q(trained_run, tmp_path, monkeypatch, capsys):
+    from tests.conftest import CHEST_XRAY
+
+    image = str(sorted((CHEST_XRAY / "test" / "NORMAL").iterdir())[0])
+    explain = ["explain", str(trained_run), image, "--no-checks", "--out"]
+    assert main([*explain, str(tmp_path / "piped")]) == 0  # capsys's stderr is not a terminal
+    assert "\r" not in capsys.readouterr().err
+    for flags, bar in (([], True), (["-q"], False)):
+        monkeypatch.setattr(sys, "stderr", terminal := _Terminal())
+        assert main([*flags, *explain, str(tmp_path / f"tty{flags}")]) == 0
+        assert ("\r" in terminal.getvalue()) is bar, (flags, terminal.getvalue()[-300:])
+
+
+def test_verbose_shows_other_libraries_info_and_default_does_not(capsys):
+    from pneumoscope.runtime import configure_logging
+
+    root_level = logging.getLogger().level
+    try:
+        for verbose in (False, True):
+            configure_logging(verbose=verbose)
+            logging.getLogger("onnx_ir.passes").info("deduplicated %d", 1)
+            logging.getLogger("pneumoscope.export").info("exported")
+            err = capsys.readouterr().err
+            assert ("INFO onnx_ir.passes: deduplicated 1" in err) is verbose and err.count("INFO pneumoscope.export: exported") == 1
+    finally:
+        configure_logging()
+        logging.getLogger().setLevel(root_level)
+
+
+def test_version_prints_the_package_version(capsys):
+    from pneumoscope import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"pneumoscope {__version__}\n"

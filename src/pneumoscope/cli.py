@@ -82,7 +82,7 @@ def cmd_inspect(args) -> int:
     dataset = load_dataset(args.data)
     if dataset.layout != "npz":
         dataset = dataset.subset(split_by_patient(dataset.records, val_fraction=args.val_fraction, seed=args.seed))
-    dataset = scan(dataset, progress=not args.json)
+    dataset = scan(dataset, progress=args.progress and not args.json)
     summary = summarize(dataset)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -123,13 +123,13 @@ def cmd_train(args) -> int:
     if args.seeds:
         from .train import train_seeds
 
-        summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume)
+        summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume, progress=args.progress)
         if summary is not None:
             for key, stats in summary["val"].items():
                 print(f"val {key}: {stats['mean']:.4f} ± {stats['sd']:.4f} over seeds {args.seeds}")
             print(f"runs written to {args.out}/seed-*")
         return 0
-    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume)
+    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume, progress=args.progress)
     if out is not None:
         print(f"run written to {out}")
     return 0
@@ -140,7 +140,7 @@ def cmd_evaluate(args) -> int:
 
     out, result = evaluate_run(
         args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps,
-        audit_shortcuts=args.audit, tta=args.tta,
+        audit_shortcuts=args.audit, tta=args.tta, progress=args.progress,
     )
     print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
     return 0
@@ -181,7 +181,7 @@ def cmd_calibrate(args) -> int:
 
     policy, target = _policy(args)
     out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, refit=args.refit_head,
-                              overwrite=args.overwrite, cache_dir=args.cache_dir)  # fmt: skip
+                              overwrite=args.overwrite, cache_dir=args.cache_dir, progress=args.progress)  # fmt: skip
     c = desc["calibration"]
     print(f"calibrated on {c['n']} images: temperature {desc['temperature']:.3f}, threshold {desc['threshold']:.4f} "
           f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
@@ -192,7 +192,7 @@ def cmd_shift(args) -> int:
     from .adapt import shift_report
     from .outputs import write_json
 
-    report = shift_report(args.run, args.site, cache_dir=args.cache_dir, seed=args.seed)
+    report = shift_report(args.run, args.site, cache_dir=args.cache_dir, seed=args.seed, progress=args.progress)
     if args.out:
         write_json(args.out, report)
     if args.json:
@@ -212,7 +212,8 @@ def cmd_shift(args) -> int:
 def cmd_adapt(args) -> int:
     from .adapt import adapt_run
 
-    out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed)
+    out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
+                          progress=args.progress)  # fmt: skip
     a = desc["adaptation"]
     print(f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
           f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc['threshold']:.4f} "
@@ -243,7 +244,8 @@ def cmd_explain(args) -> int:
     from .predict import Predictor
 
     results = explain_images(
-        Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite
+        Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite,
+        progress=args.progress,
     )
     print(f"{len(results)} explanations written to {args.out}")
     written = json.loads((Path(args.out) / "explanations.json").read_text())
@@ -288,12 +290,12 @@ def cmd_demo(args) -> int:
     data = args.data or os.environ.get("PNEUMOSCOPE_DATA") or fetch_pneumoniamnist()
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = _config(args)
-    run = train_run(data, out / "run", config, overwrite=False)
-    _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir)
+    run = train_run(data, out / "run", config, overwrite=False, progress=args.progress)
+    _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
     wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
     right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
     if load_dataset(data).layout != "npz":
-        explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain")
+        explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain", progress=args.progress)
     m = result.metrics
     print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
           f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
@@ -303,10 +305,14 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .adapt import ADAPT_METHODS
 
     parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug messages, and other libraries' INFO messages too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -421,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     from .io import ImageReadError
     from .outputs import OutputExistsError
 
-    from .runtime import tune_cpu_allocator
+    from .runtime import configure_logging, progress_wanted, tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
+    args.progress = progress_wanted(quiet=args.quiet)
     tune_cpu_allocator()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return args.func(args)
     except (DataError, ImageReadError, OutputExistsError, FileNotFoundError, ValueError, ConnectionError, RuntimeError) as err:
