@@ -1,6 +1,8 @@
 """End to end through the command line on about 100 real images."""
 
 import csv
+import io
+import sys
 from pathlib import Path
 import json
 import logging
@@ -81,12 +83,15 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
 
     ex = tmp_path / "explain"
     assert main(["-q", "explain", str(trained_run), *images[:2], "--out", str(ex)]) == 0
+    printed = capsys.readouterr().out
+    assert "too few images to test faithfulness: n=2, need ≥ 5" in printed and "NOT better" not in printed  # no verdict without a p-value
     index = json.loads((ex / "explanations.json").read_text())
     assert len(index["images"]) == 2
     assert len(list((ex / "cams").glob("*.npy"))) == 2
     scores = list(csv.DictReader(open(ex / "scores.csv")))
     assert len(scores) == 2 and all(-1 <= float(s["road_most"]) <= 1 and -1 <= float(s["sanity_spearman"]) <= 1 for s in scores)
-    assert index["checks"]["n"] == 2 and "random" in index["checks"]["faithfulness_verdict"]
+    assert index["checks"]["n"] == 2 and index["checks"]["road_vs_random_p"] is None
+    assert index["checks"]["faithfulness_verdict"] == "too few images to test faithfulness: n=2, need ≥ 5"
     figure = Image.open(ex / index["images"][0]["figure"])
     assert figure.size[0] > figure.size[1] > 100
 
@@ -99,6 +104,16 @@ def test_predict_reports_a_bad_file_and_goes_on(trained_run, tmp_path, capsys):
     assert main(["-q", "predict", str(trained_run), str(tmp_path)]) == 1
     rows = {r["path"]: r for r in csv.DictReader(capsys.readouterr().out.splitlines())}
     assert rows[str(good)]["label"] in ("NORMAL", "PNEUMONIA") and rows[str(bad)]["error"]
+
+
+def test_explain_exits_1_when_inputs_are_unreadable(trained_run, tmp_path, capsys):
+    """Exit codes as for predict: 0 all explained, 1 some inputs unreadable (here all of them), 2 the command failed."""
+    (bad := tmp_path / "bad.jpeg").write_bytes(b"not a jpeg")
+    (empty := tmp_path / "empty.png").write_bytes(b"")
+    assert main(["-q", "explain", str(trained_run), str(bad), str(empty), "--out", str(tmp_path / "ex")]) == 1
+    captured = capsys.readouterr()
+    assert "0 explanations written" in captured.out and "2 unreadable inputs skipped" in captured.err
+    assert len(json.loads((tmp_path / "ex" / "explanations.json").read_text())["skipped"]) == 2
 
 
 def test_data_inspect_json(kaggle_tree, capsys):
@@ -268,3 +283,59 @@ def test_threshold_policy_flags_reach_the_training_config():
     assert _policy(parser.parse_args(["calibrate", "RUN", "DATA", "--out", "NEW", "--target-sensitivity", "0.95"])) == ("sensitivity", 0.95)
     with pytest.raises(SystemExit):  # one policy at a time
         parser.parse_args(["train", "DATA", "--out", "RUN", "--target-sensitivity", "0.9", "--target-specificity", "0.9"])
+
+
+def test_export_log_has_no_third_party_info_and_no_progress_frames(trained_run, tmp_path):
+    """Issue 14: `export` printed 78 lines of onnx_ir INFO (logging was configured on the root logger). stderr is a pipe here."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pneumoscope", "export", str(trained_run), "--out", str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    records = [line for line in proc.stderr.splitlines() if line.split(" ", 1)[0] in ("DEBUG", "INFO")]
+    assert records and all(line.split(" ", 2)[1].startswith("pneumoscope") for line in records), records[:5]
+    assert any(line.startswith("INFO pneumoscope.export: exported") for line in records)  # our own INFO still shows
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_q(trained_run, tmp_path, monkeypatch, capsys):
+    from tests.conftest import CHEST_XRAY
+
+    image = str(sorted((CHEST_XRAY / "test" / "NORMAL").iterdir())[0])
+    explain = ["explain", str(trained_run), image, "--no-checks", "--out"]
+    assert main([*explain, str(tmp_path / "piped")]) == 0  # capsys's stderr is not a terminal
+    assert "\r" not in capsys.readouterr().err
+    for flags, bar in (([], True), (["-q"], False)):
+        monkeypatch.setattr(sys, "stderr", terminal := _Terminal())
+        assert main([*flags, *explain, str(tmp_path / f"tty{flags}")]) == 0
+        assert ("\r" in terminal.getvalue()) is bar, (flags, terminal.getvalue()[-300:])
+
+
+def test_verbose_shows_other_libraries_info_and_default_does_not(capsys):
+    from pneumoscope.runtime import configure_logging
+
+    root_level = logging.getLogger().level
+    try:
+        for verbose in (False, True):
+            configure_logging(verbose=verbose)
+            logging.getLogger("onnx_ir.passes").info("deduplicated %d", 1)
+            logging.getLogger("pneumoscope.export").info("exported")
+            err = capsys.readouterr().err
+            assert ("INFO onnx_ir.passes: deduplicated 1" in err) is verbose and err.count("INFO pneumoscope.export: exported") == 1
+    finally:
+        configure_logging()
+        logging.getLogger().setLevel(root_level)
+
+
+def test_version_prints_the_package_version(capsys):
+    from pneumoscope import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"pneumoscope {__version__}\n"

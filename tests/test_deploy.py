@@ -51,7 +51,7 @@ def test_ood_guard_flags_photos_noise_and_blank_but_not_radiographs(predictor):
     }  # fmt: skip
     preds = predictor.predict_images(list(strangers.values()), list(strangers))
     assert all(p.ood for p in preds), [(p.path, p.ood_distance) for p in preds]
-    xrays = predictor.predict_paths(_test_images(10))
+    xrays = predictor.predict_inputs(_test_images(10))
     assert sum(p.ood for p in xrays) <= 1  # the guard's cut-off is the 99th percentile on validation
 
 
@@ -68,7 +68,7 @@ def test_dicom_predicts_like_the_same_picture(predictor, tmp_path):
     image = predictor.read(src)
     stored = np.rint(image * 4095)
     dcm = write_dicom(tmp_path / "x.dcm", stored, window=(2047.5, 4096))  # the full 12-bit range, no stretch
-    a, b = predictor.predict_paths([src, dcm])
+    a, b = predictor.predict_inputs([src, dcm])
     assert abs(a.prob - b.prob) < 0.02
 
 
@@ -121,7 +121,7 @@ def test_predict_endpoint_returns_probability_flag_and_heatmap(client, predictor
     res = client.post("/predict?heatmap=true", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
     assert res.status_code == 200, res.text
     body = res.json()
-    expected = predictor.predict_paths([path])[0]
+    expected = predictor.predict_inputs([path])[0]
     assert abs(body["prob"] - expected.prob) < 1e-6 and body["label"] == expected.label
     assert body["threshold"] == predictor.threshold and body["ood"] is False
     heat = Image.open(io.BytesIO(__import__("base64").b64decode(body["heatmap_png"])))
@@ -181,7 +181,7 @@ def test_batch_endpoint_answers_each_file_in_order(client, predictor):
     assert res.status_code == 200, res.text
     results = res.json()["results"]
     assert [r["path"] for r in results] == [paths[0].name, paths[1].name, "notes.png", paths[2].name]
-    expected = predictor.predict_paths(paths[:3])
+    expected = predictor.predict_inputs(paths[:3])
     assert all(abs(r["prob"] - e.prob) < 1e-5 for r, e in zip([results[0], results[1], results[3]], expected))
     assert results[2]["prob"] is None and results[2]["status"] == 415 and "not a readable image" in results[2]["error"]
     too_many = [("files", (f"{i}.png", b"x")) for i in range(17)]
@@ -200,7 +200,7 @@ def test_uploads_are_forward_passed_together(predictor):
     with TestClient(app, base_url="http://127.0.0.1") as client, ThreadPoolExecutor(8) as pool:
         probs = list(pool.map(lambda p: client.post("/predict", files={"file": (p.name, p.read_bytes())}).json()["prob"], paths))
     assert max(app.state.batcher.batches) > 1, app.state.batcher.batches
-    np.testing.assert_allclose(probs, [p.prob for p in predictor.predict_paths(paths)], atol=1e-5)
+    np.testing.assert_allclose(probs, [p.prob for p in predictor.predict_inputs(paths)], atol=1e-5)
 
 
 def test_full_queue_answers_503_with_retry_after(predictor, monkeypatch):

@@ -153,3 +153,12 @@ def test_summary_verdict_follows_the_evidence():
     assert E.summarize_checks(good, "gradcam")["road_combined"] > 0
     assert E.summarize_checks(bad, "eigencam")["faithfulness_verdict"].startswith("NOT better")
     assert E.summarize_checks(partial, "x")["faithfulness_verdict"].startswith("only partly faithful")
+
+
+def test_too_few_images_give_no_faithfulness_verdict():
+    """With n < 5 a one-sided Wilcoxon test cannot reach p < 0.05: say so rather than call the map NOT better than random."""
+    good = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": 0.0} for i in range(5)]
+    two = E.summarize_checks(good[:2], "gradcam")
+    assert two["road_vs_random_p"] is None
+    assert two["faithfulness_verdict"] == f"too few images to test faithfulness: n=2, need ≥ {E.MIN_FAITHFULNESS_IMAGES}"
+    assert E.summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"  # 5 is enough: p = 1/32

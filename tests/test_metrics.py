@@ -139,7 +139,7 @@ def test_target_sensitivity_policy(target):
 def test_policy_errors_are_clear():
     with pytest.raises(ValueError, match="needs a target"):
         M.compute_threshold([0, 1], [0.1, 0.9], "sensitivity")
-    with pytest.raises(ValueError, match="youden, sensitivity or specificity"):
+    with pytest.raises(ValueError, match="threshold policy must be one of"):
         M.compute_threshold([0, 1], [0.1, 0.9], "f1")
 
 

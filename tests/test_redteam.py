@@ -176,7 +176,7 @@ def test_out_of_memory_is_one_line(monkeypatch, tiny_run, tmp_path, capsys, capl
     def huge(*args, **kw):
         raise MemoryError()
 
-    monkeypatch.setattr(Predictor, "predict_paths", huge)
+    monkeypatch.setattr(Predictor, "predict_inputs", huge)
     assert main(["-q", "predict", str(tiny_run), str(_png(tmp_path / "x.png"))]) == 2
     assert "out of memory" in _error_line(capsys, caplog)
 

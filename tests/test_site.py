@@ -84,9 +84,9 @@ def test_an_adapted_run_exports_to_onnx_with_its_adaptation(run, tmp_path, capsy
     onnx = tmp_path / "adapted.onnx"
     assert main(["-q", "export", str(new), "--out", str(onnx), "--check-images", str(site)]) == 0
     images = [p for p in sorted(site.rglob("*.jpeg"))[:6]]
-    torch_p = [r.prob for r in Predictor.load(new).predict_paths(images)]
-    onnx_p = [r.prob for r in Predictor.load(onnx).predict_paths(images)]
-    base_p = [r.prob for r in Predictor.load(run).predict_paths(images)]
+    torch_p = [r.prob for r in Predictor.load(new).predict_inputs(images)]
+    onnx_p = [r.prob for r in Predictor.load(onnx).predict_inputs(images)]
+    base_p = [r.prob for r in Predictor.load(run).predict_inputs(images)]
     np.testing.assert_allclose(onnx_p, torch_p, atol=1e-4)
     assert np.abs(np.array(torch_p) - np.array(base_p)).max() > 1e-3  # the adaptation is in the exported graph
 

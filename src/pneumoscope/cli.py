@@ -94,7 +94,7 @@ def cmd_inspect(args) -> int:
     dataset = load_dataset(args.data)
     if dataset.layout != "npz":
         dataset = dataset.subset(split_by_patient(dataset.records, val_fraction=args.val_fraction, seed=args.seed))
-    dataset = scan(dataset, progress=not args.json)
+    dataset = scan(dataset, progress=args.progress and not args.json)
     summary = summarize(dataset)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -137,14 +137,14 @@ def cmd_train(args) -> int:
     if args.seeds:
         from .train import train_seeds
 
-        summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume)
+        summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume, progress=args.progress)
         if summary is None:
             return EXIT_OK  # a launched distributed rank
         for key, stats in summary["val"].items():
             print(f"val {key}: {stats['mean']:.4f} ± {stats['sd']:.4f} over seeds {args.seeds}")
         print(f"runs written to {args.out}/seed-*")
         return _exit_status(sum(_skipped_in_run(Path(args.out) / f"seed-{seed}") for seed in args.seeds))
-    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume)
+    out = train_run(args.data, args.out, _config(args), overwrite=args.overwrite, resume=args.resume, progress=args.progress)
     if out is None:
         return EXIT_OK
     print(f"run written to {out}")
@@ -162,7 +162,7 @@ def cmd_evaluate(args) -> int:
 
     out, result = evaluate_run(
         args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps,
-        audit_shortcuts=args.audit, tta=args.tta,
+        audit_shortcuts=args.audit, tta=args.tta, progress=args.progress,
     )
     print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
     return _exit_status(len(result.problems))
@@ -208,7 +208,7 @@ def cmd_calibrate(args) -> int:
 
     policy, target = _policy(args)
     out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, refit=args.refit_head,
-                              overwrite=args.overwrite, cache_dir=args.cache_dir)  # fmt: skip
+                              overwrite=args.overwrite, cache_dir=args.cache_dir, progress=args.progress)  # fmt: skip
     c = desc["calibration"]
     print(f"calibrated on {c['n']} images: temperature {desc['temperature']:.3f}, threshold {desc['threshold']:.4f} "
           f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
@@ -219,7 +219,7 @@ def cmd_shift(args) -> int:
     from .adapt import shift_report
     from .outputs import write_json
 
-    report = shift_report(args.run, args.site, cache_dir=args.cache_dir, seed=args.seed)
+    report = shift_report(args.run, args.site, cache_dir=args.cache_dir, seed=args.seed, progress=args.progress)
     if args.out:
         write_json(args.out, report)
     if args.json:
@@ -239,7 +239,8 @@ def cmd_shift(args) -> int:
 def cmd_adapt(args) -> int:
     from .adapt import adapt_run
 
-    out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed)
+    out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
+                          progress=args.progress)  # fmt: skip
     a = desc["adaptation"]
     print(f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
           f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc['threshold']:.4f} "
@@ -281,7 +282,8 @@ def cmd_explain(args) -> int:
 
     check_output_dir(args.out, args.overwrite)  # before the model loads
     results = explain_images(
-        Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite
+        Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite,
+        progress=args.progress,
     )
     print(f"{len(results)} explanations written to {args.out}")
     written = json.loads((Path(args.out) / "explanations.json").read_text())
@@ -293,6 +295,8 @@ def cmd_explain(args) -> int:
               f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
               f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
               f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}")  # fmt: skip
+    if written["skipped"]:
+        print(f"{len(written['skipped'])} unreadable inputs skipped (listed in explanations.json)", file=sys.stderr)
     return _exit_status(len(written["skipped"]))
 
 
@@ -301,7 +305,7 @@ def cmd_predict(args) -> int:
 
     predictor = Predictor.load(args.run)
     files, problems = expand_inputs(args.inputs)
-    predictions = predictor.predict_paths(files, tta=args.tta) + [Prediction(p, None, None, predictor.threshold, error=why) for p, why in problems]
+    predictions = predictor.predict_inputs(files, tta=args.tta) + [Prediction(p, None, None, predictor.threshold, error=why) for p, why in problems]
     results = [r.to_dict() for r in predictions]
     if args.format == "json":
         print(json.dumps(results, indent=2, allow_nan=False))  # a NaN is never written as if it were a number
@@ -329,13 +333,13 @@ def cmd_demo(args) -> int:
     data = args.data or os.environ.get("PNEUMOSCOPE_DATA") or fetch_pneumoniamnist()
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = _config(args)
-    run = train_run(data, out / "run", config, overwrite=False)
+    run = train_run(data, out / "run", config, overwrite=False, progress=args.progress)
     skipped = _skipped_in_run(run)
-    _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir)
+    _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
     wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
     right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
     if load_dataset(data).layout != "npz":
-        explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain")
+        explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain", progress=args.progress)
     m = result.metrics
     print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
           f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
@@ -345,11 +349,15 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .adapt import ADAPT_METHODS
     from .explain import CAM_METHODS
 
     parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug messages, and other libraries' INFO messages too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -468,11 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import tune_cpu_allocator
+    from .runtime import configure_logging, progress_wanted, tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
+    args.progress = progress_wanted(quiet=args.quiet)
     tune_cpu_allocator()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -70,20 +71,100 @@ def read_image(
     return check_decoded(_read_pillow(path, data, draft_size=draft_size, max_pixels=max_pixels), path)
 
 
-def check_decoded(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+def check_decoded(image: np.ndarray, path: str | os.PathLike, *, given: bool = False) -> np.ndarray:
     """The one check every decoder's output passes: a finite 2-D float32 array in [0, 1].
 
     A NaN that reached the network would come out as a NaN probability, and a NaN
-    compares false with every threshold: it would be read as NORMAL.
+    compares false with every threshold: it would be read as NORMAL. ``given``: the
+    array came from the caller (:func:`to_image`), so values outside [0, 1] are
+    the caller's to fix rather than a decoder bug.
     """
     if image.ndim != 2 or min(image.shape) < 1:
         raise ImageReadError(path, f"decoded to an unusable shape {image.shape}", "Re-export as a 2-D grayscale image.")
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
-        raise ImageReadError(path, f"decoded to {bad:,} NaN or infinite pixel values", "Re-export the image (check its window/LUT settings).")
-    if image.min() < 0.0 or image.max() > 1.0:  # a decoder bug, never the user's file
-        raise RuntimeError(f"{path}: decoder returned values in [{image.min()}, {image.max()}], outside [0, 1] (a bug; please report it)")
+        fix = "Replace them (e.g. np.nan_to_num) or mask them first." if given else "Re-export the image (check its window/LUT settings)."
+        raise ImageReadError(path, f"holds {bad:,} NaN or infinite pixel values", fix)
+    lo, hi = float(image.min()), float(image.max())
+    if lo < 0.0 or hi > 1.0:
+        if given:
+            raise ImageReadError(path, f"a float image must lie in [0, 1], its values lie in [{lo:.6g}, {hi:.6g}]",
+                                 "Divide 8-bit values by 255 and 16-bit values by 65535, or pass the uint8/uint16 array itself.")  # fmt: skip
+        raise RuntimeError(f"{path}: decoder returned values in [{lo}, {hi}], outside [0, 1] (a bug; please report it)")
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+ACCEPTED = ("a path, a PIL image, a pydicom Dataset, or a NumPy array: uint8 (0-255), uint16 (0-65535) or float in [0, 1], "
+            "shaped (H, W) grayscale or (H, W, 3|4) RGB(A)")  # fmt: skip
+
+
+def to_image(x, name: str = "input", *, draft_size: int | None = None) -> np.ndarray:
+    """Any accepted input -> the decoder's float32 (H, W) in [0, 1], converted exactly once.
+
+    A path goes through :func:`read_image`, a pydicom ``Dataset`` through the DICOM
+    decoder, a PIL image through the same conversion as a decoded file. A NumPy array
+    is scaled by its type: uint8 by 255, uint16 by 65535 (as the decoder scales 8- and
+    16-bit files); a float array must already lie in [0, 1]. RGB(A) becomes luminance
+    as Pillow's ``convert("L")`` computes it (alpha dropped). Anything else raises
+    :class:`ImageReadError` (a ``ValueError``) naming what was given and what is expected.
+    A palette image's array holds palette indices, not grey levels: pass the PIL image.
+    """
+    if isinstance(x, (str, os.PathLike)):
+        return read_image(x, draft_size=draft_size)
+    if isinstance(x, Image.Image):
+        return check_decoded(_to_gray_float(x, name), name)
+    if _is_dicom_dataset(x):
+        return check_decoded(dicom_to_image(x, name), name)
+    if isinstance(x, np.ndarray):
+        return check_decoded(_array_to_gray(x, name), name, given=True)
+    raise ImageReadError(name, f"an object of type {type(x).__qualname__} is not an image input", f"Pass {ACCEPTED}.")
+
+
+def describe_input(x) -> str:
+    """A short description of an input for messages and result rows: its path, or what it is."""
+    if isinstance(x, (str, os.PathLike)):
+        return str(x)
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array {x.shape}"
+    if isinstance(x, Image.Image):
+        return getattr(x, "filename", "") or f"PIL image ({x.mode}, {x.width}x{x.height})"
+    if _is_dicom_dataset(x):
+        filename = getattr(x, "filename", None)
+        return filename if isinstance(filename, str) and filename else "DICOM dataset"
+    return type(x).__name__
+
+
+def _is_dicom_dataset(x) -> bool:
+    pydicom = sys.modules.get("pydicom")  # not imported: x cannot be a Dataset, and no import is paid for
+    return pydicom is not None and isinstance(x, pydicom.Dataset)
+
+
+def _array_to_gray(a: np.ndarray, name: str) -> np.ndarray:
+    """uint8/uint16/float array, (H, W), (H, W, 1) or (H, W, 3|4) -> (H, W) float; range and NaNs are checked by the caller."""
+    if a.dtype not in (np.uint8, np.uint16) and a.dtype.kind != "f":
+        raise ImageReadError(name, f"an array of dtype {a.dtype} is not an image input: expected uint8 (0-255), uint16 (0-65535) or float in [0, 1]",
+                             "Convert it (x.astype(np.uint16) for 16-bit data in a wider integer type; for a 1-bit or palette "
+                             "image pass the PIL image itself).")  # fmt: skip
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        rgb = np.ascontiguousarray(a[..., :3])  # drop alpha: X-rays carry none
+        if a.dtype == np.uint8:  # exactly as a decoded 8-bit colour file
+            return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 255.0
+        gray = rgb.astype(np.float64) @ LUMA_WEIGHTS  # (H, W)
+    elif a.ndim == 2:
+        gray = a
+    else:
+        raise ImageReadError(name, f"an array of shape {a.shape} is not one image: expected (H, W) grayscale or (H, W, 3|4) RGB(A)",
+                             "Pass one image at a time (a list for several), channels last.")  # fmt: skip
+    if a.dtype == np.uint8:
+        return gray.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return gray.astype(np.float32) / 65535.0
+    return gray
+
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as Pillow's convert("L")
 
 
 def _read_pillow(path, data: bytes, *, draft_size: int | None, max_pixels: int) -> np.ndarray:
@@ -154,12 +235,18 @@ def read_dicom(path: str | os.PathLike, data: bytes, *, max_pixels: int = MAX_PI
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
         raise ImageReadError(path, f"not a readable DICOM file ({err})", _DICOM_FIX) from err
+    return dicom_to_image(ds, path, max_pixels=max_pixels)
+
+
+def dicom_to_image(ds, path: str | os.PathLike = "DICOM dataset", *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A parsed pydicom ``Dataset`` -> float32 (H, W) in [0, 1]: the pixel half of :func:`read_dicom`."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown SOP class")
         raise ImageReadError(path, f"DICOM object has no pixel data ({sop}): not an image", _DICOM_FIX)

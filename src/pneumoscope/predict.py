@@ -21,7 +21,7 @@ import torch
 from .checkpoint import load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
 from .features import extract_features
-from .io import ImageReadError, is_image_path, read_image, resize_image, screen_image
+from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, resize_image, screen_image, to_image
 from .models import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,25 @@ def tta_views(view: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def input_name(x, index: int) -> str:
+    """How messages name input ``index``: a file by its path, anything else by its place and kind."""
+    return describe_input(x) if isinstance(x, (str, os.PathLike)) else f"input {index} ({describe_input(x)})"
+
+
+def require_decoded(image) -> np.ndarray:
+    """The low-level methods take what the decoder returns: a float (H, W) array in [0, 1].
+
+    A raw uint8 array read as if it were in [0, 1] is normalised to values in the
+    hundreds and gives a confident, wrong probability without any error.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype.kind != "f":
+        given = f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
+        raise ValueError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
+                         "pneumoscope.io.to_image(x), or call pneumoscope.load(...).predict(x), which accepts uint8, uint16, "
+                         "PIL images, paths and DICOM datasets.")  # fmt: skip
+    return check_decoded(image, f"float array {image.shape}", given=True)
+
+
 class TorchBackend:
     name = "pytorch"
 
@@ -189,18 +208,22 @@ class Predictor:
 
     # -- preprocessing: the training contract
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W) in [0, 1] -> (1, C, S, S)."""
-        x = self.preprocessing.apply(image)
+        """(H, W) float in [0, 1] -> (1, C, S, S)."""
+        x = self.preprocessing.apply(require_decoded(image))
         if x.shape != (self.preprocessing.in_chans, self.preprocessing.input_size, self.preprocessing.input_size):
             raise ValueError(f"preprocessed image has shape {x.shape}, the model's contract is {self.preprocessing}")
         return torch.from_numpy(np.ascontiguousarray(x))[None]
 
     def preprocessing_view(self, image: np.ndarray) -> np.ndarray:
         """The image as the model sees it, before normalisation: (S, S) in [0, 1], for display."""
-        return resize_image(image, self.preprocessing.input_size)
+        return resize_image(require_decoded(image), self.preprocessing.input_size)
 
     def read(self, path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
         return read_image(path, data, draft_size=self.preprocessing.input_size)
+
+    def read_input(self, x, name: str = "input") -> np.ndarray:
+        """A path, array, PIL image or DICOM dataset -> decoded (H, W) in [0, 1] (:func:`pneumoscope.io.to_image`)."""
+        return to_image(x, name, draft_size=self.preprocessing.input_size)
 
     # -- prediction
     def probability(self, logits) -> np.ndarray:
@@ -273,18 +296,26 @@ class Predictor:
             out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, True if reason else flag, dist, ood_reason=reason))
         return out
 
-    def predict_paths(self, paths: list[str | os.PathLike], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
-        """One :class:`Prediction` per file; unreadable files carry their error, never raise."""
-        results: list[Prediction | None] = [None] * len(paths)
+    def predict_inputs(self, inputs: list, *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
+        """One :class:`Prediction` per input: a path, or an array, PIL image or DICOM dataset (see :func:`pneumoscope.io.to_image`).
+
+        A file that cannot be read carries its error, as ``pneumoscope predict`` reports it,
+        and never raises; an in-memory input that breaks the contract (an int32 array, a
+        float outside [0, 1], a NaN, a stack of images) raises ``ValueError``: that is a
+        bug in the calling code, not a bad file among good ones.
+        """
+        results: list[Prediction | None] = [None] * len(inputs)
         good, images = [], []
-        for i, p in enumerate(paths):
+        for i, x in enumerate(inputs):
             try:
-                images.append(self.read(p))
+                images.append(self.read_input(x, input_name(x, i)))
                 good.append(i)
             except ImageReadError as err:
+                if not isinstance(x, (str, os.PathLike)):
+                    raise
                 logger.warning("%s", err)
-                results[i] = Prediction(str(p), None, None, self.threshold, error=f"{err.reason}. {err.fix}")
-        for i, pred in zip(good, self.predict_images(images, [str(paths[i]) for i in good], batch_size=batch_size, tta=tta)):
+                results[i] = Prediction(str(x), None, None, self.threshold, error=f"{err.reason}. {err.fix}")
+        for i, pred in zip(good, self.predict_images(images, [describe_input(inputs[i]) for i in good], batch_size=batch_size, tta=tta)):
             results[i] = pred
         return results
 

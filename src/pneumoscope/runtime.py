@@ -32,3 +32,51 @@ def tune_cpu_allocator() -> bool:
         return False
     logger.debug("glibc allocator tuned: %s", ok)
     return ok
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record arrives, so a redirection (or a test's capture) made later is honoured."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
+    """The command line's logging: pneumoscope's INFO on stderr; third-party libraries only from WARNING.
+
+    Only the ``pneumoscope`` logger gets a handler, so a dependency's INFO chatter (onnx_ir
+    printed 78 lines per export when the root logger was set to INFO) stays silent; their
+    warnings still reach stderr through logging's last-resort handler. ``quiet``: warnings
+    and errors only. ``verbose``: pneumoscope's DEBUG and every library's INFO. Calling it
+    again replaces the handler it installed rather than adding a second one.
+    """
+    own, root = logging.getLogger("pneumoscope"), logging.getLogger()
+    for lg in (own, root):
+        for h in [h for h in lg.handlers if isinstance(h, _StderrHandler)]:
+            lg.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.WARNING if quiet else logging.NOTSET)
+    own.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        root.setLevel(logging.INFO)
+        root.addHandler(handler)  # pneumoscope's records reach it by propagation
+    else:
+        own.addHandler(handler)
+
+
+def progress_wanted(*, quiet: bool = False) -> bool:
+    """Whether the command line shows progress bars: not with ``-q``, and not when stderr is
+    not a terminal (a log file would fill with carriage-return frames)."""
+    return not quiet and sys.stderr.isatty()

@@ -397,13 +397,14 @@ def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path
 
 
 def train_seeds(
-    data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, seeds: list[int], *, overwrite: bool = False, resume: bool = False
+    data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, seeds: list[int], *, overwrite: bool = False, resume: bool = False,
+    progress: bool = True,
 ) -> dict | None:
     """One run per seed in ``out/seed-N``; ``out/seeds.json`` holds mean and sd of the validation metrics."""
     out = Path(out)
     metrics = []
     for seed in seeds:
-        run = train_run(data, out / f"seed-{seed}", dataclasses.replace(config, seed=seed), overwrite=overwrite, resume=resume)
+        run = train_run(data, out / f"seed-{seed}", dataclasses.replace(config, seed=seed), overwrite=overwrite, resume=resume, progress=progress)
         if run is None:
             return None  # a launched distributed rank
         metrics.append(json.loads((run / "metrics.json").read_text()))
