@@ -201,3 +201,17 @@ def test_mean_sd_is_the_sample_standard_deviation():
     values = [0.956, 0.964, 0.962]
     assert mean_sd(values) == pytest.approx({"mean": statistics.mean(values), "sd": statistics.stdev(values)})
     assert mean_sd([0.9]) == {"mean": 0.9, "sd": 0.0}
+
+
+def test_smoothed_youden_threshold_is_where_the_smoothed_classes_cross():
+    rng = np.random.default_rng(0)
+    logit = lambda t: float(np.log(t / (1 - t)))  # noqa: E731
+    # symmetric classes of equal spread: the crossing is the midpoint
+    z = np.r_[rng.normal(-2, 1, 3000), rng.normal(2, 1, 3000)]
+    y = np.r_[np.zeros(3000), np.ones(3000)].astype(int)
+    assert abs(logit(M.compute_threshold(y, 1 / (1 + np.exp(-z)), "youden-smooth"))) < 0.1
+    # a separable split (Youden's J flat across the whole gap): inside the gap, not at an edge
+    z = np.r_[rng.uniform(-5, -1, 130), rng.uniform(1, 6, 470)]
+    y = np.r_[np.zeros(130), np.ones(470)].astype(int)
+    t = logit(M.compute_threshold(y, 1 / (1 + np.exp(-z)), "youden-smooth"))
+    assert -1 < t < 1
