@@ -9,7 +9,7 @@ from PIL import Image
 
 import pneumoscope
 from pneumoscope.cli import main
-from pneumoscope.predict import Prediction, Predictor
+from pneumoscope.predict import Prediction
 from tests.dicom_util import write_dicom
 
 

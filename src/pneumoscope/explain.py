@@ -50,6 +50,7 @@ GRADIENT_FREE = {"eigencam"}
 CENTRAL_BOX = (0.15, 0.85, 0.20, 0.80)
 BORDER_FRACTION = 0.10
 REMOVE_PERCENT = 20
+MAX_STEM = 50  # characters of an input name kept in output names: 4-byte UTF-8 and the suffixes stay under 255 bytes
 # A one-sided Wilcoxon signed-rank test on n pairs cannot go below p = 2**-n: with fewer
 # than 5 images (p >= 0.0625) no map could ever be shown better than random ones.
 MIN_FAITHFULNESS_IMAGES = 5
