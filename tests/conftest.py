@@ -22,6 +22,21 @@ def _isolated_cache(tmp_path_factory):
         os.environ["PNEUMOSCOPE_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A checkpoint of an untrained model (random head): enough to load, predict and export."""
+    import torch
+
+    from pneumoscope.checkpoint import describe, save_checkpoint
+    from pneumoscope.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    save_checkpoint(run, model, describe(model, threshold=0.5, threshold_policy="test"))
+    return run
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not (CHEST_XRAY / "MANIFEST.csv").is_file():

@@ -17,25 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pneumoscope import outputs
 from pneumoscope.cli import main
 from tests.conftest import make_kaggle_tree
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A checkpoint of an untrained model (random head): enough to load, predict and export."""
-    from pneumoscope.checkpoint import describe, save_checkpoint
-    from pneumoscope.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    save_checkpoint(run, model, describe(model, threshold=0.5, threshold_policy="test"))
-    return run
 
 
 def _png(path: Path, seed: int = 0) -> Path:
@@ -176,7 +162,7 @@ def test_out_of_memory_is_one_line(monkeypatch, tiny_run, tmp_path, capsys, capl
     def huge(*args, **kw):
         raise MemoryError()
 
-    monkeypatch.setattr(Predictor, "predict_inputs", huge)
+    monkeypatch.setattr(Predictor, "predict_batch", huge)  # the streaming path's one forward per batch
     assert main(["-q", "predict", str(tiny_run), str(_png(tmp_path / "x.png"))]) == 2
     assert "out of memory" in _error_line(capsys, caplog)
 

@@ -301,24 +301,24 @@ def cmd_explain(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import Prediction, Predictor, expand_inputs
+    from .predict import Predictor
+    from .stream import distributed_world, expand_items, predict_distributed, predict_to, read_list, require_out_format
 
+    inputs = [*args.inputs, *(read_list(args.from_list) if args.from_list else [])]
+    if not inputs:
+        raise ValueError("predict got no inputs. Fix: name image files, folders or .zip archives, or --from-list FILE with one path a line")
+    if args.out:
+        require_out_format(Path(args.out), resume=args.resume)
     predictor = Predictor.load(args.run)
-    files, problems = expand_inputs(args.inputs)
-    predictions = predictor.predict_inputs(files, tta=args.tta) + [Prediction(p, None, None, predictor.threshold, error=why) for p, why in problems]
-    results = [r.to_dict() for r in predictions]
-    if args.format == "json":
-        print(json.dumps(results, indent=2, allow_nan=False))  # a NaN is never written as if it were a number
+    items = expand_items(inputs)
+    kw = {"batch_size": args.batch_size, "workers": args.workers, "tta": args.tta, "resume": args.resume, "overwrite": args.overwrite}
+    if distributed_world():
+        summary = predict_distributed(predictor, items, args.out, progress=args.progress, **kw)
     else:
-        import csv
-
-        writer = csv.DictWriter(sys.stdout, fieldnames=Prediction.FIELDS)
-        writer.writeheader()
-        writer.writerows({**r, "prob": "" if r["prob"] is None else f"{r['prob']:.6f}"} for r in results)
-    failed = sum(bool(r["error"]) for r in results)
-    if failed == len(results):
-        raise ValueError(f"none of the {len(results)} inputs could be predicted; the error column says why for each")
-    return _exit_status(failed)
+        summary = predict_to(predictor, items, args.out, stdout_format=args.format, progress=args.progress, **kw)
+    if summary.failed == summary.rows:
+        raise ValueError(f"none of the {summary.rows} inputs could be predicted; the error column says why for each")
+    return _exit_status(summary.failed)
 
 
 def cmd_demo(args) -> int:
@@ -462,8 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="probability, label, threshold and OOD flag per image")
     p.add_argument("run", help="run folder, checkpoint, or .onnx export")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--format", default="csv", choices=["csv", "json"])
+    p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or .zip archives")
+    p.add_argument("--from-list", metavar="FILE", help="a text file of such paths, one a line (# comments and blank lines skipped)")
+    p.add_argument("--out", help="write rows here as each batch finishes: .csv, .jsonl, or .parquet (needs pyarrow); default stdout")
+    p.add_argument("--format", default="csv", choices=["csv", "json"], help="format on stdout (with --out, its suffix decides)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=2, help="processes that decode images (default 2; 0: the main process)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run: rows already in --out are kept and not predicted again")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
     p.set_defaults(func=cmd_predict)
 

@@ -206,6 +206,11 @@ class Predictor:
         """A run folder or checkpoint (PyTorch), or an ``.onnx`` export (ONNX Runtime)."""
         return cls.from_onnx(path) if str(path).endswith(".onnx") else cls.from_checkpoint(path)
 
+    def without_backend(self) -> "Predictor":
+        """A copy that reads and preprocesses only, for DataLoader worker processes: a backend
+        need not pickle (an ONNX Runtime session cannot), and the workers never run it."""
+        return Predictor(None, self.description, "worker copy")
+
     # -- preprocessing: the training contract
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) float in [0, 1] -> (1, C, S, S)."""
