@@ -97,3 +97,10 @@ def train_real_run(tmp_path_factory, name: str, *args: str) -> Path:
     run = tmp_path_factory.mktemp(name) / "run"
     assert main(["-q", "train", str(CHEST_XRAY), "--out", str(run), *args]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def small_real_run(tmp_path_factory) -> Path:
+    """One run trained on ~300 real images (enough for a meaningful OOD guard), shared by the
+    deployment, API and site tests; none of them writes into it."""
+    return train_real_run(tmp_path_factory, "small-real", "--limit", "150", "--epochs", "20", "--patience", "5")

@@ -14,11 +14,8 @@ from tests.dicom_util import write_dicom
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The same small real-data run as tests/test_deploy.py (its features come from the session's cache)."""
-    from tests.conftest import train_real_run
-
-    return train_real_run(tmp_path_factory, "api", "--limit", "150", "--epochs", "20", "--patience", "5")
+def run(small_real_run):
+    return small_real_run
 
 
 @pytest.fixture(scope="module")

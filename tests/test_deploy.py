@@ -14,11 +14,8 @@ from tests.dicom_util import write_dicom
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run trained on ~300 real images: enough for a meaningful OOD guard."""
-    from tests.conftest import train_real_run
-
-    return train_real_run(tmp_path_factory, "deploy", "--limit", "150", "--epochs", "20", "--patience", "5")
+def run(small_real_run):
+    return small_real_run
 
 
 @pytest.fixture(scope="module")

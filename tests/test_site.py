@@ -11,10 +11,8 @@ from tests.conftest import CHEST_XRAY
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from tests.conftest import train_real_run
-
-    return train_real_run(tmp_path_factory, "site", "--limit", "150", "--epochs", "20", "--patience", "5")
+def run(small_real_run):
+    return small_real_run
 
 
 def _site(root, n_per_class, *, labelled=False, offset=0):
