@@ -104,6 +104,8 @@ def test_health_and_openapi(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["ood_guard"] is True
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+    # FastAPI's /docs and /redoc load their scripts from a CDN (blank offline): not served
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
 
 
 def test_page_is_served_without_any_cdn(client):

@@ -47,9 +47,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NOTICE = "Research software, not a medical device."
 # The page's own origin only; images are data: URLs made by the page's own script.
 CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-DOCS_PATHS = ("/docs", "/redoc")  # FastAPI's docs pages load Swagger UI / ReDoc from a CDN
-
-
 def _png(rgb_or_gray: np.ndarray, alpha: np.ndarray | None = None) -> str:
     from PIL import Image
 
@@ -166,7 +163,6 @@ class Guard:
                 detail = (f"this server answers to {', '.join(sorted(self.allowed))}, not to the Host header {host[:100]!r} (a guard against DNS rebinding); "
                           "open it by one of those names, or start it with `--allow-host NAME`")  # fmt: skip
                 return await _json_error(421, detail)(scope, receive, send)
-        csp = not scope["path"].startswith(DOCS_PATHS)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -174,8 +170,7 @@ class Guard:
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Cache-Control"] = "no-store"
                 headers["Referrer-Policy"] = "no-referrer"
-                if csp:
-                    headers["Content-Security-Policy"] = CSP
+                headers["Content-Security-Policy"] = CSP
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -294,7 +289,8 @@ def create_app(
         decode_pool.shutdown(wait=False, cancel_futures=True)
         cam_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="pneumoscope", version=__version__, lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, blank offline; the schema is at /openapi.json
+    app = FastAPI(title="pneumoscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest X-ray PNEUMONIA vs NORMAL. Research software, not a medical device.")  # fmt: skip
     app.state.batcher, app.state.budget = batcher, budget
 
