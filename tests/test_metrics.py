@@ -215,3 +215,103 @@ def test_smoothed_youden_threshold_is_where_the_smoothed_classes_cross():
     y = np.r_[np.zeros(130), np.ones(470)].astype(int)
     t = logit(M.compute_threshold(y, 1 / (1 + np.exp(-z)), "youden-smooth"))
     assert -1 < t < 1
+
+
+# --------------------------------------------------------------------------- issue 14: adaptive reliability, ROC band
+
+
+def _direct_patient_resamples(y, groups, n_boot, seed):
+    """The stratified patient bootstrap written out on its own, to check the shared resampler against."""
+    rng = np.random.default_rng(seed)
+    patients = sorted(set(groups.tolist()))
+    label = {g: y[groups == g].max() for g in patients}
+    strata = [[g for g in patients if label[g] == c] for c in (0, 1)]
+    out = []
+    for _ in range(n_boot):
+        chosen = np.concatenate([np.asarray(s)[rng.choice(len(s), size=len(s), replace=True)] for s in strata])
+        idx = np.concatenate([np.flatnonzero(groups == g) for g in chosen])
+        if y[idx].min() != y[idx].max():
+            out.append(idx)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_adaptive_reliability_equals_direct_equal_count_bins_with_wilson(seed):
+    from statsmodels.stats.proportion import proportion_confint
+
+    rng = np.random.default_rng(seed)
+    p = rng.beta(0.5, 0.5, 300)  # most predictions near 0 and 1, as a trained model's are
+    y = (rng.uniform(size=300) < p).astype(int)
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    order = np.argsort(p)
+    yb, pb = y[order].reshape(10, 30), p[order].reshape(10, 30)  # 300 images: ten bins of exactly 30
+    assert rel["count"].tolist() == [30] * 10
+    np.testing.assert_allclose(rel["mean_predicted"], pb.mean(1))
+    np.testing.assert_allclose(rel["observed"], yb.mean(1))
+    lo, hi = proportion_confint(yb.sum(1), 30, alpha=0.05, method="wilson")
+    np.testing.assert_allclose(rel["observed_lower"], lo, atol=1e-12)
+    np.testing.assert_allclose(rel["observed_upper"], hi, atol=1e-12)
+    np.testing.assert_allclose(rel["edges"], np.c_[pb.min(1), pb.max(1)])
+    assert (rel["observed_lower"] <= rel["observed"]).all() and (rel["observed"] <= rel["observed_upper"]).all()
+
+
+def test_adaptive_reliability_bins_differ_by_at_most_one_image_and_never_exceed_n():
+    rng = np.random.default_rng(0)
+    p, y = rng.uniform(size=23), rng.integers(0, 2, 23)
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    assert rel["count"].sum() == 23 and rel["count"].max() - rel["count"].min() <= 1
+    assert len(M.compute_adaptive_reliability(y[:4], p[:4], n_bins=10)["count"]) == 4
+    with pytest.raises(ValueError, match="at least one image"):
+        M.compute_adaptive_reliability([], [])
+
+
+def test_shared_resampler_is_the_stratified_patient_bootstrap():
+    y, p, groups = _correlated_patients(2)
+    got = list(M._patient_resamples(y, groups, n_boot=50, seed=7))
+    want = _direct_patient_resamples(y, groups, 50, 7)
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_roc_band_equals_tpr_quantiles_of_sklearn_curves_on_the_same_resamples():
+    from sklearn.metrics import roc_curve
+
+    y, p, groups = _correlated_patients(3)
+    band = M.compute_roc_band(y, p, groups, n_boot=200, seed=5, n_grid=51)
+    grid = np.linspace(0, 1, 51)
+    tprs = []
+    for idx in _direct_patient_resamples(y, groups, 200, 5):
+        fpr, tpr, _ = roc_curve(y[idx], p[idx], drop_intermediate=False)
+        tprs.append([tpr[fpr <= g].max() for g in grid])  # best TPR reachable without exceeding that FPR
+    tprs = np.array(tprs)
+    np.testing.assert_allclose(band["fpr"], grid)
+    np.testing.assert_allclose(band["tpr_lower"], np.percentile(tprs, 2.5, axis=0))
+    np.testing.assert_allclose(band["tpr_upper"], np.percentile(tprs, 97.5, axis=0))
+    assert band["n_resamples"] == len(tprs)
+
+
+def test_roc_band_covers_the_observed_curve_and_widens_for_correlated_images():
+    from sklearn.metrics import roc_curve
+
+    y, p, groups = _correlated_patients(4)
+    by_patient = M.compute_roc_band(y, p, groups, n_boot=300, seed=0)
+    by_image = M.compute_roc_band(y, p, np.arange(y.size), n_boot=300, seed=0)
+    fpr, tpr, _ = roc_curve(y, p)
+    observed = np.array([tpr[fpr <= g].max() for g in by_patient["fpr"]])
+    inside = (by_patient["tpr_lower"] <= observed + 1e-12) & (observed <= by_patient["tpr_upper"] + 1e-12)
+    assert inside.mean() > 0.95
+    width = lambda b: np.mean(b["tpr_upper"] - b["tpr_lower"])  # noqa: E731
+    assert width(by_patient) > 1.5 * width(by_image)
+    assert M.compute_roc_band(np.ones(10), np.linspace(0, 1, 10), np.arange(10)) is None
+
+
+def test_bootstrap_ci_unchanged_by_sharing_the_resampler():
+    """compute_bootstrap_ci now draws through _patient_resamples; its intervals are the direct computation's."""
+    y, p, groups = _correlated_patients(5)
+    aucs = [roc_auc_score(y[idx], p[idx]) for idx in _direct_patient_resamples(y, groups, 300, 2)]
+    ci = M.compute_bootstrap_ci(y, p, groups, n_boot=300, seed=2)
+    assert ci["roc_auc"] == pytest.approx([np.percentile(aucs, 2.5), np.percentile(aucs, 97.5)])
+
+
+def test_wilson_interval_holds_the_observed_rate_at_zero_and_all():
+    for n in (1, 7, 30, 113):
+        assert M.compute_wilson_interval(n, n)[1] == 1.0 and M.compute_wilson_interval(0, n)[0] == 0.0

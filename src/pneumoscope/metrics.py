@@ -172,7 +172,10 @@ def compute_wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[fl
     denom = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+    # at k = 0 or k = n the bound is exactly 0 or 1; rounding would leave it a hair inside the observed rate
+    lower = 0.0 if k == 0 else max(0.0, centre - half)
+    upper = 1.0 if k == n else min(1.0, centre + half)
+    return [float(lower), float(upper)]
 
 
 def compute_pr_auc(y_true, y_prob) -> float | None:
@@ -194,22 +197,11 @@ def compute_bootstrap_ci(
     along, so correlated images of one child do not narrow the interval.
     """
     y_true, y_prob = _check(y_true, y_prob)
-    groups = np.asarray(groups)
     if len(np.unique(y_true)) < 2:
         return {"roc_auc": None, "pr_auc": None}
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    patient_label = np.array([y_true[m].max() for m in members])
-    strata = [np.flatnonzero(patient_label == c) for c in (0, 1)]
-    rng = np.random.default_rng(seed)
     aucs, aps = [], []
-    for _ in range(n_boot):
-        chosen = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata if len(s)])
-        idx = np.concatenate([members[g] for g in chosen])
-        yt, yp = y_true[idx], y_prob[idx]
-        if yt.min() == yt.max():
-            continue
-        auc, ap = _auc_and_ap(yt, yp)
+    for idx in _patient_resamples(y_true, groups, n_boot=n_boot, seed=seed):
+        auc, ap = _auc_and_ap(y_true[idx], y_prob[idx])
         aucs.append(auc)
         aps.append(ap)
     lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
@@ -217,6 +209,64 @@ def compute_bootstrap_ci(
         "roc_auc": [float(np.percentile(aucs, lo)), float(np.percentile(aucs, hi))],
         "pr_auc": [float(np.percentile(aps, lo)), float(np.percentile(aps, hi))],
     }
+
+
+def _patient_resamples(y_true: np.ndarray, groups, *, n_boot: int, seed: int):
+    """Image indices of each patient-bootstrap resample that holds both classes.
+
+    Patients are drawn with replacement within each class stratum (a patient's class
+    is the highest label among their images) and bring all their images along. The
+    one resampling shared by every bootstrap here, so the AUC interval and the ROC
+    band of one seed see the same resamples.
+    """
+    groups = np.asarray(groups)
+    if groups.shape != y_true.shape:
+        raise ValueError(f"groups must give one patient id per image, got {groups.shape} for {y_true.shape} images")
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    patient_label = np.array([y_true[m].max() for m in members])
+    strata = [np.flatnonzero(patient_label == c) for c in (0, 1)]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        chosen = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata if len(s)])
+        idx = np.concatenate([members[g] for g in chosen])
+        if y_true[idx].min() == y_true[idx].max():
+            continue
+        yield idx
+
+
+def compute_roc_band(
+    y_true, y_prob, groups, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95, n_grid: int = 101
+) -> dict[str, np.ndarray] | None:
+    """Pointwise percentile band of the ROC curve over patient-bootstrap resamples.
+
+    Each resample's ROC curve is read as TPR at a fixed grid of FPR (the step
+    function's upper value: the best TPR reachable at that FPR), and the band is the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of TPR at each
+    grid point. The resamples are those of :func:`compute_bootstrap_ci` for the same
+    seed. None when only one class is present.
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        return None
+    grid = np.linspace(0.0, 1.0, n_grid)
+    curves = [_tpr_at(grid, y_true[idx], y_prob[idx]) for idx in _patient_resamples(y_true, groups, n_boot=n_boot, seed=seed)]
+    tprs = np.vstack(curves)  # (n_resamples, n_grid)
+    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
+    return {"fpr": grid, "tpr_lower": np.percentile(tprs, lo, axis=0), "tpr_upper": np.percentile(tprs, hi, axis=0),
+            "n_resamples": len(curves), "confidence": confidence}  # fmt: skip
+
+
+def _tpr_at(fpr_grid: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+    """The ROC step function's TPR at each FPR of the grid (the highest TPR of the thresholds with FPR <= it)."""
+    order = np.argsort(-y_prob, kind="mergesort")
+    p, y = y_prob[order], y_true[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last].astype(float)
+    fp = (last + 1) - tp
+    tpr, fpr = np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]
+    k = np.searchsorted(fpr, fpr_grid, side="right") - 1  # last operating point with fpr <= grid value
+    return tpr[k]
 
 
 def _auc_and_ap(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[float, float]:
@@ -262,6 +312,40 @@ def compute_reliability(y_true, y_prob, n_bins: int = 10) -> dict[str, np.ndarra
     sums_y = np.bincount(which, weights=y_true, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"edges": edges, "mean_predicted": sums_p / counts, "observed": sums_y / counts, "count": counts}
+
+
+def compute_adaptive_reliability(y_true, y_prob, n_bins: int = 10, confidence: float = 0.95) -> dict[str, np.ndarray]:
+    """Equal-count (quantile) bins of predicted probability, each with a Wilson interval for its observed frequency.
+
+    Images are sorted by predicted probability and cut into ``n_bins`` groups of equal
+    size (sizes differ by at most one; tied probabilities may straddle a cut, so every
+    bin holds about n / n_bins images). With equal-width bins most test images sit in
+    the two end bins and the middle bins hold a handful, which makes the diagram jump
+    by chance; here every bin has the same weight and its interval says how far
+    chance alone could move it. ``edges`` are the lowest and highest prediction of
+    each bin: bin i spans ``edges[i, 0]`` to ``edges[i, 1]``.
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    if y_true.size == 0:
+        raise ValueError("a reliability diagram needs at least one image, got none")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    n_bins = min(n_bins, y_true.size)
+    order = np.argsort(y_prob, kind="mergesort")
+    bins = np.array_split(order, n_bins)
+    count = np.array([len(b) for b in bins])
+    positives = np.array([int(y_true[b].sum()) for b in bins])
+    intervals = np.array([compute_wilson_interval(k, n, confidence) for k, n in zip(positives, count)])  # (n_bins, 2)
+    return {
+        "mean_predicted": np.array([y_prob[b].mean() for b in bins]),
+        "observed": positives / count,
+        "count": count,
+        "positives": positives,
+        "observed_lower": intervals[:, 0],
+        "observed_upper": intervals[:, 1],
+        "edges": np.array([[y_prob[b].min(), y_prob[b].max()] for b in bins]),
+        "confidence": confidence,
+    }
 
 
 def compute_ece(y_true, y_prob, n_bins: int = 15) -> float:
