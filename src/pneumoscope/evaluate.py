@@ -13,7 +13,7 @@ from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
 from .io import ImageReadError
-from .metrics import compute_clinical_metrics, compute_reliability, compute_roc_curve
+from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
 from .plots import plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, overlay_cam
 from .predict import Predictor
@@ -121,7 +121,9 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
         shown = predictor.preprocessing_view(image)
         path = folder / f"gallery_{len(out):02d}.png"
         caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
-        plot_cam(shown, overlay_cam(shown, cam), path, title=caption)
+        title = f"{kind}: P(pneumonia) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure
+        plot_cam(shown, overlay_cam(shown, cam), path, title=title, true_label=predictor.class_names[int(result.y_true[i])],
+                 method=f"Grad-CAM for {predictor.class_names[cls]}")  # fmt: skip
         out.append((path, caption))
     return out
 
@@ -168,12 +170,15 @@ def evaluate_run(
         plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
         if m["roc_auc"] is not None:
             figures["roc_curve"] = tmp / "roc_curve.png"
-            plot_roc(compute_roc_curve(result.y_true, result.y_prob), figures["roc_curve"], auc=m["roc_auc"], operating_point=(1 - m["specificity"], m["sensitivity"]))
+            band = compute_roc_band(result.y_true, result.y_prob, [r.patient_id for r in result.records], n_boot=n_boot, seed=0)
+            plot_roc(compute_roc_curve(result.y_true, result.y_prob), figures["roc_curve"], auc=m["roc_auc"], auc_ci=m["ci95"]["roc_auc"],
+                     operating_point=(1 - m["specificity"], m["sensitivity"]), threshold=m["threshold"], band=band)  # fmt: skip
             precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
             figures["pr_curve"] = tmp / "pr_curve.png"
             plot_pr(precision, recall, figures["pr_curve"], ap=m["pr_auc"], prevalence=m["prevalence"], operating_point=(m["sensitivity"], m["ppv"] or 0.0))
         figures["reliability"] = tmp / "reliability.png"
-        plot_reliability(compute_reliability(result.y_true, result.y_prob), figures["reliability"], ece=m["ece"], brier=m["brier"])
+        plot_reliability(compute_adaptive_reliability(result.y_true, result.y_prob), figures["reliability"], ece=m["ece"], brier=m["brier"],
+                         histogram=compute_reliability(result.y_true, result.y_prob))  # fmt: skip
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
         gallery = _gallery(predictor, dataset, result, tmp)

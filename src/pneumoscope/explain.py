@@ -313,7 +313,7 @@ def explain_images(
                 shown = predictor.preprocessing_view(image)
                 title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
                          f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip
-                plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title)
+                plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
                 write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
                 results.append(Explanation(str(path), float(probs[j]), label, predictor.class_names[classes[j]], f"{name}_{method}.png"))
                 row = {"path": str(path), "prob": float(probs[j]), "label": label, "target": predictor.class_names[classes[j]]}

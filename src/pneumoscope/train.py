@@ -322,7 +322,8 @@ def train_run(
         write_json(tmp / "checkpoint.json", description)
         write_json(tmp / "metrics.json", val_metrics)
         write_csv(tmp / "history.csv", list(history[0]), [list(h.values()) for h in history])
-        plot_history(history, tmp / "history.png", best_epoch=best_epoch)
+        plot_history(history, tmp / "history.png", best_epoch=best_epoch,
+                     title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})")
         if finetune_history:
             keys = ["epoch", "train_loss", "val_loss", "val_auc"]
             write_csv(tmp / "finetune_history.csv", keys, [[h.get(k) for k in keys] for h in finetune_history])
