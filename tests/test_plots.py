@@ -14,9 +14,9 @@ def drawn(monkeypatch):
     figs = []
     save = plots._save
 
-    def keep(fig, path):
+    def keep(fig, path, **kwargs):
         figs.append(fig)
-        save(fig, path)
+        save(fig, path, **kwargs)
 
     monkeypatch.setattr(plots, "_save", keep)
     return figs

@@ -44,6 +44,15 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
             images = page.evaluate("() => Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])")
             text = page.inner_text("body")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            page.set_viewport_size({"width": 1280, "height": 900})
+            first = page.locator(".gallery .zoom img").first
+            small = first.bounding_box()
+            first.click()
+            big = first.bounding_box()
+            page.screenshot(path=str(tmp_path / "report_zoomed.png"))
+            first.click()
+            closed = first.bounding_box()
+            toc = page.evaluate("() => Array.from(document.querySelectorAll('nav.toc a')).map(a => !!document.querySelector(a.getAttribute('href')))")
         finally:
             browser.close()
     assert len(images) >= 5, images
@@ -53,6 +62,9 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
     assert len(text) > 1000 and "Model card" in text
     m = json.loads((ev / "metrics.json").read_text())
     assert f"{m['threshold']:.4f}" in text
+    assert big["width"] > 1.8 * small["width"], (small, big)  # a gallery figure opens near full window on click
+    assert closed["width"] == small["width"]  # and closes on a second click
+    assert len(toc) >= 6 and all(toc)  # every contents entry points at a section
 
 
 def test_web_app_in_chromium_shows_result_and_heatmap(tmp_path):

@@ -14,9 +14,9 @@ import numpy as np  # noqa: E402
 from .outputs import write_bytes_atomic  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def _save(fig, path: str | os.PathLike, *, dpi: int = 110) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
 
@@ -140,7 +140,7 @@ def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str, true_l
     cbar = fig.colorbar(mappable, ax=axes, fraction=0.035, pad=0.02, shrink=0.82)
     cbar.set_label("relative weight in the map", fontsize=9)
     fig.suptitle(title + (f"\ntrue label: {true_label}" if true_label else ""), fontsize=12)
-    _save(fig, path)
+    _save(fig, path, dpi=150)  # sharp when the report enlarges it to the window
 
 
 def plot_pr(precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None, prevalence: float, operating_point: tuple[float, float] | None = None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 _CSS = """
@@ -16,14 +17,37 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 .figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0}figcaption{font-size:.85em;color:#555}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.6em 1em}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:1em}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1.2em}
 img{max-width:100%}
+.toc{background:#f7f7f7;border:1px solid #e2e2e2;padding:.4em 1em;margin:1em 0;display:inline-block}.toc ol{margin:.3em 0;padding-left:1.4em}
+.zoom{display:block;position:relative}.zoom input{position:absolute;opacity:0;width:1px;height:1px}.zoom img{cursor:zoom-in}
+.zoom input:checked+img{position:fixed;inset:0;margin:auto;max-width:none;width:96vw;height:94vh;object-fit:contain;z-index:10;
+background:#fff;cursor:zoom-out;box-shadow:0 0 0 100vmax rgba(0,0,0,.75)}
+.zoom input:focus-visible+img{outline:2px solid #3080e0}
 """
 
 
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _zoomable(path: Path, alt: str) -> str:
+    """An image that opens full-window on click (and on space when focused); pure CSS, so the file stays script-free."""
+    return f"<label class='zoom' title='click to enlarge'><input type='checkbox' aria-label='enlarge {html.escape(alt)}'>{_img(path, alt)}</label>"
+
+
+def _with_contents(parts: list[str]) -> list[str]:
+    """Give every <h2> an id and put a linked table of contents after the title (parts[1])."""
+    titles = []
+
+    def anchor(match: re.Match) -> str:
+        titles.append(match.group(1))
+        return f"<h2 id='section-{len(titles)}'>{match.group(1)}</h2>"
+
+    body = [re.sub(r"<h2>(.*?)</h2>", anchor, part) for part in parts]
+    items = "".join(f"<li><a href='#section-{i}'>{t}</a></li>" for i, t in enumerate(titles, 1))
+    return body[:2] + [f"<nav class='toc' aria-label='contents'><b>Contents</b><ol>{items}</ol></nav>"] + body[2:]
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -75,7 +99,7 @@ def render_report(ctx: dict) -> str:
                      f"{'not checkable' if crossing is None else len(crossing)}; identical images across splits: "
                      f"{len(lk.get('duplicates_across_splits', []))}.</p>")  # fmt: skip
     if ctx.get("history"):
-        parts.append("<h2>Training history</h2><div class='figs'><figure>" + _img(ctx["history"], "training history") + "</figure></div>")
+        parts.append("<h2>Training history</h2><div class='figs'><figure>" + _zoomable(ctx["history"], "training history") + "</figure></div>")
 
     parts.append("<h2>Operating point</h2>")
     parts.append(f"<p>Threshold <b>{m['threshold']:.4f}</b> on calibrated P(pneumonia); policy: {html.escape(desc.get('threshold_policy', 'unknown'))}. "
@@ -90,9 +114,9 @@ def render_report(ctx: dict) -> str:
     if m.get("note"):
         parts.append(f"<p class='warn'>{html.escape(m['note'])}</p>")
     figs = ctx["figures"]
-    captions = {"confusion_matrix": "Confusion matrix", "roc_curve": "ROC curve, operating point marked",
-                "pr_curve": "Precision-recall curve, operating point marked", "reliability": "Reliability diagram"}  # fmt: skip
-    parts.append("<div class='figs'>" + "".join(f"<figure>{_img(figs[k], captions[k])}<figcaption>{captions[k]}</figcaption></figure>"
+    captions = {"confusion_matrix": "Confusion matrix: counts and % of each true class", "roc_curve": "ROC curve with a 95% patient-bootstrap band, operating point marked",
+                "pr_curve": "Precision-recall curve, operating point marked", "reliability": "Reliability diagram: equal-count bins with 95% Wilson intervals"}  # fmt: skip
+    parts.append("<div class='figs'>" + "".join(f"<figure>{_zoomable(figs[k], captions[k])}<figcaption>{captions[k]}</figcaption></figure>"
                                                  for k in captions if k in figs) + "</div>")  # fmt: skip
 
     if m.get("subgroups"):
@@ -129,7 +153,8 @@ def render_report(ctx: dict) -> str:
 
     parts.append("<h2>Gallery: most confident errors and successes, with Grad-CAM</h2>")
     if ctx["gallery"]:
-        parts.append("<div class='gallery'>" + "".join(f"<figure>{_img(p, c)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in ctx["gallery"]) + "</div>")
+        parts.append("<p>Click an image to enlarge it; click again to close.</p>")
+        parts.append("<div class='gallery'>" + "".join(f"<figure>{_zoomable(p, c)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in ctx["gallery"]) + "</div>")
     else:
         parts.append("<p>No errors to show.</p>")
 
@@ -137,7 +162,7 @@ def render_report(ctx: dict) -> str:
     for section, text in ctx["model_card"].items():
         parts.append(f"<h3>{html.escape(section)}</h3><p>{html.escape(text)}</p>")
     parts.append("</body></html>")
-    return "\n".join(parts)
+    return "\n".join(_with_contents(parts))
 
 
 def model_card(description: dict, metrics: dict, data_source: str) -> dict[str, str]:

@@ -1,0 +1,37 @@
+"""report.html rendering on its own (issue 14: table of contents, click-to-enlarge figures)."""
+
+import re
+
+import numpy as np
+
+from pneumoscope.plots import plot_image_grid
+from pneumoscope.report import render_report
+
+
+def _context(tmp_path):
+    png = tmp_path / "f.png"
+    plot_image_grid([np.zeros((8, 8))], ["x"], png, cols=1)
+    metrics = {"n": 10, "n_positive": 6, "threshold": 0.5, "prevalence": 0.6, "ci95": {}}
+    return {
+        "title": "t", "metrics": metrics, "description": {"threshold_policy": "youden"},
+        "data": {"source": "d", "split": "test", "skipped": 0}, "training_summary": None, "history": png,
+        "figures": {"confusion_matrix": png, "reliability": png}, "gallery": [(png, "false positive: a.jpeg"), (png, "true negative: b.jpeg")],
+        "model_card": {"Intended use": "research"}, "notes": [],
+    }  # fmt: skip
+
+
+def test_table_of_contents_links_every_section(tmp_path):
+    html = render_report(_context(tmp_path))
+    ids = re.findall(r"<h2 id='(section-\d+)'>(.*?)</h2>", html)
+    links = re.findall(r"<li><a href='#(section-\d+)'>(.*?)</a></li>", html)
+    assert ids == links and len(ids) == html.count("<h2") >= 5
+    assert [t for _, t in ids][:2] == ["Data", "Training history"] and "Gallery" in ids[-2][1]
+    assert html.index("<nav") < html.index("<h2")
+
+
+def test_every_figure_enlarges_on_click_without_script(tmp_path):
+    html = render_report(_context(tmp_path))
+    n_images = html.count("<img")
+    assert n_images == 1 + 2 + 2  # history, two figures, two gallery images
+    assert html.count("<label class='zoom'") == n_images
+    assert "<script" not in html
