@@ -119,7 +119,7 @@ def _assert_seen_and_apart(boxes: dict, width: int) -> None:
 
 
 def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_path):
-    """A real browser uploads real radiographs (and one blank picture) to the app of a real run, as a person would:
+    """A real browser uploads real radiographs (and a blank picture and a text file) to the app of a real run, as a person would:
     the worklist sorts by probability and answers the keyboard, the OOD warning gives its reason, and at
     1280 and 390 px the key elements are visible, on top and apart. Screenshots: tests/artifacts/."""
     import numpy as np
@@ -135,7 +135,9 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     xrays = [f for c in ("NORMAL", "PNEUMONIA") for f in sorted((CHEST_XRAY / "test" / c).iterdir())[:3]]
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((400, 400), 128, np.uint8)).save(blank)
-    uploads = [*xrays, blank]
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"not an image")  # gets an error row, the others still their results
+    uploads = [*xrays, blank, notes]
     ARTIFACTS.mkdir(exist_ok=True)
     url, stop = _serve(create_app(Predictor.from_checkpoint(small_real_run)))
     try:
@@ -157,9 +159,9 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 first_verdict = page.inner_text("#verdict")
 
                 page.click("#sortprob")
-                down = [float(t) for t in page.locator("#rows td.num").all_inner_texts()]
+                down = [float(t) for t in page.locator("#rows td.num").all_inner_texts() if t != "–"]
                 page.click("#sortprob")
-                up = [float(t) for t in page.locator("#rows td.num").all_inner_texts()]
+                up = [float(t) for t in page.locator("#rows td.num").all_inner_texts() if t != "–"]
 
                 # keyboard only: a row is chosen with Enter and the arrows
                 page.focus("#rows tr:first-child .rowbtn")
@@ -178,6 +180,12 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 desktop = _boxes_and_shot(page, 1280, ARTIFACTS / "web-desktop.png")
                 spilled = {1280: page.evaluate(SPILLED)}
 
+                page.click(f".rowbtn[title='{notes.name}']")
+                error_text, error_views = page.inner_text("#verdict"), page.is_visible("#base")
+                page.click(f".rowbtn[title='{xrays[-1].name}']")
+                _wait(page, "() => document.getElementById('heat').complete")
+                page.screenshot(path=str(ARTIFACTS / "web-desktop-result.png"), full_page=True)
+                page.click(f".rowbtn[title='{blank.name}']")  # the OOD one again, for the phone's checks
                 page.set_viewport_size({"width": 390, "height": 844})
                 phone = _boxes_and_shot(page, 390, ARTIFACTS / "web-phone.png")
                 scroll_width = page.evaluate("() => document.documentElement.scrollWidth")
@@ -192,10 +200,11 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
         stop()
     print(f"screenshots in {ARTIFACTS}")
     assert favicon[0] == 200 and favicon[1].startswith("image/svg+xml")
-    assert status.startswith(f"{len(xrays)} of {len(uploads)} analysed") or status.startswith(f"{len(uploads)} of {len(uploads)} analysed"), status
+    assert status == f"{len(uploads) - 1} of {len(uploads)} analysed; 1 could not be read.", status
+    assert "not a readable image" in error_text and not error_views
     assert sizes == [224, 224] and float(opacity) == pytest.approx(0.7)
     assert "P(pneumonia) = " in first_verdict and "threshold" in first_verdict
-    assert len(down) == len(uploads) and down == sorted(down, reverse=True) and up == sorted(up)
+    assert len(down) == len(uploads) - 1 and down == sorted(down, reverse=True) and up == sorted(up)  # the error row last, "–"
     assert chooser_focused == "file"
     assert first != second and focused_row == second
     assert "Out of distribution" in ood_text and "blank" in ood_text.lower(), ood_text
