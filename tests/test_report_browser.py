@@ -147,6 +147,9 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 requests = []
                 page.on("request", lambda r: requests.append(r.url))
+                console = []  # a blocked inline script or style, a failed load, a script error
+                page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda err: console.append(str(err)))
                 page.goto(url + "/")
                 page.keyboard.press("Tab")  # the first stop is the file chooser
                 chooser_focused = page.evaluate("() => document.activeElement.id")
@@ -216,6 +219,8 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     # beside the image and not below it at desktop width; one column on a phone
     assert abs(desktop["radiograph"]["y"] - desktop["heatmap"]["y"]) < 2 and desktop["radiograph"]["x"] < desktop["heatmap"]["x"]
     assert phone["heatmap"]["y"] > phone["radiograph"]["y"] + phone["radiograph"]["h"] - 1
+    # notes.png costs no console error: its batch answers 200, with an error row for it
+    assert not console, f"errors in the browser console: {console}"
     strangers = [u for u in requests if not (u.startswith(url + "/") or u.startswith("data:"))]
     assert not strangers, f"the page asked another host: {strangers}"
 
