@@ -221,7 +221,7 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     assert phone["heatmap"]["y"] > phone["radiograph"]["y"] + phone["radiograph"]["h"] - 1
     # notes.png costs no console error: its batch answers 200, with an error row for it
     assert not console, f"errors in the browser console: {console}"
-    strangers = [u for u in requests if not (u.startswith(url + "/") or u.startswith("data:"))]
+    strangers = [u for u in requests if not u.startswith((url + "/", "data:"))]
     assert not strangers, f"the page asked another host: {strangers}"
 
 
