@@ -112,6 +112,9 @@ def test_page_is_served_without_any_cdn(client):
     html = client.get("/").text
     assert "not a medical device" in html and 'id="opacity"' in html
     assert "http://" not in html and "https://" not in html
+    icon = client.get("/favicon.ico")  # browsers ask for it unasked; the page names /favicon.svg
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert client.get("/favicon.svg").content == icon.content and b"<svg" in icon.content
 
 
 def test_predict_endpoint_returns_probability_flag_and_heatmap(client, predictor):
@@ -168,7 +171,7 @@ def test_heatmap_only_when_asked_and_the_page_asks(client):
     path = _test_images(1)[0]
     plain = client.post("/predict", files={"file": (path.name, path.read_bytes())}).json()
     assert "heatmap_png" not in plain and plain["image_png"]
-    assert "/predict?heatmap=true" in client.get("/app.js").text
+    assert "/predict/batch?heatmap=true" in client.get("/app.js").text
 
 
 def test_batch_endpoint_answers_each_file_in_order(client, predictor):

@@ -279,7 +279,7 @@ def create_app(
     can_explain = predictor.backend.name == "pytorch"
     static = resources.files("pneumoscope").joinpath("static")
     page = static.joinpath("index.html").read_text()
-    assets = {name: static.joinpath(name).read_text() for name in ("app.js", "app.css")}
+    assets = {name: static.joinpath(name).read_text() for name in ("app.js", "app.css", "favicon.svg")}
     slots = threading.BoundedSemaphore(max_pending)  # one per request admitted
 
     @asynccontextmanager
@@ -305,6 +305,12 @@ def create_app(
     @app.get("/app.css", include_in_schema=False)
     def style() -> Response:
         return Response(assets["app.css"], media_type="text/css")
+
+    # browsers ask for /favicon.ico even when the page names /favicon.svg; both get the SVG
+    @app.get("/favicon.svg", include_in_schema=False)
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(assets["favicon.svg"], media_type="image/svg+xml")
 
     @app.get("/health")
     def health() -> dict:

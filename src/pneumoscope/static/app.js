@@ -1,43 +1,173 @@
+"use strict";
+// The page: upload several radiographs through POST /predict/batch, list them, show one at a time.
 const $ = (id) => document.getElementById(id);
+const MAX_FILES = 16;  // serve.MAX_FILES
+let maxBytes = 20 * 1024 * 1024;  // replaced by /health's max_upload_bytes
+const items = [];  // {n, name, result | null, error}
+let sortDir = 0;  // 0: upload order, -1: highest probability first, 1: lowest first
+let selected = null;
+
+fetch("/health").then(r => r.json()).then(h => { if (h.max_upload_bytes) maxBytes = h.max_upload_bytes; }).catch(() => {});
+
 const drop = $("drop"), input = $("file");
 ["dragenter", "dragover"].forEach(e => drop.addEventListener(e, ev => { ev.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach(e => drop.addEventListener(e, ev => { ev.preventDefault(); drop.classList.remove("over"); }));
-drop.addEventListener("drop", ev => { if (ev.dataTransfer.files.length) send(ev.dataTransfer.files[0]); });
-input.addEventListener("change", () => { if (input.files.length) send(input.files[0]); });
+drop.addEventListener("drop", ev => { if (ev.dataTransfer.files.length) sendAll(Array.from(ev.dataTransfer.files)); });
+input.addEventListener("change", () => { if (input.files.length) sendAll(Array.from(input.files)); input.value = ""; });
 $("opacity").addEventListener("input", () => { $("heat").style.opacity = $("opacity").value / 100; });
+$("sortprob").addEventListener("click", () => { sortDir = sortDir === -1 ? 1 : -1; renderRows(); });
 
-async function send(file) {
-  $("status").textContent = "Analysing " + file.name + "…";
-  $("status").className = "";
-  const body = new FormData();
-  body.append("file", file);
-  let res, data;
-  try {
-    res = await fetch("/predict?heatmap=true", { method: "POST", body });
-    data = await res.json();
-  } catch (err) {
-    $("status").textContent = "Request failed: " + err; $("status").className = "error"; return;
+const fmt = (p) => p.toFixed(3);
+const suspected = (r) => r.label === "PNEUMONIA";
+
+function setStatus(text, error) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
+
+// Requests of at most MAX_FILES files and maxBytes bytes; a file alone over the limit is not sent.
+function chunks(files) {
+  const out = []; let cur = [], size = 0;
+  for (const f of files) {
+    if (f.size > maxBytes) continue;
+    if (cur.length === MAX_FILES || size + f.size > maxBytes) { out.push(cur); cur = []; size = 0; }
+    cur.push(f); size += f.size;
   }
-  if (!res.ok) {
-    $("status").textContent = "Error " + res.status + ": " + (data.detail || res.statusText);
-    $("status").className = "error"; $("result").style.display = "none"; return;
+  if (cur.length) out.push(cur);
+  return out;
+}
+
+async function sendAll(files) {
+  const first = items.length;
+  const entries = files.map((f, i) => ({ n: first + i + 1, name: f.name, file: f, result: null, error: "" }));
+  entries.forEach(e => items.push(e));
+  entries.filter(e => e.file.size > maxBytes).forEach(e => {
+    e.error = `${e.name} is ${e.file.size.toLocaleString()} bytes; the limit is ${maxBytes.toLocaleString()} bytes per request. Send a smaller file.`;
+  });
+  $("workspace").hidden = false;
+  renderRows();
+  let done = 0;
+  for (const group of chunks(files)) {
+    setStatus(`Analysing ${done + 1}–${done + group.length} of ${files.length}…`);
+    const body = new FormData();
+    group.forEach(f => body.append("files", f));
+    const mine = entries.filter(e => group.includes(e.file));
+    try {
+      const res = await fetch("/predict/batch?heatmap=true", { method: "POST", body });
+      const data = await res.json();
+      if (!res.ok) throw new Error(`error ${res.status}: ${data.detail || res.statusText}`);
+      data.results.forEach((r, i) => { if (r.error) mine[i].error = r.error; else mine[i].result = r; });
+    } catch (err) {
+      mine.forEach(e => { e.error = "Request failed: " + err.message; });
+    }
+    done += group.length;
+    renderRows();
+    if (selected === null || items.indexOf(selected) < first) show(entries.find(e => e.result || e.error));
   }
-  $("status").textContent = "";
-  $("result").style.display = "block";
-  $("verdict").textContent = data.label === "PNEUMONIA" ? "Pneumonia suspected (above threshold)" : "Normal (below threshold)";
-  $("prob").textContent = data.prob.toFixed(3);
-  $("threshold").textContent = data.threshold.toFixed(3);
-  $("fname").textContent = data.path;
-  $("ood").style.display = data.ood ? "block" : "none";
-  if (data.ood) { $("oodscore").textContent = data.ood_distance.toFixed(1); $("oodcut").textContent = data.ood_cutoff.toFixed(1); }
-  $("base").src = "data:image/png;base64," + data.image_png;
-  if (data.heatmap_png) {
-    $("heat").src = "data:image/png;base64," + data.heatmap_png;
-    $("heat").style.display = "block";
+  entries.forEach(e => { delete e.file; });
+  const failed = entries.filter(e => e.error).length;
+  setStatus(`${entries.length - failed} of ${entries.length} analysed` + (failed ? `; ${failed} could not be read.` : "."), failed > 0);
+}
+
+function ordered() {
+  if (!sortDir) return items.slice();
+  const key = (e) => (e.result ? e.result.prob : null);
+  return items.slice().sort((a, b) => {
+    const ka = key(a), kb = key(b);
+    if (ka === null || kb === null) return (ka === null) - (kb === null) || a.n - b.n;  // unanalysed last
+    return sortDir * (ka - kb) || a.n - b.n;
+  });
+}
+
+function renderRows() {
+  const tbody = $("rows");
+  tbody.textContent = "";
+  $("wl-count").textContent = `(${items.length})`;
+  $("probcol").setAttribute("aria-sort", sortDir === -1 ? "descending" : sortDir === 1 ? "ascending" : "none");
+  $("sortmark").textContent = sortDir === -1 ? "↓" : sortDir === 1 ? "↑" : "↕";
+  for (const e of ordered()) {
+    const tr = document.createElement("tr");
+    const r = e.result;
+    tr.className = r ? (suspected(r) ? "pos" : "neg") : e.error ? "err" : "wait";
+    if (r && r.ood) tr.classList.add("is-ood");
+    if (e === selected) tr.classList.add("selected");
+    const name = document.createElement("td");
+    const btn = document.createElement("button");
+    btn.type = "button"; btn.className = "rowbtn"; btn.textContent = e.name; btn.title = e.name;
+    btn.disabled = !(r || e.error);
+    if (e === selected) btn.setAttribute("aria-current", "true");
+    btn.dataset.n = e.n;
+    btn.addEventListener("click", () => {
+      show(e); focusRow(e);
+      if (window.matchMedia("(max-width: 800px)").matches) $("result").scrollIntoView({ block: "start" });
+    });
+    name.appendChild(btn);
+    const prob = document.createElement("td");
+    prob.className = "num";
+    prob.textContent = r ? fmt(r.prob) : "–";
+    const res = document.createElement("td");
+    res.textContent = r ? (suspected(r) ? "Suspected" : "Below") : e.error ? "Error" : "Analysing…";
+    if (r && r.ood) { const b = document.createElement("span"); b.className = "badge"; b.textContent = "OOD"; b.title = "out of distribution"; res.append(" ", b); }
+    tr.append(name, prob, res);
+    tbody.appendChild(tr);
+  }
+}
+
+// Selection changes only classes, so the focused button stays where it is.
+function markSelected() {
+  document.querySelectorAll("#rows .rowbtn").forEach(b => {
+    const on = selected !== null && b.dataset.n === String(selected.n);
+    b.closest("tr").classList.toggle("selected", on);
+    if (on) b.setAttribute("aria-current", "true"); else b.removeAttribute("aria-current");
+  });
+}
+
+function focusRow(e) { const b = document.querySelector(`.rowbtn[data-n="${e.n}"]`); if (b) b.focus(); }
+
+// Up/Down move through the worklist, as in a reading list.
+$("rows").addEventListener("keydown", ev => {
+  if (ev.key !== "ArrowDown" && ev.key !== "ArrowUp") return;
+  const list = ordered().filter(e => e.result || e.error);
+  const i = list.indexOf(selected) + (ev.key === "ArrowDown" ? 1 : -1);
+  if (i >= 0 && i < list.length) { ev.preventDefault(); show(list[i]); focusRow(list[i]); }
+});
+
+function show(e) {
+  if (!e) return;
+  selected = e;
+  markSelected();
+  const r = e.result;
+  $("result").hidden = false;
+  $("fname").textContent = e.name;
+  const verdict = $("verdict");
+  if (!r) {
+    verdict.className = "verdict err"; verdict.textContent = e.error;
+    $("ood").hidden = true; document.querySelector(".views").hidden = true;
+    $("meterfill").style.width = "0"; $("meterlegend").textContent = "";
+    return;
+  }
+  document.querySelector(".views").hidden = false;
+  const above = suspected(r);
+  verdict.className = "verdict " + (above ? "pos" : "neg") + (r.ood ? " dimmed" : "");
+  verdict.textContent = above
+    ? `Pneumonia suspected: P(pneumonia) = ${fmt(r.prob)}, at or above the threshold ${fmt(r.threshold)}`
+    : `Below threshold (NORMAL): P(pneumonia) = ${fmt(r.prob)}, under the threshold ${fmt(r.threshold)}`;
+  $("meterfill").style.width = (100 * r.prob).toFixed(1) + "%";
+  $("meterfill").className = "meter-fill " + (r.ood ? "dimmed" : above ? "pos" : "neg");
+  $("meterthr").style.left = (100 * r.threshold).toFixed(1) + "%";
+  $("meterlegend").textContent = `0 ← P(pneumonia) → 1; the mark is the decision threshold (${fmt(r.threshold)}).`;
+  $("ood").hidden = !r.ood;
+  if (r.ood) {
+    const why = r.ood_reason ? r.ood_reason + "." : "";
+    const score = r.ood_distance !== null && r.ood_cutoff !== null && r.ood_distance !== undefined
+      ? ` Its out-of-distribution score ${r.ood_distance.toFixed(1)} is over the cut-off ${r.ood_cutoff.toFixed(1)}.` : "";
+    $("oodtext").textContent = ` ${why}${score} It does not look like the training radiographs.`;
+  }
+  $("base").src = $("under").src = "data:image/png;base64," + r.image_png;
+  if (r.heatmap_png) {
+    $("heat").src = "data:image/png;base64," + r.heatmap_png;
+    $("heat").hidden = false; $("colorbar").hidden = false;
     $("heat").style.opacity = $("opacity").value / 100;
-    $("camnote").textContent = "Grad-CAM for " + data.cam_target + ": where the model's evidence lies, not proof of a finding.";
+    $("camnote").textContent = "Grad-CAM for " + r.cam_target + ": where the model's evidence lies, not proof of a finding.";
   } else {
-    $("heat").style.display = "none";
+    $("heat").hidden = true; $("colorbar").hidden = true;
     $("camnote").textContent = "No heatmap for this model backend.";
   }
 }
