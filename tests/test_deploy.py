@@ -388,3 +388,21 @@ def test_pixel_budget_lets_images_decode_together_only_while_they_fit():
     waiting.join(5)
     take(500, "alone")  # larger than the whole budget: runs when nothing else does
     assert order[1:] == [("second", 60), ("alone", 500)] and budget.used == 0
+
+
+def test_the_page_colour_bar_is_the_heatmap_colour_map():
+    import re
+    from importlib import resources
+
+    import matplotlib
+
+    from pneumoscope.plots import CAM_CMAP
+
+    css = resources.files("pneumoscope").joinpath("static/app.css").read_text()
+    stops = re.findall(r"#([0-9a-f]{6}) (\d+(?:\.\d+)?)%", re.search(r"\.colorbar\{[^}]*\}", css).group(0))
+    assert len(stops) >= 5
+    cmap = matplotlib.colormaps[CAM_CMAP]
+    for hexcode, pct in stops:
+        want = np.round(np.array(cmap(float(pct) / 100)[:3]) * 255)
+        got = np.array([int(hexcode[i : i + 2], 16) for i in (0, 2, 4)])
+        assert np.abs(want - got).max() <= 12, (hexcode, pct, want)
