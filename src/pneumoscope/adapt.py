@@ -81,7 +81,7 @@ def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 
     mmd = compute_mmd_test(ref, adapted, n_perm=n_perm, seed=seed)
     domain_auc = compute_domain_auc(ref, adapted, seed=seed)
     with torch.no_grad():
-        logits = model.head(torch.as_tensor(adapted))[:, 0].double().numpy()
+        logits = model.head_logits(site_features).double().numpy()
     prob = predictor.probability(logits)
     tpr, fpr, val_prev = _validation_rates(predictor)
     prevalence = estimate_prevalence(prob, predictor.threshold, tpr, fpr, val_prev)

@@ -86,8 +86,6 @@ def calibrate_run(
 ) -> tuple[Path, dict]:  # fmt: skip
     """The ``pneumoscope calibrate`` command: a new run with a site-fitted temperature and threshold,
     and with ``refit`` a head refitted on the labelled site images beside the training sample."""
-    from .features import extract_features
-
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     if refit and predictor.model.adapter is None:
@@ -95,7 +93,7 @@ def calibrate_run(
     dataset = data_mod.load_dataset(data)
     check_contract(predictor, dataset)
     scanned = data_mod.scan(dataset.subset(select_split(dataset, split)), check_decode=False, progress=progress)
-    feats = extract_features(predictor.model, scanned, cache_dir=cache_dir, progress=progress)
+    feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     kept = feats.records
     y = np.array([r.label for r in kept])
     counts = np.bincount(y, minlength=2)
@@ -108,11 +106,6 @@ def calibrate_run(
     if refit:
         z = cross_fitted_logits(model, feats.features, y, groups)
         model.head = refit_head(model, feats.features, y)
-    else:
-        import torch
-
-        with torch.no_grad():
-            z = model.head_logits(feats.features).double().numpy()
     temperature = fit_temperature(z, y)
     prob = calibrated_probability(z, temperature)
     threshold = compute_threshold(y, prob, policy, target)

@@ -31,6 +31,7 @@ class EvaluationResult:
     metrics: dict
     problems: list[tuple[str, str]]
     excluded_calibration: int = 0
+    features: np.ndarray | None = None  # pooled backbone features of ``records`` (None with test-time augmentation)
 
 
 def select_split(dataset: data_mod.Dataset, split: str) -> list[data_mod.Record]:
@@ -84,9 +85,10 @@ def evaluate_dataset(
                 kept.append(r)
             except ImageReadError as err:
                 problems.append((scanned.display(r), f"{err.reason}. {err.fix}"))
-        prob = predictor.predict_proba(images, tta=True)
+        prob, features = predictor.predict_proba(images, tta=True), None
     else:
-        kept, prob, problems = predictor.predict_dataset(scanned, cache_dir=cache_dir, progress=progress)
+        feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
+        kept, prob, problems, features = feats.records, predictor.probability(logits), feats.problems, feats.features
     if not kept:
         raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_true = np.array([r.label for r in kept])
@@ -97,7 +99,7 @@ def evaluate_dataset(
     metrics["adapted_on_evaluated_images"] = transductive
     if metrics["roc_auc"] is None:
         logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
-    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded))
+    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded), features)
 
 
 def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
@@ -128,17 +130,15 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
     return out
 
 
-def _site_shift(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, cache_dir) -> dict | None:
+def _site_shift(predictor: Predictor, result: EvaluationResult) -> dict | None:
     """How the evaluated images differ from the training split, as `pneumoscope shift` reports it (runs that keep
-    training feature statistics, and at least a few dozen images)."""
+    training feature statistics, features computed for the evaluation, and at least a few dozen images)."""
     from .adapt import assess_site
-    from .features import extract_features
     from .shift import MIN_SITE_IMAGES
 
-    if predictor.model.adapter is None or len(result.records) < MIN_SITE_IMAGES:
+    if predictor.model.adapter is None or result.features is None or len(result.records) < MIN_SITE_IMAGES:
         return None
-    feats = extract_features(predictor.model, dataset.subset(result.records), cache_dir=cache_dir, progress=False)
-    return assess_site(predictor, feats.features, n_perm=200)
+    return assess_site(predictor, result.features, n_perm=200)
 
 
 def evaluate_run(
@@ -190,7 +190,7 @@ def evaluate_run(
             audit = audit_dataset(predictor, lambda i: reader.read_image(result.records[i].ref, draft_size=size), len(result.records),
                                   probs=None if tta else result.y_prob, progress=progress)  # fmt: skip
             write_json(tmp / "shortcut_audit.json", audit)
-        shift = _site_shift(predictor, dataset, result, cache_dir) if not tta else None
+        shift = _site_shift(predictor, result)
         if shift:
             write_json(tmp / "site_shift.json", shift)
         summary_path = run_dir / "data_summary.json"

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
-from .features import extract_features
+from .features import FeatureResult, extract_features
 from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, resize_image, screen_image, to_image
 from .models import Preprocessing
 
@@ -326,19 +326,15 @@ class Predictor:
 
     def dataset_logits(
         self, dataset: Dataset, records: list[Record] | None = None, *, cache_dir=None, batch_size: int = 32, num_workers: int = 1, progress: bool = True
-    ) -> tuple[list[Record], torch.Tensor, list[tuple[str, str]]]:
-        """Raw logits for a dataset's records through the feature cache (PyTorch backend).
+    ) -> tuple[FeatureResult, np.ndarray]:
+        """Pooled features (through the feature cache) and raw logits for a dataset's records (PyTorch backend).
 
-        Returns (records that decoded, their logits, (path, reason) for the rest).
+        Returns the :class:`~pneumoscope.features.FeatureResult` (records that decoded,
+        their features, (path, reason) for the rest) and those records' logits.
         """
         feats = extract_features(
             self.model, dataset, records, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
         )
         with torch.inference_mode():
-            logits = self.model.head_logits(feats.features)
-        return feats.records, logits, feats.problems
-
-    def predict_dataset(self, dataset: Dataset, records: list[Record] | None = None, **kw) -> tuple[list[Record], np.ndarray, list[tuple[str, str]]]:
-        """Like :meth:`dataset_logits`, with calibrated probabilities."""
-        kept, logits, problems = self.dataset_logits(dataset, records, **kw)
-        return kept, self.probability(logits), problems
+            logits = self.model.head_logits(feats.features).double().numpy()
+        return feats, logits
