@@ -89,6 +89,15 @@ def test_an_adapted_run_exports_to_onnx_with_its_adaptation(run, tmp_path, capsy
     assert np.abs(np.array(torch_p) - np.array(base_p)).max() > 1e-3  # the adaptation is in the exported graph
 
 
+def test_an_adapted_run_is_not_adapted_again(run, tmp_path, capsys):
+    """A second adaptation would stack a second prior offset on the head's bias: refused, with the fix."""
+    site = _site(tmp_path / "site", 25)
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "once")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "adapt", str(tmp_path / "once"), str(site), "--out", str(tmp_path / "twice")]) == 2
+    assert "already adapted" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+
+
 def test_adapt_refuses_too_few_images(run, tmp_path, capsys):
     site = _site(tmp_path / "site", 5)
     assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 2

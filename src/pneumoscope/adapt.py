@@ -125,6 +125,14 @@ def adapt_run(
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)
+    done = predictor.description.get("adaptation")
+    if done:
+        # its head's bias already carries a prior offset and its threshold moved with it: a second
+        # adaptation would add another on top (probabilities shifted twice), not replace it
+        raise data_mod.DataError(
+            f"{run}: this run is already adapted ({done.get('method')}, to {done.get('data')}). "
+            "Fix: adapt the run it was adapted from, which the new run then replaces."
+        )
     model = predictor.model
     site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
     before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
