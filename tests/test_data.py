@@ -166,3 +166,20 @@ def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, t
         assert zf.read(name) == (kaggle_tree / name).read_bytes()
     run = tmp_path / "run"
     assert main(["-q", "train", str(packed), "--out", str(run), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3"]) == 0
+
+
+def test_pack_keeps_two_files_that_differ_only_by_suffix(kaggle_tree, tmp_path):
+    from PIL import Image
+
+    from pneumoscope.cli import main
+    from pneumoscope.data import load_dataset
+
+    folder = kaggle_tree / "train" / "NORMAL"
+    jpeg = next(folder.glob("*.jpeg"))
+    Image.open(jpeg).save(jpeg.with_suffix(".png"))  # a.png beside a.jpeg, both resized on packing
+    packed = tmp_path / "packed.zip"
+    assert main(["-q", "pack", str(kaggle_tree), "--out", str(packed), "--size", "32"]) == 0
+    with zipfile.ZipFile(packed) as zf:
+        names = zf.namelist()
+    assert len(names) == len(set(names))  # no entry written twice under one name
+    assert len(load_dataset(packed).records) == len(load_dataset(kaggle_tree).records)

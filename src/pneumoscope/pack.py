@@ -61,7 +61,9 @@ def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int =
                     small = resize_image(image, size)
                     buf = io.BytesIO()
                     Image.fromarray((small * 255.0 + 0.5).clip(0, 255).astype("uint8")).save(buf, format="JPEG", quality=quality)
-                    raw, name, resized = buf.getvalue(), str(Path(name).with_suffix(".jpeg")), resized + 1
+                    if Path(name).suffix.lower() not in (".jpeg", ".jpg"):
+                        name += ".jpeg"  # appended, not replacing the suffix: a.png and a.jpeg beside it stay two files
+                    raw, resized = buf.getvalue(), resized + 1
                 zf.writestr(name, raw)
                 kept += 1
             summary = {"source": str(Path(data).absolute()), "layout": dataset.layout, "size": size, "quality": quality, "images": kept,
