@@ -236,3 +236,41 @@ def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
         load_resume_state(work / "last.ckpt")
     assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "2", "--resume"]) == 2
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def _tiny_finetune(tmp_path, **settings):
+    """Fine-tune an untrained Lite0 for 2 epochs on 24 random 64-px images; returns (before, after) state dicts."""
+    from pneumoscope.finetune import ArrayDataset, FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (24, 64, 64), dtype=np.uint8), np.arange(24) % 2
+    train = ArrayDataset(images[:16], labels[:16], model.preprocessing, None)
+    val = ArrayDataset(images[16:], labels[16:], model.preprocessing, None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = FinetuneConfig(epochs=2, unfreeze="all", lr=1e-2, batch_size=8, accelerator="cpu", num_workers=0, precision="32-true", **settings)
+    finetune(model, train, val, config, tmp_path / "work", progress=False)
+    return before, model.state_dict()
+
+
+def test_regularised_finetuning_freezes_batchnorm_and_averages_weights(tmp_path):
+    plain_before, plain = _tiny_finetune(tmp_path / "plain")
+    before, after = _tiny_finetune(tmp_path / "reg", freeze_bn=True, ema=0.999999, mixup=0.4)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # BatchNorm statistics never moved
+    assert not all(torch.equal(plain_before[k], plain[k]) for k in stats)  # they do without freeze_bn
+    # with a decay this close to 1 the average stays where it began: the weights after the first
+    # step (AveragedModel starts from a copy), one Adam step of at most the head's lr (10 x 1e-2)
+    # from the start, while the plain run walks on for 4 steps
+    w = "head.fc1.weight"
+    assert (after[w] - before[w]).abs().max() <= 0.1 + 1e-4 and (plain[w] - plain_before[w]).abs().max() > 0.15
+
+
+def test_regularisation_settings_out_of_range_fail_before_any_work():
+    from pneumoscope.train import TrainConfig
+
+    with pytest.raises(ValueError, match="ema"):
+        TrainConfig(finetune_epochs=1, finetune_ema=1.0)
+    with pytest.raises(ValueError, match="mixup"):
+        TrainConfig(finetune_epochs=1, finetune_mixup=-0.1)

@@ -46,6 +46,16 @@ class FinetuneConfig:
     num_workers: int = 2
     seed: int = 0
     precision: str = "auto"  # see auto_precision; or any Lightning precision, e.g. 32-true
+    # regularisation against the training site (all off by default)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.999); 0: off
+    freeze_bn: bool = False  # every BatchNorm keeps its statistics (eval mode), also in unfrozen layers
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup of image pairs and their labels (e.g. 0.2); 0: off
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"finetune ema (a decay) must be in [0, 1), got {self.ema!r}")
+        if self.mixup < 0:
+            raise ValueError(f"finetune mixup (a Beta alpha) must be >= 0, got {self.mixup!r}")
 
 
 class ArrayDataset(TorchDataset):
@@ -96,6 +106,10 @@ class FineTuner(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         for m in self.frozen:
             m.eval()  # keep ImageNet BatchNorm statistics in the frozen part
+        if self.config.freeze_bn:
+            for m in self.model.backbone.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         loader = self.trainer.train_dataloader
         if loader is not None and hasattr(loader.dataset, "epoch"):
             loader.dataset.epoch = self.current_epoch
@@ -105,8 +119,15 @@ class FineTuner(L.LightningModule):
 
     def training_step(self, batch, _):
         x, y = batch
-        logits = self(x)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        if self.config.mixup > 0:  # Zhang et al. 2018: train on convex pairs of images and of their losses
+            lam = float(np.random.default_rng((self.config.seed, self.global_step)).beta(self.config.mixup, self.config.mixup))
+            pair = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed * 100_003 + self.global_step)).to(x.device)
+            logits = self(lam * x + (1 - lam) * x[pair])
+            loss = lam * bce(logits, y, pos_weight=self.pos_weight) + (1 - lam) * bce(logits, y[pair], pos_weight=self.pos_weight)
+        else:
+            logits = self(x)
+            loss = bce(logits, y, pos_weight=self.pos_weight)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
@@ -208,10 +229,16 @@ def finetune(
     steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
     module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs)
     best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_auc", mode="max", save_last=True, save_top_k=1)
+    callbacks = [best, EarlyStopping("val_auc", mode="max", patience=config.patience)]
+    if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
+        from lightning.pytorch.callbacks import WeightAveraging
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema)))
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
-        precision=config.precision if config.precision != "auto" else auto_precision(cuda), callbacks=[best, EarlyStopping("val_auc", mode="max", patience=config.patience)],
+        precision=config.precision if config.precision != "auto" else auto_precision(cuda), callbacks=callbacks,
         logger=CSVLogger(work_dir, name="logs", version=0), enable_progress_bar=progress, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip

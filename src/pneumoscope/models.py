@@ -67,6 +67,7 @@ class BackboneSpec:
     imagenet_weights: Callable[[], dict] | None  # offline loader, or None: timm's download
     weights_note: str
     top_layers: tuple[str, ...] = ()  # the last stage(s), re-initialised by the CAM sanity check
+    members: tuple[str, ...] = ()  # an ensemble: these backbones side by side (see ConcatBackbone)
 
 
 def _lukemelas_to_timm(state: dict, blocks_per_stage: list[int]) -> dict:
@@ -133,6 +134,27 @@ BACKBONES: dict[str, BackboneSpec] = {
         weights_note="timm's resnet50 ImageNet weights (downloaded when online) or a local state dict",
     ),
 }
+
+
+def _ensemble_spec(*members: str) -> BackboneSpec:
+    """Backbones run side by side on one input; their last feature maps concatenated.
+
+    All members take the first member's preprocessing (EfficientNet-Lite runs at any
+    size); Grad-CAM hooks the concatenated map, which is exactly what the head pools.
+    """
+    specs = [BACKBONES[m] for m in members]
+    return BackboneSpec(
+        timm_name="+".join(s.timm_name for s in specs),
+        preprocessing=specs[0].preprocessing,
+        cam_layer="",  # the ConcatBackbone itself: its output is the map the head pools
+        top_layers=tuple(f"members.{i}.{layer}" for i, s in enumerate(specs) for layer in s.top_layers),
+        imagenet_weights=None,
+        weights_note=" + ".join(s.weights_note for s in specs),
+        members=members,
+    )
+
+
+BACKBONES["efficientnet_lite0+2"] = _ensemble_spec("efficientnet_lite0", "efficientnet_lite2")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
@@ -344,6 +366,25 @@ class PneumoniaClassifier(nn.Module):
         return h.hexdigest()
 
 
+class ConcatBackbone(nn.Module):
+    """Several backbones on the same input; their last feature maps concatenated on channels.
+
+    The members must reduce the input by the same stride (the EfficientNet-Lites all do: 32),
+    so the maps line up pixel for pixel and the head's pooling sees one (B, sum C, h, w) map.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.num_features = sum(m.num_features for m in members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = [m(x) for m in self.members]  # each (B, C_i, h, w)
+        if len({tuple(f.shape[2:]) for f in maps}) != 1:
+            raise ValueError(f"ensemble members give feature maps of different sizes {[tuple(f.shape[2:]) for f in maps]}")
+        return torch.cat(maps, dim=1)  # (B, sum C_i, h, w)
+
+
 def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | os.PathLike | None = None) -> nn.Module:
     """A timm backbone that returns its last feature map, with no pooling or classifier.
 
@@ -355,6 +396,11 @@ def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | o
     spec = get_spec(name)
     if pretrained not in ("imagenet", "none"):
         raise ValueError(f"pretrained must be 'imagenet' or 'none', got {pretrained!r}")
+    if spec.members:
+        if weights is not None:
+            raise ValueError(f"{name} is an ensemble of {', '.join(spec.members)}: --weights takes one backbone's state dict. "
+                             "Fix: use the registry's ImageNet weights (--pretrained imagenet) or --pretrained none.")  # fmt: skip
+        return ConcatBackbone([create_backbone(m, pretrained=pretrained) for m in spec.members])
     backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="")
     if pretrained == "imagenet" or weights is not None:
         state = load_imagenet_state_dict(name, weights)

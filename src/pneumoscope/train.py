@@ -58,6 +58,9 @@ class TrainConfig:
     finetune_batch_size: int = 32
     finetune_patience: int = 3
     augment: bool | str | dict = True  # stage 2: true/false, a preset (augment.PRESETS) or AugmentConfig changes
+    finetune_ema: float = 0.0  # stage 2: EMA decay of the weights (0: off); see FinetuneConfig
+    finetune_freeze_bn: bool = False  # stage 2: all BatchNorm statistics kept
+    finetune_mixup: float = 0.0  # stage 2: mixup alpha (0: off)
     devices: int | str = 1
     num_nodes: int = 1
     accelerator: str = "auto"
@@ -74,10 +77,22 @@ class TrainConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         resolve_augment(self.augment)  # a typo fails before any work
+        if self.finetune_epochs:
+            self.finetune_config()  # and so does a stage-2 setting out of range
         if self.threshold_policy not in THRESHOLD_POLICIES:
             raise ValueError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
         if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
             raise ValueError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
+
+
+    def finetune_config(self):
+        """Stage 2's settings (:class:`pneumoscope.finetune.FinetuneConfig`), validated."""
+        from .finetune import FinetuneConfig
+
+        return FinetuneConfig(epochs=self.finetune_epochs, unfreeze=self.unfreeze, lr=self.finetune_lr, batch_size=self.finetune_batch_size,
+                              patience=self.finetune_patience, devices=self.devices, num_nodes=self.num_nodes, accelerator=self.accelerator,
+                              num_workers=self.num_workers, seed=self.seed, precision=self.precision, ema=self.finetune_ema,
+                              freeze_bn=self.finetune_freeze_bn, mixup=self.finetune_mixup)  # fmt: skip
 
 
 def load_train_config(path: str | os.PathLike | None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -351,7 +366,7 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
     from .augment import Augment
     from .features import default_cache_dir
-    from .finetune import ArrayDataset, FinetuneConfig, finetune
+    from .finetune import ArrayDataset, finetune
     from .imagecache import build_image_array
 
     size = model.preprocessing.input_size
@@ -365,10 +380,7 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     augment = Augment(aug) if aug is not None else None
     train_set = ArrayDataset(_Rows(arr.images, tr), y[tr], model.preprocessing, augment, seed=config.seed)
     val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
-    ft = FinetuneConfig(epochs=config.finetune_epochs, unfreeze=config.unfreeze, lr=config.finetune_lr, batch_size=config.finetune_batch_size,
-                        patience=config.finetune_patience, devices=config.devices, num_nodes=config.num_nodes, accelerator=config.accelerator,
-                        num_workers=config.num_workers, seed=config.seed, precision=config.precision)  # fmt: skip
-    history, facts = finetune(model, train_set, val_set, ft, work, resume=resume, progress=progress)
+    history, facts = finetune(model, train_set, val_set, config.finetune_config(), work, resume=resume, progress=progress)
     if facts is None:
         return None
     return history, {**facts, "augmentation": aug.to_dict() if aug is not None else None}
