@@ -87,3 +87,30 @@ def _offline_create_model(real):
 def test_unknown_backbone_lists_choices():
     with pytest.raises(ValueError, match="choose one of"):
         create_model("vgg99", pretrained="none")
+
+
+def test_an_ensemble_is_its_members_side_by_side_and_reuses_their_feature_caches(kaggle_tree, tmp_path, monkeypatch):
+    from pneumoscope.data import load_dataset, scan
+    from pneumoscope.features import extract_features
+
+    torch.manual_seed(0)
+    ensemble = create_model("efficientnet_lite0+2", pretrained="none", hidden=8).eval()
+    members = []
+    for name, member in zip(("efficientnet_lite0", "efficientnet_lite2"), ensemble.backbone.members):
+        single = create_model(name, pretrained="none", hidden=8).eval()
+        single.backbone.load_state_dict(member.state_dict())
+        single.preprocessing = ensemble.preprocessing  # members run at the ensemble's input size
+        members.append(single)
+    dataset = scan(load_dataset(kaggle_tree))
+    records = dataset.records[:3]
+    computed = extract_features(ensemble, dataset, records, cache_dir=tmp_path / "a", progress=False).features
+    assert computed.shape == (3, 1280 + 1280)
+    singles = [extract_features(m, dataset, records, cache_dir=tmp_path / "b", progress=False).features for m in members]
+    np.testing.assert_allclose(computed, np.concatenate(singles, axis=1), atol=1e-4)
+
+    def no_forward(*_):
+        raise AssertionError("features should have come from the members' caches")
+
+    monkeypatch.setattr(ensemble, "pooled_features", no_forward)
+    cached = extract_features(ensemble, dataset, records, cache_dir=tmp_path / "b", progress=False).features
+    np.testing.assert_allclose(cached, computed, atol=1e-4)

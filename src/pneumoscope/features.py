@@ -23,7 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 from .data import Dataset, Record
 from .io import ImageReadError
 from .outputs import npy_bytes, write_bytes_atomic
-from .models import PneumoniaClassifier
+from .models import PneumoniaClassifier, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,19 @@ class FeatureCache:
 
 
 def model_key(model: PneumoniaClassifier) -> str:
-    payload = json.dumps(
-        {"backbone": model.backbone_fingerprint(), "pre": model.preprocessing.to_dict(), "v": FEATURE_VERSION},
-        sort_keys=True,
-    )
-    return f"{model.backbone_name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    """The cache key of a single-backbone model's features (see :func:`part_caches` for ensembles)."""
+    (name, module), = model.feature_parts()
+    return _part_key(name, module, model)
+
+
+def _part_key(name: str, module, model: PneumoniaClassifier) -> str:
+    payload = json.dumps({"backbone": weights_fingerprint(name, module), "pre": model.preprocessing.to_dict(), "v": FEATURE_VERSION}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def part_caches(model: PneumoniaClassifier, root: str | os.PathLike) -> list[FeatureCache]:
+    """One cache per backbone of the model: an ensemble's members share entries with single-backbone runs."""
+    return [FeatureCache(root, _part_key(name, module, model), dim=module.num_features) for name, module in model.feature_parts()]
 
 
 class ImageDataset(TorchDataset):
@@ -132,15 +140,16 @@ def extract_features(
     from tqdm.auto import tqdm
 
     records = dataset.records if records is None else records
-    cache = FeatureCache(cache_dir or default_cache_dir(), model_key(model), dim=model.head.fc1.in_features)
+    caches = part_caches(model, cache_dir or default_cache_dir())
+    bounds = np.cumsum([c.dim for c in caches])[:-1]  # where each backbone's features end in the head's input
     feats: dict[int, np.ndarray] = {}
     for i, r in enumerate(records):
         if r.content_hash:
-            hit = cache.get(r.content_hash)
-            if hit is not None:
-                feats[i] = hit
+            hits = [c.get(r.content_hash) for c in caches]
+            if all(h is not None for h in hits):
+                feats[i] = np.concatenate(hits)
     todo = [i for i in range(len(records)) if i not in feats]
-    logger.info("features: %d cached, %d to compute (%s)", len(feats), len(todo), cache.dir)
+    logger.info("features: %d cached, %d to compute (%s)", len(feats), len(todo), ", ".join(str(c.dir) for c in caches))
     problems: dict[int, str] = {}
     if todo:
         loader = DataLoader(
@@ -161,7 +170,8 @@ def extract_features(
                     for j, f in zip(idx, out):
                         feats[todo[j]] = f
                         if records[todo[j]].content_hash:
-                            cache.put(records[todo[j]].content_hash, f)
+                            for c, part in zip(caches, np.split(f, bounds)):
+                                c.put(records[todo[j]].content_hash, part)
                 bar.update(len(idx) + len(bad))
         bar.close()
     kept = [i for i in range(len(records)) if i in feats]

@@ -359,11 +359,22 @@ class PneumoniaClassifier(nn.Module):
 
     def backbone_fingerprint(self) -> str:
         """sha256 of the backbone's weights: keys the feature cache."""
-        h = hashlib.sha256(self.backbone_name.encode())
-        for key, value in sorted(self.backbone.state_dict().items()):
-            h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return weights_fingerprint(self.backbone_name, self.backbone)
+
+    def feature_parts(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each backbone whose pooled features make up the head's input, in
+        order: one, or an ensemble's members (so each member's features are cached as its own)."""
+        if isinstance(self.backbone, ConcatBackbone):
+            return list(zip(get_spec(self.backbone_name).members, self.backbone.members))
+        return [(self.backbone_name, self.backbone)]
+
+
+def weights_fingerprint(name: str, module: nn.Module) -> str:
+    h = hashlib.sha256(name.encode())
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class ConcatBackbone(nn.Module):
