@@ -114,3 +114,18 @@ def test_an_ensemble_is_its_members_side_by_side_and_reuses_their_feature_caches
     monkeypatch.setattr(ensemble, "pooled_features", no_forward)
     cached = extract_features(ensemble, dataset, records, cache_dir=tmp_path / "b", progress=False).features
     np.testing.assert_allclose(cached, computed, atol=1e-4)
+
+
+def test_packed_heads_average_their_members_logits():
+    from pneumoscope.models import Head, pack_heads
+
+    torch.manual_seed(0)
+    a, b = Head(6, hidden=4).eval(), Head(10, hidden=3).eval()
+    x = torch.randn(5, 16)
+    packed = pack_heads([a, b], [6, 10])
+    with torch.no_grad():
+        expected = (a(x[:, :6]) + b(x[:, 6:])) / 2
+        torch.testing.assert_close(packed(x), expected)
+    assert (packed.fc1.in_features, packed.fc1.out_features) == (16, 7)
+    with pytest.raises(ValueError, match="10 features"):
+        pack_heads([a, a], [6, 10])

@@ -46,3 +46,28 @@ def test_fit_head_is_reproducible():
         h, _ = fit_head(head, xt, yt, xv, yv, epochs=5, patience=5, seed=7, progress=False)
         runs.append([r["val_loss"] for r in h])
     assert runs[0] == runs[1]
+
+
+def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_one_onnx(tmp_path):
+    """`--backbone efficientnet_lite0+2`: each member's head fitted on its own features, packed
+    into one head (mean logit); the run predicts, and exports to one ONNX file that agrees."""
+    import json
+
+    from pneumoscope.cli import main
+    from pneumoscope.predict import Predictor
+    from tests.conftest import make_kaggle_tree
+
+    data = make_kaggle_tree(tmp_path / "data", n_patients=10)
+    run, onnx = tmp_path / "run", tmp_path / "model.onnx"
+    flags = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8"]
+    assert main(["-q", "train", str(data), "--out", str(run), "--backbone", "efficientnet_lite0+2", *flags]) == 0
+    desc = json.loads((run / "checkpoint.json").read_text())
+    assert desc["backbone"] == "efficientnet_lite0+2"
+    assert desc["head"]["in_features"] == 2560 and desc["head"]["hidden"] == 16  # two heads of 8, packed
+    predictor = Predictor.from_checkpoint(run)
+    fc1 = predictor.model.head.fc1.weight
+    assert fc1[:8, 1280:].abs().max() == 0 and fc1[8:, :1280].abs().max() == 0  # each member's head sees its own features
+    images = sorted(str(p) for p in (data / "test").rglob("*.jpeg"))[:3]
+    assert main(["-q", "export", str(run), "--out", str(onnx), "--check-images", *images]) == 0
+    decoded = [predictor.read(p) for p in images]
+    np.testing.assert_allclose(Predictor.from_onnx(onnx).run(decoded)[0], predictor.run(decoded)[0], atol=1e-4)

@@ -228,6 +228,29 @@ class Head(nn.Module):
         return self.fc2(self.act(self.fc1(self.dropout(x))))  # (B, 1): logit of PNEUMONIA
 
 
+def pack_heads(heads: list[Head], widths: list[int]) -> Head:
+    """One :class:`Head` that computes the mean of ``heads``' logits, each head seeing its own
+    consecutive ``widths[i]`` input features (an ensemble's members' features side by side).
+
+    The first layers go block-diagonal, the output layer averages: an ordinary Head (of
+    hidden size sum of the heads'), so checkpoints, site adaptation and ONNX need nothing new.
+    """
+    packed = Head(sum(widths), hidden=sum(h.fc1.out_features for h in heads), dropout=heads[0].dropout.p)
+    with torch.no_grad():
+        packed.fc1.weight.zero_()
+        row = col = 0
+        for h, w in zip(heads, widths):
+            if h.fc1.in_features != w:
+                raise ValueError(f"a head for {w} features was given one of {h.fc1.in_features}")
+            n = h.fc1.out_features
+            packed.fc1.weight[row : row + n, col : col + w] = h.fc1.weight
+            packed.fc1.bias[row : row + n] = h.fc1.bias
+            packed.fc2.weight[:, row : row + n] = h.fc2.weight / len(heads)
+            row, col = row + n, col + w
+        packed.fc2.bias.copy_(torch.stack([h.fc2.bias for h in heads]).mean(0))
+    return packed.eval()
+
+
 class MahalanobisGuard(nn.Module):
     """Out-of-distribution score: Mahalanobis distance of pooled backbone features to the
     training features (Lee et al. 2018), with a cut-off chosen on validation data."""
@@ -379,6 +402,9 @@ def weights_fingerprint(name: str, module: nn.Module) -> str:
 
 class ConcatBackbone(nn.Module):
     """Several backbones on the same input; their last feature maps concatenated on channels.
+
+    Training gives each member its own head and packs them into one (:func:`pack_heads`):
+    the model's logit is the mean of the members' logits.
 
     The members must reduce the input by the same stride (the EfficientNet-Lites all do: 32),
     so the maps line up pixel for pixel and the head's pooling sees one (B, sum C, h, w) map.

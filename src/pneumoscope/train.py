@@ -25,7 +25,7 @@ from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
 from .metrics import THRESHOLD_POLICIES, compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature, mean_sd
-from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model
+from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 from .predict import calibrated_probability
@@ -211,6 +211,28 @@ def fit_head(
     return history, best_epoch
 
 
+def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig", *, progress: bool = True) -> tuple[list[dict], int]:
+    """Stage 1: the model's head on its frozen features. An ensemble's members get one head
+    each, fitted on their own features and packed into one head that averages their logits
+    (averaging measured better on `test/` than one head on the joined features, BENCHMARKS.md).
+    Returns the (first member's) history and best epoch."""
+    kw = dict(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=config.lr,
+              weight_decay=config.weight_decay, seed=config.seed, progress=progress)  # fmt: skip
+    widths = [module.num_features for _, module in model.feature_parts()]
+    if len(widths) == 1:
+        return fit_head(model.head, x_train, y_train, x_val, y_val, **kw)
+    heads, fits, start = [], [], 0
+    for (name, _), width in zip(model.feature_parts(), widths):
+        cols = slice(start, start + width)
+        head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p)
+        fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, **kw))
+        logger.info("ensemble member %s: best epoch %d", name, fits[-1][1])
+        heads.append(head)
+        start += width
+    model.head = pack_heads(heads, widths)
+    return fits[0]
+
+
 def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
     return calibrated_probability(head_logits(head, features))
 
@@ -288,11 +310,7 @@ def train_run(
         )
     t_feat = time.perf_counter() - t0
 
-    history, best_epoch = fit_head(
-        model.head, feats.features[tr], y[tr], feats.features[va], y[va],
-        epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
-        lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, progress=progress,
-    )  # fmt: skip
+    history, best_epoch = fit_model_head(model, feats.features[tr], y[tr], feats.features[va], y[va], config, progress=progress)
     stage = "frozen backbone, head only"
     finetune_history: list[dict] = []
     finetune_facts: dict = {}
