@@ -162,3 +162,25 @@ def test_too_few_images_give_no_faithfulness_verdict():
     assert two["road_vs_random_p"] is None
     assert two["faithfulness_verdict"] == f"too few images to test faithfulness: n=2, need ≥ {E.MIN_FAITHFULNESS_IMAGES}"
     assert E.summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"  # 5 is enough: p = 1/32
+
+
+def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tmp_path, monkeypatch):
+    """Issue 14: the report's Grad-CAM figures say what the image truly is, not only what the model decided."""
+    from pneumoscope import data as D
+    from pneumoscope import evaluate
+    from pneumoscope.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5
+    dataset = D.load_dataset(kaggle_tree)
+    records = [r for label in (0, 1) for r in [r for r in dataset.records if r.split == "test" and r.label == label][:4]]
+    y_true = np.array([r.label for r in records])
+    y_prob = np.array([0.9, 0.8, 0.1, 0.2] * 2)  # errors and successes of both kinds
+    result = evaluate.EvaluationResult(records, [dataset.display(r) for r in records], y_true, y_prob, {}, [])
+    drawn = []
+    monkeypatch.setattr(evaluate, "plot_cam", lambda image, overlay, path, **kw: drawn.append(kw))
+    gallery = evaluate._gallery(predictor, dataset, result, tmp_path)
+    kinds = [caption.split(":")[0] for _, caption in gallery]
+    assert set(kinds) == {"false positive", "false negative", "true positive", "true negative"}
+    truth = {"false positive": "NORMAL", "true negative": "NORMAL", "false negative": "PNEUMONIA", "true positive": "PNEUMONIA"}
+    assert [kw["true_label"] for kw in drawn] == [truth[k] for k in kinds]
+    assert all(kw["title"].startswith(k) for kw, k in zip(drawn, kinds))

@@ -161,9 +161,10 @@ def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
     assert not (tmp_path / ".run.work").exists()  # resumable state is removed once the run is complete
 
 
-def test_ddp_with_two_cpu_processes(small_tree, tmp_path):
+def test_ddp_with_two_cpu_processes(small_tree, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    proc = subprocess.run(_cli("train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--devices", "2"),
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    proc = subprocess.run(_cli("train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--devices", "2", "--logger", "mlflow"),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
@@ -171,6 +172,12 @@ def test_ddp_with_two_cpu_processes(small_tree, tmp_path):
     facts = json.loads((run / "checkpoint.json").read_text())["training"]["finetune"]
     assert facts["world_size"] == 2 and facts["num_nodes"] == 1
     assert (run / "model.safetensors").is_file() and len((run / "finetune_history.csv").read_text().splitlines()) == 3
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run}/logs/mlflow.db")
+    (logged,) = client.search_runs([client.get_experiment_by_name("pneumoscope").experiment_id])  # rank 0 logs; the other rank does not
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "finetune/val_auc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "head/val_loss")] == [1, 2, 3]
 
 
 def test_resume_after_kill_9(small_tree, tmp_path):
@@ -197,6 +204,7 @@ def test_resume_after_kill_9(small_tree, tmp_path):
     history = (run / "finetune_history.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in history][-1] == 6
     assert not work.exists()
+    assert (run / "logs" / "finetune" / "metrics.csv").is_file() and (run / "logs" / "head" / "metrics.csv").is_file()
 
 
 def test_seeds_train_several_runs_and_report_mean_and_sd(small_tree, tmp_path, capsys):
@@ -249,6 +257,7 @@ def _tiny_finetune(tmp_path, **settings):
     train = ArrayDataset(images[:16], labels[:16], model.preprocessing, None)
     val = ArrayDataset(images[16:], labels[16:], model.preprocessing, None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()  # as stage 1's feature extraction leaves it: fine-tuning must still train in train mode
     config = FinetuneConfig(epochs=2, unfreeze="all", lr=1e-2, batch_size=8, accelerator="cpu", num_workers=0, precision="32-true", **settings)
     finetune(model, train, val, config, tmp_path / "work", progress=False)
     return before, model.state_dict()

@@ -35,3 +35,16 @@ def test_every_figure_enlarges_on_click_without_script(tmp_path):
     assert n_images == 1 + 2 + 2  # history, two figures, two gallery images
     assert html.count("<label class='zoom'") == n_images
     assert "<script" not in html
+
+
+def test_values_from_the_data_are_escaped_never_markup(tmp_path):
+    ctx = _context(tmp_path)
+    evil = "<script>alert(1)</script>"
+    ctx["title"] = f"pneumoscope evaluation: {evil}"
+    ctx["data"] = {"source": f"/data/{evil}", "split": "test", "skipped": 0}
+    ctx["gallery"] = [(ctx["history"], f"false positive: {evil}.jpeg"), (ctx["history"], "true negative: a'b\".jpeg")]
+    ctx["model_card"] = {"Evaluation data": f"/data/{evil}: 10 images"}
+    html = render_report(ctx)
+    assert "<script" not in html
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2 + 1 + 3 + 1  # title twice, source, a caption's alt, aria-label and caption, card
+    assert "aria-label='enlarge true negative: a&#39;b&#34;.jpeg'" in html  # a quote cannot close the attribute

@@ -16,6 +16,7 @@ def test_head_learns_separable_features_and_restores_best_epoch():
     rng = np.random.default_rng(0)
     xt, yt = _blobs(rng, 400, 2.0)
     xv, yv = _blobs(rng, 100, 2.0)
+    torch.manual_seed(0)  # the head's initial weights: the same whichever tests ran before in this process
     head = Head(8, hidden=16, dropout=0.1)
     history, best = fit_head(head, xt, yt, xv, yv, epochs=200, patience=5, lr=1e-2, progress=False)
     assert len(history) < 200  # early stopping fired

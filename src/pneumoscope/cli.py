@@ -28,6 +28,7 @@ def _exit_status(skipped: int) -> int:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Training options. Defaults come from TrainConfig, then --config YAML, then these flags, then --set."""
     from .models import BACKBONES
+    from .tracking import LOGGERS
 
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML file of training settings (TrainConfig field names)")
@@ -53,6 +54,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
     p.add_argument("--num-nodes", type=int, default=S)
     p.add_argument("--accelerator", default=S, help="stage 2: auto, cpu, gpu")
+    p.add_argument("--logger", choices=list(LOGGERS), default=S,
+                   help="training logs of both stages in RUN/logs: csv (default; always written), or tensorboard or mlflow beside it")
     _add_policy_args(p, default=S)
 
 
@@ -84,7 +87,7 @@ def _config(args):
 
 _TRAIN_FIELDS = {
     "backbone", "pretrained", "weights", "epochs", "patience", "seed", "batch_size", "val_fraction", "limit", "num_workers", "cache_dir",
-    "finetune_epochs", "unfreeze", "finetune_lr", "augment", "devices", "num_nodes", "accelerator",
+    "finetune_epochs", "unfreeze", "finetune_lr", "augment", "devices", "num_nodes", "accelerator", "logger",
 }  # fmt: skip
 
 

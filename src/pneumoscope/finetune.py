@@ -1,8 +1,8 @@
 """Stage 2: fine-tune the backbone with PyTorch Lightning (AdamW, warm-up + cosine, early stopping).
 
 Lightning's Trainer is the engine: EarlyStopping on validation ROC-AUC,
-ModelCheckpoint (best and last, written atomically), a CSV logger, its progress
-bar, and data parallel training over devices and nodes (``strategy="ddp"``:
+ModelCheckpoint (best and last, written atomically), a CSV logger (and the
+``--logger`` one beside it, see ``tracking``), its progress bar, and data parallel training over devices and nodes (``strategy="ddp"``:
 NCCL on GPUs, gloo on CPUs; or launched by torchrun).
 
 BatchNorm: the layers that stay frozen are kept in eval mode, so their running
@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -128,13 +129,20 @@ class FineTuner(L.LightningModule):
         else:
             logits = self(x)
             loss = bce(logits, y, pos_weight=self.pos_weight)
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("finetune/train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch()
+
+    def _log_epoch(self) -> None:
+        """Lightning's loggers take a metric named "step" as the x-axis: epochs (1-based), as in stage 1, not optimizer steps."""
+        self.log("step", float(self.current_epoch + 1), sync_dist=True)
 
     def validation_step(self, batch, _):
         x, y = batch
         logits = self(x)
-        self.log("val_loss", torch.nn.functional.binary_cross_entropy_with_logits(logits, y), prog_bar=True, sync_dist=True)
+        self.log("finetune/val_loss", torch.nn.functional.binary_cross_entropy_with_logits(logits, y), prog_bar=True, sync_dist=True)
         self._val_logits.append(logits.detach().float())
         self._val_labels.append(y.detach())
 
@@ -145,7 +153,8 @@ class FineTuner(L.LightningModule):
         labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
         self._val_logits, self._val_labels = [], []
         auc = roc_auc_score(labels, logits) if len(np.unique(labels)) == 2 else 0.5
-        self.log("val_auc", float(auc), prog_bar=True, sync_dist=True)  # the same on every rank: computed from gathered outputs
+        self.log("finetune/val_auc", float(auc), prog_bar=True, sync_dist=True)  # the same on every rank: computed from gathered outputs
+        self._log_epoch()
 
     def configure_optimizers(self):
         head = list(self.model.head.parameters())
@@ -208,13 +217,14 @@ def load_resume_state(path: str | os.PathLike) -> dict:
 
 def finetune(
     model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
-    resume: bool = False, progress: bool = True,
+    resume: bool = False, progress: bool = True, loggers: Sequence = (),
 ) -> tuple[list[dict], dict | None]:  # fmt: skip
     """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
 
     Returns (per-epoch history, facts about the fit) in the global-zero process and
     (history, None) in the others. Checkpoints live in ``work_dir`` (``last.ckpt``
-    to resume, ``best.ckpt``).
+    to resume, ``best.ckpt``); the CSV log, which the history is read from, in
+    ``work_dir/logs/finetune``. ``loggers``: more Lightning loggers to log to.
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -228,8 +238,9 @@ def finetune(
     pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
     steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
     module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs)
-    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="val_auc", mode="max", save_last=True, save_top_k=1)
-    callbacks = [best, EarlyStopping("val_auc", mode="max", patience=config.patience)]
+    module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
+    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
+    callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
     if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
         from lightning.pytorch.callbacks import WeightAveraging
         from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -239,7 +250,7 @@ def finetune(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
         precision=config.precision if config.precision != "auto" else auto_precision(cuda), callbacks=callbacks,
-        logger=CSVLogger(work_dir, name="logs", version=0), enable_progress_bar=progress, enable_model_summary=False,
+        logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers], enable_progress_bar=progress, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip
     loader_kw = {"batch_size": config.batch_size, "num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
@@ -257,7 +268,7 @@ def finetune(
         state = load_resume_state(best.best_model_path)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format).cpu().eval()
-    history = _read_history(work_dir / "logs" / "version_0" / "metrics.csv")
+    history = _read_history(work_dir / "logs" / "finetune" / "metrics.csv")
     facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
              "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
              "epochs_run": trainer.current_epoch, "fit_seconds": round(fit_s, 1),
@@ -273,9 +284,9 @@ def _read_history(path: Path) -> list[dict]:
         return []
     rows: dict[int, dict] = {}
     for r in csv.DictReader(open(path)):
-        epoch = int(r["epoch"]) + 1
+        epoch = int(r["step"])  # the epoch, 1-based (FineTuner._log_epoch)
         row = rows.setdefault(epoch, {"epoch": epoch})
         for key in ("train_loss", "val_loss", "val_auc"):
-            if r.get(key):
-                row[key] = float(r[key])
+            if r.get(f"finetune/{key}"):
+                row[key] = float(r[f"finetune/{key}"])
     return [rows[e] for e in sorted(rows)]

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, cr
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 from .predict import calibrated_probability
+from .tracking import LOGGERS, check_logger, describe_logs, training_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class TrainConfig:
     feature_batch_size: int = 32
     num_workers: int = 1
     cache_dir: str | None = None
+    logger: str = "csv"  # training logs besides the CSV log: a name in tracking.LOGGERS
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -79,6 +82,8 @@ class TrainConfig:
         resolve_augment(self.augment)  # a typo fails before any work
         if self.finetune_epochs:
             self.finetune_config()  # and so does a stage-2 setting out of range
+        if self.logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
         if self.threshold_policy not in THRESHOLD_POLICIES:
             raise ValueError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
         if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
@@ -157,11 +162,13 @@ def fit_head(
     weight_decay: float = 1e-4,
     seed: int = 0,
     progress: bool = True,
+    loggers: Sequence = (),
 ) -> tuple[list[dict], int]:
     """Adam on class-weighted BCE; early stopping on (unweighted) val loss, best weights restored.
 
     Returns the per-epoch history and the best epoch (1-based). ``head`` ends
-    holding the best weights.
+    holding the best weights. Each epoch's losses and accuracies go to ``loggers``
+    (Lightning loggers, called directly: ``head/val_loss`` and so on, step = epoch).
     """
     from tqdm.auto import tqdm
 
@@ -196,6 +203,9 @@ def fit_head(
             val_acc = float(((val_logits > 0).float() == yv).float().mean())
         row = {"epoch": epoch, "loss": total / len(xt), "accuracy": correct / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(row)
+        for lg in loggers:
+            lg.log_metrics({"head/train_loss": row["loss"], "head/train_accuracy": row["accuracy"], "head/val_loss": val_loss,
+                            "head/val_accuracy": val_acc}, step=epoch)  # fmt: skip
         logger.info("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best_loss - 1e-6:
@@ -211,21 +221,21 @@ def fit_head(
     return history, best_epoch
 
 
-def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig", *, progress: bool = True) -> tuple[list[dict], int]:
+def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig", *, progress: bool = True, loggers: Sequence = ()) -> tuple[list[dict], int]:
     """Stage 1: the model's head on its frozen features. An ensemble's members get one head
     each, fitted on their own features and packed into one head that averages their logits
     (averaging measured better on `test/` than one head on the joined features, BENCHMARKS.md).
-    Returns the (first member's) history and best epoch."""
+    Returns the (first member's) history and best epoch; ``loggers`` get that history."""
     kw = dict(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=config.lr,
               weight_decay=config.weight_decay, seed=config.seed, progress=progress)  # fmt: skip
     widths = [module.num_features for _, module in model.feature_parts()]
     if len(widths) == 1:
-        return fit_head(model.head, x_train, y_train, x_val, y_val, **kw)
+        return fit_head(model.head, x_train, y_train, x_val, y_val, loggers=loggers, **kw)
     heads, fits, start = [], [], 0
     for (name, _), width in zip(model.feature_parts(), widths):
         cols = slice(start, start + width)
         head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p)
-        fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, **kw))
+        fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, loggers=loggers if not fits else (), **kw))
         logger.info("ensemble member %s: best epoch %d", name, fits[-1][1])
         heads.append(head)
         start += width
@@ -275,6 +285,7 @@ def train_run(
     data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True
 ) -> Path | None:
     """The ``pneumoscope train`` command. Returns the run folder (None in non-zero distributed ranks)."""
+    check_logger(config.logger)  # a missing package fails before any work
     work = work_dir_for(out)
     if not _is_launched_rank():
         check_output_dir(out, overwrite)
@@ -282,6 +293,8 @@ def train_run(
             if not overwrite:
                 raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
             shutil.rmtree(work)
+        # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint
+        shutil.rmtree(work / "logs", ignore_errors=True)
     t0 = time.perf_counter()
     dataset = data_mod.load_dataset(data)
     records = prepare_records(dataset, config)
@@ -310,17 +323,20 @@ def train_run(
         )
     t_feat = time.perf_counter() - t0
 
-    history, best_epoch = fit_model_head(model, feats.features[tr], y[tr], feats.features[va], y[va], config, progress=progress)
-    stage = "frozen backbone, head only"
-    finetune_history: list[dict] = []
-    finetune_facts: dict = {}
-    if config.finetune_epochs:
-        result = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress)
-        if result is None:
-            return None  # a launched rank: rank 0 writes the run
-        finetune_history, finetune_facts = result
-        stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
-        # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
+    resolved = {**asdict(config), "data": str(Path(data).absolute())}
+    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=Path(out) / "logs", enabled=not _is_launched_rank()) as logs:
+        logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
+        history, best_epoch = fit_model_head(model, feats.features[tr], y[tr], feats.features[va], y[va], config, progress=progress, loggers=logs.head)
+        stage = "frozen backbone, head only"
+        finetune_history: list[dict] = []
+        finetune_facts: dict = {}
+        if config.finetune_epochs:
+            result = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
+            if result is None:
+                return None  # a launched rank: rank 0 writes the run
+            finetune_history, finetune_facts = result
+            stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
+    if config.finetune_epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
         feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
                                  num_workers=config.num_workers, progress=progress)  # fmt: skip
     val_logits = head_logits(model.head, feats.features[va])
@@ -338,7 +354,6 @@ def train_run(
            "cutoff": float(model.ood.cutoff), "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances"}  # fmt: skip
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        resolved = {**asdict(config), "data": str(Path(data).absolute())}
         write_json(tmp / "config.json", resolved)
         description = describe(
             model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
@@ -360,6 +375,8 @@ def train_run(
         if finetune_history:
             keys = ["epoch", "train_loss", "val_loss", "val_auc"]
             write_csv(tmp / "finetune_history.csv", keys, [[h.get(k) for k in keys] for h in finetune_history])
+        if (work / "logs").is_dir():
+            shutil.move(work / "logs", tmp / "logs")  # closed by now: the loggers were finalized when training ended
         used = {id(r) for r in feats.records}
         write_csv(
             tmp / "splits.csv",
@@ -375,12 +392,16 @@ def train_run(
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)  # the run is complete: nothing left to resume
     logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
+    if config.logger != "csv":
+        logger.info("training logs: %s", describe_logs(config.logger, Path(out) / "logs"))
     if problems:
         logger.warning("%d images were skipped; see %s", len(problems), Path(out) / "skipped.csv")
     return Path(out)
 
 
-def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool) -> tuple[list[dict], dict] | None:
+def _finetune_stage(
+    model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool, loggers: Sequence = ()
+) -> tuple[list[dict], dict] | None:
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
     from .augment import Augment
     from .features import default_cache_dir
@@ -398,7 +419,7 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     augment = Augment(aug) if aug is not None else None
     train_set = ArrayDataset(_Rows(arr.images, tr), y[tr], model.preprocessing, augment, seed=config.seed)
     val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
-    history, facts = finetune(model, train_set, val_set, config.finetune_config(), work, resume=resume, progress=progress)
+    history, facts = finetune(model, train_set, val_set, config.finetune_config(), work, resume=resume, progress=progress, loggers=loggers)
     if facts is None:
         return None
     return history, {**facts, "augmentation": aug.to_dict() if aug is not None else None}

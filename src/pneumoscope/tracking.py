@@ -1,0 +1,129 @@
+"""Training logs: Lightning's CSV logger for every run, and TensorBoard or MLflow beside it (``--logger``).
+
+Both stages log through Lightning's logger classes: stage 1 (``train.fit_head``, a plain
+loop) calls ``log_metrics(..., step=epoch)`` on them directly; stage 2 hands them to
+Lightning's Trainer. Metric names carry the stage: ``head/val_loss``, ``finetune/val_auc``.
+
+While training, logs are written to ``.RUN.work/logs`` beside the run; the finished run
+holds them in ``RUN/logs``::
+
+    logs/head/metrics.csv       stage 1, always (hparams.yaml: the training settings)
+    logs/finetune/metrics.csv   stage 2, always (read back as finetune_history.csv)
+    logs/tensorboard/           --logger tensorboard: both stages in one event log
+    logs/mlflow.db              --logger mlflow: one MLflow run for both stages (SQLite store),
+                                unless $MLFLOW_TRACKING_URI names another store or server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    modules: tuple[str, ...]  # what must be importable
+    install: str  # the pip command that installs them
+
+
+# the CSV log is always written; the others are added beside it
+LOGGERS = {
+    "csv": LoggerSpec((), ""),
+    "tensorboard": LoggerSpec(("tensorboard",), "pip install tensorboard"),
+    # mlflow-skinny is the tracking client without the server; SQLAlchemy and Alembic run its local SQLite store
+    "mlflow": LoggerSpec(("mlflow", "sqlalchemy", "alembic"), "pip install mlflow-skinny sqlalchemy alembic"),
+}
+
+MLFLOW_EXPERIMENT = "pneumoscope"  # $MLFLOW_EXPERIMENT_NAME overrides it, as in MLflow itself
+
+
+def check_logger(name: str) -> None:
+    """Fail before any work when ``name`` is unknown or its packages are not installed."""
+    if name not in LOGGERS:
+        raise ValueError(f"logger must be one of {list(LOGGERS)}, got {name!r}")
+    spec = LOGGERS[name]
+    missing = [m for m in spec.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(
+            f"--logger {name} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed. "
+            f"Fix: {spec.install} (or pip install -e '.[{name}]' in a source checkout), or use --logger csv."
+        )
+
+
+def mlflow_tracking_uri(logs_dir: str | os.PathLike) -> str:
+    """$MLFLOW_TRACKING_URI when set, else a SQLite store in the run's logs (MLflow's file store is in maintenance mode)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(logs_dir).absolute().as_posix()}/mlflow.db"
+
+
+def create_logger(name: str, logs_dir: str | os.PathLike, *, run_name: str, final_dir: str | os.PathLike | None = None):
+    """The chosen logger besides the CSV log (None for ``csv``), writing under ``logs_dir``.
+
+    ``final_dir``: where ``logs_dir`` ends up once the run is complete (MLflow records its artifact folder there).
+    """
+    check_logger(name)
+    logs_dir = Path(logs_dir)
+    if name == "csv":
+        return None
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(logs_dir, name="", version="tensorboard", default_hp_metric=False)
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    uri, experiment = mlflow_tracking_uri(logs_dir), os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(experiment) is None:  # created here (Lightning would warn that it had to)
+        own_store = not os.environ.get("MLFLOW_TRACKING_URI")  # then artifacts, if any, stay with the run
+        artifacts = (Path(final_dir or logs_dir).absolute() / "mlartifacts").as_uri() if own_store else None
+        client.create_experiment(experiment, artifact_location=artifacts)
+    return MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri)
+
+
+def describe_logs(name: str, logs_dir: str | os.PathLike) -> str:
+    """How to open a finished run's logs."""
+    logs_dir = Path(logs_dir)
+    if name == "tensorboard":
+        return f"tensorboard --logdir {logs_dir / 'tensorboard'}"
+    if name == "mlflow":
+        return f"mlflow ui --backend-store-uri {mlflow_tracking_uri(logs_dir)}"
+    return f"{logs_dir / 'head' / 'metrics.csv'} (and finetune/metrics.csv after a fine-tuning stage)"
+
+
+@dataclass
+class TrainingLoggers:
+    head: list = field(default_factory=list)  # stage 1: its CSV log and the chosen logger
+    extra: list = field(default_factory=list)  # the chosen logger, for stage 2 (which keeps its own CSV log)
+
+    def log_hyperparams(self, params: dict) -> None:
+        for lg in self.head:
+            lg.log_hyperparams(params)
+
+
+@contextlib.contextmanager
+def training_loggers(
+    name: str, logs_dir: str | os.PathLike, *, run_name: str, final_dir: str | os.PathLike | None = None, enabled: bool = True
+) -> Iterator[TrainingLoggers]:
+    """The loggers of one training run, finalized on exit ("success", or "failed" when an exception leaves).
+
+    ``enabled`` False (the extra processes of a distributed launch): nothing is logged, nothing created.
+    """
+    if not enabled:
+        yield TrainingLoggers()
+        return
+    from lightning.pytorch.loggers import CSVLogger
+
+    chosen = create_logger(name, logs_dir, run_name=run_name, final_dir=final_dir)
+    loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *([chosen] if chosen else [])], [chosen] if chosen else [])
+    status = "failed"
+    try:
+        yield loggers
+        status = "success"
+    finally:
+        for lg in loggers.head:
+            lg.finalize(status)

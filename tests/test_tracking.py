@@ -1,0 +1,162 @@
+"""Training logs (issue 14): --logger csv|tensorboard|mlflow for both stages, read back from what each backend wrote."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from pneumoscope.cli import build_parser, main
+from pneumoscope.models import Head
+from pneumoscope.tracking import LOGGERS, training_loggers
+from pneumoscope.train import fit_head, load_train_config
+from tests.conftest import make_kaggle_tree
+
+COMMON = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--accelerator", "cpu", "--workers", "0"]
+HEAD_TAGS = {"head/train_loss": "loss", "head/train_accuracy": "accuracy", "head/val_loss": "val_loss", "head/val_accuracy": "val_accuracy"}
+FINETUNE_TAGS = {"finetune/train_loss": "train_loss", "finetune/val_loss": "val_loss", "finetune/val_auc": "val_auc"}
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store(monkeypatch):
+    """A user's MLflow settings never redirect what these tests write."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory):
+    return make_kaggle_tree(tmp_path_factory.mktemp("data") / "data", n_patients=10)
+
+
+def _history(path) -> list[dict]:
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(open(path))]
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _mlflow_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("pneumoscope")
+    runs = client.search_runs([experiment.experiment_id])
+    return client, runs
+
+
+def _assert_logged(logged: dict[str, list[tuple[int, float]]], tags: dict[str, str], history: list[dict]) -> None:
+    """Every epoch of ``history`` under each tag, step = epoch, values as the run's own history file has them."""
+    for tag, key in tags.items():
+        assert [step for step, _ in logged[tag]] == [int(h["epoch"]) for h in history], tag
+        np.testing.assert_allclose([v for _, v in logged[tag]], [h[key] for h in history], rtol=1e-6, err_msg=tag)
+
+
+def _blobs(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    return (rng.standard_normal((n, 8)) + 1.5 * y[:, None]).astype(np.float32), y
+
+
+@pytest.mark.parametrize("name", list(LOGGERS))
+def test_fit_head_logs_every_epoch_through_lightning_loggers(name, tmp_path):
+    (xt, yt), (xv, yv) = _blobs(64, 0), _blobs(32, 1)
+    with training_loggers(name, tmp_path / "logs", run_name="unit") as logs:
+        logs.log_hyperparams({"lr": 1e-2, "augment": {"hflip_p": 0.5}})
+        history, _ = fit_head(Head(8, hidden=8), xt, yt, xv, yv, epochs=4, patience=10, lr=1e-2, progress=False, loggers=logs.head)
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "head" / "metrics.csv")))
+    csv_logged = {tag: [(int(r["step"]), float(r[tag])) for r in rows] for tag in HEAD_TAGS}
+    _assert_logged(csv_logged, HEAD_TAGS, history)
+    if name == "tensorboard":
+        _assert_logged(_tensorboard_scalars(tmp_path / "logs" / "tensorboard"), HEAD_TAGS, history)
+    if name == "mlflow":
+        client, runs = _mlflow_runs(f"sqlite:///{tmp_path}/logs/mlflow.db")
+        (run,) = runs
+        assert run.info.status == "FINISHED" and run.info.run_name == "unit"
+        assert run.data.params["lr"] == "0.01" and run.data.params["augment/hflip_p"] == "0.5"
+        _assert_logged(
+            {t: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, t)] for t in HEAD_TAGS}, HEAD_TAGS, history
+        )
+
+
+def test_an_mlflow_run_that_fails_is_marked_failed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with training_loggers("mlflow", tmp_path / "logs", run_name="killed") as logs:
+            logs.head[1].log_metrics({"head/val_loss": 1.0}, step=1)
+            raise KeyboardInterrupt
+    _, (run,) = _mlflow_runs(f"sqlite:///{tmp_path}/logs/mlflow.db")
+    assert run.info.status == "FAILED"
+
+
+def test_mlflow_tracking_uri_from_the_environment_is_used(tmp_path, monkeypatch):
+    store = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    with training_loggers("mlflow", tmp_path / "logs", run_name="env") as logs:
+        logs.head[1].log_metrics({"head/val_loss": 0.5}, step=1)
+    _, (run,) = _mlflow_runs(f"sqlite:///{store}")
+    assert run.data.metrics == {"head/val_loss": 0.5}
+    assert not (tmp_path / "logs" / "mlflow.db").exists()
+
+
+def test_train_logs_both_stages_to_tensorboard(small_tree, tmp_path):
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--logger", "tensorboard"]) == 0
+    head, finetune = _history(run / "history.csv"), _history(run / "finetune_history.csv")
+    assert len(head) == 3 and len(finetune) == 2
+    logged = _tensorboard_scalars(run / "logs" / "tensorboard")
+    _assert_logged(logged, HEAD_TAGS, head)
+    _assert_logged(logged, FINETUNE_TAGS, finetune)
+    assert (run / "logs" / "head" / "metrics.csv").is_file() and (run / "logs" / "finetune" / "metrics.csv").is_file()  # the CSV log stays
+    assert json.loads((run / "config.json").read_text())["logger"] == "tensorboard"
+    assert not (tmp_path / ".run.work").exists()
+
+
+def test_train_logs_both_stages_to_one_mlflow_run(small_tree, tmp_path):
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--logger", "mlflow"]) == 0
+    client, runs = _mlflow_runs(f"sqlite:///{run}/logs/mlflow.db")  # moved with the run: readable where the run is
+    (logged_run,) = runs
+    assert logged_run.info.status == "FINISHED" and logged_run.info.run_name == "run"
+    assert logged_run.data.params["epochs"] == "3" and logged_run.data.params["finetune_epochs"] == "2"
+    history = {t: [(m.step, m.value) for m in client.get_metric_history(logged_run.info.run_id, t)] for t in {**HEAD_TAGS, **FINETUNE_TAGS}}
+    _assert_logged(history, HEAD_TAGS, _history(run / "history.csv"))
+    _assert_logged(history, FINETUNE_TAGS, _history(run / "finetune_history.csv"))
+
+
+def test_csv_is_the_default_and_writes_no_other_logs(small_tree, tmp_path):
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON]) == 0
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["head"]
+    _assert_logged({t: [(int(r["step"]), float(r[t])) for r in csv.DictReader(open(run / "logs" / "head" / "metrics.csv"))] for t in HEAD_TAGS},
+                   HEAD_TAGS, _history(run / "history.csv"))  # fmt: skip
+
+
+def test_logger_setting_is_checked_in_the_config_and_the_command_line(tmp_path):
+    with pytest.raises(ValueError, match=r"logger must be one of \['csv', 'tensorboard', 'mlflow'\], got 'wandb'"):
+        load_train_config(None, {}, ["logger=wandb"])
+    config = tmp_path / "c.yaml"
+    config.write_text("logger: tensorboard\n")
+    assert load_train_config(config).logger == "tensorboard"
+    parser = build_parser()
+    assert parser.parse_args(["train", "D", "--out", "R", "--logger", "mlflow"]).logger == "mlflow"
+    assert parser.parse_args(["demo", "--logger", "tensorboard"]).logger == "tensorboard"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "D", "--out", "R", "--logger", "wandb"])
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "mlflow"])
+def test_a_missing_logger_package_fails_before_any_work_naming_the_pip_command(name, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == LOGGERS[name].modules[0] else real(m, *a))
+    # the data does not exist: an error about it would mean work had started before the check
+    assert main(["-q", "train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "run"), "--logger", name]) == 2
+    err = capsys.readouterr().err
+    assert f"--logger {name} needs {LOGGERS[name].modules[0]}" in err and LOGGERS[name].install in err and "no-such-data" not in err
+    assert not (tmp_path / "run").exists()
