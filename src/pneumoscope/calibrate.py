@@ -19,9 +19,9 @@ import numpy as np
 from . import data as data_mod
 from .checkpoint import save_derived_run
 from .evaluate import check_contract, select_split
-from .metrics import compute_clinical_metrics, compute_delong, compute_mcnemar, compute_threshold, describe_policy, fit_temperature
+from .metrics import compute_clinical_metrics, compute_delong, compute_mcnemar, fit_operating_point
 from .outputs import check_output_dir
-from .predict import Predictor, calibrated_probability
+from .predict import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -106,17 +106,15 @@ def calibrate_run(
     if refit:
         z = cross_fitted_logits(model, feats.features, y, groups)
         model.head = refit_head(model, feats.features, y)
-    temperature = fit_temperature(z, y)
-    prob = calibrated_probability(z, temperature)
-    threshold = compute_threshold(y, prob, policy, target)
-    metrics = compute_clinical_metrics(y, prob, threshold, groups=groups, seed=0)
+    point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
+    metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
     description = dict(predictor.description)
     method = (f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
               f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits") if refit else "temperature and threshold"  # fmt: skip
     description.update(
-        temperature=temperature,
-        threshold=threshold,
-        threshold_policy=f"{describe_policy(policy, target).replace('validation data', 'a local calibration sample')} ({data})",
+        temperature=point.temperature,
+        threshold=point.threshold,
+        threshold_policy=point.description,
         calibration={
             "method": method, "data": str(Path(data).absolute()), "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
             "date": time.strftime("%Y-%m-%d"), "previous_threshold": predictor.threshold, "previous_temperature": predictor.temperature,
@@ -124,7 +122,8 @@ def calibrate_run(
         },
     )  # fmt: skip
     save_derived_run(run, out, model, description, overwrite=overwrite)
-    logger.info("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), temperature, threshold, predictor.threshold)
+    logger.info("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), point.temperature, point.threshold,
+                predictor.threshold)
     return Path(out), description
 
 

@@ -327,6 +327,7 @@ def cmd_demo(args) -> int:
     from .download import fetch_pneumoniamnist
     from .evaluate import evaluate_run
     from .explain import explain_images
+    from .metrics import decide
     from .predict import Predictor
     from .train import train_run
 
@@ -336,8 +337,9 @@ def cmd_demo(args) -> int:
     run = train_run(data, out / "run", config, overwrite=False, progress=args.progress)
     skipped = _skipped_in_run(run)
     _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
-    wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
-    right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
+    pred = decide(result.y_prob, result.metrics["threshold"])
+    wrong = [p for p, y, d in zip(result.paths, result.y_true, pred) if d != y][:2]
+    right = [p for p, y, d in zip(result.paths, result.y_true, pred) if d == y][:2]
     if load_dataset(data).layout != "npz":
         explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain", progress=args.progress)
     m = result.metrics

@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
 from .features import FeatureResult, extract_features
 from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, resize_image, screen_image, to_image
+from .metrics import calibrated_probability, decide
 from .models import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -88,13 +89,6 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     for path, why in problems:
         logger.warning("%s: %s", path, why)
     return files, problems
-
-
-def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:
-    """P(PNEUMONIA) = sigmoid(logit / temperature), in float64: the one definition that
-    training, site calibration and inference share."""
-    z = np.asarray(logits.numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-z / temperature))
 
 
 TTA_SHIFT = 0.04  # of the image side
@@ -236,13 +230,14 @@ class Predictor:
         return calibrated_probability(logits, self.temperature)
 
     def decide(self, probs) -> np.ndarray:
-        """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold, else 0.
+        """The decision rule (:func:`pneumoscope.metrics.decide`) at this model's threshold: 1 (PNEUMONIA) where
+        the calibrated probability reaches it, else 0.
 
         A missing or NaN probability has no label (NaN >= t is False: it would read as NORMAL)."""
         p = np.asarray(probs, dtype=np.float64)
         if not np.isfinite(p).all():
             raise ValueError(f"cannot decide on a non-finite probability ({int((~np.isfinite(p)).sum())} of {p.size}); such an image has no label")
-        return (p >= self.threshold).astype(int)
+        return decide(p, self.threshold)
 
     def label_of(self, prob: float) -> str:
         return self.class_names[int(self.decide(prob))]

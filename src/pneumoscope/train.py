@@ -24,11 +24,10 @@ from . import data as data_mod
 from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
 from .features import extract_features
-from .metrics import THRESHOLD_POLICIES, compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature, mean_sd
+from .metrics import THRESHOLD_POLICIES, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
 from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
-from .predict import calibrated_probability
 
 logger = logging.getLogger(__name__)
 
@@ -291,13 +290,12 @@ def train_run(
         feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
                                  num_workers=config.num_workers, progress=progress)  # fmt: skip
     val_logits = head_logits(model.head, feats.features[va])
-    temperature = fit_temperature(val_logits, y[va])
-    val_prob = calibrated_probability(val_logits, temperature)
-    threshold = compute_threshold(y[va], val_prob, config.threshold_policy, config.threshold_target)
-    policy = describe_policy(config.threshold_policy, config.threshold_target)
+    point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target,
+                                fitted_on="validation data (the patient-level validation split)")
+    val_prob = point.probabilities(val_logits)
     val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
-    val_metrics = compute_clinical_metrics(y[va], val_prob, threshold, groups=val_groups, seed=config.seed)
-    logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], temperature, threshold, policy)
+    val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
+    logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], point.temperature, point.threshold, point.description)
 
     model.adapter = FeatureAdapter.reference(feats.features[tr], y[tr], seed=config.seed)  # identity; `adapt` fits it to a site
     model.ood = MahalanobisGuard.fit(feats.features[tr], feats.features[va], quantile=config.ood_quantile)
@@ -308,7 +306,7 @@ def train_run(
         resolved = {**asdict(config), "data": str(Path(data).absolute())}
         write_json(tmp / "config.json", resolved)
         description = describe(
-            model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
+            model, threshold=point.threshold, threshold_policy=point.description, temperature=point.temperature,
             metrics={"val": val_metrics},
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
                                 "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
