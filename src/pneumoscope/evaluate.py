@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
+from .checkpoint import CheckpointError
 from .io import ImageReadError
 from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
@@ -48,7 +49,7 @@ def select_split(dataset: data_mod.Dataset, split: str) -> list[data_mod.Record]
 def check_contract(predictor: Predictor, dataset: data_mod.Dataset) -> None:
     """The data's classes must be the checkpoint's classes."""
     if tuple(predictor.class_names) != data_mod.CLASS_NAMES:
-        raise ValueError(
+        raise CheckpointError(
             f"the checkpoint's classes {list(predictor.class_names)} are not {list(data_mod.CLASS_NAMES)}; this pneumoscope cannot evaluate it."
         )
     if dataset.unknown_classes:

@@ -33,6 +33,7 @@ from pytorch_grad_cam.metrics.perturbation_confidence import PerturbationConfide
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
+from .errors import UsageError
 from .io import ImageReadError
 from .models import get_spec
 from .outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
@@ -58,7 +59,7 @@ MIN_FAITHFULNESS_IMAGES = 5
 
 def _check_method(method: str) -> None:
     if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+        raise UsageError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
 
 
 def compute_cam(model, x: torch.Tensor, target_classes, method: str = "gradcam") -> np.ndarray:
@@ -82,7 +83,7 @@ def target_classes(predictor: Predictor, probs, target: str = "predicted") -> li
     if target == "predicted":
         return predictor.decide(probs).tolist()
     if target.upper() not in predictor.class_names:
-        raise ValueError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
+        raise UsageError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
     return [predictor.class_names.index(target.upper())] * len(probs)
 
 
@@ -280,7 +281,7 @@ def explain_images(
     _check_method(method)
     files, problems = expand_inputs(paths)
     if not files:
-        raise ValueError(f"none of the inputs {[str(p) for p in paths][:5]} is an image that can be read: {problems[0][1]}")
+        raise UsageError(f"none of the inputs {[str(p) for p in paths][:5]} is an image that can be read: {problems[0][1]}")
     randomized = randomized_copy(predictor.model) if checks else None
     results, skipped, rows = [], [{"path": p, "reason": why} for p, why in problems], []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import PneumoscopeError
+
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -27,7 +29,7 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".
 MAX_PIXELS = 64_000_000
 
 
-class ImageReadError(ValueError):
+class ImageReadError(PneumoscopeError, ValueError):
     """An image file that cannot be used, with the reason and the fix."""
 
     def __init__(self, path: str | os.PathLike, reason: str, fix: str):

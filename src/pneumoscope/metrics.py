@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .errors import UsageError
+
 
 def _check(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     y_true = np.asarray(y_true).astype(int).reshape(-1)
@@ -148,9 +150,9 @@ def compute_threshold(y_true, y_prob, policy: str = "youden", target: float | No
     if policy == "youden-smooth":
         return compute_smoothed_youden_threshold(y_true, y_prob)
     if policy not in THRESHOLD_POLICIES:
-        raise ValueError(f"threshold policy must be one of {list(THRESHOLD_POLICIES)}, got {policy!r}")
+        raise UsageError(f"threshold policy must be one of {list(THRESHOLD_POLICIES)}, got {policy!r}")
     if target is None or not 0.0 < target < 1.0:
-        raise ValueError(f"a {policy} policy needs a target in (0, 1), got {target!r}")
+        raise UsageError(f"a {policy} policy needs a target in (0, 1), got {target!r}")
     y_true, y_prob = _check(y_true, y_prob)
     if len(np.unique(y_true)) < 2:
         raise ValueError("choosing a threshold needs both classes in the validation data")

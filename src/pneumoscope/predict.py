@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, validate_description
+from .checkpoint import CheckpointError, load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
+from .errors import UsageError
 from .features import FeatureResult, extract_features
 from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, resize_image, screen_image, to_image
 from .metrics import calibrated_probability, decide
@@ -126,7 +127,7 @@ def require_decoded(image) -> np.ndarray:
     """
     if not isinstance(image, np.ndarray) or image.dtype.kind != "f":
         given = f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
-        raise ValueError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
+        raise UsageError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
                          "pneumoscope.io.to_image(x), or call pneumoscope.load(...).predict(x), which accepts uint8, uint16, "
                          "PIL images, paths and DICOM datasets.")  # fmt: skip
     return check_decoded(image, f"float array {image.shape}", given=True)
@@ -158,7 +159,7 @@ class OnnxBackend:
         self.outputs = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         if "pneumoscope" not in meta:
-            raise ValueError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
+            raise CheckpointError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
         self.description = json.loads(meta["pneumoscope"])
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -23,6 +23,7 @@ from torch import nn
 from . import data as data_mod
 from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
+from .errors import StateError, UsageError
 from .features import extract_features
 from .metrics import THRESHOLD_POLICIES, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
 from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model
@@ -69,14 +70,14 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "patience", "batch_size", "hidden", "feature_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
         resolve_augment(self.augment)  # a typo fails before any work
         if self.threshold_policy not in THRESHOLD_POLICIES:
-            raise ValueError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
+            raise UsageError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
         if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
-            raise ValueError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
+            raise UsageError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
 
 
 def load_train_config(path: str | os.PathLike | None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -90,17 +91,17 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+            raise UsageError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         values.update(loaded)
     values.update(flags or {})
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         values[key.strip().replace("-", "_")] = yaml.safe_load(raw)  # YAML typing: 3e-5, true, null, [0.9, 1.1]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown training settings {unknown}; known: {sorted(fields)}")
+        raise UsageError(f"unknown training settings {unknown}; known: {sorted(fields)}")
     return TrainConfig(**{k: _coerce(k, str(fields[k].type), v) for k, v in values.items()})
 
 
@@ -116,7 +117,7 @@ def _coerce(key: str, annotation: str, value):
                 continue
     if "str" in annotation.split(" | "):
         return value
-    raise ValueError(f"setting {key} must be {annotation}, got {value!r}")
+    raise UsageError(f"setting {key} must be {annotation}, got {value!r}")
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:
@@ -355,7 +356,7 @@ def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *,
     size = model.preprocessing.input_size
     arr = build_image_array(dataset, records, size, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
     if len(arr.records) != len(records):
-        raise RuntimeError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
+        raise StateError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
     split = np.array([r.split for r in arr.records])
     y = np.array([r.label for r in arr.records])
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
