@@ -259,7 +259,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .calibrate import compare_evaluations
+    from .compare import compare_evaluations
     from .outputs import write_json
 
     result = compare_evaluations(args.eval_a, args.eval_b)

@@ -411,6 +411,17 @@ def split_by_patient(records: list[Record], *, val_fraction: float = 0.1, seed: 
     return [r if r.split == "test" else replace(r, split="val" if r.patient_id in val_patients else "train") for r in records]
 
 
+def select_split(dataset: Dataset, split: str) -> list[Record]:
+    """A Kaggle root or npz: the named split; a folder of class subfolders: all of it."""
+    if dataset.layout == "class-folders":
+        return dataset.records
+    rows = [r for r in dataset.records if r.split == split]
+    if not rows:
+        have = sorted({r.split for r in dataset.records})
+        raise DataError(f"{dataset.source}: no images in split {split!r}; it has {have}. Choose one with --split.")
+    return rows
+
+
 def limit_per_split(records: list[Record], limit: int, *, seed: int = 0) -> list[Record]:
     """Keep at most ``limit`` images per split, class-stratified and seeded (for quick runs)."""
     if limit < 2:

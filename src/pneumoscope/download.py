@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import PneumoscopeError
-from .features import default_cache_dir
+from .paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

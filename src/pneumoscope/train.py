@@ -349,9 +349,9 @@ def train_run(
 def _finetune_stage(model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool) -> tuple[list[dict], dict] | None:
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
     from .augment import Augment
-    from .features import default_cache_dir
     from .finetune import ArrayDataset, FinetuneConfig, finetune
     from .imagecache import build_image_array
+    from .paths import default_cache_dir
 
     size = model.preprocessing.input_size
     arr = build_image_array(dataset, records, size, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
