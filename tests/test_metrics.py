@@ -365,3 +365,14 @@ def test_calibrate_fits_its_operating_point_in_one_place_and_edits_no_policy_tex
         source = inspect.getsource(fn)
         assert "fit_operating_point(" in source and "fit_temperature(" not in source and "compute_threshold(" not in source
     assert ".replace(" not in inspect.getsource(calibrate.calibrate_run)
+
+
+def test_adaptive_reliability_equals_sklearns_quantile_calibration_curve_without_ties():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 2, 240), rng.uniform(size=240)  # 240 distinct probabilities, 10 bins of 24
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="quantile")
+    np.testing.assert_allclose(rel["observed"], observed)
+    np.testing.assert_allclose(rel["mean_predicted"], predicted)

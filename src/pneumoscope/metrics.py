@@ -211,7 +211,10 @@ def fit_operating_point(logits, y_true, policy: str = "youden", target: float | 
 
 
 def compute_wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
-    """Wilson score interval for a proportion k/n; None when n == 0."""
+    """Wilson score interval for a proportion k/n; None when n == 0.
+
+    The same interval as statsmodels' ``proportion_confint(k, n, method="wilson")`` (the tests
+    check it), written out because statsmodels is a test dependency, not a runtime one."""
     from scipy.stats import norm
 
     if n == 0:
@@ -373,6 +376,12 @@ def compute_adaptive_reliability(y_true, y_prob, n_bins: int = 10, confidence: f
     by chance; here every bin has the same weight and its interval says how far
     chance alone could move it. ``edges`` are the lowest and highest prediction of
     each bin: bin i spans ``edges[i, 0]`` to ``edges[i, 1]``.
+
+    Not scikit-learn's ``calibration_curve(strategy="quantile")``: its bins agree with these
+    only when n is a multiple of ``n_bins`` and no probabilities tie (the tests check that
+    case). It cuts at interpolated percentiles: otherwise its cuts fall elsewhere, tied
+    probabilities can leave a bin empty (and it drops empty bins), and it returns neither
+    the counts nor the edges that the intervals and the plot need.
     """
     y_true, y_prob = _check(y_true, y_prob)
     if y_true.size == 0:
