@@ -139,3 +139,22 @@ def test_image_pixels_reads_the_header_only(tmp_path):
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(png)
     assert image_pixels(png, png.read_bytes()) == 1200
     assert image_pixels("x.png", b"not an image") is None
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("window", [(0, 2001), (-500, 1001), (100.5, 37.3), (32, 1)])
+def test_windowing_equals_pydicoms_apply_windowing(tmp_path, function, window):
+    """Our in-place float32 window against pydicom's float64 reference, rescaled to [0, 1]."""
+    from pydicom import dcmread
+    from pydicom.pixels import apply_windowing
+
+    stored = np.random.default_rng(0).integers(1000, 3001, (64, 64))
+    path = write_dicom(tmp_path / "w.dcm", stored, rescale=(1, -2000), window=window)
+    ds = dcmread(path)
+    ds.VOILUTFunction = function
+    ds.save_as(path)
+    y_min, y_max = -2000, 4095 - 2000  # the 12-bit stored range, rescaled
+    with np.errstate(over="ignore"):  # exp overflows to inf far below a narrow sigmoid window: 1 / inf = 0
+        ref = (apply_windowing(ds.pixel_array.astype(np.float64) - 2000, dcmread(path)) - y_min) / (y_max - y_min)
+        ours = read_image(path)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)

@@ -40,3 +40,12 @@ def test_wrong_checksum_keeps_nothing(server, tmp_path):
 def test_unreachable_server_says_what_to_do(tmp_path):
     with pytest.raises(ConnectionError, match="DATA=path"):
         fetch_pneumoniamnist(tmp_path / "cache", url="http://127.0.0.1:9/p.npz", md5="0" * 32, timeout=2)
+
+
+def test_importing_the_downloader_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pneumoscope.download; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -119,7 +119,10 @@ def test_road_rewards_the_true_map_over_random_maps():
 def test_randomized_copy_changes_only_the_top():
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", pretrained="imagenet", hidden=8).eval()
+    state = torch.get_rng_state()
     clone = E.randomized_copy(model, seed=1)
+    assert torch.initial_seed() == 0 and torch.equal(torch.get_rng_state(), state)  # the caller's RNG as it was
+    assert torch.equal(E.randomized_copy(model, seed=1).head.fc1.weight, clone.head.fc1.weight)  # and the copy reproducible
     assert torch.equal(clone.backbone.conv_stem.weight, model.backbone.conv_stem.weight)
     assert torch.equal(clone.backbone.blocks[5][0].conv_pw.weight, model.backbone.blocks[5][0].conv_pw.weight)
     assert not torch.equal(clone.backbone.conv_head.weight, model.backbone.conv_head.weight)
@@ -184,3 +187,22 @@ def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tm
     truth = {"false positive": "NORMAL", "true negative": "NORMAL", "false negative": "PNEUMONIA", "true positive": "PNEUMONIA"}
     assert [kw["true_label"] for kw in drawn] == [truth[k] for k in kinds]
     assert all(kw["title"].startswith(k) for kw, k in zip(drawn, kinds))
+
+
+def test_explaining_leaves_the_global_rng_alone_and_its_checks_are_reproducible(tiny_run, tmp_path):
+    from PIL import Image
+
+    from pneumoscope.predict import Predictor
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(image)
+    predictor = Predictor.from_checkpoint(tiny_run)
+    scores = []
+    for seed in (1234, 99):
+        torch.manual_seed(seed)
+        torch.rand(3)
+        state = torch.get_rng_state()
+        E.explain_images(predictor, [image], tmp_path / str(seed), checks=True, progress=False)
+        assert torch.initial_seed() == seed and torch.equal(torch.get_rng_state(), state)
+        scores.append((tmp_path / str(seed) / "scores.csv").read_text())
+    assert scores[0] == scores[1]  # ROAD's noise and the randomised layers come from the checks' own seed

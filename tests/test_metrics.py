@@ -315,3 +315,64 @@ def test_bootstrap_ci_unchanged_by_sharing_the_resampler():
 def test_wilson_interval_holds_the_observed_rate_at_zero_and_all():
     for n in (1, 7, 30, 113):
         assert M.compute_wilson_interval(n, n)[1] == 1.0 and M.compute_wilson_interval(0, n)[0] == 0.0
+
+
+# --------------------------------------------------------------------------- one operating point
+
+
+@pytest.mark.parametrize("policy, target", [("youden", None), ("youden-smooth", None), ("sensitivity", 0.9), ("specificity", 0.8)])
+@pytest.mark.parametrize("seed", range(3))
+def test_fit_operating_point_gives_exactly_what_train_and_calibrate_computed_before(policy, target, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 150)
+    z = 3.0 * (y - 0.5) + rng.normal(0, 1.5, 150)
+    # the sequence train_run and calibrate_run each wrote out before fit_operating_point
+    temperature = M.fit_temperature(z, y)
+    prob = 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64) / temperature))
+    threshold = M.compute_threshold(y, prob, policy, target)
+    point = M.fit_operating_point(z, y, policy, target, fitted_on="validation data (the patient-level validation split)")
+    assert (point.temperature, point.threshold) == (temperature, threshold)
+    assert np.array_equal(point.probabilities(z), prob)
+    assert np.array_equal(point.decide(prob), (prob >= threshold).astype(int))
+    # the checkpoint's policy text, as train wrote it and as calibrate wrote it by editing train's text
+    assert point.description == f"{M.describe_policy(policy, target)} (the patient-level validation split)"
+    site = M.fit_operating_point(z, y, policy, target, fitted_on="a local calibration sample (data/site)")
+    assert site.description == f"{M.describe_policy(policy, target).replace('validation data', 'a local calibration sample')} (data/site)"
+
+
+def test_operating_point_is_frozen():
+    point = M.OperatingPoint(1.0, 0.5, "youden", None, "validation data")
+    with pytest.raises(AttributeError):
+        point.threshold = 0.4
+
+
+def test_the_decision_rule_is_prob_at_or_above_the_threshold_everywhere():
+    t = 0.37
+    prob = np.array([t - 1e-9, t, t + 1e-9])
+    assert M.decide(prob, t).tolist() == [0, 1, 1]
+    cm = M.compute_binary_metrics([1, 1, 1], prob, t)["confusion_matrix"]
+    assert (cm["fn"], cm["tp"]) == (1, 2)
+    sub = M.compute_clinical_metrics([1, 1, 1], prob, t, pneumonia_type=["viral"] * 3, n_boot=10)["subgroups"]
+    assert sub["viral"]["sensitivity"] == pytest.approx(2 / 3)
+
+
+def test_calibrate_fits_its_operating_point_in_one_place_and_edits_no_policy_text():
+    import inspect
+
+    from pneumoscope import calibrate, train
+
+    for fn in (calibrate.calibrate_run, train.train_run):
+        source = inspect.getsource(fn)
+        assert "fit_operating_point(" in source and "fit_temperature(" not in source and "compute_threshold(" not in source
+    assert ".replace(" not in inspect.getsource(calibrate.calibrate_run)
+
+
+def test_adaptive_reliability_equals_sklearns_quantile_calibration_curve_without_ties():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 2, 240), rng.uniform(size=240)  # 240 distinct probabilities, 10 bins of 24
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="quantile")
+    np.testing.assert_allclose(rel["observed"], observed)
+    np.testing.assert_allclose(rel["mean_predicted"], predicted)

@@ -92,3 +92,15 @@ def test_cam_figure_has_a_colour_bar_a_uniform_colour_map_and_the_true_label(dra
     assert len(colorbars) == 1
     assert plots.CAM_CMAP in {"viridis", "inferno", "magma", "plasma", "cividis"}
     np.testing.assert_allclose(plots.heatmap_rgb(np.array([[0.0, 1.0]])), matplotlib.colormaps[plots.CAM_CMAP]([0.0, 1.0])[None, :, :3])
+
+
+def test_importing_and_drawing_leave_matplotlib_backend_alone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, pneumoscope.plots as p; "
+            f"p.plot_image_grid([[[0.5]]], ['x'], {str(tmp_path / 'g.png')!r}); print(matplotlib.get_backend())")  # fmt: skip
+    env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "svg" and (tmp_path / "g.png").stat().st_size > 0

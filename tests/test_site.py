@@ -115,3 +115,23 @@ def test_calibrate_refit_head_on_a_few_labelled_site_images(run, tmp_path, capsy
     before, after = load_file(str(run / "model.safetensors")), load_file(str(new / "model.safetensors"))
     assert not np.allclose(before["head.fc2.weight"].numpy(), after["head.fc2.weight"].numpy())
     assert np.allclose(before["backbone.conv_stem.weight"].numpy(), after["backbone.conv_stem.weight"].numpy())
+
+
+def test_refitting_the_head_leaves_the_global_rng_alone_and_is_reproducible():
+    import torch
+
+    from pneumoscope.calibrate import refit_head
+    from pneumoscope.models import FeatureAdapter, create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
+    features = np.random.default_rng(0).normal(size=(40, model.head.fc1.in_features)).astype(np.float32)
+    y = np.arange(40) % 2
+    model.adapter = FeatureAdapter.reference(features, y, seed=0)
+    heads = []
+    for seed in (1234, 99):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        heads.append(refit_head(model, features[:20], y[:20], steps=5))
+        assert torch.initial_seed() == seed and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(heads[0].fc1.weight, heads[1].fc1.weight)  # dropout's masks come from refit_head's own seed

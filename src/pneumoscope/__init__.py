@@ -5,9 +5,11 @@
     model.predict("chest.jpeg").prob            # also uint8/uint16/float arrays, PIL images, pydicom datasets, lists
 """
 
+from .errors import PneumoscopeError  # light: no torch, nothing heavy
+
 __version__ = "0.1.0"
 
-__all__ = ["CamMap", "Model", "Prediction", "__version__", "load"]
+__all__ = ["CamMap", "Model", "PneumoscopeError", "Prediction", "__version__", "load"]
 
 
 def __getattr__(name: str):

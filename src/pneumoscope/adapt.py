@@ -19,6 +19,7 @@ import torch
 
 from . import data as data_mod
 from .checkpoint import save_derived_run
+from .errors import UsageError
 from .features import extract_features
 from .predict import Predictor
 from .shift import (
@@ -121,7 +122,7 @@ def adapt_run(
     from .outputs import check_output_dir
 
     if method not in ADAPT_METHODS:
-        raise ValueError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
+        raise UsageError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)

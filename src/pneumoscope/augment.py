@@ -14,6 +14,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -59,16 +61,16 @@ def resolve_augment(setting: bool | str | dict | None) -> AugmentConfig | None:
         return None
     if isinstance(setting, str):
         if setting not in PRESETS:
-            raise ValueError(f"augment must be true, false, a mapping of settings or one of {sorted(PRESETS)}; got {setting!r}")
+            raise UsageError(f"augment must be true, false, a mapping of settings or one of {sorted(PRESETS)}; got {setting!r}")
         changes = PRESETS[setting]
         return None if changes is None else AugmentConfig(**changes)
     if isinstance(setting, dict):
         known = set(AugmentConfig.__dataclass_fields__)
         unknown = sorted(set(setting) - known)
         if unknown:
-            raise ValueError(f"unknown augmentation settings {unknown}; known: {sorted(known)}")
+            raise UsageError(f"unknown augmentation settings {unknown}; known: {sorted(known)}")
         return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()})
-    raise ValueError(f"augment must be true, false, a preset name or a mapping; got {setting!r}")
+    raise UsageError(f"augment must be true, false, a preset name or a mapping; got {setting!r}")
 
 
 class Augment:

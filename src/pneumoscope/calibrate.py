@@ -1,4 +1,4 @@
-"""Site calibration and model comparison.
+"""Site calibration.
 
 ``calibrate_run`` refits the temperature and the threshold of a trained run on a
 small labelled sample from a new site (thresholds do not carry over between
@@ -8,7 +8,6 @@ sample, so that evaluation can leave those images out.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -18,10 +17,10 @@ import numpy as np
 
 from . import data as data_mod
 from .checkpoint import save_derived_run
-from .evaluate import check_contract, select_split
-from .metrics import compute_clinical_metrics, compute_delong, compute_mcnemar, compute_threshold, describe_policy, fit_temperature
+from .evaluate import check_contract
+from .metrics import compute_clinical_metrics, fit_operating_point
 from .outputs import check_output_dir
-from .predict import Predictor, calibrated_probability
+from .predict import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +43,25 @@ def refit_head(model, site_features: np.ndarray, site_y: np.ndarray, *, site_wei
 
     import torch
 
+    from .runtime import seeded_rng
     from .train import class_weights
 
-    torch.manual_seed(seed)
-    head = copy.deepcopy(model.head)
-    ref_x, ref_y = model.adapter.ref_sample, model.adapter.ref_labels
-    site_x = model.adapted(torch.as_tensor(site_features, dtype=torch.float32))
-    x = torch.cat([ref_x, site_x])
-    y = torch.cat([ref_y, torch.as_tensor(site_y, dtype=torch.float32)])
-    w_ref = torch.as_tensor(class_weights(ref_y.numpy().astype(int)), dtype=torch.float32)[ref_y.long()]
-    w_site = site_weight * torch.as_tensor(class_weights(np.asarray(site_y)), dtype=torch.float32)[torch.as_tensor(site_y).long()]
-    w = torch.cat([w_ref, w_site])
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
-    head.train()
-    for _ in range(steps):
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y, reduction="none") * w).sum() / w.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with seeded_rng(seed):  # dropout's masks come from `seed`; the caller's RNG is left as it was
+        head = copy.deepcopy(model.head)
+        ref_x, ref_y = model.adapter.ref_sample, model.adapter.ref_labels
+        site_x = model.adapted(torch.as_tensor(site_features, dtype=torch.float32))
+        x = torch.cat([ref_x, site_x])
+        y = torch.cat([ref_y, torch.as_tensor(site_y, dtype=torch.float32)])
+        w_ref = torch.as_tensor(class_weights(ref_y.numpy().astype(int)), dtype=torch.float32)[ref_y.long()]
+        w_site = site_weight * torch.as_tensor(class_weights(np.asarray(site_y)), dtype=torch.float32)[torch.as_tensor(site_y).long()]
+        w = torch.cat([w_ref, w_site])
+        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
+        head.train()
+        for _ in range(steps):
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y, reduction="none") * w).sum() / w.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return head.eval()
 
 
@@ -92,7 +92,7 @@ def calibrate_run(
         raise data_mod.DataError(f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again.")
     dataset = data_mod.load_dataset(data)
     check_contract(predictor, dataset)
-    scanned = data_mod.scan(dataset.subset(select_split(dataset, split)), check_decode=False, progress=progress)
+    scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
     feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     kept = feats.records
     y = np.array([r.label for r in kept])
@@ -106,17 +106,15 @@ def calibrate_run(
     if refit:
         z = cross_fitted_logits(model, feats.features, y, groups)
         model.head = refit_head(model, feats.features, y)
-    temperature = fit_temperature(z, y)
-    prob = calibrated_probability(z, temperature)
-    threshold = compute_threshold(y, prob, policy, target)
-    metrics = compute_clinical_metrics(y, prob, threshold, groups=groups, seed=0)
+    point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
+    metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
     description = dict(predictor.description)
     method = (f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
               f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits") if refit else "temperature and threshold"  # fmt: skip
     description.update(
-        temperature=temperature,
-        threshold=threshold,
-        threshold_policy=f"{describe_policy(policy, target).replace('validation data', 'a local calibration sample')} ({data})",
+        temperature=point.temperature,
+        threshold=point.threshold,
+        threshold_policy=point.description,
         calibration={
             "method": method, "data": str(Path(data).absolute()), "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
             "date": time.strftime("%Y-%m-%d"), "previous_threshold": predictor.threshold, "previous_temperature": predictor.temperature,
@@ -124,31 +122,6 @@ def calibrate_run(
         },
     )  # fmt: skip
     save_derived_run(run, out, model, description, overwrite=overwrite)
-    logger.info("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), temperature, threshold, predictor.threshold)
+    logger.info("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), point.temperature, point.threshold,
+                predictor.threshold)
     return Path(out), description
-
-
-def _read_predictions(folder: Path) -> dict[str, tuple[int, float, int]]:
-    path = Path(folder) / "predictions.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found. Give folders written by `pneumoscope evaluate`.")
-    with open(path, newline="") as fh:
-        return {r["path"]: (int(r["label"] == "PNEUMONIA"), float(r["prob"]), int(r["pred"] == "PNEUMONIA")) for r in csv.DictReader(fh)}
-
-
-def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike) -> dict:
-    """Paired comparison of two evaluations of the same images: DeLong for AUC, McNemar for decisions."""
-    a, b = _read_predictions(Path(eval_a)), _read_predictions(Path(eval_b))
-    if set(a) != set(b):
-        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        raise ValueError(
-            f"the evaluations cover different images ({len(only_a)} only in {eval_a}, {len(only_b)} only in {eval_b}, e.g. "
-            f"{(only_a or only_b)[:1]}); a paired comparison needs the same images. Evaluate both runs on the same data."
-        )
-    paths = sorted(a)
-    y = np.array([a[p][0] for p in paths])
-    if any(a[p][0] != b[p][0] for p in paths):
-        raise ValueError("the two evaluations disagree on image labels; they were not made on the same data")
-    prob_a, prob_b = np.array([a[p][1] for p in paths]), np.array([b[p][1] for p in paths])
-    pred_a, pred_b = np.array([a[p][2] for p in paths]), np.array([b[p][2] for p in paths])
-    return {"n": len(paths), "a": str(eval_a), "b": str(eval_b), "auc_delong": compute_delong(y, prob_a, prob_b), "mcnemar": compute_mcnemar(y, pred_a, pred_b)}

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .data import CLASS_NAMES
+from .errors import MissingFileError, PneumoscopeError
 from .outputs import write_bytes_atomic
 from .models import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
 
@@ -74,14 +75,14 @@ def read_description(path: str | os.PathLike) -> dict:
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     if "pneumoscope" not in meta:
-        raise ValueError(f"{path}: not a pneumoscope checkpoint (no description in its header). Train one with `pneumoscope train`.")
+        raise CheckpointError(f"{path}: not a pneumoscope checkpoint (no description in its header). Train one with `pneumoscope train`.")
     description = json.loads(meta["pneumoscope"])
     if description.get("format") != FORMAT or description.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {description.get('format_version')} is newer than this pneumoscope reads; upgrade pneumoscope.")
+        raise CheckpointError(f"{path}: checkpoint format {description.get('format_version')} is newer than this pneumoscope reads; upgrade pneumoscope.")
     return validate_description(description, path)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PneumoscopeError, ValueError):
     """A checkpoint (or ONNX export) whose description cannot be used as it stands."""
 
 
@@ -142,7 +143,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
+        raise MissingFileError(f"{path}: no checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
     return path
 
 

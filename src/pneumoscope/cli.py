@@ -184,6 +184,7 @@ def format_metrics(m: dict) -> str:
 
 
 def cmd_export(args) -> int:
+    from .errors import UsageError
     from .export import export_onnx
     from .predict import expand_inputs
     from .io import read_image
@@ -192,7 +193,7 @@ def cmd_export(args) -> int:
     if args.check_images:  # the check runs on the images asked for, or not at all
         files, problems = expand_inputs(args.check_images)
         if problems:
-            raise ValueError(f"--check-images: {problems[0][0]}: {problems[0][1]}")
+            raise UsageError(f"--check-images: {problems[0][0]}: {problems[0][1]}")
         images = [read_image(p) for p in files]
     report = export_onnx(args.run, args.out, overwrite=args.overwrite, check_images=images)
     print(f"wrote {args.out}; parity with PyTorch on {report['n']} images: max |delta prob| {report['max_abs_prob_diff']:.2e}")
@@ -261,7 +262,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .calibrate import compare_evaluations
+    from .compare import compare_evaluations
     from .outputs import write_json
 
     result = compare_evaluations(args.eval_a, args.eval_b)
@@ -304,12 +305,13 @@ def cmd_explain(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .errors import UsageError
     from .predict import Predictor
     from .stream import distributed_world, expand_items, predict_distributed, predict_to, read_list, require_out_format
 
     inputs = [*args.inputs, *(read_list(args.from_list) if args.from_list else [])]
     if not inputs:
-        raise ValueError("predict got no inputs. Fix: name image files, folders or .zip archives, or --from-list FILE with one path a line")
+        raise UsageError("predict got no inputs. Fix: name image files, folders or .zip archives, or --from-list FILE with one path a line")
     if args.out:
         require_out_format(Path(args.out), resume=args.resume)
     predictor = Predictor.load(args.run)
@@ -320,7 +322,7 @@ def cmd_predict(args) -> int:
     else:
         summary = predict_to(predictor, items, args.out, stdout_format=args.format, progress=args.progress, **kw)
     if summary.failed == summary.rows:
-        raise ValueError(f"none of the {summary.rows} inputs could be predicted; the error column says why for each")
+        raise UsageError(f"none of the {summary.rows} inputs could be predicted; the error column says why for each")
     return _exit_status(summary.failed)
 
 
@@ -330,6 +332,7 @@ def cmd_demo(args) -> int:
     from .download import fetch_pneumoniamnist
     from .evaluate import evaluate_run
     from .explain import explain_images
+    from .metrics import decide
     from .predict import Predictor
     from .train import train_run
 
@@ -339,8 +342,9 @@ def cmd_demo(args) -> int:
     run = train_run(data, out / "run", config, overwrite=False, progress=args.progress)
     skipped = _skipped_in_run(run)
     _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
-    wrong = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) != y][:2]
-    right = [p for p, y, q in zip(result.paths, result.y_true, result.y_prob) if (q >= result.metrics["threshold"]) == y][:2]
+    pred = decide(result.y_prob, result.metrics["threshold"])
+    wrong = [p for p, y, d in zip(result.paths, result.y_true, pred) if d != y][:2]
+    right = [p for p, y, d in zip(result.paths, result.y_true, pred) if d == y][:2]
     if load_dataset(data).layout != "npz":
         explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain", progress=args.progress)
     m = result.metrics
@@ -504,11 +508,12 @@ def main(argv: list[str] | None = None) -> int:
 def error_line(err: Exception, model_file: str | None = None) -> str:
     """One line for a failed command: where, what, and the fix. ``model_file``: the checkpoint or ONNX file the command loads.
 
-    Expected failures (bad data, bad paths, a full or read-only disk, a damaged model
-    file) get one line; anything else is a bug, and its traceback is logged first.
+    Expected failures (a :class:`~pneumoscope.errors.PneumoscopeError`: bad data, a bad path,
+    flag or setting; a full or read-only disk; out of memory; a damaged model file) get one
+    line. Anything else, a bare ValueError or RuntimeError included, is a bug, and its
+    traceback is logged first.
     """
-    from .data import DataError
-    from .io import ImageReadError
+    from .errors import PneumoscopeError
     from .outputs import describe_os_error
 
     damaged = _damaged_model_file(err, model_file)
@@ -516,13 +521,19 @@ def error_line(err: Exception, model_file: str | None = None) -> str:
         return damaged
     if isinstance(err, OSError):
         return describe_os_error(err)
-    if isinstance(err, MemoryError):
+    if isinstance(err, MemoryError) or _is_torch_out_of_memory(err):
         return ("out of memory. Fix: a smaller --batch-size or --limit; if a checkpoint was edited, check its "
                 "preprocessing input_size (224 to 260 for the registered backbones)")  # fmt: skip
-    if isinstance(err, (DataError, ImageReadError, ValueError, RuntimeError)):
+    if isinstance(err, PneumoscopeError):
         return " ".join(str(err).split())
     logger.error("unexpected error (a bug: please report it with this traceback)", exc_info=err)
     return f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _is_torch_out_of_memory(err: Exception) -> bool:
+    """PyTorch's out-of-memory error (a RuntimeError, not a MemoryError), without importing torch here."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ()))
 
 
 def _damaged_model_file(err: Exception, model_file: str | None) -> str | None:

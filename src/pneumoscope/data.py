@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import PneumoscopeError, UsageError
 from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_image
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)(?:_|$)", re.IGNORECASE)
 _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-|$)", re.IGNORECASE)
 
 
-class DataError(ValueError):
+class DataError(PneumoscopeError, ValueError):
     """A dataset that cannot be used as given, with the fix."""
 
 
@@ -392,7 +393,7 @@ def split_by_patient(records: list[Record], *, val_fraction: float = 0.1, seed: 
     is the highest label among their images (any pneumonia image -> pneumonia).
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        raise UsageError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     pool = [r for r in records if r.split != "test"]
     patient_label: dict[str, int] = {}
     for r in pool:
@@ -410,10 +411,21 @@ def split_by_patient(records: list[Record], *, val_fraction: float = 0.1, seed: 
     return [r if r.split == "test" else replace(r, split="val" if r.patient_id in val_patients else "train") for r in records]
 
 
+def select_split(dataset: Dataset, split: str) -> list[Record]:
+    """A Kaggle root or npz: the named split; a folder of class subfolders: all of it."""
+    if dataset.layout == "class-folders":
+        return dataset.records
+    rows = [r for r in dataset.records if r.split == split]
+    if not rows:
+        have = sorted({r.split for r in dataset.records})
+        raise DataError(f"{dataset.source}: no images in split {split!r}; it has {have}. Choose one with --split.")
+    return rows
+
+
 def limit_per_split(records: list[Record], limit: int, *, seed: int = 0) -> list[Record]:
     """Keep at most ``limit`` images per split, class-stratified and seeded (for quick runs)."""
     if limit < 2:
-        raise ValueError(f"limit must be at least 2 (one image per class), got {limit!r}")
+        raise UsageError(f"limit must be at least 2 (one image per class), got {limit!r}")
     rng = np.random.default_rng(seed)
     out = []
     for split in sorted({r.split for r in records}):

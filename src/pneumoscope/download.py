@@ -9,13 +9,18 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .features import default_cache_dir
+from .errors import PneumoscopeError
+from .paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
 # MedMNIST v2 (Zenodo record 10519652); the MD5 is the one medmnist's INFO lists.
 PNEUMONIAMNIST_URL = "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
 PNEUMONIAMNIST_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"
+
+
+class DownloadError(PneumoscopeError, ConnectionError):
+    """The download failed: no network, or the server did not answer."""
 
 
 def md5sum(path: str | os.PathLike) -> str:
@@ -49,10 +54,12 @@ def fetch_pneumoniamnist(
                 out.write(chunk)
                 h.update(chunk)
         if h.hexdigest() != md5:
-            raise ValueError(f"download from {url} has MD5 {h.hexdigest()}, expected {md5}; the file is not kept. Try again later.")
+            from .data import DataError  # only here: the downloader imports nothing heavy
+
+            raise DataError(f"download from {url} has MD5 {h.hexdigest()}, expected {md5}; the file is not kept. Try again later.")
         os.replace(tmp, target)
     except OSError as err:
-        raise ConnectionError(
+        raise DownloadError(
             f"could not download PneumoniaMNIST from {url} ({err}). Fix: run with a network, or pass DATA=path to a local dataset."
         ) from err
     finally:

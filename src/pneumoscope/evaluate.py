@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
+from .checkpoint import CheckpointError
 from .io import ImageReadError
 from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
@@ -34,21 +35,10 @@ class EvaluationResult:
     features: np.ndarray | None = None  # pooled backbone features of ``records`` (None with test-time augmentation)
 
 
-def select_split(dataset: data_mod.Dataset, split: str) -> list[data_mod.Record]:
-    """A Kaggle root or npz: the named split; a folder of class subfolders: all of it."""
-    if dataset.layout == "class-folders":
-        return dataset.records
-    rows = [r for r in dataset.records if r.split == split]
-    if not rows:
-        have = sorted({r.split for r in dataset.records})
-        raise data_mod.DataError(f"{dataset.source}: no images in split {split!r}; it has {have}. Choose one with --split.")
-    return rows
-
-
 def check_contract(predictor: Predictor, dataset: data_mod.Dataset) -> None:
     """The data's classes must be the checkpoint's classes."""
     if tuple(predictor.class_names) != data_mod.CLASS_NAMES:
-        raise ValueError(
+        raise CheckpointError(
             f"the checkpoint's classes {list(predictor.class_names)} are not {list(data_mod.CLASS_NAMES)}; this pneumoscope cannot evaluate it."
         )
     if dataset.unknown_classes:
@@ -63,7 +53,7 @@ def evaluate_dataset(
     n_boot: int = 2000, seed: int = 0, tta: bool = False, progress: bool = True,
 ) -> EvaluationResult:  # fmt: skip
     check_contract(predictor, dataset)
-    records = select_split(dataset, split)
+    records = data_mod.select_split(dataset, split)
     if limit:
         records = data_mod.limit_per_split(records, limit, seed=0)
     scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)

@@ -33,11 +33,13 @@ from pytorch_grad_cam.metrics.perturbation_confidence import PerturbationConfide
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
+from .errors import UsageError
 from .io import ImageReadError
 from .models import get_spec
 from .outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from .plots import overlay_cam, plot_cam
 from .predict import Predictor, expand_inputs
+from .runtime import seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ MIN_FAITHFULNESS_IMAGES = 5
 
 def _check_method(method: str) -> None:
     if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+        raise UsageError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
 
 
 def compute_cam(model, x: torch.Tensor, target_classes, method: str = "gradcam") -> np.ndarray:
@@ -82,7 +84,7 @@ def target_classes(predictor: Predictor, probs, target: str = "predicted") -> li
     if target == "predicted":
         return predictor.decide(probs).tolist()
     if target.upper() not in predictor.class_names:
-        raise ValueError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
+        raise UsageError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
     return [predictor.class_names.index(target.upper())] * len(probs)
 
 
@@ -122,9 +124,16 @@ def compute_road(model, x: torch.Tensor, cams: np.ndarray, targets: list[int], *
 
 
 def randomized_copy(model, seed: int = 0):
-    """A copy of ``model`` with its head and top backbone layers re-initialised (Adebayo et al.)."""
+    """A copy of ``model`` with its head and top backbone layers re-initialised (Adebayo et al.) from ``seed``.
+
+    The caller's global RNG is left as it was."""
+    with seeded_rng(seed):
+        return _reinitialised_copy(model)
+
+
+def _reinitialised_copy(model):
+    """:func:`randomized_copy`, drawing from the global RNG as it stands."""
     clone = copy.deepcopy(model).eval()
-    torch.manual_seed(seed)
     names = get_spec(clone.backbone_name).top_layers
     for name in names:
         for module in clone.backbone.get_submodule(name).modules():
@@ -280,53 +289,56 @@ def explain_images(
     _check_method(method)
     files, problems = expand_inputs(paths)
     if not files:
-        raise ValueError(f"none of the inputs {[str(p) for p in paths][:5]} is an image that can be read: {problems[0][1]}")
-    randomized = randomized_copy(predictor.model) if checks else None
-    results, skipped, rows = [], [{"path": p, "reason": why} for p, why in problems], []
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        (tmp / "cams").mkdir()
-        bar = tqdm(total=len(files), desc=f"explain ({method})", unit="img", disable=not progress)
-        for start in range(0, len(files), batch_size):
-            batch, images = [], []
-            for path in files[start : start + batch_size]:
-                try:
-                    images.append(predictor.read(path))
-                    batch.append(path)
-                except ImageReadError as err:
-                    logger.warning("%s", err)
-                    skipped.append({"path": str(path), "reason": f"{err.reason}. {err.fix}"})
-            if not images:
+        raise UsageError(f"none of the inputs {[str(p) for p in paths][:5]} is an image that can be read: {problems[0][1]}")
+    # the checks draw from PyTorch's global RNG (reset_parameters, and ROAD's imputation noise: torch.randn_like
+    # inside pytorch-grad-cam; neither takes a generator): seeded with 0 here, the caller's left as it was
+    with seeded_rng(0):
+        randomized = _reinitialised_copy(predictor.model) if checks else None
+        results, skipped, rows = [], [{"path": p, "reason": why} for p, why in problems], []
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            (tmp / "cams").mkdir()
+            bar = tqdm(total=len(files), desc=f"explain ({method})", unit="img", disable=not progress)
+            for start in range(0, len(files), batch_size):
+                batch, images = [], []
+                for path in files[start : start + batch_size]:
+                    try:
+                        images.append(predictor.read(path))
+                        batch.append(path)
+                    except ImageReadError as err:
+                        logger.warning("%s", err)
+                        skipped.append({"path": str(path), "reason": f"{err.reason}. {err.fix}"})
+                if not images:
+                    bar.update(len(files[start : start + batch_size]))
+                    continue
+                probs = predictor.predict_proba(images)
+                classes = target_classes(predictor, probs, target)
+                if checks:
+                    scores = check_batch(predictor, images, method, probs=probs, targets=classes, randomized=randomized, seed=start)
+                    cams = scores["cams"]
+                else:
+                    scores = None
+                    cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(i) for i in images]), classes, method)
+                for j, (path, image) in enumerate(zip(batch, images)):
+                    i = len(results)
+                    label = predictor.label_of(probs[j])
+                    name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
+                    shown = predictor.preprocessing_view(image)
+                    title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
+                             f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip
+                    plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
+                    write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
+                    results.append(Explanation(str(path), float(probs[j]), label, predictor.class_names[classes[j]], f"{name}_{method}.png"))
+                    row = {"path": str(path), "prob": float(probs[j]), "label": label, "target": predictor.class_names[classes[j]]}
+                    if scores is not None:
+                        row.update({c: float(scores[c][j]) for c in SCORE_COLUMNS if c in scores})
+                    rows.append(row)
                 bar.update(len(files[start : start + batch_size]))
-                continue
-            probs = predictor.predict_proba(images)
-            classes = target_classes(predictor, probs, target)
-            if checks:
-                scores = check_batch(predictor, images, method, probs=probs, targets=classes, randomized=randomized, seed=start)
-                cams = scores["cams"]
-            else:
-                scores = None
-                cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(i) for i in images]), classes, method)
-            for j, (path, image) in enumerate(zip(batch, images)):
-                i = len(results)
-                label = predictor.label_of(probs[j])
-                name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
-                shown = predictor.preprocessing_view(image)
-                title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
-                         f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip
-                plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
-                write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
-                results.append(Explanation(str(path), float(probs[j]), label, predictor.class_names[classes[j]], f"{name}_{method}.png"))
-                row = {"path": str(path), "prob": float(probs[j]), "label": label, "target": predictor.class_names[classes[j]]}
-                if scores is not None:
-                    row.update({c: float(scores[c][j]) for c in SCORE_COLUMNS if c in scores})
-                rows.append(row)
-            bar.update(len(files[start : start + batch_size]))
-        bar.close()
-        columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
-        write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])
-        summary = summarize_checks(rows, method) if checks and rows else None
-        write_json(tmp / "explanations.json", {"method": method, "layer": predictor.model.cam_layer_name, "images": [e.__dict__ for e in results],
-                                               "skipped": skipped, "checks": summary})  # fmt: skip
+            bar.close()
+            columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
+            write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])
+            summary = summarize_checks(rows, method) if checks and rows else None
+            write_json(tmp / "explanations.json", {"method": method, "layer": predictor.model.cam_layer_name, "images": [e.__dict__ for e in results],
+                                                   "skipped": skipped, "checks": summary})  # fmt: skip
     if summary:
         logger.info("%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",
                     method, summary["n"], summary["mean_road_most"], REMOVE_PERCENT, summary["mean_road_random"],

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import StateError
 from .outputs import OutputExistsError, check_writable, partial_name, remove_orphans, write_bytes_atomic
 from .predict import Predictor
 
@@ -68,7 +69,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
         onnx.checker.check_model(str(staged))
         report = check_parity(predictor, Predictor.from_onnx(staged), check_images)
         if report["max_abs_prob_diff"] > PARITY_TOLERANCE:
-            raise RuntimeError(f"ONNX export differs from PyTorch by {report['max_abs_prob_diff']:.2e} in probability (limit {PARITY_TOLERANCE}); not kept.")
+            raise StateError(f"ONNX export differs from PyTorch by {report['max_abs_prob_diff']:.2e} in probability (limit {PARITY_TOLERANCE}); not kept.")
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)

@@ -23,20 +23,12 @@ from torch.utils.data import Dataset as TorchDataset
 from .data import Dataset, Record
 from .io import ImageReadError
 from .outputs import npy_bytes, write_bytes_atomic
+from .paths import default_cache_dir
 from .models import PneumoniaClassifier, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 FEATURE_VERSION = 1  # bump when the way features are computed changes
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("PNEUMOSCOPE_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("pneumoscope"))
 
 
 class FeatureCache:

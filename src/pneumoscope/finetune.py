@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .augment import Augment
+from .errors import MissingFileError, StateError, UsageError
 from .models import PneumoniaClassifier, get_spec
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"finetune ema (a decay) must be in [0, 1), got {self.ema!r}")
+            raise UsageError(f"finetune ema (a decay) must be in [0, 1), got {self.ema!r}")
         if self.mixup < 0:
-            raise ValueError(f"finetune mixup (a Beta alpha) must be >= 0, got {self.mixup!r}")
+            raise UsageError(f"finetune mixup (a Beta alpha) must be >= 0, got {self.mixup!r}")
 
 
 class ArrayDataset(TorchDataset):
@@ -86,7 +87,7 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
     if unfreeze == "all":
         return []
     if unfreeze != "top":
-        raise ValueError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
+        raise UsageError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
     top = {id(m) for name in get_spec(model.backbone_name).top_layers for m in model.backbone.get_submodule(name).modules()}
     def owns_state(m) -> bool:  # holds weights or BatchNorm statistics itself
         return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
@@ -209,7 +210,7 @@ def load_resume_state(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise RuntimeError(
+        raise StateError(
             f"{path}: refused to load fine-tuning state: it holds objects other than tensors and plain values ({str(err).splitlines()[0]}). "
             "It may have been planted or damaged. Fix: delete the folder and train again without --resume."
         ) from None
@@ -256,7 +257,7 @@ def finetune(
     loader_kw = {"batch_size": config.batch_size, "num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
     ckpt = work_dir / "last.ckpt"
     if resume and not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: nothing to resume from. Start without --resume.")
+        raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
     resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None
     t0 = time.perf_counter()
     trainer.fit(

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import PneumoscopeError
+
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -27,7 +29,7 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".
 MAX_PIXELS = 64_000_000
 
 
-class ImageReadError(ValueError):
+class ImageReadError(PneumoscopeError, ValueError):
     """An image file that cannot be used, with the reason and the fix."""
 
     def __init__(self, path: str | os.PathLike, reason: str, fix: str):
@@ -307,6 +309,14 @@ def _window(x: np.ndarray, centre: float, width: float, function: str, path="") 
     The standard requires Window Width >= 1 for LINEAR and > 0 for LINEAR_EXACT and
     SIGMOID; a header that breaks it (a width of 0 would divide by zero) is refused
     rather than guessed at.
+
+    Not ``pydicom.pixels.apply_windowing``, although it computes the same curves (to one
+    float32 rounding, tests/test_dicom.py checks it): it works on a float64 copy with
+    boolean masks, 15 bytes a pixel on top of the input where this takes none, which breaks
+    the 8-bytes-a-pixel budget of a decode (a 64-megapixel upload); it scales to the range
+    of BitsStored and PixelRepresentation, writes those back into the dataset, and raises a
+    bare ValueError without the file's name. The VOI LUT sequence, which has no such cost,
+    goes through pydicom's ``apply_voi_lut``.
     """
     smallest = 1.0 if function == "LINEAR" else 0.0
     if not (np.isfinite(centre) and np.isfinite(width)) or width < smallest or (width == 0.0):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from .errors import UsageError
 
 
 def _check(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
@@ -31,14 +35,27 @@ def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
+def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:
+    """P(PNEUMONIA) = sigmoid(logit / temperature), in float64: the one definition that
+    training, site calibration and inference share."""
+    z = np.asarray(logits, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-z / temperature))
+
+
+def decide(y_prob, threshold: float) -> np.ndarray:
+    """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold
+    (``prob >= threshold``), else 0. The one rule: Predictor, the metrics, shift and the CLI call it."""
+    return (np.asarray(y_prob, dtype=np.float64) >= threshold).astype(int)
+
+
 def compute_binary_metrics(y_true, y_prob, threshold: float) -> dict:
-    """The flat metrics of ``metrics.json``: predicted positive when ``prob >= threshold``.
+    """The flat metrics of ``metrics.json``: predicted positive when ``prob >= threshold`` (:func:`decide`).
 
     A rate whose denominator is zero is ``None``, and so is ROC-AUC when only
     one class is present.
     """
     y_true, y_prob = _check(y_true, y_prob)
-    cm = compute_confusion(y_true, y_prob >= threshold)
+    cm = compute_confusion(y_true, decide(y_prob, threshold))
     tp, tn, fp, fn = cm["tp"], cm["tn"], cm["fp"], cm["fn"]
     sens, prec = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)
@@ -133,9 +150,9 @@ def compute_threshold(y_true, y_prob, policy: str = "youden", target: float | No
     if policy == "youden-smooth":
         return compute_smoothed_youden_threshold(y_true, y_prob)
     if policy not in THRESHOLD_POLICIES:
-        raise ValueError(f"threshold policy must be one of {list(THRESHOLD_POLICIES)}, got {policy!r}")
+        raise UsageError(f"threshold policy must be one of {list(THRESHOLD_POLICIES)}, got {policy!r}")
     if target is None or not 0.0 < target < 1.0:
-        raise ValueError(f"a {policy} policy needs a target in (0, 1), got {target!r}")
+        raise UsageError(f"a {policy} policy needs a target in (0, 1), got {target!r}")
     y_true, y_prob = _check(y_true, y_prob)
     if len(np.unique(y_true)) < 2:
         raise ValueError("choosing a threshold needs both classes in the validation data")
@@ -150,19 +167,54 @@ def compute_threshold(y_true, y_prob, policy: str = "youden", target: float | No
     return float(cands[ok[0]]) if ok.size else float(np.nextafter(cands[-1], np.inf))
 
 
-def describe_policy(policy: str, target: float | None) -> str:
+def describe_policy(policy: str, target: float | None, fitted_on: str = "validation data") -> str:
+    """The policy in words, ending with the data the threshold was chosen on."""
     if policy == "youden":
-        return "youden: maximise sensitivity + specificity - 1 on validation data"
+        return f"youden: maximise sensitivity + specificity - 1 on {fitted_on}"
     if policy == "youden-smooth":
-        return "youden-smooth: maximise sensitivity + specificity - 1 on kernel-smoothed validation data"
-    return f"target {policy} >= {target:g} on validation data"
+        return f"youden-smooth: maximise sensitivity + specificity - 1 on kernel-smoothed {fitted_on}"
+    return f"target {policy} >= {target:g} on {fitted_on}"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A fitted temperature and threshold, the policy that chose the threshold, and the data both were fitted on."""
+
+    temperature: float
+    threshold: float
+    policy: str  # a name in THRESHOLD_POLICIES
+    target: float | None
+    fitted_on: str  # e.g. "validation data (the patient-level validation split)"
+
+    @property
+    def description(self) -> str:
+        """The checkpoint's ``threshold_policy`` text."""
+        return describe_policy(self.policy, self.target, self.fitted_on)
+
+    def probabilities(self, logits) -> np.ndarray:
+        return calibrated_probability(logits, self.temperature)
+
+    def decide(self, y_prob) -> np.ndarray:
+        return decide(y_prob, self.threshold)
+
+
+def fit_operating_point(logits, y_true, policy: str = "youden", target: float | None = None, *, fitted_on: str) -> OperatingPoint:
+    """Temperature (:func:`fit_temperature`) on the logits, then the policy's threshold
+    (:func:`compute_threshold`) on the probabilities it gives: training and site calibration
+    both fit their operating point here."""
+    temperature = fit_temperature(logits, y_true)
+    threshold = compute_threshold(y_true, calibrated_probability(logits, temperature), policy, target)
+    return OperatingPoint(temperature, threshold, policy, target, fitted_on)
 
 
 # --------------------------------------------------------------------------- intervals
 
 
 def compute_wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
-    """Wilson score interval for a proportion k/n; None when n == 0."""
+    """Wilson score interval for a proportion k/n; None when n == 0.
+
+    The same interval as statsmodels' ``proportion_confint(k, n, method="wilson")`` (the tests
+    check it), written out because statsmodels is a test dependency, not a runtime one."""
     from scipy.stats import norm
 
     if n == 0:
@@ -324,6 +376,12 @@ def compute_adaptive_reliability(y_true, y_prob, n_bins: int = 10, confidence: f
     by chance; here every bin has the same weight and its interval says how far
     chance alone could move it. ``edges`` are the lowest and highest prediction of
     each bin: bin i spans ``edges[i, 0]`` to ``edges[i, 1]``.
+
+    Not scikit-learn's ``calibration_curve(strategy="quantile")``: its bins agree with these
+    only when n is a multiple of ``n_bins`` and no probabilities tie (the tests check that
+    case). It cuts at interpolated percentiles: otherwise its cuts fall elsewhere, tied
+    probabilities can leave a bin empty (and it drops empty bins), and it returns neither
+    the counts nor the edges that the intervals and the plot need.
     """
     y_true, y_prob = _check(y_true, y_prob)
     if y_true.size == 0:
@@ -418,7 +476,7 @@ def compute_clinical_metrics(
         sub = {}
         for t in sorted(set(pneumonia_type[y_true == 1].tolist())):
             sel = (y_true == 1) & (pneumonia_type == t)
-            k, n = int((y_prob[sel] >= threshold).sum()), int(sel.sum())
+            k, n = int(decide(y_prob[sel], threshold).sum()), int(sel.sum())
             sub[t] = {"n": n, "sensitivity": k / n, "ci95": compute_wilson_interval(k, n)}
         m["subgroups"] = sub
     if m["roc_auc"] is None:

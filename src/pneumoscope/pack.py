@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import data as data_mod
+from .errors import UsageError
 from .io import ImageReadError, resize_image
 from .outputs import OutputExistsError
 
@@ -36,9 +37,9 @@ def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int =
 
     out = Path(out)
     if out.suffix.lower() != ".zip":
-        raise ValueError(f"--out must name a .zip file, got {str(out)!r}")
+        raise UsageError(f"--out must name a .zip file, got {str(out)!r}")
     if not 16 <= size <= 4096:
-        raise ValueError(f"size must be between 16 and 4096 pixels, got {size!r}")
+        raise UsageError(f"size must be between 16 and 4096 pixels, got {size!r}")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it.")
     dataset = data_mod.load_dataset(data)

@@ -6,25 +6,31 @@ import io
 import os
 
 import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .outputs import write_bytes_atomic
 
-from .outputs import write_bytes_atomic  # noqa: E402
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """``pyplot.subplots`` without pyplot: a Figure drawn by Agg, so no display is needed and
+    matplotlib's backend and pyplot's list of open figures are left alone."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig, path: str | os.PathLike, *, dpi: int = 110) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
 
 
 def plot_history(history: list[dict], path, *, best_epoch: int | None = None, title: str = "") -> None:
     """Loss and accuracy, train vs val, per epoch; one legend below both panels, clear of the curves."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = _subplots(1, 2, figsize=(10, 4.2))
     for ax, key, name, ylabel in ((axes[0], "loss", "Loss", "binary cross-entropy"), (axes[1], "accuracy", "Accuracy", "accuracy")):
         ax.plot(epochs, [h[key] for h in history], marker=".", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], marker=".", label="validation")
@@ -48,7 +54,7 @@ def plot_confusion_matrix(cm: dict[str, int], class_names, path, *, title: str =
     m = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])  # rows = true class, columns = predicted
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)  # (2, 2) row fractions
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    fig, ax = _subplots(figsize=(5.2, 4.4))
     disp = ConfusionMatrixDisplay(share, display_labels=list(class_names))
     disp.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
     diagonal = {(0, 0): "specificity", (1, 1): "sensitivity"}
@@ -73,7 +79,7 @@ def plot_roc(
     ``operating_point`` is (1 - specificity, sensitivity) at ``threshold``, which is written beside it."""
     from sklearn.metrics import RocCurveDisplay
 
-    fig, ax = plt.subplots(figsize=(5, 4.8))
+    fig, ax = _subplots(figsize=(5, 4.8))
     if band is not None:
         ax.fill_between(band["fpr"], band["tpr_lower"], band["tpr_upper"], step="post", color="C0", alpha=0.2, lw=0,
                         label=f"{band['confidence']:.0%} band, patient bootstrap ({band['n_resamples']} resamples)")  # fmt: skip
@@ -103,7 +109,7 @@ def _finish_unit_axes(ax, operating_point, xlabel: str, ylabel: str, legend_loc:
 def plot_image_grid(images: list[np.ndarray], titles: list[str], path, *, cols: int = 4) -> None:
     """Grayscale images in a grid with titles (the notebook's sample grid)."""
     rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles):
@@ -129,7 +135,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45) -> n
 
 def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str, true_label: str | None = None, method: str = "Grad-CAM") -> None:
     """Original beside the CAM overlay, with a colour bar for the map; the true label in the title when known."""
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 4.0), gridspec_kw={"wspace": 0.04})
+    fig, axes = _subplots(1, 2, figsize=(7.2, 4.0), gridspec_kw={"wspace": 0.04})
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("image as the model sees it", fontsize=11)
     axes[1].imshow(overlay)
@@ -145,7 +151,7 @@ def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str, true_l
 
 def plot_pr(precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None, prevalence: float, operating_point: tuple[float, float] | None = None) -> None:
     """Precision-recall curve; ``operating_point`` is (sensitivity, PPV) at the threshold."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig, ax = _subplots(figsize=(4.5, 4.2))
     ax.plot(recall, precision, label=f"PR (AP {ap:.3f})" if ap is not None else "PR")
     ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"prevalence {prevalence:.2f}")
     _finish_unit_axes(ax, operating_point, "sensitivity (recall)", "PPV (precision)", "lower left")
@@ -162,9 +168,9 @@ def plot_reliability(reliability: dict, path, *, ece: float, brier: float, ece_b
 
     rel = reliability
     if histogram is not None:
-        fig, (ax, axh) = plt.subplots(2, 1, figsize=(5, 5.8), sharex=True, gridspec_kw={"height_ratios": [3.2, 1]})
+        fig, (ax, axh) = _subplots(2, 1, figsize=(5, 5.8), sharex=True, gridspec_kw={"height_ratios": [3.2, 1]})
     else:
-        fig, ax = plt.subplots(figsize=(5, 4.6))
+        fig, ax = _subplots(figsize=(5, 4.6))
     n_per_bin = int(np.median(rel["count"]))
     CalibrationDisplay(rel["observed"], rel["mean_predicted"], None).plot(
         ax=ax, name=f"model: {len(rel['count'])} bins of ~{n_per_bin} images", color="C0")  # fmt: skip

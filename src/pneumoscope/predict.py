@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, validate_description
+from .checkpoint import CheckpointError, load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
+from .errors import UsageError
 from .features import FeatureResult, extract_features
 from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, resize_image, screen_image, to_image
+from .metrics import calibrated_probability, decide
 from .models import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -90,13 +92,6 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     return files, problems
 
 
-def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:
-    """P(PNEUMONIA) = sigmoid(logit / temperature), in float64: the one definition that
-    training, site calibration and inference share."""
-    z = np.asarray(logits.numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-z / temperature))
-
-
 TTA_SHIFT = 0.04  # of the image side
 TTA_ZOOM = 1.06
 
@@ -132,7 +127,7 @@ def require_decoded(image) -> np.ndarray:
     """
     if not isinstance(image, np.ndarray) or image.dtype.kind != "f":
         given = f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
-        raise ValueError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
+        raise UsageError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
                          "pneumoscope.io.to_image(x), or call pneumoscope.load(...).predict(x), which accepts uint8, uint16, "
                          "PIL images, paths and DICOM datasets.")  # fmt: skip
     return check_decoded(image, f"float array {image.shape}", given=True)
@@ -164,7 +159,7 @@ class OnnxBackend:
         self.outputs = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         if "pneumoscope" not in meta:
-            raise ValueError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
+            raise CheckpointError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
         self.description = json.loads(meta["pneumoscope"])
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -236,13 +231,14 @@ class Predictor:
         return calibrated_probability(logits, self.temperature)
 
     def decide(self, probs) -> np.ndarray:
-        """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold, else 0.
+        """The decision rule (:func:`pneumoscope.metrics.decide`) at this model's threshold: 1 (PNEUMONIA) where
+        the calibrated probability reaches it, else 0.
 
         A missing or NaN probability has no label (NaN >= t is False: it would read as NORMAL)."""
         p = np.asarray(probs, dtype=np.float64)
         if not np.isfinite(p).all():
             raise ValueError(f"cannot decide on a non-finite probability ({int((~np.isfinite(p)).sum())} of {p.size}); such an image has no label")
-        return (p >= self.threshold).astype(int)
+        return decide(p, self.threshold)
 
     def label_of(self, prob: float) -> str:
         return self.class_names[int(self.decide(prob))]

@@ -1,7 +1,9 @@
-"""Process-level settings for the command line (never applied on import)."""
+"""Process-level state: the command line's settings (never applied on import), and PyTorch's global
+RNG seeded for a block and restored after it."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -80,3 +82,18 @@ def progress_wanted(*, quiet: bool = False) -> bool:
     """Whether the command line shows progress bars: not with ``-q``, and not when stderr is
     not a terminal (a log file would fill with carriage-return frames)."""
     return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """PyTorch's global CPU generator seeded with ``seed`` inside the block, and restored after it.
+
+    For code that draws from the global generator and takes no other (``reset_parameters``,
+    dropout, ``torch.randn_like`` inside a library): its draws are reproducible, and the
+    caller's random stream (``torch.initial_seed()`` included) is as it was.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

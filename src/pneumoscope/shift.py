@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .metrics import decide
+
 # Below this p-value the site's features are taken to differ from the training split.
 SHIFT_ALPHA = 0.01
 # A domain classifier AUC under this is a difference too small to move an operating point.
@@ -101,7 +103,7 @@ def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr
     logit = np.log(np.clip(p, 1e-12, 1)) - np.log(np.clip(1 - p, 1e-12, 1))
     gmm = GaussianMixture(2, n_init=3, random_state=0).fit(logit[:, None])
     mixture = float(gmm.weights_[int(np.argmax(gmm.means_[:, 0]))])
-    q = float((p >= threshold).mean())
+    q = float(decide(p, threshold).mean())
     bbse = float(np.clip((q - fpr) / (tpr - fpr), 0.0, 1.0)) if tpr - fpr > 0.05 else None
     pi0, pi = source_prevalence, source_prevalence
     for _ in range(500):  # Saerens-Latinne-Decaestecker EM on the priors

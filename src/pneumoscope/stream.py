@@ -34,6 +34,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from .errors import StateError, UsageError
 from .io import ImageReadError, is_image_path, screen_image
 from .outputs import current_umask
 from .predict import Prediction, Predictor, expand_inputs
@@ -56,7 +57,7 @@ def read_list(path: str | os.PathLike) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"--from-list {path}: cannot be read as a UTF-8 text file ({err}). Fix: give a text file with one image, "
+        raise UsageError(f"--from-list {path}: cannot be read as a UTF-8 text file ({err}). Fix: give a text file with one image, "
                          "folder or .zip path a line") from err  # fmt: skip
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
@@ -141,7 +142,7 @@ def predict_stream(predictor: Predictor, items: list[Item], *, batch_size: int =
     over the batch's decoded images.
     """
     if batch_size < 1 or workers < 0:
-        raise ValueError(f"batch size must be >= 1 and workers >= 0, got --batch-size {batch_size}, --workers {workers}. Fix: e.g. --batch-size 32 --workers 2")
+        raise UsageError(f"batch size must be >= 1 and workers >= 0, got --batch-size {batch_size}, --workers {workers}. Fix: e.g. --batch-size 32 --workers 2")
     loader = DataLoader(_Decoded(items, predictor.without_backend(), tta), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
     for batch in loader:
         rows: dict[int, Prediction] = {}
@@ -204,7 +205,7 @@ class CsvFormat:
         try:
             header = next(reader, None)
             if header is not None and tuple(header) != Prediction.FIELDS:
-                raise ValueError(f"{getattr(fh, 'name', 'the output')}: its columns are {header}, not those of `pneumoscope predict` "
+                raise UsageError(f"{getattr(fh, 'name', 'the output')}: its columns are {header}, not those of `pneumoscope predict` "
                                  f"({', '.join(Prediction.FIELDS)}). Fix: give another --out, or --overwrite to replace it")  # fmt: skip
             lines.clear()
             for row in reader:
@@ -306,15 +307,15 @@ def require_out_format(out: Path, *, resume: bool = False, suffix: str | None = 
     """The output's format (its suffix, unless ``suffix`` is given), or an error if this module cannot write (or resume) it."""
     suffix = suffix or out.suffix.lower()
     if suffix not in OUT_SUFFIXES:
-        raise ValueError(f"--out {out}: the suffix {suffix or 'none'!r} names no format. Fix: end it in {', '.join(OUT_SUFFIXES)}")
+        raise UsageError(f"--out {out}: the suffix {suffix or 'none'!r} names no format. Fix: end it in {', '.join(OUT_SUFFIXES)}")
     if suffix == ".parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError as err:
-            raise ValueError(f"--out {out}: writing Parquet needs pyarrow, which is not installed. Fix: `pip install pyarrow`, "
+            raise UsageError(f"--out {out}: writing Parquet needs pyarrow, which is not installed. Fix: `pip install pyarrow`, "
                              "or write .csv or .jsonl") from err  # fmt: skip
         if resume:
-            raise ValueError(f"--out {out}: a Parquet file killed half-way cannot be read, so it cannot be resumed. Fix: write .csv or .jsonl for a resumable run")
+            raise UsageError(f"--out {out}: a Parquet file killed half-way cannot be read, so it cannot be resumed. Fix: write .csv or .jsonl for a resumable run")
     return suffix
 
 
@@ -374,7 +375,7 @@ def predict_to(
     todo, resumed, failed = items, 0, 0
     files = contextlib.ExitStack()
     if out is None and resume:
-        raise ValueError("--resume continues the rows written to --out, and there is no --out. Fix: add --out FILE.csv (or .jsonl)")
+        raise UsageError("--resume continues the rows written to --out, and there is no --out. Fix: add --out FILE.csv (or .jsonl)")
     if out is None:
         fmt = JsonArrayFormat() if stdout_format == "json" else CsvFormat()
         sink = TextSink(stdout or sys.stdout, fmt, new=True)
@@ -383,7 +384,7 @@ def predict_to(
         suffix = require_out_format(out, resume=resume, suffix=suffix)
         exists = out.exists()
         if exists and not (resume or overwrite):
-            raise ValueError(f"--out {out} exists. Fix: --resume to continue it, --overwrite to replace it, or another --out")
+            raise UsageError(f"--out {out} exists. Fix: --resume to continue it, --overwrite to replace it, or another --out")
         if suffix == ".parquet":
             sink = ParquetSink(out)
         else:
@@ -443,12 +444,12 @@ def predict_distributed(predictor: Predictor, items: list[Item], out: str | os.P
 
     rank, world = distributed_world()
     if out is None:
-        raise ValueError(f"under torchrun (WORLD_SIZE={world}) each rank writes a shard beside the output, so predict needs --out. Fix: add --out FILE.csv or FILE.jsonl")
+        raise UsageError(f"under torchrun (WORLD_SIZE={world}) each rank writes a shard beside the output, so predict needs --out. Fix: add --out FILE.csv or FILE.jsonl")
     out = Path(out)
     if out.suffix.lower() not in TEXT_FORMATS:
-        raise ValueError(f"--out {out}: under torchrun the output is merged from shards, in {', '.join(TEXT_FORMATS)} only. Fix: write .csv or .jsonl")
+        raise UsageError(f"--out {out}: under torchrun the output is merged from shards, in {', '.join(TEXT_FORMATS)} only. Fix: write .csv or .jsonl")
     if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists. Fix: --overwrite to replace it, or another --out (--resume continues a run's shards, not a finished output)")
+        raise UsageError(f"--out {out} exists. Fix: --overwrite to replace it, or another --out (--resume continues a run's shards, not a finished output)")
     dist.init_process_group("gloo")
     try:
         size = kw.get("batch_size", 32)
@@ -478,13 +479,13 @@ def merge_shards(out: Path, world: int, expected: int, batch_size: int) -> Summa
                 r = k // batch_size % world  # the rank that predicted item k
                 rec = next(readers[r], None)
                 if rec is None:
-                    raise RuntimeError(f"{shards[r]}: ends early, short of its share of the {expected} inputs "
+                    raise StateError(f"{shards[r]}: ends early, short of its share of the {expected} inputs "
                                        "(a rank stopped early). Fix: run the same command again with --resume")  # fmt: skip
                 dst.write(rec.raw)
                 rows, failed = rows + 1, failed + rec.failed
             extra = [str(s) for s, r in zip(shards, readers) if next(r, None) is not None]
             if extra:
-                raise RuntimeError(f"{', '.join(extra)}: more rows than this run's {expected} inputs (left by a run over other inputs?). "
+                raise StateError(f"{', '.join(extra)}: more rows than this run's {expected} inputs (left by a run over other inputs?). "
                                    "Fix: run again with --overwrite and without --resume")  # fmt: skip
             dst.flush()
             os.fsync(dst.fileno())

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .errors import StateError, UsageError
+
 
 @dataclass(frozen=True)
 class LoggerSpec:
@@ -44,11 +46,11 @@ MLFLOW_EXPERIMENT = "pneumoscope"  # $MLFLOW_EXPERIMENT_NAME overrides it, as in
 def check_logger(name: str) -> None:
     """Fail before any work when ``name`` is unknown or its packages are not installed."""
     if name not in LOGGERS:
-        raise ValueError(f"logger must be one of {list(LOGGERS)}, got {name!r}")
+        raise UsageError(f"logger must be one of {list(LOGGERS)}, got {name!r}")
     spec = LOGGERS[name]
     missing = [m for m in spec.modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(
+        raise StateError(
             f"--logger {name} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed. "
             f"Fix: {spec.install} (or pip install -e '.[{name}]' in a source checkout), or use --logger csv."
         )

@@ -24,12 +24,12 @@ from torch import nn
 from . import data as data_mod
 from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
+from .errors import StateError, UsageError
 from .features import extract_features
-from .metrics import THRESHOLD_POLICIES, compute_clinical_metrics, compute_threshold, describe_policy, fit_temperature, mean_sd
+from .metrics import THRESHOLD_POLICIES, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
 from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
-from .predict import calibrated_probability
 from .tracking import LOGGERS, check_logger, describe_logs, training_loggers
 
 logger = logging.getLogger(__name__)
@@ -76,18 +76,18 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "patience", "batch_size", "hidden", "feature_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
         resolve_augment(self.augment)  # a typo fails before any work
         if self.finetune_epochs:
             self.finetune_config()  # and so does a stage-2 setting out of range
         if self.logger not in LOGGERS:
-            raise ValueError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
+            raise UsageError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
         if self.threshold_policy not in THRESHOLD_POLICIES:
-            raise ValueError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
+            raise UsageError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
         if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
-            raise ValueError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
+            raise UsageError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
 
 
     def finetune_config(self):
@@ -111,17 +111,17 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+            raise UsageError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         values.update(loaded)
     values.update(flags or {})
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         values[key.strip().replace("-", "_")] = yaml.safe_load(raw)  # YAML typing: 3e-5, true, null, [0.9, 1.1]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown training settings {unknown}; known: {sorted(fields)}")
+        raise UsageError(f"unknown training settings {unknown}; known: {sorted(fields)}")
     return TrainConfig(**{k: _coerce(k, str(fields[k].type), v) for k, v in values.items()})
 
 
@@ -137,14 +137,14 @@ def _coerce(key: str, annotation: str, value):
                 continue
     if "str" in annotation.split(" | "):
         return value
-    raise ValueError(f"setting {key} must be {annotation}, got {value!r}")
+    raise UsageError(f"setting {key} must be {annotation}, got {value!r}")
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:
     """Keras-style balanced weights n / (2 n_c), one per class."""
     counts = np.bincount(y.astype(int), minlength=2)
     if (counts == 0).any():
-        raise ValueError(f"training needs images of both classes, got counts {counts.tolist()} (NORMAL, PNEUMONIA)")
+        raise UsageError(f"training needs images of both classes, got counts {counts.tolist()} (NORMAL, PNEUMONIA)")
     return counts.sum() / (2.0 * counts)
 
 
@@ -340,13 +340,12 @@ def train_run(
         feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
                                  num_workers=config.num_workers, progress=progress)  # fmt: skip
     val_logits = head_logits(model.head, feats.features[va])
-    temperature = fit_temperature(val_logits, y[va])
-    val_prob = calibrated_probability(val_logits, temperature)
-    threshold = compute_threshold(y[va], val_prob, config.threshold_policy, config.threshold_target)
-    policy = describe_policy(config.threshold_policy, config.threshold_target)
+    point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target,
+                                fitted_on="validation data (the patient-level validation split)")
+    val_prob = point.probabilities(val_logits)
     val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
-    val_metrics = compute_clinical_metrics(y[va], val_prob, threshold, groups=val_groups, seed=config.seed)
-    logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], temperature, threshold, policy)
+    val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
+    logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], point.temperature, point.threshold, point.description)
 
     model.adapter = FeatureAdapter.reference(feats.features[tr], y[tr], seed=config.seed)  # identity; `adapt` fits it to a site
     model.ood = MahalanobisGuard.fit(feats.features[tr], feats.features[va], quantile=config.ood_quantile)
@@ -356,7 +355,7 @@ def train_run(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "config.json", resolved)
         description = describe(
-            model, threshold=threshold, threshold_policy=f"{policy} (the patient-level validation split)", temperature=temperature,
+            model, threshold=point.threshold, threshold_policy=point.description, temperature=point.temperature,
             metrics={"val": val_metrics},
             extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
                                 "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
@@ -404,14 +403,14 @@ def _finetune_stage(
 ) -> tuple[list[dict], dict] | None:
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
     from .augment import Augment
-    from .features import default_cache_dir
     from .finetune import ArrayDataset, finetune
     from .imagecache import build_image_array
+    from .paths import default_cache_dir
 
     size = model.preprocessing.input_size
     arr = build_image_array(dataset, records, size, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
     if len(arr.records) != len(records):
-        raise RuntimeError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
+        raise StateError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
     split = np.array([r.split for r in arr.records])
     y = np.array([r.label for r in arr.records])
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
