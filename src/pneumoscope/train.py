@@ -407,8 +407,7 @@ def _finetune_stage(
     from .imagecache import build_image_array
     from .paths import default_cache_dir
 
-    size = model.preprocessing.input_size
-    arr = build_image_array(dataset, records, size, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
+    arr = build_image_array(dataset, records, model.preprocessing, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
     if len(arr.records) != len(records):
         raise StateError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
     split = np.array([r.split for r in arr.records])
