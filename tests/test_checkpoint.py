@@ -62,6 +62,7 @@ def _edited(tmp_path, **changes):
      ({"ood": {"cutoff": float("nan")}}, "ood.cutoff must be finite"), ({"ood": {"cutoff": -3.0}}, "ood.cutoff must be >= 0"),
      ({"preprocessing__input_size": 100000}, r"input_size must be an integer in \[16, 1024\]"),
      ({"preprocessing__std": [0.5, 0.0, 0.5]}, "std must be > 0"),
+     ({"preprocessing__resize": "letterbox"}, r"resize must be one of \['bilinear-squash'\]"),
      ({"class_names": ["PNEUMONIA", "NORMAL"]}, "class_names must be")],
 )  # fmt: skip
 def test_a_description_that_would_change_answers_is_refused_on_load(tmp_path, changes, match):

@@ -15,7 +15,7 @@ from pneumoscope import data as D
 from pneumoscope.augment import Augment, AugmentConfig, resolve_augment
 from pneumoscope.finetune import AtomicCheckpointIO, frozen_modules
 from pneumoscope.imagecache import build_image_array
-from pneumoscope.models import create_model
+from pneumoscope.models import BACKBONES, Preprocessing, create_model
 from pneumoscope.train import load_train_config
 from tests.conftest import make_kaggle_tree
 
@@ -25,10 +25,11 @@ def test_image_cache_is_built_once_and_memory_mapped(kaggle_tree, tmp_path):
     bad = D.Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
     (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
     records = ds.records[:10] + [bad]
-    first = build_image_array(ds, records, 64, tmp_path, num_workers=0, progress=False)
+    pre64 = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    first = build_image_array(ds, records, pre64, tmp_path, num_workers=0, progress=False)
     assert isinstance(first.images, np.memmap) and first.images.shape == (10, 64, 64) and first.images.dtype == np.uint8
     assert [p for p, _ in first.problems] == [ds.display(bad)] and first.records == records[:10]
-    again = build_image_array(ds, records, 64, tmp_path, num_workers=0, progress=False)
+    again = build_image_array(ds, records, pre64, tmp_path, num_workers=0, progress=False)
     assert np.array_equal(np.asarray(first.images), np.asarray(again.images)) and again.records == first.records
     assert len(list((tmp_path / "images").glob("*.npy"))) == 1
     direct = D.DirReader(kaggle_tree).read_image(records[3].ref)
@@ -52,10 +53,35 @@ def test_image_cache_takes_full_size_kaggle_jpegs(tmp_path):
     paths = sorted((tmp_path / "data").glob("*/*.jpeg"))
     assert all(p.stat().st_size > 1_000_000 for p in paths)
     ds = D.scan(D.load_dataset(tmp_path / "data"))
-    arr = build_image_array(ds, ds.records, 224, tmp_path / "cache", num_workers=0, progress=False)
+    arr = build_image_array(ds, ds.records, BACKBONES["efficientnet_lite0"].preprocessing, tmp_path / "cache", num_workers=0, progress=False)
     assert arr.images.shape == (2, 224, 224) and not arr.problems
     full = resize_image(read_image(ds.display(arr.records[0])), 224)  # full decode, then resize
     assert np.abs(arr.images[0] / 255.0 - full).mean() < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_finetuning_tensors_are_the_preprocessing_contract_up_to_uint8_rounding(name, tmp_path):
+    """Stage 2 feeds the network what ``Preprocessing.apply`` (features, predict, serve) would,
+    except for the cache's uint8 rounding: at most half a grey level, in normalised units."""
+    from PIL import Image
+
+    from pneumoscope.finetune import ArrayDataset
+
+    pre = BACKBONES[name].preprocessing
+    root = make_kaggle_tree(tmp_path / "data", n_patients=2, test=False)
+    yy, xx = np.mgrid[0:700, 0:560]
+    big = 120 + 80 * np.sin(xx / 40.0) * np.cos(yy / 55.0)  # larger than any input size: decoded at reduced scale, then shrunk
+    Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(root / "train" / "NORMAL" / "IM-0900-0001.jpeg", quality=90)
+    ds = D.scan(D.load_dataset(root), progress=False)
+    arr = build_image_array(ds, ds.records, pre, tmp_path / "cache", num_workers=0, progress=False)
+    assert arr.records == ds.records and not arr.problems
+    tensors = ArrayDataset(arr.images, np.array([r.label for r in arr.records]), pre, None)
+    half_level = (0.5 / 255 + 1e-6) / np.asarray(pre.std, np.float32)[:, None, None]
+    for i, record in enumerate(arr.records):
+        x, _ = tensors[i]
+        expected = pre.apply(ds.reader.read_image(record.ref, draft_size=pre.input_size))
+        assert x.shape == expected.shape == (pre.in_chans, pre.input_size, pre.input_size) and x.dtype == torch.float32
+        assert (np.abs(x.numpy() - expected) <= half_level).all(), ds.display(record)
 
 
 def test_augmentation_keeps_range_and_is_seeded():

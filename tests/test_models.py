@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from pneumoscope.models import BACKBONES, create_model, load_imagenet_state_dict
+from pneumoscope.models import BACKBONES, RESIZE_METHODS, Preprocessing, create_model, load_imagenet_state_dict
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -33,6 +33,27 @@ def test_preprocessing_is_derived_from_the_registry():
         s = spec.preprocessing.input_size
         assert x.shape == (3, s, s)
         np.testing.assert_allclose(x[0].mean(), (0.5 - spec.preprocessing.mean[0]) / spec.preprocessing.std[0], atol=0.02)
+
+
+def test_preprocessing_refuses_an_unknown_resize():
+    assert Preprocessing(224, (0.5,) * 3, (0.5,) * 3).resize in RESIZE_METHODS
+    with pytest.raises(ValueError, match="resize must be one of .*'bilinear-squash'.*got 'letterbox'"):
+        Preprocessing(224, (0.5,) * 3, (0.5,) * 3, resize="letterbox")
+    with pytest.raises(ValueError, match="resize must be one of"):
+        Preprocessing.from_dict({"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "in_chans": 3, "resize": "nearest"})
+
+
+def test_preprocessing_apply_is_resize_then_normalize():
+    pre = BACKBONES["resnet50"].preprocessing
+    img = np.random.default_rng(0).uniform(size=(100, 80)).astype(np.float32)
+    small = pre.resize_image(img)
+    assert small.shape == (224, 224) and small.dtype == np.float32
+    x = pre.apply(img)
+    np.testing.assert_array_equal(x, pre.normalize(small[None]))
+    np.testing.assert_array_equal(x, pre.normalize(torch.tensor(small)[None]).numpy())  # torch in, torch out: the same numbers
+    np.testing.assert_allclose(x[1], (small - pre.mean[1]) / pre.std[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="normalize takes a"):
+        pre.normalize(small[None].repeat(2, axis=0))
 
 
 def _imagenet_top1(name: str, image: np.ndarray) -> int:

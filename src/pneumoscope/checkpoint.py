@@ -20,7 +20,7 @@ from safetensors.torch import save
 from .data import CLASS_NAMES
 from .errors import MissingFileError, PneumoscopeError
 from .outputs import write_bytes_atomic
-from .models import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
+from .models import RESIZE_METHODS, FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
 
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 1
@@ -132,6 +132,8 @@ def validate_description(description: dict, source: str | os.PathLike) -> dict:
             if key == "std" and number(v, "preprocessing.std") <= 0:
                 raise refuse("preprocessing.std", "> 0", values)
             number(v, f"preprocessing.{key}")
+    if not isinstance(pre.get("resize", "bilinear-squash"), str) or pre.get("resize", "bilinear-squash") not in RESIZE_METHODS:
+        raise refuse("preprocessing.resize", f"one of {list(RESIZE_METHODS)}", pre.get("resize"))
     names = description.get("class_names", list(CLASS_NAMES))
     if list(names) != list(CLASS_NAMES):
         raise refuse("class_names", f"{list(CLASS_NAMES)} (the positive class is index 1)", names)

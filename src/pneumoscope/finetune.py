@@ -28,7 +28,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .augment import Augment
 from .errors import MissingFileError, StateError, UsageError
-from .models import PneumoniaClassifier, get_spec
+from .models import PneumoniaClassifier, Preprocessing, get_spec
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,12 @@ class FinetuneConfig:
 
 
 class ArrayDataset(TorchDataset):
-    """Rows of a uint8 (N, S, S) array -> normalised (C, S, S) tensors, augmented when training."""
+    """Rows of a uint8 (N, S, S) array (already resized, see ``imagecache``) -> (C, S, S) tensors
+    normalised by ``preprocessing.normalize``, augmented before that when training."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing, augment: Augment | None, seed: int = 0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, augment: Augment | None, seed: int = 0):
         self.images, self.labels = images, labels.astype(np.float32)
-        self.mean = torch.tensor(preprocessing.mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(preprocessing.std, dtype=torch.float32)[:, None, None]
-        self.chans, self.augment, self.seed, self.epoch = preprocessing.in_chans, augment, seed, 0
+        self.preprocessing, self.augment, self.seed, self.epoch = preprocessing, augment, seed, 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,7 +78,7 @@ class ArrayDataset(TorchDataset):
             x = self.augment(img, g)
         else:
             x = img.float() / 255.0
-        return (x.expand(self.chans, -1, -1) - self.mean) / self.std, self.labels[i]
+        return self.preprocessing.normalize(x), self.labels[i]  # (C, S, S)
 
 
 def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.Module]:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .data import Dataset, Record
-from .io import ImageReadError, resize_image
+from .io import ImageReadError
+from .models import Preprocessing
 from .outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -37,22 +38,23 @@ class ImageArray:
 
 
 class _Decode(TorchDataset):
-    def __init__(self, dataset: Dataset, records: list[Record], size: int):
-        self.reader, self.records, self.size = dataset.reader, records, size
+    def __init__(self, dataset: Dataset, records: list[Record], preprocessing: Preprocessing):
+        self.reader, self.records, self.preprocessing = dataset.reader, records, preprocessing
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
         try:
-            img = resize_image(self.reader.read_image(self.records[i].ref, draft_size=self.size), self.size)
+            img = self.preprocessing.resize_image(self.reader.read_image(self.records[i].ref, draft_size=self.preprocessing.input_size))
             return i, np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), ""
         except (ImageReadError, OSError, KeyError) as err:
             return i, None, str(getattr(err, "reason", err))
 
 
-def cache_key(records: list[Record], size: int) -> str:
-    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "size": size, "resize": "bilinear-squash"}).encode())
+def cache_key(records: list[Record], preprocessing: Preprocessing) -> str:
+    """What the array depends on: the images and how they were resized (not mean/std: normalisation comes later)."""
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "size": preprocessing.input_size, "resize": preprocessing.resize}).encode())
     for r in records:
         if not r.content_hash:
             raise ValueError(f"{r.ref}: no content hash; scan the dataset first (pneumoscope.data.scan)")
@@ -61,13 +63,15 @@ def cache_key(records: list[Record], size: int) -> str:
 
 
 def build_image_array(
-    dataset: Dataset, records: list[Record], size: int, cache_dir: str | os.PathLike, *, num_workers: int = 2, progress: bool = True
+    dataset: Dataset, records: list[Record], preprocessing: Preprocessing, cache_dir: str | os.PathLike, *, num_workers: int = 2,
+    progress: bool = True,
 ) -> ImageArray:
-    """The (N, S, S) uint8 array for ``records``, from the cache or built now."""
+    """The (N, S, S) uint8 array for ``records`` resized by ``preprocessing.resize_image``, from the cache or built now."""
     from tqdm.auto import tqdm
 
+    size = preprocessing.input_size
     folder = Path(cache_dir) / "images"
-    key = cache_key(records, size)
+    key = cache_key(records, preprocessing)
     array_path, index_path = folder / f"{key}.npy", folder / f"{key}.json"
     if array_path.is_file() and index_path.is_file():
         index = json.loads(index_path.read_text())
@@ -80,7 +84,7 @@ def build_image_array(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), size, size))
         ok = np.zeros(len(records), bool)
         problems = []
-        loader = DataLoader(_Decode(dataset, records, size), batch_size=64, num_workers=num_workers, collate_fn=list)
+        loader = DataLoader(_Decode(dataset, records, preprocessing), batch_size=64, num_workers=num_workers, collate_fn=list)
         with tqdm(total=len(records), desc="decode", unit="img", disable=not progress) as bar:
             for batch in loader:
                 for i, img, why in batch:

@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
 from .errors import UsageError
 from .features import FeatureResult, extract_features
-from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, resize_image, screen_image, to_image
+from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, screen_image, to_image
 from .metrics import calibrated_probability, decide
 from .models import Preprocessing
 
@@ -216,7 +216,7 @@ class Predictor:
 
     def preprocessing_view(self, image: np.ndarray) -> np.ndarray:
         """The image as the model sees it, before normalisation: (S, S) in [0, 1], for display."""
-        return resize_image(require_decoded(image), self.preprocessing.input_size)
+        return self.preprocessing.resize_image(require_decoded(image))
 
     def read(self, path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
         return read_image(path, data, draft_size=self.preprocessing.input_size)

@@ -1,7 +1,9 @@
 """Train the notebook's frozen-backbone model, fast: cache features once, fit the head.
 
 ``fit_head`` is the training loop (read it top to bottom); ``train_run`` is the
-whole command: data -> split -> features -> head -> threshold -> run folder.
+whole command, one private function per phase, in order: claim the output folder ->
+prepare data (split, scan, leakage) -> extract features -> fit the head -> [fine-tune]
+-> fit the operating point -> fit the adapter reference and OOD guard -> write the run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +27,8 @@ from . import data as data_mod
 from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
 from .errors import StateError, UsageError
-from .features import extract_features
-from .metrics import THRESHOLD_POLICIES, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
+from .features import FeatureResult, extract_features
+from .metrics import THRESHOLD_POLICIES, OperatingPoint, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
 from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
@@ -287,15 +289,60 @@ def train_run(
     """The ``pneumoscope train`` command. Returns the run folder (None in non-zero distributed ranks)."""
     check_logger(config.logger)  # a missing package fails before any work
     work = work_dir_for(out)
-    if not _is_launched_rank():
-        check_output_dir(out, overwrite)
-        if config.finetune_epochs and work.exists() and not resume:
-            if not overwrite:
-                raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
-            shutil.rmtree(work)
-        # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint
-        shutil.rmtree(work / "logs", ignore_errors=True)
+    _claim_output(out, work, config, overwrite=overwrite, resume=resume)
     t0 = time.perf_counter()
+    dataset, leakage = _prepare_data(data, config, progress=progress)
+    model, feats, fit_split, problems = _extract_features(data, dataset, config, progress=progress)
+    t_feat = time.perf_counter() - t0
+
+    resolved = {**asdict(config), "data": str(Path(data).absolute())}
+    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=Path(out) / "logs", enabled=not _is_launched_rank()) as logs:
+        logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
+        x, (y, tr, va) = feats.features, fit_split
+        history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
+        finetuned: tuple[list[dict], dict] | None = ([], {})  # (history, facts) of stage 2
+        if config.finetune_epochs:
+            finetuned = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
+            if finetuned is None:
+                return None  # a launched rank: rank 0 writes the run
+    if config.finetune_epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
+        feats = _features(model, dataset, feats.records, config, progress=progress)
+
+    point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
+    ood = _fit_reference_and_guard(model, feats, fit_split, config)
+    _write_run(out, work, model, dataset, config, resolved=resolved, leakage=leakage, feats=feats, fit_split=fit_split, problems=problems,
+               head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, overwrite=overwrite)  # fmt: skip
+    logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
+    if config.logger != "csv":
+        logger.info("training logs: %s", describe_logs(config.logger, Path(out) / "logs"))
+    if problems:
+        logger.warning("%d images were skipped; see %s", len(problems), Path(out) / "skipped.csv")
+    return Path(out)
+
+
+class _FitSplit(NamedTuple):
+    """Labels and train/validation masks of the images features were extracted for (fixed for the whole run)."""
+
+    y: np.ndarray
+    train: np.ndarray  # bool
+    val: np.ndarray  # bool
+
+
+def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an existing run or unfinished fine-tuning state unless told what to do with it; launched ranks touch nothing."""
+    if _is_launched_rank():
+        return
+    check_output_dir(out, overwrite)
+    if config.finetune_epochs and work.exists() and not resume:
+        if not overwrite:
+            raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
+        shutil.rmtree(work)
+    # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint
+    shutil.rmtree(work / "logs", ignore_errors=True)
+
+
+def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[data_mod.Dataset, dict]:
+    """Load, split by patient, scan (content hashes) and check for leakage: (dataset, leakage report)."""
     dataset = data_mod.load_dataset(data)
     records = prepare_records(dataset, config)
     dataset = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
@@ -306,13 +353,14 @@ def train_run(
         logger.warning("%d images are identical (same bytes) across splits, e.g. %s; validation and test figures may be optimistic. "
                        "Fix: remove the copies (`pneumoscope data inspect --json` lists them all)",
                        len(leakage["duplicates_across_splits"]), leakage["duplicates_across_splits"][0])  # fmt: skip
+    return dataset, leakage
 
+
+def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config: TrainConfig, *, progress: bool):
+    """Create the model and extract (cached) features of the train and val images: (model, features, fit split, skipped images)."""
     torch.manual_seed(config.seed)  # the head's initial weights
     model = create_model(config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout)
-    fit_rows = [r for r in dataset.records if r.split in ("train", "val")]
-    feats = extract_features(
-        model, dataset, fit_rows, cache_dir=config.cache_dir, batch_size=config.feature_batch_size, num_workers=config.num_workers, progress=progress
-    )
+    feats = _features(model, dataset, [r for r in dataset.records if r.split in ("train", "val")], config, progress=progress)
     problems = list(dataset.problems) + feats.problems
     split = np.array([r.split for r in feats.records])
     y = np.array([r.label for r in feats.records])
@@ -321,24 +369,18 @@ def train_run(
         raise data_mod.DataError(
             f"{data}: the validation split has {int(va.sum())} images and needs both classes; use more data or a larger --val-fraction."
         )
-    t_feat = time.perf_counter() - t0
+    return model, feats, _FitSplit(y, tr, va), problems
 
-    resolved = {**asdict(config), "data": str(Path(data).absolute())}
-    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=Path(out) / "logs", enabled=not _is_launched_rank()) as logs:
-        logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
-        history, best_epoch = fit_model_head(model, feats.features[tr], y[tr], feats.features[va], y[va], config, progress=progress, loggers=logs.head)
-        stage = "frozen backbone, head only"
-        finetune_history: list[dict] = []
-        finetune_facts: dict = {}
-        if config.finetune_epochs:
-            result = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
-            if result is None:
-                return None  # a launched rank: rank 0 writes the run
-            finetune_history, finetune_facts = result
-            stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
-    if config.finetune_epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
-        feats = extract_features(model, dataset, feats.records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
-                                 num_workers=config.num_workers, progress=progress)  # fmt: skip
+
+def _features(model, dataset: data_mod.Dataset, records: list[data_mod.Record], config: TrainConfig, *, progress: bool) -> FeatureResult:
+    """Pooled backbone features of ``records`` through the feature cache."""
+    return extract_features(model, dataset, records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
+                            num_workers=config.num_workers, progress=progress)  # fmt: skip
+
+
+def _fit_operating_point(model, feats: FeatureResult, fit_split: _FitSplit, config: TrainConfig) -> tuple[OperatingPoint, dict]:
+    """Temperature and threshold on the validation split: (operating point, validation metrics)."""
+    y, va = fit_split.y, fit_split.val
     val_logits = head_logits(model.head, feats.features[va])
     point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target,
                                 fitted_on="validation data (the patient-level validation split)")
@@ -346,12 +388,30 @@ def train_run(
     val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
     val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
     logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], point.temperature, point.threshold, point.description)
+    return point, val_metrics
 
-    model.adapter = FeatureAdapter.reference(feats.features[tr], y[tr], seed=config.seed)  # identity; `adapt` fits it to a site
+
+def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: _FitSplit, config: TrainConfig) -> dict:
+    """The feature adapter's training reference and the OOD guard, set on ``model``; returns the guard's description."""
+    tr, va = fit_split.train, fit_split.val
+    model.adapter = FeatureAdapter.reference(feats.features[tr], fit_split.y[tr], seed=config.seed)  # identity; `adapt` fits it to a site
     model.ood = MahalanobisGuard.fit(feats.features[tr], feats.features[va], quantile=config.ood_quantile)
-    ood = {"method": "mahalanobis distance of pooled backbone features (Ledoit-Wolf covariance of the training split)",
-           "cutoff": float(model.ood.cutoff), "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances"}  # fmt: skip
+    return {"method": "mahalanobis distance of pooled backbone features (Ledoit-Wolf covariance of the training split)",
+            "cutoff": float(model.ood.cutoff), "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances"}  # fmt: skip
 
+
+def _write_run(
+    out: str | os.PathLike, work: Path, model, dataset: data_mod.Dataset, config: TrainConfig, *, resolved: dict, leakage: dict,
+    feats: FeatureResult, fit_split: _FitSplit, problems: list, head_fit: tuple[list[dict], int], finetuned: tuple[list[dict], dict],
+    point: OperatingPoint, val_metrics: dict, ood: dict, overwrite: bool,
+) -> None:  # fmt: skip
+    """Checkpoint, description, histories, splits and figures into a staging folder renamed to ``out``; then drop the work folder."""
+    history, best_epoch = head_fit
+    finetune_history, finetune_facts = finetuned
+    tr, va = fit_split.train, fit_split.val
+    stage = "frozen backbone, head only"
+    if config.finetune_epochs:
+        stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "config.json", resolved)
         description = describe(
@@ -390,12 +450,6 @@ def train_run(
         _sample_grid(dataset, feats.records, tmp / "samples.png", seed=config.seed)
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)  # the run is complete: nothing left to resume
-    logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
-    if config.logger != "csv":
-        logger.info("training logs: %s", describe_logs(config.logger, Path(out) / "logs"))
-    if problems:
-        logger.warning("%d images were skipped; see %s", len(problems), Path(out) / "skipped.csv")
-    return Path(out)
 
 
 def _finetune_stage(
@@ -407,8 +461,7 @@ def _finetune_stage(
     from .imagecache import build_image_array
     from .paths import default_cache_dir
 
-    size = model.preprocessing.input_size
-    arr = build_image_array(dataset, records, size, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
+    arr = build_image_array(dataset, records, model.preprocessing, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
     if len(arr.records) != len(records):
         raise StateError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
     split = np.array([r.split for r in arr.records])
