@@ -50,11 +50,11 @@ class Preprocessing:
 
     def __post_init__(self):
         if self.input_size < 16:
-            raise ValueError(f"input_size must be at least 16, got {self.input_size!r}")
+            raise UsageError(f"input_size must be at least 16, got {self.input_size!r}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"mean and std need {self.in_chans} values, got {self.mean!r} and {self.std!r}")
+            raise UsageError(f"mean and std need {self.in_chans} values, got {self.mean!r} and {self.std!r}")
         if self.resize not in RESIZE_METHODS:
-            raise ValueError(f"resize must be one of {list(RESIZE_METHODS)}, got {self.resize!r}. Fix: use one of those (a newer version may know more)")
+            raise UsageError(f"resize must be one of {list(RESIZE_METHODS)}, got {self.resize!r}. Fix: use one of those (a newer version may know more)")
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float32 in [0, 1] -> (C, S, S) float32, normalised."""
