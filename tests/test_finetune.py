@@ -309,3 +309,10 @@ def test_regularisation_settings_out_of_range_fail_before_any_work():
         TrainConfig(finetune_epochs=1, finetune_ema=1.0)
     with pytest.raises(ValueError, match="mixup"):
         TrainConfig(finetune_epochs=1, finetune_mixup=-0.1)
+
+
+def test_an_unknown_unfreeze_fails_before_any_work():
+    from pneumoscope.train import TrainConfig
+
+    with pytest.raises(ValueError, match="unfreeze must be one of"):
+        TrainConfig(finetune_epochs=1, unfreeze="some")

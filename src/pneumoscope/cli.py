@@ -27,14 +27,15 @@ def _exit_status(skipped: int) -> int:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Training options. Defaults come from TrainConfig, then --config YAML, then these flags, then --set."""
-    from .models import BACKBONES
+    from .augment import PRESETS
+    from .models import BACKBONES, PRETRAINED, UNFREEZE
     from .tracking import LOGGERS
 
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML file of training settings (TrainConfig field names)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set finetune_lr=3e-5")
     p.add_argument("--backbone", choices=sorted(BACKBONES), default=S, help="default efficientnet_lite0")
-    p.add_argument("--pretrained", choices=["imagenet", "none"], default=S, help="ImageNet weights or random initialisation")
+    p.add_argument("--pretrained", choices=PRETRAINED, default=S, help="ImageNet weights or random initialisation")
     p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
     p.add_argument("--epochs", type=int, default=S, help="head epochs (default 100)")
     p.add_argument("--patience", type=int, default=S, help="early stopping on val loss (default 10)")
@@ -45,11 +46,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", dest="num_workers", type=int, default=S, help="image decoding worker processes (default 1)")
     p.add_argument("--cache-dir", default=S, help="feature and image cache (default: $PNEUMOSCOPE_CACHE or the user cache dir)")
     p.add_argument("--finetune-epochs", type=int, default=S, help="stage 2: fine-tune the backbone for up to N epochs (default 0: off)")
-    p.add_argument("--unfreeze", choices=["top", "all"], default=S, help="stage 2: the top layers (default) or the whole backbone")
+    p.add_argument("--unfreeze", choices=UNFREEZE, default=S, help="stage 2: the top layers (default) or the whole backbone")
     p.add_argument("--finetune-lr", type=float, default=S, help="stage 2 AdamW learning rate for the backbone (head 10x; default 1e-4)")
     a = p.add_mutually_exclusive_group()
     a.add_argument("--augment", metavar="PRESET", default=S,
-                   help="stage 2 augmentation: default, none, geometric, intensity, default+hflip or strong (see BENCHMARKS.md)")
+                   help=f"stage 2 augmentation: {', '.join(PRESETS)} (see BENCHMARKS.md)")
     a.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=S, help="stage 2 without augmentation")
     p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
     p.add_argument("--num-nodes", type=int, default=S)

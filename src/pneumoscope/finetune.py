@@ -28,7 +28,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .augment import Augment
 from .errors import MissingFileError, StateError, UsageError
-from .models import PneumoniaClassifier, Preprocessing, get_spec
+from .models import UNFREEZE, PneumoniaClassifier, Preprocessing, get_spec
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class FinetuneConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of image pairs and their labels (e.g. 0.2); 0: off
 
     def __post_init__(self):
+        if self.unfreeze not in UNFREEZE:
+            raise UsageError(f"unfreeze must be one of {list(UNFREEZE)}, got {self.unfreeze!r}")
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"finetune ema (a decay) must be in [0, 1), got {self.ema!r}")
         if self.mixup < 0:
@@ -85,7 +87,7 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
     """The backbone modules that stay frozen (requires_grad off, eval mode)."""
     if unfreeze == "all":
         return []
-    if unfreeze != "top":
+    if unfreeze not in UNFREEZE:
         raise UsageError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
     top = {id(m) for name in get_spec(model.backbone_name).top_layers for m in model.backbone.get_submodule(name).modules()}
     def owns_state(m) -> bool:  # holds weights or BatchNorm statistics itself

@@ -184,6 +184,8 @@ def _ensemble_spec(*members: str) -> BackboneSpec:
 
 BACKBONES["efficientnet_lite0+2"] = _ensemble_spec("efficientnet_lite0", "efficientnet_lite2")
 DEFAULT_BACKBONE = "efficientnet_lite0"
+PRETRAINED = ("imagenet", "none")  # ImageNet weights (the registry's, or a local file) or random initialisation
+UNFREEZE = ("top", "all")  # what stage 2 trains: the registry's top layers, or the whole backbone
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -459,7 +461,7 @@ def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | o
     import timm
 
     spec = get_spec(name)
-    if pretrained not in ("imagenet", "none"):
+    if pretrained not in PRETRAINED:
         raise UsageError(f"pretrained must be 'imagenet' or 'none', got {pretrained!r}")
     if spec.members:
         if weights is not None:
