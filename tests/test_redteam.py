@@ -268,7 +268,7 @@ def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog
 @pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
 def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
     from pneumoscope.data import load_dataset, scan
-    from pneumoscope.features import FeatureCache, extract_features, model_key
+    from pneumoscope.features import extract_features, part_caches
     from pneumoscope.models import create_model
 
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
@@ -276,7 +276,8 @@ def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_pa
     records = dataset.records[:2]
     first = extract_features(model, dataset, records, cache_dir=tmp_path, progress=False)
     dim = first.features.shape[1]
-    cache = FeatureCache(tmp_path, model_key(model), dim=dim)
+    (cache,) = part_caches(model, tmp_path)
+    assert cache.dim == dim
     entry = cache._path(records[0].content_hash)
     bad = {"wrong shape": np.zeros(dim + 1, np.float32), "nan": np.full(dim, np.nan, np.float32), "not a float": np.zeros(dim, np.int64)}[damage]
     entry.write_bytes(outputs.npy_bytes(bad))

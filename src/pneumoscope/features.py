@@ -62,12 +62,6 @@ class FeatureCache:
         write_bytes_atomic(self._path(content_hash), npy_bytes(np.asarray(feature, dtype=np.float32)))
 
 
-def model_key(model: PneumoniaClassifier) -> str:
-    """The cache key of a single-backbone model's features (see :func:`part_caches` for ensembles)."""
-    (name, module), = model.feature_parts()
-    return _part_key(name, module, model)
-
-
 def _part_key(name: str, module, model: PneumoniaClassifier) -> str:
     payload = json.dumps({"backbone": weights_fingerprint(name, module), "pre": model.preprocessing.to_dict(), "v": FEATURE_VERSION}, sort_keys=True)
     return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
