@@ -226,15 +226,16 @@ def fit_head(
 def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig", *, progress: bool = True, loggers: Sequence = ()) -> tuple[list[dict], int]:
     """Stage 1: the model's head on its frozen features. An ensemble's members get one head
     each, fitted on their own features and packed into one head that averages their logits
-    (averaging measured better on `test/` than one head on the joined features, BENCHMARKS.md).
+    (on `test/`, as good as one head on the joined features and steadier across seeds, BENCHMARKS.md).
     Returns the (first member's) history and best epoch; ``loggers`` get that history."""
     kw = dict(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=config.lr,
               weight_decay=config.weight_decay, seed=config.seed, progress=progress)  # fmt: skip
-    widths = [module.num_features for _, module in model.feature_parts()]
-    if len(widths) == 1:
+    parts = model.feature_parts()
+    if len(parts) == 1:
         return fit_head(model.head, x_train, y_train, x_val, y_val, loggers=loggers, **kw)
+    widths = [module.num_features for _, module in parts]
     heads, fits, start = [], [], 0
-    for (name, _), width in zip(model.feature_parts(), widths):
+    for (name, _), width in zip(parts, widths):
         cols = slice(start, start + width)
         head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p)
         fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, loggers=loggers if not fits else (), **kw))
