@@ -1,5 +1,6 @@
 """Stage 2 (issue 3): image cache, augmentation, Lightning fine-tuning, DDP on CPU, resume after kill -9."""
 
+import json
 import os
 import signal
 import subprocess
@@ -108,7 +109,7 @@ def test_augmentation_settings_resolve_to_configs():
         resolve_augment({"flip": 1})
     with pytest.raises(ValueError, match="one of"):  # a typo fails when the config is read, before any work
         load_train_config(None, {}, ["augment=geometrc"])
-    assert load_train_config(None, {}, ["augment={hflip_p: 0.5}"]).augment == {"hflip_p": 0.5}
+    assert load_train_config(None, {}, ["augment={hflip_p: 0.5}"]).finetune.augment == {"hflip_p": 0.5}
 
 
 def test_auto_precision_uses_bf16_only_on_a_cpu_that_has_it(monkeypatch):
@@ -153,7 +154,26 @@ def test_yaml_config_then_flags_then_set(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("finetune_epochs: 3\nfinetune_lr: 1.0e-4\nseed: 5\n")
     c = load_train_config(cfg, {"seed": 7}, ["finetune_lr=3e-5", "augment=false", "unfreeze=all"])
-    assert (c.finetune_epochs, c.seed, c.finetune_lr, c.augment, c.unfreeze) == (3, 7, 3e-5, False, "all")
+    assert (c.finetune.epochs, c.seed, c.finetune.lr, c.finetune.augment, c.finetune.unfreeze) == (3, 7, 3e-5, False, "all")
+    assert c.lr == 1e-3  # a bare name is the run's own (the head's learning rate) where it has one
+
+
+def test_stage2_settings_nested_or_flat_are_one_setting(tmp_path):
+    """finetune.lr, finetune_lr and a nested YAML mapping (as config.json writes it) set the same field."""
+    import dataclasses
+
+    from pneumoscope.train import TrainConfig
+
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("finetune:\n  epochs: 2\n  lr: 3.0e-5\n  ema: 0.999\nlr: 0.01\n")
+    a = load_train_config(nested)
+    b = load_train_config(None, {"finetune_epochs": 2}, ["finetune.lr=3e-5", "finetune_ema=0.999", "lr=0.01"])
+    assert a == b and (a.finetune.epochs, a.finetune.lr, a.finetune.ema, a.lr) == (2, 3e-5, 0.999, 0.01)
+    saved = tmp_path / "config.yaml"  # a run's resolved settings read back as a config file give the same run
+    saved.write_text(json.dumps(dataclasses.asdict(a)))
+    assert load_train_config(saved) == a == TrainConfig(**json.loads(saved.read_text()))
+    with pytest.raises(ValueError, match="unknown training settings"):
+        load_train_config(None, {}, ["finetune.learning_rate=1"])
     with pytest.raises(ValueError, match="unknown training settings"):
         load_train_config(None, {}, ["learning_rate=1"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
@@ -284,8 +304,8 @@ def _tiny_finetune(tmp_path, **settings):
     val = ArrayDataset(images[16:], labels[16:], model.preprocessing, None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()  # as stage 1's feature extraction leaves it: fine-tuning must still train in train mode
-    config = FinetuneConfig(epochs=2, unfreeze="all", lr=1e-2, batch_size=8, accelerator="cpu", num_workers=0, precision="32-true", **settings)
-    finetune(model, train, val, config, tmp_path / "work", progress=False)
+    config = FinetuneConfig(epochs=2, unfreeze="all", lr=1e-2, batch_size=8, accelerator="cpu", precision="32-true", **settings)
+    finetune(model, train, val, config, tmp_path / "work", num_workers=0, progress=False)
     return before, model.state_dict()
 
 
@@ -303,16 +323,18 @@ def test_regularised_finetuning_freezes_batchnorm_and_averages_weights(tmp_path)
 
 
 def test_regularisation_settings_out_of_range_fail_before_any_work():
-    from pneumoscope.train import TrainConfig
-
     with pytest.raises(ValueError, match="ema"):
-        TrainConfig(finetune_epochs=1, finetune_ema=1.0)
+        load_train_config(None, {}, ["finetune.epochs=1", "finetune.ema=1.0"])
     with pytest.raises(ValueError, match="mixup"):
-        TrainConfig(finetune_epochs=1, finetune_mixup=-0.1)
+        load_train_config(None, {}, ["finetune.epochs=1", "finetune_mixup=-0.1"])
+    with pytest.raises(ValueError, match="finetune patience must be at least 1"):
+        load_train_config(None, {}, ["finetune.patience=0"])
 
 
 def test_an_unknown_unfreeze_fails_before_any_work():
-    from pneumoscope.train import TrainConfig
+    from pneumoscope.train import FinetuneConfig, TrainConfig
 
     with pytest.raises(ValueError, match="unfreeze must be one of"):
-        TrainConfig(finetune_epochs=1, unfreeze="some")
+        TrainConfig(finetune=FinetuneConfig(epochs=1, unfreeze="some"))
+    with pytest.raises(ValueError, match="unfreeze must be one of"):
+        load_train_config(None, {"unfreeze": "some"})

@@ -24,6 +24,10 @@ def test_backbone_contract(name):
     with torch.no_grad():
         fmap = model.eval().forward_features(x)
     assert fmap.ndim == 4 and fmap.shape[1] == model.head.fc1.in_features
+    # the model carries its registry entry and class names: stage 2 and the CAM checks read them there
+    assert model.spec is BACKBONES[name] and model.class_names == ("NORMAL", "PNEUMONIA")
+    for top in model.spec.top_layers:
+        assert isinstance(model.backbone.get_submodule(top), torch.nn.Module)
 
 
 def test_preprocessing_is_derived_from_the_registry():

@@ -122,7 +122,7 @@ def test_train_logs_both_stages_to_one_mlflow_run(small_tree, tmp_path):
     client, runs = _mlflow_runs(f"sqlite:///{run}/logs/mlflow.db")  # moved with the run: readable where the run is
     (logged_run,) = runs
     assert logged_run.info.status == "FINISHED" and logged_run.info.run_name == "run"
-    assert logged_run.data.params["epochs"] == "3" and logged_run.data.params["finetune_epochs"] == "2"
+    assert logged_run.data.params["epochs"] == "3" and logged_run.data.params["finetune/epochs"] == "2"
     history = {t: [(m.step, m.value) for m in client.get_metric_history(logged_run.info.run_id, t)] for t in {**HEAD_TAGS, **FINETUNE_TAGS}}
     _assert_logged(history, HEAD_TAGS, _history(run / "history.csv"))
     _assert_logged(history, FINETUNE_TAGS, _history(run / "finetune_history.csv"))

@@ -33,7 +33,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML file of training settings (TrainConfig field names)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set finetune_lr=3e-5")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set finetune.lr=3e-5 (or finetune_lr=3e-5)")
     p.add_argument("--backbone", choices=sorted(BACKBONES), default=S, help="default efficientnet_lite0")
     p.add_argument("--pretrained", choices=PRETRAINED, default=S, help="ImageNet weights or random initialisation")
     p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
@@ -75,21 +75,15 @@ def _policy(args) -> tuple[str, float | None]:
 
 
 def _config(args):
-    from .train import load_train_config
+    from .config import load_train_config, setting_name
 
-    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
+    flags = {k: v for k, v in vars(args).items() if setting_name(k) is not None}  # the flags given (the rest are suppressed)
     if "devices" in flags and str(flags["devices"]).isdigit():
         flags["devices"] = int(flags["devices"])
     policy, target = _policy(args)
     if policy != "youden":
         flags.update(threshold_policy=policy, threshold_target=target)
     return load_train_config(args.config, flags, args.set)
-
-
-_TRAIN_FIELDS = {
-    "backbone", "pretrained", "weights", "epochs", "patience", "seed", "batch_size", "val_fraction", "limit", "num_workers", "cache_dir",
-    "finetune_epochs", "unfreeze", "finetune_lr", "augment", "devices", "num_nodes", "accelerator", "logger",
-}  # fmt: skip
 
 
 def cmd_inspect(args) -> int:

@@ -35,7 +35,6 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from .errors import UsageError
 from .io import ImageReadError
-from .models import get_spec
 from .outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from .plots import overlay_cam, plot_cam
 from .predict import Predictor, expand_inputs
@@ -134,7 +133,7 @@ def randomized_copy(model, seed: int = 0):
 def _reinitialised_copy(model):
     """:func:`randomized_copy`, drawing from the global RNG as it stands."""
     clone = copy.deepcopy(model).eval()
-    names = get_spec(clone.backbone_name).top_layers
+    names = clone.spec.top_layers
     for name in names:
         for module in clone.backbone.get_submodule(name).modules():
             if hasattr(module, "reset_parameters"):

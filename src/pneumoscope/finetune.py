@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,39 +26,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .augment import Augment
+from .config import FinetuneConfig
 from .errors import MissingFileError, StateError, UsageError
-from .models import UNFREEZE, PneumoniaClassifier, Preprocessing, get_spec
+from .models import UNFREEZE, PneumoniaClassifier, Preprocessing
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = 0  # 0: no fine-tuning (the frozen-backbone model of stage 1)
-    unfreeze: str = "top"  # "top": the registry's top layers; "all": the whole backbone
-    lr: float = 1e-4  # backbone; the head gets 10x
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.1
-    batch_size: int = 32
-    patience: int = 3  # epochs without a better validation AUC
-    devices: int | str = 1
-    num_nodes: int = 1
-    accelerator: str = "auto"
-    num_workers: int = 2
-    seed: int = 0
-    precision: str = "auto"  # see auto_precision; or any Lightning precision, e.g. 32-true
-    # regularisation against the training site (all off by default)
-    ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.999); 0: off
-    freeze_bn: bool = False  # every BatchNorm keeps its statistics (eval mode), also in unfrozen layers
-    mixup: float = 0.0  # Beta(alpha, alpha) mixup of image pairs and their labels (e.g. 0.2); 0: off
-
-    def __post_init__(self):
-        if self.unfreeze not in UNFREEZE:
-            raise UsageError(f"unfreeze must be one of {list(UNFREEZE)}, got {self.unfreeze!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise UsageError(f"finetune ema (a decay) must be in [0, 1), got {self.ema!r}")
-        if self.mixup < 0:
-            raise UsageError(f"finetune mixup (a Beta alpha) must be >= 0, got {self.mixup!r}")
 
 
 class ArrayDataset(TorchDataset):
@@ -89,7 +60,7 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
         return []
     if unfreeze not in UNFREEZE:
         raise UsageError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
-    top = {id(m) for name in get_spec(model.backbone_name).top_layers for m in model.backbone.get_submodule(name).modules()}
+    top = {id(m) for name in model.spec.top_layers for m in model.backbone.get_submodule(name).modules()}
     def owns_state(m) -> bool:  # holds weights or BatchNorm statistics itself
         return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
 
@@ -97,9 +68,9 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
 
 
 class FineTuner(L.LightningModule):
-    def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, pos_weight: float, total_steps: int):
+    def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, pos_weight: float, total_steps: int, seed: int = 0):
         super().__init__()
-        self.model, self.config, self.total_steps = model, config, max(1, total_steps)
+        self.model, self.config, self.total_steps, self.seed = model, config, max(1, total_steps), seed
         self.frozen = frozen_modules(model, config.unfreeze)
         for m in self.frozen:
             m.requires_grad_(False)
@@ -124,8 +95,8 @@ class FineTuner(L.LightningModule):
         x, y = batch
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         if self.config.mixup > 0:  # Zhang et al. 2018: train on convex pairs of images and of their losses
-            lam = float(np.random.default_rng((self.config.seed, self.global_step)).beta(self.config.mixup, self.config.mixup))
-            pair = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed * 100_003 + self.global_step)).to(x.device)
+            lam = float(np.random.default_rng((self.seed, self.global_step)).beta(self.config.mixup, self.config.mixup))
+            pair = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.global_step)).to(x.device)
             logits = self(lam * x + (1 - lam) * x[pair])
             loss = lam * bce(logits, y, pos_weight=self.pos_weight) + (1 - lam) * bce(logits, y[pair], pos_weight=self.pos_weight)
         else:
@@ -219,7 +190,7 @@ def load_resume_state(path: str | os.PathLike) -> dict:
 
 def finetune(
     model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
-    resume: bool = False, progress: bool = True, loggers: Sequence = (),
+    seed: int = 0, num_workers: int = 2, resume: bool = False, progress: bool = True, loggers: Sequence = (),
 ) -> tuple[list[dict], dict | None]:  # fmt: skip
     """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
 
@@ -231,7 +202,7 @@ def finetune(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    L.seed_everything(config.seed, workers=True, verbose=False)
+    L.seed_everything(seed, workers=True, verbose=False)
     work_dir = Path(work_dir)
     cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     if cuda:
@@ -239,7 +210,7 @@ def finetune(
     y = train.labels
     pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
     steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
-    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs)
+    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
     module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
     best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
     callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
@@ -255,7 +226,7 @@ def finetune(
         logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers], enable_progress_bar=progress, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip
-    loader_kw = {"batch_size": config.batch_size, "num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
+    loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0}
     ckpt = work_dir / "last.ckpt"
     if resume and not ckpt.is_file():
         raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")

@@ -13,12 +13,13 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .data import CLASS_NAMES
 from .errors import MissingFileError, StateError, UsageError
 from .io import resize_image
 
@@ -372,15 +373,21 @@ class FeatureAdapter(nn.Module):
 
 
 class PneumoniaClassifier(nn.Module):
-    """Backbone feature map -> :class:`Head`. ``forward`` returns (B, 1) logits."""
+    """Backbone feature map -> :class:`Head`. ``forward`` returns (B, 1) logits.
 
-    def __init__(self, backbone: nn.Module, head: Head, backbone_name: str, cam_layer: str, preprocessing: Preprocessing):
+    The model carries what using it needs: its registry entry (``spec``: CAM layer, top
+    layers, ensemble members), its preprocessing contract and its class names (index 1
+    is the logit's class)."""
+
+    def __init__(self, backbone: nn.Module, head: Head, backbone_name: str, spec: BackboneSpec, class_names: Sequence[str] = CLASS_NAMES):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.backbone_name = backbone_name
-        self.cam_layer_name = cam_layer
-        self.preprocessing = preprocessing
+        self.spec = spec
+        self.cam_layer_name = spec.cam_layer
+        self.preprocessing = spec.preprocessing  # a checkpoint's stored contract replaces it on load
+        self.class_names = tuple(class_names)
         self.ood: MahalanobisGuard | None = None  # set by training; part of the state dict when present
         self.adapter: FeatureAdapter | None = None  # set by training (identity), fitted by `adapt`
 
@@ -418,7 +425,7 @@ class PneumoniaClassifier(nn.Module):
         """(name, module) of each backbone whose pooled features make up the head's input, in
         order: one, or an ensemble's members (so each member's features are cached as its own)."""
         if isinstance(self.backbone, ConcatBackbone):
-            return list(zip(get_spec(self.backbone_name).members, self.backbone.members))
+            return list(zip(self.spec.members, self.backbone.members))
         return [(self.backbone_name, self.backbone)]
 
 
@@ -493,4 +500,4 @@ def create_model(
     spec = get_spec(name)
     backbone = create_backbone(name, pretrained=pretrained, weights=weights)
     head = Head(backbone.num_features, hidden=hidden, dropout=dropout)
-    return PneumoniaClassifier(backbone, head, name, spec.cam_layer, spec.preprocessing)
+    return PneumoniaClassifier(backbone, head, name, spec)

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -24,122 +24,17 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from .augment import resolve_augment
 from .checkpoint import describe, save_checkpoint
+from .config import FinetuneConfig, TrainConfig, load_train_config  # noqa: F401  (the API: pneumoscope.train.TrainConfig)
 from .errors import StateError, UsageError
 from .features import FeatureResult, extract_features
-from .metrics import THRESHOLD_POLICIES, OperatingPoint, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
-from .models import DEFAULT_BACKBONE, FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
+from .metrics import OperatingPoint, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
+from .models import FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
-from .tracking import LOGGERS, check_logger, describe_logs, training_loggers
+from .tracking import check_logger, describe_logs, training_loggers
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: str = "imagenet"
-    weights: str | None = None
-    epochs: int = 100
-    patience: int = 10
-    seed: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    hidden: int = 256
-    dropout: float = 0.3
-    val_fraction: float = 0.1
-    limit: int | None = None
-    threshold_policy: str = "youden"  # or "sensitivity" / "specificity" with threshold_target
-    threshold_target: float | None = None
-    ood_quantile: float = 0.99
-    # stage 2: fine-tuning (0 epochs: the frozen-backbone model of stage 1)
-    finetune_epochs: int = 0
-    unfreeze: str = "top"
-    finetune_lr: float = 1e-4
-    finetune_batch_size: int = 32
-    finetune_patience: int = 3
-    augment: bool | str | dict = True  # stage 2: true/false, a preset (augment.PRESETS) or AugmentConfig changes
-    finetune_ema: float = 0.0  # stage 2: EMA decay of the weights (0: off); see FinetuneConfig
-    finetune_freeze_bn: bool = False  # stage 2: all BatchNorm statistics kept
-    finetune_mixup: float = 0.0  # stage 2: mixup alpha (0: off)
-    devices: int | str = 1
-    num_nodes: int = 1
-    accelerator: str = "auto"
-    precision: str = "auto"
-    feature_batch_size: int = 32
-    num_workers: int = 1
-    cache_dir: str | None = None
-    logger: str = "csv"  # training logs besides the CSV log: a name in tracking.LOGGERS
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        for name in ("epochs", "patience", "batch_size", "hidden", "feature_batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        resolve_augment(self.augment)  # a typo fails before any work
-        if self.finetune_epochs:
-            self.finetune_config()  # and so does a stage-2 setting out of range
-        if self.logger not in LOGGERS:
-            raise UsageError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
-        if self.threshold_policy not in THRESHOLD_POLICIES:
-            raise UsageError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
-        if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
-            raise UsageError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
-
-
-    def finetune_config(self):
-        """Stage 2's settings (:class:`pneumoscope.finetune.FinetuneConfig`), validated."""
-        from .finetune import FinetuneConfig
-
-        return FinetuneConfig(epochs=self.finetune_epochs, unfreeze=self.unfreeze, lr=self.finetune_lr, batch_size=self.finetune_batch_size,
-                              patience=self.finetune_patience, devices=self.devices, num_nodes=self.num_nodes, accelerator=self.accelerator,
-                              num_workers=self.num_workers, seed=self.seed, precision=self.precision, ema=self.finetune_ema,
-                              freeze_bn=self.finetune_freeze_bn, mixup=self.finetune_mixup)  # fmt: skip
-
-
-def load_train_config(path: str | os.PathLike | None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from defaults, then a YAML file, then explicit flags, then ``key=value`` overrides."""
-    import dataclasses
-
-    import yaml
-
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    values: dict = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update(flags or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = yaml.safe_load(raw)  # YAML typing: 3e-5, true, null, [0.9, 1.1]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UsageError(f"unknown training settings {unknown}; known: {sorted(fields)}")
-    return TrainConfig(**{k: _coerce(k, str(fields[k].type), v) for k, v in values.items()})
-
-
-def _coerce(key: str, annotation: str, value):
-    """Numbers written as YAML 1.1 strings ('3e-5') become the field's type; anything else must fit it."""
-    if value is None or isinstance(value, bool) or not isinstance(value, str):
-        return value
-    for kind in (int, float):
-        if kind.__name__ in annotation.split(" | "):
-            try:
-                return kind(value)
-            except ValueError:
-                continue
-    if "str" in annotation.split(" | "):
-        return value
-    raise UsageError(f"setting {key} must be {annotation}, got {value!r}")
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:
@@ -302,11 +197,11 @@ def train_run(
         x, (y, tr, va) = feats.features, fit_split
         history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
         finetuned: tuple[list[dict], dict] | None = ([], {})  # (history, facts) of stage 2
-        if config.finetune_epochs:
+        if config.finetune.epochs:
             finetuned = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
             if finetuned is None:
                 return None  # a launched rank: rank 0 writes the run
-    if config.finetune_epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
+    if config.finetune.epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
         feats = _features(model, dataset, feats.records, config, progress=progress)
 
     point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
@@ -334,7 +229,7 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
     if _is_launched_rank():
         return
     check_output_dir(out, overwrite)
-    if config.finetune_epochs and work.exists() and not resume:
+    if config.finetune.epochs and work.exists() and not resume:
         if not overwrite:
             raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
         shutil.rmtree(work)
@@ -411,8 +306,8 @@ def _write_run(
     finetune_history, finetune_facts = finetuned
     tr, va = fit_split.train, fit_split.val
     stage = "frozen backbone, head only"
-    if config.finetune_epochs:
-        stage = f"head on frozen features, then fine-tuned ({config.unfreeze} of the backbone, {len(finetune_history)} epochs)"
+    if config.finetune.epochs:
+        stage = f"head on frozen features, then fine-tuned ({config.finetune.unfreeze} of the backbone, {len(finetune_history)} epochs)"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "config.json", resolved)
         description = describe(
@@ -457,7 +352,7 @@ def _finetune_stage(
     model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool, loggers: Sequence = ()
 ) -> tuple[list[dict], dict] | None:
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
-    from .augment import Augment
+    from .augment import Augment, resolve_augment
     from .finetune import ArrayDataset, finetune
     from .imagecache import build_image_array
     from .paths import default_cache_dir
@@ -468,11 +363,12 @@ def _finetune_stage(
     split = np.array([r.split for r in arr.records])
     y = np.array([r.label for r in arr.records])
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    aug = resolve_augment(config.augment)
+    aug = resolve_augment(config.finetune.augment)
     augment = Augment(aug) if aug is not None else None
     train_set = ArrayDataset(_Rows(arr.images, tr), y[tr], model.preprocessing, augment, seed=config.seed)
     val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
-    history, facts = finetune(model, train_set, val_set, config.finetune_config(), work, resume=resume, progress=progress, loggers=loggers)
+    history, facts = finetune(model, train_set, val_set, config.finetune, work, seed=config.seed, num_workers=config.num_workers,
+                              resume=resume, progress=progress, loggers=loggers)  # fmt: skip
     if facts is None:
         return None
     return history, {**facts, "augmentation": aug.to_dict() if aug is not None else None}
