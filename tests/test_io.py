@@ -89,3 +89,51 @@ def test_resize_squashes_to_square():
     out = resize_image(np.ones((300, 200), np.float32), 64)
     assert out.shape == (64, 64)
     np.testing.assert_allclose(out, 1.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- read_many: the one decode-or-skip loop
+
+
+def test_read_many_skips_a_corrupt_file_among_good_ones_in_order_losing_nothing(tmp_path, caplog):
+    import logging
+
+    from pneumoscope.io import read_many
+
+    rng = np.random.default_rng(0)
+    good = [_save(tmp_path, f"{k}.png", Image.fromarray(rng.integers(0, 255, (20 + k, 16), dtype=np.uint8))) for k in range(3)]
+    corrupt, empty = tmp_path / "corrupt.png", tmp_path / "empty.png"
+    corrupt.write_bytes(b"not a png")
+    empty.write_bytes(b"")
+    paths = [good[0], corrupt, good[1], empty, good[2]]
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        decoded = read_many(paths, read_image, log=logging.getLogger("pneumoscope.caller"))
+    assert decoded.index == [0, 2, 4]
+    assert [im.shape for im in decoded.images] == [(20, 16), (21, 16), (22, 16)]  # each image with its own file
+    for k, im in zip(decoded.index, decoded.images):
+        np.testing.assert_array_equal(im, read_image(paths[k]))
+    assert decoded.skipped == [
+        (str(corrupt), "not a readable image (unknown format or not an image). Remove it or convert it to PNG or JPEG."),
+        (str(empty), "file is empty (0 bytes). Re-copy or remove the file."),
+    ]
+    assert len(decoded.index) + len(decoded.skipped) == len(paths)
+    # on the caller's logger, the error's whole message: as predict and explain logged it
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("pneumoscope.caller", "WARNING", f"{path}: {why}") for path, why in decoded.skipped
+    ]
+
+
+def test_read_many_names_items_as_asked_raises_what_is_not_skippable_and_lets_other_errors_through(tmp_path, caplog):
+    from pneumoscope.io import read_many, to_image
+
+    items = [np.full((4, 4), 0.5, np.float32), np.full((4, 4), 7, np.int32)]
+    decoded = read_many(items, lambda a: to_image(a, "x"), name=lambda a: f"array {a.dtype}")
+    assert decoded.index == [0] and decoded.skipped[0][0] == "array int32" and "dtype int32" in decoded.skipped[0][1]
+    assert not caplog.records  # no logger given: nothing logged
+    with pytest.raises(ImageReadError, match="dtype int32"):
+        read_many(items, lambda a: to_image(a, "x"), skippable=lambda a: a.dtype != np.int32)
+
+    def broken(_):
+        raise RuntimeError("a bug, not a bad file")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        read_many([tmp_path], broken)

@@ -369,7 +369,7 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
             if check_decode:
                 dataset.reader.read_image(record.ref, data, draft_size=64)
         except ImageReadError as err:
-            return record, None, f"{err.reason}. {err.fix}"
+            return record, None, err.detail
         return record, hashlib.sha256(data).hexdigest(), None
 
     kept, problems = [], list(dataset.problems)

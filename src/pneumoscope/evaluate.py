@@ -13,7 +13,7 @@ from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
 from .checkpoint import CheckpointError
-from .io import ImageReadError
+from .io import read_many
 from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
 from .plots import plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, overlay_cam
@@ -68,14 +68,10 @@ def evaluate_dataset(
         logger.warning("%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
                        "transductive. For an unbiased estimate evaluate on other images of the site.", transductive)  # fmt: skip
     if tta:  # the feature cache holds untransformed images only: decode and run every view
-        kept, images, problems = [], [], []
-        for r in scanned.records:
-            try:
-                images.append(scanned.reader.read_image(r.ref, draft_size=predictor.preprocessing.input_size))
-                kept.append(r)
-            except ImageReadError as err:
-                problems.append((scanned.display(r), f"{err.reason}. {err.fix}"))
-        prob, features = predictor.predict_proba(images, tta=True), None
+        size = predictor.preprocessing.input_size
+        decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display)
+        kept, problems = [scanned.records[i] for i in decoded.index], decoded.skipped
+        prob, features = predictor.predict_proba(decoded.images, tta=True), None
     else:
         feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
         kept, prob, problems, features = feats.records, predictor.probability(logits), feats.problems, feats.features

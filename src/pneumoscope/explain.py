@@ -34,7 +34,7 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from .errors import UsageError
-from .io import ImageReadError
+from .io import read_many
 from .outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from .plots import overlay_cam, plot_cam
 from .predict import Predictor, expand_inputs
@@ -298,16 +298,12 @@ def explain_images(
             (tmp / "cams").mkdir()
             bar = tqdm(total=len(files), desc=f"explain ({method})", unit="img", disable=not progress)
             for start in range(0, len(files), batch_size):
-                batch, images = [], []
-                for path in files[start : start + batch_size]:
-                    try:
-                        images.append(predictor.read(path))
-                        batch.append(path)
-                    except ImageReadError as err:
-                        logger.warning("%s", err)
-                        skipped.append({"path": str(path), "reason": f"{err.reason}. {err.fix}"})
+                chunk = files[start : start + batch_size]
+                decoded = read_many(chunk, predictor.read, log=logger)
+                skipped += [{"path": path, "reason": why} for path, why in decoded.skipped]
+                batch, images = [chunk[k] for k in decoded.index], decoded.images
                 if not images:
-                    bar.update(len(files[start : start + batch_size]))
+                    bar.update(len(chunk))
                     continue
                 probs = predictor.predict_proba(images)
                 classes = target_classes(predictor, probs, target)
@@ -331,7 +327,7 @@ def explain_images(
                     if scores is not None:
                         row.update({c: float(scores[c][j]) for c in SCORE_COLUMNS if c in scores})
                     rows.append(row)
-                bar.update(len(files[start : start + batch_size]))
+                bar.update(len(chunk))
             bar.close()
             columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
             write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])

@@ -11,7 +11,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,6 +30,8 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".
 # likely a decompression bomb than an X-ray.
 MAX_PIXELS = 64_000_000
 
+T = TypeVar("T")
+
 
 class ImageReadError(PneumoscopeError, ValueError):
     """An image file that cannot be used, with the reason and the fix."""
@@ -36,7 +40,48 @@ class ImageReadError(PneumoscopeError, ValueError):
         self.path = str(path)
         self.reason = reason
         self.fix = fix
-        super().__init__(f"{self.path}: {reason}. {fix}")
+        super().__init__(f"{self.path}: {self.detail}")
+
+    @property
+    def detail(self) -> str:
+        """The reason and the fix: how a skipped file is recorded beside its path (skipped.csv, a prediction's ``error``)."""
+        return f"{self.reason}. {self.fix}"
+
+
+class Decoded(NamedTuple):
+    """What :func:`read_many` returns, each list in input order."""
+
+    index: list[int]  # positions of the items that decoded
+    images: list[np.ndarray]  # their decoded images
+    skipped: list[tuple[str, str]]  # (name, reason and fix) of the others
+
+
+def read_many(
+    items: Sequence[T], read: Callable[[T], np.ndarray], *, name: Callable[[T], str] = str,
+    skippable: Callable[[T], bool] | None = None, log: logging.Logger | None = None,
+) -> Decoded:  # fmt: skip
+    """Decode each item once with ``read(item)``; an item that raises :class:`ImageReadError` is skipped, not fatal.
+
+    A skipped item is recorded as (``name(item)``, :attr:`ImageReadError.detail`) and its error
+    logged as a warning on ``log`` (the caller's logger; None: not logged). Where
+    ``skippable(item)`` is False the error is raised instead: an in-memory array that breaks
+    the contract is a bug in the calling code, not a bad file among good ones. Any other
+    exception propagates.
+    """
+    index, images, skipped = [], [], []
+    for i, item in enumerate(items):
+        try:
+            image = read(item)
+        except ImageReadError as err:
+            if skippable is not None and not skippable(item):
+                raise
+            if log is not None:
+                log.warning("%s", err)
+            skipped.append((name(item), err.detail))
+            continue
+        index.append(i)
+        images.append(image)
+    return Decoded(index, images, skipped)
 
 
 def is_image_path(path: str | os.PathLike) -> bool:

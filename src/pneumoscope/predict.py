@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, load_checkpoint, validate_description
 from .data import CLASS_NAMES, Dataset, Record
 from .errors import UsageError
 from .features import FeatureResult, extract_features
-from .io import ImageReadError, check_decoded, describe_input, is_image_path, read_image, screen_image, to_image
+from .io import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
 from .metrics import calibrated_probability, decide
 from .models import Preprocessing
 
@@ -305,20 +305,13 @@ class Predictor:
         float outside [0, 1], a NaN, a stack of images) raises ``ValueError``: that is a
         bug in the calling code, not a bad file among good ones.
         """
-        results: list[Prediction | None] = [None] * len(inputs)
-        good, images = [], []
-        for i, x in enumerate(inputs):
-            try:
-                images.append(self.read_input(x, input_name(x, i)))
-                good.append(i)
-            except ImageReadError as err:
-                if not isinstance(x, (str, os.PathLike)):
-                    raise
-                logger.warning("%s", err)
-                results[i] = Prediction(str(x), None, None, self.threshold, error=f"{err.reason}. {err.fix}")
-        for i, pred in zip(good, self.predict_images(images, [describe_input(inputs[i]) for i in good], batch_size=batch_size, tta=tta)):
-            results[i] = pred
-        return results
+        names = [input_name(x, i) for i, x in enumerate(inputs)]
+        decoded = read_many(range(len(inputs)), lambda i: self.read_input(inputs[i], names[i]), name=lambda i: names[i],
+                            skippable=lambda i: isinstance(inputs[i], (str, os.PathLike)), log=logger)  # fmt: skip
+        rows = [describe_input(inputs[i]) for i in decoded.index]  # as a result row names it (an array: without its place)
+        predicted = dict(zip(decoded.index, self.predict_images(decoded.images, rows, batch_size=batch_size, tta=tta)))
+        failed = iter(Prediction(name, None, None, self.threshold, error=why) for name, why in decoded.skipped)  # the gaps, in order
+        return [predicted[i] if i in predicted else next(failed) for i in range(len(inputs))]
 
     def dataset_logits(
         self, dataset: Dataset, records: list[Record] | None = None, *, cache_dir=None, batch_size: int = 32, num_workers: int = 1, progress: bool = True

@@ -341,7 +341,7 @@ def create_app(
             view, x, screened = await loop.run_in_executor(decode_pool, prepare, name, data)
         except ImageReadError as err:
             unknown = "not a readable image" in err.reason or "not a readable DICOM" in err.reason
-            raise HTTPException(415 if unknown else 422, f"{name}: {err.reason}. {err.fix}") from err
+            raise HTTPException(415 if unknown else 422, f"{name}: {err.detail}") from err
         del data
         pred = await asyncio.wrap_future(batcher.submit(x, name, screened))
         result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}

@@ -124,7 +124,7 @@ class _Decoded(TorchDataset):
         try:
             image = self.predictor.read(item.name if item.member else item.source, data)
         except ImageReadError as err:
-            return i, None, "", f"{err.reason}. {err.fix}"
+            return i, None, "", err.detail
         if self.tta:
             return i, image, "", ""
         return i, self.predictor.preprocess(image).numpy()[0], screen_image(image), ""
