@@ -206,3 +206,81 @@ def test_explaining_leaves_the_global_rng_alone_and_its_checks_are_reproducible(
         assert torch.initial_seed() == seed and torch.equal(torch.get_rng_state(), state)
         scores.append((tmp_path / str(seed) / "scores.csv").read_text())
     assert scores[0] == scores[1]  # ROAD's noise and the randomised layers come from the checks' own seed
+
+
+# --------------------------------------------------------------------------- issue 12: one path from images to CAMs
+
+
+def test_views_and_cams_explain_the_class_decided_after_temperature(tiny_run):
+    """The map explains prob >= threshold on the calibrated probability, and is compute_cam on the model's input."""
+    from pneumoscope.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(tiny_run)
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(size=(48 + 8 * k, 40)).astype(np.float32) for k in range(3)]
+    raw = predictor.predict_proba(images)
+    predictor.temperature = 4.0
+    probs = predictor.predict_proba(images)
+    k = int(np.argmax(probs))
+    predictor.threshold = float(probs[k])  # at the threshold: PNEUMONIA; the two below it: NORMAL
+    assert raw[k] < predictor.threshold  # without the temperature it would be NORMAL too
+    views, cams, classes = E.views_and_cams(predictor, images)
+    assert classes == [int(i == k) for i in range(3)]
+    x = torch.cat([predictor.preprocess(im) for im in images])  # (3, C, S, S)
+    np.testing.assert_array_equal(cams, E.compute_cam(predictor.model, x, classes))
+    for view, image in zip(views, images):
+        np.testing.assert_array_equal(view, predictor.preprocessing_view(image))
+    # the caller's probabilities decide when given; a named target is explained whatever was decided
+    assert E.views_and_cams(predictor, images, probs=[0.0, 1.0, 0.0])[2] == [0, 1, 0]
+    _, normal, classes = E.views_and_cams(predictor, images, target="normal", method="gradcam++")
+    assert classes == [0, 0, 0]
+    np.testing.assert_array_equal(normal, E.compute_cam(predictor.model, x, 0, "gradcam++"))
+
+
+def test_the_web_app_heatmap_is_the_cam_of_the_decided_class_over_its_view(tiny_run, tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from pneumoscope.plots import heatmap_rgb, overlay_cam
+    from pneumoscope.predict import Predictor
+    from pneumoscope.serve import _png, create_app
+
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 260), dtype=np.uint8)).save(path)
+    predictor = Predictor.from_checkpoint(tiny_run)
+    client = TestClient(create_app(predictor), base_url="http://127.0.0.1")
+    res = client.post("/predict?heatmap=true", files={"file": ("x.png", path.read_bytes())})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    (view,), (cam,), (cls,) = E.views_and_cams(predictor, [predictor.read(path)])
+    assert body["cam_target"] == body["label"] == predictor.class_names[cls]
+    assert body["heatmap_png"] == _png(heatmap_rgb(cam), alpha=np.ones_like(cam))
+    assert body["overlay_png"] == _png(overlay_cam(view, cam))
+
+
+def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probability(tiny_run, kaggle_tree, tmp_path, monkeypatch):
+    """Not a probability recomputed without test-time augmentation: the one the report shows."""
+    from pathlib import Path
+
+    from pneumoscope import data as D
+    from pneumoscope import evaluate
+    from pneumoscope.plots import overlay_cam
+    from pneumoscope.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5; its own probabilities are all near 0.43
+    dataset = D.load_dataset(kaggle_tree)
+    records = [r for label in (0, 1) for r in [r for r in dataset.records if r.split == "test" and r.label == label][:4]]
+    y_prob = np.array([0.9, 0.8, 0.1, 0.2] * 2)
+    result = evaluate.EvaluationResult(records, [dataset.display(r) for r in records], np.array([r.label for r in records]), y_prob, {}, [])
+    drawn = []
+    monkeypatch.setattr(evaluate, "plot_cam", lambda image, overlay, path, **kw: drawn.append((overlay, kw)))
+    gallery = evaluate._gallery(predictor, dataset, result, tmp_path)
+    place = {Path(p).name: i for i, p in enumerate(result.paths)}
+    assert len(drawn) == len(gallery) == 8
+    for (_, caption), (overlay, kw) in zip(gallery, drawn):
+        i = place[caption.split(": ", 1)[1].split(", ")[0]]
+        cls = int(y_prob[i] >= 0.5)
+        image = dataset.reader.read_image(records[i].ref, draft_size=predictor.preprocessing.input_size)
+        cam = E.compute_cam(predictor.model, predictor.preprocess(image), cls)[0]
+        assert kw["method"] == f"Grad-CAM for {predictor.class_names[cls]}"
+        np.testing.assert_array_equal(overlay, overlay_cam(predictor.preprocessing_view(image), cam))

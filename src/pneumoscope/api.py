@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .io import describe_input
 from .predict import Prediction, Predictor, input_name
@@ -62,15 +61,13 @@ class Model:
         ``target``: "predicted" (default), "pneumonia" or "normal"; ``method``: gradcam,
         gradcam++, hirescam or eigencam. Any input that cannot be read raises.
         """
-        from .explain import compute_cam, target_classes
+        from .explain import views_and_cams
 
         items, one = _as_list(x)
         images = [self.predictor.read_input(item, input_name(item, i)) for i, item in enumerate(items)]
         preds = self.predictor.predict_images(images, [describe_input(item) for item in items])
-        classes = target_classes(self.predictor, [p.prob for p in preds], target)
-        cams = compute_cam(self.predictor.model, torch.cat([self.predictor.preprocess(im) for im in images]), classes, method)
-        maps = [CamMap(p, self.predictor.preprocessing_view(im), cam, self.class_names[c], method)
-                for p, im, cam, c in zip(preds, images, cams, classes)]  # fmt: skip
+        views, cams, classes = views_and_cams(self.predictor, images, probs=[p.prob for p in preds], target=target, method=method)
+        maps = [CamMap(p, view, cam, self.class_names[c], method) for p, view, cam, c in zip(preds, views, cams, classes)]
         return maps[0] if one else maps
 
 

@@ -90,7 +90,7 @@ def evaluate_dataset(
 
 def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
     """Grad-CAM figures of the most confident true/false positives and negatives."""
-    from .explain import compute_gradcam
+    from .explain import views_and_cams
 
     pred = predictor.decide(result.y_prob).astype(bool)
     picks = []
@@ -104,9 +104,7 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
     for kind, i in picks:
         record = result.records[i]
         image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
-        cls = int(pred[i])  # explain what the model decided
-        cam = compute_gradcam(predictor.model, predictor.preprocess(image), cls)[0]
-        shown = predictor.preprocessing_view(image)
+        (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1])  # what the model decided: pred[i]
         path = folder / f"gallery_{len(out):02d}.png"
         caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
         title = f"{kind}: P(pneumonia) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure

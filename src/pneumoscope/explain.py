@@ -87,6 +87,23 @@ def target_classes(predictor: Predictor, probs, target: str = "predicted") -> li
     return [predictor.class_names.index(target.upper())] * len(probs)
 
 
+def views_and_cams(
+    predictor: Predictor, images: list[np.ndarray], *, probs=None, target: str = "predicted", method: str = "gradcam"
+) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
+    """Each decoded image as the model sees it, its CAM over that view, and the class each map explains.
+
+    Returns views (S, S) in [0, 1] (:meth:`Predictor.preprocessing_view`), CAMs (B, S, S) in [0, 1]
+    and the classes. The class is the one decided (:meth:`Predictor.decide`: calibrated probability
+    at or above the threshold) on ``probs`` (the caller's, computed here when not given), unless
+    ``target`` names one. The one path from images to maps; draw them with ``plots.overlay_cam``.
+    """
+    if probs is None:
+        probs = predictor.predict_proba(images)
+    classes = target_classes(predictor, probs, target)
+    cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), classes, method)
+    return [predictor.preprocessing_view(im) for im in images], cams, classes
+
+
 def compute_gradcam(model, x: torch.Tensor, target_class) -> np.ndarray:
     return compute_cam(model, x, target_class, "gradcam")
 
@@ -199,18 +216,13 @@ def shortcut_probs(predictor: Predictor, images: list[np.ndarray], probs: np.nda
 
 
 def check_batch(
-    predictor: Predictor, images: list[np.ndarray], method: str, *, probs: np.ndarray | None = None, targets: list[int] | None = None,
+    predictor: Predictor, images: list[np.ndarray], cams: np.ndarray, targets: list[int], method: str, *, probs: np.ndarray,
     randomized=None, n_random: int = 3, seed: int = 0,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Per-image CAMs and check scores for a batch of decoded images (targets: the predicted classes by default)."""
+    """Per-image check scores of a batch's CAMs (:func:`views_and_cams`, explaining ``targets``); ``probs``: the images' probabilities."""
     model = predictor.model
-    x = torch.cat([predictor.preprocess(im) for im in images])
-    if probs is None:
-        probs = predictor.predict_proba(images)
-    if targets is None:
-        targets = predictor.decide(probs).tolist()
-    cams = compute_cam(model, x, targets, method)
-    out: dict[str, np.ndarray] = {"cams": cams, "prob": probs, "target": np.array(targets)}
+    x = torch.cat([predictor.preprocess(im) for im in images])  # (B, C, S, S)
+    out: dict[str, np.ndarray] = {}
     out["road_most"] = compute_road(model, x, cams, targets, most_relevant=True)
     out["road_least"] = compute_road(model, x, cams, targets, most_relevant=False)
     rng = np.random.default_rng(seed)
@@ -306,18 +318,14 @@ def explain_images(
                     bar.update(len(chunk))
                     continue
                 probs = predictor.predict_proba(images)
-                classes = target_classes(predictor, probs, target)
+                views, cams, classes = views_and_cams(predictor, images, probs=probs, target=target, method=method)
+                scores = None
                 if checks:
-                    scores = check_batch(predictor, images, method, probs=probs, targets=classes, randomized=randomized, seed=start)
-                    cams = scores["cams"]
-                else:
-                    scores = None
-                    cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(i) for i in images]), classes, method)
-                for j, (path, image) in enumerate(zip(batch, images)):
+                    scores = check_batch(predictor, images, cams, classes, method, probs=probs, randomized=randomized, seed=start)
+                for j, (path, shown) in enumerate(zip(batch, views)):
                     i = len(results)
                     label = predictor.label_of(probs[j])
                     name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
-                    shown = predictor.preprocessing_view(image)
                     title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
                              f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip
                     plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
@@ -355,8 +363,7 @@ def audit_dataset(
         shortcut = shortcut_probs(predictor, images, None if probs is None else probs[start : start + len(images)])
         deltas_b.extend(shortcut["prob_border_masked"] - shortcut["prob"])
         deltas_c.extend(shortcut["prob_centre_masked"] - shortcut["prob"])
-        targets = predictor.decide(shortcut["prob"]).tolist()
-        cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), targets, method)
+        _, cams, _ = views_and_cams(predictor, images, probs=shortcut["prob"], method=method)
         outside.extend(cam_mass_outside_centre(c) for c in cams)
     return {
         "n": n, "method": method, "central_box": CENTRAL_BOX, "border_fraction": BORDER_FRACTION,

@@ -265,10 +265,8 @@ def create_app(
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
 ):
     """The app. ``allowed_hosts``: names the Host header may carry (None: any, for a server behind a proxy)."""
-    import torch
-
     from . import __version__
-    from .explain import compute_cam
+    from .explain import views_and_cams
     from .plots import heatmap_rgb, overlay_cam
 
     lock = threading.Lock()
@@ -329,9 +327,9 @@ def create_app(
             del image
         return view, predictor.preprocess(view).numpy(), screened  # the view is already at the input size: same input as from the full image
 
-    def explain(view: np.ndarray, x: np.ndarray, pred: Prediction) -> dict:
+    def explain(view: np.ndarray, pred: Prediction) -> dict:
         with lock:  # Grad-CAM's hooks must not meet a batched forward pass
-            cam = compute_cam(predictor.model, torch.from_numpy(x), int(predictor.decide(pred.prob)))[0]  # (S, S)
+            _, (cam,), _ = views_and_cams(predictor, [view], probs=[pred.prob])  # the view, at the input size, preprocesses to x
         return {"cam_method": "gradcam", "cam_target": pred.label, "heatmap_png": _png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
                 "overlay_png": _png(overlay_cam(view, cam))}  # fmt: skip
 
@@ -347,7 +345,7 @@ def create_app(
         result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}
         result["image_png"] = await loop.run_in_executor(decode_pool, _png, view)
         if heatmap and can_explain and pred.prob is not None:  # no label, nothing to explain
-            result.update(await loop.run_in_executor(cam_pool, explain, view, x, pred))
+            result.update(await loop.run_in_executor(cam_pool, explain, view, pred))
         return result
 
     async def admitted(request: Request, fields: tuple[str, ...], max_files: int, heatmap: bool) -> list[dict]:
