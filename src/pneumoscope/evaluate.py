@@ -57,12 +57,12 @@ def evaluate_dataset(
     if limit:
         records = data_mod.limit_per_split(records, limit, seed=0)
     scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
-    calibrated_on = set((predictor.description.get("calibration") or {}).get("image_sha256", []))
+    calibrated_on = set((predictor.description.calibration or {}).get("image_sha256", []))
     excluded = [r for r in scanned.records if r.content_hash in calibrated_on]
     if excluded:
         logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
         scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
-    adapted_on = set((predictor.description.get("adaptation") or {}).get("image_sha256", []))
+    adapted_on = set((predictor.description.adaptation or {}).get("image_sha256", []))
     transductive = sum(r.content_hash in adapted_on for r in scanned.records)
     if transductive:
         logger.warning("%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
@@ -154,7 +154,7 @@ def evaluate_run(
         )  # fmt: skip
         y_pred = predictor.decide(result.y_prob)
         report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
-        header = f"threshold {predictor.threshold:.4f} ({predictor.description.get('threshold_policy', '')})\n\n"
+        header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
         write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
         figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
         plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")

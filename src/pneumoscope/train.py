@@ -418,16 +418,16 @@ def _write_run(
         description = describe(
             model, threshold=point.threshold, threshold_policy=point.description, temperature=point.temperature,
             metrics={"val": val_metrics},
-            extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
-                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
-                                **({"finetune": finetune_facts} if finetune_facts else {})},
-                   "ood": ood,
-                   "leakage": {"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
-                               "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
-                               "duplicate_examples": leakage["duplicates_across_splits"][:20]}},
+            training={"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
+                      "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
+                      **({"finetune": finetune_facts} if finetune_facts else {})},
+            ood=ood,
+            leakage={"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
+                     "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
+                     "duplicate_examples": leakage["duplicates_across_splits"][:20]},
         )  # fmt: skip
         save_checkpoint(tmp, model, description)
-        write_json(tmp / "checkpoint.json", description)
+        write_json(tmp / "checkpoint.json", description.to_dict())
         write_json(tmp / "metrics.json", val_metrics)
         write_csv(tmp / "history.csv", list(history[0]), [list(h.values()) for h in history])
         plot_history(history, tmp / "history.png", best_epoch=best_epoch,
