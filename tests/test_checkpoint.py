@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumoscope.checkpoint import CheckpointError, describe, load_checkpoint, read_description, save_checkpoint, save_derived_run
+from pneumoscope.checkpoint import CheckpointError, RunFolder, describe, load_checkpoint, read_description, save_checkpoint, save_derived_run
 from pneumoscope.description import RunDescription
+from pneumoscope.errors import MissingFileError
 from pneumoscope.models import create_model
 
 # What the code before RunDescription wrote: an ONNX export's description of a run trained, calibrated, then adapted
@@ -120,11 +121,12 @@ def test_the_description_reads_and_writes_the_same_through_a_checkpoint_and_a_de
     save_checkpoint(run, model, describe(model, threshold=0.5, threshold_policy="test"))
     (run / "history.csv").write_text("epoch\n1\n")
     out = save_derived_run(run / "model.safetensors", tmp_path / "derived", model, RunDescription.from_dict(written, "x"))
-    assert (out / "checkpoint.json").read_text() == json.dumps(written, indent=2) + "\n"
-    raw = (out / "model.safetensors").read_bytes()
-    assert json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pneumoscope"] == json.dumps(written)
+    derived = RunFolder.of(out)
+    assert derived.checkpoint_json.read_text() == json.dumps(written, indent=2) + "\n"
+    header = json.loads(derived.checkpoint.read_bytes()[8 : 8 + int.from_bytes(derived.checkpoint.read_bytes()[:8], "little")])
+    assert header["__metadata__"]["pneumoscope"] == json.dumps(written)
     assert read_description(out).to_dict() == written
-    assert (out / "history.csv").read_text() == "epoch\n1\n" and not (out / "samples.png").exists()
+    assert derived.history_csv.read_text() == "epoch\n1\n" and not derived.samples.exists()
 
 
 def test_describe_writes_the_keys_in_the_order_it_always_has():
@@ -198,3 +200,22 @@ def test_a_description_is_frozen():
     description = RunDescription.from_dict(json.loads(WRITTEN.read_text()), "x")
     with pytest.raises(AttributeError):
         description.threshold = 0.9
+
+
+# --------------------------------------------------------------------------- RunFolder
+
+
+def test_run_folder_is_the_folder_given_or_the_folder_of_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")
+    by_folder, by_file = RunFolder.of(run), RunFolder.of(run / "model.safetensors")
+    assert by_folder == by_file and by_folder.path == run and by_file.checkpoint == run / "model.safetensors"
+    assert by_folder.skipped == run / "skipped.csv" and by_folder.checkpoint_json == run / "checkpoint.json"
+    (run / "best.safetensors").write_bytes(b"")
+    assert RunFolder.of(run / "best.safetensors").checkpoint == run / "best.safetensors"  # a checkpoint under another name is kept
+
+
+def test_a_missing_run_folder_says_what_to_give(tmp_path):
+    with pytest.raises(MissingFileError, match=r"no run folder or checkpoint here.*pneumoscope train"):
+        RunFolder.of(tmp_path / "nothing")

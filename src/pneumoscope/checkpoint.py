@@ -1,10 +1,10 @@
-"""Self-describing checkpoints: safetensors weights + a JSON description in its header.
+"""Self-describing checkpoints: safetensors weights + a JSON description in its header; run folders.
 
 No pickle: loading reads tensors and JSON only, so a checkpoint from a stranger
 cannot run code. The description (:class:`~pneumoscope.description.RunDescription`)
 holds everything needed to rebuild the model and use it: backbone, head shape,
 preprocessing, class names, threshold (and how it was chosen), metrics and package
-versions.
+versions. :class:`RunFolder` names the files of a run folder.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def save_checkpoint(path: str | os.PathLike, model: PneumoniaClassifier, descrip
     """Write weights and description to one file, atomically."""
     path = Path(path)
     if path.is_dir() or not path.suffix:
-        path = path / CHECKPOINT_NAME
+        path = RunFolder(path).checkpoint
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes_atomic(path, save(tensors, metadata={"pneumoscope": json.dumps(description.to_dict())}))
     return path
@@ -77,7 +78,7 @@ def read_description(path: str | os.PathLike) -> RunDescription:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = RunFolder(path).checkpoint
     if not path.is_file():
         raise MissingFileError(f"{path}: no checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
     return path
@@ -101,8 +102,57 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, RunDe
     return model.eval(), description
 
 
-# What a derived run (calibrated, adapted) keeps of the run it came from, beside its own checkpoint.
-RUN_CONTEXT_FILES = ("history.png", "history.csv", "data_summary.json", "config.json", "splits.csv", "samples.png")
+def _file(name: str, doc: str) -> property:
+    return property(lambda self: self.path / name, doc=f"{name}: {doc}")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of a run folder, by the names ``pneumoscope train`` writes.
+
+    ``RunFolder(path)`` names them (for writing); :meth:`of` finds the run a command was
+    given, as a folder or as its checkpoint file.
+    """
+
+    path: Path
+    checkpoint_name: str = CHECKPOINT_NAME
+
+    # What a derived run (calibrated, adapted) keeps of the run it came from, beside its own checkpoint.
+    CONTEXT_FILES = ("history.png", "history.csv", "data_summary.json", "config.json", "splits.csv", "samples.png")
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, run: str | os.PathLike) -> RunFolder:
+        """The run folder ``run`` names: the folder itself, or the folder of its checkpoint file."""
+        run = Path(run)
+        if run.is_dir():
+            return cls(run)
+        if run.is_file():
+            return cls(run.parent, run.name)
+        raise MissingFileError(f"{run}: no run folder or checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint (model.safetensors, or the file the run was given as)."""
+        return self.path / self.checkpoint_name
+
+    checkpoint_json = _file("checkpoint.json", "the checkpoint's description as a file of its own, readable without loading the checkpoint")
+    config = _file("config.json", "the resolved training settings")
+    metrics = _file("metrics.json", "validation metrics at the chosen threshold")
+    history_csv = _file("history.csv", "the head's training history")
+    history_png = _file("history.png", "the head's training history, drawn")
+    finetune_history = _file("finetune_history.csv", "stage 2's history (fine-tuned runs)")
+    splits = _file("splits.csv", "every image: split, label, patient id, content hash, used or skipped")
+    skipped = _file("skipped.csv", "images training skipped as unreadable, and why")
+    data_summary = _file("data_summary.json", "the training data's summary and leakage check")
+    samples = _file("samples.png", "a grid of training images")
+    logs = _file("logs", "the training loggers' folder")
+
+    def context_files(self) -> list[Path]:
+        """The training context this run holds (``CONTEXT_FILES`` that exist)."""
+        return [self.path / name for name in self.CONTEXT_FILES if (self.path / name).is_file()]
 
 
 def save_derived_run(run: str | os.PathLike, out: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription, *,
@@ -112,11 +162,11 @@ def save_derived_run(run: str | os.PathLike, out: str | os.PathLike, model: Pneu
 
     from .outputs import atomic_output_dir, write_json
 
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    source = RunFolder.of(run)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        save_checkpoint(tmp, model, description)
-        write_json(tmp / "checkpoint.json", description.to_dict())
-        for name in RUN_CONTEXT_FILES:
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / name)
+        new = RunFolder(tmp)
+        save_checkpoint(new.path, model, description)
+        write_json(new.checkpoint_json, description.to_dict())
+        for path in source.context_files():
+            shutil.copy2(path, new.path / path.name)
     return Path(out)

@@ -157,7 +157,9 @@ def cmd_train(args) -> int:
 
 def _skipped_in_run(run: Path) -> int:
     """Images a training run skipped as unreadable (its skipped.csv, header excluded)."""
-    with open(run / "skipped.csv", newline="") as fh:
+    from .checkpoint import RunFolder
+
+    with open(RunFolder.of(run).skipped, newline="") as fh:
         return max(0, sum(1 for _ in csv.reader(fh)) - 1)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, RunFolder
 from .io import ImageReadError
 from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
@@ -143,7 +143,7 @@ def evaluate_run(
     result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
     m = result.metrics
     names = list(data_mod.CLASS_NAMES)
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    run_folder = RunFolder.of(run)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "metrics.json", m)
         write_csv(
@@ -183,15 +183,14 @@ def evaluate_run(
         shift = _site_shift(predictor, result)
         if shift:
             write_json(tmp / "site_shift.json", shift)
-        summary_path = run_dir / "data_summary.json"
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
             "metrics": m,
             "description": predictor.description,
             "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
                      "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},
-            "training_summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
-            "history": run_dir / "history.png" if (run_dir / "history.png").is_file() else None,
+            "training_summary": json.loads(run_folder.data_summary.read_text()) if run_folder.data_summary.is_file() else None,
+            "history": run_folder.history_png if run_folder.history_png.is_file() else None,
             "figures": figures,
             "gallery": gallery,
             "shortcut_audit": audit,
