@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumoscope.checkpoint import RunFolder, read_description
 from pneumoscope.cli import main
 
 
@@ -27,6 +28,10 @@ def test_train_writes_a_complete_run(trained_run):
             "samples.png", "metrics.json", "skipped.csv", "data_summary.json"} <= names  # fmt: skip
     desc = json.loads((trained_run / "checkpoint.json").read_text())
     assert 0 < desc["threshold"] < 1 and "youden" in desc["threshold_policy"]
+    run = RunFolder.of(trained_run)  # the names it knows are the names train writes
+    assert all(p.exists() for p in (run.checkpoint, run.checkpoint_json, run.config, run.metrics, run.history_csv, run.history_png,
+                                     run.splits, run.skipped, run.data_summary, run.samples, run.logs))  # fmt: skip
+    assert read_description(run.checkpoint).to_dict() == desc  # checkpoint.json is the header's description
     rows = list(csv.DictReader(open(trained_run / "splits.csv")))
     splits_of = {}
     for r in rows:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from . import data as data_mod
 from .checkpoint import save_derived_run
+from .description import RunDescription
 from .errors import UsageError
 from .features import extract_features
 from .predict import Predictor
@@ -68,7 +69,7 @@ def _require_adapter(predictor: Predictor, run) -> None:
 
 def _validation_rates(predictor: Predictor) -> tuple[float, float, float]:
     """(sensitivity, 1 - specificity, prevalence) of the run's validation split at its threshold."""
-    val = predictor.description.get("metrics", {}).get("val") or {}
+    val = predictor.description.metrics.get("val") or {}
     if not {"sensitivity", "specificity", "prevalence"} <= set(val):
         raise data_mod.DataError("the run records no validation metrics; train it again with this version of pneumoscope.")
     return float(val["sensitivity"]), 1.0 - float(val["specificity"]), float(val["prevalence"])
@@ -108,8 +109,9 @@ def shift_report(run: str | os.PathLike, site: str | os.PathLike, *, cache_dir=N
 def adapt_run(
     run: str | os.PathLike, site: str | os.PathLike, out: str | os.PathLike, *, method: str = ADAPT_METHODS[0],
     overwrite: bool = False, cache_dir=None, progress: bool = True, seed: int = 0,
-) -> tuple[Path, dict]:  # fmt: skip
-    """The ``pneumoscope adapt`` command: a new run adapted to a site's unlabelled images.
+) -> tuple[Path, RunDescription]:  # fmt: skip
+    """The ``pneumoscope adapt`` command: a new run adapted to a site's unlabelled images;
+    returns its folder and description.
 
     ``center``: the site's pooled features are shifted so that their mean is the training
     split's, per feature (the head, the OOD guard and the threshold then see site images
@@ -126,7 +128,7 @@ def adapt_run(
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)
-    done = predictor.description.get("adaptation")
+    done = predictor.description.adaptation
     if done:
         # its head's bias already carries a prior offset and its threshold moved with it: a second
         # adaptation would add another on top (probabilities shifted twice), not replace it
@@ -140,13 +142,13 @@ def adapt_run(
 
     model.adapter.fit_site(site_feats.features, shrink=1.0 if method.startswith("standardize") else 0.0)
     adapted = model.adapter.apply_np(site_feats.features)
-    description = dict(predictor.description)
-    ood = dict(description.get("ood") or {})
+    ood = predictor.description.ood
     if model.ood is not None:
         # the guard now sees adapted features; its cut-off admits the site's own 99% (never tighter than validation's)
         site_cut = float(np.quantile(model.ood.distance_np(adapted), 0.99))
         model.ood.cutoff.fill_(max(float(model.ood.cutoff), site_cut))
-        ood.update(cutoff=float(model.ood.cutoff), cutoff_rule=f"{ood.get('cutoff_rule', '')}; after adaptation, at least the 0.99 quantile of the site's adapted distances")
+        ood = replace(ood, cutoff=float(model.ood.cutoff),
+                      cutoff_rule=f"{ood.cutoff_rule or ''}; after adaptation, at least the 0.99 quantile of the site's adapted distances")  # fmt: skip
     after = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
     threshold, offset = predictor.threshold, 0.0
     if method.endswith("+prior"):
@@ -156,10 +158,11 @@ def adapt_run(
         with torch.no_grad():
             model.head.fc2.bias += offset * predictor.temperature
         threshold = float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1 - threshold)) + offset))))
-    description.update(
+    description = replace(
+        predictor.description,
         threshold=threshold,
-        threshold_policy=f"{predictor.description.get('threshold_policy', '')}; carried to the site by unlabelled adaptation ({method})",
-        ood=ood or None,
+        threshold_policy=f"{predictor.description.threshold_policy}; carried to the site by unlabelled adaptation ({method})",
+        ood=ood,
         adaptation={
             "method": method, "data": str(Path(site).absolute()), "n": len(site_feats.records), "date": time.strftime("%Y-%m-%d"),
             "labels_used": False, "estimated_prevalence": after["prevalence"]["mixture"], "prior_logit_offset": offset,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from . import data as data_mod
 from .checkpoint import save_derived_run
+from .description import RunDescription
 from .evaluate import check_contract
 from .metrics import compute_clinical_metrics, fit_operating_point
 from .outputs import check_output_dir
@@ -83,9 +85,10 @@ def cross_fitted_logits(model, features: np.ndarray, y: np.ndarray, groups: list
 def calibrate_run(
     run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "val", policy: str = "youden",
     target: float | None = None, refit: bool = False, overwrite: bool = False, cache_dir=None, progress: bool = True,
-) -> tuple[Path, dict]:  # fmt: skip
+) -> tuple[Path, RunDescription]:  # fmt: skip
     """The ``pneumoscope calibrate`` command: a new run with a site-fitted temperature and threshold,
-    and with ``refit`` a head refitted on the labelled site images beside the training sample."""
+    and with ``refit`` a head refitted on the labelled site images beside the training sample.
+    Returns the new run's folder and description."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     if refit and predictor.model.adapter is None:
@@ -108,10 +111,10 @@ def calibrate_run(
         model.head = refit_head(model, feats.features, y)
     point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
     metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
-    description = dict(predictor.description)
     method = (f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
               f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits") if refit else "temperature and threshold"  # fmt: skip
-    description.update(
+    description = replace(
+        predictor.description,
         temperature=point.temperature,
         threshold=point.threshold,
         threshold_policy=point.description,

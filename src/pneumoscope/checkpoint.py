@@ -1,9 +1,10 @@
-"""Self-describing checkpoints: safetensors weights + a JSON description in its header.
+"""Self-describing checkpoints: safetensors weights + a JSON description in its header; run folders.
 
 No pickle: loading reads tensors and JSON only, so a checkpoint from a stranger
-cannot run code. The description holds everything needed to rebuild the model
-and use it: backbone, head shape, preprocessing, class names, threshold (and
-how it was chosen), metrics and package versions.
+cannot run code. The description (:class:`~pneumoscope.description.RunDescription`)
+holds everything needed to rebuild the model and use it: backbone, head shape,
+preprocessing, class names, threshold (and how it was chosen), metrics and package
+versions. :class:`RunFolder` names the files of a run folder.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .data import CLASS_NAMES
-from .errors import MissingFileError, PneumoscopeError
+from .description import CheckpointError, HeadShape, RunDescription
+from .errors import MissingFileError
+from .models import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, create_model
 from .outputs import write_bytes_atomic
-from .models import RESIZE_METHODS, FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, Preprocessing, create_model
 
-FORMAT = "pneumoscope-checkpoint"
-FORMAT_VERSION = 1
 CHECKPOINT_NAME = "model.safetensors"
 
 
@@ -38,152 +38,137 @@ def package_versions() -> dict[str, str]:
 
 
 def describe(
-    model: PneumoniaClassifier, *, threshold: float, threshold_policy: str, temperature: float = 1.0, metrics: dict | None = None, extra: dict | None = None
-) -> dict:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "backbone": model.backbone_name,
-        "head": {"in_features": model.head.fc1.in_features, "hidden": model.head.fc1.out_features, "dropout": model.head.dropout.p},
-        "preprocessing": model.preprocessing.to_dict(),
-        "class_names": list(model.class_names),
-        "positive_class": model.class_names[1],
-        "output": "one logit; P(PNEUMONIA) = sigmoid(logit / temperature)",
-        "temperature": float(temperature),
-        "threshold": float(threshold),
-        "threshold_policy": threshold_policy,
-        "metrics": metrics or {},
+    model: PneumoniaClassifier, *, threshold: float, threshold_policy: str, temperature: float = 1.0, metrics: dict | None = None, **sections
+) -> RunDescription:
+    """The description of ``model`` as trained; ``sections``: training, ood, leakage (see ``RunDescription``)."""
+    return RunDescription(
+        backbone=model.backbone_name,
+        head=HeadShape(model.head.fc1.in_features, model.head.fc1.out_features, model.head.dropout.p),
+        preprocessing=model.preprocessing,
+        class_names=model.class_names,
+        positive_class=model.class_names[1],
+        temperature=temperature,
+        threshold=threshold,
+        threshold_policy=threshold_policy,
+        metrics=metrics or {},
         # training feature moments and a sample of training features; fitted to a site by `adapt`
-        "feature_adapter": None if model.adapter is None else {"reference_sample": int(model.adapter.ref_sample.shape[0])},
-        "versions": package_versions(),
-        **(extra or {}),
-    }
+        feature_adapter=None if model.adapter is None else {"reference_sample": int(model.adapter.ref_sample.shape[0])},
+        versions=package_versions(),
+        **sections,
+    )
 
 
-def save_checkpoint(path: str | os.PathLike, model: PneumoniaClassifier, description: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription) -> Path:
     """Write weights and description to one file, atomically."""
     path = Path(path)
     if path.is_dir() or not path.suffix:
-        path = path / CHECKPOINT_NAME
+        path = RunFolder(path).checkpoint
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_bytes_atomic(path, save(tensors, metadata={"pneumoscope": json.dumps(description)}))
+    write_bytes_atomic(path, save(tensors, metadata={"pneumoscope": json.dumps(description.to_dict())}))
     return path
 
 
-def read_description(path: str | os.PathLike) -> dict:
+def read_description(path: str | os.PathLike) -> RunDescription:
     path = resolve_checkpoint(path)
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     if "pneumoscope" not in meta:
         raise CheckpointError(f"{path}: not a pneumoscope checkpoint (no description in its header). Train one with `pneumoscope train`.")
-    description = json.loads(meta["pneumoscope"])
-    if description.get("format") != FORMAT or description.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {description.get('format_version')} is newer than this pneumoscope reads; upgrade pneumoscope.")
-    return validate_description(description, path)
-
-
-class CheckpointError(PneumoscopeError, ValueError):
-    """A checkpoint (or ONNX export) whose description cannot be used as it stands."""
-
-
-# Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
-# above 1,024 px one CPU image costs seconds and a batch gigabytes.
-INPUT_SIZE_RANGE = (16, 1024)
-
-
-def validate_description(description: dict, source: str | os.PathLike) -> dict:
-    """Refuse a description that would silently change answers: a temperature <= 0 inverts
-    every probability, a threshold outside (0, 1) makes one class impossible, a NaN or
-    negative OOD cut-off turns the guard off. Returns the description unchanged."""
-    import math
-
-    def number(value, name: str) -> float:
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{source}: {name} must be a number, got {value!r}. Fix: re-train, re-calibrate or re-export the model.") from None
-        if not math.isfinite(x):
-            raise CheckpointError(f"{source}: {name} must be finite, got {value!r}. Fix: re-train, re-calibrate or re-export the model.")
-        return x
-
-    def refuse(name: str, rule: str, value) -> CheckpointError:
-        return CheckpointError(f"{source}: {name} must be {rule}, got {value!r}; the file was edited or damaged. Fix: re-train, re-calibrate or re-export the model.")
-
-    if number(description.get("temperature", 1.0), "temperature") <= 0:
-        raise refuse("temperature", "> 0 (a negative one inverts every prediction)", description.get("temperature"))
-    threshold = number(description.get("threshold"), "threshold")
-    if not 0.0 < threshold < 1.0:
-        raise refuse("threshold", "in (0, 1)", threshold)
-    if description.get("ood"):
-        if number(description["ood"].get("cutoff"), "ood.cutoff") < 0:
-            raise refuse("ood.cutoff", ">= 0 (a negative one flags everything; NaN flags nothing)", description["ood"].get("cutoff"))
-    pre = description.get("preprocessing")
-    if not isinstance(pre, dict):
-        raise refuse("preprocessing", "a mapping (input_size, mean, std, in_chans)", pre)
-    size = number(pre.get("input_size"), "preprocessing.input_size")
-    lo, hi = INPUT_SIZE_RANGE
-    if size != int(size) or not lo <= size <= hi:
-        raise refuse("preprocessing.input_size", f"an integer in [{lo}, {hi}]", pre.get("input_size"))
-    for key in ("mean", "std"):
-        values = pre.get(key)
-        if not isinstance(values, (list, tuple)) or not values:
-            raise refuse(f"preprocessing.{key}", "a list of numbers", values)
-        for v in values:
-            if key == "std" and number(v, "preprocessing.std") <= 0:
-                raise refuse("preprocessing.std", "> 0", values)
-            number(v, f"preprocessing.{key}")
-    if not isinstance(pre.get("resize", "bilinear-squash"), str) or pre.get("resize", "bilinear-squash") not in RESIZE_METHODS:
-        raise refuse("preprocessing.resize", f"one of {list(RESIZE_METHODS)}", pre.get("resize"))
-    names = description.get("class_names", list(CLASS_NAMES))
-    if list(names) != list(CLASS_NAMES):
-        raise refuse("class_names", f"{list(CLASS_NAMES)} (the positive class is index 1)", names)
-    return description
+    return RunDescription.from_dict(json.loads(meta["pneumoscope"]), path)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = RunFolder(path).checkpoint
     if not path.is_file():
         raise MissingFileError(f"{path}: no checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, dict]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, RunDescription]:
     """Rebuild the model from a checkpoint; returns (model in eval mode, description)."""
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
     description = read_description(path)
-    head = description["head"]
-    model = create_model(description["backbone"], pretrained="none", hidden=head["hidden"], dropout=head["dropout"])
-    if description.get("ood"):
-        model.ood = MahalanobisGuard.empty(head["in_features"])
-    if description.get("feature_adapter"):
-        model.adapter = FeatureAdapter.empty(head["in_features"], int(description["feature_adapter"]["reference_sample"]))
-    stored = Preprocessing.from_dict(description["preprocessing"])
-    if stored != model.preprocessing:
-        model.preprocessing = stored
+    head = description.head
+    model = create_model(description.backbone, pretrained="none", hidden=head.hidden, dropout=head.dropout)
+    if description.ood:
+        model.ood = MahalanobisGuard.empty(head.in_features)
+    if description.feature_adapter:
+        model.adapter = FeatureAdapter.empty(head.in_features, int(description.feature_adapter["reference_sample"]))
+    if description.preprocessing != model.preprocessing:
+        model.preprocessing = description.preprocessing
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval(), description
 
 
-# What a derived run (calibrated, adapted) keeps of the run it came from, beside its own checkpoint.
-RUN_CONTEXT_FILES = ("history.png", "history.csv", "data_summary.json", "config.json", "splits.csv", "samples.png")
+def _file(name: str, doc: str) -> property:
+    return property(lambda self: self.path / name, doc=f"{name}: {doc}")
 
 
-def save_derived_run(run: str | os.PathLike, out: str | os.PathLike, model: PneumoniaClassifier, description: dict, *, overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of a run folder, by the names ``pneumoscope train`` writes.
+
+    ``RunFolder(path)`` names them (for writing); :meth:`of` finds the run a command was
+    given, as a folder or as its checkpoint file.
+    """
+
+    path: Path
+    checkpoint_name: str = CHECKPOINT_NAME
+
+    # What a derived run (calibrated, adapted) keeps of the run it came from, beside its own checkpoint.
+    CONTEXT_FILES = ("history.png", "history.csv", "data_summary.json", "config.json", "splits.csv", "samples.png")
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, run: str | os.PathLike) -> RunFolder:
+        """The run folder ``run`` names: the folder itself, or the folder of its checkpoint file."""
+        run = Path(run)
+        if run.is_dir():
+            return cls(run)
+        if run.is_file():
+            return cls(run.parent, run.name)
+        raise MissingFileError(f"{run}: no run folder or checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint (model.safetensors, or the file the run was given as)."""
+        return self.path / self.checkpoint_name
+
+    checkpoint_json = _file("checkpoint.json", "the checkpoint's description as a file of its own, readable without loading the checkpoint")
+    config = _file("config.json", "the resolved training settings")
+    metrics = _file("metrics.json", "validation metrics at the chosen threshold")
+    history_csv = _file("history.csv", "the head's training history")
+    history_png = _file("history.png", "the head's training history, drawn")
+    finetune_history = _file("finetune_history.csv", "stage 2's history (fine-tuned runs)")
+    splits = _file("splits.csv", "every image: split, label, patient id, content hash, used or skipped")
+    skipped = _file("skipped.csv", "images training skipped as unreadable, and why")
+    data_summary = _file("data_summary.json", "the training data's summary and leakage check")
+    samples = _file("samples.png", "a grid of training images")
+    logs = _file("logs", "the training loggers' folder")
+
+    def context_files(self) -> list[Path]:
+        """The training context this run holds (``CONTEXT_FILES`` that exist)."""
+        return [self.path / name for name in self.CONTEXT_FILES if (self.path / name).is_file()]
+
+
+def save_derived_run(run: str | os.PathLike, out: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription, *,
+                     overwrite: bool = False) -> Path:  # fmt: skip
     """A new run folder: this checkpoint and description, plus the source run's training context."""
     import shutil
 
     from .outputs import atomic_output_dir, write_json
 
-    validate_description(description, out)
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    source = RunFolder.of(run)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        save_checkpoint(tmp, model, description)
-        write_json(tmp / "checkpoint.json", description)
-        for name in RUN_CONTEXT_FILES:
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / name)
+        new = RunFolder(tmp)
+        save_checkpoint(new.path, model, description)
+        write_json(new.checkpoint_json, description.to_dict())
+        for path in source.context_files():
+            shutil.copy2(path, new.path / path.name)
     return Path(out)

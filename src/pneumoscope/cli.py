@@ -151,7 +151,9 @@ def cmd_train(args) -> int:
 
 def _skipped_in_run(run: Path) -> int:
     """Images a training run skipped as unreadable (its skipped.csv, header excluded)."""
-    with open(run / "skipped.csv", newline="") as fh:
+    from .checkpoint import RunFolder
+
+    with open(RunFolder.of(run).skipped, newline="") as fh:
         return max(0, sum(1 for _ in csv.reader(fh)) - 1)
 
 
@@ -208,8 +210,8 @@ def cmd_calibrate(args) -> int:
     policy, target = _policy(args)
     out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, refit=args.refit_head,
                               overwrite=args.overwrite, cache_dir=args.cache_dir, progress=args.progress)  # fmt: skip
-    c = desc["calibration"]
-    print(f"calibrated on {c['n']} images: temperature {desc['temperature']:.3f}, threshold {desc['threshold']:.4f} "
+    c = desc.calibration
+    print(f"calibrated on {c['n']} images: temperature {desc.temperature:.3f}, threshold {desc.threshold:.4f} "
           f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
     return _exit_status(c["skipped"])
 
@@ -240,9 +242,9 @@ def cmd_adapt(args) -> int:
 
     out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
                           progress=args.progress)  # fmt: skip
-    a = desc["adaptation"]
+    a = desc.adaptation
     print(f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
-          f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc['threshold']:.4f} "
+          f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc.threshold:.4f} "
           f"(was {a['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
     return _exit_status(a["skipped"])
 

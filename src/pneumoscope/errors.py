@@ -6,7 +6,7 @@ message says the rule, the value and the fix. The command line prints such an er
 line; any other exception is a bug, and its traceback is logged. Each subclass keeps the
 built-in exception it replaced as a second base, so ``except ValueError`` still catches it.
 
-The modules' own kinds: ``data.DataError``, ``io.ImageReadError``, ``checkpoint.CheckpointError``,
+The modules' own kinds: ``data.DataError``, ``io.ImageReadError``, ``description.CheckpointError``,
 ``outputs.OutputExistsError``.
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, RunFolder
 from .io import read_many
 from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
@@ -57,12 +57,12 @@ def evaluate_dataset(
     if limit:
         records = data_mod.limit_per_split(records, limit, seed=0)
     scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
-    calibrated_on = set((predictor.description.get("calibration") or {}).get("image_sha256", []))
+    calibrated_on = set((predictor.description.calibration or {}).get("image_sha256", []))
     excluded = [r for r in scanned.records if r.content_hash in calibrated_on]
     if excluded:
         logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
         scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
-    adapted_on = set((predictor.description.get("adaptation") or {}).get("image_sha256", []))
+    adapted_on = set((predictor.description.adaptation or {}).get("image_sha256", []))
     transductive = sum(r.content_hash in adapted_on for r in scanned.records)
     if transductive:
         logger.warning("%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
@@ -137,7 +137,7 @@ def evaluate_run(
     result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
     m = result.metrics
     names = list(data_mod.CLASS_NAMES)
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    run_folder = RunFolder.of(run)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_json(tmp / "metrics.json", m)
         write_csv(
@@ -148,7 +148,7 @@ def evaluate_run(
         )  # fmt: skip
         y_pred = predictor.decide(result.y_prob)
         report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
-        header = f"threshold {predictor.threshold:.4f} ({predictor.description.get('threshold_policy', '')})\n\n"
+        header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
         write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
         figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
         plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
@@ -177,15 +177,14 @@ def evaluate_run(
         shift = _site_shift(predictor, result)
         if shift:
             write_json(tmp / "site_shift.json", shift)
-        summary_path = run_dir / "data_summary.json"
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
             "metrics": m,
             "description": predictor.description,
             "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
                      "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},
-            "training_summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
-            "history": run_dir / "history.png" if (run_dir / "history.png").is_file() else None,
+            "training_summary": json.loads(run_folder.data_summary.read_text()) if run_folder.data_summary.is_file() else None,
+            "history": run_folder.history_png if run_folder.history_png.is_file() else None,
             "figures": figures,
             "gallery": gallery,
             "shortcut_audit": audit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,10 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
         _Exported(model).eval(), (dummy,), input_names=["image"], output_names=outputs, dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False
     )
     proto = program.model_proto
-    description = {**predictor.description, "onnx": {"input": "image: (batch, channels, size, size) float32, preprocessed per 'preprocessing'",
-                                                     "outputs": outputs, "probability": "sigmoid(logit / temperature)"}}  # fmt: skip
+    description = replace(predictor.description, onnx={"input": "image: (batch, channels, size, size) float32, preprocessed per 'preprocessing'",
+                                                       "outputs": outputs, "probability": "sigmoid(logit / temperature)"}).to_dict()  # fmt: skip
     for key, value in (("pneumoscope", json.dumps(description)), ("threshold", str(predictor.threshold)),
-                       ("preprocessing", json.dumps(predictor.description["preprocessing"])), ("class_names", json.dumps(list(predictor.class_names)))):  # fmt: skip
+                       ("preprocessing", json.dumps(description["preprocessing"])), ("class_names", json.dumps(list(predictor.class_names)))):  # fmt: skip
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     staged = out.with_name(f"{partial_name(out)}unverified.onnx")

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, validate_description
-from .data import CLASS_NAMES, Dataset, Record
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import Dataset, Record
+from .description import RunDescription
 from .errors import UsageError
 from .features import FeatureResult, extract_features
 from .io import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
@@ -160,7 +161,7 @@ class OnnxBackend:
         meta = self.session.get_modelmeta().custom_metadata_map
         if "pneumoscope" not in meta:
             raise CheckpointError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
-        self.description = json.loads(meta["pneumoscope"])
+        self.description = RunDescription.from_dict(json.loads(meta["pneumoscope"]), path)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = dict(zip(self.outputs, self.session.run(None, {"image": x})))
@@ -170,14 +171,29 @@ class OnnxBackend:
 class Predictor:
     """A loaded model with its threshold, temperature and preprocessing contract."""
 
-    def __init__(self, backend, description: dict, source: str | os.PathLike = "model"):
+    def __init__(self, backend, description: RunDescription):
         self.backend = backend
-        self.description = validate_description(description, source)
-        self.threshold = float(description["threshold"])
-        self.temperature = float(description.get("temperature", 1.0))
-        self.preprocessing = Preprocessing.from_dict(description["preprocessing"])
-        self.class_names = tuple(description.get("class_names", CLASS_NAMES))
-        self.ood_cutoff = float(description["ood"]["cutoff"]) if description.get("ood") else None
+        self.description = description
+
+    @property
+    def threshold(self) -> float:
+        return self.description.threshold
+
+    @property
+    def temperature(self) -> float:
+        return self.description.temperature
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.description.preprocessing
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.description.class_names
+
+    @property
+    def ood_cutoff(self) -> float | None:
+        return self.description.ood_cutoff
 
     @property
     def model(self):
@@ -189,12 +205,12 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "Predictor":
         model, description = load_checkpoint(path)
-        return cls(TorchBackend(model), description, path)
+        return cls(TorchBackend(model), description)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> "Predictor":
         backend = OnnxBackend(path, threads)
-        return cls(backend, backend.description, path)
+        return cls(backend, backend.description)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Predictor":
@@ -204,7 +220,7 @@ class Predictor:
     def without_backend(self) -> "Predictor":
         """A copy that reads and preprocesses only, for DataLoader worker processes: a backend
         need not pickle (an ONNX Runtime session cannot), and the workers never run it."""
-        return Predictor(None, self.description, "worker copy")
+        return Predictor(None, self.description)
 
     # -- preprocessing: the training contract
     def preprocess(self, image: np.ndarray) -> torch.Tensor:

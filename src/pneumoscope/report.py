@@ -10,8 +10,12 @@ from __future__ import annotations
 import base64
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
+
+if TYPE_CHECKING:
+    from .description import RunDescription
 
 
 @functools.cache
@@ -44,7 +48,7 @@ def _ci(ci) -> str:
 
 
 def render_report(ctx: dict) -> str:
-    """``ctx`` holds: title, metrics, description (checkpoint), data (summary of the
+    """``ctx`` holds: title, metrics, description (the checkpoint's ``RunDescription``), data (summary of the
     evaluated data), training_summary (or None), figures {name: path}, history (path
     or None), gallery [(path, caption)], model_card {section: text}, notes [str],
     and optionally shortcut_audit and site_shift (dicts, or None)."""
@@ -52,14 +56,14 @@ def render_report(ctx: dict) -> str:
     return _environment().get_template("report.html.j2").render(context)
 
 
-def model_card(description: dict, metrics: dict, data_source: str) -> dict[str, str]:
+def model_card(description: RunDescription, metrics: dict, data_source: str) -> dict[str, str]:
     """Mitchell et al. (2019) sections, filled from the checkpoint and the evaluation."""
-    training = description.get("training", {})
-    versions = ", ".join(f"{k} {v}" for k, v in description.get("versions", {}).items())
-    calibration = description.get("calibration")
+    training = description.training or {}
+    versions = ", ".join(f"{k} {v}" for k, v in description.versions.items())
+    calibration = description.calibration
     return {
-        "Model details": f"pneumoscope classifier: {description['backbone']} backbone (ImageNet-pretrained), head of global average pooling, "
-        f"dropout, dense ReLU layer and one logit for PNEUMONIA; input {description['preprocessing']['input_size']} px grayscale repeated to 3 channels. "
+        "Model details": f"pneumoscope classifier: {description.backbone} backbone (ImageNet-pretrained), head of global average pooling, "
+        f"dropout, dense ReLU layer and one logit for PNEUMONIA; input {description.preprocessing.input_size} px grayscale repeated to 3 channels. "
         f"Training stage: {training.get('stage', 'unknown')}. Software: {versions}.",
         "Intended use": "Research on pediatric (ages 1-5) frontal (AP) chest radiographs: studying and benchmarking pneumonia vs normal "
         "classification. Not for diagnosis, triage or any clinical decision.",
@@ -69,7 +73,7 @@ def model_card(description: dict, metrics: dict, data_source: str) -> dict[str, 
         f"{training.get('n_val', '?')} validation images, split by patient. Kermany et al. 2018 chest X-rays (Guangzhou Women and Children's "
         "Medical Center), CC BY 4.0.",
         "Evaluation data": f"{data_source}: {metrics['n']} images, {metrics['n_positive']} pneumonia.",
-        "Metrics": f"Threshold {description['threshold']:.4f} chosen by {description.get('threshold_policy', '?')}"
+        "Metrics": f"Threshold {description.threshold:.4f} chosen by {description.threshold_policy or '?'}"
         + (f"; recalibrated on a local sample ({calibration.get('n')} images from {calibration.get('data')})" if calibration else "")
         + f". Sensitivity {_fmt(metrics.get('sensitivity'))}, specificity {_fmt(metrics.get('specificity'))}, ROC-AUC {_fmt(metrics.get('roc_auc'))}, "
         "with 95% intervals above.",

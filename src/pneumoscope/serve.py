@@ -312,7 +312,7 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "version": __version__, "backbone": predictor.description.get("backbone"), "threshold": predictor.threshold,
+        return {"status": "ok", "version": __version__, "backbone": predictor.description.backbone, "threshold": predictor.threshold,
                 "backend": predictor.backend.name, "ood_guard": predictor.ood_cutoff is not None, "max_upload_bytes": max_upload_bytes,
                 "max_pending": max_pending}  # fmt: skip
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from .checkpoint import describe, save_checkpoint
+from .checkpoint import RunFolder, describe, save_checkpoint
 from .config import FinetuneConfig, TrainConfig, load_train_config  # noqa: F401  (the API: pneumoscope.train.TrainConfig)
 from .errors import StateError, UsageError
 from .features import FeatureResult, extract_features
@@ -192,7 +192,7 @@ def train_run(
     t_feat = time.perf_counter() - t0
 
     resolved = {**asdict(config), "data": str(Path(data).absolute())}
-    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=Path(out) / "logs", enabled=not _is_launched_rank()) as logs:
+    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not _is_launched_rank()) as logs:
         logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
         x, (y, tr, va) = feats.features, fit_split
         history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
@@ -210,9 +210,9 @@ def train_run(
                head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, overwrite=overwrite)  # fmt: skip
     logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
     if config.logger != "csv":
-        logger.info("training logs: %s", describe_logs(config.logger, Path(out) / "logs"))
+        logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
     if problems:
-        logger.warning("%d images were skipped; see %s", len(problems), Path(out) / "skipped.csv")
+        logger.warning("%d images were skipped; see %s", len(problems), RunFolder(out).skipped)
     return Path(out)
 
 
@@ -309,41 +309,42 @@ def _write_run(
     if config.finetune.epochs:
         stage = f"head on frozen features, then fine-tuned ({config.finetune.unfreeze} of the backbone, {len(finetune_history)} epochs)"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_json(tmp / "config.json", resolved)
+        run = RunFolder(tmp)
+        write_json(run.config, resolved)
         description = describe(
             model, threshold=point.threshold, threshold_policy=point.description, temperature=point.temperature,
             metrics={"val": val_metrics},
-            extra={"training": {"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
-                                "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
-                                **({"finetune": finetune_facts} if finetune_facts else {})},
-                   "ood": ood,
-                   "leakage": {"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
-                               "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
-                               "duplicate_examples": leakage["duplicates_across_splits"][:20]}},
+            training={"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
+                      "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
+                      **({"finetune": finetune_facts} if finetune_facts else {})},
+            ood=ood,
+            leakage={"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
+                     "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
+                     "duplicate_examples": leakage["duplicates_across_splits"][:20]},
         )  # fmt: skip
-        save_checkpoint(tmp, model, description)
-        write_json(tmp / "checkpoint.json", description)
-        write_json(tmp / "metrics.json", val_metrics)
-        write_csv(tmp / "history.csv", list(history[0]), [list(h.values()) for h in history])
-        plot_history(history, tmp / "history.png", best_epoch=best_epoch,
+        save_checkpoint(run.path, model, description)
+        write_json(run.checkpoint_json, description.to_dict())
+        write_json(run.metrics, val_metrics)
+        write_csv(run.history_csv, list(history[0]), [list(h.values()) for h in history])
+        plot_history(history, run.history_png, best_epoch=best_epoch,
                      title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})")
         if finetune_history:
             keys = ["epoch", "train_loss", "val_loss", "val_auc"]
-            write_csv(tmp / "finetune_history.csv", keys, [[h.get(k) for k in keys] for h in finetune_history])
+            write_csv(run.finetune_history, keys, [[h.get(k) for k in keys] for h in finetune_history])
         if (work / "logs").is_dir():
-            shutil.move(work / "logs", tmp / "logs")  # closed by now: the loggers were finalized when training ended
+            shutil.move(work / "logs", run.logs)  # closed by now: the loggers were finalized when training ended
         used = {id(r) for r in feats.records}
         write_csv(
-            tmp / "splits.csv",
+            run.splits,
             ["path", "split", "label", "patient_id", "pneumonia_type", "sha256", "status"],
             [[dataset.display(r), r.split, data_mod.CLASS_NAMES[r.label], r.patient_id, r.pneumonia_type, r.content_hash,
               "used" if (id(r) in used or r.split == "test") else "skipped"] for r in dataset.records],
         )  # fmt: skip
-        write_csv(tmp / "skipped.csv", ["path", "reason"], problems)
+        write_csv(run.skipped, ["path", "reason"], problems)
         summary = data_mod.summarize(dataset)
         summary["leakage"] = leakage
-        write_json(tmp / "data_summary.json", summary)
-        _sample_grid(dataset, feats.records, tmp / "samples.png", seed=config.seed)
+        write_json(run.data_summary, summary)
+        _sample_grid(dataset, feats.records, run.samples, seed=config.seed)
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)  # the run is complete: nothing left to resume
 
