@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -219,10 +221,10 @@ def test_views_and_cams_explain_the_class_decided_after_temperature(tiny_run):
     rng = np.random.default_rng(0)
     images = [rng.uniform(size=(48 + 8 * k, 40)).astype(np.float32) for k in range(3)]
     raw = predictor.predict_proba(images)
-    predictor.temperature = 4.0
+    predictor.description = dataclasses.replace(predictor.description, temperature=4.0)
     probs = predictor.predict_proba(images)
     k = int(np.argmax(probs))
-    predictor.threshold = float(probs[k])  # at the threshold: PNEUMONIA; the two below it: NORMAL
+    predictor.description = dataclasses.replace(predictor.description, threshold=float(probs[k]))  # at it: PNEUMONIA; the two below: NORMAL
     assert raw[k] < predictor.threshold  # without the temperature it would be NORMAL too
     views, cams, classes = E.views_and_cams(predictor, images)
     assert classes == [int(i == k) for i in range(3)]
