@@ -344,3 +344,15 @@ def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"pneumoscope {__version__}\n"
+
+
+def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, kaggle_tree, tmp_path, caplog):
+    """The TTA path decodes images itself (no feature cache): a bad file is skipped, listed and warned about, as without TTA."""
+    import logging
+
+    (kaggle_tree / "test" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    ev = tmp_path / "ev"
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["evaluate", str(trained_run), str(kaggle_tree), "--out", str(ev), "--tta", "--no-audit", "--bootstraps", "50"]) == 1
+    assert "IM-9999-0001.jpeg" in caplog.text
+    assert "IM-9999-0001.jpeg" in (ev / "skipped.csv").read_text()

@@ -355,6 +355,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .adapt import ADAPT_METHODS
+    from .data import CLASS_NAMES
     from .explain import CAM_METHODS
 
     parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
@@ -458,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
-    p.add_argument("--target", default="predicted", choices=["predicted", "pneumonia", "normal"], help="class to explain")
+    p.add_argument("--target", default="predicted", choices=["predicted", *(c.lower() for c in CLASS_NAMES)],
+                   help="class to explain (default: the class decided at the model's threshold)")
     p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS))
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")
     p.add_argument("--overwrite", action="store_true")

@@ -69,7 +69,7 @@ def evaluate_dataset(
                        "transductive. For an unbiased estimate evaluate on other images of the site.", transductive)  # fmt: skip
     if tta:  # the feature cache holds untransformed images only: decode and run every view
         size = predictor.preprocessing.input_size
-        decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display)
+        decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
         kept, problems = [scanned.records[i] for i in decoded.index], decoded.skipped
         prob, features = predictor.predict_proba(decoded.images, tta=True), None
     else:
