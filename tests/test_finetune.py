@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,10 @@ def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
     import json
 
     run = tmp_path / "run"
-    assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--unfreeze", "all", "--augment", "default+hflip"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "2", "--unfreeze", "all", "--augment", "default+hflip"]) == 0
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # checkpoints have a folder of their own
     desc = json.loads((run / "checkpoint.json").read_text())
     assert "fine-tuned" in desc["training"]["stage"]
     assert desc["training"]["finetune"]["augmentation"]["hflip_p"] == 0.5  # the preset asked for, recorded
@@ -231,9 +235,9 @@ def test_resume_after_kill_9(small_tree, tmp_path):
     args = ["train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "6", "--set", "finetune_patience=100"]
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
-    while not (work / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+    while not (work / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert (work / "last.ckpt").exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    assert (work / "checkpoints" / "last.ckpt").exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
     time.sleep(1.0)  # let it get into the next epoch
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -281,15 +285,18 @@ class _Planted:
 
 def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
     from pneumoscope.cli import main
-    from pneumoscope.finetune import load_resume_state
+    from pneumoscope.finetune import load_resume_state, resume_checkpoint
 
     marker, work = tmp_path / "code-ran", tmp_path / ".run.work"
-    work.mkdir()
-    torch.save({"epoch": 0, "state_dict": {}, "payload": _Planted(marker)}, work / "last.ckpt")
-    with pytest.raises(RuntimeError, match="refused to load"):
-        load_resume_state(work / "last.ckpt")
-    assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "2", "--resume"]) == 2
-    assert not marker.exists() and not (tmp_path / "run").exists()
+    (work / "checkpoints").mkdir(parents=True)
+    for planted in (work / "checkpoints" / "last.ckpt", work / "last.ckpt"):  # where --resume looks, and where it looked before
+        torch.save({"epoch": 0, "state_dict": {}, "payload": _Planted(marker)}, planted)
+        with pytest.raises(RuntimeError, match="refused to load"):
+            load_resume_state(planted)
+        assert resume_checkpoint(work) == planted
+        assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "2", "--resume"]) == 2
+        assert not marker.exists() and not (tmp_path / "run").exists()
+        planted.unlink()  # the earlier layout is read only where the current one has nothing
 
 
 def _tiny_finetune(tmp_path, **settings):

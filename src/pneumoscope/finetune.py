@@ -188,6 +188,17 @@ def load_resume_state(path: str | os.PathLike) -> dict:
         ) from None
 
 
+CHECKPOINTS = "checkpoints"  # in the work folder, beside logs/
+
+
+def resume_checkpoint(work_dir: str | os.PathLike) -> Path:
+    """The checkpoint ``--resume`` continues from: ``checkpoints/last.ckpt``, or ``last.ckpt`` in the
+    work folder itself, where a run killed before this layout (2026-11-29) left it."""
+    work_dir = Path(work_dir)
+    ckpt, earlier = work_dir / CHECKPOINTS / "last.ckpt", work_dir / "last.ckpt"
+    return earlier if earlier.is_file() and not ckpt.is_file() else ckpt
+
+
 def finetune(
     model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
     seed: int = 0, num_workers: int = 2, resume: bool = False, progress: bool = True, loggers: Sequence = (),
@@ -195,9 +206,9 @@ def finetune(
     """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
 
     Returns (per-epoch history, facts about the fit) in the global-zero process and
-    (history, None) in the others. Checkpoints live in ``work_dir`` (``last.ckpt``
-    to resume, ``best.ckpt``); the CSV log, which the history is read from, in
-    ``work_dir/logs/finetune``. ``loggers``: more Lightning loggers to log to.
+    (history, None) in the others. Checkpoints live in ``work_dir/checkpoints``
+    (``last.ckpt`` to resume, ``best.ckpt``; a folder of their own, apart from the
+    logs); the CSV log, which the history is read from, in ``work_dir/logs/finetune``. ``loggers``: more Lightning loggers to log to.
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -212,7 +223,7 @@ def finetune(
     steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
     module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
     module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
-    best = ModelCheckpoint(dirpath=work_dir, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
+    best = ModelCheckpoint(dirpath=work_dir / CHECKPOINTS, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
     callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
     if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
         from lightning.pytorch.callbacks import WeightAveraging
@@ -227,7 +238,7 @@ def finetune(
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip
     loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0}
-    ckpt = work_dir / "last.ckpt"
+    ckpt = resume_checkpoint(work_dir)
     if resume and not ckpt.is_file():
         raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
     resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None
