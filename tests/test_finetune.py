@@ -299,6 +299,17 @@ def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
         planted.unlink()  # the earlier layout is read only where the current one has nothing
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(small_tree, tmp_path):
+    """Stage 1's logs without a stage-2 checkpoint are nothing to resume: the next plain run goes ahead
+    (it used to say "pass --resume", and --resume then said "nothing to resume, start without it")."""
+    from pneumoscope.cli import main
+
+    work = tmp_path / ".run.work"
+    (work / "logs" / "head").mkdir(parents=True)  # what a kill during stage 1 leaves
+    assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "1"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file() and not work.exists()
+
+
 def _tiny_finetune(tmp_path, **settings):
     """Fine-tune an untrained Lite0 for 2 epochs on 24 random 64-px images; returns (before, after) state dicts."""
     from pneumoscope.finetune import ArrayDataset, FinetuneConfig, finetune

@@ -230,6 +230,11 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
         return
     check_output_dir(out, overwrite)
     if config.finetune.epochs and work.exists() and not resume:
+        from .finetune import resume_checkpoint
+
+        if not resume_checkpoint(work).is_file():  # killed before stage 2's first checkpoint: only logs, which every attempt rewrites
+            logger.info("%s: an earlier attempt stopped before its first fine-tuning checkpoint; nothing to resume, starting afresh", work)
+            overwrite = True
         if not overwrite:
             raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
         shutil.rmtree(work)
