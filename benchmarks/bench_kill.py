@@ -1,6 +1,7 @@
 """Benchmark: kill -9 at random points of train, evaluate, calibrate and export (issue 11).
 
     python benchmarks/bench_kill.py [--data DATA] [--trials 6] [--seed 0] [--work DIR] [--out FILE.json]
+                                    [--commands train evaluate calibrate export] [--finetune-epochs 1]
 
 For each command, ``--trials`` times: start it through the CLI as a user would, send
 SIGKILL to its whole process group at a time drawn uniformly from [0, 1.1 x its
@@ -43,16 +44,23 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chest_xray"
 LEFTOVER_MARKERS = (".partial-", ".old-", ".tmp")
 
 
-def commands(data: Path, base: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
+def commands(data: Path, base: Path, work: Path, finetune_epochs: int = 1) -> dict[str, tuple[list[str], Path]]:
     """Each command's arguments (after ``pneumoscope -q``) and its output path."""
     return {
-        "train": (["train", str(data), "--out", str(work / "train"), "--limit", "40", "--epochs", "5", "--finetune-epochs", "1",
+        "train": (["train", str(data), "--out", str(work / "train"), "--limit", "40", "--epochs", "5", "--finetune-epochs", str(finetune_epochs),
                    "--set", "finetune.batch_size=16"], work / "train"),
         "evaluate": (["evaluate", str(base), str(data), "--out", str(work / "eval"), "--limit", "40", "--bootstraps", "100", "--no-audit"],
                      work / "eval"),
         "calibrate": (["calibrate", str(base), str(data), "--split", "test", "--out", str(work / "cal")], work / "cal"),
         "export": (["export", str(base), "--out", str(work / "model.onnx")], work / "model.onnx"),
     }  # fmt: skip
+
+
+def cpu() -> str:
+    """The CPU's model name and whether it has native bf16 (stage 2's precision depends on it)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    return f"{name}, {os.cpu_count()} CPUs, {'AVX512-BF16' if 'avx512_bf16' in info else 'no AVX512-BF16'}"
 
 
 def run_cli(args: list[str], env: dict) -> subprocess.Popen:
@@ -123,12 +131,14 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=6, help="kills per command")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-kill"))
+    ap.add_argument("--commands", nargs="+", default=["train", "evaluate", "calibrate", "export"])
+    ap.add_argument("--finetune-epochs", type=int, default=1, help="train's stage-2 epochs (more: more kills land in fine-tuning)")
     ap.add_argument("--out", type=Path, help="JSON record")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PNEUMOSCOPE_CACHE": str(a.work / "cache")}
     base = a.work / "base"
-    cmds = commands(a.data, base, a.work)
+    cmds = {k: v for k, v in commands(a.data, base, a.work, a.finetune_epochs).items() if k in a.commands}
     if not (base / "model.safetensors").is_file():  # the run the other commands use; also warms the caches
         subprocess.run([sys.executable, "-m", "pneumoscope", "-q", "train", str(a.data), "--out", str(base), "--limit", "40", "--epochs", "5"],
                        env=env, check=True)  # fmt: skip
@@ -151,7 +161,7 @@ def main() -> None:
             print(json.dumps(r), file=sys.stderr, flush=True)
     ok = [r for r in records if not r["left"].startswith("INVALID") and r["rerun_exit"] == 0 and r["rerun_output"] == "valid"
           and not r["leftovers_after_rerun"]]  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu(),
               "uninterrupted_s": full, "trials": len(records), "passed": len(ok), "records": records}  # fmt: skip
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
