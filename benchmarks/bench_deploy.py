@@ -1,6 +1,7 @@
 """Benchmark: ONNX Runtime vs PyTorch eager, the OOD guard on real radiographs, and a web app load test.
 
     python benchmarks/bench_deploy.py RUN [--data ../shared/data/chest_xray/test] [--requests 200] [--concurrency 8]
+                                          [--rates-only] [--load-test-only]
 
 RUN is a folder written by `pneumoscope train`. The load test starts `pneumoscope
 serve` on a free loopback port, sends a bounded number of uploads and stops it.
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--load-test-only", action="store_true")
+    parser.add_argument("--rates-only", action="store_true", help="the network's images/s on both backends only (no OOD count, no load test)")
     args = parser.parse_args()
     tune_cpu_allocator()
     if args.load_test_only:
@@ -79,6 +81,9 @@ def main() -> None:
     for name, pred in (("pytorch_eager", torch_pred), ("onnxruntime", onnx_pred)):
         record[name] = {f"batch{b}_images_per_s": round(rate(pred.backend, b, size), 1) for b in (1, 32)}
         print(json.dumps({name: record[name]}), flush=True)
+    if args.rates_only:
+        print(json.dumps(record, indent=2))
+        return
 
     dists = onnx_pred.run(images)[1]
     flagged = int((dists > onnx_pred.ood_cutoff).sum())
