@@ -1,5 +1,6 @@
 """Stage 2 (issue 3): image cache, augmentation, Lightning fine-tuning, DDP on CPU, resume after kill -9."""
 
+import csv
 import json
 import os
 import signal
@@ -252,7 +253,10 @@ def test_resume_after_kill_9(small_tree, tmp_path):
     facts = json.loads((run / "checkpoint.json").read_text())["training"]["finetune"]
     assert facts["resumed_after_epoch"] is not None and 1 <= facts["resumed_after_epoch"] < 6
     history = (run / "finetune_history.csv").read_text().splitlines()[1:]
-    assert [int(line.split(",")[0]) for line in history][-1] == 6
+    assert [int(line.split(",")[0]) for line in history] == [1, 2, 3, 4, 5, 6]  # the epochs before the kill too, each once
+    assert all(len(line.split(",")) == 4 and "" not in line.split(",") for line in history)
+    logged = list(csv.DictReader(open(run / "logs" / "finetune" / "metrics.csv")))
+    assert sorted({int(r["step"]) for r in logged if r.get("finetune/val_auc")}) == [1, 2, 3, 4, 5, 6]
     assert not work.exists()
     assert (run / "logs" / "finetune" / "metrics.csv").is_file() and (run / "logs" / "head" / "metrics.csv").is_file()
 

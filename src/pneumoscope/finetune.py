@@ -215,6 +215,12 @@ def finetune(
 
     L.seed_everything(seed, workers=True, verbose=False)
     work_dir = Path(work_dir)
+    ckpt = resume_checkpoint(work_dir)
+    if resume and not ckpt.is_file():
+        raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
+    resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None  # epochs completed before the kill
+    log_csv = work_dir / "logs" / "finetune" / "metrics.csv"
+    earlier = _take_earlier_log(log_csv, resumed_from) if resume else []
     cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -238,10 +244,6 @@ def finetune(
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip
     loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0}
-    ckpt = resume_checkpoint(work_dir)
-    if resume and not ckpt.is_file():
-        raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
-    resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None
     t0 = time.perf_counter()
     trainer.fit(
         module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
@@ -252,13 +254,47 @@ def finetune(
         state = load_resume_state(best.best_model_path)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format).cpu().eval()
-    history = _read_history(work_dir / "logs" / "finetune" / "metrics.csv")
+    if earlier and trainer.is_global_zero:
+        _prepend_rows(log_csv, earlier)
+    history = _read_history(log_csv)
     facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
              "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
              "epochs_run": trainer.current_epoch, "fit_seconds": round(fit_s, 1),
              # training images per second of fit wall time (validation passes included), this process's epochs only
              "train_images_per_s": round(len(train) * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1)}  # fmt: skip
     return history, facts if trainer.is_global_zero else None
+
+
+def _take_earlier_log(path: Path, completed: int) -> list[dict]:
+    """The rows of the killed attempt's stage-2 log for the epochs its checkpoint holds (step <=
+    ``completed``), and the file removed: Lightning's CSV logger would truncate it, and a resumed
+    run's log and history are to cover every epoch, not only those after the resume."""
+    import csv
+    import shutil
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= completed]
+    shutil.rmtree(path.parent)
+    return rows
+
+
+def _prepend_rows(path: Path, earlier: list[dict]) -> None:
+    """Put ``earlier`` rows before the ones in the CSV log at ``path`` (columns: the union, in order of appearance)."""
+    import csv
+    import io
+
+    from .outputs import write_bytes_atomic
+
+    with open(path, newline="") as fh:
+        rows = earlier + list(csv.DictReader(fh))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, text.getvalue().encode())
 
 
 def _read_history(path: Path) -> list[dict]:

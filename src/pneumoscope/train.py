@@ -238,8 +238,12 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
         if not overwrite:
             raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
         shutil.rmtree(work)
-    # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint
-    shutil.rmtree(work / "logs", ignore_errors=True)
+    # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint; stage 2's CSV log
+    # is kept for a resume, which carries the epochs before the kill into the new one (finetune._take_earlier_log)
+    if (work / "logs").is_dir():
+        for entry in (work / "logs").iterdir():
+            if not (resume and entry.name == "finetune"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[data_mod.Dataset, dict]:
