@@ -220,7 +220,8 @@ def finetune(
         raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
     resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None  # epochs completed before the kill
     log_csv = work_dir / "logs" / "finetune" / "metrics.csv"
-    earlier = _take_earlier_log(log_csv, resumed_from) if resume else []
+    first_process = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0  # not a launched rank
+    earlier = _take_earlier_log(log_csv, resumed_from) if resume and first_process else []
     cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     if cuda:
         model = model.to(memory_format=torch.channels_last)
