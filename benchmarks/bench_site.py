@@ -103,7 +103,7 @@ def bench_run(run: Path, data: Path, work: Path, cache: str, draws: int, ks: lis
         base_halves.append(_metrics(run, judge, cache))
         for method in ADAPT_METHODS:
             new, desc = adapt_run(run, site, work / f"{run.name}-adapted{i}-{method}", method=method, cache_dir=cache, progress=False)
-            adapted.append({"method": method, **_metrics(new, judge, cache), "estimated_prevalence": desc["adaptation"]["estimated_prevalence"]})
+            adapted.append({"method": method, **_metrics(new, judge, cache), "estimated_prevalence": desc.adaptation["estimated_prevalence"]})
         rng = np.random.default_rng(i)
         for k in ks:
             for d in range(draws):

@@ -219,3 +219,14 @@ def test_run_folder_is_the_folder_given_or_the_folder_of_its_checkpoint(tmp_path
 def test_a_missing_run_folder_says_what_to_give(tmp_path):
     with pytest.raises(MissingFileError, match=r"no run folder or checkpoint here.*pneumoscope train"):
         RunFolder.of(tmp_path / "nothing")
+
+
+def test_a_description_without_its_format_is_refused(tmp_path):
+    """Every description pneumoscope writes names its format; one without it was not written by pneumoscope."""
+    from pneumoscope.checkpoint import CheckpointError, describe
+    from pneumoscope.description import RunDescription
+
+    d = describe(create_model("efficientnet_lite0", pretrained="none", hidden=8), threshold=0.5, threshold_policy="test").to_dict()
+    del d["format"]
+    with pytest.raises(CheckpointError, match="lacks \\['format'\\]"):
+        RunDescription.from_dict(d, "x.json")

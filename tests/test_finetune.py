@@ -19,6 +19,7 @@ from pneumoscope.augment import Augment, AugmentConfig, resolve_augment
 from pneumoscope.finetune import AtomicCheckpointIO, frozen_modules
 from pneumoscope.imagecache import build_image_array
 from pneumoscope.models import BACKBONES, Preprocessing, create_model
+from pneumoscope.errors import UsageError
 from pneumoscope.train import load_train_config
 from tests.conftest import make_kaggle_tree
 
@@ -314,6 +315,83 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(small_tree, tmp_
     assert (tmp_path / "run" / "model.safetensors").is_file() and not work.exists()
 
 
+def test_a_work_folder_in_use_by_a_running_train_is_never_taken(small_tree, tmp_path, capsys):
+    """Two trains into one --out: the second refuses (even with --overwrite or --resume) while the first runs; not after."""
+    from pneumoscope.cli import main
+
+    work = tmp_path / ".run.work"
+    (work / "logs").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / "owner.pid").write_text(str(other.pid))
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "1", *extra]) == 2
+            assert f"still running (process {other.pid})" in capsys.readouterr().err
+        assert (work / "logs").is_dir()  # nothing of the running train's was touched
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "1"]) == 0
+
+
+@pytest.mark.parametrize("layout", ["checkpoints/", "earlier (in the work folder itself)"])
+def test_resuming_after_the_last_epoch_finishes_the_run_with_its_whole_history(small_tree, tmp_path, monkeypatch, layout):
+    """A kill after stage 2's last epoch (while features are recomputed, or the run written) leaves a checkpoint
+    that holds every epoch: --resume fits nothing more and must still write the run and every epoch's history,
+    with the best epoch's weights and score restored, wherever the checkpoints were kept."""
+    from pneumoscope import train as T
+    from pneumoscope.cli import main
+
+    args = ["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "2"]
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt  # as far as the work folder is concerned, a kill here
+
+    from pneumoscope import finetune as F
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_fit_operating_point", killed)
+        if layout.startswith("earlier"):  # checkpoints where runs killed before the checkpoints/ folder left them
+            m.setattr(F, "CHECKPOINTS", "")
+        assert main(args) != 0  # the CLI reports the interruption
+    assert F.resume_checkpoint(tmp_path / ".run.work").is_file() and not (tmp_path / "run").exists()
+    assert (tmp_path / ".run.work" / "last.ckpt").is_file() == layout.startswith("earlier")
+    assert main([*args, "--resume"]) == 0
+    history = (tmp_path / "run" / "finetune_history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
+    desc = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert "2 epochs" in desc["training"]["stage"] and desc["training"]["finetune"]["resumed_after_epoch"] == 2
+    best = max(float(line.split(",")[3]) for line in history[1:])
+    assert desc["training"]["finetune"]["best_val_auc"] == pytest.approx(best)  # the best checkpoint was found, not forgotten
+
+
+def test_earlier_stage2_log_rows_survive_any_number_of_kills(tmp_path):
+    """Attempt 1 logs epochs 1-3 (checkpoint at 2), attempt 2 logs 3-4 (checkpoint at 4) and is killed before
+    merging, attempt 3 resumes after the last epoch and logs nothing: the log holds 1-4, each once."""
+    from pneumoscope.finetune import EARLIER_LOG, _merge_earlier_log, _read_history, _set_aside_earlier_log
+
+    logs = tmp_path / "logs"
+
+    def attempt_log(steps):
+        (logs / "finetune").mkdir(parents=True, exist_ok=True)
+        lines = ["epoch,step,finetune/train_loss,finetune/val_loss,finetune/val_auc"]
+        for s in steps:
+            lines += [f"{s - 1},{s},0.{s},,", f"{s - 1},{s},,0.{s},0.9{s}"]
+        (logs / "finetune" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    attempt_log([1, 2, 3])  # killed in epoch 3's validation
+    _set_aside_earlier_log(logs, completed=2)
+    assert not (logs / "finetune").exists() and (logs / EARLIER_LOG).is_file()
+    attempt_log([3, 4])  # attempt 2, killed before its merge
+    _set_aside_earlier_log(logs, completed=4)
+    _merge_earlier_log(logs)  # attempt 3: no epoch left to fit, no log of its own
+    history = _read_history(logs / "finetune" / "metrics.csv")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[2] == {"epoch": 3, "train_loss": 0.3, "val_loss": 0.3, "val_auc": 0.93}
+    assert not (logs / EARLIER_LOG).exists()
+    _merge_earlier_log(logs)  # nothing set aside: nothing changes
+    assert [h["epoch"] for h in _read_history(logs / "finetune" / "metrics.csv")] == [1, 2, 3, 4]
+
+
 def _tiny_finetune(tmp_path, **settings):
     """Fine-tune an untrained Lite0 for 2 epochs on 24 random 64-px images; returns (before, after) state dicts."""
     from pneumoscope.finetune import ArrayDataset, FinetuneConfig, finetune
@@ -351,6 +429,10 @@ def test_regularisation_settings_out_of_range_fail_before_any_work():
         load_train_config(None, {}, ["finetune.epochs=1", "finetune_mixup=-0.1"])
     with pytest.raises(ValueError, match="finetune patience must be at least 1"):
         load_train_config(None, {}, ["finetune.patience=0"])
+    for empty in ("finetune.epochs=null", "finetune_patience=", "finetune.ema=~", "epochs=null"):  # a one-line error, not a TypeError
+        with pytest.raises(UsageError, match="got null"):
+            load_train_config(None, {}, [empty])
+    assert load_train_config(None, {}, ["limit=null"]).limit is None  # where "none" is a value, null is it
 
 
 def test_an_unknown_unfreeze_fails_before_any_work():

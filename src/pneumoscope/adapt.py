@@ -160,6 +160,7 @@ def adapt_run(
         threshold = float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1 - threshold)) + offset))))
     description = replace(
         predictor.description,
+        source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
         threshold=threshold,
         threshold_policy=f"{predictor.description.threshold_policy}; carried to the site by unlabelled adaptation ({method})",
         ood=ood,

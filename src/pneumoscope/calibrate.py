@@ -115,6 +115,7 @@ def calibrate_run(
               f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits") if refit else "temperature and threshold"  # fmt: skip
     description = replace(
         predictor.description,
+        source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
         temperature=point.temperature,
         threshold=point.threshold,
         threshold_policy=point.description,

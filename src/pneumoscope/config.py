@@ -154,6 +154,8 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
 
 def _coerce(key: str, annotation: str, value):
     """Numbers written as YAML 1.1 strings ('3e-5') become the field's type; anything else must fit it."""
+    if value is None and "None" not in annotation.split(" | "):
+        raise UsageError(f"setting {key} must be {annotation}, got null (an empty value)")
     if value is None or isinstance(value, bool) or not isinstance(value, str):
         return value
     for kind in (int, float):

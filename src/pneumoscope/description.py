@@ -3,7 +3,9 @@
 The same description sits in the checkpoint's header, in the run's ``checkpoint.json`` and
 in an ONNX export's metadata. :meth:`RunDescription.from_dict` reads it and
 :meth:`RunDescription.to_dict` gives back the JSON it was read from: same keys, same
-values, same order, older files included. The rules that keep a description from
+values, same order (tests/data/description_v1.json). Nested entries are written as this
+version reads them: an older file's ``preprocessing`` without ``resize`` gains the resize it
+was always run with (``bilinear-squash``), and an empty ``ood`` entry reads as no guard. The rules that keep a description from
 silently changing answers run once, when one is made (``from_dict``,
 :func:`dataclasses.replace`, the constructor), so a ``RunDescription`` in hand is valid.
 
@@ -35,7 +37,7 @@ INPUT_SIZE_RANGE = (16, 1024)
 # Sections after the fixed keys, each written only when present (a description made here writes them
 # in this order): train writes training, ood and leakage; calibrate, adapt and export add theirs.
 SECTIONS = ("training", "ood", "leakage", "calibration", "adaptation", "onnx")
-REQUIRED = ("backbone", "head")
+REQUIRED = ("format", "backbone", "head")
 
 
 class CheckpointError(PneumoscopeError, ValueError):

@@ -219,9 +219,9 @@ def finetune(
     if resume and not ckpt.is_file():
         raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
     resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None  # epochs completed before the kill
-    log_csv = work_dir / "logs" / "finetune" / "metrics.csv"
-    first_process = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0  # not a launched rank
-    earlier = _take_earlier_log(log_csv, resumed_from) if resume and first_process else []
+    logs = work_dir / "logs"
+    if resume and _first_process():
+        _set_aside_earlier_log(logs, resumed_from)
     cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -230,7 +230,9 @@ def finetune(
     steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
     module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
     module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
-    best = ModelCheckpoint(dirpath=work_dir / CHECKPOINTS, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
+    # beside the checkpoint resumed from (a run killed before the checkpoints/ layout has them in the work folder itself):
+    # Lightning restores the best score and path only for the folder they were saved in
+    best = ModelCheckpoint(dirpath=ckpt.parent, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
     callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
     if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
         from lightning.pytorch.callbacks import WeightAveraging
@@ -255,9 +257,9 @@ def finetune(
         state = load_resume_state(best.best_model_path)["state_dict"]
         module.load_state_dict(state)
     model.to(memory_format=torch.contiguous_format).cpu().eval()
-    if earlier and trainer.is_global_zero:
-        _prepend_rows(log_csv, earlier)
-    history = _read_history(log_csv)
+    if trainer.is_global_zero:
+        _merge_earlier_log(logs)
+    history = _read_history(logs / "finetune" / "metrics.csv")
     facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
              "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
              "epochs_run": trainer.current_epoch, "fit_seconds": round(fit_s, 1),
@@ -266,35 +268,63 @@ def finetune(
     return history, facts if trainer.is_global_zero else None
 
 
-def _take_earlier_log(path: Path, completed: int) -> list[dict]:
-    """The rows of the killed attempt's stage-2 log for the epochs its checkpoint holds (step <=
-    ``completed``), and the file removed: Lightning's CSV logger would truncate it, and a resumed
-    run's log and history are to cover every epoch, not only those after the resume."""
+EARLIER_LOG = "finetune_earlier.csv"  # in logs/: stage-2 rows of killed attempts, kept until a resumed fit is merged with them
+
+
+def _first_process() -> bool:
+    """Not a process a launcher started beside the first (Lightning's DDP, torchrun, several nodes)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+def _log_rows(path: Path) -> list[dict]:
     import csv
-    import shutil
 
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= completed]
-    shutil.rmtree(path.parent)
-    return rows
+        return [r for r in csv.DictReader(fh) if r.get("step", "").isdigit()]
 
 
-def _prepend_rows(path: Path, earlier: list[dict]) -> None:
-    """Put ``earlier`` rows before the ones in the CSV log at ``path`` (columns: the union, in order of appearance)."""
+def _union(earlier: list[dict], later: list[dict]) -> list[dict]:
+    """``later``'s rows, after those of ``earlier`` for the epochs (steps) ``later`` does not have."""
+    steps = {r["step"] for r in later}
+    return [r for r in earlier if r["step"] not in steps] + later
+
+
+def _set_aside_earlier_log(logs: Path, completed: int) -> None:
+    """Before a resumed fit: the stage-2 log rows of the epochs the checkpoint holds (step <= ``completed``),
+    from every killed attempt so far, into ``logs/finetune_earlier.csv``; the killed attempt's own log
+    folder removed (Lightning's CSV logger would truncate it). A kill at any point loses no row."""
+    import shutil
+
+    rows = [r for r in _union(_log_rows(logs / EARLIER_LOG), _log_rows(logs / "finetune" / "metrics.csv")) if int(r["step"]) <= completed]
+    _write_rows(logs / EARLIER_LOG, rows)
+    shutil.rmtree(logs / "finetune", ignore_errors=True)
+
+
+def _merge_earlier_log(logs: Path) -> None:
+    """After a resumed fit: the earlier rows, then this attempt's, as the stage-2 log (which the
+    history is read from); written before the earlier file is removed, so a kill in between is
+    harmless (the next resume takes this attempt's rows where both have an epoch)."""
+    earlier = logs / EARLIER_LOG
+    if earlier.is_file():
+        _write_rows(logs / "finetune" / "metrics.csv", _union(_log_rows(earlier), _log_rows(logs / "finetune" / "metrics.csv")))
+        earlier.unlink()
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """CSV rows written atomically (columns: the union, in order of appearance)."""
     import csv
     import io
 
     from .outputs import write_bytes_atomic
 
-    with open(path, newline="") as fh:
-        rows = earlier + list(csv.DictReader(fh))
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    columns = list(dict.fromkeys(["step", *(k for r in rows for k in r)]))
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, text.getvalue().encode())
 
 

@@ -174,7 +174,7 @@ def remove_orphans(path: str | os.PathLike) -> None:
         return
     for entry in entries:
         m = pattern.match(entry.name)
-        if not m or _process_alive(int(m.group(2))):
+        if not m or process_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and not path.exists():
             logger.warning("restoring %s from %s (a run was killed while replacing it)", path, entry)
@@ -187,7 +187,7 @@ def remove_orphans(path: str | os.PathLike) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

@@ -224,14 +224,23 @@ class _FitSplit(NamedTuple):
     val: np.ndarray  # bool
 
 
+OWNER_FILE = "owner.pid"  # in the work folder: the process fine-tuning into it
+
+
 def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, overwrite: bool, resume: bool) -> None:
     """Refuse an existing run or unfinished fine-tuning state unless told what to do with it; launched ranks touch nothing."""
     if _is_launched_rank():
         return
     check_output_dir(out, overwrite)
-    if config.finetune.epochs and work.exists() and not resume:
-        from .finetune import resume_checkpoint
+    from .finetune import EARLIER_LOG, resume_checkpoint
+    from .outputs import process_alive
 
+    owner = work / OWNER_FILE
+    pid = int(owner.read_text()) if owner.is_file() and owner.read_text().strip().isdigit() else None
+    if pid is not None and pid != os.getpid() and process_alive(pid):
+        raise OutputExistsError(f"{work} is in use by a train that is still running (process {pid}): wait for it, or choose another --out. "
+                                f"If no such train runs, delete {owner}.")  # fmt: skip
+    if config.finetune.epochs and work.exists() and not resume:
         if not resume_checkpoint(work).is_file():  # killed before stage 2's first checkpoint: only logs, which every attempt rewrites
             logger.info("%s: an earlier attempt stopped before its first fine-tuning checkpoint; nothing to resume, starting afresh", work)
             overwrite = True
@@ -239,11 +248,13 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
             raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
         shutil.rmtree(work)
     # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint; stage 2's CSV log
-    # is kept for a resume, which carries the epochs before the kill into the new one (finetune._take_earlier_log)
+    # (and the rows of attempts before it) is kept for a resume, which carries the epochs before the kill into its own
     if (work / "logs").is_dir():
         for entry in (work / "logs").iterdir():
-            if not (resume and entry.name == "finetune"):
+            if not (resume and entry.name in ("finetune", EARLIER_LOG)):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    owner.write_text(str(os.getpid()))
 
 
 def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[data_mod.Dataset, dict]:
