@@ -442,3 +442,21 @@ def test_an_unknown_unfreeze_fails_before_any_work():
         TrainConfig(finetune=FinetuneConfig(epochs=1, unfreeze="some"))
     with pytest.raises(ValueError, match="unfreeze must be one of"):
         load_train_config(None, {"unfreeze": "some"})
+
+
+def test_a_launched_rank_is_any_process_but_the_first_on_any_node(monkeypatch):
+    """Train and stage 2 ask one question: is this a process a launcher started beside the first? torchrun's
+    first process on a second node has LOCAL_RANK 0 but RANK and GROUP_RANK above 0: it must not claim the output."""
+    from pneumoscope.runtime import is_launched_rank
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not is_launched_rank()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "")
+    assert not is_launched_rank()
+    monkeypatch.setenv("GROUP_RANK", "1")
+    assert is_launched_rank()
+    monkeypatch.setenv("GROUP_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "2")
+    assert is_launched_rank()

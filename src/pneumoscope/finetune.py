@@ -29,6 +29,7 @@ from .augment import Augment
 from .config import FinetuneConfig
 from .errors import MissingFileError, StateError, UsageError
 from .models import UNFREEZE, PneumoniaClassifier, Preprocessing
+from .runtime import is_launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def finetune(
         raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
     resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None  # epochs completed before the kill
     logs = work_dir / "logs"
-    if resume and _first_process():
+    if resume and not is_launched_rank():
         _set_aside_earlier_log(logs, resumed_from)
     cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     if cuda:
@@ -271,11 +272,6 @@ def finetune(
 EARLIER_LOG = "finetune_earlier.csv"  # in logs/: stage-2 rows of killed attempts, kept until a resumed fit is merged with them
 
 
-def _first_process() -> bool:
-    """Not a process a launcher started beside the first (Lightning's DDP, torchrun, several nodes)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
-
-
 def _log_rows(path: Path) -> list[dict]:
     import csv
 
@@ -314,28 +310,18 @@ def _merge_earlier_log(logs: Path) -> None:
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     """CSV rows written atomically (columns: the union, in order of appearance)."""
-    import csv
-    import io
-
-    from .outputs import write_bytes_atomic
+    from .outputs import write_csv
 
     columns = list(dict.fromkeys(["step", *(k for r in rows for k in r)]))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, text.getvalue().encode())
+    write_csv(path, columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
 def _read_history(path: Path) -> list[dict]:
-    import csv
-
-    if not path.is_file():
-        return []
+    """Stage 2's history from its CSV log: a row per epoch (1-based, the logged "step"; see FineTuner._log_epoch)."""
     rows: dict[int, dict] = {}
-    for r in csv.DictReader(open(path)):
-        epoch = int(r["step"])  # the epoch, 1-based (FineTuner._log_epoch)
+    for r in _log_rows(path):
+        epoch = int(r["step"])
         row = rows.setdefault(epoch, {"epoch": epoch})
         for key in ("train_loss", "val_loss", "val_auc"):
             if r.get(f"finetune/{key}"):

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 logger = logging.getLogger(__name__)
@@ -97,3 +98,14 @@ def seeded_rng(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
+
+
+# Set by the launchers that start the processes of a distributed run: Lightning's DDP (LOCAL_RANK, NODE_RANK),
+# torchrun (RANK, LOCAL_RANK, GROUP_RANK for the node).
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def is_launched_rank() -> bool:
+    """True in a process a distributed launcher started beside the first one, on this node or another:
+    it joins the fit, and leaves the output folder, its work folder and the run's files to the first."""
+    return any(int(os.environ.get(k) or 0) > 0 for k in _RANK_VARIABLES)

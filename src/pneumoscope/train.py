@@ -32,6 +32,7 @@ from .metrics import OperatingPoint, calibrated_probability, compute_clinical_me
 from .models import FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
+from .runtime import is_launched_rank
 from .tracking import check_logger, describe_logs, training_loggers
 
 logger = logging.getLogger(__name__)
@@ -174,11 +175,6 @@ def work_dir_for(out: str | os.PathLike) -> Path:
     return out.with_name(f".{out.name}.work")
 
 
-def _is_launched_rank() -> bool:
-    """True in the extra processes a distributed launcher starts (they only join the fit)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-
-
 def train_run(
     data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True
 ) -> Path | None:
@@ -192,7 +188,7 @@ def train_run(
     t_feat = time.perf_counter() - t0
 
     resolved = {**asdict(config), "data": str(Path(data).absolute())}
-    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not _is_launched_rank()) as logs:
+    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
         logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
         x, (y, tr, va) = feats.features, fit_split
         history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
@@ -229,14 +225,15 @@ OWNER_FILE = "owner.pid"  # in the work folder: the process fine-tuning into it
 
 def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, overwrite: bool, resume: bool) -> None:
     """Refuse an existing run or unfinished fine-tuning state unless told what to do with it; launched ranks touch nothing."""
-    if _is_launched_rank():
+    if is_launched_rank():
         return
     check_output_dir(out, overwrite)
     from .finetune import EARLIER_LOG, resume_checkpoint
     from .outputs import process_alive
 
     owner = work / OWNER_FILE
-    pid = int(owner.read_text()) if owner.is_file() and owner.read_text().strip().isdigit() else None
+    recorded = owner.read_text().strip() if owner.is_file() else ""
+    pid = int(recorded) if recorded.isdigit() else None
     if pid is not None and pid != os.getpid() and process_alive(pid):
         raise OutputExistsError(f"{work} is in use by a train that is still running (process {pid}): wait for it, or choose another --out. "
                                 f"If no such train runs, delete {owner}.")  # fmt: skip
