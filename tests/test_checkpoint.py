@@ -230,3 +230,14 @@ def test_a_description_without_its_format_is_refused(tmp_path):
     del d["format"]
     with pytest.raises(CheckpointError, match="lacks \\['format'\\]"):
         RunDescription.from_dict(d, "x.json")
+
+
+def test_a_format_version_that_is_not_a_number_is_a_checkpoint_error():
+    """A damaged header is the user's to fix (one line naming the file), not a TypeError reported as a bug."""
+    from pneumoscope.checkpoint import CheckpointError, describe
+    from pneumoscope.description import RunDescription
+
+    d = describe(create_model("efficientnet_lite0", pretrained="none", hidden=8), threshold=0.5, threshold_policy="test").to_dict()
+    d["format_version"] = "one"
+    with pytest.raises(CheckpointError, match="x.json: format_version must be a number"):
+        RunDescription.from_dict(d, "x.json")

@@ -107,7 +107,7 @@ class RunDescription:
         every probability, a threshold outside (0, 1) makes one class impossible, a NaN or
         negative OOD cut-off turns the guard off. Sections given as mappings become their types."""
         source = self.source
-        if self.format != FORMAT or (self.format_version or 0) > FORMAT_VERSION:
+        if self.format != FORMAT or _number(self.format_version or 0, "format_version", source) > FORMAT_VERSION:
             raise CheckpointError(f"{source}: checkpoint format {self.format_version} is newer than this pneumoscope reads; upgrade pneumoscope.")
 
         def set_(name: str, value) -> None:  # frozen: the checked, typed value replaces what was given
@@ -248,10 +248,7 @@ def _preprocessing(pre, source) -> Preprocessing:
     if not isinstance(pre, Mapping):
         raise _refuse(source, "preprocessing", "a mapping (input_size, mean, std, in_chans)", pre)
     _keys(pre, "preprocessing", tuple(f.name for f in fields(Preprocessing)), source)
-    size = _number(pre.get("input_size"), "preprocessing.input_size", source)
-    lo, hi = INPUT_SIZE_RANGE
-    if size != int(size) or not lo <= size <= hi:
-        raise _refuse(source, "preprocessing.input_size", f"an integer in [{lo}, {hi}]", pre.get("input_size"))
+    _integer(pre.get("input_size"), "preprocessing.input_size", source, *INPUT_SIZE_RANGE)
     for key in ("mean", "std"):
         values = pre.get(key)
         if not isinstance(values, (list, tuple)) or not values:

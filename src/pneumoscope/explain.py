@@ -340,7 +340,7 @@ def explain_images(
             columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
             write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])
             summary = summarize_checks(rows, method) if checks and rows else None
-            write_json(tmp / "explanations.json", {"method": method, "layer": predictor.model.cam_layer_name, "images": [e.__dict__ for e in results],
+            write_json(tmp / "explanations.json", {"method": method, "layer": predictor.model.spec.cam_layer, "images": [e.__dict__ for e in results],
                                                    "skipped": skipped, "checks": summary})  # fmt: skip
     if summary:
         logger.info("%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",

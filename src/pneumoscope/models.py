@@ -385,7 +385,6 @@ class PneumoniaClassifier(nn.Module):
         self.head = head
         self.backbone_name = backbone_name
         self.spec = spec
-        self.cam_layer_name = spec.cam_layer
         self.preprocessing = spec.preprocessing  # a checkpoint's stored contract replaces it on load
         self.class_names = tuple(class_names)
         self.ood: MahalanobisGuard | None = None  # set by training; part of the state dict when present
@@ -415,7 +414,7 @@ class PneumoniaClassifier(nn.Module):
         return self.head(self.adapted(torch.as_tensor(pooled, dtype=torch.float32)))[:, 0]
 
     def cam_layer(self) -> nn.Module:
-        return self.backbone.get_submodule(self.cam_layer_name)
+        return self.backbone.get_submodule(self.spec.cam_layer)
 
     def backbone_fingerprint(self) -> str:
         """sha256 of the backbone's weights: keys the feature cache."""
