@@ -427,6 +427,8 @@ def test_regularisation_settings_out_of_range_fail_before_any_work():
         load_train_config(None, {}, ["finetune.epochs=1", "finetune.ema=1.0"])
     with pytest.raises(ValueError, match="mixup"):
         load_train_config(None, {}, ["finetune.epochs=1", "finetune_mixup=-0.1"])
+    with pytest.raises(ValueError, match="mixup"):
+        load_train_config(None, {}, ["finetune.epochs=1", "finetune_mixup=.nan"])  # NaN < 0 is False: it would reach Beta(nan, nan)
     with pytest.raises(ValueError, match="finetune patience must be at least 1"):
         load_train_config(None, {}, ["finetune.patience=0"])
     for empty in ("finetune.epochs=null", "finetune_patience=", "finetune.ema=~", "epochs=null"):  # a one-line error, not a TypeError

@@ -52,7 +52,7 @@ class FinetuneConfig:
             raise UsageError(f"unfreeze must be one of {list(UNFREEZE)}, got {self.unfreeze!r}")
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"finetune ema (a decay) must be in [0, 1), got {self.ema!r}")
-        if self.mixup < 0:
+        if not self.mixup >= 0:  # NaN too
             raise UsageError(f"finetune mixup (a Beta alpha) must be >= 0, got {self.mixup!r}")
         resolve_augment(self.augment)  # a typo fails before any work
 
