@@ -38,7 +38,7 @@ def main() -> None:
     from pneumoscope import data as D
     from pneumoscope.finetune import ArrayDataset
     from pneumoscope.imagecache import build_image_array
-    from pneumoscope.models import BACKBONES
+    from pneumoscope.backbones import BACKBONES
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100_000)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-from pneumoscope.adapt import ADAPT_METHODS  # noqa: E402
+from pneumoscope.choices import ADAPT_METHODS  # noqa: E402
 
 KEYS = ("roc_auc", "accuracy", "sensitivity", "specificity", "ece")
 

@@ -9,6 +9,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PNEUMOSCOPE_SHARED", REPO.parent / "shared"))
 CHEST_XRAY = SHARED / "data" / "chest_xray"
 
+# Probabilities of one image computed along two paths (a batch of one vs of two, PyTorch vs ONNX Runtime,
+# the CLI vs the API) agree to this, never exactly: another batch shape or CPU takes other SIMD kernels,
+# whose sums round differently (2e-8 between a batch of one and of two on a CPU without AVX-512).
+PROB_ATOL = 1e-6
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
@@ -104,3 +109,66 @@ def small_real_run(tmp_path_factory) -> Path:
     """One run trained on ~300 real images (enough for a meaningful OOD guard), shared by the
     deployment, API and site tests; none of them writes into it."""
     return train_real_run(tmp_path_factory, "small-real", "--limit", "150", "--epochs", "20", "--patience", "5")
+
+
+def process_tree(pid: int) -> dict[int, str]:
+    """The descendants of ``pid`` now (Linux /proc), each with its start time, so a reused pid is not mistaken for one of them."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(child)  # fields[1]: the parent's pid
+        starts[child] = fields[19]  # start time, in clock ticks after boot
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        found[p] = starts[p]
+        todo += children.get(p, [])
+    return found
+
+
+def survivors(procs: dict[int, str], wait_s: float = 10.0) -> list[int]:
+    """Which of ``procs`` (from :func:`process_tree`) still run after up to ``wait_s`` seconds (zombies count as ended).
+    Those are then killed, so a failing test leaves nothing behind either."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for p, start in procs.items():
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[19] == start and fields[0] != "Z":
+                alive.append(p)
+        if not alive or time.monotonic() > deadline:
+            for p in alive:
+                os.kill(p, signal.SIGKILL)
+            return alive
+        time.sleep(0.1)
+
+
+# What a skipped test needs, and the one command that makes it run: printed at the end of every run, so nothing is
+# left untested without a word.
+SKIP_FIXES = {
+    "no Chromium installed": ("browser tests", "sudo apt-get install chromium  (Debian/Ubuntu; `make test` does it when run as root)"),
+    "real data not found": ("tests on the real images", f"put the Kermany chest_xray set at {CHEST_XRAY} or set PNEUMOSCOPE_SHARED"),
+}
+
+
+def pytest_terminal_summary(terminalreporter):
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items()):
+        what, fix = next(((w, f) for key, (w, f) in SKIP_FIXES.items() if reason.startswith(key)), ("tests", None))
+        line = f"NOT TESTED: {n} {what} skipped ({reason})" + (f"; to run them: {fix}" if fix else "")
+        terminalreporter.write_line(line, yellow=True, bold=True)

@@ -58,6 +58,7 @@ def test_second_training_hits_the_feature_cache(trained_run, tmp_path, caplog):
     assert any("0 to compute" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     from tests.conftest import CHEST_XRAY
 
@@ -139,6 +140,7 @@ def test_train_on_synthetic_tree_skips_corrupt_images(kaggle_tree, tmp_path):
     assert [s["path"] for s in skipped] == [str(bad)]
 
 
+@pytest.mark.slow
 def test_train_on_a_zip_and_an_npz(kaggle_tree, tmp_path):
     import zipfile
 
@@ -166,13 +168,19 @@ def test_train_without_normal_images_names_the_fix(kaggle_tree, tmp_path, capsys
     assert "no NORMAL images to train on" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs_train_evaluate_explain(kaggle_tree, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["-q", "demo", "--data", str(kaggle_tree), "--out", str(out), "--epochs", "2", "--pretrained", "none", "--val-fraction", "0.3"]) == 0
     printed = capsys.readouterr().out
     assert "test: n=16" in printed and str(out) in printed
     assert (out / "run" / "model.safetensors").is_file() and (out / "eval" / "metrics.json").is_file()
-    assert len(list((out / "explain").glob("*_gradcam.png"))) >= 2
+    from pneumoscope.explain import MIN_FAITHFULNESS_IMAGES
+
+    explained = json.loads((out / "explain" / "explanations.json").read_text())
+    assert len(explained["images"]) >= MIN_FAITHFULNESS_IMAGES and "too few" not in explained["checks"]["faithfulness_verdict"]
+    assert {Path(e["path"]).parent.name for e in explained["images"]} == {"NORMAL", "PNEUMONIA"}  # both classes, not the first folder's
+    assert len(list((out / "explain").glob("*_gradcam.png"))) == len(explained["images"])
 
 
 # --------------------------------------------------------------------------- issue 4: calibrate, compare, report, contract
@@ -190,6 +198,7 @@ def _real_sample(tmp_path, n_per_class=12):
     return site
 
 
+@pytest.mark.slow
 def test_calibrate_writes_a_new_run_and_evaluation_leaves_its_images_out(trained_run, tmp_path, capsys):
     from tests.conftest import CHEST_XRAY
 
@@ -217,6 +226,7 @@ def test_calibrate_refuses_a_tiny_sample(trained_run, tmp_path, capsys):
     assert "at least 10 images of each class" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_two_runs_on_the_same_images(trained_run, tmp_path, capsys):
     from tests.conftest import CHEST_XRAY
 
@@ -290,6 +300,7 @@ def test_threshold_policy_flags_reach_the_training_config():
         parser.parse_args(["train", "DATA", "--out", "RUN", "--target-sensitivity", "0.9", "--target-specificity", "0.9"])
 
 
+@pytest.mark.slow
 def test_export_log_has_no_third_party_info_and_no_progress_frames(trained_run, tmp_path):
     """Issue 14: `export` printed 78 lines of onnx_ir INFO (logging was configured on the root logger). stderr is a pipe here."""
     import subprocess

@@ -10,6 +10,7 @@ from skimage import data as skdata
 
 from pneumoscope.cli import main
 from pneumoscope.predict import Predictor
+from tests.conftest import PROB_ATOL
 from tests.dicom_util import write_dicom
 
 
@@ -123,7 +124,7 @@ def test_predict_endpoint_returns_probability_flag_and_heatmap(client, predictor
     assert res.status_code == 200, res.text
     body = res.json()
     expected = predictor.predict_inputs([path])[0]
-    assert abs(body["prob"] - expected.prob) < 1e-6 and body["label"] == expected.label
+    assert abs(body["prob"] - expected.prob) <= PROB_ATOL and body["label"] == expected.label
     assert body["threshold"] == predictor.threshold and body["ood"] is False
     heat = Image.open(io.BytesIO(__import__("base64").b64decode(body["heatmap_png"])))
     assert heat.size == (224, 224)
@@ -164,7 +165,7 @@ def test_concurrent_requests_are_served_safely(client):
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, paths * 3))
-    assert all(abs(prob - expected[name]) < 1e-6 for name, prob in results)
+    assert all(abs(prob - expected[name]) <= PROB_ATOL for name, prob in results)
 
 
 def test_heatmap_only_when_asked_and_the_page_asks(client):

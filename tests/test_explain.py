@@ -69,7 +69,7 @@ def test_bad_target_is_refused(model):
 # --------------------------------------------------------------------------- issue 5: methods and checks
 
 from pneumoscope import explain as E  # noqa: E402
-from pneumoscope.models import BACKBONES  # noqa: E402
+from pneumoscope.backbones import BACKBONES  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

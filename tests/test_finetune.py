@@ -18,7 +18,8 @@ from pneumoscope import data as D
 from pneumoscope.augment import Augment, AugmentConfig, resolve_augment
 from pneumoscope.finetune import AtomicCheckpointIO, frozen_modules
 from pneumoscope.imagecache import build_image_array
-from pneumoscope.models import BACKBONES, Preprocessing, create_model
+from pneumoscope.backbones import BACKBONES, Preprocessing
+from pneumoscope.models import create_model
 from pneumoscope.errors import UsageError
 from pneumoscope.train import load_train_config
 from tests.conftest import make_kaggle_tree
@@ -195,6 +196,7 @@ def small_tree(tmp_path):
 COMMON = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--accelerator", "cpu", "--workers", "0"]
 
 
+@pytest.mark.slow
 def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
     from pneumoscope.cli import main
     import json
@@ -213,6 +215,7 @@ def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
     assert not (tmp_path / ".run.work").exists()  # resumable state is removed once the run is complete
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(small_tree, tmp_path, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -232,6 +235,7 @@ def test_ddp_with_two_cpu_processes(small_tree, tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(logged.info.run_id, "head/val_loss")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(small_tree, tmp_path):
     run, work = tmp_path / "run", tmp_path / ".run.work"
     args = ["train", str(small_tree), "--out", str(run), *COMMON, "--finetune-epochs", "6", "--set", "finetune_patience=100"]

@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from pneumoscope.models import BACKBONES, RESIZE_METHODS, Preprocessing, create_model, load_imagenet_state_dict
+from pneumoscope.backbones import BACKBONES, RESIZE_METHODS, Preprocessing, load_imagenet_state_dict
+
+from pneumoscope.models import create_model
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

@@ -5,7 +5,7 @@ import re
 import numpy as np
 
 from pneumoscope.description import HeadShape, RunDescription
-from pneumoscope.models import Preprocessing
+from pneumoscope.backbones import Preprocessing
 from pneumoscope.plots import plot_image_grid
 from pneumoscope.report import model_card, render_report
 

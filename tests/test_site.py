@@ -73,6 +73,7 @@ def test_adapt_ignores_class_folder_names(run, tmp_path):
     assert da["image_sha256"] == db["image_sha256"] and da["estimated_prevalence"] == db["estimated_prevalence"]
 
 
+@pytest.mark.slow
 def test_an_adapted_run_exports_to_onnx_with_its_adaptation(run, tmp_path, capsys):
     from pneumoscope.predict import Predictor
 

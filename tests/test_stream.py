@@ -18,6 +18,7 @@ from PIL import Image
 from pneumoscope.cli import main
 from pneumoscope.predict import Prediction, Predictor
 from pneumoscope.stream import Item, expand_items, predict_stream, predict_to
+from tests.conftest import PROB_ATOL, process_tree, survivors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def test_streamed_rows_equal_predict_inputs_in_order_with_errors(tiny_run, tmp_p
     assert [p.path for p in got] == [it.name for it in items]
     for e, g in zip(expected, got):
         assert (e.label, e.error, e.ood, e.ood_reason) == (g.label, g.error, g.ood, g.ood_reason)
-        assert e.prob == pytest.approx(g.prob, abs=1e-6) if e.prob is not None else g.prob is None
+        assert e.prob == pytest.approx(g.prob, abs=PROB_ATOL) if e.prob is not None else g.prob is None
     assert "no such file or folder" in got[-1].error and got[2].error and got[2].prob is None
 
 
@@ -130,6 +131,7 @@ def test_tta_per_batch_equals_predict_inputs_tta(tiny_run, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_9_at_half_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in _pngs(tmp_path / "imgs", 6)) * 8)  # 48 rows
@@ -139,8 +141,11 @@ def test_kill_9_at_half_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_pa
     deadline = time.monotonic() + 120
     while (not killed.exists() or killed.read_text().count("\n") < 25) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    started = process_tree(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert started, "the decoding worker was not running when predict was killed"
+    assert survivors(started) == [], "a process predict started outlived its kill -9"
     kept = killed.read_text().count("\n") - 1
     assert 0 < kept < 48, f"the kill came too late to test anything ({kept} rows written)"
     assert _cli(*args, "--out", str(killed), "--resume").wait() == 0
@@ -148,6 +153,7 @@ def test_kill_9_at_half_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_pa
     assert killed.read_text() == whole.read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_write_the_single_process_output_row_for_row(tiny_run, tmp_path):
     folder = tmp_path / "imgs"
     _pngs(folder, 9)

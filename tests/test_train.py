@@ -49,6 +49,7 @@ def test_fit_head_is_reproducible():
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_one_onnx(tmp_path):
     """`--backbone efficientnet_lite0+2`: each member's head fitted on its own features, packed
     into one head (mean logit); the run predicts, and exports to one ONNX file that agrees."""

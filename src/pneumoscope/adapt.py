@@ -19,6 +19,7 @@ import torch
 
 from . import data as data_mod
 from .checkpoint import save_derived_run
+from .choices import ADAPT_METHODS
 from .description import RunDescription
 from .errors import UsageError
 from .features import extract_features
@@ -33,10 +34,6 @@ from .shift import (
 )
 
 logger = logging.getLogger(__name__)
-
-# center: the site's feature means mapped onto the training split's; standardize: means and sds.
-# +prior: probabilities moved to the site's estimated prevalence (decisions unchanged).
-ADAPT_METHODS = ("center+prior", "center", "standardize+prior", "standardize")
 
 
 @dataclass

@@ -9,12 +9,12 @@ plausible input.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import torch
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ class Augment:
         self.config = config
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        # imported here, not at the top: the command line's parser reads PRESETS and must not wait for torch
+        import torch
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+
         c = self.config
         size = img.shape[-1]
 
@@ -113,6 +118,7 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     import io
 
     import numpy as np
+    import torch
     from PIL import Image
 
     buf = io.BytesIO()

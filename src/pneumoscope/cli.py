@@ -8,6 +8,7 @@ stderr says why and how to fix it), including usage errors.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import logging
@@ -28,7 +29,7 @@ def _exit_status(skipped: int) -> int:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Training options. Defaults come from TrainConfig, then --config YAML, then these flags, then --set."""
     from .augment import PRESETS
-    from .models import BACKBONES, PRETRAINED, UNFREEZE
+    from .backbones import BACKBONES, PRETRAINED, UNFREEZE
     from .tracking import LOGGERS
 
     S = argparse.SUPPRESS
@@ -183,8 +184,8 @@ def format_metrics(m: dict) -> str:
 def cmd_export(args) -> int:
     from .errors import UsageError
     from .export import export_onnx
-    from .predict import expand_inputs
     from .io import read_image
+    from .predict import expand_inputs
 
     images = None
     if args.check_images:  # the check runs on the images asked for, or not at all
@@ -327,9 +328,8 @@ def cmd_demo(args) -> int:
     """train -> evaluate -> explain on the default (or given) dataset."""
     from .data import load_dataset
     from .download import fetch_pneumoniamnist
-    from .evaluate import evaluate_run
-    from .explain import explain_images
-    from .metrics import decide
+    from .evaluate import evaluate_run, pick_cases
+    from .explain import MIN_FAITHFULNESS_IMAGES, explain_images
     from .predict import Predictor
     from .train import train_run
 
@@ -339,11 +339,12 @@ def cmd_demo(args) -> int:
     run = train_run(data, out / "run", config, overwrite=False, progress=args.progress)
     skipped = _skipped_in_run(run)
     _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
-    pred = decide(result.y_prob, result.metrics["threshold"])
-    wrong = [p for p, y, d in zip(result.paths, result.y_true, pred) if d != y][:2]
-    right = [p for p, y, d in zip(result.paths, result.y_true, pred) if d == y][:2]
     if load_dataset(data).layout != "npz":
-        explain_images(Predictor.from_checkpoint(run), right + wrong, out / "explain", progress=args.progress)
+        # the most confident of each outcome (true/false positive/negative), enough for the faithfulness check
+        cases = pick_cases(result.y_true, result.y_prob, result.metrics["threshold"], per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES)
+        counts = collections.Counter(kind for kind, _ in cases)
+        logger.info("explaining %d test images: %s", len(cases), ", ".join(f"{n} {kind}{'s' * (n > 1)}" for kind, n in counts.items()))
+        explain_images(Predictor.from_checkpoint(run), [result.paths[i] for _, i in cases], out / "explain", progress=args.progress)
     m = result.metrics
     print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
           f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
@@ -354,9 +355,8 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .adapt import ADAPT_METHODS
+    from .choices import ADAPT_METHODS, CAM_METHOD_CLASSES
     from .data import CLASS_NAMES
-    from .explain import CAM_METHODS
 
     parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
     parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="predicted", choices=["predicted", *(c.lower() for c in CLASS_NAMES)],
                    help="class to explain (default: the class decided at the model's threshold)")
-    p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS))
+    p.add_argument("--method", default="gradcam", choices=list(CAM_METHOD_CLASSES))
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_explain)
@@ -488,10 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import configure_logging, progress_wanted, tune_cpu_allocator
+    from .runtime import configure_cpu_threads, configure_logging, die_with_parent, is_launched_rank, progress_wanted, tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
     args.progress = progress_wanted(quiet=args.quiet)
+    if is_launched_rank():
+        die_with_parent()  # a DDP rank started by this command (or by torchrun) ends with it, even after kill -9
+    configure_cpu_threads()
     tune_cpu_allocator()
     configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:

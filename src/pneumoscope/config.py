@@ -19,7 +19,7 @@ from pathlib import Path
 from .augment import resolve_augment
 from .errors import UsageError
 from .metrics import THRESHOLD_POLICIES
-from .models import DEFAULT_BACKBONE, UNFREEZE
+from .backbones import DEFAULT_BACKBONE, UNFREEZE
 from .tracking import LOGGERS
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import PneumoscopeError, UsageError
 from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_image
+from .runtime import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -358,8 +359,6 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
     Unreadable files are dropped from the returned dataset and listed in its
     ``problems`` with the reason; nothing raises for a single bad file.
     """
-    from tqdm.auto import tqdm
-
     def one(record: Record):
         try:
             data = dataset.reader.read_bytes(record.ref)
@@ -375,7 +374,7 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
     kept, problems = [], list(dataset.problems)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(one, dataset.records)
-        for record, digest, problem in tqdm(results, total=len(dataset.records), desc="scan", disable=not progress):
+        for record, digest, problem in progress_bar(results, total=len(dataset.records), desc="scan", unit="img", enabled=progress):
             if problem:
                 problems.append((dataset.display(record), problem))
                 logger.warning("skipping %s: %s", dataset.display(record), problem)

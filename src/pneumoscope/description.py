@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 from .data import CLASS_NAMES
 from .errors import PneumoscopeError
-from .models import RESIZE_METHODS, Preprocessing
+from .backbones import RESIZE_METHODS, Preprocessing
 
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 1

@@ -14,9 +14,16 @@ from sklearn.metrics import classification_report, precision_recall_curve
 from . import data as data_mod
 from .checkpoint import CheckpointError, RunFolder
 from .io import read_many
-from .metrics import compute_adaptive_reliability, compute_clinical_metrics, compute_reliability, compute_roc_band, compute_roc_curve
+from .metrics import (
+    compute_adaptive_reliability,
+    compute_clinical_metrics,
+    compute_reliability,
+    compute_roc_band,
+    compute_roc_curve,
+    decide,
+)
 from .outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
-from .plots import plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, overlay_cam
+from .plots import overlay_cam, plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
 from .predict import Predictor
 from .report import model_card, render_report
 
@@ -88,20 +95,33 @@ def evaluate_dataset(
     return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded), features)
 
 
+def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_kind: int = 2, at_least: int = 0) -> list[tuple[str, int]]:
+    """(kind, index) of the most confident false positives, false negatives, true positives and true negatives,
+    ``per_kind`` of each where there are that many; then, while fewer than ``at_least`` are picked, more of the
+    kinds that have more, one kind at a time, so that both classes and both outcomes are shown where they exist."""
+    pred = decide(y_prob, threshold).astype(bool)
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
+    ranked = []
+    for kind, sel, most_confident_first in (
+        ("false positive", pred & (y_true == 0), -y_prob), ("false negative", ~pred & (y_true == 1), y_prob),
+        ("true positive", pred & (y_true == 1), -y_prob), ("true negative", ~pred & (y_true == 0), y_prob),
+    ):  # fmt: skip
+        idx = np.flatnonzero(sel)
+        ranked.append((kind, [int(i) for i in idx[np.argsort(most_confident_first[idx], kind="stable")]]))
+    picks = [(kind, i) for kind, order in ranked for i in order[:per_kind]]
+    depth = per_kind
+    while len(picks) < at_least and any(len(order) > depth for _, order in ranked):
+        picks += [(kind, order[depth]) for kind, order in ranked if len(order) > depth][: at_least - len(picks)]
+        depth += 1
+    return picks
+
+
 def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
     """Grad-CAM figures of the most confident true/false positives and negatives."""
     from .explain import views_and_cams
 
-    pred = predictor.decide(result.y_prob).astype(bool)
-    picks = []
-    for kind, sel, most_confident_first in (
-        ("false positive", pred & (result.y_true == 0), -result.y_prob), ("false negative", ~pred & (result.y_true == 1), result.y_prob),
-        ("true positive", pred & (result.y_true == 1), -result.y_prob), ("true negative", ~pred & (result.y_true == 0), result.y_prob),
-    ):  # fmt: skip
-        idx = np.flatnonzero(sel)
-        picks += [(kind, i) for i in idx[np.argsort(most_confident_first[idx])][:per_kind]]
     out = []
-    for kind, i in picks:
+    for kind, i in pick_cases(result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind):
         record = result.records[i]
         image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
         (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1])  # what the model decided: pred[i]

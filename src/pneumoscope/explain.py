@@ -27,22 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytorch_grad_cam
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM
 from pytorch_grad_cam.metrics.perturbation_confidence import PerturbationConfidenceMetric, RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
+from .choices import CAM_METHOD_CLASSES
 from .errors import UsageError
 from .io import read_many
 from .outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from .plots import overlay_cam, plot_cam
 from .predict import Predictor, expand_inputs
-from .runtime import seeded_rng
+from .runtime import progress_bar, seeded_rng
 
 logger = logging.getLogger(__name__)
 
-CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "eigencam": EigenCAM}
+CAM_METHODS = {name: getattr(pytorch_grad_cam, cls) for name, cls in CAM_METHOD_CLASSES.items()}
 GRADIENT_FREE = {"eigencam"}
 
 # Central chest region of a frontal radiograph, as fractions of height and width
@@ -295,8 +296,6 @@ def explain_images(
     method: str = "gradcam", checks: bool = True, overwrite: bool = False, batch_size: int = 8, progress: bool = True,
 ) -> list[Explanation]:  # fmt: skip
     """The ``pneumoscope explain`` command: overlays, raw CAMs, per-image check scores and their summary."""
-    from tqdm.auto import tqdm
-
     _check_method(method)
     files, problems = expand_inputs(paths)
     if not files:
@@ -308,7 +307,7 @@ def explain_images(
         results, skipped, rows = [], [{"path": p, "reason": why} for p, why in problems], []
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             (tmp / "cams").mkdir()
-            bar = tqdm(total=len(files), desc=f"explain ({method})", unit="img", disable=not progress)
+            bar = progress_bar(total=len(files), desc=f"explain ({method})", unit="img", enabled=progress)
             for start in range(0, len(files), batch_size):
                 chunk = files[start : start + batch_size]
                 decoded = read_many(chunk, predictor.read, log=logger)
@@ -355,10 +354,8 @@ def audit_dataset(
     """Shortcut audit over a set: mean change in P(pneumonia) with the border or the centre
     masked, and mean share of CAM mass outside the centre. ``images_of(i)`` decodes image i;
     ``probs`` are the images' unmasked probabilities when the caller has them."""
-    from tqdm.auto import tqdm
-
     deltas_b, deltas_c, outside = [], [], []
-    for start in tqdm(range(0, n, batch_size), desc="shortcut audit", disable=not progress):
+    for start in progress_bar(range(0, n, batch_size), desc="shortcut audit", unit="batch", enabled=progress):
         images = [images_of(i) for i in range(start, min(n, start + batch_size))]
         shortcut = shortcut_probs(predictor, images, None if probs is None else probs[start : start + len(images)])
         deltas_b.extend(shortcut["prob_border_masked"] - shortcut["prob"])

@@ -25,6 +25,7 @@ from .io import ImageReadError
 from .outputs import npy_bytes, write_bytes_atomic
 from .paths import default_cache_dir
 from .models import PneumoniaClassifier, weights_fingerprint
+from .runtime import die_with_parent, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ def extract_features(
     Records need ``content_hash`` (see :func:`pneumoscope.data.scan`) for the
     cache; without one, features are computed every time.
     """
-    from tqdm.auto import tqdm
-
     records = dataset.records if records is None else records
     caches = part_caches(model, cache_dir or default_cache_dir())
     bounds = np.cumsum([c.dim for c in caches])[:-1]  # where each backbone's features end in the head's input
@@ -144,9 +143,10 @@ def extract_features(
             num_workers=num_workers,
             collate_fn=_collate,
             persistent_workers=False,
+            worker_init_fn=die_with_parent,
         )
         model.eval()
-        bar = tqdm(total=len(todo), desc="features", unit="img", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="features", unit="img", enabled=progress)
         with torch.inference_mode():
             for idx, x, bad in loader:
                 for j, why in bad:

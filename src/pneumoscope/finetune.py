@@ -28,8 +28,9 @@ from torch.utils.data import Dataset as TorchDataset
 from .augment import Augment
 from .config import FinetuneConfig
 from .errors import MissingFileError, StateError, UsageError
-from .models import UNFREEZE, PneumoniaClassifier, Preprocessing
-from .runtime import is_launched_rank
+from .backbones import UNFREEZE, Preprocessing
+from .models import PneumoniaClassifier
+from .runtime import die_with_parent, is_launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ def finetune(
         logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers], enable_progress_bar=progress, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
     )  # fmt: skip
-    loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0}
+    loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0,
+                 "worker_init_fn": die_with_parent}
     t0 = time.perf_counter()
     trainer.fit(
         module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),

@@ -22,8 +22,9 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .data import Dataset, Record
 from .io import ImageReadError
-from .models import Preprocessing
+from .backbones import Preprocessing
 from .outputs import write_json
+from .runtime import die_with_parent, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def build_image_array(
     progress: bool = True,
 ) -> ImageArray:
     """The (N, S, S) uint8 array for ``records`` resized by ``preprocessing.resize_image``, from the cache or built now."""
-    from tqdm.auto import tqdm
-
     size = preprocessing.input_size
     folder = Path(cache_dir) / "images"
     key = cache_key(records, preprocessing)
@@ -84,8 +83,9 @@ def build_image_array(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), size, size))
         ok = np.zeros(len(records), bool)
         problems = []
-        loader = DataLoader(_Decode(dataset, records, preprocessing), batch_size=64, num_workers=num_workers, collate_fn=list)
-        with tqdm(total=len(records), desc="decode", unit="img", disable=not progress) as bar:
+        loader = DataLoader(_Decode(dataset, records, preprocessing), batch_size=64, num_workers=num_workers, collate_fn=list,
+                            worker_init_fn=die_with_parent)
+        with progress_bar(total=len(records), desc="decode", unit="img", enabled=progress) as bar:
             for batch in loader:
                 for i, img, why in batch:
                     if img is None:

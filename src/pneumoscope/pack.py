@@ -24,6 +24,7 @@ from . import data as data_mod
 from .errors import UsageError
 from .io import ImageReadError, resize_image
 from .outputs import OutputExistsError
+from .runtime import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ PACK_MANIFEST = "PNEUMOSCOPE_PACK.json"
 def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int = 256, quality: int = 90, overwrite: bool = False,
                  progress: bool = True) -> dict:  # fmt: skip
     """The ``pneumoscope pack`` command. Returns a summary (counts, bytes, skipped files)."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if out.suffix.lower() != ".zip":
         raise UsageError(f"--out must name a .zip file, got {str(out)!r}")
@@ -50,7 +49,7 @@ def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int =
     kept, resized, skipped = 0, 0, []
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # JPEG/PNG bytes do not deflate
-            for record in tqdm(dataset.records, desc="pack", unit="img", disable=not progress):
+            for record in progress_bar(dataset.records, desc="pack", unit="img", enabled=progress):
                 try:
                     raw = dataset.reader.read_bytes(record.ref)
                     image = dataset.reader.read_image(record.ref, raw)

@@ -25,7 +25,7 @@ from .errors import UsageError
 from .features import FeatureResult, extract_features
 from .io import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
 from .metrics import calibrated_probability, decide
-from .models import Preprocessing
+from .backbones import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,12 @@ class OnnxBackend:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
 
+        from .runtime import available_cpus
+
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or available_cpus()  # its default counts the machine's CPUs, not the process's
+        # waiting threads sleep rather than spin: under contention a spinning thread burns the time its partner needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -38,6 +38,7 @@ from .errors import StateError, UsageError
 from .io import ImageReadError, is_image_path, screen_image
 from .outputs import current_umask
 from .predict import Prediction, Predictor, expand_inputs
+from .runtime import die_with_parent, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ def predict_stream(predictor: Predictor, items: list[Item], *, batch_size: int =
     """
     if batch_size < 1 or workers < 0:
         raise UsageError(f"batch size must be >= 1 and workers >= 0, got --batch-size {batch_size}, --workers {workers}. Fix: e.g. --batch-size 32 --workers 2")
-    loader = DataLoader(_Decoded(items, predictor.without_backend(), tta), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+    loader = DataLoader(_Decoded(items, predictor.without_backend(), tta), batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+                        worker_init_fn=die_with_parent)
     for batch in loader:
         rows: dict[int, Prediction] = {}
         good = [(i, x, why) for i, x, why, err in batch if not err]
@@ -370,8 +372,6 @@ def predict_to(
     """
     import sys
 
-    from tqdm.auto import tqdm
-
     todo, resumed, failed = items, 0, 0
     files = contextlib.ExitStack()
     if out is None and resume:
@@ -398,7 +398,7 @@ def predict_to(
             sink = TextSink(fh, fmt, new=not (exists and resume) or os.path.getsize(out) == 0)
     rows = resumed
     with files:
-        with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress) as bar:
             for preds in predict_stream(predictor, todo, batch_size=batch_size, workers=workers, tta=tta):
                 sink.write([p.to_dict() for p in preds])
                 rows += len(preds)

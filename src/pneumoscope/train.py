@@ -32,7 +32,7 @@ from .metrics import OperatingPoint, calibrated_probability, compute_clinical_me
 from .models import FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
-from .runtime import is_launched_rank
+from .runtime import is_launched_rank, progress_bar
 from .tracking import check_logger, describe_logs, training_loggers
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ def fit_head(
     holding the best weights. Each epoch's losses and accuracies go to ``loggers``
     (Lightning loggers, called directly: ``head/val_loss`` and so on, step = epoch).
     """
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xt, yt = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.float32)
@@ -80,7 +78,7 @@ def fit_head(
     bce = nn.BCEWithLogitsLoss(reduction="none")
 
     history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
-    bar = tqdm(range(1, epochs + 1), desc="head", unit="epoch", disable=not progress)
+    bar = progress_bar(range(1, epochs + 1), desc="head", unit="epoch", enabled=progress)
     for epoch in bar:
         head.train()
         order = torch.randperm(len(xt), generator=generator)

@@ -1,0 +1,125 @@
+"""Process settings (issue 19): CPUs the process can get, progress that is never silent, workers that die with their parent,
+and a command line that starts without importing torch."""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pneumoscope import runtime
+from pneumoscope.evaluate import pick_cases
+from pneumoscope.explain import MIN_FAITHFULNESS_IMAGES
+from tests.conftest import process_tree, survivors
+
+
+def test_available_cpus_follows_the_affinity_mask_and_the_cgroup_quota(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(runtime, "_cgroup_cpu_quota", lambda: None)
+    assert runtime.available_cpus() == 4
+    monkeypatch.setattr(runtime, "_cgroup_cpu_quota", lambda: 1.5)  # cpu.max "150000 100000"
+    assert runtime.available_cpus() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # taskset -c 3
+    assert runtime.available_cpus() == 1
+
+
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert runtime._cgroup_cpu_quota(str(tmp_path)) == 2.0
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert runtime._cgroup_cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert runtime._cgroup_cpu_quota(str(tmp_path)) == 0.5
+    assert runtime._cgroup_cpu_quota(str(tmp_path / "absent")) is None
+
+
+def test_thread_settings_are_set_before_torch_starts_and_the_users_win():
+    code = ("import os; from pneumoscope.runtime import configure_cpu_threads; n = configure_cpu_threads(); import torch; "
+            "print(n, os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] == out[3] == str(runtime.available_cpus()) and out[2] == "PASSIVE"
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1", "ACTIVE", "1"]
+
+
+def test_progress_off_a_terminal_is_a_log_line_every_ten_seconds_with_the_time_left(caplog):
+    now = [0.0]
+    bar = runtime._LogProgress(None, total=100, desc="features", unit="img", enabled=True, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="pneumoscope"):
+        for _ in range(10):  # 10 images a second for 10 s
+            now[0] += 1.0
+            bar.update(10 if now[0] <= 5 else 0)
+        bar.set_postfix(val_loss="0.1234")
+        now[0] += 0.5
+        bar.update(0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["features: 50/100 img after 10 s (5.0 img/s), about 10 s left"], lines
+    assert "50/100" in bar.line(now[0]) and "val_loss=0.1234" in bar.line(now[0])
+    quiet = runtime._LogProgress(range(3), total=None, desc="x", unit="it", enabled=False, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="pneumoscope"):
+        caplog.clear()
+        for _ in quiet:
+            now[0] += 20
+    assert caplog.records == [] and quiet.n == 3
+
+
+def test_progress_bar_is_tqdm_on_a_terminal_only(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert isinstance(runtime.progress_bar(total=3, desc="x"), runtime._LogProgress)
+    assert list(runtime.progress_bar(range(3), desc="x")) == [0, 1, 2]
+
+
+def test_a_worker_dies_with_its_parent_even_after_kill_9(tmp_path):
+    """The parent starts a child that arms die_with_parent, then sleeps; the parent is killed with SIGKILL."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, time\n"
+        "from pneumoscope.runtime import die_with_parent\n"
+        "def child():\n    die_with_parent()\n    time.sleep(600)\n"
+        "if __name__ == '__main__':\n    mp.get_context('fork').Process(target=child).start()\n    print('started', flush=True)\n    time.sleep(600)\n"
+    )  # fmt: skip
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        time.sleep(0.3)  # the child arms the signal first thing; give it the moment
+        started = process_tree(parent.pid)
+        assert started
+    finally:
+        parent.kill()
+        parent.wait()
+    assert survivors(started) == []
+
+
+def test_building_the_parser_imports_neither_torch_nor_grad_cam():
+    """`pneumoscope --help` and `--version` answer at once: choices come from light modules (benchmarks/bench_startup.py times it)."""
+    code = ("import sys; from pneumoscope.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'pytorch_grad_cam', 'sklearn', 'timm', 'lightning', 'onnxruntime') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    for argv in (["--help"], ["--version"], ["train", "--help"], ["explain", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "pneumoscope", *argv], capture_output=True, text=True)
+        assert done.returncode == 0 and ("usage" in done.stdout or "pneumoscope" in done.stdout), argv
+
+
+def test_pick_cases_shows_both_classes_right_and_wrong_and_enough_for_the_faithfulness_check():
+    y_true = np.array([0] * 50 + [1] * 50)
+    y_prob = np.r_[np.linspace(0.0, 0.6, 50), np.linspace(0.3, 1.0, 50)]  # threshold 0.5: some of each outcome
+    picks = pick_cases(y_true, y_prob, 0.5, per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES)
+    kinds = [k for k, _ in picks]
+    assert {"true positive", "true negative", "false positive", "false negative"} <= set(kinds) and len(picks) == 8
+    assert len({i for _, i in picks}) == len(picks)
+    fp = [i for k, i in picks if k == "false positive"]
+    assert y_prob[fp[0]] == y_prob[y_true == 0].max()  # the most confident mistake first
+    # the demo's case: every image of one class (all NORMAL first), none wrong: still at least five, both classes where they exist
+    y_true, y_prob = np.array([0] * 6 + [1] * 6), np.r_[np.full(6, 0.1), np.full(6, 0.9)]
+    picks = pick_cases(y_true, y_prob, 0.5, per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES)
+    assert len(picks) == MIN_FAITHFULNESS_IMAGES and {k for k, _ in picks} == {"true positive", "true negative"}
+    assert len(pick_cases(y_true[:3], y_prob[:3], 0.5, at_least=5)) == 3  # as many as there are
