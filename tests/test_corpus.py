@@ -140,6 +140,9 @@ def _check_rows(rows: list[dict], good: list[Path]):
         prob = r["prob"]
         if r["label"]:
             assert prob is not None and math.isfinite(float(prob)) and 0 <= float(prob) <= 1, r
+            assert not r["ood"] and not r["ood_reason"], r  # a diagnosis only for what the model can assess
+        elif r["ood"]:
+            assert math.isfinite(float(prob)) and r["ood_reason"], r  # not assessable: the reason, the probability for information
         else:
             assert prob in (None, "") and r["error"], r  # no label without a finite probability, and the reason given
     by_path = {r["path"]: r for r in rows}
@@ -206,6 +209,7 @@ def test_the_web_app_answers_each_with_a_status_never_a_label_from_nothing(run, 
             body = r.json()
             if r.status_code == 200:
                 assert body["label"] is None or (math.isfinite(body["prob"]) and 0 <= body["prob"] <= 1), (name, body)
+                assert not body["ood"] or (body["label"] is None and body["ood_reason"]), (name, body)  # flagged: no diagnosis
         good = _good(Path(bad_files["empty.png"]).parent, 1)[0]
         ok = client.post("/predict", files={"file": ("good.png", good.read_bytes())})
         assert ok.status_code == 200 and ok.json()["label"] in ("NORMAL", "PNEUMONIA")

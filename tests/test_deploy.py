@@ -48,8 +48,12 @@ def test_ood_guard_flags_photos_noise_and_blank_but_not_radiographs(predictor):
     }  # fmt: skip
     preds = predictor.predict_images(list(strangers.values()), list(strangers))
     assert all(p.ood for p in preds), [(p.path, p.ood_distance) for p in preds]
+    # not assessable: no diagnosis, and the reason in words (issue 20: a portrait read "Suspected", a cat "NORMAL")
+    assert all(p.label is None and not p.assessable and p.ood_reason and p.prob is not None for p in preds), preds
+    assert any("out-of-distribution score" in p.ood_reason for p in preds)  # the guard's own reason, not only the screen's
     xrays = predictor.predict_inputs(_test_images(10))
     assert sum(p.ood for p in xrays) <= 1  # the guard's cut-off is the 99th percentile on validation
+    assert all((p.label is None) == bool(p.ood) for p in xrays)
 
 
 def test_prediction_carries_the_ood_flag_in_cli_output(run, tmp_path, capsys):
@@ -57,7 +61,7 @@ def test_prediction_carries_the_ood_flag_in_cli_output(run, tmp_path, capsys):
     Image.fromarray(skdata.chelsea()).save(path)
     assert main(["-q", "predict", str(run), str(path), "--format", "json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
-    assert row["ood"] is True and row["ood_distance"] > 0
+    assert row["ood"] is True and row["ood_distance"] > 0 and row["label"] is None and "cut-off" in row["ood_reason"]
 
 
 def test_dicom_predicts_like_the_same_picture(predictor, tmp_path):
@@ -340,7 +344,7 @@ def test_one_decision_rule_a_probability_at_the_threshold_is_pneumonia(predictor
 @pytest.mark.parametrize("shape", [(1, 1), (512, 512), (8, 300)])
 def test_blank_tiny_and_elongated_images_are_flagged_before_the_feature_guard(predictor, shape):
     pred = predictor.predict_images([np.full(shape, 0.5, np.float32)], ["grey"])[0]
-    assert pred.ood is True and pred.ood_reason
+    assert pred.ood is True and pred.ood_reason and pred.label is None
     assert predictor.predict_images([predictor.read(_test_images(1)[0])], ["xray"])[0].ood_reason == ""
 
 

@@ -68,8 +68,9 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
 
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots kept for people to look at (ignored by git)
-KEY_ELEMENTS = {"drop zone": "#drop", "notice": "#notice", "worklist": "#worklist", "OOD warning": "#ood", "verdict": "#verdict",
+KEY_ELEMENTS = {"drop zone": "#drop", "notice": "#notice", "worklist": "#worklist", "verdict": "#verdict",
                 "radiograph": "#base", "heatmap": "#stack", "colour bar": "#colorbar"}  # fmt: skip
+NOT_ASSESSABLE_ELEMENTS = {k: v for k, v in KEY_ELEMENTS.items() if k not in ("heatmap", "colour bar")}
 
 # For each element: is it there, inside the page's width, and is its centre what a click there would hit
 # (not covered by another element)? Its box in page coordinates, for the overlap check.
@@ -132,7 +133,7 @@ def _assert_seen_and_apart(boxes: dict, width: int) -> None:
 
 def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_path):
     """A real browser uploads real radiographs (and a blank picture and a text file) to the app of a real run, as a person would:
-    the worklist sorts by probability and answers the keyboard, the OOD warning gives its reason, and at
+    the worklist sorts by probability and answers the keyboard, the blank one reads "Cannot assess: <reason>", and at
     1280 and 390 px the key elements are visible, on top and apart. Screenshots: tests/artifacts/."""
     import numpy as np
     from PIL import Image
@@ -187,8 +188,14 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 focused_row = page.evaluate("() => document.activeElement.textContent")
 
                 page.click(f".rowbtn[title='{blank.name}']")
-                ood_text = page.inner_text("#ood")
+                blank_verdict, blank_row = page.inner_text("#verdict"), page.inner_text("#rows tr.na")
+                blank_verdict_class = page.get_attribute("#verdict", "class")
                 _wait(page, "() => document.getElementById('base').complete")
+                blank_heat, blank_note = page.is_visible("#stack") or page.is_visible("#colorbar"), page.inner_text("#camnote")
+                # not assessable: no heatmap and no colour bar, the rest laid out as for any result
+                not_assessable = _boxes_and_shot(page, 1280, ARTIFACTS / "web-desktop-cannot-assess.png", NOT_ASSESSABLE_ELEMENTS)
+                page.click(f".rowbtn[title='{xrays[0].name}']")
+                _wait(page, "() => document.getElementById('heat').complete")
                 page.fill("#opacity", "70")
                 page.dispatch_event("#opacity", "input")
                 opacity = page.evaluate("() => getComputedStyle(document.getElementById('heat')).opacity")
@@ -200,9 +207,10 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 page.click(f".rowbtn[title='{xrays[-1].name}']")
                 _wait(page, "() => document.getElementById('heat').complete")
                 page.screenshot(path=str(ARTIFACTS / "web-desktop-result.png"), full_page=True)
-                page.click(f".rowbtn[title='{blank.name}']")  # the OOD one again, for the phone's checks
                 page.set_viewport_size({"width": 390, "height": 844})
                 phone = _boxes_and_shot(page, 390, ARTIFACTS / "web-phone.png")
+                page.click(f".rowbtn[title='{blank.name}']")  # the one that cannot be assessed, on a phone
+                phone_not_assessable = _boxes_and_shot(page, 390, ARTIFACTS / "web-phone-cannot-assess.png", NOT_ASSESSABLE_ELEMENTS)
                 scroll_width = page.evaluate("() => document.documentElement.scrollWidth")
                 spilled[390] = page.evaluate(SPILLED)
                 page.click(f".rowbtn[title='{xrays[-1].name}']")
@@ -222,10 +230,14 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     assert len(down) == len(uploads) - 1 and down == sorted(down, reverse=True) and up == sorted(up)  # the error row last, "–"
     assert chooser_focused == "file"
     assert first != second and focused_row == second
-    assert "Out of distribution" in ood_text and "blank" in ood_text.lower(), ood_text
+    # issue 20: a flagged image gets no diagnosis, in neutral colours, and no heatmap of a decision it does not have
+    assert blank_verdict.startswith("Cannot assess: ") and "blank" in blank_verdict and "NORMAL" not in blank_verdict, blank_verdict
+    assert blank_verdict_class == "verdict na" and "Cannot assess" in blank_row and not blank_heat and "no decision" in blank_note
     assert "P(pneumonia) = " in phone_verdict and ("suspected" in phone_verdict or "Below threshold" in phone_verdict)
     _assert_seen_and_apart(desktop, 1280)
     _assert_seen_and_apart(phone, 390)
+    _assert_seen_and_apart(not_assessable, 1280)
+    _assert_seen_and_apart(phone_not_assessable, 390)
     assert spilled == {1280: [], 390: []}, f"worklist cells whose text runs into the next: {spilled}"
     assert scroll_width <= 390, f"the page scrolls sideways at 390 px ({scroll_width} px wide)"
     # beside the image and not below it at desktop width; one column on a phone
@@ -247,8 +259,8 @@ def _wait(page, predicate: str, timeout_s: float = 10) -> None:
         time.sleep(0.1)
 
 
-def _boxes_and_shot(page, width: int, path: Path) -> dict:
-    boxes = page.evaluate(SEEN, KEY_ELEMENTS)
+def _boxes_and_shot(page, width: int, path: Path, elements: dict = KEY_ELEMENTS) -> dict:
+    boxes = page.evaluate(SEEN, elements)
     page.evaluate("() => scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
     return boxes

@@ -32,14 +32,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
+    """The model's answer for one image: what ``pneumoscope predict`` writes as a row.
+
+    ``label`` is the class decided at ``threshold`` only for an image the model can assess: it is
+    None when the image could not be read (``error`` says why) and when it is not assessable
+    (``ood`` is True: the image screen or the out-of-distribution guard flagged it, and
+    ``ood_reason`` says why). ``prob`` is then given for information only.
+
+    Attributes:
+        path: the input as given (a path, or a description of an in-memory input).
+        prob: calibrated P(PNEUMONIA), or None when the image could not be read.
+        label: "NORMAL" or "PNEUMONIA", or None (not assessable, or unreadable).
+        threshold: the model's operating point; ``label`` is PNEUMONIA where ``prob >= threshold``.
+        ood: True when not assessable; False when checked and like the training images; None when the model has no guard.
+        ood_distance: the guard's score (Mahalanobis distance of the image's features to the training features).
+        error: why the image could not be read, else "".
+        ood_reason: why it is not assessable, else "".
+    """
+
     path: str
-    prob: float | None  # calibrated P(PNEUMONIA)
+    prob: float | None
     label: str | None
     threshold: float
-    ood: bool | None = None  # unlike the training images (None: the checkpoint has no guard)
+    ood: bool | None = None
     ood_distance: float | None = None
     error: str = ""
-    ood_reason: str = ""  # why the image-level checks flagged it (blank, tiny, elongated), else ""
+    ood_reason: str = ""
+
+    @property
+    def assessable(self) -> bool:
+        """Whether the model gives a diagnosis for this image (readable, and neither screen nor guard flagged it)."""
+        return self.label is not None
 
     FIELDS = ("path", "prob", "label", "threshold", "ood", "ood_distance", "ood_reason", "error")
 
@@ -313,7 +336,13 @@ class Predictor:
                                       "Check the image and the model file."))  # fmt: skip
                 continue
             flag = None if dist is None or self.ood_cutoff is None else bool(dist > self.ood_cutoff)
-            out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, True if reason else flag, dist, ood_reason=reason))
+            if not reason and flag:
+                reason = (f"unlike the radiographs the model was trained on: out-of-distribution score {dist:.1f} is over "
+                          f"the cut-off {self.ood_cutoff:.1f}")  # fmt: skip
+            if reason:  # not assessable: no diagnosis, the probability for information only
+                out.append(Prediction(name, float(prob), None, self.threshold, True, dist, ood_reason=reason))
+            else:
+                out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, flag, dist))
         return out
 
     def predict_inputs(self, inputs: list, *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:

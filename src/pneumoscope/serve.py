@@ -344,7 +344,7 @@ def create_app(
         pred = await asyncio.wrap_future(batcher.submit(x, name, screened))
         result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}
         result["image_png"] = await loop.run_in_executor(decode_pool, _png, view)
-        if heatmap and can_explain and pred.prob is not None:  # no label, nothing to explain
+        if heatmap and can_explain and pred.label is not None:  # no decision (unreadable, or not assessable), nothing to explain
             result.update(await loop.run_in_executor(cam_pool, explain, view, pred))
         return result
 

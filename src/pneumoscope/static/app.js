@@ -85,8 +85,7 @@ function renderRows() {
   for (const e of ordered()) {
     const tr = document.createElement("tr");
     const r = e.result;
-    tr.className = r ? (suspected(r) ? "pos" : "neg") : e.error ? "err" : "wait";
-    if (r && r.ood) tr.classList.add("is-ood");
+    tr.className = r ? (r.label === null ? "na" : suspected(r) ? "pos" : "neg") : e.error ? "err" : "wait";
     if (e === selected) tr.classList.add("selected");
     const name = document.createElement("td");
     const btn = document.createElement("button");
@@ -103,8 +102,8 @@ function renderRows() {
     prob.className = "num";
     prob.textContent = r ? fmt(r.prob) : "–";
     const res = document.createElement("td");
-    res.textContent = r ? (suspected(r) ? "Suspected" : "Below") : e.error ? "Error" : "Analysing…";
-    if (r && r.ood) { const b = document.createElement("span"); b.className = "badge"; b.textContent = "OOD"; b.title = "out of distribution"; res.append(" ", b); }
+    res.textContent = r ? (r.label === null ? "Cannot assess" : suspected(r) ? "Suspected" : "Below") : e.error ? "Error" : "Analysing…";
+    if (r && r.label === null) res.title = r.ood_reason;
     tr.append(name, prob, res);
     tbody.appendChild(tr);
   }
@@ -139,35 +138,33 @@ function show(e) {
   const verdict = $("verdict");
   if (!r) {
     verdict.className = "verdict err"; verdict.textContent = e.error;
-    $("ood").hidden = true; document.querySelector(".views").hidden = true;
+    document.querySelector(".views").hidden = true;
     $("meterfill").style.width = "0"; $("meterlegend").textContent = "";
     return;
   }
   document.querySelector(".views").hidden = false;
   const above = suspected(r);
-  verdict.className = "verdict " + (above ? "pos" : "neg") + (r.ood ? " dimmed" : "");
-  verdict.textContent = above
-    ? `Pneumonia suspected: P(pneumonia) = ${fmt(r.prob)}, at or above the threshold ${fmt(r.threshold)}`
-    : `Below threshold (NORMAL): P(pneumonia) = ${fmt(r.prob)}, under the threshold ${fmt(r.threshold)}`;
+  if (r.label === null) {  // not assessable: no diagnosis, in neutral colours; the probability for information only
+    verdict.className = "verdict na";
+    verdict.textContent = `Cannot assess: ${r.ood_reason}. No diagnosis is given (P(pneumonia) = ${fmt(r.prob)}, for information only).`;
+  } else {
+    verdict.className = "verdict " + (above ? "pos" : "neg");
+    verdict.textContent = above
+      ? `Pneumonia suspected: P(pneumonia) = ${fmt(r.prob)}, at or above the threshold ${fmt(r.threshold)}`
+      : `Below threshold (NORMAL): P(pneumonia) = ${fmt(r.prob)}, under the threshold ${fmt(r.threshold)}`;
+  }
   $("meterfill").style.width = (100 * r.prob).toFixed(1) + "%";
-  $("meterfill").className = "meter-fill " + (r.ood ? "dimmed" : above ? "pos" : "neg");
+  $("meterfill").className = "meter-fill " + (r.label === null ? "dimmed" : above ? "pos" : "neg");
   $("meterthr").style.left = (100 * r.threshold).toFixed(1) + "%";
   $("meterlegend").textContent = `0 ← P(pneumonia) → 1; the mark is the decision threshold (${fmt(r.threshold)}).`;
-  $("ood").hidden = !r.ood;
-  if (r.ood) {
-    const why = r.ood_reason ? r.ood_reason + "." : "";
-    const score = r.ood_distance !== null && r.ood_cutoff !== null && r.ood_distance !== undefined
-      ? ` Its out-of-distribution score ${r.ood_distance.toFixed(1)} is over the cut-off ${r.ood_cutoff.toFixed(1)}.` : "";
-    $("oodtext").textContent = ` ${why}${score} It does not look like the training radiographs.`;
-  }
   $("base").src = $("under").src = "data:image/png;base64," + r.image_png;
   if (r.heatmap_png) {
     $("heat").src = "data:image/png;base64," + r.heatmap_png;
-    $("heat").hidden = false; $("colorbar").hidden = false;
+    $("stack").hidden = false; $("heatcontrols").hidden = false;
     $("heat").style.opacity = $("opacity").value / 100;
     $("camnote").textContent = "Grad-CAM for " + r.cam_target + ": where the model's evidence lies, not proof of a finding.";
   } else {
-    $("heat").hidden = true; $("colorbar").hidden = true;
-    $("camnote").textContent = "No heatmap for this model backend.";
+    $("stack").hidden = true; $("heatcontrols").hidden = true;
+    $("camnote").textContent = r.label === null ? "No heatmap: there is no decision to explain." : "No heatmap for this model backend.";
   }
 }
