@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,16 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".
 # largest chest_xray JPEG is about 2,900 x 2,900. Anything far beyond is more
 # likely a decompression bomb than an X-ray.
 MAX_PIXELS = 64_000_000
+
+# A zip member is checked before it is read: a 2 MB archive can hold a 2 GiB member of
+# zeros (a zip bomb). The largest image file read here is an uncompressed 16-bit DICOM at
+# MAX_PIXELS, 2 bytes a pixel (128 MB); 4 bytes a pixel leaves room for headers and odd
+# encodings. JPEG and PNG are compressed already (a zip gains a few per cent on them) and an
+# uncompressed DICOM deflates some 2-10x; deflate's ceiling, where bombs sit, is about 1,030x.
+# A member below MIN_RATIO_CHECKED costs nothing whatever its ratio (a flat test image).
+MAX_MEMBER_BYTES = 4 * MAX_PIXELS
+MAX_COMPRESSION_RATIO = 200
+MIN_RATIO_CHECKED = 1 << 20
 
 T = TypeVar("T")
 
@@ -83,6 +95,45 @@ def read_many(
         index.append(i)
         images.append(image)
     return Decoded(index, images, skipped)
+
+
+_ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."
+
+
+def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:
+    """The bytes of ``member``, or :class:`ImageReadError` (``name`` in its message) if it cannot be one image.
+
+    Its declared size and compression ratio are checked before anything is decompressed
+    (:data:`MAX_MEMBER_BYTES`, :data:`MAX_COMPRESSION_RATIO`), and it is read with that bound,
+    so a member whose header lies about its size still stops there. A damaged member (bad
+    CRC, broken deflate stream, encrypted, unknown compression) is refused with the reason.
+    The bounds are read when called, not when defined.
+    """
+    try:
+        info = archive.getinfo(member)
+    except KeyError as err:
+        raise ImageReadError(name, "no such member in the archive", "Check the name, or copy the archive again.") from err
+    _check_member(info, name)
+    try:
+        with archive.open(info) as fh:
+            data = fh.read(MAX_MEMBER_BYTES + 1)  # read(n) never returns more than n bytes, whatever the header says
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as err:
+        raise ImageReadError(name, f"cannot be read from the archive ({err})", "Copy the archive again, or unpack it and give the folder.") from err
+    if len(data) > MAX_MEMBER_BYTES:
+        raise ImageReadError(name, f"archive member holds more than {MAX_MEMBER_BYTES:,} bytes (the limit) although its header declares "
+                                   f"{info.file_size:,}: a damaged or forged archive", _ZIP_FIX)  # fmt: skip
+    return data
+
+
+def _check_member(info: zipfile.ZipInfo, name: str) -> None:
+    """Refuse a member whose header declares too many bytes, or too many for its compressed size (a zip bomb)."""
+    size, packed = info.file_size, info.compress_size
+    if size > MAX_MEMBER_BYTES:
+        raise ImageReadError(name, f"archive member declares {size:,} bytes uncompressed, over the limit of {MAX_MEMBER_BYTES:,}"
+                                   " (possible zip bomb)", _ZIP_FIX)  # fmt: skip
+    if size >= MIN_RATIO_CHECKED and size > MAX_COMPRESSION_RATIO * packed:
+        raise ImageReadError(name, f"archive member expands {size / max(packed, 1):,.0f}x ({packed:,} -> {size:,} bytes), over the limit"
+                                   f" of {MAX_COMPRESSION_RATIO}x (possible zip bomb)", _ZIP_FIX)  # fmt: skip
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
