@@ -1,9 +1,12 @@
 """Write small DICOM files from arrays, for tests."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
@@ -27,7 +30,7 @@ def _cr_dataset(rows: int, cols: int, transfer_syntax: str, photometric: str, bi
 
 
 def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", bits_stored=12, window=None, rescale=None,
-                voi_lut=None, frames: int = 1) -> Path:  # fmt: skip
+                voi_lut=None, frames: int = 1, edit: Callable[[Dataset], None] | None = None) -> Path:  # fmt: skip
     stored = np.asarray(stored, dtype=np.uint16)
     ds = _cr_dataset(*stored.shape[-2:], ExplicitVRLittleEndian, photometric, bits_stored)
     if frames > 1:
@@ -43,8 +46,72 @@ def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", bi
         item.add_new((0x0028, 0x3006), "US", [int(v) for v in voi_lut])  # LUTData
         ds.VOILUTSequence = [item]
     ds.PixelData = stored.tobytes()
+    if edit is not None:
+        edit(ds)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------- malformed headers, as found in the wild
+
+
+def _raw(ds: Dataset, tag: int, vr: str, value: bytes) -> None:
+    """An element written as these bytes: pydicom refuses to make a malformed number from a value, so it is given raw."""
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+def _lut(descriptor: list[int] | None, data: list[int] | None) -> Dataset:
+    """A LUT item (VOI or Modality), with its LUTDescriptor and LUTData where given."""
+    item = Dataset()
+    if descriptor is not None:
+        item.LUTDescriptor = descriptor
+    if data is not None:
+        item.add_new((0x0028, 0x3006), "US", data)  # LUTData
+    return item
+
+
+def _frames_not_a_number(ds):
+    _raw(ds, 0x00280008, "IS", b"x ")  # NumberOfFrames "x"
+
+
+def _window_not_a_number(ds):
+    _raw(ds, 0x00281050, "DS", b"abcd")  # WindowCenter "abcd"
+    ds.WindowWidth = 400
+
+
+def _voi_lut_without_descriptor(ds):
+    ds.VOILUTSequence = [_lut(None, list(range(4096)))]
+
+
+def _voi_lut_of_two_entries(ds):
+    ds.VOILUTSequence = [_lut([4096, 0, 16], [0, 65535])]  # 4,096 entries declared, 2 given
+
+
+def _voi_lut_of_zero_bits(ds):
+    ds.VOILUTSequence = [_lut([4096, 0, 0], list(range(4096)))]
+
+
+def _modality_lut_without_data(ds):
+    ds.ModalityLUTSequence = [_lut([4096, 0, 16], None)]
+    ds.ModalityLUTSequence[0].ModalityLUTType = "US"
+
+
+# file name -> (the edit, the part of the header the reader's message names)
+MALFORMED_HEADERS = {
+    "frames_x.dcm": (_frames_not_a_number, "header"),
+    "window_abcd.dcm": (_window_not_a_number, "VOI LUT or window"),
+    "voi_lut_no_descriptor.dcm": (_voi_lut_without_descriptor, "VOI LUT or window"),
+    "voi_lut_two_entries.dcm": (_voi_lut_of_two_entries, "VOI LUT or window"),
+    "voi_lut_zero_bits.dcm": (_voi_lut_of_zero_bits, "VOI LUT or window"),
+    "modality_lut_no_data.dcm": (_modality_lut_without_data, "Modality LUT or rescale"),
+}
+
+
+def write_malformed_dicoms(folder: Path) -> dict[str, Path]:
+    """One small, otherwise valid radiograph DICOM per entry of :data:`MALFORMED_HEADERS`, written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp = np.arange(64 * 64).reshape(64, 64) % 4096
+    return {name: write_dicom(folder / name, ramp, edit=edit) for name, (edit, _) in MALFORMED_HEADERS.items()}
 
 
 def write_rle_dicom(path: Path, rows: int, cols: int, *, bits_stored: int = 12) -> Path:

@@ -1,4 +1,4 @@
-"""The bad-input corpus (issue 11's target): 25+ kinds of broken or hostile file, DICOM ones included,
+"""The bad-input corpus (issue 11's target): 30+ kinds of broken or hostile file, DICOM ones included,
 through predict, explain, evaluate, train and the web app: no traceback, no NaN or missing probability
 turned into a label, and every good file still processed."""
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from pneumoscope.cli import main
 from tests.conftest import make_kaggle_tree, synthetic_xray
-from tests.dicom_util import write_dicom
+from tests.dicom_util import write_dicom, write_malformed_dicoms
 
 
 def _img_bytes(arr, fmt, **kw) -> bytes:
@@ -83,6 +83,9 @@ def corpus(tmp: Path) -> dict[str, bytes]:
         "truncated.dcm": _dicom(tmp, "t.dcm", ramp)[:-2000],
         "flat.dcm": _dicom(tmp, "flat.dcm", np.full((64, 64), 1000)),
         "not_dicom.dcm": b"DICM" * 50,
+        # headers pydicom cannot interpret: NumberOfFrames "x", WindowCenter "abcd", VOI LUTs without a descriptor,
+        # shorter than declared or of 0 bits, a Modality LUT without data
+        **{name: path.read_bytes() for name, path in write_malformed_dicoms(tmp / "malformed").items()},
     }
 
 
@@ -132,7 +135,7 @@ def _good(tmp: Path, n=2) -> list[Path]:
 
 
 def test_the_corpus_is_large_and_varied(bad_files):
-    assert len(bad_files) >= 25 and sum(n.endswith(".dcm") for n in bad_files) >= 8
+    assert len(bad_files) >= 30 and sum(n.endswith(".dcm") for n in bad_files) >= 14
 
 
 def _check_rows(rows: list[dict], good: list[Path]):

@@ -183,3 +183,34 @@ def test_pack_keeps_two_files_that_differ_only_by_suffix(kaggle_tree, tmp_path):
         names = zf.namelist()
     assert len(names) == len(set(names))  # no entry written twice under one name
     assert len(load_dataset(packed).records) == len(load_dataset(kaggle_tree).records)
+
+
+def _zip_with_a_bomb(tree, archive):
+    """``tree``'s images, and train/NORMAL/zbomb.png: 5 MB of zeros (a bomb under the 1 MiB bound the tests set)."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(tree.rglob("*.jpeg")):
+            zf.write(f, f.relative_to(tree).as_posix())
+        with zf.open("train/NORMAL/zbomb.png", "w") as fh:
+            fh.write(bytes(5 << 20))
+    return archive
+
+
+def test_data_inspect_and_pack_skip_a_zip_bomb_member_with_the_reason_and_read_the_rest(kaggle_tree, tmp_path, monkeypatch, capsys):
+    import json
+
+    import pneumoscope.io
+    from pneumoscope.cli import main
+
+    monkeypatch.setattr(pneumoscope.io, "MAX_MEMBER_BYTES", 1 << 20)
+    archive = _zip_with_a_bomb(kaggle_tree, tmp_path / "bomb.zip")
+    images = len(D.load_dataset(kaggle_tree).records)
+    assert main(["-q", "data", "inspect", str(archive), "--json"]) == 1  # done, one file unreadable
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == images
+    assert [row["path"] for row in summary["unreadable"]] == [f"{archive}::train/NORMAL/zbomb.png"]
+    assert "declares 5,242,880 bytes uncompressed, over the limit of 1,048,576 (possible zip bomb)" in summary["unreadable"][0]["reason"]
+    packed = tmp_path / "packed.zip"
+    assert main(["-q", "pack", str(archive), "--out", str(packed), "--size", "64"]) == 1
+    with zipfile.ZipFile(packed) as zf:
+        assert not [n for n in zf.namelist() if "zbomb" in n]
+    assert len(D.load_dataset(packed).records) == images

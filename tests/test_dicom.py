@@ -5,7 +5,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from pneumoscope.io import ImageReadError, read_image
-from tests.dicom_util import write_dicom
+from tests.dicom_util import MALFORMED_HEADERS, write_dicom, write_malformed_dicoms
 
 
 @pytest.fixture
@@ -158,3 +158,77 @@ def test_windowing_equals_pydicoms_apply_windowing(tmp_path, function, window):
         ref = (apply_windowing(ds.pixel_array.astype(np.float64) - 2000, dcmread(path)) - y_min) / (y_max - y_min)
         ours = read_image(path)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- malformed headers: one unreadable file, never a whole command
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_HEADERS))
+def test_a_malformed_header_is_an_unreadable_image_naming_the_part(tmp_path, name):
+    path = write_malformed_dicoms(tmp_path)[name]
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    err = info.value
+    assert err.path == str(path) and "cannot be interpreted" in err.reason and MALFORMED_HEADERS[name][1] in err.reason
+    assert "Correct the header" in err.fix
+
+
+@pytest.fixture
+def folder_with_malformed(tmp_path) -> tuple[list, dict]:
+    """NORMAL/ and PNEUMONIA/ of good synthetic PNGs, with every malformed DICOM among the NORMAL ones."""
+    from PIL import Image
+
+    from tests.conftest import synthetic_xray
+
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(8):
+        cls = ("NORMAL", "PNEUMONIA")[i % 2]
+        (tmp_path / "data" / cls).mkdir(parents=True, exist_ok=True)
+        good.append(tmp_path / "data" / cls / f"good{i}.png")
+        Image.fromarray(synthetic_xray(rng, i % 2)).save(good[-1])
+    return good, write_malformed_dicoms(tmp_path / "data" / "NORMAL")
+
+
+def test_data_inspect_lists_the_malformed_dicoms_and_counts_the_rest(folder_with_malformed, capsys):
+    import json
+
+    from pneumoscope.cli import main
+
+    good, bad = folder_with_malformed
+    assert main(["-q", "data", "inspect", str(good[0].parent.parent), "--json"]) == 1  # done, some files unreadable
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == len(good)
+    reasons = {row["path"]: row["reason"] for row in summary["unreadable"]}
+    assert set(reasons) == set(map(str, bad.values())) and all("cannot be interpreted" in why for why in reasons.values())
+
+
+def test_predict_gives_the_malformed_dicoms_an_error_and_the_rest_probabilities(folder_with_malformed, tiny_run, capsys):
+    import csv
+
+    from pneumoscope.cli import main
+
+    good, bad = folder_with_malformed
+    assert main(["-q", "predict", str(tiny_run), str(good[0].parent.parent), "--workers", "0"]) == 1
+    rows = {r["path"]: r for r in csv.DictReader(capsys.readouterr().out.splitlines())}
+    assert len(rows) == len(good) + len(bad)
+    assert all(rows[str(p)]["prob"] and rows[str(p)]["label"] and not rows[str(p)]["error"] for p in good)
+    assert all(not rows[str(p)]["prob"] and "cannot be interpreted" in rows[str(p)]["error"] for p in bad.values())
+
+
+def test_the_server_answers_422_for_a_malformed_dicom_and_the_batch_still_answers_the_good_image(folder_with_malformed, tiny_run):
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.predict import Predictor
+    from pneumoscope.serve import create_app
+
+    good, bad = folder_with_malformed
+    with TestClient(create_app(Predictor.load(tiny_run)), base_url="http://127.0.0.1") as client:
+        for name, path in bad.items():
+            r = client.post("/predict", files={"file": (name, path.read_bytes())})
+            assert r.status_code == 422 and "cannot be interpreted" in r.json()["detail"], (name, r.status_code, r.text)
+            batch = client.post("/predict/batch", files=[("files", (name, path.read_bytes())), ("files", ("good.png", good[0].read_bytes()))])
+            assert batch.status_code == 200, (name, batch.text)
+            failed, ok = batch.json()["results"]
+            assert failed["status"] == 422 and failed["prob"] is None and "cannot be interpreted" in failed["error"]
+            assert ok["label"] in ("NORMAL", "PNEUMONIA") and 0 <= ok["prob"] <= 1

@@ -137,3 +137,105 @@ def test_read_many_names_items_as_asked_raises_what_is_not_skippable_and_lets_ot
 
     with pytest.raises(RuntimeError, match="a bug"):
         read_many([tmp_path], broken)
+
+
+# --------------------------------------------------------------------------- zip members: checked before they are read, read with a bound
+
+
+def _zip_of(path, members: dict[str, bytes]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def one_mib_members(monkeypatch):
+    """A 1 MiB bound on a member, so that 5 MB of zeros is a bomb (and the test fast); the bound is read when called."""
+    import pneumoscope.io as io_mod
+
+    monkeypatch.setattr(io_mod, "MAX_MEMBER_BYTES", 1 << 20)
+    return 1 << 20
+
+
+def test_a_member_declaring_more_than_the_bound_is_refused_before_any_byte_is_read(tmp_path, one_mib_members, monkeypatch):
+    import zipfile
+
+    from pneumoscope.io import read_zip_member
+
+    png = _save(tmp_path, "a.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8))).read_bytes()
+    archive = _zip_of(tmp_path / "a.zip", {"a.png": png, "bomb.png": bytes(5 << 20)})
+    with zipfile.ZipFile(archive) as zf:
+        assert read_zip_member(zf, "a.png", "a.zip::a.png") == png
+        monkeypatch.setattr(zf, "open", lambda *a, **kw: pytest.fail("the member was opened"))
+        with pytest.raises(ImageReadError, match=r"a.zip::bomb.png: archive member declares 5,242,880 bytes .* over the limit of 1,048,576"):
+            read_zip_member(zf, "bomb.png", "a.zip::bomb.png")
+
+
+def test_a_member_that_expands_past_the_ratio_is_refused_and_a_small_one_is_not(tmp_path):
+    import zipfile
+
+    from pneumoscope.io import MAX_COMPRESSION_RATIO, MAX_MEMBER_BYTES, MIN_RATIO_CHECKED, read_zip_member
+
+    assert MIN_RATIO_CHECKED < 2 << 20 < MAX_MEMBER_BYTES  # under the size bound: only the ratio refuses it
+    archive = _zip_of(tmp_path / "a.zip", {"zeros.png": bytes(2 << 20), "flat.dcm": bytes(64 << 10)})
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.getinfo("zeros.png").file_size > MAX_COMPRESSION_RATIO * zf.getinfo("zeros.png").compress_size
+        with pytest.raises(ImageReadError, match=rf"expands [\d,]+x .* over the limit of {MAX_COMPRESSION_RATIO}x \(possible zip bomb\)"):
+            read_zip_member(zf, "zeros.png", "zeros.png")
+        assert read_zip_member(zf, "flat.dcm", "flat.dcm") == bytes(64 << 10)  # as compressible, but too small to cost anything
+        with pytest.raises(ImageReadError, match="no such member"):
+            read_zip_member(zf, "missing.png", "missing.png")
+
+
+class _LyingArchive:
+    """A member declared 100 bytes that yields 5 MB. zipfile itself stops at the declared size (and then fails the
+    CRC check); the bound must not depend on that. Counts the bytes handed out."""
+
+    def __init__(self, data: bytes):
+        self.data, self.handed_out = data, 0
+
+    def getinfo(self, name):
+        import zipfile
+
+        info = zipfile.ZipInfo(name)
+        info.file_size = info.compress_size = 100
+        return info
+
+    def open(self, info):
+        archive = self
+
+        class Member(io.BytesIO):
+            def read(self, n=-1):
+                out = super().read(n)
+                archive.handed_out += len(out)
+                return out
+
+        return Member(self.data)
+
+
+def test_a_member_whose_header_lies_is_cut_off_at_the_bound(one_mib_members):
+    from pneumoscope.io import read_zip_member
+
+    archive = _LyingArchive(bytes(5 << 20))
+    with pytest.raises(ImageReadError, match="holds more than 1,048,576 bytes .* although its header declares 100"):
+        read_zip_member(archive, "liar.png", "liar.png")
+    assert archive.handed_out <= one_mib_members + 1
+
+
+def test_a_real_member_whose_header_understates_its_size_is_refused_as_damaged(tmp_path):
+    import struct
+    import zipfile
+
+    from pneumoscope.io import read_zip_member
+
+    archive = _zip_of(tmp_path / "a.zip", {"x.png": bytes(300_000)})
+    raw = bytearray(archive.read_bytes())
+    struct.pack_into("<I", raw, raw.rindex(b"PK\x01\x02") + 24, 1000)  # the central directory's uncompressed size
+    archive.write_bytes(bytes(raw))
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.getinfo("x.png").file_size == 1000
+        with pytest.raises(ImageReadError, match=r"x.png: cannot be read from the archive \(Bad CRC-32"):
+            read_zip_member(zf, "x.png", "a.zip::x.png")

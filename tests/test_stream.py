@@ -175,3 +175,21 @@ def test_json_on_stdout_is_one_list_and_unreadable_rows_keep_the_fields(tiny_run
     assert main(["-q", "predict", str(tiny_run), *map(str, paths), str(tmp_path / "nope.png"), "--format", "json", "--batch-size", "1"]) == 1
     rows = json.loads(capsys.readouterr().out)
     assert [tuple(r) for r in rows] == [Prediction.FIELDS] * 3 and rows[2]["prob"] is None and rows[0]["label"]
+
+
+def test_predict_skips_a_zip_bomb_member_with_the_reason_and_predicts_the_rest(tiny_run, tmp_path, monkeypatch, capsys):
+    import pneumoscope.io
+
+    monkeypatch.setattr(pneumoscope.io, "MAX_MEMBER_BYTES", 1 << 20)  # 5 MB of zeros is then a bomb, made in a moment
+    pngs = _pngs(tmp_path / "imgs", 3)
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for p in pngs:
+            zf.write(p, p.name)
+        with zf.open("zbomb.png", "w") as fh:
+            fh.write(bytes(5 << 20))
+    assert main(["-q", "predict", str(tiny_run), str(archive), "--workers", "0"]) == 1
+    rows = {r["path"]: r for r in _csv(capsys.readouterr().out)}
+    bomb = rows.pop(f"{archive}::zbomb.png")
+    assert not bomb["prob"] and "over the limit of 1,048,576 (possible zip bomb)" in bomb["error"]
+    assert sorted(rows) == [f"{archive}::{p.name}" for p in pngs] and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows.values())

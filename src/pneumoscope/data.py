@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PneumoscopeError, UsageError
-from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_image
+from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_image, read_zip_member
 from .runtime import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ class ZipReader:
         return f"{self.path}::{ref}"
 
     def read_bytes(self, ref: str) -> bytes:
-        return self._archive().read(ref)
+        """The member's bytes, within io's bounds on size and compression ratio (a zip bomb is an ImageReadError)."""
+        return read_zip_member(self._archive(), ref, self.display(ref))
 
     def read_image(self, ref: str, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
         if data is None:
@@ -362,12 +363,11 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
     def one(record: Record):
         try:
             data = dataset.reader.read_bytes(record.ref)
-        except (OSError, KeyError) as err:
-            return record, None, f"cannot be read ({err})"
-        try:
             if check_decode:
                 dataset.reader.read_image(record.ref, data, draft_size=64)
-        except ImageReadError as err:
+        except (OSError, KeyError) as err:
+            return record, None, f"cannot be read ({err})"
+        except ImageReadError as err:  # undecodable, or a zip member over the bounds
             return record, None, err.detail
         return record, hashlib.sha256(data).hexdigest(), None
 

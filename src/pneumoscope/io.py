@@ -11,7 +11,10 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -29,6 +32,16 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".
 # largest chest_xray JPEG is about 2,900 x 2,900. Anything far beyond is more
 # likely a decompression bomb than an X-ray.
 MAX_PIXELS = 64_000_000
+
+# A zip member is checked before it is read: a 2 MB archive can hold a 2 GiB member of
+# zeros (a zip bomb). The largest image file read here is an uncompressed 16-bit DICOM at
+# MAX_PIXELS, 2 bytes a pixel (128 MB); 4 bytes a pixel leaves room for headers and odd
+# encodings. JPEG and PNG are compressed already (a zip gains a few per cent on them) and an
+# uncompressed DICOM deflates some 2-10x; deflate's ceiling, where bombs sit, is about 1,030x.
+# A member below MIN_RATIO_CHECKED costs nothing whatever its ratio (a flat test image).
+MAX_MEMBER_BYTES = 4 * MAX_PIXELS
+MAX_COMPRESSION_RATIO = 200
+MIN_RATIO_CHECKED = 1 << 20
 
 T = TypeVar("T")
 
@@ -82,6 +95,45 @@ def read_many(
         index.append(i)
         images.append(image)
     return Decoded(index, images, skipped)
+
+
+_ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."
+
+
+def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:
+    """The bytes of ``member``, or :class:`ImageReadError` (``name`` in its message) if it cannot be one image.
+
+    Its declared size and compression ratio are checked before anything is decompressed
+    (:data:`MAX_MEMBER_BYTES`, :data:`MAX_COMPRESSION_RATIO`), and it is read with that bound,
+    so a member whose header lies about its size still stops there. A damaged member (bad
+    CRC, broken deflate stream, encrypted, unknown compression) is refused with the reason.
+    The bounds are read when called, not when defined.
+    """
+    try:
+        info = archive.getinfo(member)
+    except KeyError as err:
+        raise ImageReadError(name, "no such member in the archive", "Check the name, or copy the archive again.") from err
+    _check_member(info, name)
+    try:
+        with archive.open(info) as fh:
+            data = fh.read(MAX_MEMBER_BYTES + 1)  # read(n) never returns more than n bytes, whatever the header says
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as err:
+        raise ImageReadError(name, f"cannot be read from the archive ({err})", "Copy the archive again, or unpack it and give the folder.") from err
+    if len(data) > MAX_MEMBER_BYTES:
+        raise ImageReadError(name, f"archive member holds more than {MAX_MEMBER_BYTES:,} bytes (the limit) although its header declares "
+                                   f"{info.file_size:,}: a damaged or forged archive", _ZIP_FIX)  # fmt: skip
+    return data
+
+
+def _check_member(info: zipfile.ZipInfo, name: str) -> None:
+    """Refuse a member whose header declares too many bytes, or too many for its compressed size (a zip bomb)."""
+    size, packed = info.file_size, info.compress_size
+    if size > MAX_MEMBER_BYTES:
+        raise ImageReadError(name, f"archive member declares {size:,} bytes uncompressed, over the limit of {MAX_MEMBER_BYTES:,}"
+                                   " (possible zip bomb)", _ZIP_FIX)  # fmt: skip
+    if size >= MIN_RATIO_CHECKED and size > MAX_COMPRESSION_RATIO * packed:
+        raise ImageReadError(name, f"archive member expands {size / max(packed, 1):,.0f}x ({packed:,} -> {size:,} bytes), over the limit"
+                                   f" of {MAX_COMPRESSION_RATIO}x (possible zip bomb)", _ZIP_FIX)  # fmt: skip
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -246,6 +298,15 @@ def _read_pillow(path, data: bytes, *, draft_size: int | None, max_pixels: int) 
         ) from err
 
 
+# What pydicom raises for a header value it cannot interpret: a malformed number (ValueError:
+# NumberOfFrames "x", WindowCenter "abcd"), a LUT item without its descriptor or data
+# (AttributeError, KeyError), a LUT shorter than its descriptor says (IndexError), a LUT depth
+# it does not handle (NotImplementedError: 0 bits), a value of the wrong kind (TypeError), a
+# number out of range (OverflowError). DICOM in the wild holds all of these.
+_HEADER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError, OverflowError)
+_HEADER_FIX = "Correct the header (e.g. with dcmodify) or export the image as PNG."
+
+
 def image_pixels(path: str | os.PathLike, data: bytes) -> int | None:
     """Width x height read from the header alone (nothing decoded), or None where the header cannot be read.
 
@@ -259,7 +320,7 @@ def image_pixels(path: str | os.PathLike, data: bytes) -> int | None:
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
             return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) or None
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError):
+        except (InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS):
             return None
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -285,15 +346,49 @@ def read_dicom(path: str | os.PathLike, data: bytes, *, max_pixels: int = MAX_PI
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
+    except (InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS) as err:
         raise ImageReadError(path, f"not a readable DICOM file ({err})", _DICOM_FIX) from err
     return dicom_to_image(ds, path, max_pixels=max_pixels)
 
 
-def dicom_to_image(ds, path: str | os.PathLike = "DICOM dataset", *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A parsed pydicom ``Dataset`` -> float32 (H, W) in [0, 1]: the pixel half of :func:`read_dicom`."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+@contextmanager
+def _interpreting(path, what: str) -> Iterator[None]:
+    """An error raised while interpreting the header's ``what`` -> :class:`ImageReadError` naming it and pydicom's reason."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except _HEADER_ERRORS as err:
+        raise ImageReadError(path, f"DICOM {what} cannot be interpreted ({type(err).__name__}: {err})", _HEADER_FIX) from err
 
+
+def dicom_to_image(ds, path: str | os.PathLike = "DICOM dataset", *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A parsed pydicom ``Dataset`` -> float32 (H, W) in [0, 1]: the pixel half of :func:`read_dicom`.
+
+    Every header value is interpreted under :func:`_interpreting`: one that cannot be (a
+    malformed number, a LUT without its descriptor or data, or shorter than its descriptor
+    says) is an :class:`ImageReadError` naming that part of the header, so the file is
+    skipped like any unreadable image.
+    """
+    with _interpreting(path, "header (NumberOfFrames, PhotometricInterpretation, Rows, Columns)"):
+        photometric = _check_dicom(ds, path, max_pixels)
+    try:
+        stored = ds.pixel_array
+    except Exception as err:  # pydicom raises many kinds: truncated data, missing codec
+        raise ImageReadError(path, f"DICOM pixel data cannot be decoded ({type(err).__name__}: {err})", _DICOM_FIX) from err
+    with _interpreting(path, "Modality LUT or rescale (ModalityLUTSequence, RescaleSlope, RescaleIntercept)"):
+        values = _modality(ds, stored)
+    del stored
+    with _interpreting(path, "VOI LUT or window (VOILUTSequence, WindowCenter, WindowWidth, VOILUTFunction)"):
+        arr = _voi(ds, values, path)
+    np.clip(arr, 0.0, 1.0, out=arr)
+    if photometric == "MONOCHROME1":
+        np.subtract(1.0, arr, out=arr)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_dicom(ds, path, max_pixels: int) -> str:
+    """Refuse what is not one grayscale radiograph within the pixel limit; its PhotometricInterpretation."""
     if "PixelData" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown SOP class")
         raise ImageReadError(path, f"DICOM object has no pixel data ({sop}): not an image", _DICOM_FIX)
@@ -306,46 +401,53 @@ def dicom_to_image(ds, path: str | os.PathLike = "DICOM dataset", *, max_pixels:
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > max_pixels:
         raise ImageReadError(path, f"DICOM is {cols}x{rows}, over the limit of {max_pixels:,} pixels", "Downscale the image or remove it.")
-    try:
-        stored = ds.pixel_array
-    except Exception as err:  # pydicom raises many kinds: truncated data, missing codec
-        raise ImageReadError(path, f"DICOM pixel data cannot be decoded ({type(err).__name__}: {err})", _DICOM_FIX) from err
-    # float32 and in place from here on: a 64-megapixel image is 256 MB per float32
-    # copy, and float64 temporaries took one decode to 1.6 GB. Stored values are at
-    # most 16 bits, so float32 holds them exactly.
+    return photometric
+
+
+def _modality(ds, stored: np.ndarray) -> np.ndarray:
+    """Stored values -> modality values (Modality LUT, or rescale slope/intercept), float32.
+
+    float32 and in place from here on: a 64-megapixel image is 256 MB per float32 copy,
+    and float64 temporaries took one decode to 1.6 GB. Stored values are at most 16 bits,
+    so float32 holds them exactly.
+    """
+    from pydicom.pixels import apply_modality_lut
+
     if "ModalityLUTSequence" in ds:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    else:
-        values = stored.astype(np.float32)
-        del stored
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        if (slope, intercept) != (1.0, 0.0):
-            values *= slope
-            values += intercept
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    values = stored.astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    if (slope, intercept) != (1.0, 0.0):
+        values *= slope
+        values += intercept
+    return values
+
+
+def _voi(ds, values: np.ndarray, path) -> np.ndarray:
+    """Modality values -> [0, 1] as shown: the VOI LUT, else the window, else the full range (in place where it can)."""
+    from pydicom.pixels import apply_voi_lut
+
     if "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        bits = int(lut.LUTDescriptor[2])
-        arr = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float32) / (2**bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float32) / (2**bits - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
         centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        arr = _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper(), path)
-    else:
-        lo, hi = float(values.min()), float(values.max())
-        arr = values
-        arr -= lo
-        arr *= 1.0 / (hi - lo) if hi > lo else 0.0
-    np.clip(arr, 0.0, 1.0, out=arr)
-    if photometric == "MONOCHROME1":
-        np.subtract(1.0, arr, out=arr)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+        return _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper(), path)
+    lo, hi = float(values.min()), float(values.max())
+    values -= lo
+    values *= 1.0 / (hi - lo) if hi > lo else 0.0
+    return values
 
 
 def _first(value) -> float:
-    """The first of several windows (a viewer's default), or the only one."""
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+    """The first of several windows (a viewer's default), or the only one.
+
+    A value pydicom could not read as a number is kept as text ("abcd"): float() refuses
+    it whole, where indexing it would have taken its first character.
+    """
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = value[0]
+    return float(value)
 
 
 def _window(x: np.ndarray, centre: float, width: float, function: str, path="") -> np.ndarray:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .errors import StateError, UsageError
-from .io import ImageReadError, is_image_path, screen_image
+from .io import ImageReadError, is_image_path, read_zip_member, screen_image
 from .outputs import current_umask
 from .predict import Prediction, Predictor, expand_inputs
 from .runtime import die_with_parent, progress_bar
@@ -112,7 +112,7 @@ class _Decoded(TorchDataset):
         zf = self._zips.get(item.source)
         if zf is None:  # opened in the worker process that reads it: a ZipFile does not survive a fork
             zf = self._zips[item.source] = zipfile.ZipFile(item.source)
-        return zf.read(item.member)
+        return read_zip_member(zf, item.member, item.name)
 
     def __getitem__(self, i: int):
         item = self.items[i]
@@ -120,8 +120,10 @@ class _Decoded(TorchDataset):
             return i, None, "", item.error
         try:
             data = None if item.member is None else self._read_member(item)
-        except (OSError, KeyError, zipfile.BadZipFile) as err:
+        except (OSError, zipfile.BadZipFile) as err:  # the archive itself cannot be opened
             return i, None, "", f"cannot be read from the archive ({err}). Fix: copy the archive again"
+        except ImageReadError as err:  # a member over io's bounds (a zip bomb), or damaged
+            return i, None, "", err.detail
         try:
             image = self.predictor.read(item.name if item.member else item.source, data)
         except ImageReadError as err:
