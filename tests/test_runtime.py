@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from pneumoscope import runtime
 from pneumoscope.evaluate import pick_cases
