@@ -103,8 +103,10 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
 
 
 def test_predict_reports_a_bad_file_and_goes_on(trained_run, tmp_path, capsys):
-    good = tmp_path / "ok.png"
-    Image.fromarray((np.random.default_rng(0).uniform(size=(64, 64)) * 255).astype(np.uint8)).save(good)
+    from tests.conftest import CHEST_XRAY
+
+    good = tmp_path / "ok.jpeg"
+    good.write_bytes(sorted((CHEST_XRAY / "train" / "NORMAL").iterdir())[0].read_bytes())  # a radiograph: assessable (noise is not)
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"")
     assert main(["-q", "predict", str(trained_run), str(tmp_path)]) == 1
