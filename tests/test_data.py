@@ -142,6 +142,7 @@ def test_limit_per_split_keeps_both_classes():
     assert len(kept) == 20 and {r.label for r in kept} == {0, 1}
 
 
+@pytest.mark.slow
 def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, tmp_path):
     import zipfile
 

@@ -266,6 +266,7 @@ def test_resume_after_kill_9(small_tree, tmp_path):
     assert (run / "logs" / "finetune" / "metrics.csv").is_file() and (run / "logs" / "head" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_seeds_train_several_runs_and_report_mean_and_sd(small_tree, tmp_path, capsys):
     import json
 

@@ -318,6 +318,7 @@ def test_a_result_moved_aside_by_a_killed_run_is_restored(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"good" and not aside.exists()
 
 
+@pytest.mark.slow
 def test_failed_export_keeps_the_previous_file_and_leaves_no_partial(tiny_run, tmp_path, monkeypatch, capsys, caplog):
     import pneumoscope.export
 

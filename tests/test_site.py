@@ -105,6 +105,7 @@ def test_adapt_refuses_too_few_images(run, tmp_path, capsys):
     assert "at least 20" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibrate_refit_head_on_a_few_labelled_site_images(run, tmp_path, capsys):
     sample = _site(tmp_path / "sample", 20, labelled=True)
     new = tmp_path / "refit"
