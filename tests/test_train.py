@@ -73,3 +73,50 @@ def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_
     assert main(["-q", "export", str(run), "--out", str(onnx), "--check-images", *images]) == 0
     decoded = [predictor.read(p) for p in images]
     np.testing.assert_allclose(Predictor.from_onnx(onnx).run(decoded)[0], predictor.run(decoded)[0], atol=1e-4)
+
+
+def test_average_heads_gives_the_mean_of_the_heads_logits():
+    from pneumoscope.models import average_heads
+
+    torch.manual_seed(0)
+    heads = [Head(8, hidden=4).eval() for _ in range(3)]
+    x = torch.randn(5, 8)
+    mean = torch.stack([h(x) for h in heads]).mean(0)
+    packed = average_heads(heads)
+    assert packed.fc1.out_features == 12 and torch.allclose(packed(x), mean, atol=1e-6)
+
+
+def test_patient_folds_keep_each_patient_in_one_fold_and_both_classes_in_every_fold():
+    from pneumoscope.train import patient_folds
+
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 3}" for i in range(300)]  # 100 patients, 3 images each
+    labels = np.array([int(int(p[1:]) % 4 != 0) for p in patients])  # a quarter of the patients normal
+    folds = patient_folds(patients, labels, 5, seed=1)
+    assert all(len({f for p2, f in zip(patients, folds) if p2 == p}) == 1 for p in set(patients))
+    counts = [(folds == k).sum() for k in range(5)]
+    assert max(counts) - min(counts) <= 3 and all(set(labels[folds == k]) == {0, 1} for k in range(5))
+    assert (patient_folds(patients, labels, 5, seed=1) == folds).all() and not (patient_folds(patients, labels, 5, seed=2) == folds).all()
+    del rng
+
+
+def test_cross_fitted_heads_ship_their_mean_and_set_the_threshold_on_every_image(tmp_path):
+    """`--set head_folds=3`: three heads averaged into the shipped one; temperature and threshold fitted on all the
+    train and validation images' out-of-fold logits, and the description says so."""
+    import json
+
+    from pneumoscope.cli import main
+    from pneumoscope.predict import Predictor
+    from tests.conftest import make_kaggle_tree
+
+    data = make_kaggle_tree(tmp_path / "data", n_patients=10)
+    run = tmp_path / "run"
+    flags = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8", "--set", "head_folds=3"]
+    assert main(["-q", "train", str(data), "--out", str(run), *flags]) == 0
+    desc = json.loads((run / "checkpoint.json").read_text())
+    assert desc["head"]["hidden"] == 24  # three heads of 8
+    assert "out-of-fold logits of all" in desc["threshold_policy"] and "3 cross-fitted heads" in desc["threshold_policy"]
+    assert desc["metrics"]["val"]["n"] == 48  # every train and validation image ((10 + 2) patients x 2 classes x 2 images)
+    predictor = Predictor.from_checkpoint(run)
+    assert 0 < predictor.threshold < 1 and np.isfinite(predictor.predict_proba([predictor.read(next((data / "test").rglob("*.jpeg")))])).all()
+    assert main(["-q", "train", str(data), "--out", str(tmp_path / "r2"), *flags, "--finetune-epochs", "1"]) == 2  # refused, one line

@@ -61,6 +61,21 @@ def pack_heads(heads: list[Head], widths: list[int]) -> Head:
     return packed.eval()
 
 
+def average_heads(heads: list[Head]) -> Head:
+    """One :class:`Head` whose logit is the mean of ``heads``' logits on the same features (a seed or fold ensemble).
+
+    The hidden layers are stacked and the output layer averages them: an ordinary Head (hidden size the sum of the
+    heads'), so checkpoints, site adaptation and ONNX need nothing new.
+    """
+    packed = Head(heads[0].fc1.in_features, hidden=sum(h.fc1.out_features for h in heads), dropout=heads[0].dropout.p)
+    with torch.no_grad():
+        packed.fc1.weight.copy_(torch.cat([h.fc1.weight for h in heads]))  # (sum hidden, C)
+        packed.fc1.bias.copy_(torch.cat([h.fc1.bias for h in heads]))
+        packed.fc2.weight.copy_(torch.cat([h.fc2.weight for h in heads], dim=1) / len(heads))  # (1, sum hidden)
+        packed.fc2.bias.copy_(torch.stack([h.fc2.bias for h in heads]).mean(0))
+    return packed.eval()
+
+
 class MahalanobisGuard(nn.Module):
     """Out-of-distribution score: Mahalanobis distance of pooled backbone features to the
     training features (Lee et al. 2018), with a cut-off chosen on validation data."""

@@ -29,7 +29,7 @@ from .config import FinetuneConfig, TrainConfig, load_train_config  # noqa: F401
 from .errors import StateError, UsageError
 from .features import FeatureResult, extract_features
 from .metrics import OperatingPoint, calibrated_probability, compute_clinical_metrics, fit_operating_point, mean_sd
-from .models import FeatureAdapter, Head, MahalanobisGuard, create_model, pack_heads
+from .models import FeatureAdapter, Head, MahalanobisGuard, average_heads, create_model, pack_heads
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 from .runtime import is_launched_rank, progress_bar
@@ -140,6 +140,53 @@ def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig",
     return fits[0]
 
 
+def patient_folds(patients: Sequence[str], labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of each image: patients dealt to folds in a seeded order, each class separately (a patient's
+    class is its highest label), so that every fold holds both classes in about the training proportion."""
+    patient_label: dict[str, int] = {}
+    for pid, y in zip(patients, labels):
+        patient_label[pid] = max(patient_label.get(pid, 0), int(y))
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for label in sorted(set(patient_label.values())):
+        group = rng.permutation(sorted(p for p, y in patient_label.items() if y == label))
+        fold_of.update((pid, (offset + i) % k) for i, pid in enumerate(group))
+        offset += len(group)  # the next class starts where this one stopped: fold sizes stay even
+    return np.array([fold_of[pid] for pid in patients])
+
+
+def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: "_FitSplit", config: TrainConfig, *, progress: bool = True,
+                          loggers: Sequence = ()) -> tuple[list[dict], int]:  # fmt: skip
+    """Stage 1 cross-fitted: ``config.head_folds`` heads, each fitted on the train and validation images of the other
+    folds (early stopping on its own fold), averaged into the model's head (:func:`~pneumoscope.models.average_heads`).
+
+    Every image then has an out-of-fold logit, kept in ``model.oof_logits_`` for the operating point: the threshold is
+    chosen on all the images instead of on one validation split of a tenth of them, so it moves less with the seed.
+    Returns the first fold's history and best epoch (``loggers`` get that history)."""
+    pool = fit_split.train | fit_split.val
+    x, y = feats.features[pool], fit_split.y[pool]
+    patients = [r.patient_id for r, keep in zip(feats.records, pool) if keep]
+    folds = patient_folds(patients, y, config.head_folds, config.seed)
+    fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(len(y), np.nan), None
+    for k in range(config.head_folds):
+        held = folds == k
+        model.head = copy.deepcopy(fresh)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed * 1000 + k)  # each fold's head starts elsewhere
+            model.head.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+        fold_config = dataclasses.replace(config, seed=config.seed * 1000 + k)
+        fit = fit_model_head(model, x[~held], y[~held], x[held], y[held], fold_config, progress=progress, loggers=loggers if k == 0 else ())
+        oof[held] = head_logits(model.head, x[held])
+        heads.append(model.head)
+        first = first or fit
+        logger.info("fold %d of %d: %d images held out, best epoch %d", k + 1, config.head_folds, int(held.sum()), fit[1])
+    model.head = average_heads(heads)
+    model.oof_logits_ = np.full(len(fit_split.y), np.nan)
+    model.oof_logits_[pool] = oof
+    return first
+
+
 def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
     return calibrated_probability(head_logits(head, features))
 
@@ -189,7 +236,10 @@ def train_run(
     with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
         logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
         x, (y, tr, va) = feats.features, fit_split
-        history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
+        if config.head_folds > 1:
+            history, best_epoch = fit_crossfitted_heads(model, feats, fit_split, config, progress=progress, loggers=logs.head)
+        else:
+            history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
         finetuned: tuple[list[dict], dict] | None = ([], {})  # (history, facts) of stage 2
         if config.finetune.epochs:
             finetuned = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
@@ -292,9 +342,15 @@ def _features(model, dataset: data_mod.Dataset, records: list[data_mod.Record], 
 def _fit_operating_point(model, feats: FeatureResult, fit_split: _FitSplit, config: TrainConfig) -> tuple[OperatingPoint, dict]:
     """Temperature and threshold on the validation split: (operating point, validation metrics)."""
     y, va = fit_split.y, fit_split.val
-    val_logits = head_logits(model.head, feats.features[va])
-    point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target,
-                                fitted_on="validation data (the patient-level validation split)")
+    fitted_on = "validation data (the patient-level validation split)"
+    oof = getattr(model, "oof_logits_", None)
+    if oof is not None:  # cross-fitted heads: every train and validation image, each scored by the head that did not see it
+        va = fit_split.train | fit_split.val
+        fitted_on = f"out-of-fold logits of all {int(va.sum())} train and validation images ({config.head_folds} cross-fitted heads)"
+        val_logits = oof[va]
+    else:
+        val_logits = head_logits(model.head, feats.features[va])
+    point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
     val_prob = point.probabilities(val_logits)
     val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
     val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
