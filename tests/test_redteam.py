@@ -361,3 +361,80 @@ def test_explain_keeps_long_input_names_short_and_goes_on_past_a_missing_one(tin
     written = json.loads((out / "explanations.json").read_text())
     assert [e["path"] for e in written["images"]] == [str(long)] and (out / written["images"][0]["figure"]).is_file()
     assert [s["path"] for s in written["skipped"]] == [str(tmp_path / "nowhere.png")]
+
+
+# --------------------------------------------------------------------------- issue 23, item 3: devices and FIFOs
+
+
+def _specials(folder: Path) -> dict[str, Path]:
+    """A FIFO and links to /dev/zero and /dev/urandom, each named like an image; a link to a missing file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "random.jpeg").symlink_to("/dev/urandom")
+    (folder / "gone.png").symlink_to(folder / "no-such-file.png")
+    return {p.name: p for p in folder.iterdir()}
+
+
+def _within(seconds: float, fn, *args):
+    """Run fn(*args) in a thread; fail (rather than hang the suite) when it takes longer."""
+    import threading
+
+    result, done = {}, threading.Event()
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    assert done.wait(seconds), f"{fn.__name__} still running after {seconds} s (a FIFO or a device being read?)"
+    return result["value"]
+
+
+def test_fifos_and_devices_named_like_images_are_rows_with_a_reason_never_read(tiny_run, tmp_path, capsys, caplog):
+    folder = tmp_path / "in"
+    specials = _specials(folder)
+    good = [_png(folder / f"ok{i}.png", seed=i) for i in range(2)]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([str(specials["pipe.png"]), "/dev/urandom", str(good[0])]) + "\n")
+    for argv in (["-q", "predict", str(tiny_run), str(folder), "--format", "json", "--workers", "0"],
+                 ["-q", "predict", str(tiny_run), "--from-list", str(listing), "--format", "json", "--workers", "0"],
+                 ["-q", "predict", str(tiny_run), str(specials["pipe.png"]), str(specials["zero.png"]), str(good[1]), "--format", "json"]):  # fmt: skip
+        assert _within(60, main, argv) == 1
+        rows = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
+        bad = [n for n in rows if not n.startswith("ok")]
+        assert bad and all(rows[n]["prob"] is None and rows[n]["label"] is None for n in bad), rows
+        assert all(("FIFO" in rows[n]["error"] or "device" in rows[n]["error"] or "does not exist" in rows[n]["error"]) for n in bad), rows
+        assert all(rows[n]["label"] in ("NORMAL", "PNEUMONIA") or rows[n]["ood"] for n in rows if n.startswith("ok"))
+    # every special file of the folder gets its row, the dangling link too (they were skipped without a word)
+    assert main(["-q", "predict", str(tiny_run), str(folder), "--format", "json", "--workers", "0"]) == 1
+    assert {Path(r["path"]).name for r in json.loads(capsys.readouterr().out)} == {*specials, "ok0.png", "ok1.png"}
+
+
+def test_the_api_refuses_a_device_rather_than_reading_it(tiny_run):
+    import pneumoscope
+
+    model = pneumoscope.load(tiny_run)
+    preds = _within(30, model.predict, ["/dev/zero", "/dev/urandom"])
+    assert all(p.prob is None and "character device" in p.error for p in preds), preds
+
+
+def test_data_inspect_lists_a_fifo_and_a_device_in_a_class_folder_and_goes_on(kaggle_tree, capsys):
+    _specials(kaggle_tree / "train" / "NORMAL")
+    assert _within(120, main, ["data", "inspect", str(kaggle_tree), "--json"]) == 1
+    unreadable = {Path(u["path"]).name: u["reason"] for u in json.loads(capsys.readouterr().out)["unreadable"]}
+    assert {"pipe.png", "zero.png", "random.jpeg", "gone.png"} <= set(unreadable), unreadable
+    assert "FIFO" in unreadable["pipe.png"] and "character device" in unreadable["zero.png"]
+
+
+def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from pneumoscope import io as pio
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(2_000_000)  # sparse: costs no disk
+    monkeypatch.setattr(pio, "MAX_MEMBER_BYTES", 1_000_000)
+    with pytest.raises(pio.ImageReadError, match="over the limit of 1,000,000"):
+        pio.read_file(big)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PneumoscopeError, UsageError
-from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_image, read_zip_member
+from .io import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, read_image, read_zip_member
 from .runtime import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class DirReader:
         return str(self.root / ref)
 
     def read_bytes(self, ref: str) -> bytes:
-        return (self.root / ref).read_bytes()
+        return read_file(self.root / ref)  # regular files only, with a bound: a FIFO or /dev/zero named like an image is refused
 
     def read_image(self, ref: str, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
         return read_image(self.display(ref), data, draft_size=draft_size)

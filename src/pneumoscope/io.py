@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import sys
 import warnings
 import zipfile
@@ -100,6 +101,51 @@ def read_many(
 _ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."
 
 
+def not_regular_file(path: str | os.PathLike) -> str:
+    """Why ``path`` (its links followed) is not a regular file that may be read: a FIFO, a device, a socket; else "".
+
+    Reading a FIFO waits for a writer for ever, and a device such as ``/dev/zero`` never ends: only regular
+    files are read. A path that cannot be looked at is left to the reader, which reports why."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+    return f"{kind}, not an image file; only regular files are read. Fix: give the image file itself"
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """A regular file's bytes, at most ``MAX_MEMBER_BYTES`` (the bound a zip member gets).
+
+    Opened without blocking and checked on the open descriptor, so a FIFO (which would wait for a writer for ever)
+    or a device (``/dev/zero`` never ends) named like an image is refused, not read; raises :class:`ImageReadError`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the path and permissions.") from err
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            why = not_regular_file(path) or "not a regular file, not an image file; only regular files are read. Fix: give the image file itself"
+            reason, fix = why.split(". Fix: ", 1)
+            raise ImageReadError(path, reason, fix[:1].upper() + fix[1:] + ".")
+        limit = MAX_MEMBER_BYTES
+        if info.st_size > limit:
+            raise ImageReadError(path, f"file is {info.st_size:,} bytes, over the limit of {limit:,} for one image",
+                                 "Give a smaller image (export it at a lower resolution).")  # fmt: skip
+        try:
+            data = fh.read(limit + 1)  # a file that grows while read stops at the bound
+        except OSError as err:
+            raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the file and the disk.") from err
+    if len(data) > limit:
+        raise ImageReadError(path, f"file grew past the limit of {limit:,} bytes while read", "Copy the image somewhere it does not change.")
+    return data
+
+
 def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:
     """The bytes of ``member``, or :class:`ImageReadError` (``name`` in its message) if it cannot be one image.
 
@@ -159,10 +205,7 @@ def read_image(
     their bit depth. Raises :class:`ImageReadError` for anything unusable.
     """
     if data is None:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the path and permissions.") from err
+        data = read_file(path)
     if len(data) == 0:
         raise ImageReadError(path, "file is empty (0 bytes)", "Re-copy or remove the file.")
     if Path(str(path)).suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":

@@ -80,13 +80,13 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
     """
     from .data import walk_files
-    from .io import IMAGE_SUFFIXES
+    from .io import IMAGE_SUFFIXES, not_regular_file
 
     def is_input(f: Path) -> bool:
         if is_image_path(f):
             return True
         try:
-            with open(f, "rb") as fh:
+            with open(f, "rb") as fh:  # a regular file (checked first): opening a FIFO would wait for a writer
                 return fh.read(132)[128:] == b"DICM"
         except OSError:
             return False
@@ -99,13 +99,25 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
             problems.append((str(p), f"cannot be read ({err.strerror}). Fix: check the path"))
             continue
         if is_dir:
-            found = sorted(f for f in walk_files(p) if f.is_file() and is_input(f))
-            if found:
+            found, odd = [], []
+            for f in walk_files(p):
+                why = not_regular_file(f) if is_image_path(f) else ""
+                if why:  # named like an image but a FIFO or a device: a row with the reason, not silence (nor a hang)
+                    odd.append((str(f), why))
+                elif is_image_path(f) and not f.exists():
+                    odd.append((str(f), "a symbolic link to a file that does not exist. Fix: point the link at the image, or remove it"))
+                elif f.is_file() and is_input(f):
+                    found.append(f)
+            found.sort()
+            problems.extend(odd)
+            if found or odd:
                 files.extend(found)
             else:
                 problems.append((str(p), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). Fix: give a folder of images"))
         elif not exists:
             problems.append((str(p), "no such file or folder. Fix: check the path"))
+        elif not_regular_file(p):
+            problems.append((str(p), not_regular_file(p)))
         elif is_input(p):
             files.append(p)
         else:
