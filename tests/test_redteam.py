@@ -438,3 +438,38 @@ def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monke
     monkeypatch.setattr(pio, "MAX_MEMBER_BYTES", 1_000_000)
     with pytest.raises(pio.ImageReadError, match="over the limit of 1,000,000"):
         pio.read_file(big)
+
+
+# --------------------------------------------------------------------------- issue 23, items 8 and 9
+
+
+def test_branching_symlink_chains_are_walked_in_linear_time(tmp_path):
+    """d0..d24 each link `x` and `y` to the next: 2^24 paths to the last folder, which is walked once."""
+    from pneumoscope.data import walk_files
+
+    root = tmp_path / "d0"
+    for i in range(25):
+        (tmp_path / f"d{i}").mkdir()
+        _png(tmp_path / f"d{i}" / f"img{i}.png", seed=i)
+    for i in range(24):
+        for name in ("x", "y"):
+            (tmp_path / f"d{i}" / name).symlink_to(tmp_path / f"d{i + 1}", target_is_directory=True)
+    files = _within(30, walk_files, root)
+    assert sorted(f.name for f in files) == sorted(f"img{i}.png" for i in range(25))  # each image once
+
+
+def test_pack_keeps_both_images_when_a_new_name_would_collide(tmp_path):
+    import zipfile
+
+    from pneumoscope.data import load_dataset
+    from pneumoscope.pack import pack_dataset
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        Image.fromarray((np.random.default_rng(1).uniform(size=(400, 400)) * 255).astype(np.uint8)).save(tmp_path / "src" / cls / "a.png")
+        _png(tmp_path / "src" / cls / "a.png.jpeg")  # small: stored as it is, under the name a.png would get
+    summary = pack_dataset(tmp_path / "src", tmp_path / "out.zip", size=256, progress=False)
+    names = [n for n in zipfile.ZipFile(tmp_path / "out.zip").namelist() if n.endswith(("png", "jpeg"))]
+    assert len(names) == len(set(names)) == 4 and summary["images"] == 4, names
+    assert "NORMAL/a.png.1.jpeg" in names and "NORMAL/a.png.jpeg" in names
+    assert len(load_dataset(tmp_path / "out.zip").records) == 4

@@ -245,12 +245,15 @@ def walk_files(root: str | os.PathLike) -> list[Path]:
     """Every file under ``root``, following symbolic links to folders, but not round a cycle.
 
     A link to a folder that is already on the way down (``a/b/up -> ../..``) would be
-    walked for ever; it is reported (a warning naming the link) and not followed. Links
-    that are not cycles are followed, even to a folder listed elsewhere. Hidden folders
-    and ``__MACOSX`` are skipped. Sorted, so listings are reproducible.
+    walked for ever; it is reported (a warning naming the link) and not followed. Each
+    real folder is walked once, by the first path that reaches it (in sorted order): links
+    that branch to the same folders (``d0/x`` and ``d0/y`` both to ``d1``, and so on) would
+    otherwise take exponential time. Hidden folders and ``__MACOSX`` are skipped. Sorted,
+    so listings are reproducible.
     """
     root = Path(root)
     above: dict[str, frozenset[str]] = {str(root): frozenset({os.path.realpath(root)})}  # folder -> real paths on its way down
+    walked = {os.path.realpath(root)}  # every real folder reached so far
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         chain = above.pop(dirpath)
@@ -261,6 +264,10 @@ def walk_files(root: str | os.PathLike) -> list[Path]:
             if real in chain:
                 logger.warning("%s: symbolic link to %s, a folder that holds it (a cycle); not followed. Fix: remove the link", link, real)
                 continue
+            if real in walked:
+                logger.debug("%s: %s is already walked by another path; not walked again", link, real)
+                continue
+            walked.add(real)
             keep.append(d)
             above[link] = chain | {real}
         dirnames[:] = keep

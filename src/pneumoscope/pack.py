@@ -31,6 +31,17 @@ logger = logging.getLogger(__name__)
 PACK_MANIFEST = "PNEUMOSCOPE_PACK.json"
 
 
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name`` with ``.jpeg`` appended (not replacing its suffix: a.png and a.jpeg beside it stay two files), numbered
+    when a file of that name exists too; the name returned is added to ``taken``."""
+    candidate, k = f"{name}.jpeg", 0
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}.{k}.jpeg"
+    taken.add(candidate)
+    return candidate
+
+
 def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int = 256, quality: int = 90, overwrite: bool = False,
                  progress: bool = True) -> dict:  # fmt: skip
     """The ``pneumoscope pack`` command. Returns a summary (counts, bytes, skipped files)."""
@@ -47,6 +58,7 @@ def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     kept, resized, skipped = 0, 0, []
+    taken = {record.ref for record in dataset.records}  # names of the source's files: a re-encoded image's new name avoids them
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # JPEG/PNG bytes do not deflate
             for record in progress_bar(dataset.records, desc="pack", unit="img", enabled=progress):
@@ -62,7 +74,7 @@ def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int =
                     buf = io.BytesIO()
                     Image.fromarray((small * 255.0 + 0.5).clip(0, 255).astype("uint8")).save(buf, format="JPEG", quality=quality)
                     if Path(name).suffix.lower() not in (".jpeg", ".jpg"):
-                        name += ".jpeg"  # appended, not replacing the suffix: a.png and a.jpeg beside it stay two files
+                        name = _free_name(name, taken)  # a.png -> a.png.jpeg, or a.png.1.jpeg when a.png.jpeg is a file of its own
                     raw, resized = buf.getvalue(), resized + 1
                 zf.writestr(name, raw)
                 kept += 1
