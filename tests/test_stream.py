@@ -193,3 +193,34 @@ def test_predict_skips_a_zip_bomb_member_with_the_reason_and_predicts_the_rest(t
     bomb = rows.pop(f"{archive}::zbomb.png")
     assert not bomb["prob"] and "over the limit of 1,048,576 (possible zip bomb)" in bomb["error"]
     assert sorted(rows) == [f"{archive}::{p.name}" for p in pngs] and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows.values())
+
+
+@pytest.mark.parametrize("content", [
+    b'{"path": "a.png", "note": "my own record"}\n{"path": "b.png", "note": "another"}\n',  # a user's JSONL with a path field
+    b"hello,world",  # a CSV without header or newline (was padded with NUL bytes)
+    b"path,prob\nx.png,0.5\n",  # another tool's CSV
+], ids=["users-jsonl", "no-header", "other-csv"])
+def test_resume_refuses_a_file_it_did_not_write_and_changes_nothing(content, tiny_run, tmp_path):
+    suffix = ".jsonl" if content.startswith(b"{") else ".csv"
+    out = tmp_path / f"mine{suffix}"
+    out.write_bytes(content)
+    with pytest.raises(ValueError, match="not an output of this `pneumoscope predict` run"):
+        predict_to(Predictor.load(tiny_run), expand_items(_pngs(tmp_path / "imgs", 2)), out, workers=0, resume=True)
+    assert out.read_bytes() == content
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_resume_refuses_rows_another_model_decided(suffix, tiny_run, tmp_path):
+    """Rows of predict's own columns, but decided at another threshold: another run's, not to be continued by this one."""
+    import dataclasses
+
+    paths = _pngs(tmp_path / "imgs", 3)
+    predictor = Predictor.load(tiny_run)
+    out = tmp_path / f"rows{suffix}"
+    predict_to(predictor, expand_items(paths[:2]), out, workers=0)
+    before = out.read_bytes()
+    other = Predictor(predictor.backend, dataclasses.replace(predictor.description, threshold=0.25))
+    with pytest.raises(ValueError, match="decided at threshold 0.5, this model's is 0.25"):
+        predict_to(other, expand_items(paths), out, workers=0, resume=True)
+    assert out.read_bytes() == before
+    assert predict_to(predictor, expand_items(paths), out, workers=0, resume=True).resumed == 2  # its own model continues it

@@ -174,6 +174,7 @@ class Record(NamedTuple):
     raw: bytes  # as written
     path: str
     failed: bool
+    threshold: float | None  # the operating point it was decided at: which model wrote it
 
 
 class CsvFormat:
@@ -215,7 +216,7 @@ class CsvFormat:
             for row in reader:
                 if len(row) != len(Prediction.FIELDS):
                     return
-                yield Record(end, b"".join(lines), row[0], bool(row[-1]))
+                yield Record(end, b"".join(lines), row[0], bool(row[-1]), _number(row[Prediction.FIELDS.index("threshold")]))
                 lines.clear()
         except (csv.Error, UnicodeDecodeError):
             return
@@ -240,10 +241,10 @@ class JsonlFormat:
                 row = json.loads(line) if line.endswith(b"\n") else None
             except ValueError:
                 row = None
-            if not isinstance(row, dict) or "path" not in row:
+            if not isinstance(row, dict) or set(row) != set(Prediction.FIELDS):  # a record of predict's, not anyone's with a path
                 return
             end += len(line)
-            yield Record(end, line, str(row["path"]), bool(row.get("error")))
+            yield Record(end, line, str(row["path"]), bool(row.get("error")), _number(row.get("threshold")))
 
 
 class JsonArrayFormat(JsonlFormat):
@@ -333,20 +334,47 @@ class Summary:
     resumed: int  # rows found from an earlier run and not predicted again
 
 
-def scan_done(out: Path, fmt) -> tuple[collections.Counter, int, int, int]:
-    """The rows of an earlier, possibly killed, run: (paths with their counts, rows, failed rows, where the whole rows end)."""
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def scan_done(out: Path, fmt, threshold: float | None = None) -> tuple[collections.Counter, int, int, int]:
+    """The rows of an earlier, possibly killed, run: (paths with their counts, rows, failed rows, where the whole rows end).
+
+    Only a file this command wrote is resumed: its header (CSV), then rows of predict's columns decided at
+    ``threshold`` (the model's: the same run), then at most one row cut short by a kill (no final newline). Anything
+    else (a user's own records, a CSV without the header, rows of another model) raises :class:`UsageError` and the
+    file is left as it is."""
     done: collections.Counter = collections.Counter()
-    rows = failed = end = 0
+    rows = failed = 0
     head = fmt.head().encode()
+
+    def foreign(why: str) -> UsageError:
+        return UsageError(f"--out {out}: {why}, so it is not an output of this `pneumoscope predict` run and is not resumed (nothing in it "
+                          "was changed). Fix: give another --out, or --overwrite to replace it")  # fmt: skip
+
     with open(out, "rb") as fh:
         start = fh.read(len(head))
-        if head.startswith(start) and start != head:  # killed while writing the header: start again
-            return done, 0, 0, 0
+        if start != head:
+            if head.startswith(start) and not fh.read(1):  # empty, or killed while writing the header: start again
+                return done, 0, 0, 0
+            first = (start + fh.readline()).splitlines()[0][:80] if start else b""
+            raise foreign(f"its first line is {first.decode('utf-8', 'replace')!r}, not the header of predict's CSV (its columns are "
+                          f"{', '.join(Prediction.FIELDS)})")  # fmt: skip
         fh.seek(0)
         end = len(head)
         for rec in fmt.records(fh):
+            if threshold is not None and (rec.threshold is None or abs(rec.threshold - threshold) > 1e-9):
+                raise foreign(f"its row for {rec.path} was decided at threshold {rec.threshold}, this model's is {threshold:.6g}")
             done[rec.path] += 1
             rows, failed, end = rows + 1, failed + rec.failed, rec.end
+        fh.seek(end)
+        while chunk := fh.read(1 << 20):
+            if b"\n" in chunk:  # more than one last line cut short: not a row of predict's
+                raise foreign(f"what follows its first {rows} rows is not a row of predict's")
     return done, rows, failed, end
 
 
@@ -392,7 +420,7 @@ def predict_to(
         else:
             fmt = TEXT_FORMATS[suffix]()
             if exists and resume:
-                done, resumed, failed, end = scan_done(out, fmt)
+                done, resumed, failed, end = scan_done(out, fmt, predictor.threshold)
                 os.truncate(out, end)  # drop a row cut short by the kill
                 todo = [it for it in items if not _take(done, it.name)]
                 logger.info("%s: %d rows from an earlier run kept, %d inputs to predict", out, resumed, len(todo))
