@@ -71,8 +71,24 @@ def _missing_tensor(tmp_path, run):
     tensors = load_file(str(path))
     tensors.pop("head.fc1.weight")
     (tmp_path / "missing").mkdir()
+    meta.pop("pneumoscope_weights_sha256")  # as an older version wrote it: the state dict's own check catches it
     save_file(tensors, str(tmp_path / "missing" / "model.safetensors"), metadata=meta)
     return tmp_path / "missing", "do not match its description"
+
+
+def _flipped_bit(tmp_path, run):
+    """Issue 23, item 5: one flipped bit in a weight loaded without a word and changed labels."""
+    from safetensors import safe_open
+
+    path = run / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    with safe_open(str(path), framework="pt") as fh:
+        names = list(fh.keys())
+    assert "head.fc2.weight" in names
+    raw[-3] ^= 0x10  # a bit in the last tensor's bytes (the data section ends the file)
+    (tmp_path / "flipped").mkdir()
+    (tmp_path / "flipped" / "model.safetensors").write_bytes(bytes(raw))
+    return tmp_path / "flipped", "do not match the SHA-256 digest"
 
 
 def _truncated_onnx(tmp_path, run):
@@ -81,7 +97,7 @@ def _truncated_onnx(tmp_path, run):
     return path, "ONNX Runtime cannot load it"
 
 
-@pytest.mark.parametrize("make", [_truncated_checkpoint, _edited_header, _missing_tensor, _truncated_onnx])
+@pytest.mark.parametrize("make", [_truncated_checkpoint, _edited_header, _missing_tensor, _flipped_bit, _truncated_onnx])
 def test_damaged_model_file_is_one_line_naming_it(make, tiny_run, tmp_path, capsys, caplog):
     model_file, expected = make(tmp_path, tiny_run)
     image = _png(tmp_path / "x.png")
@@ -473,3 +489,28 @@ def test_pack_keeps_both_images_when_a_new_name_would_collide(tmp_path):
     assert len(names) == len(set(names)) == 4 and summary["images"] == 4, names
     assert "NORMAL/a.png.1.jpeg" in names and "NORMAL/a.png.jpeg" in names
     assert len(load_dataset(tmp_path / "out.zip").records) == 4
+
+
+def test_a_description_that_is_not_json_is_a_damaged_file_not_a_traceback():
+    """A flipped byte in an ONNX export's metadata (or a checkpoint's header) made json.loads raise a bare ValueError."""
+    from pneumoscope.checkpoint import description_from_json
+    from pneumoscope.errors import PneumoscopeError
+
+    with pytest.raises(PneumoscopeError, match=r"model.onnx: its description is not valid JSON .* Fix: copy it again"):
+        description_from_json('{"format": "pneumoscope-run", "threshold": 0.5,,}', "model.onnx")
+
+
+def test_old_checkpoints_without_a_digest_still_load(tiny_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pneumoscope.checkpoint import load_checkpoint
+
+    path = tiny_run / "model.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    meta.pop("pneumoscope_weights_sha256")
+    (tmp_path / "old").mkdir()
+    save_file(load_file(str(path)), str(tmp_path / "old" / "model.safetensors"), metadata=meta)
+    model, _ = load_checkpoint(tmp_path / "old")
+    assert all(k in model.state_dict() for k in load_file(str(path)))

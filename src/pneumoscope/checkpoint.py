@@ -9,7 +9,9 @@ versions. :class:`RunFolder` names the files of a run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import platform
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from .models import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, creat
 from .outputs import write_bytes_atomic
 
 CHECKPOINT_NAME = "model.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -58,23 +62,59 @@ def describe(
     )
 
 
+DIGEST_KEY = "pneumoscope_weights_sha256"  # in the safetensors header, beside the description
+
+
+def _tensor_bytes(blob: bytes) -> bytes:
+    """The data section of a safetensors file (what follows its 8-byte length and JSON header): every tensor's bytes."""
+    return blob[8 + int.from_bytes(blob[:8], "little") :]
+
+
 def save_checkpoint(path: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription) -> Path:
-    """Write weights and description to one file, atomically."""
+    """Write weights and description to one file, atomically, with the SHA-256 of the tensors' bytes in its header."""
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = RunFolder(path).checkpoint
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_bytes_atomic(path, save(tensors, metadata={"pneumoscope": json.dumps(description.to_dict())}))
+    meta = {"pneumoscope": json.dumps(description.to_dict())}
+    digest = hashlib.sha256(_tensor_bytes(save(tensors, metadata=meta))).hexdigest()  # the data section does not depend on the header
+    write_bytes_atomic(path, save(tensors, metadata={**meta, DIGEST_KEY: digest}))
     return path
 
 
-def read_description(path: str | os.PathLike) -> RunDescription:
-    path = resolve_checkpoint(path)
+def _header(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     if "pneumoscope" not in meta:
         raise CheckpointError(f"{path}: not a pneumoscope checkpoint (no description in its header). Train one with `pneumoscope train`.")
-    return RunDescription.from_dict(json.loads(meta["pneumoscope"]), path)
+    return meta
+
+
+def read_description(path: str | os.PathLike) -> RunDescription:
+    path = resolve_checkpoint(path)
+    return description_from_json(_header(path)["pneumoscope"], path)
+
+
+def description_from_json(text: str, path: str | os.PathLike) -> RunDescription:
+    """A description stored as JSON (a checkpoint's header, an ONNX export's metadata); damaged JSON is a CheckpointError."""
+    try:
+        raw = json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its description is not valid JSON ({err}): the file is damaged. Fix: copy it again from where "
+                              "it was made, or make it again (`pneumoscope train` or `export`).") from err  # fmt: skip
+    return RunDescription.from_dict(raw, path)
+
+
+def verify_weights(path: Path, blob: bytes, meta: dict) -> None:
+    """The tensors' bytes against the digest written with them: a flipped bit in a weight changes labels without any other
+    sign. Checkpoints written before the digest existed have none and are not checked."""
+    expected = meta.get(DIGEST_KEY)
+    if expected is None:
+        logger.debug("%s: no weights digest (written by an older version); not checked", path)
+        return
+    if hashlib.sha256(_tensor_bytes(blob)).hexdigest() != expected:
+        raise CheckpointError(f"{path}: the weights do not match the SHA-256 digest written with them: the file is damaged (a changed "
+                              "byte or bit). Fix: copy it again from where it was made, or train again.")  # fmt: skip
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -88,10 +128,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, RunDescription]:
     """Rebuild the model from a checkpoint; returns (model in eval mode, description)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = resolve_checkpoint(path)
-    description = read_description(path)
+    meta = _header(path)
+    description = description_from_json(meta["pneumoscope"], path)
+    blob = path.read_bytes()
+    verify_weights(path, blob, meta)
     head = description.head
     model = create_model(description.backbone, pretrained="none", hidden=head.hidden, dropout=head.dropout)
     if description.ood:
@@ -100,7 +143,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, RunDe
         model.adapter = FeatureAdapter.empty(head.in_features, int(description.feature_adapter["reference_sample"]))
     if description.preprocessing != model.preprocessing:
         model.preprocessing = description.preprocessing
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(load(blob), strict=True)  # the bytes that were verified, not a second read
     return model.eval(), description
 
 

@@ -9,7 +9,6 @@ flag) is shared.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, description_from_json, load_checkpoint
 from .data import Dataset, Record
 from .description import RunDescription
 from .errors import UsageError
@@ -199,7 +198,7 @@ class OnnxBackend:
         meta = self.session.get_modelmeta().custom_metadata_map
         if "pneumoscope" not in meta:
             raise CheckpointError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
-        self.description = RunDescription.from_dict(json.loads(meta["pneumoscope"]), path)
+        self.description = description_from_json(meta["pneumoscope"], path)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = dict(zip(self.outputs, self.session.run(None, {"image": x})))
