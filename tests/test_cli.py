@@ -369,3 +369,59 @@ def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, ka
         assert main(["evaluate", str(trained_run), str(kaggle_tree), "--out", str(ev), "--tta", "--no-audit", "--bootstraps", "50"]) == 1
     assert "IM-9999-0001.jpeg" in caplog.text
     assert "IM-9999-0001.jpeg" in (ev / "skipped.csv").read_text()
+
+
+@pytest.mark.parametrize("argv", [["predict", "RUN", "x.png", "-q"], ["-q", "predict", "RUN", "x.png"], ["data", "inspect", "DATA", "--quiet"],
+                                  ["train", "DATA", "--out", "o", "-v"], ["-v", "serve", "RUN"]])  # fmt: skip
+def test_q_and_v_are_taken_before_the_command_and_after_it(argv):
+    """Issue 20: `predict … -q` was refused; only `pneumoscope -q predict …` worked."""
+    from pneumoscope.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose) == (("-q" in argv or "--quiet" in argv), "-v" in argv)
+
+
+def test_q_after_the_command_runs_it_quietly_and_q_with_v_is_refused(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "no-run"), "x.png", "-q"]) == 2  # the command ran: its own one-line failure
+    err = capsys.readouterr().err
+    assert err.startswith("pneumoscope: error: ") and "no-run" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit) as done:
+        main(["-q", "predict", str(tmp_path / "no-run"), "x.png", "-v"])
+    assert done.value.code == 2 and "cannot be used together" in capsys.readouterr().err
+
+
+def _commands(parser, prog="pneumoscope"):
+    """(name, parser) of every command and subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prog} {name}", sub
+                yield from _commands(sub, f"{prog} {name}")
+
+
+def test_every_argument_of_every_command_has_help_and_every_command_an_example():
+    """Issue 20: positional arguments had no help and no command showed an example."""
+    import argparse
+
+    from pneumoscope.cli import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert len(commands) >= 14
+    for name, parser in commands.items():
+        missing = [a.option_strings or a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+        assert not missing, f"{name}: arguments without help: {missing}"
+        text = parser.format_help()
+        examples = text.split("examples:\n", 1)[-1].splitlines() if "examples:\n" in text else []
+        assert examples and examples[0].startswith(f"  {name}"), f"{name} --help shows no example:\n{text}"
+
+
+def test_a_command_that_needs_a_subcommand_lists_them(capsys):
+    """Issue 20: `pneumoscope data` alone said "the following arguments are required: data_command"."""
+    assert main(["data"]) == 2
+    err = capsys.readouterr().err
+    assert "data_command" not in err and "inspect" in err and "counts, patients, leakage check" in err, err
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(f"  {name} " in err for name in ("train", "predict", "serve", "data")), err
