@@ -425,3 +425,21 @@ def test_a_command_that_needs_a_subcommand_lists_them(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert all(f"  {name} " in err for name in ("train", "predict", "serve", "data")), err
+
+
+def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tree, tmp_path, capsys):
+    """Issue 20: "run written to X" was printed twice (train printed it and the library logged it), and evaluate
+    logged `AUC 0.955818540433925`."""
+    import re
+
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    assert main(["train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--pretrained", "none", "--val-fraction", "0.3"]) == 0
+    assert main(["evaluate", str(run), str(kaggle_tree), "--out", str(ev), "--bootstraps", "50", "--no-audit"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    assert sum(f"written to {run}" in line for line in lines) == 1, lines
+    assert sum(f"written to {ev}" in line for line in lines) == 1, lines
+    repeated = [line for line in set(lines) if lines.count(line) > 1]
+    assert not repeated, repeated
+    long_numbers = [line for line in lines if re.search(r"\d\.\d{6,}", line)]
+    assert not long_numbers, long_numbers

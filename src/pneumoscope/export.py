@@ -74,7 +74,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)
-    logger.info("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
+    logger.debug("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
     return report
 
 
