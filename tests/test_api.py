@@ -130,3 +130,51 @@ def test_explain_returns_the_view_the_model_saw_and_its_map(model, normal_jpeg):
     assert predicted.target == predicted.prediction.label
     with pytest.raises(ValueError, match="target must be"):
         model.explain(pixels, target="covid")
+
+
+def test_reprs_name_backbone_classes_threshold_and_input_size_and_a_maps_shape_not_its_arrays(model, run, normal_jpeg):
+    """Issue 20: repr(model) was `<pneumoscope.api.Model object at 0x…>`; repr(CamMap) printed two 224x224 arrays."""
+    size = model.predictor.preprocessing.input_size
+    text = repr(model)
+    assert text.startswith("Model(") and "backbone='efficientnet_lite0'" in text and "('NORMAL', 'PNEUMONIA')" in text
+    assert f"threshold={model.threshold:.4f}" in text and f"input_size={size}" in text and str(run) in text and "0x" not in text
+    cam = model.explain(normal_jpeg)
+    text = repr(cam)
+    assert f"shape=({size}, {size})" in text and f"target={cam.target!r}" in text and "method='gradcam'" in text, text
+    assert "array" not in text and len(text) < 400 and normal_jpeg.name in text
+
+
+def test_a_map_draws_its_overlay_as_a_pil_image_and_shows_itself_in_a_notebook(model, normal_jpeg):
+    import io
+
+    cam = model.explain(normal_jpeg)
+    size = model.predictor.preprocessing.input_size
+    over = cam.overlay()
+    assert isinstance(over, Image.Image) and over.mode == "RGB" and over.size == (size, size)
+    assert np.asarray(cam.overlay(alpha=0.0))[..., 0] == pytest.approx(np.round(cam.view * 255), abs=1)  # alpha 0: the view alone
+    png = cam._repr_png_()
+    assert png.startswith(b"\x89PNG") and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(over))
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 2"):
+        cam.overlay(alpha=2)
+
+
+def test_one_missing_path_raises_file_not_found_and_a_list_keeps_a_record_for_it(model, normal_jpeg, tmp_path):
+    missing = tmp_path / "nope.png"
+    for call in (model.predict, model.explain):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: no such file. Fix: check the path") as err:
+            call(missing)
+        assert isinstance(err.value, pneumoscope.PneumoscopeError)
+    several = model.predict([missing, normal_jpeg])
+    assert several[0].prob is None and "No such file" in several[0].error and several[1].prob is not None
+
+
+def test_everything_pneumoscope_exports_has_a_docstring_with_args_and_returns():
+    for name in pneumoscope.__all__:
+        if name != "__version__":
+            assert (getattr(pneumoscope, name).__doc__ or "").strip(), f"pneumoscope.{name} has no docstring"
+    for fn in (pneumoscope.load, pneumoscope.Model.predict, pneumoscope.Model.explain, pneumoscope.CamMap.overlay,
+               pneumoscope.Prediction.to_dict):  # fmt: skip
+        assert "Returns:" in fn.__doc__, fn.__qualname__
+        assert "Args:" in fn.__doc__ or fn.__code__.co_argcount == 1, fn.__qualname__
+    for prop in (pneumoscope.Model.threshold, pneumoscope.Model.class_names, pneumoscope.Model.input_size, pneumoscope.CamMap.shape):
+        assert prop.__doc__

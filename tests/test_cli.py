@@ -314,7 +314,8 @@ def test_export_log_has_no_third_party_info_and_no_progress_frames(trained_run, 
     assert "\r" not in proc.stderr
     records = [line for line in proc.stderr.splitlines() if line.split(" ", 1)[0] in ("DEBUG", "INFO")]
     assert records and all(line.split(" ", 2)[1].startswith("pneumoscope") for line in records), records[:5]
-    assert any(line.startswith("INFO pneumoscope.export: exported") for line in records)  # our own INFO still shows
+    assert any(line.startswith("INFO pneumoscope.export: exporting") for line in records)  # our own INFO still shows
+    assert "exported" not in proc.stderr and "parity with PyTorch" in proc.stdout  # the result once, on stdout (issue 20)
 
 
 class _Terminal(io.StringIO):
@@ -369,3 +370,77 @@ def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, ka
         assert main(["evaluate", str(trained_run), str(kaggle_tree), "--out", str(ev), "--tta", "--no-audit", "--bootstraps", "50"]) == 1
     assert "IM-9999-0001.jpeg" in caplog.text
     assert "IM-9999-0001.jpeg" in (ev / "skipped.csv").read_text()
+
+
+@pytest.mark.parametrize("argv", [["predict", "RUN", "x.png", "-q"], ["-q", "predict", "RUN", "x.png"], ["data", "inspect", "DATA", "--quiet"],
+                                  ["train", "DATA", "--out", "o", "-v"], ["-v", "serve", "RUN"]])  # fmt: skip
+def test_q_and_v_are_taken_before_the_command_and_after_it(argv):
+    """Issue 20: `predict … -q` was refused; only `pneumoscope -q predict …` worked."""
+    from pneumoscope.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose) == (("-q" in argv or "--quiet" in argv), "-v" in argv)
+
+
+def test_q_after_the_command_runs_it_quietly_and_q_with_v_is_refused(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "no-run"), "x.png", "-q"]) == 2  # the command ran: its own one-line failure
+    err = capsys.readouterr().err
+    assert err.startswith("pneumoscope: error: ") and "no-run" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit) as done:
+        main(["-q", "predict", str(tmp_path / "no-run"), "x.png", "-v"])
+    assert done.value.code == 2 and "cannot be used together" in capsys.readouterr().err
+
+
+def _commands(parser, prog="pneumoscope"):
+    """(name, parser) of every command and subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prog} {name}", sub
+                yield from _commands(sub, f"{prog} {name}")
+
+
+def test_every_argument_of_every_command_has_help_and_every_command_an_example():
+    """Issue 20: positional arguments had no help and no command showed an example."""
+    import argparse
+
+    from pneumoscope.cli import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert len(commands) >= 14
+    for name, parser in commands.items():
+        missing = [a.option_strings or a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+        assert not missing, f"{name}: arguments without help: {missing}"
+        text = parser.format_help()
+        examples = text.split("examples:\n", 1)[-1].splitlines() if "examples:\n" in text else []
+        assert examples and examples[0].startswith(f"  {name}"), f"{name} --help shows no example:\n{text}"
+
+
+def test_a_command_that_needs_a_subcommand_lists_them(capsys):
+    """Issue 20: `pneumoscope data` alone said "the following arguments are required: data_command"."""
+    assert main(["data"]) == 2
+    err = capsys.readouterr().err
+    assert "data_command" not in err and "inspect" in err and "counts, patients, leakage check" in err, err
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(f"  {name} " in err for name in ("train", "predict", "serve", "data")), err
+
+
+def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tree, tmp_path, capsys):
+    """Issue 20: "run written to X" was printed twice (train printed it and the library logged it), and evaluate
+    logged `AUC 0.955818540433925`."""
+    import re
+
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    assert main(["train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--pretrained", "none", "--val-fraction", "0.3"]) == 0
+    assert main(["evaluate", str(run), str(kaggle_tree), "--out", str(ev), "--bootstraps", "50", "--no-audit"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    assert sum(f"written to {run}" in line for line in lines) == 1, lines
+    assert sum(f"written to {ev}" in line for line in lines) == 1, lines
+    repeated = [line for line in set(lines) if lines.count(line) > 1]
+    assert not repeated, repeated
+    long_numbers = [line for line in lines if re.search(r"\d\.\d{6,}", line)]
+    assert not long_numbers, long_numbers

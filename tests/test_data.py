@@ -215,3 +215,69 @@ def test_data_inspect_and_pack_skip_a_zip_bomb_member_with_the_reason_and_read_t
     with zipfile.ZipFile(packed) as zf:
         assert not [n for n in zf.namelist() if "zbomb" in n]
     assert len(D.load_dataset(packed).records) == images
+
+
+def _spy_scandir(monkeypatch) -> list[int]:
+    """Entries read through os.scandir (the bounded look), and a failure if anything walks the tree."""
+    import os
+
+    read, scandir = [], os.scandir
+
+    class Counted:
+        def __init__(self, path):
+            self.it = scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __iter__(self):
+            for entry in self.it:
+                read.append(1)
+                yield entry
+
+    monkeypatch.setattr(os, "scandir", Counted)
+    monkeypatch.setattr(D, "walk_files", lambda root: pytest.fail(f"{root} was walked before its class folders were found"))
+    return read
+
+
+def test_a_folder_without_class_folders_is_refused_after_a_bounded_look_naming_what_it_found(tmp_path, monkeypatch):
+    """Issue 20: `data inspect` on a wrong parent folder (no class folders) scanned recursively for over 5 minutes."""
+    root = tmp_path / "parent"
+    (root / "a" / "b" / "c" / "d" / "NORMAL").mkdir(parents=True)  # too deep to be a dataset's class folder
+    (root / "a" / "b" / "c" / "d" / "NORMAL" / "x.png").write_bytes(b"x")
+    for name in ("b", "c", ".hidden", "__MACOSX"):
+        (root / name).mkdir()
+    (root / "notes.txt").write_text("not a folder")
+    read = _spy_scandir(monkeypatch)
+    with pytest.raises(D.DataError) as err:
+        D.load_dataset(root)
+    assert str(err.value) == (f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within 3 levels (found: a/, b/, c/). Fix: point at "
+                              "the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/")  # fmt: skip
+    assert len(read) < 20
+
+
+def test_the_look_for_class_folders_reads_a_bounded_number_of_entries(tmp_path, monkeypatch):
+    root = tmp_path / "wide"
+    for i in range(40):
+        for j in range(40):
+            (root / f"f{i:02d}" / f"g{j:02d}").mkdir(parents=True)
+    monkeypatch.setattr(D, "LOOK_ENTRIES", 300)
+    read = _spy_scandir(monkeypatch)
+    with pytest.raises(D.DataError, match=r"found: f00/, f01/, f02/, f03/, f04/ and 35 more; the look stopped after 300 entries\)"):
+        D.load_dataset(root)
+    assert len(read) <= 300 + 40  # the budget, then the top folder listed again for the message
+
+
+@pytest.mark.parametrize("where", ["", "train", "chest_xray/train", "site/b"])
+def test_class_folders_are_still_found_up_to_three_levels_down(tmp_path, where):
+    from PIL import Image
+
+    root = tmp_path / "root"
+    for c in ("Normal", "PNEUMONIA"):
+        (root / where / c).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(root / where / c / f"person1_{c}_1.png")
+    ds = D.load_dataset(root)
+    assert sorted(r.label for r in ds.records) == [0, 1] and ds.layout == ("kaggle" if where.endswith("train") else "class-folders")

@@ -107,7 +107,7 @@ def client(predictor):
 
 def test_health_and_openapi(client):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["ood_guard"] is True
+    assert health["status"] == "ok" and health["ood_guard"] is True and health["model"] == "efficientnet_lite0"  # no name given: the backbone
     assert "/predict" in client.get("/openapi.json").json()["paths"]
     # FastAPI's /docs and /redoc load their scripts from a CDN (blank offline): not served
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
@@ -411,3 +411,70 @@ def test_the_page_colour_bar_is_the_heatmap_colour_map():
         want = np.round(np.array(cmap(float(pct) / 100)[:3]) * 255)
         got = np.array([int(hexcode[i : i + 2], 16) for i in (0, 2, 4)])
         assert np.abs(want - got).max() <= 12, (hexcode, pct, want)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--port", "80000"], "--port must be a TCP port from 1 to 65535, got 80000. Fix: "),
+        (["--port", "0"], "--port must be a TCP port from 1 to 65535, got 0"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid': not an address, nor a name this machine can resolve"),
+        (["--host", "192.0.2.1"], "192.0.2.1:8000: cannot listen there: not an address of this machine. Fix: --host 127.0.0.1"),
+    ],
+    ids=["port-80000", "port-0", "unresolvable-host", "foreign-address"],
+)
+def test_serve_refuses_a_bad_port_or_host_in_one_line_before_loading_the_model(flags, expected, tmp_path, capsys):
+    """Issue 20: `--port 80000` printed a 73-line traceback. The address is checked first: the run here does not even exist."""
+    assert main(["serve", str(tmp_path / "no-run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pneumoscope: error: {expected}") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_exits_2(tmp_path, capsys):
+    """Issue 20: it exited 3 after uvicorn's `[Errno 98]`."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", str(tmp_path / "no-run"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"pneumoscope: error: 127.0.0.1:{port}: cannot listen there: the port is in use (another server, or a `pneumoscope "
+                   "serve` still running). Fix: stop it, or choose another --port\n")  # fmt: skip
+
+
+def test_serve_answers_on_the_socket_it_bound_and_names_the_model(run):
+    """The command end to end: it binds, loads the run and serves; /health names the run it serves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "-q", "serve", str(run), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while health is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                    health = json.loads(answer.read())
+            except OSError:
+                time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert health is not None, out
+    assert health["model"] == run.name and health["backbone"] == "efficientnet_lite0" and 0 < health["threshold"] < 1

@@ -68,7 +68,7 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
 
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots kept for people to look at (ignored by git)
-KEY_ELEMENTS = {"drop zone": "#drop", "notice": "#notice", "worklist": "#worklist", "verdict": "#verdict",
+KEY_ELEMENTS = {"model served": "#model", "drop zone": "#drop", "notice": "#notice", "worklist": "#worklist", "verdict": "#verdict",
                 "radiograph": "#base", "heatmap": "#stack", "colour bar": "#colorbar"}  # fmt: skip
 NOT_ASSESSABLE_ELEMENTS = {k: v for k, v in KEY_ELEMENTS.items() if k not in ("heatmap", "colour bar")}
 
@@ -134,12 +134,16 @@ def _assert_seen_and_apart(boxes: dict, width: int) -> None:
 def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_path):
     """A real browser uploads real radiographs (and a blank picture and a text file) to the app of a real run, as a person would:
     the worklist sorts by probability and answers the keyboard, the blank one reads "Cannot assess: <reason>", and at
-    1280 and 390 px the key elements are visible, on top and apart. Screenshots: tests/artifacts/."""
+    1280 and 390 px the key elements are visible, on top and apart. The page names the model, says on its status line why
+    a file was refused, shows no probability bar for an error and downloads the worklist as CSV. Screenshots: tests/artifacts/."""
+    import csv
+    import io
+
     import numpy as np
     from PIL import Image
 
     from pneumoscope.predict import Predictor
-    from pneumoscope.serve import create_app
+    from pneumoscope.serve import create_app, run_name
     from tests.conftest import CHEST_XRAY
 
     chromium = _chromium()
@@ -151,8 +155,12 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     notes = tmp_path / "notes.png"
     notes.write_bytes(b"not an image")  # gets an error row, the others still their results
     uploads = [*xrays, blank, notes]
+    big = tmp_path / "big.png"
+    big.write_bytes(b"")
+    os.truncate(big, 36 * 2**20)  # the issue's 36 MB upload: over the limit, refused by the page before it is sent
     ARTIFACTS.mkdir(exist_ok=True)
-    url, stop = _serve(create_app(Predictor.from_checkpoint(small_real_run)))
+    predictor = Predictor.from_checkpoint(small_real_run)
+    url, stop = _serve(create_app(predictor, model_name=run_name(small_real_run)))
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
@@ -171,6 +179,7 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 _wait(page, f"() => document.querySelectorAll('#rows tr:not(.wait)').length === {len(uploads)}", 60)
                 _wait(page, "() => document.getElementById('heat').naturalWidth > 0")
                 status = page.inner_text("#status")
+                model_named = page.inner_text("#model")
                 sizes = page.evaluate("() => ['base', 'heat'].map(id => document.getElementById(id).naturalWidth)")
                 first_verdict = page.inner_text("#verdict")
 
@@ -204,6 +213,14 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
 
                 page.click(f".rowbtn[title='{notes.name}']")
                 error_text, error_views = page.inner_text("#verdict"), page.is_visible("#base")
+                error_meter = page.is_visible("#meter") or page.is_visible("#meterlegend")
+                page.screenshot(path=str(ARTIFACTS / "web-desktop-error.png"), full_page=True)
+                shown_order = page.locator("#rows .rowbtn").all_inner_texts()
+                with page.expect_download() as download:
+                    page.click("#csv")
+                csv_text = Path(download.value.path()).read_bytes().decode()
+                csv_built = page.evaluate("() => worklistCsv()")
+                csv_name = download.value.suggested_filename
                 page.click(f".rowbtn[title='{xrays[-1].name}']")
                 _wait(page, "() => document.getElementById('heat').complete")
                 page.screenshot(path=str(ARTIFACTS / "web-desktop-result.png"), full_page=True)
@@ -217,14 +234,39 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
                 _wait(page, "() => document.getElementById('heat').complete")
                 page.screenshot(path=str(ARTIFACTS / "web-phone-result.png"), full_page=True)
                 phone_verdict = page.inner_text("#verdict")
+
+                page.set_input_files("#file", [str(big)])  # alone: nothing is sent, the row and the status line say why
+                _wait(page, "() => document.querySelectorAll('#rows tr.err').length === 2")
+                big_status = page.inner_text("#status")
+                page.click(f".rowbtn[title='{big.name}']")
+                phone_error_meter = page.is_visible("#meter") or page.is_visible("#meterlegend")
+                page.screenshot(path=str(ARTIFACTS / "web-phone-error.png"), full_page=True)
+                csv_after = page.evaluate("() => worklistCsv()")
             finally:
                 browser.close()
     finally:
         stop()
     print(f"screenshots in {ARTIFACTS}")
     assert favicon[0] == 200 and favicon[1].startswith("image/svg+xml")
-    assert status == f"{len(uploads) - 1} of {len(uploads)} analysed; 1 could not be read.", status
-    assert "not a readable image" in error_text and not error_views
+    # issue 20: the refusal's reason on the status line (it said only "1 could not be read"), no empty bar on an error
+    assert status.startswith(f"{len(uploads) - 1} of {len(uploads)} analysed; 1 could not be read: {notes.name}: "), status
+    assert "not a readable image" in status and status.endswith(error_text), (status, error_text)
+    assert big_status == (f"0 of 1 analysed; 1 could not be read: {big.name} is {36 * 2**20:,} bytes; the limit is {20 * 2**20:,} bytes "
+                          "per request. Send a smaller file."), big_status  # fmt: skip
+    assert "not a readable image" in error_text and not error_views and not error_meter and not phone_error_meter
+    # the model served is named: its run, backbone and threshold
+    assert model_named == f"Model: {small_real_run.name} (efficientnet_lite0) · threshold {predictor.threshold:.3f}", model_named
+    # the worklist as CSV: one row per file, in the order shown, with the fields a row has
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert csv_name.endswith(".csv") and csv_text == csv_built and csv_text.startswith("file,prob,label,threshold,ood_reason,error\r\n")
+    assert [r["file"] for r in rows] == shown_order and len(rows) == len(uploads)
+    by_name = {r["file"]: r for r in rows}
+    assert by_name[notes.name]["prob"] == "" and "not a readable image" in by_name[notes.name]["error"]
+    assert by_name[blank.name]["label"] == "" and "blank" in by_name[blank.name]["ood_reason"] and float(by_name[blank.name]["prob"]) >= 0
+    assert all(by_name[x.name]["label"] in ("NORMAL", "PNEUMONIA") and 0 <= float(by_name[x.name]["prob"]) <= 1 for x in xrays)
+    assert all(float(r["threshold"]) == pytest.approx(predictor.threshold) for r in rows)
+    after = list(csv.DictReader(io.StringIO(csv_after)))
+    assert len(after) == len(uploads) + 1 and "bytes; the limit is" in after[-1]["error"]
     assert sizes == [224, 224] and float(opacity) == pytest.approx(0.7)
     assert "P(pneumonia) = " in first_verdict and "threshold" in first_verdict
     assert len(down) == len(uploads) - 1 and down == sorted(down, reverse=True) and up == sorted(up)  # the error row last, "–"

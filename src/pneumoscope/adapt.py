@@ -169,7 +169,7 @@ def adapt_run(
         },
     )  # fmt: skip
     save_derived_run(run, out, model, description, overwrite=overwrite)
-    logger.info("adapted to %d site images (%s): domain AUC %.3f -> %.3f, estimated prevalence %s, threshold %.4f (was %.4f)",
+    logger.debug("adapted to %d site images (%s): domain AUC %.3f -> %.3f, estimated prevalence %.3f, threshold %.4f (was %.4f)",
                 len(site_feats.records), method, before["domain_auc"], after["domain_auc"], after["prevalence"]["mixture"],
                 threshold, predictor.threshold)  # fmt: skip
     return Path(out), description

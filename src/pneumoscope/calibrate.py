@@ -126,6 +126,6 @@ def calibrate_run(
         },
     )  # fmt: skip
     save_derived_run(run, out, model, description, overwrite=overwrite)
-    logger.info("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), point.temperature, point.threshold,
+    logger.debug("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), point.temperature, point.threshold,
                 predictor.threshold)
     return Path(out), description

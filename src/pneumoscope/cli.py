@@ -40,7 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
     p.add_argument("--epochs", type=int, default=S, help="head epochs (default 100)")
     p.add_argument("--patience", type=int, default=S, help="early stopping on val loss (default 10)")
-    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--seed", type=int, default=S, help="seed of the patient split, the head's initialisation and its batches (default 0)")
     p.add_argument("--batch-size", type=int, default=S, help="head training batch size (default 64)")
     p.add_argument("--val-fraction", type=float, default=S, help="share of train patients held out for validation (default 0.1)")
     p.add_argument("--limit", type=int, default=S, help="at most N images per split (quick runs)")
@@ -54,7 +54,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"stage 2 augmentation: {', '.join(PRESETS)} (see BENCHMARKS.md)")
     a.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=S, help="stage 2 without augmentation")
     p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
-    p.add_argument("--num-nodes", type=int, default=S)
+    p.add_argument("--num-nodes", type=int, default=S, help="stage 2: machines (default 1)")
     p.add_argument("--accelerator", default=S, help="stage 2: auto, cpu, gpu")
     p.add_argument("--logger", choices=list(LOGGERS), default=S,
                    help="training logs of both stages in RUN/logs: csv (default; always written), or tensorboard or mlflow beside it")
@@ -353,28 +353,75 @@ def cmd_demo(args) -> int:
     return _exit_status(skipped + len(result.problems))
 
 
+RUN = "run folder made by `pneumoscope train` (or its model.safetensors)"
+RUN_OR_ONNX = RUN[:-1] + ", or an .onnx file made by `pneumoscope export`)"
+DATA = "Kaggle chest_xray folder (train/ val/ test/), folder of NORMAL/ and PNEUMONIA/, a .zip of either, or a PneumoniaMNIST .npz"
+OVERWRITE = "replace --out if it exists"
+CACHE_DIR = "feature cache folder (default: $PNEUMOSCOPE_CACHE or the user cache folder)"
+
+
+def _loudness(parser: argparse.ArgumentParser, default) -> None:
+    """-q/-v on ``parser``. Each command takes them too (default SUPPRESS there, so one given before the command stays)."""
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only, no progress bars")
+    loud.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages, and other libraries' INFO messages too")
+
+
+def _command(sub, name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+    """A command's parser: its help, -q/-v, and its examples (real command lines) under its --help."""
+    common = argparse.ArgumentParser(add_help=False)
+    _loudness(common, argparse.SUPPRESS)
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    return sub.add_parser(name, help=help, description=help, epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _lists_commands(parser: argparse.ArgumentParser):
+    """For a parser given no subcommand: its help (which lists them) on stderr, and exit status 2."""
+
+    def run(args) -> int:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: a command is required; choose one of:\n{_subcommands(parser)}", file=sys.stderr)
+        return EXIT_FAILED
+
+    return run
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> str:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return "\n".join(f"  {c.dest:<10} {c.help}" for c in sub._choices_actions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .choices import ADAPT_METHODS, CAM_METHOD_CLASSES
     from .data import CLASS_NAMES
 
-    parser = argparse.ArgumentParser(prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.")
+    parser = argparse.ArgumentParser(
+        prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.",
+        epilog="examples:\n  pneumoscope train ../shared/data/chest_xray --out runs/a\n  pneumoscope predict runs/a chest.jpeg\n"
+               "run `pneumoscope COMMAND --help` for a command's options and examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
-    loud = parser.add_mutually_exclusive_group()
-    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
-    loud.add_argument("-v", "--verbose", action="store_true", help="debug messages, and other libraries' INFO messages too")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _loudness(parser, False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(func=_lists_commands(parser))
 
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("inspect", help="counts, patients, leakage check, unreadable files")
-    p.add_argument("data", help="Kaggle chest_xray root, folder of class folders, .zip, or PneumoniaMNIST .npz")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    data_parser = _command(sub, "data", "dataset tools: data inspect", "pneumoscope data inspect ../shared/data/chest_xray")
+    data = data_parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_parser.set_defaults(func=_lists_commands(data_parser))
+    p = _command(data, "inspect", "counts, patients, leakage check, unreadable files",
+                 "pneumoscope data inspect ../shared/data/chest_xray", "pneumoscope data inspect data.zip --json > summary.json")  # fmt: skip
+    p.add_argument("data", metavar="DATA", help=DATA)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (every unreadable file listed)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train patients held out for validation, as train cuts it (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that cut, as train's --seed (default 0)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train a model (frozen backbone, cached features, head with early stopping)")
-    p.add_argument("data")
+    p = _command(sub, "train", "train a model (frozen backbone, cached features, head with early stopping)",
+                 "pneumoscope train ../shared/data/chest_xray --out runs/a",
+                 "pneumoscope train data.zip --out runs/b --backbone resnet50 --target-sensitivity 0.95")  # fmt: skip
+    p.add_argument("data", metavar="DATA", help=DATA)
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--resume", action="store_true", help="continue a fine-tuning run that was killed")
@@ -382,93 +429,101 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics, predictions and figures on labelled data")
-    p.add_argument("run")
-    p.add_argument("data")
-    p.add_argument("--out", required=True)
+    p = _command(sub, "evaluate", "metrics, predictions and figures on labelled data",
+                 "pneumoscope evaluate runs/a ../shared/data/chest_xray --out runs/a-eval")  # fmt: skip
+    p.add_argument("run", metavar="RUN", help=RUN)
+    p.add_argument("data", metavar="DATA", help=DATA + " (labelled)")
+    p.add_argument("--out", required=True, help="folder to write: report.html, metrics.json, predictions.csv, figures")
     p.add_argument("--split", default="test", help="split of a Kaggle root or npz (a folder of class folders is used whole)")
     p.add_argument("--limit", type=int, help="at most N images (quick runs)")
     p.add_argument("--bootstraps", type=int, default=2000, help="patient-level bootstrap resamples for AUC intervals")
     p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the shortcut audit (border/centre masking, CAM mass)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--cache-dir")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    p.add_argument("--cache-dir", help=CACHE_DIR)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("calibrate", help="refit temperature and threshold on a labelled local sample; writes a new run")
-    p.add_argument("run")
-    p.add_argument("data", help="labelled local images (folder of class folders, Kaggle root, .zip or .npz)")
+    p = _command(sub, "calibrate", "refit temperature and threshold on a labelled local sample; writes a new run",
+                 "pneumoscope calibrate runs/a site_labelled/ --out runs/a-site --target-sensitivity 0.95")  # fmt: skip
+    p.add_argument("run", metavar="RUN", help=RUN)
+    p.add_argument("data", metavar="DATA", help="labelled local images (folder of class folders, Kaggle root, .zip or .npz)")
     p.add_argument("--out", required=True, help="new run folder")
     p.add_argument("--split", default="val", help="split of a Kaggle root or npz to calibrate on (a folder of class folders is used whole)")
     p.add_argument("--refit-head", action="store_true",
                    help="also refit the head on these images beside the run's training sample (temperature and threshold then cross-fitted)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--cache-dir")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    p.add_argument("--cache-dir", help=CACHE_DIR)
     _add_policy_args(p)
     p.set_defaults(func=cmd_calibrate)
 
-    def site_command(name: str, help: str, func, out_help: str, out_required: bool):
-        p = sub.add_parser(name, help=help)
-        p.add_argument("run")
-        p.add_argument("site", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
+    def site_command(name: str, help: str, func, out_help: str, out_required: bool, example: str):
+        p = _command(sub, name, help, example)
+        p.add_argument("run", metavar="RUN", help=RUN)
+        p.add_argument("site", metavar="SITE_IMAGES", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
         p.add_argument("--out", required=out_required, help=out_help)
         p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
-        p.add_argument("--cache-dir")
+        p.add_argument("--cache-dir", help=CACHE_DIR)
         p.set_defaults(func=func)
         return p
 
     p = site_command("shift", "does a site's set of images differ from the training split? two-sample test, prevalence, verdict",
-                     cmd_shift, "also write the report as JSON", False)  # fmt: skip
+                     cmd_shift, "also write the report as JSON", False, "pneumoscope shift runs/a site_images/ --out shift.json")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p = site_command("adapt", "adapt a run to a site's unlabelled images; writes a new run", cmd_adapt, "new run folder", True)
+    p = site_command("adapt", "adapt a run to a site's unlabelled images; writes a new run", cmd_adapt, "new run folder", True,
+                     "pneumoscope adapt runs/a site_images/ --out runs/a-adapted")  # fmt: skip
     p.add_argument("--method", default=ADAPT_METHODS[0], choices=ADAPT_METHODS,
                    help="center: feature means moved to the training split's; standardize: means and sds; +prior: probabilities moved "
                         "to the site's estimated prevalence (default center+prior)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
 
-    p = sub.add_parser("pack", help="write a dataset as one compact .zip (images squashed to at most SIZE px) that train reads directly")
-    p.add_argument("data")
+    p = _command(sub, "pack", "write a dataset as one compact .zip (images squashed to at most SIZE px) that train reads directly",
+                 "pneumoscope pack ../shared/data/chest_xray --out chest_xray.zip")  # fmt: skip
+    p.add_argument("data", metavar="DATA", help=DATA)
     p.add_argument("--out", required=True, help="the .zip to write")
     p.add_argument("--size", type=int, default=256, help="largest side kept (default 256); smaller images are stored byte for byte")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("export", help="ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check")
-    p.add_argument("run")
+    p = _command(sub, "export", "ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check",
+                 "pneumoscope export runs/a --out model.onnx --check-images ../shared/data/chest_xray/val")  # fmt: skip
+    p.add_argument("run", metavar="RUN", help=RUN)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--check-images", nargs="*", help="images or folders for the parity check (default: 4 generated images)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="web app and JSON API (POST /predict, GET /health, /docs)")
-    p.add_argument("run", help="run folder, checkpoint, or .onnx export (no heatmaps with ONNX)")
+    p = _command(sub, "serve", "web page and JSON API (POST /predict, POST /predict/batch, GET /health)",
+                 "pneumoscope serve runs/a", "pneumoscope serve model.onnx --port 8080")  # fmt: skip
+    p.add_argument("run", metavar="RUN_OR_ONNX", help=RUN_OR_ONNX[:-1] + "; no heatmaps with ONNX)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1-65535 (default 8000)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a name clients may use in the Host header besides the bound address and localhost (repeatable)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("compare", help="paired comparison of two evaluations of the same images (DeLong, McNemar)")
-    p.add_argument("eval_a")
-    p.add_argument("eval_b")
+    p = _command(sub, "compare", "paired comparison of two evaluations of the same images (DeLong, McNemar)",
+                 "pneumoscope compare runs/a-eval runs/b-eval --out a-vs-b.json")  # fmt: skip
+    p.add_argument("eval_a", metavar="EVAL_A", help="evaluation folder made by `pneumoscope evaluate` (its predictions.csv is read)")
+    p.add_argument("eval_b", metavar="EVAL_B", help="another, of the same images")
     p.add_argument("--out", help="write the result as JSON")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("explain", help="Grad-CAM overlays")
-    p.add_argument("run")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True)
+    p = _command(sub, "explain", "Grad-CAM overlays", "pneumoscope explain runs/a chest.jpeg other_xrays/ --out cams")
+    p.add_argument("run", metavar="RUN", help=RUN)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder to write: one overlay PNG per image and explanations.json")
     p.add_argument("--target", default="predicted", choices=["predicted", *(c.lower() for c in CLASS_NAMES)],
                    help="class to explain (default: the class decided at the model's threshold)")
-    p.add_argument("--method", default="gradcam", choices=list(CAM_METHOD_CLASSES))
+    p.add_argument("--method", default="gradcam", choices=list(CAM_METHOD_CLASSES), help="CAM method (default gradcam)")
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("predict", help="probability, label, threshold and OOD flag per image")
-    p.add_argument("run", help="run folder, checkpoint, or .onnx export")
-    p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or .zip archives")
+    p = _command(sub, "predict", "probability, label, threshold and OOD flag per image",
+                 "pneumoscope predict runs/a chest.jpeg", "pneumoscope predict model.onnx xrays/ archive.zip --out rows.csv")  # fmt: skip
+    p.add_argument("run", metavar="RUN_OR_ONNX", help=RUN_OR_ONNX)
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR_OR_ZIP", help="image files, folders (searched recursively) or .zip archives")
     p.add_argument("--from-list", metavar="FILE", help="a text file of such paths, one a line (# comments and blank lines skipped)")
     p.add_argument("--out", help="write rows here as each batch finishes: .csv, .jsonl, or .parquet (needs pyarrow); default stdout")
     p.add_argument("--format", default="csv", choices=["csv", "json"], help="format on stdout (with --out, its suffix decides)")
@@ -479,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="train -> evaluate -> explain on DATA, $PNEUMOSCOPE_DATA, or downloaded PneumoniaMNIST")
-    p.add_argument("--data")
+    p = _command(sub, "demo", "train -> evaluate -> explain on DATA, $PNEUMOSCOPE_DATA, or downloaded PneumoniaMNIST",
+                 "pneumoscope demo --data ../shared/data/chest_xray", "pneumoscope demo --epochs 20")  # fmt: skip
+    p.add_argument("--data", help=DATA + " (default: $PNEUMOSCOPE_DATA, else PneumoniaMNIST, downloaded once)")
     p.add_argument("--out", help="results folder (default runs/demo-<time>)")
     _add_train_args(p)
     p.set_defaults(func=cmd_demo)
@@ -490,7 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .runtime import configure_cpu_threads, configure_logging, die_with_parent, is_launched_rank, progress_wanted, tune_cpu_allocator
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:  # one before the command and the other after it
+        parser.error("-q/--quiet and -v/--verbose cannot be used together: choose one")
     args.progress = progress_wanted(quiet=args.quiet)
     if is_launched_rank():
         die_with_parent()  # a DDP rank started by this command (or by torchrun) ends with it, even after kill -9

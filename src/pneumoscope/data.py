@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -198,6 +199,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         raise DataError(f"{path}: no such file or folder. Give a chest_xray folder, a .zip of one, or a .npz.")
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_npz(path)
+    if path.is_dir():
+        require_class_folders(path)
     return _from_names(path, *_open_images(path, "Give a folder, a .zip or a PneumoniaMNIST .npz."))
 
 
@@ -211,6 +214,58 @@ def _open_images(path: Path, fix: str) -> tuple[Reader, list[str]]:
     if path.is_dir():
         return DirReader(path), _walk(path)
     raise DataError(f"{path}: not a folder or a .zip. {fix}")
+
+
+CLASS_FOLDER_DEPTH = 3  # NORMAL/ (class folders), train/NORMAL/ (a Kaggle root), chest_xray/train/NORMAL/ (a folder holding one)
+LOOK_ENTRIES = 5000  # folder entries read, at most, while looking for class folders
+
+
+def require_class_folders(root: Path) -> None:
+    """Refuse a folder with no class folder within :data:`CLASS_FOLDER_DEPTH` levels, after a bounded look.
+
+    Only folder names are read, breadth first, at most :data:`LOOK_ENTRIES` entries: a wrong
+    parent folder (a home folder, a disk) is refused in a moment, instead of being walked
+    to its last file before the error.
+    """
+    classes = {c.lower() for c in CLASS_NAMES}
+    level, budget = [root], LOOK_ENTRIES
+    for _ in range(CLASS_FOLDER_DEPTH):
+        below = []
+        for folder in level:
+            names, read = _subfolders(folder, budget)
+            if any(n.lower() in classes for n in names):
+                return
+            below.extend(folder / n for n in names)
+            budget -= read
+            if budget <= 0:
+                break
+        level = below
+    top = sorted(_subfolders(root, 1000)[0])
+    found = ", ".join(f"{n}/" for n in top[:5]) + (f" and {len(top) - 5} more" if len(top) > 5 else "") if top else "no subfolders"
+    looked = f"; the look stopped after {LOOK_ENTRIES:,} entries" if budget <= 0 else ""
+    raise DataError(f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within {CLASS_FOLDER_DEPTH} levels (found: {found}{looked}). "
+                    "Fix: point at the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/")  # fmt: skip
+
+
+def _subfolders(folder: Path, budget: int) -> tuple[list[str], int]:
+    """(names of the visible subfolders of ``folder``, links followed, among its first ``budget`` entries; entries read)."""
+    names, read = [], 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in itertools.islice(entries, max(0, budget)):
+                read += 1
+                if not entry.name.startswith(".") and entry.name != "__MACOSX" and _is_dir(entry):
+                    names.append(entry.name)
+    except OSError:  # unreadable: no class folders seen there
+        pass
+    return names, read
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 UNLABELLED = -1  # Record.label of a site image whose class nobody told us

@@ -215,5 +215,7 @@ def evaluate_run(
                  "the figures are transductive."] if m.get("adapted_on_evaluated_images") else []),
         }  # fmt: skip
         write_bytes_atomic(tmp / "report.html", render_report(context).encode())
-    logger.info("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], m["roc_auc"], m["accuracy"], out)
+    # the CLI prints these metrics: at INFO they would be said twice
+    logger.debug("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+                 m["accuracy"], out)  # fmt: skip
     return Path(out), result

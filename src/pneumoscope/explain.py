@@ -342,7 +342,7 @@ def explain_images(
             write_json(tmp / "explanations.json", {"method": method, "layer": predictor.model.spec.cam_layer, "images": [e.__dict__ for e in results],
                                                    "skipped": skipped, "checks": summary})  # fmt: skip
     if summary:
-        logger.info("%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",
+        logger.debug("%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",
                     method, summary["n"], summary["mean_road_most"], REMOVE_PERCENT, summary["mean_road_random"],
                     summary["faithfulness_verdict"], summary["mean_sanity_spearman"])  # fmt: skip
     return results

@@ -53,6 +53,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
     s = predictor.preprocessing.input_size
     dummy = torch.zeros(2, predictor.preprocessing.in_chans, s, s)
     outputs = ["logit"] + (["ood_distance"] if model.ood is not None else [])
+    logger.info("exporting %s (%s, outputs %s) to ONNX, then checking it against PyTorch", run, predictor.description.backbone, ", ".join(outputs))
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.onnx.export(
         _Exported(model).eval(), (dummy,), input_names=["image"], output_names=outputs, dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False
@@ -74,7 +75,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)
-    logger.info("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
+    logger.debug("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
     return report
 
 

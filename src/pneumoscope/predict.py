@@ -66,6 +66,11 @@ class Prediction:
     FIELDS = ("path", "prob", "label", "threshold", "ood", "ood_distance", "ood_reason", "error")
 
     def to_dict(self) -> dict:
+        """The record as ``pneumoscope predict --format json`` writes it.
+
+        Returns:
+            A dict of :attr:`FIELDS`, in that order (``label``, ``prob`` and the rest as above; None where absent).
+        """
         return {k: getattr(self, k) for k in self.FIELDS}
 
 

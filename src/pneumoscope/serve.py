@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import io
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +33,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import MutableHeaders
 
+from .errors import StateError, UsageError
 from .io import MAX_PIXELS, ImageReadError, image_pixels, screen_image
 from .predict import Prediction, Predictor
 
@@ -263,8 +266,10 @@ def create_app(
     max_batch: int = MAX_BATCH,
     batch_wait_s: float = BATCH_WAIT_S,
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
+    model_name: str | None = None,
 ):
-    """The app. ``allowed_hosts``: names the Host header may carry (None: any, for a server behind a proxy)."""
+    """The app. ``allowed_hosts``: names the Host header may carry (None: any, for a server behind a proxy);
+    ``model_name``: how /health and the page name the model (default: its backbone)."""
     from . import __version__
     from .explain import views_and_cams
     from .plots import heatmap_rgb, overlay_cam
@@ -312,7 +317,8 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "version": __version__, "backbone": predictor.description.backbone, "threshold": predictor.threshold,
+        return {"status": "ok", "version": __version__, "model": model_name or predictor.description.backbone,
+                "backbone": predictor.description.backbone, "threshold": predictor.threshold,
                 "backend": predictor.backend.name, "ood_guard": predictor.ood_cutoff is not None, "max_upload_bytes": max_upload_bytes,
                 "max_pending": max_pending}  # fmt: skip
 
@@ -390,13 +396,69 @@ def create_app(
 
 
 def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, allow_hosts: tuple[str, ...] = ()) -> None:
+    """Serve the app of ``run`` on ``host``:``port`` until interrupted.
+
+    The address is checked and bound before the model loads, so a bad port or host, or a
+    port in use, fails at once as a :class:`~pneumoscope.errors.PneumoscopeError` with the fix.
+    """
     import uvicorn
 
-    predictor = Predictor.load(run)
-    if host not in LOOPBACK_HOSTS:
-        logger.warning("serving on %s: reachable from other machines; there is no authentication", host)
-    allowed = (*LOOPBACK_HOSTS, *allow_hosts) if host in LOOPBACK_HOSTS else (host, *LOOPBACK_HOSTS, *allow_hosts)
-    if host in ("0.0.0.0", "::") and not allow_hosts:
-        logger.warning("bound to all interfaces: requests must name this server as %s; add the names clients use with --allow-host",
-                       ", ".join(allowed))  # fmt: skip
-    uvicorn.run(create_app(predictor, allowed_hosts=allowed), host=host, port=port, log_level="info")
+    sock = bind_socket(host, port)
+    try:
+        predictor = Predictor.load(run)
+        if host not in LOOPBACK_HOSTS:
+            logger.warning("serving on %s: reachable from other machines; there is no authentication", host)
+        allowed = (*LOOPBACK_HOSTS, *allow_hosts) if host in LOOPBACK_HOSTS else (host, *LOOPBACK_HOSTS, *allow_hosts)
+        if host in ("0.0.0.0", "::") and not allow_hosts:
+            logger.warning("bound to all interfaces: requests must name this server as %s; add the names clients use with --allow-host",
+                           ", ".join(allowed))  # fmt: skip
+        app = create_app(predictor, allowed_hosts=allowed, model_name=run_name(run))
+        logger.info("serving %s at http://%s:%d/ (Ctrl+C to stop)", run, f"[{host}]" if ":" in host else host, port)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def run_name(run: str | os.PathLike) -> str:
+    """How the page names the model it serves: the run folder's name (not the checkpoint's), or the .onnx file's."""
+    path = os.path.abspath(run)
+    if os.path.isfile(path) and not path.endswith(".onnx"):
+        path = os.path.dirname(path)
+    return os.path.basename(path.rstrip(os.sep)) or path
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` and listening, or a one-line error with the fix.
+
+    Raises:
+        UsageError: ``port`` outside 1-65535, or a ``host`` that does not resolve.
+        StateError: the address cannot be bound (the port is in use, needs privileges, or
+            the host is not an address of this machine).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"--port must be a TCP port from 1 to 65535, got {port!r}. Fix: e.g. --port 8000")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"--host {host!r}: not an address, nor a name this machine can resolve ({getattr(err, 'strerror', None) or err}). "
+                         "Fix: an address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (all its interfaces)") from err  # fmt: skip
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port left in TIME_WAIT is free again at once
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise StateError(f"{host}:{port}: cannot listen there: {_bind_failure(err)}") from err
+    return sock
+
+
+def _bind_failure(err: OSError) -> str:
+    """What a failed bind means, and the fix."""
+    if err.errno == errno.EADDRINUSE:
+        return "the port is in use (another server, or a `pneumoscope serve` still running). Fix: stop it, or choose another --port"
+    if err.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need administrator rights). Fix: --port 8000, or another port from 1024 up"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return "not an address of this machine. Fix: --host 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces), or one of its addresses"
+    return f"{err.strerror or err}. Fix: another --host or --port"

@@ -252,7 +252,7 @@ def train_run(
     ood = _fit_reference_and_guard(model, feats, fit_split, config)
     _write_run(out, work, model, dataset, config, resolved=resolved, leakage=leakage, feats=feats, fit_split=fit_split, problems=problems,
                head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, overwrite=overwrite)  # fmt: skip
-    logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
+    logger.info("features %.1f s, total %.1f s", t_feat, time.perf_counter() - t0)  # where the run went: the caller says (the CLI prints it)
     if config.logger != "csv":
         logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
     if problems:

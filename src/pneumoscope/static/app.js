@@ -3,11 +3,25 @@
 const $ = (id) => document.getElementById(id);
 const MAX_FILES = 16;  // serve.MAX_FILES
 let maxBytes = 20 * 1024 * 1024;  // replaced by /health's max_upload_bytes
+let modelThreshold = null;  // /health's threshold: an error row's threshold in the CSV
 const items = [];  // {n, name, result | null, error}
 let sortDir = 0;  // 0: upload order, -1: highest probability first, 1: lowest first
 let selected = null;
 
-fetch("/health").then(r => r.json()).then(h => { if (h.max_upload_bytes) maxBytes = h.max_upload_bytes; }).catch(() => {});
+fetch("/health").then(r => r.json()).then(h => {
+  if (h.max_upload_bytes) maxBytes = h.max_upload_bytes;
+  modelThreshold = h.threshold;
+  nameModel(h);
+}).catch(() => {});
+
+// The model served, under the title: its run's name, its backbone and its threshold.
+function nameModel(h) {
+  const name = document.createElement("b");
+  name.textContent = h.model;
+  const rest = (h.model !== h.backbone ? ` (${h.backbone})` : "") + ` · threshold ${fmt(h.threshold)}`
+    + (h.backend === "onnxruntime" ? " · ONNX Runtime" : "");
+  $("model").replaceChildren("Model: ", name, rest);
+}
 
 const drop = $("drop"), input = $("file");
 ["dragenter", "dragover"].forEach(e => drop.addEventListener(e, ev => { ev.preventDefault(); drop.classList.add("over"); }));
@@ -16,6 +30,7 @@ drop.addEventListener("drop", ev => { if (ev.dataTransfer.files.length) sendAll(
 input.addEventListener("change", () => { if (input.files.length) sendAll(Array.from(input.files)); input.value = ""; });
 $("opacity").addEventListener("input", () => { $("heat").style.opacity = $("opacity").value / 100; });
 $("sortprob").addEventListener("click", () => { sortDir = sortDir === -1 ? 1 : -1; renderRows(); });
+$("csv").addEventListener("click", downloadCsv);
 
 const fmt = (p) => p.toFixed(3);
 const suspected = (r) => r.label === "PNEUMONIA";
@@ -62,8 +77,42 @@ async function sendAll(files) {
     if (selected === null || items.indexOf(selected) < first) show(entries.find(e => e.result || e.error));
   }
   entries.forEach(e => { delete e.file; });
-  const failed = entries.filter(e => e.error).length;
-  setStatus(`${entries.length - failed} of ${entries.length} analysed` + (failed ? `; ${failed} could not be read.` : "."), failed > 0);
+  const failed = entries.filter(e => e.error);
+  setStatus(summary(entries, failed), failed.length > 0);
+}
+
+// "7 of 8 analysed; 1 could not be read: notes.png: <why>": the first refusal's reason, as the row shows it.
+function summary(entries, failed) {
+  const done = `${entries.length - failed.length} of ${entries.length} analysed`;
+  if (!failed.length) return done + ".";
+  const e = failed[0];
+  const why = e.error.startsWith(e.name) ? e.error : `${e.name}: ${e.error}`;
+  return `${done}; ${failed.length} could not be read: ${why}` + (failed.length > 1 ? ` (and ${failed.length - 1} more: choose a row to see why)` : "");
+}
+
+// The worklist as CSV, one row per file in the order shown, built here from what the page holds.
+const CSV_COLUMNS = ["file", "prob", "label", "threshold", "ood_reason", "error"];
+
+function csvCell(v) {
+  let s = v === null || v === undefined ? "" : String(v);
+  if (/^[=+\-@\t\r]/.test(s)) s = "'" + s;  // a spreadsheet would run a cell starting so as a formula
+  return /[",\r\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+function worklistCsv() {
+  const rows = ordered().map(e => {
+    const r = e.result || {};
+    return [e.name, r.prob, r.label, r.threshold ?? modelThreshold, r.ood_reason, e.error];
+  });
+  return [CSV_COLUMNS, ...rows].map(row => row.map(csvCell).join(",")).join("\r\n") + "\r\n";
+}
+
+function downloadCsv() {
+  const url = URL.createObjectURL(new Blob([worklistCsv()], { type: "text/csv" }));
+  const a = document.createElement("a");
+  a.href = url; a.download = "pneumoscope-worklist.csv";
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 function ordered() {
@@ -136,13 +185,14 @@ function show(e) {
   $("result").hidden = false;
   $("fname").textContent = e.name;
   const verdict = $("verdict");
-  if (!r) {
+  if (!r) {  // an error: its reason, and no probability bar or images
     verdict.className = "verdict err"; verdict.textContent = e.error;
     document.querySelector(".views").hidden = true;
-    $("meterfill").style.width = "0"; $("meterlegend").textContent = "";
+    $("meter").hidden = true; $("meterlegend").hidden = true;
     return;
   }
   document.querySelector(".views").hidden = false;
+  $("meter").hidden = false; $("meterlegend").hidden = false;
   const above = suspected(r);
   if (r.label === null) {  // not assessable: no diagnosis, in neutral colours; the probability for information only
     verdict.className = "verdict na";
