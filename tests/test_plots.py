@@ -94,6 +94,8 @@ def test_reliability_names_the_range_of_bin_sizes_when_a_crowd_is_one_bin(drawn,
     assert f"{len(rel['count'])} bins of {rel['count'].min()}-{rel['count'].max()} images" in text and "~" not in text
     x = drawn[0].axes[0].lines[-1].get_xdata()  # the model's line: each bin at its mean prediction
     np.testing.assert_allclose(sorted(x), rel["mean_predicted"])
+    plots.plot_reliability(M.compute_adaptive_reliability(y[:40], np.full(40, 0.5)), tmp_path / "rel1.png", ece=0.0, brier=0.25)
+    assert "model: 1 bin of ~40 images" in _texts(drawn[1])  # every prediction in one crowd
 
 
 def test_history_has_axis_labels_a_backbone_title_and_the_legend_outside_the_axes(drawn, tmp_path):

@@ -131,6 +131,13 @@ def test_summary_says_so_when_nothing_falls_beyond_the_intervals(tmp_path):
     assert "The run records no validation figures" in _text(render_report(ctx))
 
 
+def test_summary_says_why_the_site_shift_was_not_assessed(tmp_path):
+    ctx = _summary_context(tmp_path)
+    ctx["site_shift"], ctx["summary"]["shift_skipped"] = None, "12 images, fewer than the 20 the test needs"
+    text = _text(render_report(ctx))
+    assert "Site shift: not assessed: 12 images, fewer than the 20 the test needs." in text
+
+
 def test_metric_names_are_for_people_not_field_names(tmp_path):
     from pneumoscope.metric_names import METRIC_NAMES, metric_name
 

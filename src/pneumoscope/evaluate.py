@@ -161,15 +161,20 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
     return out
 
 
-def _site_shift(predictor: Predictor, result: EvaluationResult) -> dict | None:
+def _site_shift(predictor: Predictor, result: EvaluationResult) -> tuple[dict | None, str]:
     """How the evaluated images differ from the training split, as `pneumoscope shift` reports it (runs that keep
-    training feature statistics, features computed for the evaluation, and at least a few dozen images)."""
+    training feature statistics, features computed for the evaluation, and at least a few dozen images), or None
+    and why not."""
     from .adapt import assess_site
     from .shift import MIN_SITE_IMAGES
 
-    if predictor.model.adapter is None or result.features is None or len(result.records) < MIN_SITE_IMAGES:
-        return None
-    return assess_site(predictor, result.features, n_perm=200)
+    if predictor.model.adapter is None:
+        return None, "the run keeps no training feature statistics to compare with"
+    if result.features is None:
+        return None, "test-time augmentation computes no pooled features to compare"
+    if len(result.records) < MIN_SITE_IMAGES:
+        return None, f"{len(result.records)} images, fewer than the {MIN_SITE_IMAGES} the test needs"
+    return assess_site(predictor, result.features, n_perm=200), ""
 
 
 def evaluate_run(
@@ -230,14 +235,14 @@ def evaluate_run(
             screened = screened or [screens[i] for i in range(len(result.records))]
         m["not_assessable"] = count_not_assessable(result.ood_distance, predictor.ood_cutoff, screened)
         write_json(tmp / "metrics.json", m)
-        shift = _site_shift(predictor, result)
+        shift, shift_skipped = _site_shift(predictor, result)
         if shift:
             write_json(tmp / "site_shift.json", shift)
         val = predictor.description.metrics.get("val")
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
             "metrics": m,
-            "summary": {"rows": compare_with_validation(val or {}, m), "validation": val, "rule": DROP_RULE},
+            "summary": {"rows": compare_with_validation(val or {}, m), "validation": val, "rule": DROP_RULE, "shift_skipped": shift_skipped},
             "description": predictor.description,
             "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
                      "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},

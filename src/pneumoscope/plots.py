@@ -182,8 +182,9 @@ def plot_reliability(reliability: dict, path, *, ece: float, brier: float, ece_b
     else:
         fig, ax = _subplots(figsize=(5, 4.6))
     counts = rel["count"]
-    sizes = f"of ~{int(np.median(counts))} images" if counts.max() - counts.min() <= 1 else f"of {counts.min()}-{counts.max()} images"
-    CalibrationDisplay(rel["observed"], rel["mean_predicted"], None).plot(ax=ax, name=f"model: {len(counts)} bins {sizes}", color="C0")
+    sizes = f"~{int(np.median(counts))}" if counts.max() - counts.min() <= 1 else f"{counts.min()}-{counts.max()}"
+    name = f"model: {len(counts)} bin{'s' if len(counts) > 1 else ''} of {sizes} images"
+    CalibrationDisplay(rel["observed"], rel["mean_predicted"], None).plot(ax=ax, name=name, color="C0")
     yerr = np.vstack([rel["observed"] - rel["observed_lower"], rel["observed_upper"] - rel["observed"]])  # (2, n_bins)
     xerr = np.vstack([rel["mean_predicted"] - rel["edges"][:, 0], rel["edges"][:, 1] - rel["mean_predicted"]])
     ax.errorbar(rel["mean_predicted"], rel["observed"], yerr=yerr, xerr=xerr, fmt="none", ecolor="C0", elinewidth=1, capsize=2,

@@ -55,7 +55,8 @@ def render_report(ctx: dict) -> str:
     or None), gallery [(path, caption)], model_card {section: text}, notes [str],
     and optionally shortcut_audit and site_shift (dicts, or None) and summary: {"rows":
     :func:`~pneumoscope.metrics.compare_with_validation`, "validation": the run's validation metrics or None,
-    "rule": :data:`~pneumoscope.metrics.DROP_RULE`}; the summary block heads the page."""
+    "rule": :data:`~pneumoscope.metrics.DROP_RULE`, "shift_skipped": why there is no site_shift}; the summary block
+    heads the page."""
     context = {"notes": [], "training_summary": None, "history": None, "shortcut_audit": None, "site_shift": None, "summary": None, **ctx}
     return _environment().get_template("report.html.j2").render(context)
 
