@@ -80,12 +80,19 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     assert len(preds) == 30 and all(p["patient_id"].startswith("test/") for p in preds)
     capsys.readouterr()
 
-    images = [p["path"] for p in preds[:3]]
-    assert main(["-q", "predict", str(trained_run), *images, "--format", "json"]) == 0
+    # issue 20: the count not assessable is what inference would leave without a label (guard from the cached features,
+    # screen on the images the audit decoded); the metrics themselves are over every image
+    na = metrics["not_assessable"]
+    assert set(na) == {"n", "guard", "screen", "note"} and na["note"] == "" and max(na["guard"], na["screen"]) <= na["n"] <= 30
+    html = (ev / "report.html").read_text()
+    assert html.index("<section class='summary'") < html.index("<nav") and "<th>validation</th>" in html and "Not assessable:" in html
+    assert main(["-q", "predict", str(trained_run), *[p["path"] for p in preds], "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert sum(row["label"] is None for row in out) == na["n"]
+    images = [p["path"] for p in preds[:3]]
     for row, pred in zip(out, preds[:3]):
         assert abs(row["prob"] - float(pred["prob"])) < 1e-4  # the same model through both paths
-        assert row["label"] == pred["pred"]
+        assert row["label"] == pred["pred"] or row["label"] is None
 
     ex = tmp_path / "explain"
     assert main(["-q", "explain", str(trained_run), *images[:2], "--out", str(ex)]) == 0
@@ -370,6 +377,8 @@ def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, ka
         assert main(["evaluate", str(trained_run), str(kaggle_tree), "--out", str(ev), "--tta", "--no-audit", "--bootstraps", "50"]) == 1
     assert "IM-9999-0001.jpeg" in caplog.text
     assert "IM-9999-0001.jpeg" in (ev / "skipped.csv").read_text()
+    na = json.loads((ev / "metrics.json").read_text())["not_assessable"]
+    assert na["screen"] is not None and na["guard"] is not None and na["note"] == ""  # TTA decodes every image: both counted
 
 
 @pytest.mark.parametrize("argv", [["predict", "RUN", "x.png", "-q"], ["-q", "predict", "RUN", "x.png"], ["data", "inspect", "DATA", "--quiet"],

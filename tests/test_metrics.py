@@ -258,9 +258,11 @@ def test_adaptive_reliability_equals_direct_equal_count_bins_with_wilson(seed):
 def test_adaptive_reliability_bins_differ_by_at_most_one_image_and_never_exceed_n():
     rng = np.random.default_rng(0)
     p, y = rng.uniform(size=23), rng.integers(0, 2, 23)
-    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10, min_width=0)  # plain equal-count bins
     assert rel["count"].sum() == 23 and rel["count"].max() - rel["count"].min() <= 1
-    assert len(M.compute_adaptive_reliability(y[:4], p[:4], n_bins=10)["count"]) == 4
+    assert M.compute_adaptive_reliability(y, p, n_bins=10)["count"].sum() == 23
+    assert len(M.compute_adaptive_reliability(y[:4], p[:4], n_bins=10, min_width=0)["count"]) == 4
+    assert len(M.compute_adaptive_reliability(y[:4], p[:4], n_bins=10)["count"]) <= 4
     with pytest.raises(ValueError, match="at least one image"):
         M.compute_adaptive_reliability([], [])
 
@@ -376,3 +378,84 @@ def test_adaptive_reliability_equals_sklearns_quantile_calibration_curve_without
     observed, predicted = calibration_curve(y, p, n_bins=10, strategy="quantile")
     np.testing.assert_allclose(rel["observed"], observed)
     np.testing.assert_allclose(rel["mean_predicted"], predicted)
+
+
+def test_adaptive_reliability_gives_a_crowd_near_one_one_bin_and_the_spread_predictions_the_rest():
+    """Issue 20: with 60% of the predictions above 0.97, six of ten equal-count bins sat on top of each other at x ~ 1."""
+    rng = np.random.default_rng(0)
+    p = np.r_[rng.uniform(0.97, 1.0, 380), rng.uniform(0.0, 0.03, 100), rng.uniform(0.03, 0.97, 144)]
+    y = (rng.uniform(size=p.size) < p).astype(int)
+    plain = M.compute_adaptive_reliability(y, p, n_bins=10, min_width=0)
+    assert (plain["mean_predicted"] > 0.97).sum() >= 5  # what the report drew
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    assert len(rel["count"]) <= 10 and rel["count"].sum() == p.size
+    assert (rel["mean_predicted"] > 0.97).sum() == 1 and (rel["count"] >= 20).all()
+    assert ((rel["mean_predicted"] > 0.03) & (rel["mean_predicted"] < 0.97)).sum() >= 6  # the freed bins go where predictions spread
+    assert (rel["edges"][1:, 1] - rel["edges"][:-1, 0] >= 0.05).all()  # no two neighbouring bins within 0.05 of each other
+    assert (np.diff(rel["mean_predicted"]) > 0).all() and (rel["edges"][1:, 0] >= rel["edges"][:-1, 1]).all()
+    assert rel["positives"].sum() == y.sum()
+
+
+def test_adaptive_reliability_without_min_width_is_plain_equal_count_ties_included():
+    rng = np.random.default_rng(1)
+    p = np.round(rng.beta(0.4, 0.4, 237), 2)  # many ties
+    y = rng.integers(0, 2, 237)
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10, min_width=0)
+    bins = np.array_split(np.argsort(p, kind="mergesort"), 10)
+    assert rel["count"].tolist() == [len(b) for b in bins]
+    np.testing.assert_allclose(rel["mean_predicted"], [p[b].mean() for b in bins])
+
+
+def test_adaptive_reliability_keeps_equal_count_bins_where_predictions_spread():
+    rng = np.random.default_rng(2)
+    p, y = rng.uniform(size=400), rng.integers(0, 2, 400)
+    rel = M.compute_adaptive_reliability(y, p, n_bins=10)
+    assert rel["count"].tolist() == [40] * 10
+
+
+def test_pr_band_reads_interpolated_precision_as_scikit_learn_computes_it():
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    p = np.round(rng.uniform(size=80) * 0.6 + 0.4 * y, 2)  # ties included
+    grid = np.linspace(0, 1, 41)
+    precision, recall, _ = precision_recall_curve(y, p)
+    expected = [precision[recall >= r].max() for r in grid]  # the best precision at this recall or higher
+    np.testing.assert_allclose(M._precision_at(grid, y, p), expected)
+
+
+def test_pr_band_brackets_the_curve_over_the_roc_bands_resamples():
+    y, p, groups = _correlated_patients(3)
+    band = M.compute_pr_band(y, p, groups, n_boot=200, seed=0)
+    roc = M.compute_roc_band(y, p, groups, n_boot=200, seed=0)
+    assert band["n_resamples"] == roc["n_resamples"] and band["confidence"] == 0.95
+    lo, hi = band["precision_lower"], band["precision_upper"]
+    assert (0 <= lo).all() and (lo <= hi).all() and (hi <= 1).all()
+    point = M._precision_at(band["recall"], y, p)
+    inside = (lo - 1e-12 <= point) & (point <= hi + 1e-12)
+    assert inside.mean() > 0.9
+    assert M.compute_pr_band(np.ones(10, int), np.linspace(0, 1, 10), np.arange(10)) is None
+
+
+def test_drop_is_flagged_only_when_the_intervals_cannot_explain_it():
+    drop = M.is_drop_beyond_intervals
+    # issue 20: specificity 0.956 on validation, 0.564 on test
+    assert drop(0.956, [0.90, 0.98], 0.564, [0.50, 0.63])
+    assert not drop(0.95, [0.90, 0.98], 0.91, [0.87, 0.94])  # lower, but the intervals overlap
+    assert not drop(0.60, [0.50, 0.70], 0.90, [0.85, 0.94])  # a rise is not a drop
+    assert drop(0.95, None, 0.80, [0.75, 0.85]) and not drop(0.95, None, 0.90, [0.85, 0.96])  # no validation interval: its value
+    assert not drop(0.95, [0.9, 0.98], 0.5, None) and not drop(None, None, 0.5, [0.4, 0.6]) and not drop(0.9, None, None, None)
+
+
+def test_compare_with_validation_sets_the_two_side_by_side():
+    val = {"sensitivity": 0.95, "specificity": 0.956, "roc_auc": 0.99, "ci95": {"sensitivity": [0.9, 0.98], "specificity": [0.91, 0.98],
+                                                                           "roc_auc": [0.97, 1.0]}}  # fmt: skip
+    test = {"sensitivity": 0.97, "specificity": 0.564, "roc_auc": 0.93, "ppv": 0.78,
+            "ci95": {"sensitivity": [0.95, 0.98], "specificity": [0.5, 0.63], "roc_auc": [0.91, 0.95], "ppv": [0.74, 0.81]}}  # fmt: skip
+    rows = {r["metric"]: r for r in M.compare_with_validation(val, test)}
+    assert list(rows) == ["sensitivity", "specificity", "ppv", "roc_auc"]  # SUMMARY_METRICS order; absent from both: left out
+    assert [k for k, r in rows.items() if r["drop_flagged"]] == ["specificity", "roc_auc"]
+    assert rows["specificity"]["validation_ci"] == [0.91, 0.98] and rows["specificity"]["test_ci"] == [0.5, 0.63]
+    assert rows["ppv"]["validation"] is None and not rows["ppv"]["drop_flagged"]
+    assert "do not overlap" in M.DROP_RULE

@@ -70,6 +70,34 @@ def test_reliability_has_interval_bars_and_names_the_ece_bins(drawn, tmp_path):
     assert len(fig.axes) == 2
 
 
+def test_pr_curve_has_a_title_and_a_patient_bootstrap_band(drawn, tmp_path):
+    from sklearn.metrics import precision_recall_curve
+
+    y, p, groups = _scores()
+    band = M.compute_pr_band(y, p, groups, n_boot=100, seed=0)
+    precision, recall, _ = precision_recall_curve(y, p)
+    plots.plot_pr(precision, recall, tmp_path / "pr.png", ap=0.9, ap_ci=[0.85, 0.94], prevalence=y.mean(), operating_point=(0.8, 0.85), band=band)
+    ax = drawn[0].axes[0]
+    text = _texts(drawn[0])
+    assert ax.get_title() == "Precision-recall curve"
+    assert "patient bootstrap (100 resamples)" in text and "AP 0.900, 95% CI 0.850-0.940" in text
+    assert any(isinstance(c, matplotlib.collections.PolyCollection) for c in ax.collections)  # the band
+
+
+def test_reliability_names_the_range_of_bin_sizes_when_a_crowd_is_one_bin(drawn, tmp_path):
+    rng = np.random.default_rng(0)
+    p = np.r_[rng.uniform(0.97, 1.0, 300), rng.uniform(0.0, 0.97, 200)]
+    y = (rng.uniform(size=p.size) < p).astype(int)
+    rel = M.compute_adaptive_reliability(y, p)
+    plots.plot_reliability(rel, tmp_path / "rel.png", ece=0.05, brier=0.1)
+    text = _texts(drawn[0])
+    assert f"{len(rel['count'])} bins of {rel['count'].min()}-{rel['count'].max()} images" in text and "~" not in text
+    x = drawn[0].axes[0].lines[-1].get_xdata()  # the model's line: each bin at its mean prediction
+    np.testing.assert_allclose(sorted(x), rel["mean_predicted"])
+    plots.plot_reliability(M.compute_adaptive_reliability(y[:40], np.full(40, 0.5)), tmp_path / "rel1.png", ece=0.0, brier=0.25)
+    assert "model: 1 bin of ~40 images" in _texts(drawn[1])  # every prediction in one crowd
+
+
 def test_history_has_axis_labels_a_backbone_title_and_the_legend_outside_the_axes(drawn, tmp_path):
     history = [{"epoch": e, "loss": 1 / e, "accuracy": 1 - 1 / (e + 1), "val_loss": 1.1 / e, "val_accuracy": 0.9 - 1 / (e + 2)} for e in range(1, 9)]
     plots.plot_history(history, tmp_path / "h.png", best_epoch=6, title="Training history: resnet50 backbone")

@@ -53,6 +53,16 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
             first.click()
             closed = first.bounding_box()
             toc = page.evaluate("() => Array.from(document.querySelectorAll('nav.toc a')).map(a => !!document.querySelector(a.getAttribute('href')))")
+            # issue 20: the summary first, and the page fits a phone: no sideways scrolling, the main blocks seen and apart
+            ARTIFACTS.mkdir(exist_ok=True)
+            laid_out = {}
+            for width, height in ((1280, 900), (390, 844)):
+                page.set_viewport_size({"width": width, "height": height})
+                page.goto(Path(ev / "report.html").as_uri(), wait_until="load")
+                scroll_width = page.evaluate("() => document.documentElement.scrollWidth")
+                laid_out[width] = (scroll_width, _boxes_and_shot(page, width, ARTIFACTS / f"report-{width}.png", REPORT_BLOCKS))
+                page.screenshot(path=str(ARTIFACTS / f"report-{width}-top.png"))
+            first_block = page.evaluate("() => document.querySelector('body > :not(h1)').id")
         finally:
             browser.close()
     assert len(images) >= 5, images
@@ -65,12 +75,20 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
     assert big["width"] > 1.8 * small["width"], (small, big)  # a gallery figure opens near full window on click
     assert closed["width"] == small["width"]  # and closes on a second click
     assert len(toc) >= 6 and all(toc)  # every contents entry points at a section
+    assert first_block == "summary"
+    for width, (scroll_width, boxes) in laid_out.items():
+        assert scroll_width <= width, f"report.html scrolls sideways at {width} px ({scroll_width} px wide)"
+        _assert_seen_and_apart(boxes, width)
+    phone, desktop = laid_out[390][1], laid_out[1280][1]
+    assert phone["summary"]["y"] < phone["metrics table"]["y"] < phone["figures"]["y"] < phone["gallery"]["y"]
+    assert desktop["summary"]["y"] < 200  # the verdict is what one sees first
 
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots kept for people to look at (ignored by git)
 KEY_ELEMENTS = {"model served": "#model", "drop zone": "#drop", "notice": "#notice", "worklist": "#worklist", "verdict": "#verdict",
                 "radiograph": "#base", "heatmap": "#stack", "colour bar": "#colorbar"}  # fmt: skip
 NOT_ASSESSABLE_ELEMENTS = {k: v for k, v in KEY_ELEMENTS.items() if k not in ("heatmap", "colour bar")}
+REPORT_BLOCKS = {"summary": "#summary", "contents": "nav.toc", "metrics table": "#metrics-table", "figures": "#figures", "gallery": ".gallery"}
 
 # For each element: is it there, inside the page's width, and is its centre what a click there would hit
 # (not covered by another element)? Its box in page coordinates, for the overlap check.

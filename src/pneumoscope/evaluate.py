@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from . import data as data_mod
 from .checkpoint import CheckpointError, RunFolder
-from .io import read_many
+from .io import read_many, screen_image
 from .metrics import (
+    DROP_RULE,
+    compare_with_validation,
     compute_adaptive_reliability,
     compute_clinical_metrics,
+    compute_pr_band,
     compute_reliability,
     compute_roc_band,
     compute_roc_curve,
@@ -40,6 +44,8 @@ class EvaluationResult:
     problems: list[tuple[str, str]]
     excluded_calibration: int = 0
     features: np.ndarray | None = None  # pooled backbone features of ``records`` (None with test-time augmentation)
+    ood_distance: np.ndarray | None = None  # the OOD guard's distance of each of ``records`` (None without a guard)
+    screened: list[str] | None = None  # io.screen_image of each of ``records`` where they were decoded, else None
 
 
 def check_contract(predictor: Predictor, dataset: data_mod.Dataset) -> None:
@@ -78,10 +84,14 @@ def evaluate_dataset(
         size = predictor.preprocessing.input_size
         decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
         kept, problems = [scanned.records[i] for i in decoded.index], decoded.skipped
-        prob, features = predictor.predict_proba(decoded.images, tta=True), None
+        (prob, distance), features = predictor.run(decoded.images, tta=True), None
+        screened = [screen_image(im) for im in decoded.images]
     else:
         feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
         kept, prob, problems, features = feats.records, predictor.probability(logits), feats.problems, feats.features
+        with torch.inference_mode():  # the guard on the cached features: what inference computes, without a second pass
+            distance = predictor.model.ood_distances(features)
+        distance, screened = (None if distance is None else distance.double().numpy()), None
     if not kept:
         raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_true = np.array([r.label for r in kept])
@@ -92,7 +102,24 @@ def evaluate_dataset(
     metrics["adapted_on_evaluated_images"] = transductive
     if metrics["roc_auc"] is None:
         logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
-    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded), features)
+    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded), features,
+                            distance, screened)  # fmt: skip
+
+
+def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, screened: list[str] | None) -> dict:
+    """How many of the evaluated images inference would give no label (``predict.Predictor``: the image screen or the
+    OOD guard flags them). ``guard`` or ``screen`` is None where that check could not be counted (no guard; images
+    not decoded); ``n`` counts the images either flags. The metrics still include these images."""
+    guard = None if ood_distance is None or cutoff is None else np.asarray(ood_distance) > cutoff  # (N,) bool
+    screen = None if screened is None else np.array([bool(reason) for reason in screened], dtype=bool)
+    flagged = [f for f in (guard, screen) if f is not None]
+    either = np.logical_or.reduce(flagged) if flagged else None
+    unchecked = [f"{name} ({why})" for name, flags, why in (
+        ("the OOD guard", guard, "the run has none"),
+        ("the image screen", screen, "it needs the decoded images, which the shortcut audit decodes and --no-audit skips"),
+    ) if flags is None]  # fmt: skip
+    return {"n": None if either is None else int(either.sum()), "guard": None if guard is None else int(guard.sum()),
+            "screen": None if screen is None else int(screen.sum()), "note": f"Not counted: {'; '.join(unchecked)}." if unchecked else ""}  # fmt: skip
 
 
 def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_kind: int = 2, at_least: int = 0) -> list[tuple[str, int]]:
@@ -134,15 +161,20 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
     return out
 
 
-def _site_shift(predictor: Predictor, result: EvaluationResult) -> dict | None:
+def _site_shift(predictor: Predictor, result: EvaluationResult) -> tuple[dict | None, str]:
     """How the evaluated images differ from the training split, as `pneumoscope shift` reports it (runs that keep
-    training feature statistics, features computed for the evaluation, and at least a few dozen images)."""
+    training feature statistics, features computed for the evaluation, and at least a few dozen images), or None
+    and why not."""
     from .adapt import assess_site
     from .shift import MIN_SITE_IMAGES
 
-    if predictor.model.adapter is None or result.features is None or len(result.records) < MIN_SITE_IMAGES:
-        return None
-    return assess_site(predictor, result.features, n_perm=200)
+    if predictor.model.adapter is None:
+        return None, "the run keeps no training feature statistics to compare with"
+    if result.features is None:
+        return None, "test-time augmentation computes no pooled features to compare"
+    if len(result.records) < MIN_SITE_IMAGES:
+        return None, f"{len(result.records)} images, fewer than the {MIN_SITE_IMAGES} the test needs"
+    return assess_site(predictor, result.features, n_perm=200), ""
 
 
 def evaluate_run(
@@ -159,7 +191,6 @@ def evaluate_run(
     names = list(data_mod.CLASS_NAMES)
     run_folder = RunFolder.of(run)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_json(tmp / "metrics.json", m)
         write_csv(
             tmp / "predictions.csv",
             ["path", "patient_id", "label", "prob", "pred"],
@@ -174,32 +205,44 @@ def evaluate_run(
         plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
         if m["roc_auc"] is not None:
             figures["roc_curve"] = tmp / "roc_curve.png"
-            band = compute_roc_band(result.y_true, result.y_prob, [r.patient_id for r in result.records], n_boot=n_boot, seed=0)
+            patients = [r.patient_id for r in result.records]
+            band = compute_roc_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0)
             plot_roc(compute_roc_curve(result.y_true, result.y_prob), figures["roc_curve"], auc=m["roc_auc"], auc_ci=m["ci95"]["roc_auc"],
                      operating_point=(1 - m["specificity"], m["sensitivity"]), threshold=m["threshold"], band=band)  # fmt: skip
             precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
             figures["pr_curve"] = tmp / "pr_curve.png"
-            plot_pr(precision, recall, figures["pr_curve"], ap=m["pr_auc"], prevalence=m["prevalence"], operating_point=(m["sensitivity"], m["ppv"] or 0.0))
+            plot_pr(precision, recall, figures["pr_curve"], ap=m["pr_auc"], ap_ci=m["ci95"]["pr_auc"], prevalence=m["prevalence"],
+                    operating_point=(m["sensitivity"], m["ppv"] or 0.0), band=compute_pr_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0))  # fmt: skip
         figures["reliability"] = tmp / "reliability.png"
         plot_reliability(compute_adaptive_reliability(result.y_true, result.y_prob), figures["reliability"], ece=m["ece"], brier=m["brier"],
                          histogram=compute_reliability(result.y_true, result.y_prob))  # fmt: skip
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
         gallery = _gallery(predictor, dataset, result, tmp)
-        audit = None
+        audit, screened = None, result.screened
         if audit_shortcuts:
             from .explain import audit_dataset
 
-            reader, size = dataset.reader, predictor.preprocessing.input_size
-            audit = audit_dataset(predictor, lambda i: reader.read_image(result.records[i].ref, draft_size=size), len(result.records),
-                                  probs=None if tta else result.y_prob, progress=progress)  # fmt: skip
+            reader, size, screens = dataset.reader, predictor.preprocessing.input_size, {}
+
+            def image_of(i: int) -> np.ndarray:  # the audit decodes every image: screen it on the way, as inference would
+                image = reader.read_image(result.records[i].ref, draft_size=size)
+                screens[i] = screen_image(image)
+                return image
+
+            audit = audit_dataset(predictor, image_of, len(result.records), probs=None if tta else result.y_prob, progress=progress)
             write_json(tmp / "shortcut_audit.json", audit)
-        shift = _site_shift(predictor, result)
+            screened = screened or [screens[i] for i in range(len(result.records))]
+        m["not_assessable"] = count_not_assessable(result.ood_distance, predictor.ood_cutoff, screened)
+        write_json(tmp / "metrics.json", m)
+        shift, shift_skipped = _site_shift(predictor, result)
         if shift:
             write_json(tmp / "site_shift.json", shift)
+        val = predictor.description.metrics.get("val")
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
             "metrics": m,
+            "summary": {"rows": compare_with_validation(val or {}, m), "validation": val, "rule": DROP_RULE, "shift_skipped": shift_skipped},
             "description": predictor.description,
             "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
                      "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},

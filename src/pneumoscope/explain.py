@@ -352,8 +352,8 @@ def audit_dataset(
     predictor: Predictor, images_of, n: int, *, probs: np.ndarray | None = None, method: str = "gradcam", batch_size: int = 16, progress: bool = True
 ) -> dict:
     """Shortcut audit over a set: mean change in P(pneumonia) with the border or the centre
-    masked, and mean share of CAM mass outside the centre. ``images_of(i)`` decodes image i;
-    ``probs`` are the images' unmasked probabilities when the caller has them."""
+    masked, and mean share of CAM mass outside the centre, with a verdict (:func:`shortcut_verdict`).
+    ``images_of(i)`` decodes image i; ``probs`` are the images' unmasked probabilities when the caller has them."""
     deltas_b, deltas_c, outside = [], [], []
     for start in progress_bar(range(0, n, batch_size), desc="shortcut audit", unit="batch", enabled=progress):
         images = [images_of(i) for i in range(start, min(n, start + batch_size))]
@@ -362,10 +362,43 @@ def audit_dataset(
         deltas_c.extend(shortcut["prob_centre_masked"] - shortcut["prob"])
         _, cams, _ = views_and_cams(predictor, images, probs=shortcut["prob"], method=method)
         outside.extend(cam_mass_outside_centre(c) for c in cams)
-    return {
+    audit = {
         "n": n, "method": method, "central_box": CENTRAL_BOX, "border_fraction": BORDER_FRACTION,
         "mean_delta_border_masked": float(np.mean(deltas_b)), "mean_abs_delta_border_masked": float(np.mean(np.abs(deltas_b))),
         "mean_delta_centre_masked": float(np.mean(deltas_c)), "mean_abs_delta_centre_masked": float(np.mean(np.abs(deltas_c))),
         "mean_cam_outside_centre": float(np.nanmean(outside)),
         "central_area_fraction": float((CENTRAL_BOX[1] - CENTRAL_BOX[0]) * (CENTRAL_BOX[3] - CENTRAL_BOX[2])),
     }  # fmt: skip
+    audit["shortcut_suspected"], audit["verdict"] = shortcut_verdict(audit)
+    return audit
+
+
+# The border band is about a third of the image (0.36 at 10% a side) and the central box 0.42: a model that reads the
+# chest changes far more with the chest masked. Half the centre's effect from the border, or a map that puts clearly
+# more of its mass outside the centre than area alone would, says the decision leans on what lies outside the lungs.
+BORDER_EFFECT_RATIO = 0.5
+CAM_EXCESS_OUTSIDE = 0.10
+MIN_AUDIT_EFFECT = 0.02  # mean absolute change in P(pneumonia) below which masking "changes nothing"
+
+
+def shortcut_verdict(audit: dict) -> tuple[bool, str]:
+    """(suspected, sentence) for a shortcut audit (:func:`audit_dataset`'s numbers).
+
+    Suspected when masking the border band moves P(pneumonia) by at least :data:`BORDER_EFFECT_RATIO` of what
+    masking the chest centre does (and by at least :data:`MIN_AUDIT_EFFECT`), or when the maps put more than
+    :data:`CAM_EXCESS_OUTSIDE` more of their mass outside the centre than the area outside it covers."""
+    border, centre = audit["mean_abs_delta_border_masked"], audit["mean_abs_delta_centre_masked"]
+    outside, area = audit["mean_cam_outside_centre"], 1 - audit["central_area_fraction"]
+    effects = (f"masking the border band changes P(pneumonia) by {border:.3f} on average (absolute), masking the chest centre "
+               f"by {centre:.3f}")  # fmt: skip
+    maps = f"the {audit['method']} maps put {outside:.0%} of their mass outside the centre, which covers {area:.0%} of the image"
+    if border >= MIN_AUDIT_EFFECT and border >= BORDER_EFFECT_RATIO * centre:
+        ratio = border / centre if centre > 0 else np.inf
+        how = "more than" if ratio > 1.25 else "about as much as" if ratio >= 0.8 else "at least half as much as"
+        return True, (f"The decision leans on the image border: {effects}, so the border moves it {how} the chest does; "
+                      f"{maps}. Look for markers, labels and collimation edges in the gallery.")  # fmt: skip
+    if np.isfinite(outside) and outside > area + CAM_EXCESS_OUTSIDE:
+        return True, f"The maps look outside the lungs: {maps}, more than area alone would give; {effects}."
+    if centre < MIN_AUDIT_EFFECT:
+        return False, f"Inconclusive: masking changes little either way ({effects}); {maps}."
+    return False, f"No sign of a border shortcut: {effects}, and {maps}."

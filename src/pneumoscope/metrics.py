@@ -309,6 +309,40 @@ def compute_roc_band(
             "n_resamples": len(curves), "confidence": confidence}  # fmt: skip
 
 
+def compute_pr_band(
+    y_true, y_prob, groups, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95, n_grid: int = 101
+) -> dict[str, np.ndarray] | None:
+    """Pointwise percentile band of the precision-recall curve over patient-bootstrap resamples.
+
+    Each resample's curve is read as interpolated precision at a fixed grid of recall (the best
+    precision of the thresholds whose recall reaches the grid value), and the band is the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles at each grid point: the
+    resamples of :func:`compute_bootstrap_ci` (and :func:`compute_roc_band`) for the same seed.
+    None when only one class is present.
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        return None
+    grid = np.linspace(0.0, 1.0, n_grid)
+    curves = [_precision_at(grid, y_true[idx], y_prob[idx]) for idx in _patient_resamples(y_true, groups, n_boot=n_boot, seed=seed)]
+    precisions = np.vstack(curves)  # (n_resamples, n_grid)
+    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
+    return {"recall": grid, "precision_lower": np.percentile(precisions, lo, axis=0),
+            "precision_upper": np.percentile(precisions, hi, axis=0), "n_resamples": len(curves), "confidence": confidence}  # fmt: skip
+
+
+def _precision_at(recall_grid: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+    """Interpolated precision at each recall of the grid: the highest precision of the thresholds with recall >= it."""
+    order = np.argsort(-y_prob, kind="mergesort")
+    p, y = y_prob[order], y_true[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last].astype(float)
+    recall, precision = tp / tp[-1], tp / (last + 1)
+    best_from_here = np.maximum.accumulate(precision[::-1])[::-1]  # max precision at this recall or higher
+    k = np.searchsorted(recall, recall_grid, side="left")  # first operating point with recall >= grid value
+    return best_from_here[np.minimum(k, len(recall) - 1)]
+
+
 def _tpr_at(fpr_grid: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     """The ROC step function's TPR at each FPR of the grid (the highest TPR of the thresholds with FPR <= it)."""
     order = np.argsort(-y_prob, kind="mergesort")
@@ -366,21 +400,28 @@ def compute_reliability(y_true, y_prob, n_bins: int = 10) -> dict[str, np.ndarra
         return {"edges": edges, "mean_predicted": sums_p / counts, "observed": sums_y / counts, "count": counts}
 
 
-def compute_adaptive_reliability(y_true, y_prob, n_bins: int = 10, confidence: float = 0.95) -> dict[str, np.ndarray]:
-    """Equal-count (quantile) bins of predicted probability, each with a Wilson interval for its observed frequency.
+def compute_adaptive_reliability(
+    y_true, y_prob, n_bins: int = 10, confidence: float = 0.95, *, min_width: float = 0.05, min_count: int = 20
+) -> dict[str, np.ndarray]:
+    """Reliability bins placed where the predictions are, each with a Wilson interval for its observed frequency.
 
-    Images are sorted by predicted probability and cut into ``n_bins`` groups of equal
-    size (sizes differ by at most one; tied probabilities may straddle a cut, so every
-    bin holds about n / n_bins images). With equal-width bins most test images sit in
-    the two end bins and the middle bins hold a handful, which makes the diagram jump
-    by chance; here every bin has the same weight and its interval says how far
-    chance alone could move it. ``edges`` are the lowest and highest prediction of
-    each bin: bin i spans ``edges[i, 0]`` to ``edges[i, 1]``.
+    Images are sorted by predicted probability and cut into equal-count groups (sizes differ
+    by at most one; tied probabilities may straddle a cut). With equal-width bins most test
+    images sit in the two end bins and the middle bins hold a handful, which makes the
+    diagram jump by chance. Equal-count bins alone go wrong the other way: when 60% of the
+    predictions lie above 0.97, six of ten bins sit on top of each other at x ~ 1 and the
+    range where the model hesitates gets one or two. So neighbouring groups whose predictions
+    all lie within ``min_width`` of each other are one bin (a crowd near 0 or 1 is one point,
+    with a narrow interval), and the number of equal-count groups is raised, up to groups of
+    ``min_count`` images, while that gives more bins, at most ``n_bins``: the freed bins go to
+    where the predictions spread out. With ``min_width=0`` these are plain equal-count bins.
+    ``edges`` are the lowest and highest prediction of each bin: bin i spans ``edges[i, 0]``
+    to ``edges[i, 1]``.
 
-    Not scikit-learn's ``calibration_curve(strategy="quantile")``: its bins agree with these
-    only when n is a multiple of ``n_bins`` and no probabilities tie (the tests check that
-    case). It cuts at interpolated percentiles: otherwise its cuts fall elsewhere, tied
-    probabilities can leave a bin empty (and it drops empty bins), and it returns neither
+    Not scikit-learn's ``calibration_curve(strategy="quantile")``: its bins agree with plain
+    equal-count ones only when n is a multiple of ``n_bins`` and no probabilities tie (the tests
+    check that case). It cuts at interpolated percentiles: otherwise its cuts fall elsewhere,
+    tied probabilities can leave a bin empty (and it drops empty bins), and it returns neither
     the counts nor the edges that the intervals and the plot need.
     """
     y_true, y_prob = _check(y_true, y_prob)
@@ -388,9 +429,15 @@ def compute_adaptive_reliability(y_true, y_prob, n_bins: int = 10, confidence: f
         raise ValueError("a reliability diagram needs at least one image, got none")
     if n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    n_bins = min(n_bins, y_true.size)
     order = np.argsort(y_prob, kind="mergesort")
-    bins = np.array_split(order, n_bins)
+    fewest = min(n_bins, y_true.size)
+    bins = _merged_bins(order, y_prob, fewest, min_width)
+    for k in range(fewest + 1, max(fewest, y_true.size // max(min_count, 1)) + 1):
+        candidate = _merged_bins(order, y_prob, k, min_width)
+        if len(candidate) > n_bins:
+            break
+        if len(candidate) > len(bins):
+            bins = candidate
     count = np.array([len(b) for b in bins])
     positives = np.array([int(y_true[b].sum()) for b in bins])
     intervals = np.array([compute_wilson_interval(k, n, confidence) for k, n in zip(positives, count)])  # (n_bins, 2)
@@ -404,6 +451,18 @@ def compute_adaptive_reliability(y_true, y_prob, n_bins: int = 10, confidence: f
         "edges": np.array([[y_prob[b].min(), y_prob[b].max()] for b in bins]),
         "confidence": confidence,
     }
+
+
+def _merged_bins(order: np.ndarray, y_prob: np.ndarray, k: int, min_width: float) -> list[np.ndarray]:
+    """``order`` (indices by ascending probability) cut into ``k`` equal-count groups; a group joins the bin before it
+    while all the bin's predictions then lie within ``min_width`` of each other."""
+    merged: list[np.ndarray] = []
+    for group in np.array_split(order, k):
+        if merged and y_prob[group[-1]] - y_prob[merged[-1][0]] < min_width:
+            merged[-1] = np.concatenate([merged[-1], group])
+        else:
+            merged.append(group)
+    return merged
 
 
 def compute_ece(y_true, y_prob, n_bins: int = 15) -> float:
@@ -482,6 +541,40 @@ def compute_clinical_metrics(
     if m["roc_auc"] is None:
         m["note"] = "only one class in the evaluated images: ROC-AUC, PR-AUC and one of sensitivity/specificity cannot be computed"
     return m
+
+
+# --------------------------------------------------------------------------- validation beside test
+
+SUMMARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "roc_auc", "pr_auc")
+DROP_RULE = (
+    "A fall from validation to test is flagged when it is larger than the 95% intervals explain: the two intervals do "
+    "not overlap (the test interval lies wholly below the validation interval), or, where validation has no interval, "
+    "the test interval lies wholly below the validation value."
+)
+
+
+def is_drop_beyond_intervals(val: float | None, val_ci, test: float | None, test_ci) -> bool:
+    """:data:`DROP_RULE`: True when ``test`` is below ``val`` by more than the 95% intervals explain.
+
+    Non-overlap of two 95% intervals is a conservative test (a difference can be significant while
+    the intervals still overlap), so a flagged drop is a real one; an unflagged one may still be."""
+    if val is None or test is None or not test_ci or test >= val:
+        return False
+    return test_ci[1] < (val_ci[0] if val_ci else val)
+
+
+def compare_with_validation(val_metrics: dict, test_metrics: dict, keys=SUMMARY_METRICS) -> list[dict]:
+    """Validation and test side by side: for each of ``keys`` present in both, the two values, their 95% intervals
+    and whether the test figure falls by more than the intervals explain (:func:`is_drop_beyond_intervals`)."""
+    val_ci, test_ci = val_metrics.get("ci95") or {}, test_metrics.get("ci95") or {}
+    rows = []
+    for key in keys:
+        if val_metrics.get(key) is None and test_metrics.get(key) is None:
+            continue
+        v, t = val_metrics.get(key), test_metrics.get(key)
+        rows.append({"metric": key, "validation": v, "validation_ci": val_ci.get(key), "test": t, "test_ci": test_ci.get(key),
+                     "drop_flagged": is_drop_beyond_intervals(v, val_ci.get(key), t, test_ci.get(key))})  # fmt: skip
+    return rows
 
 
 # --------------------------------------------------------------------------- comparing two models

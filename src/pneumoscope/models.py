@@ -207,6 +207,10 @@ class PneumoniaClassifier(nn.Module):
         """Logits (B,) from cached pooled backbone features."""
         return self.head(self.adapted(torch.as_tensor(pooled, dtype=torch.float32)))[:, 0]
 
+    def ood_distances(self, pooled) -> torch.Tensor | None:
+        """OOD distances (B,) from cached pooled backbone features, as :meth:`logit_and_ood` computes them; None without a guard."""
+        return None if self.ood is None else self.ood(self.adapted(torch.as_tensor(pooled, dtype=torch.float32)))
+
     def cam_layer(self) -> nn.Module:
         return self.backbone.get_submodule(self.spec.cam_layer)
 

@@ -149,18 +149,28 @@ def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str, true_l
     _save(fig, path, dpi=150)  # sharp when the report enlarges it to the window
 
 
-def plot_pr(precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None, prevalence: float, operating_point: tuple[float, float] | None = None) -> None:
-    """Precision-recall curve; ``operating_point`` is (sensitivity, PPV) at the threshold."""
-    fig, ax = _subplots(figsize=(4.5, 4.2))
-    ax.plot(recall, precision, label=f"PR (AP {ap:.3f})" if ap is not None else "PR")
-    ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"prevalence {prevalence:.2f}")
+def plot_pr(
+    precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None, prevalence: float, operating_point: tuple[float, float] | None = None,
+    band: dict | None = None, ap_ci: list[float] | None = None,
+) -> None:  # fmt: skip
+    """Precision-recall curve with an optional bootstrap band (:func:`~pneumoscope.metrics.compute_pr_band`);
+    ``operating_point`` is (sensitivity, PPV) at the threshold."""
+    fig, ax = _subplots(figsize=(5, 4.8))
+    if band is not None:
+        ax.fill_between(band["recall"], band["precision_lower"], band["precision_upper"], color="C0", alpha=0.2, lw=0,
+                        label=f"{band['confidence']:.0%} band, patient bootstrap ({band['n_resamples']} resamples)")  # fmt: skip
+    name = "PR" if ap is None else f"PR (AP {ap:.3f}" + (f", 95% CI {ap_ci[0]:.3f}-{ap_ci[1]:.3f})" if ap_ci else ")")
+    ax.plot(recall, precision, color="C0", drawstyle="steps-post", label=name)
+    ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance: prevalence {prevalence:.2f}")
     _finish_unit_axes(ax, operating_point, "sensitivity (recall)", "PPV (precision)", "lower left")
+    ax.set_title("Precision-recall curve")
     _save(fig, path)
 
 
 def plot_reliability(reliability: dict, path, *, ece: float, brier: float, ece_bins: int = 15, histogram: dict | None = None) -> None:
-    """Equal-count reliability diagram (:func:`~pneumoscope.metrics.compute_adaptive_reliability`): observed frequency
-    against mean prediction per bin, vertical bars the Wilson interval, horizontal bars the bin's span of predictions.
+    """Reliability diagram on bins placed where the predictions are (:func:`~pneumoscope.metrics.compute_adaptive_reliability`):
+    observed frequency against the bin's mean prediction, vertical bars the Wilson interval, horizontal bars the bin's
+    span of predictions.
 
     ``histogram`` (:func:`~pneumoscope.metrics.compute_reliability`, equal-width) draws below where the predictions lie.
     """
@@ -171,9 +181,10 @@ def plot_reliability(reliability: dict, path, *, ece: float, brier: float, ece_b
         fig, (ax, axh) = _subplots(2, 1, figsize=(5, 5.8), sharex=True, gridspec_kw={"height_ratios": [3.2, 1]})
     else:
         fig, ax = _subplots(figsize=(5, 4.6))
-    n_per_bin = int(np.median(rel["count"]))
-    CalibrationDisplay(rel["observed"], rel["mean_predicted"], None).plot(
-        ax=ax, name=f"model: {len(rel['count'])} bins of ~{n_per_bin} images", color="C0")  # fmt: skip
+    counts = rel["count"]
+    sizes = f"~{int(np.median(counts))}" if counts.max() - counts.min() <= 1 else f"{counts.min()}-{counts.max()}"
+    name = f"model: {len(counts)} bin{'s' if len(counts) > 1 else ''} of {sizes} images"
+    CalibrationDisplay(rel["observed"], rel["mean_predicted"], None).plot(ax=ax, name=name, color="C0")
     yerr = np.vstack([rel["observed"] - rel["observed_lower"], rel["observed_upper"] - rel["observed"]])  # (2, n_bins)
     xerr = np.vstack([rel["mean_predicted"] - rel["edges"][:, 0], rel["edges"][:, 1] - rel["mean_predicted"]])
     ax.errorbar(rel["mean_predicted"], rel["observed"], yerr=yerr, xerr=xerr, fmt="none", ecolor="C0", elinewidth=1, capsize=2,
@@ -183,7 +194,7 @@ def plot_reliability(reliability: dict, path, *, ece: float, brier: float, ece_b
     ax.set_aspect("equal" if histogram is None else "auto")
     ax.set_xlabel("" if histogram is not None else "predicted P(pneumonia)")
     ax.set_ylabel("observed frequency of pneumonia")
-    ax.set_title(f"Reliability (equal-count bins)\nECE {ece:.3f} ({ece_bins} equal-width bins), Brier {brier:.3f}", fontsize=10)
+    ax.set_title(f"Reliability (adaptive equal-count bins)\nECE {ece:.3f} ({ece_bins} equal-width bins), Brier {brier:.3f}", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     if histogram is not None:
         edges = histogram["edges"]

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import jinja2
 
+from .metric_names import metric_name
+
 if TYPE_CHECKING:
     from .description import RunDescription
 
@@ -27,7 +29,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(fmt=_fmt, ci=_ci, data_uri=_data_uri)
+    env.filters.update(fmt=_fmt, ci=_ci, data_uri=_data_uri, metric_name=metric_name)
     return env
 
 
@@ -51,8 +53,11 @@ def render_report(ctx: dict) -> str:
     """``ctx`` holds: title, metrics, description (the checkpoint's ``RunDescription``), data (summary of the
     evaluated data), training_summary (or None), figures {name: path}, history (path
     or None), gallery [(path, caption)], model_card {section: text}, notes [str],
-    and optionally shortcut_audit and site_shift (dicts, or None)."""
-    context = {"notes": [], "training_summary": None, "history": None, "shortcut_audit": None, "site_shift": None, **ctx}
+    and optionally shortcut_audit and site_shift (dicts, or None) and summary: {"rows":
+    :func:`~pneumoscope.metrics.compare_with_validation`, "validation": the run's validation metrics or None,
+    "rule": :data:`~pneumoscope.metrics.DROP_RULE`, "shift_skipped": why there is no site_shift}; the summary block
+    heads the page."""
+    context = {"notes": [], "training_summary": None, "history": None, "shortcut_audit": None, "site_shift": None, "summary": None, **ctx}
     return _environment().get_template("report.html.j2").render(context)
 
 
