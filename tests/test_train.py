@@ -119,4 +119,22 @@ def test_cross_fitted_heads_ship_their_mean_and_set_the_threshold_on_every_image
     assert desc["metrics"]["val"]["n"] == 48  # every train and validation image ((10 + 2) patients x 2 classes x 2 images)
     predictor = Predictor.from_checkpoint(run)
     assert 0 < predictor.threshold < 1 and np.isfinite(predictor.predict_proba([predictor.read(next((data / "test").rglob("*.jpeg")))])).all()
-    assert main(["-q", "train", str(data), "--out", str(tmp_path / "r2"), *flags, "--finetune-epochs", "1"]) == 2  # refused, one line
+    from pneumoscope.config import TrainConfig
+
+    assert TrainConfig().head_folds == 5 and TrainConfig(finetune={"epochs": 1}).head_folds == 1  # stage 2 refits on one validation split
+
+
+def test_a_class_with_fewer_patients_than_folds_gets_fewer_folds(tmp_path, caplog):
+    import json
+    import logging
+
+    from pneumoscope.cli import main
+    from tests.conftest import make_kaggle_tree
+
+    data = make_kaggle_tree(tmp_path / "data", n_patients=1, test=False)  # 1 + 2 (val folder) patients of each class
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "train", str(data), "--out", str(tmp_path / "run"), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.4",
+                     "--workers", "0", "--set", "hidden=8"]) == 0  # fmt: skip
+    assert "only 3 patients; cross-fitting 3 heads" in caplog.text
+    desc = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert desc["head"]["hidden"] == 24 and "3 cross-fitted heads" in desc["threshold_policy"]

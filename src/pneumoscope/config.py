@@ -72,12 +72,13 @@ class TrainConfig:
     dropout: float = 0.3
     val_fraction: float = 0.1
     limit: int | None = None
-    threshold_policy: str = "youden"  # or "sensitivity" / "specificity" with threshold_target
+    # youden-smooth on cross-fitted heads: the operating point that moved least with the seed (BENCHMARKS.md, "Operating point")
+    threshold_policy: str = "youden-smooth"  # or "youden", or "sensitivity" / "specificity" with threshold_target
     threshold_target: float | None = None
     # > 1: cross-fitted heads. Train and validation patients are cut into this many folds; a head is fitted on each
     # fold's complement (early stopping on the fold) and the shipped head averages them; temperature and threshold
     # are fitted on every image's out-of-fold logit, not on the one validation split.
-    head_folds: int = 1
+    head_folds: int = 5
     ood_quantile: float = 0.99
     feature_batch_size: int = 32
     num_workers: int = 1  # image decoding processes, both stages
@@ -95,9 +96,8 @@ class TrainConfig:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.logger not in LOGGERS:
             raise UsageError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
-        if self.head_folds > 1 and self.finetune.epochs:
-            raise UsageError(f"head_folds {self.head_folds} cannot be combined with fine-tuning (finetune.epochs {self.finetune.epochs}): "
-                             "the folds' out-of-fold logits would be stale once the backbone changes. Fix: set one of them to its default")
+        if self.head_folds > 1 and self.finetune.epochs:  # the folds' out-of-fold logits would be stale once the backbone changes
+            self.head_folds = 1
         if self.threshold_policy not in THRESHOLD_POLICIES:
             raise UsageError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
         if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):

@@ -156,6 +156,20 @@ def patient_folds(patients: Sequence[str], labels: np.ndarray, k: int, seed: int
     return np.array([fold_of[pid] for pid in patients])
 
 
+def usable_folds(feats: FeatureResult, fit_split: "_FitSplit", config: TrainConfig) -> int:
+    """``config.head_folds``, or fewer when a class has fewer patients than folds (each fold needs one of each); 1 (one head,
+    the operating point on the validation split) when cross-fitting is off or a class has a single patient."""
+    if config.head_folds <= 1:
+        return 1
+    pool = fit_split.train | fit_split.val
+    per_class = [len({r.patient_id for r, keep, y in zip(feats.records, pool, fit_split.y) if keep and y == c}) for c in (0, 1)]
+    folds = min(config.head_folds, *per_class)
+    if folds < config.head_folds:
+        logger.warning("head_folds %d: a class has only %d patients; %s", config.head_folds, min(per_class),
+                       f"cross-fitting {folds} heads" if folds > 1 else "one head, the operating point on the validation split")  # fmt: skip
+    return folds if folds > 1 else 1
+
+
 def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: "_FitSplit", config: TrainConfig, *, progress: bool = True,
                           loggers: Sequence = ()) -> tuple[list[dict], int]:  # fmt: skip
     """Stage 1 cross-fitted: ``config.head_folds`` heads, each fitted on the train and validation images of the other
@@ -167,6 +181,7 @@ def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: "_FitSplit", c
     pool = fit_split.train | fit_split.val
     x, y = feats.features[pool], fit_split.y[pool]
     patients = [r.patient_id for r, keep in zip(feats.records, pool) if keep]
+    config = dataclasses.replace(config, head_folds=usable_folds(feats, fit_split, config))
     folds = patient_folds(patients, y, config.head_folds, config.seed)
     fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(len(y), np.nan), None
     for k in range(config.head_folds):
@@ -184,6 +199,7 @@ def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: "_FitSplit", c
     model.head = average_heads(heads)
     model.oof_logits_ = np.full(len(fit_split.y), np.nan)
     model.oof_logits_[pool] = oof
+    model.oof_folds_ = config.head_folds
     return first
 
 
@@ -236,7 +252,7 @@ def train_run(
     with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
         logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
         x, (y, tr, va) = feats.features, fit_split
-        if config.head_folds > 1:
+        if usable_folds(feats, fit_split, config) > 1:
             history, best_epoch = fit_crossfitted_heads(model, feats, fit_split, config, progress=progress, loggers=logs.head)
         else:
             history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
@@ -346,7 +362,7 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: _FitSplit, conf
     oof = getattr(model, "oof_logits_", None)
     if oof is not None:  # cross-fitted heads: every train and validation image, each scored by the head that did not see it
         va = fit_split.train | fit_split.val
-        fitted_on = f"out-of-fold logits of all {int(va.sum())} train and validation images ({config.head_folds} cross-fitted heads)"
+        fitted_on = f"out-of-fold logits of all {int(va.sum())} train and validation images ({model.oof_folds_} cross-fitted heads)"
         val_logits = oof[va]
     else:
         val_logits = head_logits(model.head, feats.features[va])
