@@ -298,15 +298,22 @@ def compute_roc_band(
     grid point. The resamples are those of :func:`compute_bootstrap_ci` for the same
     seed. None when only one class is present.
     """
+    band = _curve_band(_tpr_at, y_true, y_prob, groups, n_boot=n_boot, seed=seed, confidence=confidence, n_grid=n_grid)
+    if band is None:
+        return None
+    grid, lower, upper, n = band
+    return {"fpr": grid, "tpr_lower": lower, "tpr_upper": upper, "n_resamples": n, "confidence": confidence}
+
+
+def _curve_band(read_at, y_true, y_prob, groups, *, n_boot: int, seed: int, confidence: float, n_grid: int):
+    """(grid, lower, upper, resamples) of ``read_at(grid, y_true, y_prob)`` over the patient-bootstrap resamples; None for one class."""
     y_true, y_prob = _check(y_true, y_prob)
     if len(np.unique(y_true)) < 2:
         return None
     grid = np.linspace(0.0, 1.0, n_grid)
-    curves = [_tpr_at(grid, y_true[idx], y_prob[idx]) for idx in _patient_resamples(y_true, groups, n_boot=n_boot, seed=seed)]
-    tprs = np.vstack(curves)  # (n_resamples, n_grid)
-    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
-    return {"fpr": grid, "tpr_lower": np.percentile(tprs, lo, axis=0), "tpr_upper": np.percentile(tprs, hi, axis=0),
-            "n_resamples": len(curves), "confidence": confidence}  # fmt: skip
+    curves = np.vstack([read_at(grid, y_true[idx], y_prob[idx]) for idx in _patient_resamples(y_true, groups, n_boot=n_boot, seed=seed)])
+    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)  # curves: (n_resamples, n_grid)
+    return grid, np.percentile(curves, lo, axis=0), np.percentile(curves, hi, axis=0), len(curves)
 
 
 def compute_pr_band(
@@ -320,15 +327,11 @@ def compute_pr_band(
     resamples of :func:`compute_bootstrap_ci` (and :func:`compute_roc_band`) for the same seed.
     None when only one class is present.
     """
-    y_true, y_prob = _check(y_true, y_prob)
-    if len(np.unique(y_true)) < 2:
+    band = _curve_band(_precision_at, y_true, y_prob, groups, n_boot=n_boot, seed=seed, confidence=confidence, n_grid=n_grid)
+    if band is None:
         return None
-    grid = np.linspace(0.0, 1.0, n_grid)
-    curves = [_precision_at(grid, y_true[idx], y_prob[idx]) for idx in _patient_resamples(y_true, groups, n_boot=n_boot, seed=seed)]
-    precisions = np.vstack(curves)  # (n_resamples, n_grid)
-    lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
-    return {"recall": grid, "precision_lower": np.percentile(precisions, lo, axis=0),
-            "precision_upper": np.percentile(precisions, hi, axis=0), "n_resamples": len(curves), "confidence": confidence}  # fmt: skip
+    grid, lower, upper, n = band
+    return {"recall": grid, "precision_lower": lower, "precision_upper": upper, "n_resamples": n, "confidence": confidence}
 
 
 def _precision_at(recall_grid: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
