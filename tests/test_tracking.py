@@ -2,13 +2,14 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 
 from pneumoscope.cli import build_parser, main
 from pneumoscope.models import Head
-from pneumoscope.tracking import LOGGERS, training_loggers
+from pneumoscope.tracking import LOGGERS, describe_logs, training_loggers
 from pneumoscope.train import fit_head, load_train_config
 from tests.conftest import make_kaggle_tree
 
@@ -126,6 +127,32 @@ def test_train_logs_both_stages_to_one_mlflow_run(small_tree, tmp_path):
     history = {t: [(m.step, m.value) for m in client.get_metric_history(logged_run.info.run_id, t)] for t in {**HEAD_TAGS, **FINETUNE_TAGS}}
     _assert_logged(history, HEAD_TAGS, _history(run / "history.csv"))
     _assert_logged(history, FINETUNE_TAGS, _history(run / "finetune_history.csv"))
+
+
+def test_an_mlflow_run_leaves_the_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """MLflow sets $MLFLOW_TRACKING_URI (and its global URI) to the work folder's store; it must not outlive the training."""
+    import mlflow
+
+    work_store = f"sqlite:///{tmp_path}/.run.work/logs/mlflow.db"
+    with training_loggers("mlflow", tmp_path / ".run.work" / "logs", run_name="unit") as logs:
+        logs.head[1].log_metrics({"head/val_loss": 1.0}, step=1)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != work_store
+    assert describe_logs("mlflow", tmp_path / "run" / "logs") == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/run/logs/mlflow.db"
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    with training_loggers("mlflow", tmp_path / ".run.work" / "logs", run_name="unit"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == elsewhere
+
+
+@pytest.mark.slow
+def test_each_seed_logs_to_its_own_runs_store(small_tree, tmp_path):
+    """--seeds trains one run after another in one process: each run's MLflow run is in its own logs/mlflow.db."""
+    out = tmp_path / "seeds"
+    assert main(["-q", "train", str(small_tree), "--out", str(out), *COMMON, "--epochs", "2", "--seeds", "0", "1", "--logger", "mlflow"]) == 0
+    for seed in (0, 1):
+        _, (logged_run,) = _mlflow_runs(f"sqlite:///{out}/seed-{seed}/logs/mlflow.db")
+        assert logged_run.info.run_name == f"seed-{seed}" and logged_run.data.params["seed"] == str(seed)
 
 
 def test_csv_is_the_default_and_writes_no_other_logs(small_tree, tmp_path):

@@ -120,12 +120,28 @@ def training_loggers(
         return
     from lightning.pytorch.loggers import CSVLogger
 
-    chosen = create_logger(name, logs_dir, run_name=run_name, final_dir=final_dir)
-    loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *([chosen] if chosen else [])], [chosen] if chosen else [])
-    status = "failed"
+    with _tracking_uri_kept(name):
+        chosen = create_logger(name, logs_dir, run_name=run_name, final_dir=final_dir)
+        loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *([chosen] if chosen else [])], [chosen] if chosen else [])
+        status = "failed"
+        try:
+            yield loggers
+            status = "success"
+        finally:
+            for lg in loggers.head:
+                lg.finalize(status)
+
+
+@contextlib.contextmanager
+def _tracking_uri_kept(name: str) -> Iterator[None]:
+    """MLflow's tracking URI as it was before: Lightning's MLFlowLogger sets MLflow's global one, and with it
+    $MLFLOW_TRACKING_URI, to the store in the work folder, which is moved into the run and deleted; left set, it
+    would name that store to everything after it (the next --seeds run, `mlflow ui` printed, evaluate)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        yield loggers
-        status = "success"
+        yield
     finally:
-        for lg in loggers.head:
-            lg.finalize(status)
+        if name == "mlflow":
+            import mlflow
+
+            mlflow.set_tracking_uri(before)  # None unsets both, as they were
