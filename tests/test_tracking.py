@@ -51,6 +51,19 @@ def _mlflow_runs(uri: str):
     return client, runs
 
 
+def _tensorboard_hparams(folder) -> tuple[dict, list[str]]:
+    """(the settings, the names of the metrics) that TensorBoard's HPARAMS tab shows for the event log in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}, [m.name.tag for m in experiment.metric_infos]
+
+
 def _assert_logged(logged: dict[str, list[tuple[int, float]]], tags: dict[str, str], history: list[dict]) -> None:
     """Every epoch of ``history`` under each tag, step = epoch, values as the run's own history file has them."""
     for tag, key in tags.items():
@@ -115,6 +128,18 @@ def test_train_logs_both_stages_to_tensorboard(small_tree, tmp_path):
     assert (run / "logs" / "head" / "metrics.csv").is_file() and (run / "logs" / "finetune" / "metrics.csv").is_file()  # the CSV log stays
     assert json.loads((run / "config.json").read_text())["logger"] == "tensorboard"
     assert not (tmp_path / ".run.work").exists()
+    # the HPARAMS tab: the settings beside the final metrics, which are the run's own (at step 0, as Lightning logs them)
+    hparams, metric_names = _tensorboard_hparams(run / "logs" / "tensorboard")
+    assert hparams["epochs"] == 3 and hparams["finetune/epochs"] == 2 and hparams["logger"] == "tensorboard" and hparams["out"] == str(run)
+    val, description = json.loads((run / "metrics.json").read_text()), json.loads((run / "checkpoint.json").read_text())
+    final = {"val/roc_auc": val["roc_auc"], "val/sensitivity": val["sensitivity"], "val/specificity": val["specificity"],
+             "val/threshold": description["threshold"], "val/temperature": description["temperature"],
+             "head/best_epoch": description["training"]["best_epoch"],
+             "head/best_val_loss": head[description["training"]["best_epoch"] - 1]["val_loss"],
+             "finetune/best_val_auc": description["training"]["finetune"]["best_val_auc"]}  # fmt: skip
+    assert set(final) <= set(metric_names)
+    for tag, value in final.items():
+        assert logged[tag] == [(0, pytest.approx(value, rel=1e-6))], tag
 
 
 def test_train_logs_both_stages_to_one_mlflow_run(small_tree, tmp_path):
@@ -127,6 +152,11 @@ def test_train_logs_both_stages_to_one_mlflow_run(small_tree, tmp_path):
     history = {t: [(m.step, m.value) for m in client.get_metric_history(logged_run.info.run_id, t)] for t in {**HEAD_TAGS, **FINETUNE_TAGS}}
     _assert_logged(history, HEAD_TAGS, _history(run / "history.csv"))
     _assert_logged(history, FINETUNE_TAGS, _history(run / "finetune_history.csv"))
+    # the final metrics are the run's own
+    val, description = json.loads((run / "metrics.json").read_text()), json.loads((run / "checkpoint.json").read_text())
+    logged = logged_run.data.metrics
+    assert logged["val/roc_auc"] == pytest.approx(val["roc_auc"]) and logged["val/specificity"] == pytest.approx(val["specificity"])
+    assert logged["val/threshold"] == pytest.approx(description["threshold"]) and logged["head/best_epoch"] == description["training"]["best_epoch"]
 
 
 def test_an_mlflow_run_leaves_the_tracking_uri_as_it_was(tmp_path, monkeypatch):

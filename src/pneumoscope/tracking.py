@@ -106,6 +106,16 @@ class TrainingLoggers:
         for lg in self.head:
             lg.log_hyperparams(params)
 
+    def log_summary(self, params: dict, metrics: dict[str, float]) -> None:
+        """The run's final metrics beside its settings: TensorBoard's HPARAMS tab, MLflow's metrics (the CSV log has metrics.json)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for lg in self.extra:
+            if isinstance(lg, TensorBoardLogger):
+                lg.log_hyperparams(params, metrics)  # the hparams summary names these metrics, logged at step 0
+            else:
+                lg.log_metrics(metrics)
+
 
 @contextlib.contextmanager
 def training_loggers(

@@ -186,8 +186,9 @@ def train_run(
     t_feat = time.perf_counter() - t0
 
     resolved = {**asdict(config), "data": str(Path(data).absolute())}
+    settings = {**resolved, "out": str(Path(out).absolute())}
     with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
-        logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
+        logs.log_hyperparams(settings)
         x, (y, tr, va) = feats.features, fit_split
         history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
         finetuned: tuple[list[dict], dict] | None = ([], {})  # (history, facts) of stage 2
@@ -195,10 +196,11 @@ def train_run(
             finetuned = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
             if finetuned is None:
                 return None  # a launched rank: rank 0 writes the run
-    if config.finetune.epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
-        feats = _features(model, dataset, feats.records, config, progress=progress)
+        if config.finetune.epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
+            feats = _features(model, dataset, feats.records, config, progress=progress)
+        point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
+        logs.log_summary(settings, _final_metrics((history, best_epoch), finetuned[1], point, val_metrics))
 
-    point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
     ood = _fit_reference_and_guard(model, feats, fit_split, config)
     _write_run(out, work, model, dataset, config, resolved=resolved, leakage=leakage, feats=feats, fit_split=fit_split, problems=problems,
                head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, overwrite=overwrite)  # fmt: skip
@@ -300,6 +302,15 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: _FitSplit, conf
     val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
     logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], point.temperature, point.threshold, point.description)
     return point, val_metrics
+
+
+def _final_metrics(head_fit: tuple[list[dict], int], finetune_facts: dict, point: OperatingPoint, val_metrics: dict) -> dict[str, float]:
+    """What the training loggers get at the end, beside the settings: validation at the chosen operating point and the best epochs."""
+    history, best_epoch = head_fit
+    out = {f"val/{k}": val_metrics.get(k) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy")}
+    out |= {"val/threshold": point.threshold, "val/temperature": point.temperature, "head/best_epoch": best_epoch,
+            "head/best_val_loss": history[best_epoch - 1]["val_loss"], "finetune/best_val_auc": finetune_facts.get("best_val_auc")}  # fmt: skip
+    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: _FitSplit, config: TrainConfig) -> dict:
