@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
+import tempfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from .errors import StateError, UsageError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,15 @@ class LoggerSpec:
 LOGGERS = {
     "csv": LoggerSpec((), ""),
     "tensorboard": LoggerSpec(("tensorboard",), "pip install tensorboard"),
-    # mlflow-skinny is the tracking client without the server; SQLAlchemy and Alembic run its local SQLite store
-    "mlflow": LoggerSpec(("mlflow", "sqlalchemy", "alembic"), "pip install mlflow-skinny sqlalchemy alembic"),
+    # mlflow-skinny is the tracking client without the server; SQLAlchemy and Alembic run its local SQLite store;
+    # the logged model (mlflow_model) answers with a pandas DataFrame, as MLflow's pyfunc models do
+    "mlflow": LoggerSpec(("mlflow", "sqlalchemy", "alembic", "pandas"), "pip install mlflow-skinny sqlalchemy alembic pandas"),
 }
 
 MLFLOW_EXPERIMENT = "pneumoscope"  # $MLFLOW_EXPERIMENT_NAME overrides it, as in MLflow itself
+# Where a run's MLflow run is, as its description records it (training.mlflow.store): the run folder's own SQLite
+# store, or the store $MLFLOW_TRACKING_URI named (the URI itself is not written: it may carry credentials).
+OWN_STORE, ENV_STORE = "logs/mlflow.db", "$MLFLOW_TRACKING_URI"
 
 
 def check_logger(name: str) -> None:
@@ -101,6 +111,7 @@ def describe_logs(name: str, logs_dir: str | os.PathLike) -> str:
 class TrainingLoggers:
     head: list = field(default_factory=list)  # stage 1: its CSV log and the chosen logger
     extra: list = field(default_factory=list)  # the chosen logger, for stage 2 (which keeps its own CSV log)
+    mlflow_store: str | None = None  # OWN_STORE or ENV_STORE with --logger mlflow
 
     def log_hyperparams(self, params: dict) -> None:
         for lg in self.head:
@@ -116,6 +127,15 @@ class TrainingLoggers:
             else:
                 lg.log_metrics(metrics)
 
+    def mlflow_run(self) -> dict | None:
+        """Where this training's MLflow run is (run_id, experiment_id, store), for the run's description; None without one."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        for lg in self.extra:
+            if isinstance(lg, MLFlowLogger):
+                return {"run_id": lg.run_id, "experiment_id": lg.experiment_id, "store": self.mlflow_store}
+        return None
+
 
 @contextlib.contextmanager
 def training_loggers(
@@ -130,9 +150,10 @@ def training_loggers(
         return
     from lightning.pytorch.loggers import CSVLogger
 
+    store = (ENV_STORE if os.environ.get("MLFLOW_TRACKING_URI") else OWN_STORE) if name == "mlflow" else None
     with _tracking_uri_kept(name):
         chosen = create_logger(name, logs_dir, run_name=run_name, final_dir=final_dir)
-        loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *([chosen] if chosen else [])], [chosen] if chosen else [])
+        loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *([chosen] if chosen else [])], [chosen] if chosen else [], store)
         status = "failed"
         try:
             yield loggers
@@ -155,3 +176,65 @@ def _tracking_uri_kept(name: str) -> Iterator[None]:
             import mlflow
 
             mlflow.set_tracking_uri(before)  # None unsets both, as they were
+
+
+def mlflow_store_uri(run: str | os.PathLike, record: dict) -> str:
+    """The tracking URI of the store that holds a run's MLflow run (``record``: its description's ``training.mlflow``).
+
+    Raises StateError, saying why, when that store cannot be reached from here.
+    """
+    if record.get("store") == OWN_STORE:
+        db = Path(run) / OWN_STORE
+        if not db.is_file():
+            raise StateError(f"the MLflow store {db} is not there (a copy of the run without logs/, or a run derived from it)")
+        return mlflow_tracking_uri(db.parent)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StateError("the training was logged to the MLflow store that $MLFLOW_TRACKING_URI named, and it is not set now")
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+def log_training_run(run: str | os.PathLike, record: dict) -> bool:
+    """Log a finished run folder to its MLflow run: its files as artefacts, its checkpoint as an MLflow model (``model/``).
+
+    The weights are logged once, as the model's (``model/artifacts/model.safetensors``); every other file of the
+    run folder (config.json, checkpoint.json, history.png, ...) at the top of the run's artefacts. A failure is
+    logged as a warning: the run folder is complete whatever the tracking store does. Returns whether it was logged.
+    """
+    from mlflow.exceptions import MlflowException
+
+    run = Path(run)
+    try:
+        _log_training_run(run, record)
+    except (MlflowException, StateError, OSError) as err:
+        logger.warning("%s: the run folder's files were not logged to MLflow run %s: %s", run, record.get("run_id"), " ".join(str(err).split()))
+        return False
+    return True
+
+
+def _log_training_run(run: Path, record: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from .checkpoint import RunFolder
+    from .mlflow_model import save_mlflow_model
+
+    folder = RunFolder(run)
+    client = MlflowClient(mlflow_store_uri(run, record))
+    _check_artifacts_here(client, run, record)
+    for path in sorted(folder.path.iterdir()):
+        if path.is_file() and path.name != folder.checkpoint_name:
+            client.log_artifact(record["run_id"], str(path))
+    with tempfile.TemporaryDirectory(prefix="pneumoscope-mlflow-") as tmp:
+        client.log_artifacts(record["run_id"], str(save_mlflow_model(run, Path(tmp) / "model")), "model")
+
+
+def _check_artifacts_here(client, run: Path, record: dict) -> None:
+    """A run's own store keeps artefacts in the run's logs/mlartifacts at the absolute path the run was trained at: once the
+    folder is moved, MLflow would write them there, into whatever is now at that path. Refuse that."""
+    if record.get("store") != OWN_STORE:
+        return
+    uri = client.get_run(record["run_id"]).info.artifact_uri
+    parsed = urllib.parse.urlparse(uri)
+    here = (run / OWN_STORE).parent.resolve()
+    if parsed.scheme != "file" or not Path(urllib.request.url2pathname(parsed.path)).resolve().is_relative_to(here):
+        raise StateError(f"the MLflow run keeps its artefacts at {uri}, outside {here} (the run folder was moved since training)")
+

@@ -33,7 +33,7 @@ from .models import FeatureAdapter, Head, MahalanobisGuard, create_model, pack_h
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 from .runtime import is_launched_rank, progress_bar
-from .tracking import check_logger, describe_logs, training_loggers
+from .tracking import check_logger, describe_logs, log_training_run, training_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -200,10 +200,14 @@ def train_run(
             feats = _features(model, dataset, feats.records, config, progress=progress)
         point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
         logs.log_summary(settings, _final_metrics((history, best_epoch), finetuned[1], point, val_metrics))
+        tracked = logs.mlflow_run()
 
     ood = _fit_reference_and_guard(model, feats, fit_split, config)
     _write_run(out, work, model, dataset, config, resolved=resolved, leakage=leakage, feats=feats, fit_split=fit_split, problems=problems,
-               head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, overwrite=overwrite)  # fmt: skip
+               head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, tracked=tracked,
+               overwrite=overwrite)  # fmt: skip
+    if tracked:  # the run folder is complete: its files and its model go to the MLflow run
+        log_training_run(out, tracked)
     logger.info("features %.1fs, total %.1fs; run written to %s", t_feat, time.perf_counter() - t0, out)
     if config.logger != "csv":
         logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
@@ -325,7 +329,7 @@ def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: _FitSplit, 
 def _write_run(
     out: str | os.PathLike, work: Path, model, dataset: data_mod.Dataset, config: TrainConfig, *, resolved: dict, leakage: dict,
     feats: FeatureResult, fit_split: _FitSplit, problems: list, head_fit: tuple[list[dict], int], finetuned: tuple[list[dict], dict],
-    point: OperatingPoint, val_metrics: dict, ood: dict, overwrite: bool,
+    point: OperatingPoint, val_metrics: dict, ood: dict, tracked: dict | None, overwrite: bool,
 ) -> None:  # fmt: skip
     """Checkpoint, description, histories, splits and figures into a staging folder renamed to ``out``; then drop the work folder."""
     history, best_epoch = head_fit
@@ -342,7 +346,7 @@ def _write_run(
             metrics={"val": val_metrics},
             training={"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
                       "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
-                      **({"finetune": finetune_facts} if finetune_facts else {})},
+                      **({"finetune": finetune_facts} if finetune_facts else {}), **({"mlflow": tracked} if tracked else {})},
             ood=ood,
             leakage={"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
                      "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
