@@ -251,10 +251,43 @@ def test_the_logged_mlflow_model_predicts_like_the_run(mlflow_trained, tmp_path,
     assert pd.isna(got["prob"][4]) and "cannot be read" in got["error"][4] and got["error"][4] == want[4].error
 
 
+def _evaluate(run, data, out) -> None:
+    assert main(["-q", "evaluate", str(run), str(data), "--out", str(out), "--bootstraps", "20", "--no-audit"]) == 0
+
+
+def test_evaluate_of_a_tracked_run_logs_an_evaluation_run_beside_it(mlflow_trained, small_tree, tmp_path):
+    run, _ = mlflow_trained
+    client, training = _training_run(run)
+    _evaluate(run, small_tree, tmp_path / "eval")
+    _, runs = _mlflow_runs(f"sqlite:///{run}/logs/mlflow.db")
+    (evaluation,) = [r for r in runs if r.data.tags.get("pneumoscope.training_run_id") == training.info.run_id]
+    assert evaluation.info.status == "FINISHED" and evaluation.info.experiment_id == training.info.experiment_id
+    assert evaluation.data.tags["mlflow.parentRunId"] == training.info.run_id  # MLflow's UI shows it under the training run
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key in ("roc_auc", "sensitivity", "specificity", "accuracy", "threshold", "n"):
+        assert evaluation.data.metrics[f"test/{key}"] == pytest.approx(m[key]), key
+    assert evaluation.data.params["split"] == "test" and evaluation.data.params["run"] == str(run)
+    assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"report.html", "metrics.json", "classification_report.txt"}
+    held = client.download_artifacts(evaluation.info.run_id, "metrics.json", str(tmp_path / "downloaded"))
+    assert open(held, "rb").read() == (tmp_path / "eval" / "metrics.json").read_bytes()
+
+
+def test_evaluate_of_a_tracked_run_copied_without_its_store_works_and_warns_once(mlflow_trained, small_tree, tmp_path, caplog):
+    run, _ = mlflow_trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("logs"))
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        _evaluate(copy, small_tree, tmp_path / "eval")
+    assert (tmp_path / "eval" / "report.html").is_file() and not (copy / "logs").exists()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "MLflow" in r.getMessage()]
+    assert "this evaluation is not logged to MLflow" in warning and f"{copy / 'logs' / 'mlflow.db'} is not there" in warning
+    assert "\n" not in warning
+
+
 def test_a_moved_run_logs_nothing_where_it_was_trained(mlflow_trained, tmp_path, caplog):
     """Its own store names the artefact folder by the path the run was trained at: MLflow would write into whatever is
-    there now (here the original run). Nothing is logged, with one warning."""
-    from pneumoscope.tracking import log_training_run
+    there now (here the original run). Nothing is logged, with one warning; the evaluation itself is written all the same."""
+    from pneumoscope.tracking import log_evaluation, log_training_run
 
     run, _ = mlflow_trained
     moved = tmp_path / "moved"
@@ -262,13 +295,29 @@ def test_a_moved_run_logs_nothing_where_it_was_trained(mlflow_trained, tmp_path,
     record = json.loads((moved / "checkpoint.json").read_text())["training"]["mlflow"]
     _, before = _mlflow_runs(f"sqlite:///{moved}/logs/mlflow.db")
     artefacts = sorted(p.name for p in (run / "logs" / "mlartifacts").iterdir())
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text('{"roc_auc": 0.5}')
     with caplog.at_level(logging.WARNING, logger="pneumoscope"):
         assert log_training_run(moved, record) is False
+        assert log_evaluation(moved, record, tmp_path / "eval", {"roc_auc": 0.5}, split="test", params={}) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    (warning,) = warnings
-    assert "not logged to MLflow" in warning and "(the run folder was moved since training)" in warning
+    assert len(warnings) == 2 and all("(the run folder was moved since training)" in w for w in warnings)
+    assert "not logged to MLflow" in warnings[0] and "this evaluation is not logged to MLflow" in warnings[1]
     assert len(_mlflow_runs(f"sqlite:///{moved}/logs/mlflow.db")[1]) == len(before)
     assert sorted(p.name for p in (run / "logs" / "mlartifacts").iterdir()) == artefacts
+
+
+def test_evaluating_a_tracked_run_without_mlflow_installed_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    from pneumoscope.tracking import log_evaluation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "mlflow" else real(m, *a))
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert log_evaluation(tmp_path, {"run_id": "abc", "store": "logs/mlflow.db"}, tmp_path, {}, split="test", params={}) is None
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "trained under MLflow run abc" in warning and "mlflow not installed (Fix: pip install mlflow-skinny" in warning
 
 
 def test_an_mlflow_run_leaves_the_tracking_uri_as_it_was(tmp_path, monkeypatch):

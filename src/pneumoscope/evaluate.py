@@ -216,4 +216,11 @@ def evaluate_run(
         }  # fmt: skip
         write_bytes_atomic(tmp / "report.html", render_report(context).encode())
     logger.info("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], m["roc_auc"], m["accuracy"], out)
+    tracked = (predictor.description.training or {}).get("mlflow")
+    if tracked:  # trained with --logger mlflow: this evaluation joins it in its store
+        from .tracking import log_evaluation
+
+        log_evaluation(run_folder.path, tracked, out, m, split=context["data"]["split"],
+                       params={"run": Path(run).absolute(), "data": Path(data).absolute(), "split": split, "limit": limit, "tta": tta,
+                               "bootstraps": n_boot, "out": Path(out).absolute()})  # fmt: skip
     return Path(out), result

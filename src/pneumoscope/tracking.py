@@ -12,6 +12,14 @@ holds them in ``RUN/logs``::
     logs/tensorboard/           --logger tensorboard: both stages in one event log
     logs/mlflow.db              --logger mlflow: one MLflow run for both stages (SQLite store),
                                 unless $MLFLOW_TRACKING_URI names another store or server
+    logs/mlartifacts/           --logger mlflow with its own store: the MLflow runs' artefacts
+
+At the end of training both TensorBoard and MLflow get the validation metrics at the chosen
+operating point (:meth:`TrainingLoggers.log_summary`; TensorBoard's HPARAMS tab shows them beside
+the settings). Once the run folder is complete, :func:`log_training_run` logs its files and its
+checkpoint, as an MLflow model, to the MLflow run, whose id the run's description keeps
+(``training.mlflow``); ``evaluate`` of such a run logs an evaluation run beside it
+(:func:`log_evaluation`).
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ MLFLOW_EXPERIMENT = "pneumoscope"  # $MLFLOW_EXPERIMENT_NAME overrides it, as in
 # Where a run's MLflow run is, as its description records it (training.mlflow.store): the run folder's own SQLite
 # store, or the store $MLFLOW_TRACKING_URI named (the URI itself is not written: it may carry credentials).
 OWN_STORE, ENV_STORE = "logs/mlflow.db", "$MLFLOW_TRACKING_URI"
+# The evaluation metrics an evaluation run logs, as "<split>/<name>" (those that are numbers)
+EVALUATION_METRICS = ("n", "n_positive", "prevalence", "threshold", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
+                      "ppv", "npv", "f1", "roc_auc", "pr_auc", "brier", "ece")  # fmt: skip
 
 
 def check_logger(name: str) -> None:
@@ -238,3 +249,57 @@ def _check_artifacts_here(client, run: Path, record: dict) -> None:
     if parsed.scheme != "file" or not Path(urllib.request.url2pathname(parsed.path)).resolve().is_relative_to(here):
         raise StateError(f"the MLflow run keeps its artefacts at {uri}, outside {here} (the run folder was moved since training)")
 
+
+def log_evaluation(run: str | os.PathLike, record: dict, evaluation: str | os.PathLike, metrics: dict, *, split: str,
+                   params: dict) -> str | None:  # fmt: skip
+    """Log an evaluation of a tracked run as a new MLflow run beside its training run, in the same store and experiment.
+
+    The new run is tagged ``mlflow.parentRunId`` (MLflow's UI shows it under the training run) and
+    ``pneumoscope.training_run_id`` with the training run's id; it holds the headline metrics as ``<split>/<name>``,
+    ``params`` and, as artefacts, ``report.html``, ``metrics.json`` and ``classification_report.txt`` of the
+    ``evaluation`` folder. A store that cannot be reached, or a failure, is one warning: the evaluation is
+    written all the same. Returns the new MLflow run's id, or None.
+    """
+    run, evaluation = Path(run), Path(evaluation)
+    missing = [m for m in LOGGERS["mlflow"].modules if importlib.util.find_spec(m) is None]
+    if missing:
+        return _not_logged(run, record, f"{', '.join(missing)} not installed (Fix: {LOGGERS['mlflow'].install})")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _log_evaluation(run, record, evaluation, metrics, split=split, params=params)
+    except (MlflowException, StateError, OSError) as err:
+        return _not_logged(run, record, err)
+
+
+def _not_logged(run: Path, record: dict, why) -> None:
+    logger.warning("%s was trained under MLflow run %s, but this evaluation is not logged to MLflow: %s",
+                   run, record.get("run_id"), " ".join(str(why).split()))  # fmt: skip
+
+
+def _log_evaluation(run: Path, record: dict, evaluation: Path, metrics: dict, *, split: str, params: dict) -> str:
+    import time
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = MlflowClient(mlflow_store_uri(run, record))
+    _check_artifacts_here(client, run, record)  # also: the training run is in this store
+    training_id = record["run_id"]
+    tags = {MLFLOW_PARENT_RUN_ID: training_id, "pneumoscope.training_run_id": training_id, "pneumoscope.command": "evaluate"}
+    created = client.create_run(client.get_run(training_id).info.experiment_id, run_name=f"{evaluation.name} ({split})", tags=tags)
+    run_id, status = created.info.run_id, "FAILED"
+    try:
+        now = int(time.time() * 1000)
+        numbers = {f"{split}/{k}": float(metrics[k]) for k in EVALUATION_METRICS if isinstance(metrics.get(k), (int, float))}
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numbers.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()])  # fmt: skip
+        for name in ("report.html", "metrics.json", "classification_report.txt"):
+            if (evaluation / name).is_file():
+                client.log_artifact(run_id, str(evaluation / name))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    logger.info("evaluation logged to MLflow run %s (under training run %s)", run_id, training_id)
+    return run_id
