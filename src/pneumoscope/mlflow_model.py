@@ -15,8 +15,8 @@ import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -50,7 +50,7 @@ class PneumoscopeModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "path" not in model_input:
-            raise ValueError(f"the model's input is a DataFrame with a 'path' column (image files), got columns {list(model_input.columns)}")
+            raise ValueError(f"the model's input is a DataFrame with a 'path' column (image files), got {list(model_input.columns)}")
         predictions = self.model_.predict([str(p) for p in model_input["path"]])
         return pd.DataFrame([dataclasses.asdict(p) for p in predictions], columns=FIELDS)
 

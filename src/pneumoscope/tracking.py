@@ -164,7 +164,8 @@ def training_loggers(
     store = (ENV_STORE if os.environ.get("MLFLOW_TRACKING_URI") else OWN_STORE) if name == "mlflow" else None
     with _tracking_uri_kept(name):
         chosen = create_logger(name, logs_dir, run_name=run_name, final_dir=final_dir)
-        loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *([chosen] if chosen else [])], [chosen] if chosen else [], store)
+        extra = [chosen] if chosen else []
+        loggers = TrainingLoggers([CSVLogger(logs_dir, name="", version="head"), *extra], extra, store)
         status = "failed"
         try:
             yield loggers
@@ -217,7 +218,8 @@ def log_training_run(run: str | os.PathLike, record: dict) -> bool:
     try:
         _log_training_run(run, record)
     except (MlflowException, StateError, OSError) as err:
-        logger.warning("%s: the run folder's files were not logged to MLflow run %s: %s", run, record.get("run_id"), " ".join(str(err).split()))
+        logger.warning("%s: the run folder's files were not logged to MLflow run %s: %s",
+                       run, record.get("run_id"), " ".join(str(err).split()))  # fmt: skip
         return False
     return True
 

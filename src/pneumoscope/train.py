@@ -313,7 +313,8 @@ def _final_metrics(head_fit: tuple[list[dict], int], finetune_facts: dict, point
     history, best_epoch = head_fit
     out = {f"val/{k}": val_metrics.get(k) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy")}
     out |= {"val/threshold": point.threshold, "val/temperature": point.temperature, "head/best_epoch": best_epoch,
-            "head/best_val_loss": history[best_epoch - 1]["val_loss"], "finetune/best_val_auc": finetune_facts.get("best_val_auc")}  # fmt: skip
+            "head/best_val_loss": history[best_epoch - 1]["val_loss"],
+            "finetune/best_val_auc": finetune_facts.get("best_val_auc")}  # fmt: skip
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
