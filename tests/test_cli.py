@@ -303,7 +303,7 @@ def test_threshold_policy_flags_reach_the_training_config():
     args = parser.parse_args(["train", "DATA", "--out", "RUN", "--target-specificity", "0.9"])
     config = _config(args)
     assert (config.threshold_policy, config.threshold_target) == ("specificity", 0.9)
-    assert _config(parser.parse_args(["train", "DATA", "--out", "RUN"])).threshold_policy == "youden"
+    assert _config(parser.parse_args(["train", "DATA", "--out", "RUN"])).threshold_policy == "youden-smooth"  # the default (issue 20)
     assert _policy(parser.parse_args(["calibrate", "RUN", "DATA", "--out", "NEW", "--target-sensitivity", "0.95"])) == ("sensitivity", 0.95)
     with pytest.raises(SystemExit):  # one policy at a time
         parser.parse_args(["train", "DATA", "--out", "RUN", "--target-sensitivity", "0.9", "--target-specificity", "0.9"])

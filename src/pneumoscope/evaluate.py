@@ -261,4 +261,11 @@ def evaluate_run(
     # the CLI prints these metrics: at INFO they would be said twice
     logger.debug("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
                  m["accuracy"], out)  # fmt: skip
+    tracked = (predictor.description.training or {}).get("mlflow")
+    if tracked:  # trained with --logger mlflow: this evaluation joins it in its store
+        from .tracking import log_evaluation
+
+        log_evaluation(run_folder.path, tracked, out, m, split=context["data"]["split"],
+                       params={"run": Path(run).absolute(), "data": Path(data).absolute(), "split": split, "limit": limit, "tta": tta,
+                               "bootstraps": n_boot, "out": Path(out).absolute()})  # fmt: skip
     return Path(out), result

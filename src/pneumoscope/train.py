@@ -33,7 +33,7 @@ from .models import FeatureAdapter, Head, MahalanobisGuard, average_heads, creat
 from .outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from .plots import plot_history, plot_image_grid
 from .runtime import is_launched_rank, progress_bar
-from .tracking import check_logger, describe_logs, training_loggers
+from .tracking import check_logger, describe_logs, log_training_run, training_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +249,9 @@ def train_run(
     t_feat = time.perf_counter() - t0
 
     resolved = {**asdict(config), "data": str(Path(data).absolute())}
+    settings = {**resolved, "out": str(Path(out).absolute())}
     with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
-        logs.log_hyperparams({**resolved, "out": str(Path(out).absolute())})
+        logs.log_hyperparams(settings)
         x, (y, tr, va) = feats.features, fit_split
         if usable_folds(feats, fit_split, config) > 1:
             history, best_epoch = fit_crossfitted_heads(model, feats, fit_split, config, progress=progress, loggers=logs.head)
@@ -261,13 +262,18 @@ def train_run(
             finetuned = _finetune_stage(model, dataset, feats.records, config, work, resume=resume, progress=progress, loggers=logs.extra)
             if finetuned is None:
                 return None  # a launched rank: rank 0 writes the run
-    if config.finetune.epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
-        feats = _features(model, dataset, feats.records, config, progress=progress)
+        if config.finetune.epochs:  # the backbone changed: its features (and so temperature, threshold and OOD statistics) are recomputed
+            feats = _features(model, dataset, feats.records, config, progress=progress)
+        point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
+        logs.log_summary(settings, _final_metrics((history, best_epoch), finetuned[1], point, val_metrics))
+        tracked = logs.mlflow_run()
 
-    point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
     ood = _fit_reference_and_guard(model, feats, fit_split, config)
     _write_run(out, work, model, dataset, config, resolved=resolved, leakage=leakage, feats=feats, fit_split=fit_split, problems=problems,
-               head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, overwrite=overwrite)  # fmt: skip
+               head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, tracked=tracked,
+               overwrite=overwrite)  # fmt: skip
+    if tracked:  # the run folder is complete: its files and its model go to the MLflow run
+        log_training_run(out, tracked)
     logger.info("features %.1f s, total %.1f s", t_feat, time.perf_counter() - t0)  # where the run went: the caller says (the CLI prints it)
     if config.logger != "csv":
         logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
@@ -374,6 +380,16 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: _FitSplit, conf
     return point, val_metrics
 
 
+def _final_metrics(head_fit: tuple[list[dict], int], finetune_facts: dict, point: OperatingPoint, val_metrics: dict) -> dict[str, float]:
+    """What the training loggers get at the end, beside the settings: validation at the chosen operating point and the best epochs."""
+    history, best_epoch = head_fit
+    out = {f"val/{k}": val_metrics.get(k) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy")}
+    out |= {"val/threshold": point.threshold, "val/temperature": point.temperature, "head/best_epoch": best_epoch,
+            "head/best_val_loss": history[best_epoch - 1]["val_loss"],
+            "finetune/best_val_auc": finetune_facts.get("best_val_auc")}  # fmt: skip
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
 def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: _FitSplit, config: TrainConfig) -> dict:
     """The feature adapter's training reference and the OOD guard, set on ``model``; returns the guard's description."""
     tr, va = fit_split.train, fit_split.val
@@ -386,7 +402,7 @@ def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: _FitSplit, 
 def _write_run(
     out: str | os.PathLike, work: Path, model, dataset: data_mod.Dataset, config: TrainConfig, *, resolved: dict, leakage: dict,
     feats: FeatureResult, fit_split: _FitSplit, problems: list, head_fit: tuple[list[dict], int], finetuned: tuple[list[dict], dict],
-    point: OperatingPoint, val_metrics: dict, ood: dict, overwrite: bool,
+    point: OperatingPoint, val_metrics: dict, ood: dict, tracked: dict | None, overwrite: bool,
 ) -> None:  # fmt: skip
     """Checkpoint, description, histories, splits and figures into a staging folder renamed to ``out``; then drop the work folder."""
     history, best_epoch = head_fit
@@ -403,7 +419,7 @@ def _write_run(
             metrics={"val": val_metrics},
             training={"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
                       "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
-                      **({"finetune": finetune_facts} if finetune_facts else {})},
+                      **({"finetune": finetune_facts} if finetune_facts else {}), **({"mlflow": tracked} if tracked else {})},
             ood=ood,
             leakage={"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
                      "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
