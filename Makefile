@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: demo test test-all install browser clean bench
+.PHONY: demo test test-all install browser clean bench docs
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# the documentation site (docs/, mkdocs.yml) into build/site; --strict: a broken link or an unreadable docstring fails it.
+# NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2, printed on every build otherwise.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py $(if $(DATA),--data $(DATA))
