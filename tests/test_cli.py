@@ -261,6 +261,7 @@ def test_compare_refuses_different_images(tmp_path):
     assert main(["-q", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
 
 
+@pytest.mark.slow
 def test_evaluate_single_class_explains_missing_auc(trained_run, tmp_path, capsys):
     site = _real_sample(tmp_path, n_per_class=4)
     import shutil
@@ -283,6 +284,7 @@ def test_evaluate_refuses_classes_the_checkpoint_does_not_know(trained_run, tmp_
     assert "COVID19" in err and "checkpoint knows only" in err
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(trained_run, tmp_path):
     from tests.conftest import CHEST_XRAY
 
@@ -437,6 +439,7 @@ def test_a_command_that_needs_a_subcommand_lists_them(capsys):
     assert all(f"  {name} " in err for name in ("train", "predict", "serve", "data")), err
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tree, tmp_path, capsys):
     """Issue 20: "run written to X" was printed twice (train printed it and the library logged it), and evaluate
     logged `AUC 0.955818540433925`."""

@@ -73,6 +73,7 @@ def test_dicom_predicts_like_the_same_picture(predictor, tmp_path):
     assert abs(a.prob - b.prob) < 0.02
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(run, tmp_path, capsys, predictor):
     out = tmp_path / "model.onnx"
     images = [str(p) for p in _test_images(3)]
@@ -327,6 +328,7 @@ def test_test_time_augmentation(predictor):
     assert np.corrcoef(plain, tta)[0, 1] > 0.5
 
 
+@pytest.mark.slow
 def test_evaluate_with_tta(run, tmp_path):
     from tests.conftest import CHEST_XRAY
 
