@@ -347,7 +347,7 @@ def cmd_demo(args) -> int:
         explain_images(Predictor.from_checkpoint(run), [result.paths[i] for _, i in cases], out / "explain", progress=args.progress)
     m = result.metrics
     print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
-          f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on validation)")  # fmt: skip
+          f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on the training data, never on test)")  # fmt: skip
     print(f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (report.html, metrics.json, confusion_matrix.png, roc_curve.png)"
           + (", explain/ (Grad-CAM overlays)" if (out / "explain").exists() else ""))  # fmt: skip
     return _exit_status(skipped + len(result.problems))

@@ -102,7 +102,7 @@ def fit_head(
         for lg in loggers:
             lg.log_metrics({"head/train_loss": row["loss"], "head/train_accuracy": row["accuracy"], "head/val_loss": val_loss,
                             "head/val_accuracy": val_acc}, step=epoch)  # fmt: skip
-        logger.info("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
+        logger.debug("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best_loss - 1e-6:
             best_loss, best_epoch, best_state, waited = val_loss, epoch, copy.deepcopy(head.state_dict()), 0
