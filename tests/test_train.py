@@ -61,7 +61,8 @@ def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)
     run, onnx = tmp_path / "run", tmp_path / "model.onnx"
-    flags = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8"]
+    flags = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8",
+             "--set", "head_folds=1"]  # one head per member (the default's five folds would stack five such pairs)
     assert main(["-q", "train", str(data), "--out", str(run), "--backbone", "efficientnet_lite0+2", *flags]) == 0
     desc = json.loads((run / "checkpoint.json").read_text())
     assert desc["backbone"] == "efficientnet_lite0+2"
@@ -138,3 +139,20 @@ def test_a_class_with_fewer_patients_than_folds_gets_fewer_folds(tmp_path, caplo
     assert "only 3 patients; cross-fitting 3 heads" in caplog.text
     desc = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert desc["head"]["hidden"] == 24 and "3 cross-fitted heads" in desc["threshold_policy"]
+
+
+@pytest.mark.slow
+def test_an_ensemble_backbone_with_cross_fitted_heads_averages_the_packed_heads(tmp_path):
+    import json
+
+    from pneumoscope.cli import main
+    from pneumoscope.predict import Predictor
+    from tests.conftest import make_kaggle_tree
+
+    data = make_kaggle_tree(tmp_path / "data", n_patients=10)
+    flags = ["--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8", "--set", "head_folds=2"]
+    assert main(["-q", "train", str(data), "--out", str(tmp_path / "run"), "--backbone", "efficientnet_lite0+2", *flags]) == 0
+    desc = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert desc["head"]["hidden"] == 32 and "2 cross-fitted heads" in desc["threshold_policy"]  # 2 folds x 2 members x 8
+    predictor = Predictor.from_checkpoint(tmp_path / "run")
+    assert np.isfinite(predictor.predict_proba([predictor.read(next((data / "test").rglob("*.jpeg")))])).all()
