@@ -71,3 +71,36 @@ def test_os_and_memory_errors_stay_one_line(caplog):
         assert "no space left" in error_line(OSError(errno.ENOSPC, "No space left on device", "/out/x.json"))
         assert error_line(MemoryError()).startswith("out of memory")
     assert not caplog.records
+
+
+# --------------------------------------------------------------------------- issue 23, item 10: configs that were tracebacks
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lr: !!python/object/apply:os.system ['echo hacked']\n", "not plain YAML"),
+    ("epochs: [1, 2\n", "not plain YAML"),
+    (b"\xff\xfe\x00binary", "not a text file"),
+    ("lr: .nan\n", "finite number"),
+    ("finetune:\n  lr: .inf\n", "finite number"),
+    ("epochs: [1, 2]\n", "finite number"),
+    ("hidden: {a: 1}\n", "finite number"),
+    ("epochs: 2.5\n", "whole number"),
+    ("seed: -1\n", "seed must be 0 or more"),
+    ("augment: {rotation_deg: .nan}\n", "augment setting rotation_deg must be finite"),
+], ids=["python-tag", "syntax", "binary", "nan-lr", "inf-finetune-lr", "list", "mapping", "fraction", "negative-seed", "nan-augment"])  # fmt: skip
+def test_a_bad_config_file_is_one_line_before_any_work(text, expected, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main(["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pneumoscope: error: ") and expected in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line(tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "lr=[1, 2"]) == 2
+    assert "--set lr=[1, 2: the value is not plain YAML" in capsys.readouterr().err

@@ -8,6 +8,7 @@ plausible input.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,13 @@ class AugmentConfig:
     jpeg_p: float = 0.3
     jpeg_quality: tuple[int, int] = (50, 95)
     hflip_p: float = 0.0
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            parts = value if isinstance(value, (tuple, list)) else (value,)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in parts):
+                raise UsageError(f"augment setting {name} must be finite numbers, got {value!r} (a NaN would be written to the run as "
+                                 "bare NaN and break every draw)")  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)

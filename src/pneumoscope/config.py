@@ -12,6 +12,7 @@ No Lightning here: settings are checked before stage 2's engine is imported.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.finetune, dict):
             self.finetune = FinetuneConfig(**self.finetune)
+        if self.seed < 0:
+            raise UsageError(f"seed must be 0 or more, got {self.seed!r}")
         for name in ("epochs", "patience", "batch_size", "hidden", "feature_batch_size", "head_folds"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -130,7 +133,7 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
 
     items: list[tuple[str, object]] = []
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise UsageError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         for key, value in loaded.items():
@@ -143,7 +146,10 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
         if "=" not in item:
             raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        items.append((key, yaml.safe_load(raw)))  # YAML typing: 3e-5, true, null, [0.9, 1.1]
+        try:
+            items.append((key, yaml.safe_load(raw)))  # YAML typing: 3e-5, true, null, [0.9, 1.1]
+        except yaml.YAMLError as err:
+            raise UsageError(f"--set {item}: the value is not plain YAML ({' '.join(str(err).split())[:200]}). Fix: e.g. --set lr=3e-4") from err
     run, stage2, unknown = {}, {}, []
     for key, value in items:
         where = setting_name(key)
@@ -159,8 +165,38 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
     return TrainConfig(**run, finetune=FinetuneConfig(**stage2))
 
 
+def _read_yaml(path: str | os.PathLike):
+    """A config file's settings; a file that is not plain YAML (a syntax error, binary bytes, a Python tag) is one UsageError."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not a text file ({err.reason} at byte {err.start}). Fix: give a YAML file of settings") from err
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read ({err.strerror}). Fix: check the path of --config") from err
+    try:
+        return yaml.safe_load(text)  # safe: a tag such as !!python/object is refused, never run
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not plain YAML ({' '.join(str(err).split())[:300]}). Fix: write settings as `name: value` lines "
+                         "(no Python tags)") from err  # fmt: skip
+
+
 def _coerce(key: str, annotation: str, value):
-    """Numbers written as YAML 1.1 strings ('3e-5') become the field's type; anything else must fit it."""
+    """Numbers written as YAML 1.1 strings ('3e-5') become the field's type; anything else must fit it: a numeric
+    setting takes a finite number, not a list, a mapping, a NaN or an infinity."""
+    value = _as_declared(key, annotation, value)
+    kinds = set(annotation.split(" | "))
+    if kinds and kinds <= {"int", "float", "None"} and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"setting {key} must be a finite number ({annotation}), got {value!r}")
+        if "float" not in kinds and value != int(value):
+            raise UsageError(f"setting {key} must be a whole number, got {value!r}")
+        return int(value) if "float" not in kinds else value
+    return value
+
+
+def _as_declared(key: str, annotation: str, value):
     if value is None and "None" not in annotation.split(" | "):
         raise UsageError(f"setting {key} must be {annotation}, got null (an empty value)")
     if value is None or isinstance(value, bool) or not isinstance(value, str):
