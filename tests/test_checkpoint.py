@@ -168,7 +168,12 @@ def test_unknown_top_level_keys_are_kept_and_unknown_keys_in_the_contract_refuse
     [({"threshold": 1.5}, r"threshold must be in \(0, 1\)"), ({"temperature": "hot"}, "temperature must be a number"),
      ({"ood": {"cutoff": -1.0}}, "ood.cutoff must be >= 0"), ({"preprocessing": None}, "preprocessing must be a mapping"),
      ({"preprocessing": {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}}, "preprocessing.in_chans must be"),
-     ({"format_version": 2}, "checkpoint format 2 is newer"), ({"head": {"in_features": 1280, "hidden": 0, "dropout": 0.3}}, "head.hidden")],
+     ({"format_version": 2}, "checkpoint format 2 is newer"), ({"head": {"in_features": 1280, "hidden": 0, "dropout": 0.3}}, "head.hidden"),
+     # issue 23: sizes the loader allocates before reading the weights (hidden 10^9 asked for 5 TB), and a 1-channel contract
+     ({"head": {"in_features": 1280, "hidden": 10**9, "dropout": 0.3}}, r"head.hidden must be an integer in \[1, 65536\]"),
+     ({"feature_adapter": {"reference_sample": -5}}, r"feature_adapter.reference_sample must be an integer in \[1, 100000\]"),
+     ({"feature_adapter": {"reference_sample": 10**12}}, "feature_adapter.reference_sample must be"),
+     ({"preprocessing": {"input_size": 224, "mean": [0.5], "std": [0.5], "in_chans": 1}}, "preprocessing.in_chans must be 3")],
 )  # fmt: skip
 def test_from_dict_checks_the_description(changes, match):
     with pytest.raises(CheckpointError, match=match) as err:

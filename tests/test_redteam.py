@@ -514,3 +514,34 @@ def test_old_checkpoints_without_a_digest_still_load(tiny_run, tmp_path):
     save_file(load_file(str(path)), str(tmp_path / "old" / "model.safetensors"), metadata=meta)
     model, _ = load_checkpoint(tmp_path / "old")
     assert all(k in model.state_dict() for k in load_file(str(path)))
+
+
+# --------------------------------------------------------------------------- issue 23, items 10-11: a closed pipe, a long boundary
+
+
+def test_predict_into_a_pipe_closed_early_ends_quietly(tiny_run, tmp_path):
+    """`pneumoscope predict … | head -1`: "error: Broken pipe" with exit 2 before; now no word, and 141 as after SIGPIPE."""
+    import subprocess
+    import sys
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{_png(tmp_path / 'imgs' / f'{i}.png', seed=i)}\n" for i in range(3)) * 20)
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "predict", str(tiny_run), "--from-list", str(listing), "--batch-size", "1",
+                             "--workers", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.readline().startswith(b"path,")
+    proc.stdout.close()  # as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err
+
+
+def test_a_multipart_boundary_over_70_characters_is_a_400_not_a_500(tiny_run):
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.predict import Predictor
+    from pneumoscope.serve import create_app
+
+    boundary = "b" * 300
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\nxx\r\n--{boundary}--\r\n".encode()
+    with TestClient(create_app(Predictor.load(tiny_run)), base_url="http://127.0.0.1") as client:
+        r = client.post("/predict", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 400 and "boundary is 300 characters; at most 70" in r.json()["detail"]

@@ -20,6 +20,7 @@ from pathlib import Path
 logger = logging.getLogger("pneumoscope")
 
 EXIT_OK, EXIT_SOME_INPUTS_SKIPPED, EXIT_FAILED = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE: the reader of stdout stopped reading
 
 
 def _exit_status(skipped: int) -> int:
@@ -561,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pneumoscope: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pneumoscope predict … | head`: the reader stopped reading; nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise fail flushing stdout at exit
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         print(f"pneumoscope: error: {error_line(err, getattr(args, 'run', None) or getattr(args, 'weights', None))}", file=sys.stderr)
         return EXIT_FAILED

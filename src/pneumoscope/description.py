@@ -33,6 +33,9 @@ OUTPUT = "one logit; P(PNEUMONIA) = sigmoid(logit / temperature)"
 # Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
 # above 1,024 px one CPU image costs seconds and a batch gigabytes.
 INPUT_SIZE_RANGE = (16, 1024)
+MAX_FEATURES = 16_384  # pooled backbone features (the registered backbones have 1,280 to 2,688)
+MAX_HIDDEN = 65_536  # the head's hidden units (256 a head; cross-fitted and ensemble heads stack a few)
+MAX_REFERENCE_SAMPLE = 100_000  # the site adapter's sample of training features (FeatureAdapter.REFERENCE_SAMPLE)
 
 # Sections after the fixed keys, each written only when present (a description made here writes them
 # in this order): train writes training, ood and leakage; calibrate, adapt and export add theirs.
@@ -135,6 +138,8 @@ class RunDescription:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (Mapping, OodGuardEntry)):
                 raise _refuse(source, name, "a mapping or absent", value)
+        if self.feature_adapter is not None:  # the size of a tensor the loader allocates before reading the weights
+            _integer(self.feature_adapter.get("reference_sample"), "feature_adapter.reference_sample", source, 1, MAX_REFERENCE_SAMPLE)
         shadowed = sorted(set(self.extra) & _KNOWN)
         if shadowed:
             raise _refuse(source, "extra", "keys this version does not know", shadowed)
@@ -257,6 +262,8 @@ def _preprocessing(pre, source) -> Preprocessing:
             if key == "std" and _number(v, "preprocessing.std", source) <= 0:
                 raise _refuse(source, "preprocessing.std", "> 0", values)
             _number(v, f"preprocessing.{key}", source)
+    if pre.get("in_chans") != 3:  # every registered backbone's first convolution takes 3 channels
+        raise _refuse(source, "preprocessing.in_chans", "3 (the backbones take three channels)", pre.get("in_chans"))
     if len(pre["mean"]) != len(pre["std"]) or pre.get("in_chans") != len(pre["mean"]):
         raise _refuse(source, "preprocessing.in_chans", f"the number of mean and std values ({len(pre['mean'])}, {len(pre['std'])})", pre.get("in_chans"))
     resize = pre.get("resize", "bilinear-squash")
@@ -273,4 +280,6 @@ def _head(head, source) -> HeadShape:
     dropout = _number(head["dropout"], "head.dropout", source)
     if not 0.0 <= dropout < 1.0:
         raise _refuse(source, "head.dropout", "in [0, 1)", head["dropout"])
-    return HeadShape(_integer(head["in_features"], "head.in_features", source, 1), _integer(head["hidden"], "head.hidden", source, 1), dropout)
+    # bounded: the loader allocates the head before it reads the weights (hidden 10^9 asked for 5 TB)
+    return HeadShape(_integer(head["in_features"], "head.in_features", source, 1, MAX_FEATURES),
+                     _integer(head["hidden"], "head.hidden", source, 1, MAX_HIDDEN), dropout)  # fmt: skip

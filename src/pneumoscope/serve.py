@@ -193,6 +193,9 @@ def _json_error(status: int, detail: str) -> Response:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+MAX_BOUNDARY = 70  # characters of a multipart boundary (RFC 2046)
+
+
 async def read_multipart(request: Request, fields: tuple[str, ...], *, max_bytes: int, max_files: int) -> list[tuple[str, bytes]]:
     """(file name, bytes) of each part named in ``fields``, parsed from the body as it streams in.
 
@@ -207,6 +210,9 @@ async def read_multipart(request: Request, fields: tuple[str, ...], *, max_bytes
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise HTTPException(415, f"the request body must be multipart/form-data, got {content_type.decode('latin-1')[:60]!r}; {how}")
+    if len(params[b"boundary"]) > MAX_BOUNDARY:  # RFC 2046: at most 70 characters (a longer one made the parser fail with 500)
+        raise HTTPException(400, f"the multipart boundary is {len(params[b'boundary'])} characters; at most {MAX_BOUNDARY} are allowed "
+                                 f"(RFC 2046); {how}")  # fmt: skip
     too_big = f"the limit is {max_bytes:,} bytes of files per request. Send a smaller file (downscale it or export a PNG)"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
