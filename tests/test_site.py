@@ -25,10 +25,17 @@ def _site(root, n_per_class, *, labelled=False, offset=0):
     return root
 
 
+def _distinct(folder) -> int:
+    """How many different images (by their bytes) lie under ``folder``."""
+    import hashlib
+
+    return len({hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in (".jpeg", ".jpg")})
+
+
 def test_shift_on_the_official_test_images_says_the_threshold_may_not_hold(run, capsys):
     assert main(["-q", "shift", str(run), str(CHEST_XRAY / "test"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == 312 and report["shift_detected"] and report["mmd"]["p_value"] < 0.01
+    assert report["n"] == _distinct(CHEST_XRAY / "test") and report["shift_detected"] and report["mmd"]["p_value"] < 0.01
     assert "unlikely to hold" in report["verdict"] and "calibrate" in report["verdict"]
     assert 0.0 <= report["prevalence"]["bbse"] <= 1.0
 
@@ -53,7 +60,8 @@ def test_adapt_writes_a_run_that_records_its_images_and_method(run, tmp_path, ca
     assert main(["-q", "adapt", str(run), str(site), "--out", str(new)]) == 0
     desc = json.loads((new / "checkpoint.json").read_text())
     a = desc["adaptation"]
-    assert a["n"] == 120 and len(a["image_sha256"]) == 120 and a["labels_used"] is False and a["method"] == "center+prior"
+    distinct = _distinct(site)  # the official test images hold a few byte-identical copies: each image counts once
+    assert a["n"] == distinct and len(a["image_sha256"]) == distinct and a["labels_used"] is False and a["method"] == "center+prior"
     assert a["shift_after"]["domain_auc"] < a["shift_before"]["domain_auc"]
     assert 0 < desc["threshold"] < 1 and desc["ood"]["cutoff"] >= json.loads((run / "checkpoint.json").read_text())["ood"]["cutoff"]
     # evaluating on the images it adapted on is flagged as transductive
@@ -137,3 +145,40 @@ def test_refitting_the_head_leaves_the_global_rng_alone_and_is_reproducible():
         heads.append(refit_head(model, features[:20], y[:20], steps=5))
         assert torch.initial_seed() == seed and torch.equal(torch.get_rng_state(), state)
     assert torch.equal(heads[0].fc1.weight, heads[1].fc1.weight)  # dropout's masks come from refit_head's own seed
+
+
+# --------------------------------------------------------------------------- issue 23, item 7: copies are one image
+
+
+def test_sixty_copies_of_one_image_are_not_a_site(run, tmp_path, capsys, caplog):
+    """60 copies of one image were accepted as a site (prevalence 1.0, an offset of +2.93): they are one image."""
+    import logging
+    import shutil
+
+    site = tmp_path / "site"
+    site.mkdir()
+    one = sorted((CHEST_XRAY / "test" / "PNEUMONIA").iterdir())[0]
+    for i in range(60):
+        shutil.copy(one, site / f"copy{i}.jpeg")
+    for f in sorted((CHEST_XRAY / "test" / "NORMAL").iterdir())[:5]:
+        shutil.copy(f, site / f.name)
+    with caplog.at_level(logging.WARNING, logger="pneumoscope"):
+        assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 2
+    assert "6 distinct readable images" in capsys.readouterr().err and "59 of 65 images are copies" in caplog.text
+
+
+def test_calibrate_refuses_one_image_under_both_labels_and_counts_copies_once(run, tmp_path, capsys):
+    import shutil
+
+    sample = _site(tmp_path / "sample", 12, labelled=True)
+    both = sorted((CHEST_XRAY / "test" / "NORMAL").iterdir())[0]
+    shutil.copy(both, sample / "PNEUMONIA" / "also-normal.jpeg")  # the same bytes under both labels
+    assert main(["-q", "calibrate", str(run), str(sample), "--out", str(tmp_path / "c")]) == 2
+    assert "1 images carry both labels" in capsys.readouterr().err
+    (sample / "PNEUMONIA" / "also-normal.jpeg").unlink()
+    for cls in ("NORMAL", "PNEUMONIA"):  # 12 distinct images of each class and 3 copies of each class's first three
+        for k, f in enumerate(sorted((sample / cls).iterdir())[:3]):
+            shutil.copy(f, sample / cls / f"dup{k}-{f.name}")
+    assert main(["-q", "calibrate", str(run), str(sample), "--out", str(tmp_path / "c2")]) == 0
+    desc = json.loads((tmp_path / "c2" / "checkpoint.json").read_text())
+    assert desc["calibration"]["n"] == 24  # the copies counted once

@@ -47,10 +47,11 @@ class SiteFeatures:
 def read_site(predictor: Predictor, site: str | os.PathLike, *, cache_dir=None, progress: bool = True) -> SiteFeatures:
     """Pooled backbone features of every image under ``site`` (labels, if any, ignored)."""
     dataset = data_mod.scan(data_mod.load_unlabelled(site), check_decode=False, progress=progress)
+    dataset = data_mod.unique_images(dataset, labelled=False)  # copies would weigh as many images
     feats = extract_features(predictor.model, dataset, cache_dir=cache_dir, progress=progress)
     if len(feats.records) < MIN_SITE_IMAGES:
         raise data_mod.DataError(
-            f"{site}: {len(feats.records)} readable images; judging or adapting to a site needs at least {MIN_SITE_IMAGES} "
+            f"{site}: {len(feats.records)} distinct readable images; judging or adapting to a site needs at least {MIN_SITE_IMAGES} "
             "(a few hundred are better). Fix: add more of the site's images."
         )
     return SiteFeatures(dataset, feats.records, feats.features, dataset.problems + feats.problems)

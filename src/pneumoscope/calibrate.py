@@ -96,13 +96,15 @@ def calibrate_run(
     dataset = data_mod.load_dataset(data)
     check_contract(predictor, dataset)
     scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
+    scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
     feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     kept = feats.records
     y = np.array([r.label for r in kept])
     counts = np.bincount(y, minlength=2)
     if counts.min() < MIN_PER_CLASS:
         raise data_mod.DataError(
-            f"{data}: calibration needs at least {MIN_PER_CLASS} images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). Fix: label more local images."
+            f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). "
+            "Fix: label more local images."
         )
     model = predictor.model
     groups = [r.patient_id for r in kept]

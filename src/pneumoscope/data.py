@@ -271,6 +271,30 @@ def _is_dir(entry: os.DirEntry) -> bool:
 UNLABELLED = -1  # Record.label of a site image whose class nobody told us
 
 
+def unique_images(dataset: Dataset, *, labelled: bool) -> Dataset:
+    """The dataset with one record per distinct image (the same bytes: :func:`scan`'s content hash), the first kept.
+
+    Copies of one image weigh as many images where a site's prevalence, its feature statistics or a temperature are
+    fitted (60 copies of one image were taken as a site of prevalence 1.0). With ``labelled``, one image under two
+    labels is refused: it cannot be both. The copies dropped are logged.
+    """
+    first: dict[str, Record] = {}
+    conflicts: list[tuple[str, str]] = []
+    for r in dataset.records:
+        seen = first.setdefault(r.content_hash, r) if r.content_hash else r
+        if labelled and seen is not r and seen.label != r.label:
+            conflicts.append((dataset.display(seen), dataset.display(r)))
+    if conflicts:
+        a, b = conflicts[0]
+        raise DataError(f"{dataset.source}: {len(conflicts)} images carry both labels (the same bytes as NORMAL and as PNEUMONIA), "
+                        f"e.g. {a} and {b}. Fix: keep each image under its one true label")  # fmt: skip
+    kept = [r for r in dataset.records if not r.content_hash or first[r.content_hash] is r]
+    if len(kept) < len(dataset.records):
+        logger.warning("%s: %d of %d images are copies of others (the same bytes); each image is counted once",
+                       dataset.source, len(dataset.records) - len(kept), len(dataset.records))  # fmt: skip
+    return dataset.subset(kept)
+
+
 def load_unlabelled(path: str | os.PathLike) -> Dataset:
     """Every image under a folder or in a .zip, searched recursively, without labels.
 
