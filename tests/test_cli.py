@@ -232,7 +232,7 @@ def test_calibrate_writes_a_new_run_and_evaluation_leaves_its_images_out(trained
 def test_calibrate_refuses_a_tiny_sample(trained_run, tmp_path, capsys):
     site = _real_sample(tmp_path, n_per_class=3)
     assert main(["-q", "calibrate", str(trained_run), str(site), "--out", str(tmp_path / "c")]) == 2
-    assert "at least 10 images of each class" in capsys.readouterr().err
+    assert "at least 10 distinct images of each class" in capsys.readouterr().err
 
 
 @pytest.mark.slow
