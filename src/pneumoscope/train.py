@@ -172,7 +172,7 @@ def usable_folds(feats: FeatureResult, fit_split: "_FitSplit", config: TrainConf
 
 def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: "_FitSplit", config: TrainConfig, *, progress: bool = True,
                           loggers: Sequence = ()) -> tuple[list[dict], int]:  # fmt: skip
-    """Stage 1 cross-fitted: ``config.head_folds`` heads, each fitted on the train and validation images of the other
+    """Stage 1 cross-fitted: ``config.head_folds`` heads (a count :func:`usable_folds` allows), each fitted on the train and validation images of the other
     folds (early stopping on its own fold), averaged into the model's head (:func:`~pneumoscope.models.average_heads`).
 
     Every image then has an out-of-fold logit, kept in ``model.oof_logits_`` for the operating point: the threshold is
@@ -181,7 +181,6 @@ def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: "_FitSplit", c
     pool = fit_split.train | fit_split.val
     x, y = feats.features[pool], fit_split.y[pool]
     patients = [r.patient_id for r, keep in zip(feats.records, pool) if keep]
-    config = dataclasses.replace(config, head_folds=usable_folds(feats, fit_split, config))
     folds = patient_folds(patients, y, config.head_folds, config.seed)
     fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(len(y), np.nan), None
     for k in range(config.head_folds):
@@ -253,8 +252,10 @@ def train_run(
     with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
         logs.log_hyperparams(settings)
         x, (y, tr, va) = feats.features, fit_split
-        if usable_folds(feats, fit_split, config) > 1:
-            history, best_epoch = fit_crossfitted_heads(model, feats, fit_split, config, progress=progress, loggers=logs.head)
+        folds = usable_folds(feats, fit_split, config)  # once: it warns when a class has too few patients
+        if folds > 1:
+            history, best_epoch = fit_crossfitted_heads(model, feats, fit_split, dataclasses.replace(config, head_folds=folds),
+                                                        progress=progress, loggers=logs.head)  # fmt: skip
         else:
             history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
         finetuned: tuple[list[dict], dict] | None = ([], {})  # (history, facts) of stage 2
