@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -480,3 +481,120 @@ def test_serve_answers_on_the_socket_it_bound_and_names_the_model(run):
         out = proc.communicate(timeout=30)[0].decode()
     assert health is not None, out
     assert health["model"] == run.name and health["backbone"] == "efficientnet_lite0" and 0 < health["threshold"] < 1
+
+
+# --------------------------------------------------------------------------- time bounds (issue 23 item 6)
+
+
+@pytest.fixture
+def live(predictor):
+    """Serve an app made by ``live(**create_app_kwargs)`` on a free port in a thread, as `pneumoscope serve` does."""
+    import threading
+
+    from pneumoscope.serve import bind_socket, create_app, uvicorn_server
+
+    servers = []
+
+    def start(header_timeout_s=10.0, **kwargs):
+        port = _free_port()
+        sock = bind_socket("127.0.0.1", port)
+        server = uvicorn_server(create_app(predictor, **kwargs), "127.0.0.1", port, header_timeout_s=header_timeout_s, log_level="warning")
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread, sock))
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.02)
+        return port
+
+    yield start
+    for server, thread, sock in servers:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive()
+
+
+def _post_image(port, heatmap=False):
+    import urllib.error
+    import urllib.request
+
+    path = _test_images(1)[0]
+    boundary = "pneumoscopetest"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/predict?heatmap={str(heatmap).lower()}", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _slow_sender(port, headers_only=False):
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if not headers_only:
+        head += "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        head += '--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'  # then the file, slowly
+    sock.sendall(head.encode())
+    return sock
+
+
+def test_a_slow_body_is_cut_off_with_408_and_frees_its_slot(live):
+    """Issue 23 item 6: one byte every few seconds held a slot for as long as the sender liked; with every slot held
+    the server answered 503 to everyone else."""
+    port = live(max_pending=1, body_grace_s=1.0, min_body_rate=1000)
+    sock = _slow_sender(port)
+    try:
+        started, answer = time.monotonic(), b""
+        sock.settimeout(0.4)
+        while b"\r\n\r\n" not in answer and time.monotonic() - started < 20:
+            try:
+                sock.sendall(b"-")  # one byte every 0.4 s: far below 1000 bytes/s
+                answer += sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # the server may close as it answers
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"too slowly" in answer and time.monotonic() - started < 10
+    finally:
+        sock.close()
+    assert _post_image(port)[0] == 200  # the one slot is free again
+
+
+def test_headers_that_never_finish_are_cut_off(live):
+    port = live(header_timeout_s=1.0)
+    sock = _slow_sender(port, headers_only=True)
+    started = time.monotonic()
+    try:
+        assert sock.recv(4096) == b""  # closed by the server, not by this test's 30 s socket timeout
+    finally:
+        sock.close()
+    assert time.monotonic() - started < 10
+    assert _post_image(port)[0] == 200
+
+
+def test_heatmaps_past_the_budget_are_skipped_with_a_reason_not_queued(predictor):
+    """Issue 23 item 6: 32 batch requests x 16 heatmaps kept the server busy for 102 s and everyone else got 503."""
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve import create_app
+
+    paths = _test_images(2)
+    files = [("files", (p.name, p.read_bytes())) for p in paths]
+    client = TestClient(create_app(predictor, max_heatmaps=1, batch_wait_s=0.5), base_url="http://127.0.0.1")
+    results = client.post("/predict/batch?heatmap=true", files=files).json()["results"]
+    assert all(0 <= r["prob"] <= 1 for r in results)
+    assessed = [r for r in results if r["label"] is not None]
+    made = [r for r in assessed if "heatmap_png" in r]
+    skipped = [r for r in assessed if "heatmap_error" in r]
+    assert len(made) >= 1 and len(made) + len(skipped) == len(assessed), [sorted(r) for r in results]
+    assert len(assessed) < 2 or skipped, "four decisions and a budget of one heatmap: some must be skipped"
+    assert all("busy" in r["heatmap_error"] and "heatmap_png" not in r for r in skipped)
+    single = client.post("/predict?heatmap=true", files={"file": (paths[0].name, paths[0].read_bytes())}).json()
+    assert single["label"] is None or "heatmap_png" in single  # the budget comes back

@@ -9,7 +9,12 @@ memory (nothing is written to disk), and bounds the work in flight:
   64-megapixel DICOMs cannot take the machine's memory between them;
 - uploads that arrive within a few milliseconds share one forward pass
   (:class:`MicroBatcher`); Grad-CAM registers hooks on the model, so a heatmap
-  (``?heatmap=true``) takes the model lock that the forward passes hold too.
+  (``?heatmap=true``) takes the model lock that the forward passes hold too;
+- time is bounded as well as memory: a request's headers must arrive within
+  ``HEADER_TIMEOUT_S`` and its body at ``MIN_BODY_RATE`` after a grace of
+  ``BODY_GRACE_S`` (else 408), so a slow sender cannot hold a slot; at most
+  ``MAX_HEATMAPS`` heatmaps wait or run at once, and past that a result says the
+  heatmap was not made rather than keeping everyone else waiting.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ MAX_PENDING = 32  # requests admitted at once (reading, decoding, queued or runn
 MAX_BATCH = 16  # uploads in one forward pass
 BATCH_WAIT_S = 0.005  # how long the first upload of a batch waits for company
 MAX_FILES = 16  # files in one POST /predict/batch
+MAX_HEATMAPS = 2 * MAX_FILES  # heatmaps waiting or being made, over all requests: a full page upload, twice
+HEADER_TIMEOUT_S = 10.0  # from connecting (or the last answer on a kept-alive connection) to the end of the headers
+BODY_GRACE_S = 10.0  # a body may start this late...
+MIN_BODY_RATE = 50_000  # ... and must then keep arriving at this many bytes a second on average (20 MB in 410 s)
 RETRY_AFTER_S = 1
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NOTICE = "Research software, not a medical device."
@@ -196,12 +205,16 @@ def _json_error(status: int, detail: str) -> Response:
 MAX_BOUNDARY = 70  # characters of a multipart boundary (RFC 2046)
 
 
-async def read_multipart(request: Request, fields: tuple[str, ...], *, max_bytes: int, max_files: int) -> list[tuple[str, bytes]]:
+async def read_multipart(
+    request: Request, fields: tuple[str, ...], *, max_bytes: int, max_files: int, grace_s: float = BODY_GRACE_S,
+    min_rate: float = MIN_BODY_RATE,
+) -> list[tuple[str, bytes]]:  # fmt: skip
     """(file name, bytes) of each part named in ``fields``, parsed from the body as it streams in.
 
     Everything stays in memory: the body is counted as it arrives (chunked or
     not) and refused with 413 as soon as it passes ``max_bytes``; Starlette's own
-    form parser would spool it to a temporary file first.
+    form parser would spool it to a temporary file first. A body slower than
+    ``min_rate`` bytes a second (after ``grace_s``) is refused with 408.
     """
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -247,9 +260,18 @@ async def read_multipart(request: Request, fields: tuple[str, ...], *, max_bytes
     callbacks = {"on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
                  "on_headers_finished": on_headers_finished, "on_part_data": on_part_data}  # fmt: skip
     parser = MultipartParser(params[b"boundary"], callbacks)
-    received = 0
+    received, started, chunks = 0, time.monotonic(), request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            wait = started + grace_s + received / min_rate - time.monotonic()  # the slowest pace allowed so far
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), timeout=max(wait, 0.0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the upload arrived too slowly ({received:,} bytes in {time.monotonic() - started:.0f} s); "
+                                         f"after {grace_s:g} s a body must arrive at {min_rate:,} bytes/s or more. Send it again "
+                                         "over a faster connection", headers={"Connection": "close"}) from None  # fmt: skip
             received += len(chunk)
             if received > max_bytes + FORM_OVERHEAD:
                 raise HTTPException(413, f"upload is over {received - len(chunk):,} bytes and still coming; {too_big}")
@@ -271,11 +293,16 @@ def create_app(
     decode_workers: int | None = None,
     max_batch: int = MAX_BATCH,
     batch_wait_s: float = BATCH_WAIT_S,
+    max_heatmaps: int = MAX_HEATMAPS,
+    body_grace_s: float = BODY_GRACE_S,
+    min_body_rate: float = MIN_BODY_RATE,
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
     model_name: str | None = None,
 ):
     """The app. ``allowed_hosts``: names the Host header may carry (None: any, for a server behind a proxy);
-    ``model_name``: how /health and the page name the model (default: its backbone)."""
+    ``model_name``: how /health and the page name the model (default: its backbone); ``max_heatmaps``: heatmaps waiting
+    or being made at once (past that a result carries ``heatmap_error``); ``body_grace_s``, ``min_body_rate``: how slowly
+    an upload may arrive before 408."""
     from . import __version__
     from .explain import views_and_cams
     from .plots import heatmap_rgb, overlay_cam
@@ -290,6 +317,7 @@ def create_app(
     page = static.joinpath("index.html").read_text()
     assets = {name: static.joinpath(name).read_text() for name in ("app.js", "app.css", "favicon.svg")}
     slots = threading.BoundedSemaphore(max_pending)  # one per request admitted
+    heatmaps = threading.BoundedSemaphore(max_heatmaps)  # one per heatmap asked for and not yet made
 
     @asynccontextmanager
     async def lifespan(app):
@@ -357,7 +385,14 @@ def create_app(
         result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}
         result["image_png"] = await loop.run_in_executor(decode_pool, _png, view)
         if heatmap and can_explain and pred.label is not None:  # no decision (unreadable, or not assessable), nothing to explain
-            result.update(await loop.run_in_executor(cam_pool, explain, view, pred))
+            if not heatmaps.acquire(blocking=False):
+                result["heatmap_error"] = (f"not made: the server is busy with {max_heatmaps} other heatmaps; "
+                                           "ask again for this image alone (POST /predict?heatmap=true)")  # fmt: skip
+                return result
+            try:
+                result.update(await loop.run_in_executor(cam_pool, explain, view, pred))
+            finally:
+                heatmaps.release()
         return result
 
     async def admitted(request: Request, fields: tuple[str, ...], max_files: int, heatmap: bool) -> list[dict]:
@@ -366,7 +401,8 @@ def create_app(
             raise HTTPException(503, f"the server is busy ({max_pending} requests in progress); retry in {RETRY_AFTER_S} s",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         try:
-            uploads = await read_multipart(request, fields, max_bytes=max_upload_bytes, max_files=max_files)
+            uploads = await read_multipart(request, fields, max_bytes=max_upload_bytes, max_files=max_files, grace_s=body_grace_s,
+                                           min_rate=min_body_rate)  # fmt: skip
             if max_files == 1:
                 return [await analyse(*uploads[0], heatmap)]
             results = await asyncio.gather(*(analyse(name, data, heatmap) for name, data in uploads), return_exceptions=True)
@@ -407,8 +443,6 @@ def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, allow_hosts: t
     The address is checked and bound before the model loads, so a bad port or host, or a
     port in use, fails at once as a :class:`~pneumoscope.errors.PneumoscopeError` with the fix.
     """
-    import uvicorn
-
     sock = bind_socket(host, port)
     try:
         predictor = Predictor.load(run)
@@ -420,9 +454,44 @@ def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, allow_hosts: t
                            ", ".join(allowed))  # fmt: skip
         app = create_app(predictor, allowed_hosts=allowed, model_name=run_name(run))
         logger.info("serving %s at http://%s:%d/ (Ctrl+C to stop)", run, f"[{host}]" if ":" in host else host, port)
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
+        uvicorn_server(app, host, port).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def uvicorn_server(app, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S, log_level: str = "info"):
+    """A uvicorn server for ``app`` whose connections are closed when a request's headers take longer than
+    ``header_timeout_s`` (uvicorn bounds only the wait between kept-alive requests)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request in hand: its headers are late
+                logger.info("closing a connection from %s: no complete request headers within %g s", self.client, header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=Protocol))
 
 
 def run_name(run: str | os.PathLike) -> str:

@@ -215,6 +215,7 @@ function show(e) {
     $("camnote").textContent = "Grad-CAM for " + r.cam_target + ": where the model's evidence lies, not proof of a finding.";
   } else {
     $("stack").hidden = true; $("heatcontrols").hidden = true;
-    $("camnote").textContent = r.label === null ? "No heatmap: there is no decision to explain." : "No heatmap for this model backend.";
+    $("camnote").textContent = r.label === null ? "No heatmap: there is no decision to explain."
+      : r.heatmap_error ? "No heatmap: " + r.heatmap_error + "." : "No heatmap for this model backend.";
   }
 }
