@@ -467,3 +467,15 @@ def test_a_launched_rank_is_any_process_but_the_first_on_any_node(monkeypatch):
     monkeypatch.setenv("GROUP_RANK", "0")
     monkeypatch.setenv("NODE_RANK", "2")
     assert is_launched_rank()
+
+
+@pytest.mark.parametrize("state", [{"state_dict": {}}, {"epoch": "3", "state_dict": {}}, {"epoch": 1}, [1, 2], b"truncated"])
+def test_resume_refuses_a_state_it_did_not_write_in_one_line(state, tmp_path):
+    """Issue 23 item 10: a resume file without `epoch` ended in a KeyError traceback; a truncated one in torch's."""
+    from pneumoscope.errors import StateError
+    from pneumoscope.finetune import load_resume_state
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(state) if isinstance(state, bytes) else torch.save(state, path)
+    with pytest.raises(StateError, match=r"last.ckpt: not a .*--resume"):
+        load_resume_state(path)

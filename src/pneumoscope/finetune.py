@@ -181,13 +181,22 @@ def load_resume_state(path: str | os.PathLike) -> dict:
     """A Lightning checkpoint loaded with ``weights_only=True`` (no arbitrary code), or a clear error."""
     import pickle
 
+    fix = "Fix: delete the folder and train again without --resume."
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise StateError(
             f"{path}: refused to load fine-tuning state: it holds objects other than tensors and plain values ({str(err).splitlines()[0]}). "
-            "It may have been planted or damaged. Fix: delete the folder and train again without --resume."
+            f"It may have been planted or damaged. {fix}"
         ) from None
+    except OSError:
+        raise
+    except Exception as err:  # a truncated or damaged file (torch's unpickler raises IndexError, EOFError, RuntimeError...)
+        raise StateError(f"{path}: not a readable fine-tuning checkpoint ({type(err).__name__}: {(str(err).splitlines() or [""])[0][:200]}). {fix}") from None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if not (isinstance(epoch, int) and epoch >= 0 and isinstance(state.get("state_dict"), dict)):
+        raise StateError(f"{path}: not a fine-tuning checkpoint this tool wrote (no completed `epoch` or no `state_dict`). {fix}")
+    return state
 
 
 CHECKPOINTS = "checkpoints"  # in the work folder, beside logs/
