@@ -192,7 +192,8 @@ def load_resume_state(path: str | os.PathLike) -> dict:
     except OSError:
         raise
     except Exception as err:  # a truncated or damaged file (torch's unpickler raises IndexError, EOFError, RuntimeError...)
-        raise StateError(f"{path}: not a readable fine-tuning checkpoint ({type(err).__name__}: {(str(err).splitlines() or [""])[0][:200]}). {fix}") from None
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise StateError(f"{path}: not a readable fine-tuning checkpoint ({type(err).__name__}: {first}). {fix}") from None
     epoch = state.get("epoch") if isinstance(state, dict) else None
     if not (isinstance(epoch, int) and epoch >= 0 and isinstance(state.get("state_dict"), dict)):
         raise StateError(f"{path}: not a fine-tuning checkpoint this tool wrote (no completed `epoch` or no `state_dict`). {fix}")
