@@ -545,3 +545,25 @@ def test_a_multipart_boundary_over_70_characters_is_a_400_not_a_500(tiny_run):
     with TestClient(create_app(Predictor.load(tiny_run)), base_url="http://127.0.0.1") as client:
         r = client.post("/predict", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 400 and "boundary is 300 characters; at most 70" in r.json()["detail"]
+
+
+def test_temporary_files_of_a_killed_export_are_removed_by_the_next(tmp_path):
+    """Issue 23 item 11: a kill during export left `..m.onnx.partial-PID-unverified.onnx.XXXX.tmp` (18-21 MB) that the
+    next export never removed: its pattern expected one leading dot."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    left = [f"..m.onnx.partial-{dead}-unverified.onnx.k2j4x9.tmp", f".m.onnx.partial-{dead}-unverified.onnx",
+            f"..m.onnx.partial-{dead}-unverified.onnx.partial-{dead}-a8f3.tmp"]  # fmt: skip
+    for name in left:
+        (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / "other.onnx").write_bytes(b"not ours")
+    outputs.remove_orphans(tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.onnx"]
+
+
+def test_an_atomic_write_names_its_temporary_file_with_its_pid(tmp_path, monkeypatch):
+    """So that a kill mid-write leaves a name that the next run recognises as an orphan and removes."""
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: seen.append(Path(src).name) or real(src, dst))
+    outputs.write_bytes_atomic(tmp_path / "a.csv", b"1\n")
+    assert seen and seen[0].startswith(f".a.csv.partial-{os.getpid()}-") and seen[0].endswith(".tmp")

@@ -31,7 +31,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=".tmp")  # the pid: remove_orphans knows it
     except OSError as err:
         raise _naming(err, path) from err
     try:
@@ -167,7 +167,8 @@ def remove_orphans(path: str | os.PathLike) -> None:
     took its place: it is put back if ``path`` is missing, else removed.
     """
     path = Path(path).absolute()
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(partial|old)-(\d+)(?:[-.].*)?$")
+    # one leading dot, or two: a staged file's own temporary file (``..NAME.partial-PID-unverified.onnx.*.tmp``)
+    pattern = re.compile(rf"^\.\.?{re.escape(path.name)}\.(partial|old)-(\d+)(?:[-.].*)?$")
     try:
         entries = sorted(path.parent.iterdir())
     except OSError:
