@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 from .data import CLASS_NAMES
 from .errors import PneumoscopeError
-from .backbones import RESIZE_METHODS, Preprocessing
+from .backbones import BACKBONES, RESIZE_METHODS, Preprocessing
 
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 1
@@ -32,7 +32,8 @@ OUTPUT = "one logit; P(PNEUMONIA) = sigmoid(logit / temperature)"
 
 # Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
 # above 1,024 px one CPU image costs seconds and a batch gigabytes.
-INPUT_SIZE_RANGE = (16, 1024)
+INPUT_SIZE_RANGE = (16, 1024)  # a backbone this version does not know; a registered one runs at its own size
+TEMPERATURE_RANGE = (0.05, 20.0)  # what metrics.fit_temperature may fit; outside it every probability is near 0, 0.5 or 1
 MAX_FEATURES = 16_384  # pooled backbone features (the registered backbones have 1,280 to 2,688)
 MAX_HIDDEN = 65_536  # the head's hidden units (256 a head; cross-fitted and ensemble heads stack a few)
 MAX_REFERENCE_SAMPLE = 100_000  # the site adapter's sample of training features (FeatureAdapter.REFERENCE_SAMPLE)
@@ -116,8 +117,10 @@ class RunDescription:
         def set_(name: str, value) -> None:  # frozen: the checked, typed value replaces what was given
             object.__setattr__(self, name, value)
 
-        if _number(self.temperature, "temperature", source) <= 0:
-            raise _refuse(source, "temperature", "> 0 (a negative one inverts every prediction)", self.temperature)
+        low, high = TEMPERATURE_RANGE
+        if not low <= _number(self.temperature, "temperature", source) <= high:
+            raise _refuse(source, "temperature", f"in [{low:g}, {high:g}], the range calibration fits in (a negative one inverts every "
+                                                 "prediction, a huge one makes every probability 0.5)", self.temperature)  # fmt: skip
         set_("temperature", float(self.temperature))
         threshold = _number(self.threshold, "threshold", source)
         if not 0.0 < threshold < 1.0:
@@ -130,6 +133,10 @@ class RunDescription:
         set_("class_names", tuple(self.class_names))
         if not isinstance(self.backbone, str) or not self.backbone:
             raise _refuse(source, "backbone", "a backbone name", self.backbone)
+        spec = BACKBONES.get(self.backbone)
+        if spec is not None and self.preprocessing.input_size != spec.preprocessing.input_size:
+            raise _refuse(source, "preprocessing.input_size", f"{spec.preprocessing.input_size}, the size {self.backbone} is trained and "
+                                                              "run at (another size changes answers unflagged)", self.preprocessing.input_size)  # fmt: skip
         set_("head", _head(self.head, source))
         for name in ("metrics", "versions"):
             if not isinstance(getattr(self, name), Mapping):

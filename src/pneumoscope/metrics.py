@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .description import TEMPERATURE_RANGE
 from .errors import UsageError
 
 
@@ -489,7 +490,7 @@ def fit_temperature(logits, y_true) -> float:
         z = logits / np.exp(log_t)
         return float(np.mean(np.logaddexp(0, z) - y_true * z))  # -log sigmoid for y=1, -log(1-sigmoid) for y=0
 
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    res = minimize_scalar(nll, bounds=tuple(np.log(TEMPERATURE_RANGE)), method="bounded")
     return float(np.exp(res.x))
 
 
