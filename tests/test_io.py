@@ -239,3 +239,21 @@ def test_a_real_member_whose_header_understates_its_size_is_refused_as_damaged(t
         assert zf.getinfo("x.png").file_size == 1000
         with pytest.raises(ImageReadError, match=r"x.png: cannot be read from the archive \(Bad CRC-32"):
             read_zip_member(zf, "x.png", "a.zip::x.png")
+
+
+def test_a_masked_array_is_refused_with_the_fix_not_read_through_its_mask():
+    """Issue 23 item 11: the API raised numpy's MaskError, not the ValueError its docstring promises."""
+    from pneumoscope.io import to_image
+
+    x = np.ma.masked_array(np.full((64, 64), 0.5, np.float32), mask=np.eye(64, dtype=bool))
+    with pytest.raises(ValueError, match=r"masked array.*x.filled\(0\)"):
+        to_image(x, "scan")
+
+
+@pytest.mark.parametrize("make", [lambda: np.broadcast_to(np.uint8(0), (8001, 8000)), lambda: Image.new("L", (8000, 8001))])
+def test_an_image_given_in_memory_is_bounded_like_a_file(make):
+    """Issue 23 item 11: a 400-MP array was accepted (4.35 GB); files and uploads stop at 64 MP."""
+    from pneumoscope.io import ImageReadError, to_image
+
+    with pytest.raises(ImageReadError, match=r"8000 x 8001 pixels is over the 64,000,000-pixel limit.*Downscale"):
+        to_image(make(), "big")

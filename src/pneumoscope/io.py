@@ -254,12 +254,25 @@ def to_image(x, name: str = "input", *, draft_size: int | None = None) -> np.nda
     if isinstance(x, (str, os.PathLike)):
         return read_image(x, draft_size=draft_size)
     if isinstance(x, Image.Image):
+        _check_pixels(x.width * x.height, f"{x.width} x {x.height}", name)
         return check_decoded(_to_gray_float(x, name), name)
     if _is_dicom_dataset(x):
         return check_decoded(dicom_to_image(x, name), name)
+    if isinstance(x, np.ma.MaskedArray):  # np.asarray would drop the mask and read the hidden values as pixels
+        raise ImageReadError(name, f"a masked array {x.shape} is not an image input: its masked pixels have no value",
+                             "Fill them first: x.filled(0) (or the value the masked pixels should have).")  # fmt: skip
     if isinstance(x, np.ndarray):
+        if x.ndim >= 2:
+            _check_pixels(x.shape[0] * x.shape[1], f"{x.shape[1]} x {x.shape[0]}", name)
         return check_decoded(_array_to_gray(x, name), name, given=True)
     raise ImageReadError(name, f"an object of type {type(x).__qualname__} is not an image input", f"Pass {ACCEPTED}.")
+
+
+def _check_pixels(pixels: int, size: str, name: str) -> None:
+    """The bound a file read or an upload has, for an image given in memory."""
+    if pixels > MAX_PIXELS:
+        raise ImageReadError(name, f"an image of {size} pixels is over the {MAX_PIXELS:,}-pixel limit (as for files and uploads)",
+                             "Downscale it first; the model sees it at a few hundred pixels a side.")  # fmt: skip
 
 
 def describe_input(x) -> str:
