@@ -224,3 +224,24 @@ def test_resume_refuses_rows_another_model_decided(suffix, tiny_run, tmp_path):
         predict_to(other, expand_items(paths), out, workers=0, resume=True)
     assert out.read_bytes() == before
     assert predict_to(predictor, expand_items(paths), out, workers=0, resume=True).resumed == 2  # its own model continues it
+
+
+def test_a_full_disk_while_predicting_names_the_output_file(tmp_path):
+    """Issue 23 item 11: `predict` on a full disk said "No space left on device" and not which file."""
+    import errno
+
+    from pneumoscope.cli import error_line
+    from pneumoscope.stream import CsvFormat, TextSink
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    out = tmp_path / "preds.csv"
+    with pytest.raises(OSError) as err:
+        TextSink(Full(), CsvFormat(), new=True, path=out)
+    line = error_line(err.value)
+    assert str(out) in line and "no space left" in line and "Fix:" in line

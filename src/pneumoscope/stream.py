@@ -36,7 +36,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .errors import StateError, UsageError
 from .io import ImageReadError, is_image_path, read_zip_member, screen_image
-from .outputs import current_umask
+from .outputs import _naming, current_umask
 from .predict import Prediction, Predictor, expand_inputs
 from .runtime import die_with_parent, progress_bar
 
@@ -291,15 +291,22 @@ class ParquetSink:
 
 
 class TextSink:
-    def __init__(self, fh, fmt, *, new: bool):
-        self.fh, self.fmt = fh, fmt
+    """Rows as text to ``fh``; ``path``: the file it writes, named in an error (a full disk's says no name of its own)."""
+
+    def __init__(self, fh, fmt, *, new: bool, path: Path | None = None):
+        self.fh, self.fmt, self.path = fh, fmt, path
         if new:
             self._put(fmt.head())
 
     def _put(self, text: str) -> None:
         if text:
-            self.fh.write(text)
-            self.fh.flush()  # a kill loses at most the batch being predicted
+            try:
+                self.fh.write(text)
+                self.fh.flush()  # a kill loses at most the batch being predicted
+            except OSError as err:
+                if self.path is None or err.filename is not None:
+                    raise
+                raise _naming(err, self.path) from err
 
     def write(self, rows: list[dict]) -> None:
         self._put(self.fmt.encode(rows))
@@ -425,7 +432,7 @@ def predict_to(
                 todo = [it for it in items if not _take(done, it.name)]
                 logger.info("%s: %d rows from an earlier run kept, %d inputs to predict", out, resumed, len(todo))
             fh = files.enter_context(open(out, "a" if exists and resume else "w", encoding="utf-8", newline=""))  # noqa: SIM115 (closed by `files`)
-            sink = TextSink(fh, fmt, new=not (exists and resume) or os.path.getsize(out) == 0)
+            sink = TextSink(fh, fmt, new=not (exists and resume) or os.path.getsize(out) == 0, path=out)
     rows = resumed
     with files:
         with progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress) as bar:
