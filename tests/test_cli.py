@@ -448,6 +448,7 @@ def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tr
     run, ev = tmp_path / "run", tmp_path / "ev"
     assert main(["train", str(kaggle_tree), "--out", str(run), "--epochs", "3", "--pretrained", "none", "--val-fraction", "0.3"]) == 0
     assert main(["evaluate", str(run), str(kaggle_tree), "--out", str(ev), "--bootstraps", "50", "--no-audit"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["seen_in_training"] == 0  # its test images are not its training images
     captured = capsys.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
     assert sum(f"written to {run}" in line for line in lines) == 1, lines
@@ -456,3 +457,21 @@ def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tr
     assert not repeated, repeated
     long_numbers = [line for line in lines if re.search(r"\d\.\d{6,}", line)]
     assert not long_numbers, long_numbers
+
+
+def test_evaluate_finds_test_images_byte_identical_to_the_runs_training_images(tmp_path):
+    """Issue 23 item 11: evaluate did not warn when the images it scored were ones the run was fitted on."""
+    from pneumoscope.checkpoint import RunFolder
+    from pneumoscope.data import Record
+    from pneumoscope.evaluate import seen_in_training
+
+    (tmp_path / "splits.csv").write_text(
+        "path,split,label,patient_id,pneumonia_type,sha256,status\n"
+        f"train/NORMAL/a.jpeg,train,NORMAL,a,none,{'a' * 64},used\n"
+        f"train/NORMAL/b.jpeg,val,NORMAL,b,none,{'b' * 64},used\n"
+        f"train/NORMAL/c.jpeg,train,NORMAL,c,none,{'c' * 64},skipped\n"  # unreadable at training: not fitted on
+        f"test/NORMAL/d.jpeg,test,NORMAL,d,none,{'d' * 64},used\n"
+    )  # fmt: skip
+    records = [Record(f"test/NORMAL/{h}.jpeg", 0, "test", h, "none", True, content_hash=h * 64) for h in "abcde"]
+    assert [r.ref for r in seen_in_training(RunFolder(tmp_path), records)] == ["test/NORMAL/a.jpeg", "test/NORMAL/b.jpeg"]
+    assert seen_in_training(RunFolder(tmp_path / "none"), records) == []  # a run without splits.csv (an older one)

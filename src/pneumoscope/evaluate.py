@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -177,6 +178,17 @@ def _site_shift(predictor: Predictor, result: EvaluationResult) -> tuple[dict | 
     return assess_site(predictor, result.features, n_perm=200), ""
 
 
+def seen_in_training(run_folder: RunFolder, records: list[data_mod.Record]) -> list[data_mod.Record]:
+    """The records whose bytes match an image the run was trained or validated on (by the SHA-256 in its splits.csv)."""
+    if not run_folder.splits.is_file():
+        return []
+    with open(run_folder.splits, newline="", encoding="utf-8", errors="replace") as fh:
+        fitted = {row.get("sha256") for row in csv.DictReader(fh) if row.get("split") in ("train", "val") and row.get("status") == "used"}
+    fitted.discard("")
+    fitted.discard(None)
+    return [r for r in records if r.content_hash and r.content_hash in fitted]
+
+
 def evaluate_run(
     run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
     limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, tta: bool = False,
@@ -234,6 +246,12 @@ def evaluate_run(
             write_json(tmp / "shortcut_audit.json", audit)
             screened = screened or [screens[i] for i in range(len(result.records))]
         m["not_assessable"] = count_not_assessable(result.ood_distance, predictor.ood_cutoff, screened)
+        seen = seen_in_training(run_folder, result.records)
+        m["seen_in_training"] = len(seen)
+        if seen:
+            logger.warning("%d of the %d evaluated images are byte-identical to images this run was trained or validated on (e.g. %s): "
+                           "these figures are optimistic. Fix: evaluate on images the run never saw.", len(seen), len(result.records),
+                           dataset.display(seen[0]))  # fmt: skip
         write_json(tmp / "metrics.json", m)
         shift, shift_skipped = _site_shift(predictor, result)
         if shift:
@@ -254,6 +272,8 @@ def evaluate_run(
             "site_shift": shift,
             "model_card": model_card(predictor.description, m, str(data)),
             "notes": ([m["note"]] if m.get("note") else []) + (
+                [f"{m['seen_in_training']} of these images are byte-identical to images the model was trained or validated on: "
+                 "the figures are optimistic."] if m["seen_in_training"] else []) + (
                 [f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
                  "the figures are transductive."] if m.get("adapted_on_evaluated_images") else []),
         }  # fmt: skip
