@@ -183,19 +183,27 @@ def _tree_with_bad_files(root: Path, bad_files: dict[str, Path]) -> Path:
 
 
 def test_train_and_evaluate_skip_and_list_every_bad_file(bad_files, tmp_path, capsys):
+    from tests.test_redteam import _specials, _within
+
     tree = _tree_with_bad_files(tmp_path / "data", bad_files)
+    for folder in ("train/NORMAL", "test/PNEUMONIA"):  # a FIFO, device links and a dangling link: rows, never read (issue 23)
+        _specials(tree / folder)
+    (tree / "train" / "NORMAL" / "loop").symlink_to(tree / "train", target_is_directory=True)
     run = tmp_path / "run"
-    code = main(["-q", "train", str(tree), "--out", str(run), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3"])
+    code = _within(300, main, ["-q", "train", str(tree), "--out", str(run), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3"])
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in out + err and (run / "model.safetensors").is_file()
     ev = tmp_path / "ev"
-    code = main(["-q", "evaluate", str(run), str(tree), "--out", str(ev), "--no-audit", "--bootstraps", "50"])
+    code = _within(300, main, ["-q", "evaluate", str(run), str(tree), "--out", str(ev), "--no-audit", "--bootstraps", "50"])
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in out + err
     preds = list(csv.DictReader(open(ev / "predictions.csv")))
     assert all(math.isfinite(float(r["prob"])) for r in preds) and len(preds) >= 8  # every good test image evaluated
     skipped = {Path(r["path"]).name for r in csv.DictReader(open(ev / "skipped.csv"))}
     assert any(n.startswith("bad_") for n in skipped)
+    assert {"pipe.png", "zero.png", "random.jpeg", "gone.png"} <= skipped, skipped
+    trained_skipped = {Path(r["path"]).name for r in csv.DictReader(open(run / "skipped.csv"))}
+    assert {"pipe.png", "zero.png", "random.jpeg", "gone.png"} <= trained_skipped, trained_skipped
 
 
 def test_the_web_app_answers_each_with_a_status_never_a_label_from_nothing(run, bad_files):
