@@ -51,9 +51,9 @@ def load_test(run: str, files: list[Path], n: int, concurrency: int) -> dict:
 
 
 def main() -> None:
-    from pneumoscope.export import export_onnx
-    from pneumoscope.io import is_image_path
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.export import export_onnx
+    from pneumoscope.data.decode import is_image_path
+    from pneumoscope.inference.predictor import Predictor
     from pneumoscope.runtime import tune_cpu_allocator
 
     parser = argparse.ArgumentParser()

@@ -18,12 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope import data as D
-from pneumoscope.features import extract_features
-from pneumoscope.metrics import compute_roc_auc, compute_threshold, fit_temperature
-from pneumoscope.models import Head, create_model
-from pneumoscope.predict import calibrated_probability
-from pneumoscope.train import TrainConfig, fit_head, head_logits, prepare_records
+from pneumoscope.data import discovery as D
+from pneumoscope.models.features import extract_features
+from pneumoscope.metrics.classification import compute_roc_auc
+from pneumoscope.metrics.operating_point import compute_threshold
+from pneumoscope.metrics.calibration import fit_temperature
+from pneumoscope.models.classifier import Head, create_model
+from pneumoscope.inference.predictor import calibrated_probability
+from pneumoscope.training.config import TrainConfig
+from pneumoscope.training.head import fit_head, head_logits
+from pneumoscope.training.pipeline import prepare_records
 
 REPO = Path(__file__).resolve().parents[1]
 

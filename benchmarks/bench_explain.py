@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cam_latency_ms(predictor, image: np.ndarray, method: str, reps: int = 10) -> float:
-    from pneumoscope.explain import compute_cam
+    from pneumoscope.explain.cams import compute_cam
 
     x = predictor.preprocess(image)
     compute_cam(predictor.model, x, [1], method)  # warm-up
@@ -38,9 +38,10 @@ def cam_latency_ms(predictor, image: np.ndarray, method: str, reps: int = 10) ->
 
 
 def main() -> None:
-    from pneumoscope.explain import CAM_METHODS, explain_images
-    from pneumoscope.io import is_image_path
-    from pneumoscope.predict import Predictor
+    from pneumoscope.explain.cams import CAM_METHODS
+    from pneumoscope.explain.command import explain_images
+    from pneumoscope.data.decode import is_image_path
+    from pneumoscope.inference.predictor import Predictor
     from pneumoscope.runtime import tune_cpu_allocator
 
     parser = argparse.ArgumentParser()

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from pneumoscope.models import create_model
+from pneumoscope.models.classifier import create_model
 from pneumoscope.runtime import tune_cpu_allocator
 
 

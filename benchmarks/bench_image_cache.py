@@ -35,10 +35,10 @@ def rss() -> dict[str, float]:
 def main() -> None:
     from torch.utils.data import DataLoader
 
-    from pneumoscope import data as D
-    from pneumoscope.finetune import ArrayDataset
-    from pneumoscope.imagecache import build_image_array
-    from pneumoscope.backbones import BACKBONES
+    from pneumoscope.data import discovery as D
+    from pneumoscope.training.finetune import ArrayDataset
+    from pneumoscope.data.imagecache import build_image_array
+    from pneumoscope.models.backbones import BACKBONES
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100_000)

@@ -70,7 +70,7 @@ def run_cli(args: list[str], env: dict) -> subprocess.Popen:
 
 def complete(name: str, out: Path) -> str | None:
     """None when ``out`` is a complete, valid output of ``name``; else what is wrong with it."""
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     try:
         if name in ("train", "calibrate"):
@@ -110,7 +110,7 @@ def trial(name: str, args: list[str], out: Path, delay: float, env: dict) -> dic
         record["left"] = "complete" if (problem := complete(name, out)) is None else f"INVALID: {problem}"
     else:
         record["left"] = "nothing"
-    from pneumoscope.finetune import resume_checkpoint
+    from pneumoscope.training.finetune import resume_checkpoint
 
     resumable = work_state.exists() and resume_checkpoint(work_state).is_file()
     record["fine_tune_state_left"] = "checkpoint" if resumable else ("logs only" if work_state.exists() else "none")

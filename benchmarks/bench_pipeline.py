@@ -36,7 +36,7 @@ def run(cmd: list[str], env: dict) -> tuple[float, int]:
 def forward_rate(backbone: str, batch: int = 32, reps: int = 3) -> float:
     import torch
 
-    from pneumoscope.models import create_model
+    from pneumoscope.models.classifier import create_model
     from pneumoscope.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope import data as D
-from pneumoscope import metrics as ME
-from pneumoscope.io import resize_image
-from pneumoscope.models import Head, create_model
+from pneumoscope.data import discovery as D
+from pneumoscope.metrics.classification import compute_binary_metrics, compute_roc_auc, compute_youden_threshold
+from pneumoscope.data.decode import resize_image
+from pneumoscope.models.classifier import Head, create_model
 from pneumoscope.runtime import tune_cpu_allocator
-from pneumoscope.train import fit_head, predict_head
+from pneumoscope.training.head import fit_head, predict_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,9 +92,9 @@ def main() -> None:
         head = Head(f.shape[1])
         fit_head(head, f[tr], y[tr], f[va], y[va], seed=0, progress=False)
         pv, pt = (predict_head(head, f[m]) for m in (va, te))
-        th = ME.compute_youden_threshold(y[va], pv)
-        m = ME.compute_binary_metrics(y[te], pt, th)
-        print(f"| {name} | {ME.compute_roc_auc(y[va], pv):.4f} | {ME.compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
+        th = compute_youden_threshold(y[va], pv)
+        m = compute_binary_metrics(y[te], pt, th)
+        print(f"| {name} | {compute_roc_auc(y[va], pv):.4f} | {compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
               f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | {time.perf_counter() - t0:.0f} |", flush=True)  # fmt: skip
         if args.logistic:
             logistic_heads(name, f, y, tr, va, te)
@@ -108,9 +108,9 @@ def logistic_heads(name: str, f: np.ndarray, y: np.ndarray, tr, va, te) -> None:
     for c in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
         lr = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(scaler.transform(f[tr]), y[tr])
         pv, pt = (lr.predict_proba(scaler.transform(f[m]))[:, 1] for m in (va, te))
-        th = ME.compute_youden_threshold(y[va], pv)
-        m = ME.compute_binary_metrics(y[te], pt, th)
-        print(f"| {name}, logistic C={c:g} | {ME.compute_roc_auc(y[va], pv):.4f} | {ME.compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
+        th = compute_youden_threshold(y[va], pv)
+        m = compute_binary_metrics(y[te], pt, th)
+        print(f"| {name}, logistic C={c:g} | {compute_roc_auc(y[va], pv):.4f} | {compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
               f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | |", flush=True)  # fmt: skip
 
 

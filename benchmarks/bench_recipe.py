@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import REPO, run  # noqa: E402
 
-from pneumoscope.metrics import mean_sd  # noqa: E402
+from pneumoscope.metrics.intervals import mean_sd  # noqa: E402
 
 TARGETS = {"roc_auc": 0.985, "accuracy": 0.94, "sensitivity": 0.95, "specificity": 0.90}
 

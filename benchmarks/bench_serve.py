@@ -112,7 +112,7 @@ def summary(results: list, wall: float) -> dict:
 
 
 def main() -> None:
-    from pneumoscope.io import is_image_path
+    from pneumoscope.data.decode import is_image_path
 
     parser = argparse.ArgumentParser()
     parser.add_argument("run")

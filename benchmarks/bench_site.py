@@ -47,7 +47,7 @@ def _link_tree(root: Path, files: list[tuple[Path, str]], labelled: bool) -> Pat
 
 def _halves(test: Path, seed: int) -> tuple[list, list]:
     """Two class-stratified halves of test/, cut by patient."""
-    from pneumoscope.data import parse_patient_id
+    from pneumoscope.data.discovery import parse_patient_id
 
     rng = np.random.default_rng(seed)
     a, b = [], []
@@ -71,23 +71,23 @@ def _draw(files: list, k: int, rng: np.random.Generator) -> list:
 
 
 def _metrics(run: Path, folder: Path, cache: str) -> dict:
-    from pneumoscope import data as data_mod
-    from pneumoscope.evaluate import evaluate_dataset
-    from pneumoscope.predict import Predictor
+    from pneumoscope.data import discovery as data_mod
+    from pneumoscope.evaluation.evaluate import evaluate_dataset
+    from pneumoscope.inference.predictor import Predictor
 
     result = evaluate_dataset(Predictor.from_checkpoint(run), data_mod.load_dataset(folder), split="all", cache_dir=cache, n_boot=200, progress=False)
     return {k: result.metrics[k] for k in KEYS} | {"threshold": result.metrics["threshold"]}
 
 
 def _mean(rows: list[dict]) -> dict:
-    from pneumoscope.metrics import mean_sd
+    from pneumoscope.metrics.intervals import mean_sd
 
     return {k: mean_sd([r[k] for r in rows]) for k in rows[0] if isinstance(rows[0][k], (int, float))}
 
 
 def bench_run(run: Path, data: Path, work: Path, cache: str, draws: int, ks: list[int]) -> dict:
-    from pneumoscope.adapt import adapt_run, shift_report
-    from pneumoscope.calibrate import calibrate_run
+    from pneumoscope.adaptation.adapt import adapt_run, shift_report
+    from pneumoscope.adaptation.calibrate import calibrate_run
 
     test = data / "test"
     out = {"run": str(run), "no_site_data": _metrics(run, test, cache)}

@@ -1,6 +1,6 @@
 """A griffe extension for the documentation site: the docstrings' Sphinx roles as code.
 
-The package's docstrings name other objects the Sphinx way (:class:`~pneumoscope.predict.Predictor`,
+The package's docstrings name other objects the Sphinx way (:class:`~pneumoscope.inference.predictor.Predictor`,
 :func:`load`), which `help()` and editors read as they are; mkdocstrings renders Markdown, where a role
 would show as ":class:" beside its target. Each becomes a code span of the name (its last part when
 written with "~"), as Sphinx itself shows it.

@@ -32,8 +32,8 @@ def tiny_run(tmp_path_factory) -> Path:
     """A checkpoint of an untrained model (random head): enough to load, predict and export."""
     import torch
 
-    from pneumoscope.checkpoint import describe, save_checkpoint
-    from pneumoscope.models import create_model
+    from pneumoscope.models.checkpoint import describe, save_checkpoint
+    from pneumoscope.models.classifier import create_model
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
@@ -95,7 +95,7 @@ def make_npz(path: Path, counts=(("train", 24), ("val", 8), ("test", 8)), seed: 
 
 def train_real_run(tmp_path_factory, name: str, *args: str) -> Path:
     """A run trained through the CLI on a capped subset of the real data (skips where absent)."""
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     if not (CHEST_XRAY / "MANIFEST.csv").is_file():
         pytest.skip(f"real data not found at {CHEST_XRAY}")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import pneumoscope
-from pneumoscope.cli import main
-from pneumoscope.predict import Prediction
+from pneumoscope.cli.main import main
+from pneumoscope.inference.predictor import Prediction
 from tests.conftest import PROB_ATOL
 from tests.dicom_util import write_dicom
 

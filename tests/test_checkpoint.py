@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumoscope.checkpoint import CheckpointError, RunFolder, describe, load_checkpoint, read_description, save_checkpoint, save_derived_run
-from pneumoscope.description import RunDescription
+from pneumoscope.models.checkpoint import CheckpointError, RunFolder, describe, load_checkpoint, read_description, save_checkpoint, save_derived_run
+from pneumoscope.models.description import RunDescription
 from pneumoscope.errors import MissingFileError
-from pneumoscope.models import create_model
+from pneumoscope.models.classifier import create_model
 
 # What the code before RunDescription wrote: an ONNX export's description of a run trained, calibrated, then adapted
 # (every section), with the image hash lists shortened and the data paths made neutral.
@@ -77,7 +77,7 @@ def _edited(tmp_path, **changes):
      ({"class_names": ["PNEUMONIA", "NORMAL"]}, "class_names must be")],
 )  # fmt: skip
 def test_a_description_that_would_change_answers_is_refused_on_load(tmp_path, changes, match):
-    from pneumoscope.checkpoint import CheckpointError
+    from pneumoscope.models.checkpoint import CheckpointError
 
     path = _edited(tmp_path, **changes)
     with pytest.raises(CheckpointError, match=match) as err:
@@ -89,7 +89,7 @@ def test_the_same_checks_guard_an_onnx_description(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     description = {**json.loads(WRITTEN.read_text()), "temperature": -2.0}
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("image", "logit")]
@@ -231,8 +231,8 @@ def test_a_missing_run_folder_says_what_to_give(tmp_path):
 
 def test_a_description_without_its_format_is_refused(tmp_path):
     """Every description pneumoscope writes names its format; one without it was not written by pneumoscope."""
-    from pneumoscope.checkpoint import CheckpointError, describe
-    from pneumoscope.description import RunDescription
+    from pneumoscope.models.checkpoint import CheckpointError, describe
+    from pneumoscope.models.description import RunDescription
 
     d = describe(create_model("efficientnet_lite0", pretrained="none", hidden=8), threshold=0.5, threshold_policy="test").to_dict()
     del d["format"]
@@ -242,8 +242,8 @@ def test_a_description_without_its_format_is_refused(tmp_path):
 
 def test_a_format_version_that_is_not_a_number_is_a_checkpoint_error():
     """A damaged header is the user's to fix (one line naming the file), not a TypeError reported as a bug."""
-    from pneumoscope.checkpoint import CheckpointError, describe
-    from pneumoscope.description import RunDescription
+    from pneumoscope.models.checkpoint import CheckpointError, describe
+    from pneumoscope.models.description import RunDescription
 
     d = describe(create_model("efficientnet_lite0", pretrained="none", hidden=8), threshold=0.5, threshold_policy="test").to_dict()
     d["format_version"] = "one"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.checkpoint import RunFolder, read_description
-from pneumoscope.cli import main
+from pneumoscope.models.checkpoint import RunFolder, read_description
+from pneumoscope.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_demo_runs_train_evaluate_explain(kaggle_tree, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "test: n=16" in printed and str(out) in printed
     assert (out / "run" / "model.safetensors").is_file() and (out / "eval" / "metrics.json").is_file()
-    from pneumoscope.explain import MIN_FAITHFULNESS_IMAGES
+    from pneumoscope.explain.checks import MIN_FAITHFULNESS_IMAGES
 
     explained = json.loads((out / "explain" / "explanations.json").read_text())
     assert len(explained["images"]) >= MIN_FAITHFULNESS_IMAGES and "too few" not in explained["checks"]["faithfulness_verdict"]
@@ -299,7 +299,7 @@ def test_report_is_self_contained(trained_run, tmp_path):
 
 
 def test_threshold_policy_flags_reach_the_training_config():
-    from pneumoscope.cli import _config, _policy, build_parser
+    from pneumoscope.cli.main import _config, _policy, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["train", "DATA", "--out", "RUN", "--target-specificity", "0.9"])
@@ -323,7 +323,7 @@ def test_export_log_has_no_third_party_info_and_no_progress_frames(trained_run, 
     assert "\r" not in proc.stderr
     records = [line for line in proc.stderr.splitlines() if line.split(" ", 1)[0] in ("DEBUG", "INFO")]
     assert records and all(line.split(" ", 2)[1].startswith("pneumoscope") for line in records), records[:5]
-    assert any(line.startswith("INFO pneumoscope.export: exporting") for line in records)  # our own INFO still shows
+    assert any(line.startswith("INFO pneumoscope.inference.export: exporting") for line in records)  # our own INFO still shows
     assert "exported" not in proc.stderr and "parity with PyTorch" in proc.stdout  # the result once, on stdout (issue 20)
 
 
@@ -353,9 +353,9 @@ def test_verbose_shows_other_libraries_info_and_default_does_not(capsys):
         for verbose in (False, True):
             configure_logging(verbose=verbose)
             logging.getLogger("onnx_ir.passes").info("deduplicated %d", 1)
-            logging.getLogger("pneumoscope.export").info("exported")
+            logging.getLogger("pneumoscope.inference.export").info("exported")
             err = capsys.readouterr().err
-            assert ("INFO onnx_ir.passes: deduplicated 1" in err) is verbose and err.count("INFO pneumoscope.export: exported") == 1
+            assert ("INFO onnx_ir.passes: deduplicated 1" in err) is verbose and err.count("INFO pneumoscope.inference.export: exported") == 1
     finally:
         configure_logging()
         logging.getLogger().setLevel(root_level)
@@ -387,7 +387,7 @@ def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, ka
                                   ["train", "DATA", "--out", "o", "-v"], ["-v", "serve", "RUN"]])  # fmt: skip
 def test_q_and_v_are_taken_before_the_command_and_after_it(argv):
     """Issue 20: `predict … -q` was refused; only `pneumoscope -q predict …` worked."""
-    from pneumoscope.cli import build_parser
+    from pneumoscope.cli.main import build_parser
 
     args = build_parser().parse_args(argv)
     assert (args.quiet, args.verbose) == (("-q" in argv or "--quiet" in argv), "-v" in argv)
@@ -417,7 +417,7 @@ def test_every_argument_of_every_command_has_help_and_every_command_an_example()
     """Issue 20: positional arguments had no help and no command showed an example."""
     import argparse
 
-    from pneumoscope.cli import build_parser
+    from pneumoscope.cli.main import build_parser
 
     commands = dict(_commands(build_parser()))
     assert len(commands) >= 14
@@ -461,9 +461,9 @@ def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tr
 
 def test_evaluate_finds_test_images_byte_identical_to_the_runs_training_images(tmp_path):
     """Issue 23 item 11: evaluate did not warn when the images it scored were ones the run was fitted on."""
-    from pneumoscope.checkpoint import RunFolder
-    from pneumoscope.data import Record
-    from pneumoscope.evaluate import seen_in_training
+    from pneumoscope.models.checkpoint import RunFolder
+    from pneumoscope.data.discovery import Record
+    from pneumoscope.evaluation.evaluate import seen_in_training
 
     (tmp_path / "splits.csv").write_text(
         "path,split,label,patient_id,pneumonia_type,sha256,status\n"

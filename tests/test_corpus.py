@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.cli import main
+from pneumoscope.cli.main import main
 from tests.conftest import make_kaggle_tree, synthetic_xray
 from tests.dicom_util import write_dicom, write_malformed_dicoms
 
@@ -209,8 +209,8 @@ def test_train_and_evaluate_skip_and_list_every_bad_file(bad_files, tmp_path, ca
 def test_the_web_app_answers_each_with_a_status_never_a_label_from_nothing(run, bad_files):
     from fastapi.testclient import TestClient
 
-    from pneumoscope.predict import Predictor
-    from pneumoscope.serve import create_app
+    from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.serving.app import create_app
 
     with TestClient(create_app(Predictor.load(run)), base_url="http://127.0.0.1") as client:
         for name, path in bad_files.items():

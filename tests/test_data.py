@@ -3,7 +3,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from pneumoscope import data as D
+from pneumoscope.data import discovery as D
 
 
 @pytest.mark.parametrize(
@@ -146,9 +146,9 @@ def test_limit_per_split_keeps_both_classes():
 def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, tmp_path):
     import zipfile
 
-    from pneumoscope.cli import main
-    from pneumoscope.data import load_dataset
-    from pneumoscope.io import read_image
+    from pneumoscope.cli.main import main
+    from pneumoscope.data.discovery import load_dataset
+    from pneumoscope.data.decode import read_image
 
     (kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"not a jpeg")
     packed = tmp_path / "packed.zip"
@@ -172,8 +172,8 @@ def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, t
 def test_pack_keeps_two_files_that_differ_only_by_suffix(kaggle_tree, tmp_path):
     from PIL import Image
 
-    from pneumoscope.cli import main
-    from pneumoscope.data import load_dataset
+    from pneumoscope.cli.main import main
+    from pneumoscope.data.discovery import load_dataset
 
     folder = kaggle_tree / "train" / "NORMAL"
     jpeg = next(folder.glob("*.jpeg"))
@@ -199,10 +199,10 @@ def _zip_with_a_bomb(tree, archive):
 def test_data_inspect_and_pack_skip_a_zip_bomb_member_with_the_reason_and_read_the_rest(kaggle_tree, tmp_path, monkeypatch, capsys):
     import json
 
-    import pneumoscope.io
-    from pneumoscope.cli import main
+    import pneumoscope.data.decode
+    from pneumoscope.cli.main import main
 
-    monkeypatch.setattr(pneumoscope.io, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(pneumoscope.data.decode, "MAX_MEMBER_BYTES", 1 << 20)
     archive = _zip_with_a_bomb(kaggle_tree, tmp_path / "bomb.zip")
     images = len(D.load_dataset(kaggle_tree).records)
     assert main(["-q", "data", "inspect", str(archive), "--json"]) == 1  # done, one file unreadable

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from pneumoscope.cli import main
-from pneumoscope.predict import Predictor
+from pneumoscope.cli.main import main
+from pneumoscope.inference.predictor import Predictor
 from tests.conftest import PROB_ATOL
 from tests.dicom_util import write_dicom
 
@@ -102,7 +102,7 @@ def test_onnx_export_matches_pytorch(run, tmp_path, capsys, predictor):
 def client(predictor):
     from fastapi.testclient import TestClient
 
-    from pneumoscope.serve import create_app
+    from pneumoscope.serving.app import create_app
 
     return TestClient(create_app(predictor, max_upload_bytes=300_000), base_url="http://127.0.0.1")
 
@@ -201,7 +201,7 @@ def test_uploads_are_forward_passed_together(predictor):
 
     from fastapi.testclient import TestClient
 
-    from pneumoscope.serve import create_app
+    from pneumoscope.serving.app import create_app
 
     app = create_app(predictor, batch_wait_s=0.3)
     paths = _test_images(4)
@@ -217,7 +217,7 @@ def test_full_queue_answers_503_with_retry_after(predictor, monkeypatch):
 
     from fastapi.testclient import TestClient
 
-    from pneumoscope.serve import create_app
+    from pneumoscope.serving.app import create_app
 
     entered, release = threading.Semaphore(0), threading.Event()
     read = predictor.read
@@ -261,7 +261,7 @@ def _tempfile_spy(monkeypatch, tmp_path):
 def test_uploads_stay_in_memory_and_the_cap_holds_while_streaming(predictor, monkeypatch, tmp_path):
     from fastapi.testclient import TestClient
 
-    from pneumoscope.serve import create_app
+    from pneumoscope.serving.app import create_app
 
     folder, made = _tempfile_spy(monkeypatch, tmp_path)
     client = TestClient(create_app(predictor, max_upload_bytes=3_000_000), base_url="http://127.0.0.1")
@@ -317,7 +317,7 @@ def test_error_answers_do_not_echo_the_upload(client, name):
 
 
 def test_test_time_augmentation(predictor):
-    from pneumoscope.predict import tta_views
+    from pneumoscope.inference.predictor import tta_views
 
     view = predictor.preprocessing_view(predictor.read(_test_images(1)[0]))
     views = tta_views(view)
@@ -377,7 +377,7 @@ def test_pixel_budget_lets_images_decode_together_only_while_they_fit():
     import threading
     import time
 
-    from pneumoscope.serve import PixelBudget
+    from pneumoscope.serving.app import PixelBudget
 
     budget, order = PixelBudget(100), []
 
@@ -406,7 +406,7 @@ def test_the_page_colour_bar_is_the_heatmap_colour_map():
 
     from pneumoscope.plots import CAM_CMAP
 
-    css = resources.files("pneumoscope").joinpath("static/app.css").read_text()
+    css = resources.files("pneumoscope.serving").joinpath("static/app.css").read_text()
     stops = re.findall(r"#([0-9a-f]{6}) (\d+(?:\.\d+)?)%", re.search(r"\.colorbar\{[^}]*\}", css).group(0))
     assert len(stops) >= 5
     cmap = matplotlib.colormaps[CAM_CMAP]
@@ -491,7 +491,7 @@ def live(predictor):
     """Serve an app made by ``live(**create_app_kwargs)`` on a free port in a thread, as `pneumoscope serve` does."""
     import threading
 
-    from pneumoscope.serve import bind_socket, create_app, uvicorn_server
+    from pneumoscope.serving.app import bind_socket, create_app, uvicorn_server
 
     servers = []
 
@@ -583,7 +583,7 @@ def test_heatmaps_past_the_budget_are_skipped_with_a_reason_not_queued(predictor
     """Issue 23 item 6: 32 batch requests x 16 heatmaps kept the server busy for 102 s and everyone else got 503."""
     from fastapi.testclient import TestClient
 
-    from pneumoscope.serve import create_app
+    from pneumoscope.serving.app import create_app
 
     paths = _test_images(2)
     files = [("files", (p.name, p.read_bytes())) for p in paths]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from pneumoscope.io import ImageReadError, read_image
+from pneumoscope.data.decode import ImageReadError, read_image
 from tests.dicom_util import MALFORMED_HEADERS, write_dicom, write_malformed_dicoms
 
 
@@ -99,7 +99,7 @@ def test_a_width_one_linear_window_is_a_threshold_at_the_centre(tmp_path):
 
 
 def test_every_decoder_output_is_checked_for_nan(tmp_path, monkeypatch):
-    import pneumoscope.io as io_mod
+    import pneumoscope.data.decode as io_mod
 
     monkeypatch.setattr(io_mod, "read_dicom", lambda path, data, max_pixels: np.full((4, 4), np.nan, np.float32))
     path = write_dicom(tmp_path / "nan.dcm", np.zeros((4, 4)))
@@ -130,7 +130,7 @@ def test_large_dicom_decodes_within_eight_bytes_a_pixel(tmp_path):
 def test_image_pixels_reads_the_header_only(tmp_path):
     from PIL import Image
 
-    from pneumoscope.io import image_pixels
+    from pneumoscope.data.decode import image_pixels
     from tests.dicom_util import write_rle_dicom
 
     dcm = write_rle_dicom(tmp_path / "h.dcm", 300, 200)
@@ -193,7 +193,7 @@ def folder_with_malformed(tmp_path) -> tuple[list, dict]:
 def test_data_inspect_lists_the_malformed_dicoms_and_counts_the_rest(folder_with_malformed, capsys):
     import json
 
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     good, bad = folder_with_malformed
     assert main(["-q", "data", "inspect", str(good[0].parent.parent), "--json"]) == 1  # done, some files unreadable
@@ -206,7 +206,7 @@ def test_data_inspect_lists_the_malformed_dicoms_and_counts_the_rest(folder_with
 def test_predict_gives_the_malformed_dicoms_an_error_and_the_rest_probabilities(folder_with_malformed, tiny_run, capsys):
     import csv
 
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     good, bad = folder_with_malformed
     assert main(["-q", "predict", str(tiny_run), str(good[0].parent.parent), "--workers", "0"]) == 1
@@ -219,8 +219,8 @@ def test_predict_gives_the_malformed_dicoms_an_error_and_the_rest_probabilities(
 def test_the_server_answers_422_for_a_malformed_dicom_and_the_batch_still_answers_the_good_image(folder_with_malformed, tiny_run):
     from fastapi.testclient import TestClient
 
-    from pneumoscope.predict import Predictor
-    from pneumoscope.serve import create_app
+    from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.serving.app import create_app
 
     good, bad = folder_with_malformed
     with TestClient(create_app(Predictor.load(tiny_run)), base_url="http://127.0.0.1") as client:

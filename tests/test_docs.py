@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -20,7 +19,7 @@ def test_site_builds_strict_with_the_api_from_the_docstrings(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, f"mkdocs build --strict failed (pip install -e '.[docs]' if mkdocs is missing):\n{done.stderr[-4000:]}"
     api = (site / "api" / "index.html").read_text()
-    for name in ("pneumoscope.api.load", "pneumoscope.api.Model", "pneumoscope.api.CamMap", "pneumoscope.predict.Prediction",
+    for name in ("pneumoscope.api.load", "pneumoscope.api.Model", "pneumoscope.api.CamMap", "pneumoscope.inference.predictor.Prediction",
                  "pneumoscope.errors.PneumoscopeError"):  # fmt: skip
         assert f'id="{name}"' in api, f"{name} is not documented on the API page"
     assert "Returns" in api and "Raises" in api  # the docstrings' sections were parsed, not shown as text

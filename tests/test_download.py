@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from pneumoscope.download import fetch_pneumoniamnist
+from pneumoscope.data.download import fetch_pneumoniamnist
 
 
 @pytest.fixture
@@ -46,6 +46,6 @@ def test_importing_the_downloader_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, pneumoscope.download; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    code = "import sys, pneumoscope.data.download; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 import pneumoscope
-from pneumoscope.cli import error_line
+from pneumoscope.cli.main import error_line
 from pneumoscope.errors import MissingFileError, PneumoscopeError, StateError, UsageError
 
 SRC = Path(pneumoscope.__file__).parent
 
 
 def _kinds():
-    from pneumoscope.checkpoint import CheckpointError
-    from pneumoscope.data import DataError
-    from pneumoscope.download import DownloadError
-    from pneumoscope.io import ImageReadError
+    from pneumoscope.models.checkpoint import CheckpointError
+    from pneumoscope.data.discovery import DataError
+    from pneumoscope.data.download import DownloadError
+    from pneumoscope.data.decode import ImageReadError
     from pneumoscope.outputs import OutputExistsError
 
     return [(DataError, ValueError), (ImageReadError, ValueError), (CheckpointError, ValueError), (OutputExistsError, FileExistsError),
@@ -89,7 +89,7 @@ def test_os_and_memory_errors_stay_one_line(caplog):
     ("augment: {rotation_deg: .nan}\n", "augment setting rotation_deg must be finite"),
 ], ids=["python-tag", "syntax", "binary", "nan-lr", "inf-finetune-lr", "list", "mapping", "fraction", "negative-seed", "nan-augment"])  # fmt: skip
 def test_a_bad_config_file_is_one_line_before_any_work(text, expected, tmp_path, capsys):
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     config = tmp_path / "c.yaml"
     config.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -100,7 +100,7 @@ def test_a_bad_config_file_is_one_line_before_any_work(text, expected, tmp_path,
 
 
 def test_a_set_value_that_is_not_yaml_is_one_line(tmp_path, capsys):
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "lr=[1, 2"]) == 2
     assert "--set lr=[1, 2: the value is not plain YAML" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.explain import compute_gradcam
-from pneumoscope.models import create_model
+from pneumoscope.explain.cams import compute_gradcam
+from pneumoscope.models.classifier import create_model
 
 
 def _manual_gradcam(model, x, sign):
@@ -68,19 +68,23 @@ def test_bad_target_is_refused(model):
 
 # --------------------------------------------------------------------------- issue 5: methods and checks
 
-from pneumoscope import explain as E  # noqa: E402
-from pneumoscope.backbones import BACKBONES  # noqa: E402
+from pneumoscope.explain.cams import CAM_METHODS, compute_cam, views_and_cams  # noqa: E402
+
+from pneumoscope.explain.checks import MIN_FAITHFULNESS_IMAGES, border_mask, cam_mass_outside_centre, central_mask, compute_road, mask_region, random_maps, randomized_copy, spearman, summarize_checks  # noqa: E402
+
+from pneumoscope.explain.command import explain_images  # noqa: E402
+from pneumoscope.models.backbones import BACKBONES  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-@pytest.mark.parametrize("method", sorted(E.CAM_METHODS))
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
 def test_every_method_on_every_backbone(name, method):
     torch.manual_seed(0)
     model = create_model(name, pretrained="none", hidden=8).eval()
     s = model.preprocessing.input_size
     layer = model.cam_layer()
     before = (len(layer._forward_hooks), len(layer._backward_hooks))
-    maps = E.compute_cam(model, torch.randn(1, 3, s, s), [1], method)
+    maps = compute_cam(model, torch.randn(1, 3, s, s), [1], method)
     assert maps.shape == (1, s, s) and np.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1
     assert (len(layer._forward_hooks), len(layer._backward_hooks)) == before
@@ -110,9 +114,9 @@ def test_road_rewards_the_true_map_over_random_maps():
     true_map = np.zeros((4, 64, 64), np.float32)
     true_map[:, :16, :16] = 1.0
     true_map += np.random.default_rng(0).uniform(0, 0.01, true_map.shape).astype(np.float32)  # break ties
-    drop_true = E.compute_road(model, x, true_map, [1] * 4, most_relevant=True, percent=10)
-    drop_least = E.compute_road(model, x, true_map, [1] * 4, most_relevant=False, percent=10)
-    drop_random = E.compute_road(model, x, E.random_maps(4, 64, np.random.default_rng(1)), [1] * 4, most_relevant=True, percent=10)
+    drop_true = compute_road(model, x, true_map, [1] * 4, most_relevant=True, percent=10)
+    drop_least = compute_road(model, x, true_map, [1] * 4, most_relevant=False, percent=10)
+    drop_random = compute_road(model, x, random_maps(4, 64, np.random.default_rng(1)), [1] * 4, most_relevant=True, percent=10)
     assert drop_true.mean() < -0.3  # removing the patch kills the evidence
     assert abs(drop_least.mean()) < 0.05  # removing irrelevant pixels does nothing
     assert drop_true.mean() < drop_random.mean() - 0.1
@@ -122,9 +126,9 @@ def test_randomized_copy_changes_only_the_top():
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", pretrained="imagenet", hidden=8).eval()
     state = torch.get_rng_state()
-    clone = E.randomized_copy(model, seed=1)
+    clone = randomized_copy(model, seed=1)
     assert torch.initial_seed() == 0 and torch.equal(torch.get_rng_state(), state)  # the caller's RNG as it was
-    assert torch.equal(E.randomized_copy(model, seed=1).head.fc1.weight, clone.head.fc1.weight)  # and the copy reproducible
+    assert torch.equal(randomized_copy(model, seed=1).head.fc1.weight, clone.head.fc1.weight)  # and the copy reproducible
     assert torch.equal(clone.backbone.conv_stem.weight, model.backbone.conv_stem.weight)
     assert torch.equal(clone.backbone.blocks[5][0].conv_pw.weight, model.backbone.blocks[5][0].conv_pw.weight)
     assert not torch.equal(clone.backbone.conv_head.weight, model.backbone.conv_head.weight)
@@ -132,21 +136,21 @@ def test_randomized_copy_changes_only_the_top():
 
 
 def test_spearman_of_a_map_with_itself_and_with_noise():
-    m = E.random_maps(1, 224, np.random.default_rng(0))[0]
-    assert E.spearman(m, m) == pytest.approx(1.0)
-    assert abs(E.spearman(m, E.random_maps(1, 224, np.random.default_rng(5))[0])) < 0.5
+    m = random_maps(1, 224, np.random.default_rng(0))[0]
+    assert spearman(m, m) == pytest.approx(1.0)
+    assert abs(spearman(m, random_maps(1, 224, np.random.default_rng(5))[0])) < 0.5
 
 
 def test_regions_and_cam_mass():
     shape = (200, 200)
-    centre, border = E.central_mask(shape), E.border_mask(shape)
+    centre, border = central_mask(shape), border_mask(shape)
     assert centre.mean() == pytest.approx(0.7 * 0.6, abs=0.01)
     assert border.mean() == pytest.approx(1 - 0.8 * 0.8, abs=0.01)
     assert not (centre & border).any()
-    assert E.cam_mass_outside_centre(centre.astype(np.float32)) == 0.0
-    assert E.cam_mass_outside_centre(np.ones(shape, np.float32)) == pytest.approx(1 - centre.mean())
+    assert cam_mass_outside_centre(centre.astype(np.float32)) == 0.0
+    assert cam_mass_outside_centre(np.ones(shape, np.float32)) == pytest.approx(1 - centre.mean())
     img = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
-    masked = E.mask_region(img, border)
+    masked = mask_region(img, border)
     assert np.allclose(masked[border], img[~border].mean()) and np.array_equal(masked[~border], img[~border])
 
 
@@ -154,26 +158,26 @@ def test_summary_verdict_follows_the_evidence():
     good = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": 0.0} for i in range(20)]
     bad = [{"road_most": -0.05 + 0.01 * (i % 3), "road_random": -0.05, "road_least": 0.0} for i in range(20)]
     partial = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": -0.4} for i in range(20)]
-    assert E.summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"
-    assert E.summarize_checks(good, "gradcam")["road_combined"] > 0
-    assert E.summarize_checks(bad, "eigencam")["faithfulness_verdict"].startswith("NOT better")
-    assert E.summarize_checks(partial, "x")["faithfulness_verdict"].startswith("only partly faithful")
+    assert summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"
+    assert summarize_checks(good, "gradcam")["road_combined"] > 0
+    assert summarize_checks(bad, "eigencam")["faithfulness_verdict"].startswith("NOT better")
+    assert summarize_checks(partial, "x")["faithfulness_verdict"].startswith("only partly faithful")
 
 
 def test_too_few_images_give_no_faithfulness_verdict():
     """With n < 5 a one-sided Wilcoxon test cannot reach p < 0.05: say so rather than call the map NOT better than random."""
     good = [{"road_most": -0.3 - 0.01 * i, "road_random": -0.05, "road_least": 0.0} for i in range(5)]
-    two = E.summarize_checks(good[:2], "gradcam")
+    two = summarize_checks(good[:2], "gradcam")
     assert two["road_vs_random_p"] is None
-    assert two["faithfulness_verdict"] == f"too few images to test faithfulness: n=2, need ≥ {E.MIN_FAITHFULNESS_IMAGES}"
-    assert E.summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"  # 5 is enough: p = 1/32
+    assert two["faithfulness_verdict"] == f"too few images to test faithfulness: n=2, need ≥ {MIN_FAITHFULNESS_IMAGES}"
+    assert summarize_checks(good, "gradcam")["faithfulness_verdict"] == "better than random maps"  # 5 is enough: p = 1/32
 
 
 def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tmp_path, monkeypatch):
     """Issue 14: the report's Grad-CAM figures say what the image truly is, not only what the model decided."""
-    from pneumoscope import data as D
-    from pneumoscope import evaluate
-    from pneumoscope.predict import Predictor
+    from pneumoscope.data import discovery as D
+    from pneumoscope.evaluation import evaluate as evaluate
+    from pneumoscope.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5
     dataset = D.load_dataset(kaggle_tree)
@@ -194,7 +198,7 @@ def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tm
 def test_explaining_leaves_the_global_rng_alone_and_its_checks_are_reproducible(tiny_run, tmp_path):
     from PIL import Image
 
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     image = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(image)
@@ -204,7 +208,7 @@ def test_explaining_leaves_the_global_rng_alone_and_its_checks_are_reproducible(
         torch.manual_seed(seed)
         torch.rand(3)
         state = torch.get_rng_state()
-        E.explain_images(predictor, [image], tmp_path / str(seed), checks=True, progress=False)
+        explain_images(predictor, [image], tmp_path / str(seed), checks=True, progress=False)
         assert torch.initial_seed() == seed and torch.equal(torch.get_rng_state(), state)
         scores.append((tmp_path / str(seed) / "scores.csv").read_text())
     assert scores[0] == scores[1]  # ROAD's noise and the randomised layers come from the checks' own seed
@@ -215,7 +219,7 @@ def test_explaining_leaves_the_global_rng_alone_and_its_checks_are_reproducible(
 
 def test_views_and_cams_explain_the_class_decided_after_temperature(tiny_run):
     """The map explains prob >= threshold on the calibrated probability, and is compute_cam on the model's input."""
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_run)
     rng = np.random.default_rng(0)
@@ -226,17 +230,17 @@ def test_views_and_cams_explain_the_class_decided_after_temperature(tiny_run):
     k = int(np.argmax(probs))
     predictor.description = dataclasses.replace(predictor.description, threshold=float(probs[k]))  # at it: PNEUMONIA; the two below: NORMAL
     assert raw[k] < predictor.threshold  # without the temperature it would be NORMAL too
-    views, cams, classes = E.views_and_cams(predictor, images)
+    views, cams, classes = views_and_cams(predictor, images)
     assert classes == [int(i == k) for i in range(3)]
     x = torch.cat([predictor.preprocess(im) for im in images])  # (3, C, S, S)
-    np.testing.assert_array_equal(cams, E.compute_cam(predictor.model, x, classes))
+    np.testing.assert_array_equal(cams, compute_cam(predictor.model, x, classes))
     for view, image in zip(views, images):
         np.testing.assert_array_equal(view, predictor.preprocessing_view(image))
     # the caller's probabilities decide when given; a named target is explained whatever was decided
-    assert E.views_and_cams(predictor, images, probs=[0.0, 1.0, 0.0])[2] == [0, 1, 0]
-    _, normal, classes = E.views_and_cams(predictor, images, target="normal", method="gradcam++")
+    assert views_and_cams(predictor, images, probs=[0.0, 1.0, 0.0])[2] == [0, 1, 0]
+    _, normal, classes = views_and_cams(predictor, images, target="normal", method="gradcam++")
     assert classes == [0, 0, 0]
-    np.testing.assert_array_equal(normal, E.compute_cam(predictor.model, x, 0, "gradcam++"))
+    np.testing.assert_array_equal(normal, compute_cam(predictor.model, x, 0, "gradcam++"))
 
 
 def test_the_web_app_heatmap_is_the_cam_of_the_decided_class_over_its_view(tiny_run, tmp_path):
@@ -244,8 +248,8 @@ def test_the_web_app_heatmap_is_the_cam_of_the_decided_class_over_its_view(tiny_
     from PIL import Image
 
     from pneumoscope.plots import heatmap_rgb, overlay_cam
-    from pneumoscope.predict import Predictor
-    from pneumoscope.serve import _png, create_app
+    from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.serving.app import _png, create_app
 
     path = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 260), dtype=np.uint8)).save(path)
@@ -254,7 +258,7 @@ def test_the_web_app_heatmap_is_the_cam_of_the_decided_class_over_its_view(tiny_
     res = client.post("/predict?heatmap=true", files={"file": ("x.png", path.read_bytes())})
     assert res.status_code == 200, res.text
     body = res.json()
-    (view,), (cam,), (cls,) = E.views_and_cams(predictor, [predictor.read(path)])
+    (view,), (cam,), (cls,) = views_and_cams(predictor, [predictor.read(path)])
     assert body["cam_target"] == body["label"] == predictor.class_names[cls]
     assert body["heatmap_png"] == _png(heatmap_rgb(cam), alpha=np.ones_like(cam))
     assert body["overlay_png"] == _png(overlay_cam(view, cam))
@@ -264,10 +268,10 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
     """Not a probability recomputed without test-time augmentation: the one the report shows."""
     from pathlib import Path
 
-    from pneumoscope import data as D
-    from pneumoscope import evaluate
+    from pneumoscope.data import discovery as D
+    from pneumoscope.evaluation import evaluate as evaluate
     from pneumoscope.plots import overlay_cam
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5; its own probabilities are all near 0.43
     dataset = D.load_dataset(kaggle_tree)
@@ -283,6 +287,6 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
         i = place[caption.split(": ", 1)[1].split(", ")[0]]
         cls = int(y_prob[i] >= 0.5)
         image = dataset.reader.read_image(records[i].ref, draft_size=predictor.preprocessing.input_size)
-        cam = E.compute_cam(predictor.model, predictor.preprocess(image), cls)[0]
+        cam = compute_cam(predictor.model, predictor.preprocess(image), cls)[0]
         assert kw["method"] == f"Grad-CAM for {predictor.class_names[cls]}"
         np.testing.assert_array_equal(overlay, overlay_cam(predictor.preprocessing_view(image), cam))

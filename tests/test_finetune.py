@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope import data as D
-from pneumoscope.augment import Augment, AugmentConfig, resolve_augment
-from pneumoscope.finetune import AtomicCheckpointIO, frozen_modules
-from pneumoscope.imagecache import build_image_array
-from pneumoscope.backbones import BACKBONES, Preprocessing
-from pneumoscope.models import create_model
+from pneumoscope.data import discovery as D
+from pneumoscope.data.augment import Augment, AugmentConfig, resolve_augment
+from pneumoscope.training.finetune import AtomicCheckpointIO, frozen_modules
+from pneumoscope.data.imagecache import build_image_array
+from pneumoscope.data.preprocessing import Preprocessing
+from pneumoscope.models.backbones import BACKBONES
+from pneumoscope.models.classifier import create_model
 from pneumoscope.errors import UsageError
-from pneumoscope.train import load_train_config
+from pneumoscope.training.config import load_train_config
 from tests.conftest import make_kaggle_tree
 
 
@@ -38,7 +39,7 @@ def test_image_cache_is_built_once_and_memory_mapped(kaggle_tree, tmp_path):
     assert np.array_equal(np.asarray(first.images), np.asarray(again.images)) and again.records == first.records
     assert len(list((tmp_path / "images").glob("*.npy"))) == 1
     direct = D.DirReader(kaggle_tree).read_image(records[3].ref)
-    from pneumoscope.io import resize_image
+    from pneumoscope.data.decode import resize_image
 
     assert np.abs(first.images[3] / 255.0 - resize_image(direct, 64)).max() < 1 / 255 + 1e-6
 
@@ -47,7 +48,7 @@ def test_image_cache_takes_full_size_kaggle_jpegs(tmp_path):
     """The original Kaggle files are 1-2 MB JPEGs of about 2000 x 1700: decoded once, at reduced scale."""
     from PIL import Image
 
-    from pneumoscope.io import read_image, resize_image
+    from pneumoscope.data.decode import read_image, resize_image
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:1700, 0:2000]
@@ -70,7 +71,7 @@ def test_finetuning_tensors_are_the_preprocessing_contract_up_to_uint8_rounding(
     except for the cache's uint8 rounding: at most half a grey level, in normalised units."""
     from PIL import Image
 
-    from pneumoscope.finetune import ArrayDataset
+    from pneumoscope.training.finetune import ArrayDataset
 
     pre = BACKBONES[name].preprocessing
     root = make_kaggle_tree(tmp_path / "data", n_patients=2, test=False)
@@ -117,7 +118,7 @@ def test_augmentation_settings_resolve_to_configs():
 
 
 def test_auto_precision_uses_bf16_only_on_a_cpu_that_has_it(monkeypatch):
-    from pneumoscope import finetune as F
+    from pneumoscope.training import finetune as F
 
     assert F.auto_precision(cuda=True) == "16-mixed"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
@@ -166,7 +167,7 @@ def test_stage2_settings_nested_or_flat_are_one_setting(tmp_path):
     """finetune.lr, finetune_lr and a nested YAML mapping (as config.json writes it) set the same field."""
     import dataclasses
 
-    from pneumoscope.train import TrainConfig
+    from pneumoscope.training.config import TrainConfig
 
     nested = tmp_path / "nested.yaml"
     nested.write_text("finetune:\n  epochs: 2\n  lr: 3.0e-5\n  ema: 0.999\nlr: 0.01\n")
@@ -198,7 +199,7 @@ COMMON = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--a
 
 @pytest.mark.slow
 def test_finetune_stage_writes_a_fine_tuned_run(small_tree, tmp_path):
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
     import json
 
     run = tmp_path / "run"
@@ -270,7 +271,7 @@ def test_resume_after_kill_9(small_tree, tmp_path):
 def test_seeds_train_several_runs_and_report_mean_and_sd(small_tree, tmp_path, capsys):
     import json
 
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     out = tmp_path / "runs"
     assert main(["-q", "train", str(small_tree), "--out", str(out), "--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3",
@@ -294,8 +295,8 @@ class _Planted:
 
 
 def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
-    from pneumoscope.cli import main
-    from pneumoscope.finetune import load_resume_state, resume_checkpoint
+    from pneumoscope.cli.main import main
+    from pneumoscope.training.finetune import load_resume_state, resume_checkpoint
 
     marker, work = tmp_path / "code-ran", tmp_path / ".run.work"
     (work / "checkpoints").mkdir(parents=True)
@@ -312,7 +313,7 @@ def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh(small_tree, tmp_path):
     """Stage 1's logs without a stage-2 checkpoint are nothing to resume: the next plain run goes ahead
     (it used to say "pass --resume", and --resume then said "nothing to resume, start without it")."""
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     work = tmp_path / ".run.work"
     (work / "logs" / "head").mkdir(parents=True)  # what a kill during stage 1 leaves
@@ -322,7 +323,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(small_tree, tmp_
 
 def test_a_work_folder_in_use_by_a_running_train_is_never_taken(small_tree, tmp_path, capsys):
     """Two trains into one --out: the second refuses (even with --overwrite or --resume) while the first runs; not after."""
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
 
     work = tmp_path / ".run.work"
     (work / "logs").mkdir(parents=True)
@@ -344,15 +345,15 @@ def test_resuming_after_the_last_epoch_finishes_the_run_with_its_whole_history(s
     """A kill after stage 2's last epoch (while features are recomputed, or the run written) leaves a checkpoint
     that holds every epoch: --resume fits nothing more and must still write the run and every epoch's history,
     with the best epoch's weights and score restored, wherever the checkpoints were kept."""
-    from pneumoscope import train as T
-    from pneumoscope.cli import main
+    from pneumoscope.training import pipeline as T
+    from pneumoscope.cli.main import main
 
     args = ["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "2"]
 
     def killed(*_, **__):
         raise KeyboardInterrupt  # as far as the work folder is concerned, a kill here
 
-    from pneumoscope import finetune as F
+    from pneumoscope.training import finetune as F
 
     with monkeypatch.context() as m:
         m.setattr(T, "_fit_operating_point", killed)
@@ -373,7 +374,7 @@ def test_resuming_after_the_last_epoch_finishes_the_run_with_its_whole_history(s
 def test_earlier_stage2_log_rows_survive_any_number_of_kills(tmp_path):
     """Attempt 1 logs epochs 1-3 (checkpoint at 2), attempt 2 logs 3-4 (checkpoint at 4) and is killed before
     merging, attempt 3 resumes after the last epoch and logs nothing: the log holds 1-4, each once."""
-    from pneumoscope.finetune import EARLIER_LOG, _merge_earlier_log, _read_history, _set_aside_earlier_log
+    from pneumoscope.training.finetune import EARLIER_LOG, _merge_earlier_log, _read_history, _set_aside_earlier_log
 
     logs = tmp_path / "logs"
 
@@ -399,7 +400,7 @@ def test_earlier_stage2_log_rows_survive_any_number_of_kills(tmp_path):
 
 def _tiny_finetune(tmp_path, **settings):
     """Fine-tune an untrained Lite0 for 2 epochs on 24 random 64-px images; returns (before, after) state dicts."""
-    from pneumoscope.finetune import ArrayDataset, FinetuneConfig, finetune
+    from pneumoscope.training.finetune import ArrayDataset, FinetuneConfig, finetune
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8)
@@ -443,7 +444,7 @@ def test_regularisation_settings_out_of_range_fail_before_any_work():
 
 
 def test_an_unknown_unfreeze_fails_before_any_work():
-    from pneumoscope.train import FinetuneConfig, TrainConfig
+    from pneumoscope.training.config import FinetuneConfig, TrainConfig
 
     with pytest.raises(ValueError, match="unfreeze must be one of"):
         TrainConfig(finetune=FinetuneConfig(epochs=1, unfreeze="some"))
@@ -473,7 +474,7 @@ def test_a_launched_rank_is_any_process_but_the_first_on_any_node(monkeypatch):
 def test_resume_refuses_a_state_it_did_not_write_in_one_line(state, tmp_path):
     """Issue 23 item 10: a resume file without `epoch` ended in a KeyError traceback; a truncated one in torch's."""
     from pneumoscope.errors import StateError
-    from pneumoscope.finetune import load_resume_state
+    from pneumoscope.training.finetune import load_resume_state
 
     path = tmp_path / "last.ckpt"
     path.write_bytes(state) if isinstance(state, bytes) else torch.save(state, path)

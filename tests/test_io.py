@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.io import ImageReadError, read_image, resize_image
+from pneumoscope.data.decode import ImageReadError, read_image, resize_image
 
 
 def _save(tmp_path, name, img: Image.Image, **kw):
@@ -97,7 +97,7 @@ def test_resize_squashes_to_square():
 def test_read_many_skips_a_corrupt_file_among_good_ones_in_order_losing_nothing(tmp_path, caplog):
     import logging
 
-    from pneumoscope.io import read_many
+    from pneumoscope.data.decode import read_many
 
     rng = np.random.default_rng(0)
     good = [_save(tmp_path, f"{k}.png", Image.fromarray(rng.integers(0, 255, (20 + k, 16), dtype=np.uint8))) for k in range(3)]
@@ -123,7 +123,7 @@ def test_read_many_skips_a_corrupt_file_among_good_ones_in_order_losing_nothing(
 
 
 def test_read_many_names_items_as_asked_raises_what_is_not_skippable_and_lets_other_errors_through(tmp_path, caplog):
-    from pneumoscope.io import read_many, to_image
+    from pneumoscope.data.decode import read_many, to_image
 
     items = [np.full((4, 4), 0.5, np.float32), np.full((4, 4), 7, np.int32)]
     decoded = read_many(items, lambda a: to_image(a, "x"), name=lambda a: f"array {a.dtype}")
@@ -154,7 +154,7 @@ def _zip_of(path, members: dict[str, bytes]):
 @pytest.fixture
 def one_mib_members(monkeypatch):
     """A 1 MiB bound on a member, so that 5 MB of zeros is a bomb (and the test fast); the bound is read when called."""
-    import pneumoscope.io as io_mod
+    import pneumoscope.data.decode as io_mod
 
     monkeypatch.setattr(io_mod, "MAX_MEMBER_BYTES", 1 << 20)
     return 1 << 20
@@ -163,7 +163,7 @@ def one_mib_members(monkeypatch):
 def test_a_member_declaring_more_than_the_bound_is_refused_before_any_byte_is_read(tmp_path, one_mib_members, monkeypatch):
     import zipfile
 
-    from pneumoscope.io import read_zip_member
+    from pneumoscope.data.decode import read_zip_member
 
     png = _save(tmp_path, "a.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8))).read_bytes()
     archive = _zip_of(tmp_path / "a.zip", {"a.png": png, "bomb.png": bytes(5 << 20)})
@@ -177,7 +177,7 @@ def test_a_member_declaring_more_than_the_bound_is_refused_before_any_byte_is_re
 def test_a_member_that_expands_past_the_ratio_is_refused_and_a_small_one_is_not(tmp_path):
     import zipfile
 
-    from pneumoscope.io import MAX_COMPRESSION_RATIO, MAX_MEMBER_BYTES, MIN_RATIO_CHECKED, read_zip_member
+    from pneumoscope.data.decode import MAX_COMPRESSION_RATIO, MAX_MEMBER_BYTES, MIN_RATIO_CHECKED, read_zip_member
 
     assert MIN_RATIO_CHECKED < 2 << 20 < MAX_MEMBER_BYTES  # under the size bound: only the ratio refuses it
     archive = _zip_of(tmp_path / "a.zip", {"zeros.png": bytes(2 << 20), "flat.dcm": bytes(64 << 10)})
@@ -217,7 +217,7 @@ class _LyingArchive:
 
 
 def test_a_member_whose_header_lies_is_cut_off_at_the_bound(one_mib_members):
-    from pneumoscope.io import read_zip_member
+    from pneumoscope.data.decode import read_zip_member
 
     archive = _LyingArchive(bytes(5 << 20))
     with pytest.raises(ImageReadError, match="holds more than 1,048,576 bytes .* although its header declares 100"):
@@ -229,7 +229,7 @@ def test_a_real_member_whose_header_understates_its_size_is_refused_as_damaged(t
     import struct
     import zipfile
 
-    from pneumoscope.io import read_zip_member
+    from pneumoscope.data.decode import read_zip_member
 
     archive = _zip_of(tmp_path / "a.zip", {"x.png": bytes(300_000)})
     raw = bytearray(archive.read_bytes())
@@ -243,7 +243,7 @@ def test_a_real_member_whose_header_understates_its_size_is_refused_as_damaged(t
 
 def test_a_masked_array_is_refused_with_the_fix_not_read_through_its_mask():
     """Issue 23 item 11: the API raised numpy's MaskError, not the ValueError its docstring promises."""
-    from pneumoscope.io import to_image
+    from pneumoscope.data.decode import to_image
 
     x = np.ma.masked_array(np.full((64, 64), 0.5, np.float32), mask=np.eye(64, dtype=bool))
     with pytest.raises(ValueError, match=r"masked array.*x.filled\(0\)"):
@@ -253,7 +253,7 @@ def test_a_masked_array_is_refused_with_the_fix_not_read_through_its_mask():
 @pytest.mark.parametrize("make", [lambda: np.broadcast_to(np.uint8(0), (8001, 8000)), lambda: Image.new("L", (8000, 8001))])
 def test_an_image_given_in_memory_is_bounded_like_a_file(make):
     """Issue 23 item 11: a 400-MP array was accepted (4.35 GB); files and uploads stop at 64 MP."""
-    from pneumoscope.io import ImageReadError, to_image
+    from pneumoscope.data.decode import ImageReadError, to_image
 
     with pytest.raises(ImageReadError, match=r"8000 x 8001 pixels is over the 64,000,000-pixel limit.*Downscale"):
         to_image(make(), "big")

@@ -5,9 +5,10 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from pneumoscope.backbones import BACKBONES, RESIZE_METHODS, Preprocessing, load_imagenet_state_dict
+from pneumoscope.data.preprocessing import RESIZE_METHODS, Preprocessing
+from pneumoscope.models.backbones import BACKBONES, load_imagenet_state_dict
 
-from pneumoscope.models import create_model
+from pneumoscope.models.classifier import create_model
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -117,8 +118,8 @@ def test_unknown_backbone_lists_choices():
 
 
 def test_an_ensemble_is_its_members_side_by_side_and_reuses_their_feature_caches(kaggle_tree, tmp_path, monkeypatch):
-    from pneumoscope.data import load_dataset, scan
-    from pneumoscope.features import extract_features
+    from pneumoscope.data.discovery import load_dataset, scan
+    from pneumoscope.models.features import extract_features
 
     torch.manual_seed(0)
     ensemble = create_model("efficientnet_lite0+2", pretrained="none", hidden=8).eval()
@@ -144,7 +145,7 @@ def test_an_ensemble_is_its_members_side_by_side_and_reuses_their_feature_caches
 
 
 def test_packed_heads_average_their_members_logits():
-    from pneumoscope.models import Head, pack_heads
+    from pneumoscope.models.classifier import Head, pack_heads
 
     torch.manual_seed(0)
     a, b = Head(6, hidden=4).eval(), Head(10, hidden=3).eval()

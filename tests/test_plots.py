@@ -4,7 +4,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from pneumoscope import metrics as M
+from pneumoscope.metrics.calibration import compute_adaptive_reliability, compute_reliability
+from pneumoscope.metrics.classification import compute_binary_metrics, compute_roc_curve
+from pneumoscope.metrics.intervals import compute_pr_band, compute_roc_band
 from pneumoscope import plots
 
 
@@ -45,9 +47,9 @@ def test_confusion_matrix_shows_counts_and_row_percentages(drawn, tmp_path):
 
 def test_roc_draws_the_band_and_writes_the_threshold_at_the_operating_point(drawn, tmp_path):
     y, p, groups = _scores()
-    band = M.compute_roc_band(y, p, groups, n_boot=100, seed=0)
-    m = M.compute_binary_metrics(y, p, 0.4)
-    plots.plot_roc(M.compute_roc_curve(y, p), tmp_path / "roc.png", auc=m["roc_auc"], auc_ci=[0.8, 0.9], threshold=0.4,
+    band = compute_roc_band(y, p, groups, n_boot=100, seed=0)
+    m = compute_binary_metrics(y, p, 0.4)
+    plots.plot_roc(compute_roc_curve(y, p), tmp_path / "roc.png", auc=m["roc_auc"], auc_ci=[0.8, 0.9], threshold=0.4,
                    operating_point=(1 - m["specificity"], m["sensitivity"]), band=band)  # fmt: skip
     fig = drawn[0]
     text = _texts(fig)
@@ -59,8 +61,8 @@ def test_roc_draws_the_band_and_writes_the_threshold_at_the_operating_point(draw
 
 def test_reliability_has_interval_bars_and_names_the_ece_bins(drawn, tmp_path):
     y, p, _ = _scores(1)
-    rel = M.compute_adaptive_reliability(y, p, n_bins=8)
-    plots.plot_reliability(rel, tmp_path / "rel.png", ece=0.05, brier=0.1, histogram=M.compute_reliability(y, p))
+    rel = compute_adaptive_reliability(y, p, n_bins=8)
+    plots.plot_reliability(rel, tmp_path / "rel.png", ece=0.05, brier=0.1, histogram=compute_reliability(y, p))
     fig = drawn[0]
     text = _texts(fig)
     assert "15 equal-width bins" in text and "equal-count" in text and "8 bins of ~30 images" in text
@@ -74,7 +76,7 @@ def test_pr_curve_has_a_title_and_a_patient_bootstrap_band(drawn, tmp_path):
     from sklearn.metrics import precision_recall_curve
 
     y, p, groups = _scores()
-    band = M.compute_pr_band(y, p, groups, n_boot=100, seed=0)
+    band = compute_pr_band(y, p, groups, n_boot=100, seed=0)
     precision, recall, _ = precision_recall_curve(y, p)
     plots.plot_pr(precision, recall, tmp_path / "pr.png", ap=0.9, ap_ci=[0.85, 0.94], prevalence=y.mean(), operating_point=(0.8, 0.85), band=band)
     ax = drawn[0].axes[0]
@@ -88,13 +90,13 @@ def test_reliability_names_the_range_of_bin_sizes_when_a_crowd_is_one_bin(drawn,
     rng = np.random.default_rng(0)
     p = np.r_[rng.uniform(0.97, 1.0, 300), rng.uniform(0.0, 0.97, 200)]
     y = (rng.uniform(size=p.size) < p).astype(int)
-    rel = M.compute_adaptive_reliability(y, p)
+    rel = compute_adaptive_reliability(y, p)
     plots.plot_reliability(rel, tmp_path / "rel.png", ece=0.05, brier=0.1)
     text = _texts(drawn[0])
     assert f"{len(rel['count'])} bins of {rel['count'].min()}-{rel['count'].max()} images" in text and "~" not in text
     x = drawn[0].axes[0].lines[-1].get_xdata()  # the model's line: each bin at its mean prediction
     np.testing.assert_allclose(sorted(x), rel["mean_predicted"])
-    plots.plot_reliability(M.compute_adaptive_reliability(y[:40], np.full(40, 0.5)), tmp_path / "rel1.png", ece=0.0, brier=0.25)
+    plots.plot_reliability(compute_adaptive_reliability(y[:40], np.full(40, 0.5)), tmp_path / "rel1.png", ece=0.0, brier=0.25)
     assert "model: 1 bin of ~40 images" in _texts(drawn[1])  # every prediction in one crowd
 
 

@@ -3,7 +3,7 @@
 import collections
 import csv
 
-from pneumoscope import data as D
+from pneumoscope.data import discovery as D
 
 
 def test_inspect_matches_manifest(real_data):

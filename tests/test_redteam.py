@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from pneumoscope import outputs
-from pneumoscope.cli import main
+from pneumoscope.cli.main import main
 from tests.conftest import make_kaggle_tree
 
 
@@ -159,21 +159,21 @@ def test_unwritable_output_is_one_line_naming_it(make, monkeypatch, tmp_path, ca
 
 
 def test_read_only_out_fails_before_any_work(monkeypatch, tmp_path, capsys, caplog):
-    import pneumoscope.data
+    import pneumoscope.data.discovery
 
     def no_work(*args, **kw):
         raise AssertionError("the data was read before the output folder was checked")
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(outputs.tempfile, "mkdtemp", _read_only_below(tmp_path / "ro", tempfile.mkdtemp))
-    monkeypatch.setattr(pneumoscope.data, "load_dataset", no_work)
+    monkeypatch.setattr(pneumoscope.data.discovery, "load_dataset", no_work)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "ro" / "run")]) == 2
     line = _error_line(capsys, caplog)
     assert "read-only" in line and str(tmp_path / "ro") in line
 
 
 def test_out_of_memory_is_one_line(monkeypatch, tiny_run, tmp_path, capsys, caplog):
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     def huge(*args, **kw):
         raise MemoryError()
@@ -283,9 +283,9 @@ def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog
 
 @pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
 def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
-    from pneumoscope.data import load_dataset, scan
-    from pneumoscope.features import extract_features, part_caches
-    from pneumoscope.models import create_model
+    from pneumoscope.data.discovery import load_dataset, scan
+    from pneumoscope.models.features import extract_features, part_caches
+    from pneumoscope.models.classifier import create_model
 
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
     dataset = scan(load_dataset(kaggle_tree))
@@ -336,7 +336,7 @@ def test_a_result_moved_aside_by_a_killed_run_is_restored(tmp_path):
 
 @pytest.mark.slow
 def test_failed_export_keeps_the_previous_file_and_leaves_no_partial(tiny_run, tmp_path, monkeypatch, capsys, caplog):
-    import pneumoscope.export
+    import pneumoscope.inference.export
 
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the previous, verified export")
@@ -348,7 +348,7 @@ def test_failed_export_keeps_the_previous_file_and_leaves_no_partial(tiny_run, t
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
         return {"n": 4, "max_abs_prob_diff": 0.5}
 
-    monkeypatch.setattr(pneumoscope.export, "check_parity", parity_fails)
+    monkeypatch.setattr(pneumoscope.inference.export, "check_parity", parity_fails)
     assert main(["-q", "export", str(tiny_run), "--out", str(out), "--overwrite"]) == 2
     assert "differs from PyTorch" in _error_line(capsys, caplog)
     assert out.read_bytes() == b"the previous, verified export"  # the unverified model never took its name
@@ -446,7 +446,7 @@ def test_data_inspect_lists_a_fifo_and_a_device_in_a_class_folder_and_goes_on(ka
 
 
 def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from pneumoscope import io as pio
+    from pneumoscope.data import decode as pio
 
     big = tmp_path / "big.png"
     with open(big, "wb") as fh:
@@ -461,7 +461,7 @@ def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monke
 
 def test_branching_symlink_chains_are_walked_in_linear_time(tmp_path):
     """d0..d24 each link `x` and `y` to the next: 2^24 paths to the last folder, which is walked once."""
-    from pneumoscope.data import walk_files
+    from pneumoscope.data.discovery import walk_files
 
     root = tmp_path / "d0"
     for i in range(25):
@@ -477,8 +477,8 @@ def test_branching_symlink_chains_are_walked_in_linear_time(tmp_path):
 def test_pack_keeps_both_images_when_a_new_name_would_collide(tmp_path):
     import zipfile
 
-    from pneumoscope.data import load_dataset
-    from pneumoscope.pack import pack_dataset
+    from pneumoscope.data.discovery import load_dataset
+    from pneumoscope.data.pack import pack_dataset
 
     for cls in ("NORMAL", "PNEUMONIA"):
         (tmp_path / "src" / cls).mkdir(parents=True)
@@ -493,7 +493,7 @@ def test_pack_keeps_both_images_when_a_new_name_would_collide(tmp_path):
 
 def test_a_description_that_is_not_json_is_a_damaged_file_not_a_traceback():
     """A flipped byte in an ONNX export's metadata (or a checkpoint's header) made json.loads raise a bare ValueError."""
-    from pneumoscope.checkpoint import description_from_json
+    from pneumoscope.models.checkpoint import description_from_json
     from pneumoscope.errors import PneumoscopeError
 
     with pytest.raises(PneumoscopeError, match=r"model.onnx: its description is not valid JSON .* Fix: copy it again"):
@@ -504,7 +504,7 @@ def test_old_checkpoints_without_a_digest_still_load(tiny_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from pneumoscope.checkpoint import load_checkpoint
+    from pneumoscope.models.checkpoint import load_checkpoint
 
     path = tiny_run / "model.safetensors"
     with safe_open(str(path), framework="pt") as fh:
@@ -537,8 +537,8 @@ def test_predict_into_a_pipe_closed_early_ends_quietly(tiny_run, tmp_path):
 def test_a_multipart_boundary_over_70_characters_is_a_400_not_a_500(tiny_run):
     from fastapi.testclient import TestClient
 
-    from pneumoscope.predict import Predictor
-    from pneumoscope.serve import create_app
+    from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.serving.app import create_app
 
     boundary = "b" * 300
     body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\nxx\r\n--{boundary}--\r\n".encode()

@@ -4,10 +4,10 @@ import re
 
 import numpy as np
 
-from pneumoscope.description import HeadShape, RunDescription
-from pneumoscope.backbones import Preprocessing
+from pneumoscope.models.description import HeadShape, RunDescription
+from pneumoscope.data.preprocessing import Preprocessing
 from pneumoscope.plots import plot_image_grid
-from pneumoscope.report import model_card, render_report
+from pneumoscope.evaluation.report import model_card, render_report
 
 
 def _description() -> RunDescription:
@@ -68,7 +68,7 @@ def test_the_operating_point_and_the_model_card_read_the_description(tmp_path):
 
 def _summary_context(tmp_path, *, val_specificity=0.956, val_ci=(0.91, 0.98)):
     """Issue 20's numbers: specificity 0.956 on validation, 0.564 on test."""
-    from pneumoscope.metrics import DROP_RULE, compare_with_validation
+    from pneumoscope.metrics.clinical import DROP_RULE, compare_with_validation
 
     ctx = _context(tmp_path)
     test = {"n": 624, "n_positive": 390, "threshold": 0.5, "prevalence": 0.625, "sensitivity": 0.97, "specificity": 0.564, "ppv": 0.788,
@@ -139,7 +139,7 @@ def test_summary_says_why_the_site_shift_was_not_assessed(tmp_path):
 
 
 def test_metric_names_are_for_people_not_field_names(tmp_path):
-    from pneumoscope.metric_names import METRIC_NAMES, metric_name
+    from pneumoscope.metrics.names import METRIC_NAMES, metric_name
 
     html = render_report(_summary_context(tmp_path))
     table = html[html.index("<table id='metrics-table'") :]
@@ -155,7 +155,7 @@ def test_metric_names_load_nothing_heavy():
     import subprocess
     import sys
 
-    code = "import sys, pneumoscope.metric_names; print(sorted(m for m in ('numpy', 'sklearn', 'torch') if m in sys.modules))"
+    code = "import sys, pneumoscope.metrics.names; print(sorted(m for m in ('numpy', 'sklearn', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -168,7 +168,7 @@ def test_page_is_laid_out_for_a_phone(tmp_path):
 
 
 def test_shortcut_verdict_names_the_border_when_it_moves_the_decision():
-    from pneumoscope.explain import shortcut_verdict
+    from pneumoscope.explain.checks import shortcut_verdict
 
     base = {"method": "gradcam", "central_area_fraction": 0.42, "mean_cam_outside_centre": 0.45}
     leans, sentence = shortcut_verdict({**base, "mean_abs_delta_border_masked": 0.162, "mean_abs_delta_centre_masked": 0.152})
@@ -184,7 +184,7 @@ def test_shortcut_verdict_names_the_border_when_it_moves_the_decision():
 
 
 def test_not_assessable_counts_the_guard_and_the_screen_and_says_what_it_could_not_count():
-    from pneumoscope.evaluate import count_not_assessable
+    from pneumoscope.evaluation.evaluate import count_not_assessable
 
     dist = np.array([1.0, 5.0, 9.0, 2.0])
     got = count_not_assessable(dist, 4.0, ["", "", "image is near-constant", "image is 10x10 pixels"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.cli import main
+from pneumoscope.cli.main import main
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -160,8 +160,8 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     import numpy as np
     from PIL import Image
 
-    from pneumoscope.predict import Predictor
-    from pneumoscope.serve import create_app, run_name
+    from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.serving.app import create_app, run_name
     from tests.conftest import CHEST_XRAY
 
     chromium = _chromium()

@@ -10,8 +10,8 @@ import time
 import numpy as np
 
 from pneumoscope import runtime
-from pneumoscope.evaluate import pick_cases
-from pneumoscope.explain import MIN_FAITHFULNESS_IMAGES
+from pneumoscope.evaluation.evaluate import pick_cases
+from pneumoscope.explain.checks import MIN_FAITHFULNESS_IMAGES
 from tests.conftest import process_tree, survivors
 
 
@@ -99,7 +99,7 @@ def test_a_worker_dies_with_its_parent_even_after_kill_9(tmp_path):
 
 def test_building_the_parser_imports_neither_torch_nor_grad_cam():
     """`pneumoscope --help` and `--version` answer at once: choices come from light modules (benchmarks/bench_startup.py times it)."""
-    code = ("import sys; from pneumoscope.cli import build_parser; build_parser(); "
+    code = ("import sys; from pneumoscope.cli.main import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'pytorch_grad_cam', 'sklearn', 'timm', 'lightning', 'onnxruntime') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

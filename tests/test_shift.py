@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pneumoscope.shift import compute_domain_auc, compute_mmd_test, estimate_prevalence, prior_shift_offset, shift_verdict
+from pneumoscope.adaptation.shift import compute_domain_auc, compute_mmd_test, estimate_prevalence, prior_shift_offset, shift_verdict
 
 
 def _features(rng, n, dim=64, shift=0.0, scale=1.0):

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from pneumoscope.cli import main
+from pneumoscope.cli.main import main
 from tests.conftest import CHEST_XRAY
 
 
@@ -83,7 +83,7 @@ def test_adapt_ignores_class_folder_names(run, tmp_path):
 
 @pytest.mark.slow
 def test_an_adapted_run_exports_to_onnx_with_its_adaptation(run, tmp_path, capsys):
-    from pneumoscope.predict import Predictor
+    from pneumoscope.inference.predictor import Predictor
 
     site = _site(tmp_path / "site", 30)
     new = tmp_path / "adapted"
@@ -130,8 +130,8 @@ def test_calibrate_refit_head_on_a_few_labelled_site_images(run, tmp_path, capsy
 def test_refitting_the_head_leaves_the_global_rng_alone_and_is_reproducible():
     import torch
 
-    from pneumoscope.calibrate import refit_head
-    from pneumoscope.models import FeatureAdapter, create_model
+    from pneumoscope.adaptation.calibrate import refit_head
+    from pneumoscope.models.classifier import FeatureAdapter, create_model
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.cli import main
-from pneumoscope.predict import Prediction, Predictor
-from pneumoscope.stream import Item, expand_items, predict_stream, predict_to
+from pneumoscope.cli.main import main
+from pneumoscope.inference.predictor import Prediction, Predictor
+from pneumoscope.inference.stream import Item, expand_items, predict_stream, predict_to
 from tests.conftest import PROB_ATOL, process_tree, survivors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,9 +178,9 @@ def test_json_on_stdout_is_one_list_and_unreadable_rows_keep_the_fields(tiny_run
 
 
 def test_predict_skips_a_zip_bomb_member_with_the_reason_and_predicts_the_rest(tiny_run, tmp_path, monkeypatch, capsys):
-    import pneumoscope.io
+    import pneumoscope.data.decode
 
-    monkeypatch.setattr(pneumoscope.io, "MAX_MEMBER_BYTES", 1 << 20)  # 5 MB of zeros is then a bomb, made in a moment
+    monkeypatch.setattr(pneumoscope.data.decode, "MAX_MEMBER_BYTES", 1 << 20)  # 5 MB of zeros is then a bomb, made in a moment
     pngs = _pngs(tmp_path / "imgs", 3)
     archive = tmp_path / "bomb.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -230,8 +230,8 @@ def test_a_full_disk_while_predicting_names_the_output_file(tmp_path):
     """Issue 23 item 11: `predict` on a full disk said "No space left on device" and not which file."""
     import errno
 
-    from pneumoscope.cli import error_line
-    from pneumoscope.stream import CsvFormat, TextSink
+    from pneumoscope.cli.main import error_line
+    from pneumoscope.inference.stream import CsvFormat, TextSink
 
     class Full:
         def write(self, text):

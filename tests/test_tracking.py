@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.cli import build_parser, main
-from pneumoscope.models import Head
-from pneumoscope.tracking import LOGGERS, describe_logs, training_loggers
-from pneumoscope.train import fit_head, load_train_config
+from pneumoscope.cli.main import build_parser, main
+from pneumoscope.models.classifier import Head
+from pneumoscope.training.tracking import LOGGERS, describe_logs, training_loggers
+from pneumoscope.training.config import load_train_config
+from pneumoscope.training.head import fit_head
 from tests.conftest import PROB_ATOL, make_kaggle_tree, synthetic_xray
 
 COMMON = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--accelerator", "cpu", "--workers", "0"]
@@ -290,7 +291,7 @@ def test_evaluate_of_a_tracked_run_copied_without_its_store_works_and_warns_once
 def test_a_moved_run_logs_nothing_where_it_was_trained(mlflow_trained, tmp_path, caplog):
     """Its own store names the artefact folder by the path the run was trained at: MLflow would write into whatever is
     there now (here the original run). Nothing is logged, with one warning; the evaluation itself is written all the same."""
-    from pneumoscope.tracking import log_evaluation, log_training_run
+    from pneumoscope.training.tracking import log_evaluation, log_training_run
 
     run, _ = mlflow_trained
     moved = tmp_path / "moved"
@@ -313,7 +314,7 @@ def test_a_moved_run_logs_nothing_where_it_was_trained(mlflow_trained, tmp_path,
 def test_evaluating_a_tracked_run_without_mlflow_installed_warns_and_goes_on(tmp_path, monkeypatch, caplog):
     import importlib.util
 
-    from pneumoscope.tracking import log_evaluation
+    from pneumoscope.training.tracking import log_evaluation
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "mlflow" else real(m, *a))

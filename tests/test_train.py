@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.models import Head
-from pneumoscope.train import class_weights, fit_head, predict_head
+from pneumoscope.models.classifier import Head
+from pneumoscope.training.head import class_weights, fit_head, predict_head
 
 
 def _blobs(rng, n, shift):
@@ -55,8 +55,8 @@ def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_
     into one head (mean logit); the run predicts, and exports to one ONNX file that agrees."""
     import json
 
-    from pneumoscope.cli import main
-    from pneumoscope.predict import Predictor
+    from pneumoscope.cli.main import main
+    from pneumoscope.inference.predictor import Predictor
     from tests.conftest import make_kaggle_tree
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)
@@ -77,7 +77,7 @@ def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_
 
 
 def test_average_heads_gives_the_mean_of_the_heads_logits():
-    from pneumoscope.models import average_heads
+    from pneumoscope.models.classifier import average_heads
 
     torch.manual_seed(0)
     heads = [Head(8, hidden=4).eval() for _ in range(3)]
@@ -88,7 +88,7 @@ def test_average_heads_gives_the_mean_of_the_heads_logits():
 
 
 def test_patient_folds_keep_each_patient_in_one_fold_and_both_classes_in_every_fold():
-    from pneumoscope.train import patient_folds
+    from pneumoscope.training.head import patient_folds
 
     patients = [f"p{i // 3}" for i in range(300)]  # 100 patients, 3 images each
     labels = np.array([int(int(p[1:]) % 4 != 0) for p in patients])  # a quarter of the patients normal
@@ -104,8 +104,8 @@ def test_cross_fitted_heads_ship_their_mean_and_set_the_threshold_on_every_image
     train and validation images' out-of-fold logits, and the description says so."""
     import json
 
-    from pneumoscope.cli import main
-    from pneumoscope.predict import Predictor
+    from pneumoscope.cli.main import main
+    from pneumoscope.inference.predictor import Predictor
     from tests.conftest import make_kaggle_tree
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)
@@ -118,7 +118,7 @@ def test_cross_fitted_heads_ship_their_mean_and_set_the_threshold_on_every_image
     assert desc["metrics"]["val"]["n"] == 48  # every train and validation image ((10 + 2) patients x 2 classes x 2 images)
     predictor = Predictor.from_checkpoint(run)
     assert 0 < predictor.threshold < 1 and np.isfinite(predictor.predict_proba([predictor.read(next((data / "test").rglob("*.jpeg")))])).all()
-    from pneumoscope.config import TrainConfig
+    from pneumoscope.training.config import TrainConfig
 
     assert TrainConfig().head_folds == 5 and TrainConfig(finetune={"epochs": 1}).head_folds == 1  # stage 2 refits on one validation split
 
@@ -127,7 +127,7 @@ def test_a_class_with_fewer_patients_than_folds_gets_fewer_folds(tmp_path, caplo
     import json
     import logging
 
-    from pneumoscope.cli import main
+    from pneumoscope.cli.main import main
     from tests.conftest import make_kaggle_tree
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=1, test=False)  # 1 + 2 (val folder) patients of each class
@@ -143,8 +143,8 @@ def test_a_class_with_fewer_patients_than_folds_gets_fewer_folds(tmp_path, caplo
 def test_an_ensemble_backbone_with_cross_fitted_heads_averages_the_packed_heads(tmp_path):
     import json
 
-    from pneumoscope.cli import main
-    from pneumoscope.predict import Predictor
+    from pneumoscope.cli.main import main
+    from pneumoscope.inference.predictor import Predictor
     from tests.conftest import make_kaggle_tree
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)

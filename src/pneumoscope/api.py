@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import MissingFileError, UsageError
-from .io import describe_input
-from .predict import Prediction, Predictor, input_name
+from .data.decode import describe_input
+from .inference.predictor import Prediction, Predictor, input_name
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class Model:
             ValueError: an input that cannot be read or breaks the contract, or an unknown ``target``/``method``.
             TypeError: the model is an ONNX export.
         """
-        from .explain import views_and_cams
+        from .explain.cams import views_and_cams
 
         items, one = _as_list(x)
         _require_exists(items)

@@ -33,7 +33,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=".tmp")  # the pid: remove_orphans knows it
     except OSError as err:
-        raise _naming(err, path) from err
+        raise naming_path(err, path) from err
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
@@ -42,7 +42,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise _naming(err, path) from err
+            raise naming_path(err, path) from err
         raise
 
 
@@ -66,7 +66,7 @@ def current_umask() -> int:
     return mask
 
 
-def _naming(err: OSError, path: Path) -> OSError:
+def naming_path(err: OSError, path: Path) -> OSError:
     """The same error, naming ``path`` (the file the user asked for) instead of a temporary one."""
     if err.errno is None:
         return err
@@ -151,7 +151,7 @@ def check_writable(path: str | os.PathLike) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".pneumoscope-probe-"))
     except OSError as err:
-        raise _naming(err, folder) from err
+        raise naming_path(err, folder) from err
 
 
 def partial_name(path: Path) -> str:

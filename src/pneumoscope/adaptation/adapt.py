@@ -1,0 +1,146 @@
+"""A run meets a new site: measure the shift, adapt to the site's unlabelled images.
+
+``assess_site`` compares a site's images with the training split (set-level tests,
+prevalence estimate, verdict); ``adapt_run`` fits what can be fitted without labels and
+writes a new run that records the images it used (by content hash) and the method.
+No label is ever read from the site's folder names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import discovery as data_mod
+from ..models.checkpoint import save_derived_run
+from ..choices import ADAPT_METHODS
+from ..models.description import RunDescription
+from ..errors import UsageError
+from ..models.features import extract_features
+from ..inference.predictor import Predictor
+from .assess import assess_site
+from .shift import MIN_SITE_IMAGES, prior_shift_offset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteFeatures:
+    dataset: data_mod.Dataset
+    records: list[data_mod.Record]
+    features: np.ndarray  # (N, C) raw pooled backbone features
+    problems: list[tuple[str, str]]
+
+
+def read_site(predictor: Predictor, site: str | os.PathLike, *, cache_dir=None, progress: bool = True) -> SiteFeatures:
+    """Pooled backbone features of every image under ``site`` (labels, if any, ignored)."""
+    dataset = data_mod.scan(data_mod.load_unlabelled(site), check_decode=False, progress=progress)
+    dataset = data_mod.unique_images(dataset, labelled=False)  # copies would weigh as many images
+    feats = extract_features(predictor.model, dataset, cache_dir=cache_dir, progress=progress)
+    if len(feats.records) < MIN_SITE_IMAGES:
+        raise data_mod.DataError(
+            f"{site}: {len(feats.records)} distinct readable images; judging or adapting to a site needs at least {MIN_SITE_IMAGES} "
+            "(a few hundred are better). Fix: add more of the site's images."
+        )
+    return SiteFeatures(dataset, feats.records, feats.features, dataset.problems + feats.problems)
+
+
+def _require_adapter(predictor: Predictor, run) -> None:
+    if predictor.model.adapter is None:
+        raise data_mod.DataError(
+            f"{run}: this run was trained before site adaptation existed and holds no training feature statistics. "
+            "Fix: train it again with this version of pneumoscope."
+        )
+
+
+def shift_report(run: str | os.PathLike, site: str | os.PathLike, *, cache_dir=None, progress: bool = True, seed: int = 0) -> dict:
+    """The ``pneumoscope shift`` command: how a site's images differ from the run's training split."""
+    predictor = Predictor.from_checkpoint(run)
+    _require_adapter(predictor, run)
+    site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
+    report = assess_site(predictor, site_feats.features, seed=seed)
+    report.update(run=str(run), site=str(site), skipped=len(site_feats.problems))
+    return report
+
+
+def adapt_run(
+    run: str | os.PathLike, site: str | os.PathLike, out: str | os.PathLike, *, method: str = ADAPT_METHODS[0],
+    overwrite: bool = False, cache_dir=None, progress: bool = True, seed: int = 0,
+) -> tuple[Path, RunDescription]:  # fmt: skip
+    """The ``pneumoscope adapt`` command: a new run adapted to a site's unlabelled images;
+    returns its folder and description.
+
+    ``center``: the site's pooled features are shifted so that their mean is the training
+    split's, per feature (the head, the OOD guard and the threshold then see site images
+    as they saw training ones); ``standardize`` also maps each feature's sd (measured:
+    sds from ~150 images cost about 0.01 AUC, means alone do not). ``+prior`` then moves
+    the probabilities to the site's estimated prevalence (a Gaussian mixture on the
+    adapted logits), folded into the head's bias; the threshold moves with them, so the
+    decisions stay those of the validation threshold.
+    """
+    from ..outputs import check_output_dir
+
+    if method not in ADAPT_METHODS:
+        raise UsageError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
+    check_output_dir(out, overwrite)
+    predictor = Predictor.from_checkpoint(run)
+    _require_adapter(predictor, run)
+    done = predictor.description.adaptation
+    if done:
+        # its head's bias already carries a prior offset and its threshold moved with it: a second
+        # adaptation would add another on top (probabilities shifted twice), not replace it
+        raise data_mod.DataError(
+            f"{run}: this run is already adapted ({done.get('method')}, to {done.get('data')}). "
+            "Fix: adapt the run it was adapted from, which the new run then replaces."
+        )
+    model = predictor.model
+    site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
+    before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
+
+    model.adapter.fit_site(site_feats.features, shrink=1.0 if method.startswith("standardize") else 0.0)
+    adapted = model.adapter.apply_np(site_feats.features)
+    ood = predictor.description.ood
+    if model.ood is not None:
+        # the guard now sees adapted features; its cut-off admits the site's own 99% (never tighter than validation's)
+        site_cut = float(np.quantile(model.ood.distance_np(adapted), 0.99))
+        model.ood.cutoff.fill_(max(float(model.ood.cutoff), site_cut))
+        ood = replace(ood, cutoff=float(model.ood.cutoff),
+                      cutoff_rule=f"{ood.cutoff_rule or ''}; after adaptation, at least the 0.99 quantile of the site's adapted distances")  # fmt: skip
+    after = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
+    threshold, offset = predictor.threshold, 0.0
+    if method.endswith("+prior"):
+        offset = prior_shift_offset(after["prevalence"]["mixture"], after["validation_prevalence"])
+        # fold the offset into the head's bias, so every backend (ONNX included) computes it:
+        # sigmoid((z + offset * T) / T) = sigmoid(z / T + offset); the threshold moves with it
+        with torch.no_grad():
+            model.head.fc2.bias += offset * predictor.temperature
+        threshold = float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1 - threshold)) + offset))))
+    description = replace(
+        predictor.description,
+        source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
+        threshold=threshold,
+        threshold_policy=f"{predictor.description.threshold_policy}; carried to the site by unlabelled adaptation ({method})",
+        ood=ood,
+        adaptation={
+            "method": method, "data": str(Path(site).absolute()), "n": len(site_feats.records), "date": time.strftime("%Y-%m-%d"),
+            "labels_used": False, "estimated_prevalence": after["prevalence"]["mixture"], "prior_logit_offset": offset,
+            "previous_threshold": predictor.threshold, "shift_before": _brief(before), "shift_after": _brief(after),
+            "image_sha256": sorted(r.content_hash for r in site_feats.records), "skipped": len(site_feats.problems),
+        },
+    )  # fmt: skip
+    save_derived_run(run, out, model, description, overwrite=overwrite)
+    logger.debug("adapted to %d site images (%s): domain AUC %.3f -> %.3f, estimated prevalence %.3f, threshold %.4f (was %.4f)",
+                len(site_feats.records), method, before["domain_auc"], after["domain_auc"], after["prevalence"]["mixture"],
+                threshold, predictor.threshold)  # fmt: skip
+    return Path(out), description
+
+
+def _brief(report: dict) -> dict:
+    return {"mmd_p_value": report["mmd"]["p_value"], "domain_auc": report["domain_auc"], "prevalence": report["prevalence"],
+            "ood_fraction": report["ood_fraction"]}  # fmt: skip

@@ -1,0 +1,40 @@
+"""How far a site's images are from the training split, as the model sees them: the report that `shift` prints,
+`adapt` records before and after, and `evaluate` puts in its report."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.discovery import DataError
+from ..inference.predictor import Predictor
+from .shift import compute_domain_auc, compute_mmd_test, estimate_prevalence, shift_verdict
+
+
+def _validation_rates(predictor: Predictor) -> tuple[float, float, float]:
+    """(sensitivity, 1 - specificity, prevalence) of the run's validation split at its threshold."""
+    val = predictor.description.metrics.get("val") or {}
+    if not {"sensitivity", "specificity", "prevalence"} <= set(val):
+        raise DataError("the run records no validation metrics; train it again with this version of pneumoscope.")
+    return float(val["sensitivity"]), 1.0 - float(val["specificity"]), float(val["prevalence"])
+
+
+def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 0, n_perm: int = 500) -> dict:
+    """Set-level shift between the training split and a site (features as the model sees them now)."""
+    model = predictor.model
+    ref = model.adapter.ref_sample.numpy()
+    adapted = model.adapter.apply_np(site_features)
+    mmd = compute_mmd_test(ref, adapted, n_perm=n_perm, seed=seed)
+    domain_auc = compute_domain_auc(ref, adapted, seed=seed)
+    with torch.no_grad():
+        logits = model.head_logits(site_features).double().numpy()
+    prob = predictor.probability(logits)
+    tpr, fpr, val_prev = _validation_rates(predictor)
+    prevalence = estimate_prevalence(prob, predictor.threshold, tpr, fpr, val_prev)
+    ood = None
+    if model.ood is not None:
+        ood = float((model.ood.distance_np(adapted) > predictor.ood_cutoff).mean())
+    detected, verdict = shift_verdict(mmd, domain_auc, prevalence, val_prevalence=val_prev, ood_fraction=ood)
+    return {"n": int(len(site_features)), "shift_detected": detected, "verdict": verdict, "mmd": mmd, "domain_auc": domain_auc,
+            "prevalence": prevalence, "validation_prevalence": val_prev, "ood_fraction": ood, "threshold": predictor.threshold,
+            "adapted": not model.adapter.is_identity}  # fmt: skip

@@ -1,0 +1,133 @@
+"""Site calibration.
+
+``calibrate_run`` refits the temperature and the threshold of a trained run on a
+small labelled sample from a new site (thresholds do not carry over between
+hospitals; see torchxrayvision issue #175) and writes a new run that records the
+sample, so that evaluation can leave those images out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..data import discovery as data_mod
+from ..models.checkpoint import save_derived_run
+from ..models.description import RunDescription
+from ..metrics.clinical import compute_clinical_metrics
+from ..metrics.operating_point import fit_operating_point
+from ..outputs import check_output_dir
+from ..inference.predictor import Predictor
+
+logger = logging.getLogger(__name__)
+
+MIN_PER_CLASS = 10
+
+
+SITE_WEIGHT = 10.0  # one labelled site image counts as this many training images when the head is refitted
+REFIT_FOLDS = 5
+
+
+def refit_head(model, site_features: np.ndarray, site_y: np.ndarray, *, site_weight: float = SITE_WEIGHT, steps: int = 150,
+               lr: float = 1e-3, seed: int = 0):  # fmt: skip
+    """A copy of the head trained on the run's labelled training sample plus a few labelled site images.
+
+    Starts from the trained head; full-batch Adam on class-balanced BCE in which each site
+    image weighs ``site_weight`` training images. Site features go through the run's
+    feature adapter first, so the head sees them as at inference.
+    """
+    import copy
+
+    import torch
+
+    from ..runtime import seeded_rng
+    from ..training.head import class_weights
+
+    with seeded_rng(seed):  # dropout's masks come from `seed`; the caller's RNG is left as it was
+        head = copy.deepcopy(model.head)
+        ref_x, ref_y = model.adapter.ref_sample, model.adapter.ref_labels
+        site_x = model.adapted(torch.as_tensor(site_features, dtype=torch.float32))
+        x = torch.cat([ref_x, site_x])
+        y = torch.cat([ref_y, torch.as_tensor(site_y, dtype=torch.float32)])
+        w_ref = torch.as_tensor(class_weights(ref_y.numpy().astype(int)), dtype=torch.float32)[ref_y.long()]
+        w_site = site_weight * torch.as_tensor(class_weights(np.asarray(site_y)), dtype=torch.float32)[torch.as_tensor(site_y).long()]
+        w = torch.cat([w_ref, w_site])
+        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
+        head.train()
+        for _ in range(steps):
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y, reduction="none") * w).sum() / w.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+def cross_fitted_logits(model, features: np.ndarray, y: np.ndarray, groups: list[str], *, seed: int = 0) -> np.ndarray:
+    """Out-of-fold logits of refitted heads: each site image is scored by a head that never saw its
+    patient, so the temperature and threshold fitted on them are not fitted on the head's own training data."""
+    import torch
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = StratifiedGroupKFold(n_splits=min(REFIT_FOLDS, int(np.bincount(y).min())), shuffle=True, random_state=seed)
+    out = np.zeros(len(y))
+    for fit, held in folds.split(features, y, groups):
+        head = refit_head(model, features[fit], y[fit], seed=seed)
+        with torch.no_grad():
+            out[held] = head(model.adapted(torch.as_tensor(features[held], dtype=torch.float32)))[:, 0].double().numpy()
+    return out
+
+
+def calibrate_run(
+    run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "val", policy: str = "youden",
+    target: float | None = None, refit: bool = False, overwrite: bool = False, cache_dir=None, progress: bool = True,
+) -> tuple[Path, RunDescription]:  # fmt: skip
+    """The ``pneumoscope calibrate`` command: a new run with a site-fitted temperature and threshold,
+    and with ``refit`` a head refitted on the labelled site images beside the training sample.
+    Returns the new run's folder and description."""
+    check_output_dir(out, overwrite)
+    predictor = Predictor.from_checkpoint(run)
+    if refit and predictor.model.adapter is None:
+        raise data_mod.DataError(f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again.")
+    dataset = data_mod.load_dataset(data)
+    predictor.check_dataset(dataset)
+    scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
+    scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
+    feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
+    kept = feats.records
+    y = np.array([r.label for r in kept])
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < MIN_PER_CLASS:
+        raise data_mod.DataError(
+            f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). "
+            "Fix: label more local images."
+        )
+    model = predictor.model
+    groups = [r.patient_id for r in kept]
+    if refit:
+        z = cross_fitted_logits(model, feats.features, y, groups)
+        model.head = refit_head(model, feats.features, y)
+    point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
+    metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
+    method = (f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
+              f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits") if refit else "temperature and threshold"  # fmt: skip
+    description = replace(
+        predictor.description,
+        source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
+        temperature=point.temperature,
+        threshold=point.threshold,
+        threshold_policy=point.description,
+        calibration={
+            "method": method, "data": str(Path(data).absolute()), "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
+            "date": time.strftime("%Y-%m-%d"), "previous_threshold": predictor.threshold, "previous_temperature": predictor.temperature,
+            "image_sha256": sorted(r.content_hash for r in kept), "metrics_on_sample": metrics, "skipped": len(scanned.problems) + len(feats.problems),
+        },
+    )  # fmt: skip
+    save_derived_run(run, out, model, description, overwrite=overwrite)
+    logger.debug("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), point.temperature, point.threshold,
+                predictor.threshold)
+    return Path(out), description

@@ -1,0 +1,67 @@
+"""Download PneumoniaMNIST (MedMNIST's published file) into the user cache, checked by MD5."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from ..errors import PneumoscopeError
+from .paths import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+# MedMNIST v2 (Zenodo record 10519652); the MD5 is the one medmnist's INFO lists.
+PNEUMONIAMNIST_URL = "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
+PNEUMONIAMNIST_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"
+
+
+class DownloadError(PneumoscopeError, ConnectionError):
+    """The download failed: no network, or the server did not answer."""
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_pneumoniamnist(
+    cache_dir: str | os.PathLike | None = None, *, url: str = PNEUMONIAMNIST_URL, md5: str = PNEUMONIAMNIST_MD5, timeout: float = 60.0
+) -> Path:
+    """Path to a verified ``pneumoniamnist.npz``, downloading it once.
+
+    The file is written to a temporary name and renamed only after its MD5
+    matches, so a failed or interrupted download never leaves a bad file.
+    """
+    target = Path(cache_dir or default_cache_dir()) / "pneumoniamnist.npz"
+    if target.is_file():
+        if md5sum(target) == md5:
+            return target
+        logger.warning("%s has the wrong checksum; downloading it again", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading %s", url)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".pneumoniamnist.", suffix=".part")
+    try:
+        h = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+                h.update(chunk)
+        if h.hexdigest() != md5:
+            from .discovery import DataError  # only here: the downloader imports nothing heavy
+
+            raise DataError(f"download from {url} has MD5 {h.hexdigest()}, expected {md5}; the file is not kept. Try again later.")
+        os.replace(tmp, target)
+    except OSError as err:
+        raise DownloadError(
+            f"could not download PneumoniaMNIST from {url} ({err}). Fix: run with a network, or pass DATA=path to a local dataset."
+        ) from err
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target

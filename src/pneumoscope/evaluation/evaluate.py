@@ -1,0 +1,271 @@
+"""Evaluate a trained run on labelled data: predictions, metrics with intervals, figures, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, precision_recall_curve
+
+from ..data import discovery as data_mod
+from ..models.checkpoint import RunFolder
+from ..data.decode import read_many, screen_image
+from ..metrics.clinical import DROP_RULE, compare_with_validation, compute_clinical_metrics
+from ..metrics.calibration import compute_adaptive_reliability, compute_reliability
+from ..metrics.intervals import compute_pr_band, compute_roc_band
+from ..metrics.classification import compute_roc_curve, decide
+from ..outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
+from ..plots import overlay_cam, plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
+from ..inference.predictor import Predictor
+from .report import model_card, render_report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationResult:
+    records: list[data_mod.Record]
+    paths: list[str]
+    y_true: np.ndarray
+    y_prob: np.ndarray
+    metrics: dict
+    problems: list[tuple[str, str]]
+    excluded_calibration: int = 0
+    features: np.ndarray | None = None  # pooled backbone features of ``records`` (None with test-time augmentation)
+    ood_distance: np.ndarray | None = None  # the OOD guard's distance of each of ``records`` (None without a guard)
+    screened: list[str] | None = None  # io.screen_image of each of ``records`` where they were decoded, else None
+
+
+def evaluate_dataset(
+    predictor: Predictor, dataset: data_mod.Dataset, *, split: str = "test", limit: int | None = None, cache_dir=None,
+    n_boot: int = 2000, seed: int = 0, tta: bool = False, progress: bool = True,
+) -> EvaluationResult:  # fmt: skip
+    predictor.check_dataset(dataset)
+    records = data_mod.select_split(dataset, split)
+    if limit:
+        records = data_mod.limit_per_split(records, limit, seed=0)
+    scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
+    calibrated_on = set((predictor.description.calibration or {}).get("image_sha256", []))
+    excluded = [r for r in scanned.records if r.content_hash in calibrated_on]
+    if excluded:
+        logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
+        scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
+    adapted_on = set((predictor.description.adaptation or {}).get("image_sha256", []))
+    transductive = sum(r.content_hash in adapted_on for r in scanned.records)
+    if transductive:
+        logger.warning("%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
+                       "transductive. For an unbiased estimate evaluate on other images of the site.", transductive)  # fmt: skip
+    if tta:  # the feature cache holds untransformed images only: decode and run every view
+        size = predictor.preprocessing.input_size
+        decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
+        kept, problems = [scanned.records[i] for i in decoded.index], decoded.skipped
+        (prob, distance), features = predictor.run(decoded.images, tta=True), None
+        screened = [screen_image(im) for im in decoded.images]
+    else:
+        feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
+        kept, prob, problems, features = feats.records, predictor.probability(logits), feats.problems, feats.features
+        with torch.inference_mode():  # the guard on the cached features: what inference computes, without a second pass
+            distance = predictor.model.ood_distances(features)
+        distance, screened = (None if distance is None else distance.double().numpy()), None
+    if not kept:
+        raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
+    y_true = np.array([r.label for r in kept])
+    metrics = compute_clinical_metrics(
+        y_true, prob, predictor.threshold, groups=[r.patient_id for r in kept],
+        pneumonia_type=[r.pneumonia_type for r in kept], n_boot=n_boot, seed=seed,
+    )  # fmt: skip
+    metrics["adapted_on_evaluated_images"] = transductive
+    if metrics["roc_auc"] is None:
+        logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
+    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded), features,
+                            distance, screened)  # fmt: skip
+
+
+def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, screened: list[str] | None) -> dict:
+    """How many of the evaluated images inference would give no label (``predict.Predictor``: the image screen or the
+    OOD guard flags them). ``guard`` or ``screen`` is None where that check could not be counted (no guard; images
+    not decoded); ``n`` counts the images either flags. The metrics still include these images."""
+    guard = None if ood_distance is None or cutoff is None else np.asarray(ood_distance) > cutoff  # (N,) bool
+    screen = None if screened is None else np.array([bool(reason) for reason in screened], dtype=bool)
+    flagged = [f for f in (guard, screen) if f is not None]
+    either = np.logical_or.reduce(flagged) if flagged else None
+    unchecked = [f"{name} ({why})" for name, flags, why in (
+        ("the OOD guard", guard, "the run has none"),
+        ("the image screen", screen, "it needs the decoded images, which the shortcut audit decodes and --no-audit skips"),
+    ) if flags is None]  # fmt: skip
+    return {"n": None if either is None else int(either.sum()), "guard": None if guard is None else int(guard.sum()),
+            "screen": None if screen is None else int(screen.sum()), "note": f"Not counted: {'; '.join(unchecked)}." if unchecked else ""}  # fmt: skip
+
+
+def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_kind: int = 2, at_least: int = 0) -> list[tuple[str, int]]:
+    """(kind, index) of the most confident false positives, false negatives, true positives and true negatives,
+    ``per_kind`` of each where there are that many; then, while fewer than ``at_least`` are picked, more of the
+    kinds that have more, one kind at a time, so that both classes and both outcomes are shown where they exist."""
+    pred = decide(y_prob, threshold).astype(bool)
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
+    ranked = []
+    for kind, sel, most_confident_first in (
+        ("false positive", pred & (y_true == 0), -y_prob), ("false negative", ~pred & (y_true == 1), y_prob),
+        ("true positive", pred & (y_true == 1), -y_prob), ("true negative", ~pred & (y_true == 0), y_prob),
+    ):  # fmt: skip
+        idx = np.flatnonzero(sel)
+        ranked.append((kind, [int(i) for i in idx[np.argsort(most_confident_first[idx], kind="stable")]]))
+    picks = [(kind, i) for kind, order in ranked for i in order[:per_kind]]
+    depth = per_kind
+    while len(picks) < at_least and any(len(order) > depth for _, order in ranked):
+        picks += [(kind, order[depth]) for kind, order in ranked if len(order) > depth][: at_least - len(picks)]
+        depth += 1
+    return picks
+
+
+def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
+    """Grad-CAM figures of the most confident true/false positives and negatives."""
+    from ..explain.cams import views_and_cams
+
+    out = []
+    for kind, i in pick_cases(result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind):
+        record = result.records[i]
+        image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
+        (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1])  # what the model decided: pred[i]
+        path = folder / f"gallery_{len(out):02d}.png"
+        caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
+        title = f"{kind}: P(pneumonia) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure
+        plot_cam(shown, overlay_cam(shown, cam), path, title=title, true_label=predictor.class_names[int(result.y_true[i])],
+                 method=f"Grad-CAM for {predictor.class_names[cls]}")  # fmt: skip
+        out.append((path, caption))
+    return out
+
+
+def _site_shift(predictor: Predictor, result: EvaluationResult) -> tuple[dict | None, str]:
+    """How the evaluated images differ from the training split, as `pneumoscope shift` reports it (runs that keep
+    training feature statistics, features computed for the evaluation, and at least a few dozen images), or None
+    and why not."""
+    from ..adaptation.assess import assess_site
+    from ..adaptation.shift import MIN_SITE_IMAGES
+
+    if predictor.model.adapter is None:
+        return None, "the run keeps no training feature statistics to compare with"
+    if result.features is None:
+        return None, "test-time augmentation computes no pooled features to compare"
+    if len(result.records) < MIN_SITE_IMAGES:
+        return None, f"{len(result.records)} images, fewer than the {MIN_SITE_IMAGES} the test needs"
+    return assess_site(predictor, result.features, n_perm=200), ""
+
+
+def seen_in_training(run_folder: RunFolder, records: list[data_mod.Record]) -> list[data_mod.Record]:
+    """The records whose bytes match an image the run was trained or validated on (by the SHA-256 in its splits.csv)."""
+    if not run_folder.splits.is_file():
+        return []
+    with open(run_folder.splits, newline="", encoding="utf-8", errors="replace") as fh:
+        fitted = {row.get("sha256") for row in csv.DictReader(fh) if row.get("split") in ("train", "val") and row.get("status") == "used"}
+    fitted.discard("")
+    fitted.discard(None)
+    return [r for r in records if r.content_hash and r.content_hash in fitted]
+
+
+def evaluate_run(
+    run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
+    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, tta: bool = False,
+    progress: bool = True,
+) -> tuple[Path, EvaluationResult]:  # fmt: skip
+    """The ``pneumoscope evaluate`` command."""
+    check_output_dir(out, overwrite)
+    predictor = Predictor.from_checkpoint(run)
+    dataset = data_mod.load_dataset(data)
+    result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
+    m = result.metrics
+    names = list(data_mod.CLASS_NAMES)
+    run_folder = RunFolder.of(run)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_csv(
+            tmp / "predictions.csv",
+            ["path", "patient_id", "label", "prob", "pred"],
+            [[path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
+             for r, path, p in zip(result.records, result.paths, result.y_prob)],
+        )  # fmt: skip
+        y_pred = predictor.decide(result.y_prob)
+        report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
+        header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
+        write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
+        figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
+        plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
+        if m["roc_auc"] is not None:
+            figures["roc_curve"] = tmp / "roc_curve.png"
+            patients = [r.patient_id for r in result.records]
+            band = compute_roc_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0)
+            plot_roc(compute_roc_curve(result.y_true, result.y_prob), figures["roc_curve"], auc=m["roc_auc"], auc_ci=m["ci95"]["roc_auc"],
+                     operating_point=(1 - m["specificity"], m["sensitivity"]), threshold=m["threshold"], band=band)  # fmt: skip
+            precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
+            figures["pr_curve"] = tmp / "pr_curve.png"
+            plot_pr(precision, recall, figures["pr_curve"], ap=m["pr_auc"], ap_ci=m["ci95"]["pr_auc"], prevalence=m["prevalence"],
+                    operating_point=(m["sensitivity"], m["ppv"] or 0.0), band=compute_pr_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0))  # fmt: skip
+        figures["reliability"] = tmp / "reliability.png"
+        plot_reliability(compute_adaptive_reliability(result.y_true, result.y_prob), figures["reliability"], ece=m["ece"], brier=m["brier"],
+                         histogram=compute_reliability(result.y_true, result.y_prob))  # fmt: skip
+        if result.problems:
+            write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
+        gallery = _gallery(predictor, dataset, result, tmp)
+        audit, screened = None, result.screened
+        if audit_shortcuts:
+            from ..explain.checks import audit_dataset
+
+            reader, size, screens = dataset.reader, predictor.preprocessing.input_size, {}
+
+            def image_of(i: int) -> np.ndarray:  # the audit decodes every image: screen it on the way, as inference would
+                image = reader.read_image(result.records[i].ref, draft_size=size)
+                screens[i] = screen_image(image)
+                return image
+
+            audit = audit_dataset(predictor, image_of, len(result.records), probs=None if tta else result.y_prob, progress=progress)
+            write_json(tmp / "shortcut_audit.json", audit)
+            screened = screened or [screens[i] for i in range(len(result.records))]
+        m["not_assessable"] = count_not_assessable(result.ood_distance, predictor.ood_cutoff, screened)
+        seen = seen_in_training(run_folder, result.records)
+        m["seen_in_training"] = len(seen)
+        if seen:
+            logger.warning("%d of the %d evaluated images are byte-identical to images this run was trained or validated on (e.g. %s): "
+                           "these figures are optimistic. Fix: evaluate on images the run never saw.", len(seen), len(result.records),
+                           dataset.display(seen[0]))  # fmt: skip
+        write_json(tmp / "metrics.json", m)
+        shift, shift_skipped = _site_shift(predictor, result)
+        if shift:
+            write_json(tmp / "site_shift.json", shift)
+        val = predictor.description.metrics.get("val")
+        context = {
+            "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
+            "metrics": m,
+            "summary": {"rows": compare_with_validation(val or {}, m), "validation": val, "rule": DROP_RULE, "shift_skipped": shift_skipped},
+            "description": predictor.description,
+            "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
+                     "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},
+            "training_summary": json.loads(run_folder.data_summary.read_text()) if run_folder.data_summary.is_file() else None,
+            "history": run_folder.history_png if run_folder.history_png.is_file() else None,
+            "figures": figures,
+            "gallery": gallery,
+            "shortcut_audit": audit,
+            "site_shift": shift,
+            "model_card": model_card(predictor.description, m, str(data)),
+            "notes": ([m["note"]] if m.get("note") else []) + (
+                [f"{m['seen_in_training']} of these images are byte-identical to images the model was trained or validated on: "
+                 "the figures are optimistic."] if m["seen_in_training"] else []) + (
+                [f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
+                 "the figures are transductive."] if m.get("adapted_on_evaluated_images") else []),
+        }  # fmt: skip
+        write_bytes_atomic(tmp / "report.html", render_report(context).encode())
+    # the CLI prints these metrics: at INFO they would be said twice
+    logger.debug("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+                 m["accuracy"], out)  # fmt: skip
+    tracked = (predictor.description.training or {}).get("mlflow")
+    if tracked:  # trained with --logger mlflow: this evaluation joins it in its store
+        from ..training.tracking import log_evaluation
+
+        log_evaluation(run_folder.path, tracked, out, m, split=context["data"]["split"],
+                       params={"run": Path(run).absolute(), "data": Path(data).absolute(), "split": split, "limit": limit, "tta": tta,
+                               "bootstraps": n_boot, "out": Path(out).absolute()})  # fmt: skip
+    return Path(out), result

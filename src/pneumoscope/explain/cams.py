@@ -1,0 +1,88 @@
+"""Class activation maps through the ``grad-cam`` package, of the class the model decided.
+
+Target: the model has one output, the logit of PNEUMONIA. Explaining PNEUMONIA
+follows that logit; explaining NORMAL follows its negative. Taking "class 0" of
+a one-output model, as a softmax-style target would, explains PNEUMONIA
+whatever was asked (pytorch-grad-cam issues #325 and #428);
+``BinaryClassifierOutputTarget`` does the sign flip.
+"""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+import pytorch_grad_cam
+import torch
+from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+from ..choices import CAM_METHOD_CLASSES
+from ..errors import UsageError
+from ..inference.predictor import Predictor
+
+logger = logging.getLogger(__name__)
+
+
+CAM_METHODS = {name: getattr(pytorch_grad_cam, cls) for name, cls in CAM_METHOD_CLASSES.items()}
+
+
+GRADIENT_FREE = {"eigencam"}
+
+
+def check_method(method: str) -> None:
+    if method not in CAM_METHODS:
+        raise UsageError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+
+
+def compute_cam(model, x: torch.Tensor, target_classes, method: str = "gradcam") -> np.ndarray:
+    """CAMs (B, S, S) in [0, 1]; ``target_classes`` is one int or one per image (1 PNEUMONIA, 0 NORMAL).
+
+    The hooks live only inside the ``with``: the model is left as it was.
+    """
+    check_method(method)
+    targets = [target_classes] * len(x) if isinstance(target_classes, (int, np.integer)) else list(target_classes)
+    if len(targets) != len(x) or any(t not in (0, 1) for t in targets):
+        raise ValueError(f"target_class must be 0 (NORMAL) or 1 (PNEUMONIA) per image, got {target_classes!r}")
+    model.eval()
+    with CAM_METHODS[method](model=model, target_layers=[model.cam_layer()]) as cam:
+        maps = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(int(t)) for t in targets])
+    maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
+    return np.clip(maps, 0.0, 1.0)  # (B, S, S)
+
+
+def target_classes(predictor: Predictor, probs, target: str = "predicted") -> list[int]:
+    """The class each map explains: the predicted one, or the one named ("pneumonia" 1, "normal" 0)."""
+    if target == "predicted":
+        return predictor.decide(probs).tolist()
+    if target.upper() not in predictor.class_names:
+        raise UsageError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
+    return [predictor.class_names.index(target.upper())] * len(probs)
+
+
+def views_and_cams(
+    predictor: Predictor, images: list[np.ndarray], *, probs=None, target: str = "predicted", method: str = "gradcam"
+) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
+    """Each decoded image as the model sees it, its CAM over that view, and the class each map explains.
+
+    Returns views (S, S) in [0, 1] (:meth:`Predictor.preprocessing_view`), CAMs (B, S, S) in [0, 1]
+    and the classes. The class is the one decided (:meth:`Predictor.decide`: calibrated probability
+    at or above the threshold) on ``probs`` (the caller's, computed here when not given), unless
+    ``target`` names one. The one path from images to maps; draw them with ``plots.overlay_cam``.
+    """
+    if probs is None:
+        probs = predictor.predict_proba(images)
+    classes = target_classes(predictor, probs, target)
+    cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), classes, method)
+    return [predictor.preprocessing_view(im) for im in images], cams, classes
+
+
+def compute_gradcam(model, x: torch.Tensor, target_class) -> np.ndarray:
+    return compute_cam(model, x, target_class, "gradcam")
+
+
+class ProbabilityTarget:
+    """Probability of the explained class from the one-logit output."""
+
+    def __init__(self, category: int):
+        self.sign = 1.0 if category == 1 else -1.0
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.sign * output[..., 0])

@@ -1,0 +1,404 @@
+"""Predictor: load a model once, preprocess exactly as in training, predict.
+
+This is the only inference code: the ``predict``, ``explain`` and ``evaluate``
+commands, the web app and the ONNX parity check all go through it. A backend
+runs the network (PyTorch, or ONNX Runtime for an exported model); everything
+around it (decoding, preprocessing, temperature, threshold, out-of-distribution
+flag) is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.checkpoint import CheckpointError, description_from_json, load_checkpoint
+from ..data.discovery import CLASS_NAMES, Dataset, DataError, Record
+from ..models.description import RunDescription
+from ..errors import UsageError
+from ..models.features import FeatureResult, extract_features
+from ..data.decode import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
+from ..metrics.classification import calibrated_probability, decide
+from ..data.preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image: what ``pneumoscope predict`` writes as a row.
+
+    ``label`` is the class decided at ``threshold`` only for an image the model can assess: it is
+    None when the image could not be read (``error`` says why) and when it is not assessable
+    (``ood`` is True: the image screen or the out-of-distribution guard flagged it, and
+    ``ood_reason`` says why). ``prob`` is then given for information only.
+
+    Attributes:
+        path: the input as given (a path, or a description of an in-memory input).
+        prob: calibrated P(PNEUMONIA), or None when the image could not be read.
+        label: "NORMAL" or "PNEUMONIA", or None (not assessable, or unreadable).
+        threshold: the model's operating point; ``label`` is PNEUMONIA where ``prob >= threshold``.
+        ood: True when not assessable; False when checked and like the training images; None when the model has no guard.
+        ood_distance: the guard's score (Mahalanobis distance of the image's features to the training features).
+        error: why the image could not be read, else "".
+        ood_reason: why it is not assessable, else "".
+    """
+
+    path: str
+    prob: float | None
+    label: str | None
+    threshold: float
+    ood: bool | None = None
+    ood_distance: float | None = None
+    error: str = ""
+    ood_reason: str = ""
+
+    @property
+    def assessable(self) -> bool:
+        """Whether the model gives a diagnosis for this image (readable, and neither screen nor guard flagged it)."""
+        return self.label is not None
+
+    FIELDS = ("path", "prob", "label", "threshold", "ood", "ood_distance", "ood_reason", "error")
+
+    def to_dict(self) -> dict:
+        """The record as ``pneumoscope predict --format json`` writes it.
+
+        Returns:
+            A dict of :attr:`FIELDS`, in that order (``label``, ``prob`` and the rest as above; None where absent).
+        """
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+
+def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files named directly, and image files found (recursively, links followed, cycles not) in folders.
+
+    Returns (files, problems): a path that cannot be used (missing, a name too long,
+    a file type that is not read, a folder without images) is a (path, reason and fix)
+    problem, never an exception, so the other inputs are still predicted. A file named
+    directly is accepted by the same rule as one found in a folder: an image suffix
+    (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
+    """
+    from ..data.discovery import walk_files
+    from ..data.decode import IMAGE_SUFFIXES, not_regular_file
+
+    def is_input(f: Path) -> bool:
+        if is_image_path(f):
+            return True
+        try:
+            with open(f, "rb") as fh:  # a regular file (checked first): opening a FIFO would wait for a writer
+                return fh.read(132)[128:] == b"DICM"
+        except OSError:
+            return False
+
+    files, problems = [], []
+    for p in map(Path, paths):
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except OSError as err:  # ENAMETOOLONG, EACCES, ELOOP: this path only, not the whole call
+            problems.append((str(p), f"cannot be read ({err.strerror}). Fix: check the path"))
+            continue
+        if is_dir:
+            found, odd = [], []
+            for f in walk_files(p):
+                why = not_regular_file(f) if is_image_path(f) else ""
+                if why:  # named like an image but a FIFO or a device: a row with the reason, not silence (nor a hang)
+                    odd.append((str(f), why))
+                elif is_image_path(f) and not f.exists():
+                    odd.append((str(f), "a symbolic link to a file that does not exist. Fix: point the link at the image, or remove it"))
+                elif f.is_file() and is_input(f):
+                    found.append(f)
+            found.sort()
+            problems.extend(odd)
+            if found or odd:
+                files.extend(found)
+            else:
+                problems.append((str(p), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). Fix: give a folder of images"))
+        elif not exists:
+            problems.append((str(p), "no such file or folder. Fix: check the path"))
+        elif not_regular_file(p):
+            problems.append((str(p), not_regular_file(p)))
+        elif is_input(p):
+            files.append(p)
+        else:
+            problems.append((str(p), f"not an image type pneumoscope reads (suffix {p.suffix or 'none'!r}; it reads "
+                                     f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM). Fix: convert it to PNG"))  # fmt: skip
+    for path, why in problems:
+        logger.warning("%s: %s", path, why)
+    return files, problems
+
+
+TTA_SHIFT = 0.04  # of the image side
+TTA_ZOOM = 1.06
+
+
+def tta_views(view: np.ndarray) -> list[np.ndarray]:
+    """The image and four mild variants: shifted left/right/up by 4% (mean-grey fill) and zoomed 6% in."""
+    from PIL import Image
+
+    s = view.shape[0]
+    d = max(1, round(TTA_SHIFT * s))
+    fill = float(view.mean())
+    out = [view]
+    for dy, dx in ((0, d), (0, -d), (d, 0)):
+        shifted = np.full_like(view, fill)
+        src = view[max(0, -dy) : s - max(0, dy), max(0, -dx) : s - max(0, dx)]
+        shifted[max(0, dy) : max(0, dy) + src.shape[0], max(0, dx) : max(0, dx) + src.shape[1]] = src
+        out.append(shifted)
+    c = round(s * (1 - 1 / TTA_ZOOM) / 2)
+    out.append(np.asarray(Image.fromarray(view[c : s - c, c : s - c]).resize((s, s), Image.Resampling.BILINEAR), dtype=np.float32))
+    return out
+
+
+def input_name(x, index: int) -> str:
+    """How messages name input ``index``: a file by its path, anything else by its place and kind."""
+    return describe_input(x) if isinstance(x, (str, os.PathLike)) else f"input {index} ({describe_input(x)})"
+
+
+def require_decoded(image) -> np.ndarray:
+    """The low-level methods take what the decoder returns: a float (H, W) array in [0, 1].
+
+    A raw uint8 array read as if it were in [0, 1] is normalised to values in the
+    hundreds and gives a confident, wrong probability without any error.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype.kind != "f":
+        given = f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
+        raise UsageError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
+                         "pneumoscope.io.to_image(x), or call pneumoscope.load(...).predict(x), which accepts uint8, uint16, "
+                         "PIL images, paths and DICOM datasets.")  # fmt: skip
+    return check_decoded(image, f"float array {image.shape}", given=True)
+
+
+class TorchBackend:
+    name = "pytorch"
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, C, S, S) normalised -> logits (B,), OOD distances (B,) or None."""
+        with torch.inference_mode():
+            logits, dist = self.model.logit_and_ood(torch.from_numpy(x))
+        return logits.double().numpy(), (None if dist is None else dist.double().numpy())
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        from ..runtime import available_cpus
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cpus()  # its default counts the machine's CPUs, not the process's
+        # waiting threads sleep rather than spin: under contention a spinning thread burns the time its partner needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "pneumoscope" not in meta:
+            raise CheckpointError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
+        self.description = description_from_json(meta["pneumoscope"], path)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = dict(zip(self.outputs, self.session.run(None, {"image": x})))
+        return out["logit"].astype(np.float64), out["ood_distance"].astype(np.float64) if "ood_distance" in out else None
+
+
+class Predictor:
+    """A loaded model with its threshold, temperature and preprocessing contract."""
+
+    def __init__(self, backend, description: RunDescription):
+        self.backend = backend
+        self.description = description
+
+    @property
+    def threshold(self) -> float:
+        return self.description.threshold
+
+    @property
+    def temperature(self) -> float:
+        return self.description.temperature
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.description.preprocessing
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.description.class_names
+
+    @property
+    def ood_cutoff(self) -> float | None:
+        return self.description.ood_cutoff
+
+    @property
+    def model(self):
+        """The PyTorch model (Grad-CAM and the feature cache need it)."""
+        if not isinstance(self.backend, TorchBackend):
+            raise TypeError(f"this predictor runs on {self.backend.name}; Grad-CAM and training need a PyTorch checkpoint")
+        return self.backend.model
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> "Predictor":
+        model, description = load_checkpoint(path)
+        return cls(TorchBackend(model), description)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> "Predictor":
+        backend = OnnxBackend(path, threads)
+        return cls(backend, backend.description)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Predictor":
+        """A run folder or checkpoint (PyTorch), or an ``.onnx`` export (ONNX Runtime)."""
+        return cls.from_onnx(path) if str(path).endswith(".onnx") else cls.from_checkpoint(path)
+
+    def without_backend(self) -> "Predictor":
+        """A copy that reads and preprocesses only, for DataLoader worker processes: a backend
+        need not pickle (an ONNX Runtime session cannot), and the workers never run it."""
+        return Predictor(None, self.description)
+
+    # -- preprocessing: the training contract
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W) float in [0, 1] -> (1, C, S, S)."""
+        x = self.preprocessing.apply(require_decoded(image))
+        if x.shape != (self.preprocessing.in_chans, self.preprocessing.input_size, self.preprocessing.input_size):
+            raise ValueError(f"preprocessed image has shape {x.shape}, the model's contract is {self.preprocessing}")
+        return torch.from_numpy(np.ascontiguousarray(x))[None]
+
+    def preprocessing_view(self, image: np.ndarray) -> np.ndarray:
+        """The image as the model sees it, before normalisation: (S, S) in [0, 1], for display."""
+        return self.preprocessing.resize_image(require_decoded(image))
+
+    def read(self, path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
+        return read_image(path, data, draft_size=self.preprocessing.input_size)
+
+    def read_input(self, x, name: str = "input") -> np.ndarray:
+        """A path, array, PIL image or DICOM dataset -> decoded (H, W) in [0, 1] (:func:`pneumoscope.io.to_image`)."""
+        return to_image(x, name, draft_size=self.preprocessing.input_size)
+
+    def check_dataset(self, dataset: Dataset) -> None:
+        """Refuse a dataset whose classes are not this checkpoint's classes (before any image is read)."""
+        if tuple(self.class_names) != CLASS_NAMES:
+            raise CheckpointError(f"the checkpoint's classes {list(self.class_names)} are not {list(CLASS_NAMES)}; this pneumoscope cannot "
+                                  "evaluate it.")  # fmt: skip
+        if dataset.unknown_classes:
+            raise DataError(
+                f"{dataset.source}: has image folders {dataset.unknown_classes} beside the class folders, but the checkpoint knows only "
+                f"{list(self.class_names)}. Fix: evaluate a copy without those folders, or relabel them."
+            )
+
+    # -- prediction
+    def probability(self, logits) -> np.ndarray:
+        """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
+        return calibrated_probability(logits, self.temperature)
+
+    def decide(self, probs) -> np.ndarray:
+        """The decision rule (:func:`pneumoscope.metrics.decide`) at this model's threshold: 1 (PNEUMONIA) where
+        the calibrated probability reaches it, else 0.
+
+        A missing or NaN probability has no label (NaN >= t is False: it would read as NORMAL)."""
+        p = np.asarray(probs, dtype=np.float64)
+        if not np.isfinite(p).all():
+            raise ValueError(f"cannot decide on a non-finite probability ({int((~np.isfinite(p)).sum())} of {p.size}); such an image has no label")
+        return decide(p, self.threshold)
+
+    def label_of(self, prob: float) -> str:
+        return self.class_names[int(self.decide(prob))]
+
+    def run(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and OOD distances (or None) for decoded (H, W) images.
+
+        ``tta``: average the logits over the image and small shifted and zoomed
+        copies of it (test-time augmentation); the OOD distance is the original's.
+        """
+        if not tta:
+            logits, dists = self._forward(images, batch_size)
+            return self.probability(logits), dists
+        views = [v for im in images for v in tta_views(self.preprocessing_view(im))]
+        logits, dists = self._forward(views, batch_size)
+        k = len(views) // max(1, len(images))  # views per image; the first is the image itself
+        return self.probability(logits.reshape(len(images), k).mean(axis=1)), (None if dists is None else dists[::k])
+
+    def _forward(self, images: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw logits (no temperature) and OOD distances, in batches."""
+        logits, dists = [], []
+        for start in range(0, len(images), batch_size):
+            x = np.concatenate([self.preprocess(im).numpy() for im in images[start : start + batch_size]])
+            z, d = self.backend.run(x)
+            logits.append(z)
+            dists.append(d)
+        if not logits:
+            return np.zeros(0), None
+        return np.concatenate(logits), (None if dists[0] is None else np.concatenate(dists))
+
+    def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+        return self.run(images, batch_size=batch_size, tta=tta)[0]
+
+    def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
+        return self._predictions(names, *self.run(images, batch_size=batch_size, tta=tta), [screen_image(im) for im in images])
+
+    def predict_batch(self, x: np.ndarray, names: list[str], screened: list[str]) -> list[Prediction]:
+        """Predictions for an already preprocessed batch (B, C, S, S), in one forward pass.
+
+        The web app preprocesses each upload as it arrives and stacks those that
+        arrive together; the result is the same as :meth:`predict_images` on them.
+        ``screened``: :func:`~pneumoscope.io.screen_image` of each decoded image.
+        """
+        logits, dists = self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
+        return self._predictions(names, self.probability(logits), dists, screened)
+
+    def _predictions(self, names: list[str], probs: np.ndarray, dists: np.ndarray | None, screened: list[str]) -> list[Prediction]:
+        out = []
+        for i, (name, prob, reason) in enumerate(zip(names, probs, screened)):
+            dist = None if dists is None or not np.isfinite(dists[i]) else float(dists[i])
+            if not np.isfinite(prob):
+                out.append(Prediction(name, None, None, self.threshold, error="the model's output is not a finite number; no label is given. "
+                                      "Check the image and the model file."))  # fmt: skip
+                continue
+            flag = None if dist is None or self.ood_cutoff is None else bool(dist > self.ood_cutoff)
+            if not reason and flag:
+                reason = (f"unlike the radiographs the model was trained on: out-of-distribution score {dist:.1f} is over "
+                          f"the cut-off {self.ood_cutoff:.1f}")  # fmt: skip
+            if reason:  # not assessable: no diagnosis, the probability for information only
+                out.append(Prediction(name, float(prob), None, self.threshold, True, dist, ood_reason=reason))
+            else:
+                out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, flag, dist))
+        return out
+
+    def predict_inputs(self, inputs: list, *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
+        """One :class:`Prediction` per input: a path, or an array, PIL image or DICOM dataset (see :func:`pneumoscope.io.to_image`).
+
+        A file that cannot be read carries its error, as ``pneumoscope predict`` reports it,
+        and never raises; an in-memory input that breaks the contract (an int32 array, a
+        float outside [0, 1], a NaN, a stack of images) raises ``ValueError``: that is a
+        bug in the calling code, not a bad file among good ones.
+        """
+        names = [input_name(x, i) for i, x in enumerate(inputs)]
+        decoded = read_many(range(len(inputs)), lambda i: self.read_input(inputs[i], names[i]), name=lambda i: names[i],
+                            skippable=lambda i: isinstance(inputs[i], (str, os.PathLike)), log=logger)  # fmt: skip
+        rows = [describe_input(inputs[i]) for i in decoded.index]  # as a result row names it (an array: without its place)
+        predicted = dict(zip(decoded.index, self.predict_images(decoded.images, rows, batch_size=batch_size, tta=tta)))
+        failed = iter(Prediction(name, None, None, self.threshold, error=why) for name, why in decoded.skipped)  # the gaps, in order
+        return [predicted[i] if i in predicted else next(failed) for i in range(len(inputs))]
+
+    def dataset_logits(
+        self, dataset: Dataset, records: list[Record] | None = None, *, cache_dir=None, batch_size: int = 32, num_workers: int = 1, progress: bool = True
+    ) -> tuple[FeatureResult, np.ndarray]:
+        """Pooled features (through the feature cache) and raw logits for a dataset's records (PyTorch backend).
+
+        Returns the :class:`~pneumoscope.features.FeatureResult` (records that decoded,
+        their features, (path, reason) for the rest) and those records' logits.
+        """
+        feats = extract_features(
+            self.model, dataset, records, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
+        )
+        with torch.inference_mode():
+            logits = self.model.head_logits(feats.features).double().numpy()
+        return feats, logits

@@ -1,0 +1,1 @@
+"""Pure numpy/scikit-learn metrics: classification rates, the operating point, intervals, calibration, comparisons."""

@@ -1,0 +1,127 @@
+"""Classification: part of the metrics (pure numpy/scikit-learn; positive class 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def check_binary(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true).astype(int).reshape(-1)
+    y_prob = np.asarray(y_prob, dtype=float).reshape(-1)
+    if y_true.shape != y_prob.shape:
+        raise ValueError(f"y_true and y_prob must have the same length, got {y_true.shape} and {y_prob.shape}")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError("y_true must hold 0 (normal) and 1 (pneumonia) only")
+    return y_true, y_prob
+
+
+def compute_confusion(y_true, y_pred) -> dict[str, int]:
+    y_true = np.asarray(y_true).astype(int)
+    y_pred = np.asarray(y_pred).astype(int)
+    return {
+        "tn": int(((y_true == 0) & (y_pred == 0)).sum()),
+        "fp": int(((y_true == 0) & (y_pred == 1)).sum()),
+        "fn": int(((y_true == 1) & (y_pred == 0)).sum()),
+        "tp": int(((y_true == 1) & (y_pred == 1)).sum()),
+    }
+
+
+def ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
+def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:
+    """P(PNEUMONIA) = sigmoid(logit / temperature), in float64: the one definition that
+    training, site calibration and inference share."""
+    z = np.asarray(logits, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-z / temperature))
+
+
+def decide(y_prob, threshold: float) -> np.ndarray:
+    """The decision rule: 1 (PNEUMONIA) where the calibrated probability reaches the threshold
+    (``prob >= threshold``), else 0. The one rule: Predictor, the metrics, shift and the CLI call it."""
+    return (np.asarray(y_prob, dtype=np.float64) >= threshold).astype(int)
+
+
+def compute_binary_metrics(y_true, y_prob, threshold: float) -> dict:
+    """The flat metrics of ``metrics.json``: predicted positive when ``prob >= threshold`` (:func:`decide`).
+
+    A rate whose denominator is zero is ``None``, and so is ROC-AUC when only
+    one class is present.
+    """
+    y_true, y_prob = check_binary(y_true, y_prob)
+    cm = compute_confusion(y_true, decide(y_prob, threshold))
+    tp, tn, fp, fn = cm["tp"], cm["tn"], cm["fp"], cm["fn"]
+    sens, prec = ratio(tp, tp + fn), ratio(tp, tp + fp)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "n": int(y_true.size),
+        "n_positive": int(y_true.sum()),
+        "threshold": float(threshold),
+        "accuracy": ratio(tp + tn, y_true.size),
+        "sensitivity": sens,
+        "specificity": ratio(tn, tn + fp),
+        "precision": prec,
+        "f1": f1,
+        "roc_auc": compute_roc_auc(y_true, y_prob),
+        "confusion_matrix": cm,
+    }
+
+
+def compute_roc_auc(y_true, y_prob) -> float | None:
+    y_true, y_prob = check_binary(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        return None
+    return float(roc_auc_score(y_true, y_prob))
+
+
+def compute_youden_threshold(y_true, y_prob) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J).
+
+    Among tied thresholds the middle one is taken, and the result is the
+    midpoint between neighbouring scores so that it does not sit on a sample.
+    """
+    y_true, y_prob = check_binary(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation data")
+    fpr, tpr, thr = roc_curve(y_true, y_prob, drop_intermediate=False)
+    j = tpr - fpr
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    k = best[len(best) // 2]
+    if k == 0:  # roc_curve's first threshold is +inf
+        return float(np.nextafter(thr[1], np.inf))
+    lower = thr[k + 1] if k + 1 < len(thr) else thr[k]
+    return float((thr[k] + lower) / 2) if lower < thr[k] else float(thr[k])
+
+
+def compute_smoothed_youden_threshold(y_true, y_prob) -> float:
+    """Youden's J maximised on kernel-smoothed class distributions of the logit.
+
+    On a near-separable validation split the empirical J is flat over the whole gap
+    between the classes, and where in the gap the threshold lands depends on the few
+    images at its edges. Smoothing each class's logits with a Gaussian kernel (Scott's
+    bandwidth) lets every validation image weigh in: the threshold is where
+    ``F_normal(t) - F_pneumonia(t)`` peaks, i.e. where the smoothed densities cross.
+    """
+    from scipy.special import ndtr
+
+    y_true, y_prob = check_binary(y_true, y_prob)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation data")
+    z = np.log(np.clip(y_prob, 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(y_prob, 1e-12, 1 - 1e-12))
+
+    def smoothed_cdf(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        h = max(1.06 * x.std() * len(x) ** -0.2, 1e-3)  # Scott's rule
+        return ndtr((grid[:, None] - x[None, :]) / h).mean(axis=1)  # (G,)
+
+    neg, pos = z[y_true == 0], z[y_true == 1]
+    grid = np.linspace(min(np.median(neg), np.median(pos)), max(np.median(neg), np.median(pos)), 2001)
+    j = smoothed_cdf(neg, grid) - smoothed_cdf(pos, grid)
+    return float(1.0 / (1.0 + np.exp(-grid[int(np.argmax(j))])))
+
+
+def compute_roc_curve(y_true, y_prob) -> dict[str, np.ndarray]:
+    y_true, y_prob = check_binary(y_true, y_prob)
+    fpr, tpr, thr = roc_curve(y_true, y_prob)
+    return {"fpr": fpr, "tpr": tpr, "thresholds": thr}

@@ -1,0 +1,293 @@
+"""What a run says about itself: :class:`RunDescription`, the JSON description of a checkpoint.
+
+The same description sits in the checkpoint's header, in the run's ``checkpoint.json`` and
+in an ONNX export's metadata. :meth:`RunDescription.from_dict` reads it and
+:meth:`RunDescription.to_dict` gives back the JSON it was read from: same keys, same
+values, same order (tests/data/description_v1.json). Nested entries are written as this
+version reads them: an older file's ``preprocessing`` without ``resize`` gains the resize it
+was always run with (``bilinear-squash``), and an empty ``ood`` entry reads as no guard. The rules that keep a description from
+silently changing answers run once, when one is made (``from_dict``,
+:func:`dataclasses.replace`, the constructor), so a ``RunDescription`` in hand is valid.
+
+Top-level keys this version does not know are kept, and written back, as they were read
+(``extra``); unknown keys inside ``head``, ``preprocessing`` or ``ood`` are refused, since
+they could change how the model is run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from ..data.discovery import CLASS_NAMES
+from ..errors import PneumoscopeError
+from ..metrics.calibration import TEMPERATURE_RANGE
+from ..data.preprocessing import RESIZE_METHODS, Preprocessing
+from .backbones import BACKBONES
+
+FORMAT = "pneumoscope-checkpoint"
+FORMAT_VERSION = 1
+OUTPUT = "one logit; P(PNEUMONIA) = sigmoid(logit / temperature)"
+
+# Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
+# above 1,024 px one CPU image costs seconds and a batch gigabytes.
+INPUT_SIZE_RANGE = (16, 1024)  # a backbone this version does not know; a registered one runs at its own size
+MAX_FEATURES = 16_384  # pooled backbone features (the registered backbones have 1,280 to 2,688)
+MAX_HIDDEN = 65_536  # the head's hidden units (256 a head; cross-fitted and ensemble heads stack a few)
+MAX_REFERENCE_SAMPLE = 100_000  # the site adapter's sample of training features (FeatureAdapter.REFERENCE_SAMPLE)
+
+# Sections after the fixed keys, each written only when present (a description made here writes them
+# in this order): train writes training, ood and leakage; calibrate, adapt and export add theirs.
+SECTIONS = ("training", "ood", "leakage", "calibration", "adaptation", "onnx")
+REQUIRED = ("format", "backbone", "head")
+
+
+class CheckpointError(PneumoscopeError, ValueError):
+    """A checkpoint (or ONNX export) whose description cannot be used as it stands."""
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The head's layer sizes: enough to rebuild it before its weights are loaded."""
+
+    in_features: int
+    hidden: int
+    dropout: float
+
+    def to_dict(self) -> dict:
+        return {"in_features": self.in_features, "hidden": self.hidden, "dropout": self.dropout}
+
+
+@dataclass(frozen=True)
+class OodGuardEntry:
+    """The out-of-distribution guard's entry: a distance above ``cutoff`` flags an image."""
+
+    cutoff: float
+    method: str | None = None
+    cutoff_rule: str | None = None
+
+    def to_dict(self) -> dict:
+        out = {"method": self.method, "cutoff": self.cutoff, "cutoff_rule": self.cutoff_rule}
+        return {k: v for k, v in out.items() if k == "cutoff" or v is not None}
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """A checkpoint's description; build it with :meth:`from_dict` or ``checkpoint.describe``.
+
+    Derived descriptions come from :func:`dataclasses.replace`, which checks them again.
+    The dict-valued fields (metrics, versions, feature_adapter and the sections) hold what
+    was read or given: treat them as read-only; :meth:`to_dict` returns copies.
+    """
+
+    backbone: str
+    head: HeadShape
+    preprocessing: Preprocessing
+    threshold: float
+    threshold_policy: str = ""
+    temperature: float = 1.0
+    metrics: dict = field(default_factory=dict)
+    feature_adapter: dict | None = None  # {"reference_sample": n}: training moments and a sample, fitted to a site by `adapt`
+    versions: dict = field(default_factory=dict)
+    training: dict | None = None
+    ood: OodGuardEntry | None = None
+    leakage: dict | None = None
+    calibration: dict | None = None
+    adaptation: dict | None = None
+    onnx: dict | None = None
+    class_names: tuple[str, ...] = CLASS_NAMES
+    positive_class: str = CLASS_NAMES[1]
+    output: str = OUTPUT
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # top-level keys this version does not know, kept as read
+    source: str = field(default="description", compare=False, repr=False)  # where it was read, for messages
+    read_keys: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # the file's keys in its order; None: made here
+
+    def __post_init__(self):
+        """Refuse a description that would silently change answers: a temperature <= 0 inverts
+        every probability, a threshold outside (0, 1) makes one class impossible, a NaN or
+        negative OOD cut-off turns the guard off. Sections given as mappings become their types."""
+        source = self.source
+        if self.format != FORMAT or _number(self.format_version or 0, "format_version", source) > FORMAT_VERSION:
+            raise CheckpointError(f"{source}: checkpoint format {self.format_version} is newer than this pneumoscope reads; upgrade pneumoscope.")
+
+        def set_(name: str, value) -> None:  # frozen: the checked, typed value replaces what was given
+            object.__setattr__(self, name, value)
+
+        low, high = TEMPERATURE_RANGE
+        if not low <= _number(self.temperature, "temperature", source) <= high:
+            raise _refuse(source, "temperature", f"in [{low:g}, {high:g}], the range calibration fits in (a negative one inverts every "
+                                                 "prediction, a huge one makes every probability 0.5)", self.temperature)  # fmt: skip
+        set_("temperature", float(self.temperature))
+        threshold = _number(self.threshold, "threshold", source)
+        if not 0.0 < threshold < 1.0:
+            raise _refuse(source, "threshold", "in (0, 1)", threshold)
+        set_("threshold", threshold)
+        set_("ood", _ood(self.ood, source))
+        set_("preprocessing", _preprocessing(self.preprocessing, source))
+        if list(self.class_names) != list(CLASS_NAMES):
+            raise _refuse(source, "class_names", f"{list(CLASS_NAMES)} (the positive class is index 1)", self.class_names)
+        set_("class_names", tuple(self.class_names))
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise _refuse(source, "backbone", "a backbone name", self.backbone)
+        spec = BACKBONES.get(self.backbone)
+        if spec is not None and self.preprocessing.input_size != spec.preprocessing.input_size:
+            raise _refuse(source, "preprocessing.input_size", f"{spec.preprocessing.input_size}, the size {self.backbone} is trained and "
+                                                              "run at (another size changes answers unflagged)", self.preprocessing.input_size)  # fmt: skip
+        set_("head", _head(self.head, source))
+        for name in ("metrics", "versions"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise _refuse(source, name, "a mapping", getattr(self, name))
+        for name in ("feature_adapter", *SECTIONS):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (Mapping, OodGuardEntry)):
+                raise _refuse(source, name, "a mapping or absent", value)
+        if self.feature_adapter is not None:  # the size of a tensor the loader allocates before reading the weights
+            _integer(self.feature_adapter.get("reference_sample"), "feature_adapter.reference_sample", source, 1, MAX_REFERENCE_SAMPLE)
+        shadowed = sorted(set(self.extra) & _KNOWN)
+        if shadowed:
+            raise _refuse(source, "extra", "keys this version does not know", shadowed)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str | os.PathLike) -> RunDescription:
+        """Read a description as JSON holds it (checked; the mapping is copied, never kept)."""
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{source}: the description must be a JSON object, got {type(d).__name__}. {_fix()}")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise CheckpointError(f"{source}: the description lacks {missing}; the file was edited or damaged. {_fix()}")
+        d = copy.deepcopy(dict(d))
+        read_keys = tuple(d)
+        known = {k: d.pop(k) for k in read_keys if k in _KNOWN}
+        known.setdefault("threshold", None)  # its rule names it: "threshold must be a number, got None"
+        known.setdefault("preprocessing", None)
+        return cls(**known, extra=d, source=str(source), read_keys=read_keys)
+
+    def to_dict(self) -> dict:
+        """The JSON description. Made here: the keys in the order ``describe`` writes them, then the
+        sections present. Read from a file: its keys in its order (an older file's missing
+        ``temperature`` or ``feature_adapter`` stays missing while it has the default), then any
+        key added since (``replace`` adds a section as ``dict.update`` would)."""
+        pre = self.preprocessing.to_dict()
+        out = {
+            "format": self.format,
+            "format_version": self.format_version,
+            "backbone": self.backbone,
+            "head": self.head.to_dict(),
+            "preprocessing": {**pre, "mean": list(pre["mean"]), "std": list(pre["std"])},
+            "class_names": list(self.class_names),
+            "positive_class": self.positive_class,
+            "output": self.output,
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+            "threshold_policy": self.threshold_policy,
+            "metrics": self.metrics,
+            "feature_adapter": self.feature_adapter,
+            "versions": self.versions,
+        }
+        for name in SECTIONS:
+            value = getattr(self, name)
+            if value is not None or name in (self.read_keys or ()):  # a section read as null is written as null
+                out[name] = value.to_dict() if isinstance(value, OodGuardEntry) else value
+        out.update(self.extra)
+        if self.read_keys is not None:
+            added = [k for k in out if k not in self.read_keys and not (k in _OPTIONAL and out[k] == _OPTIONAL[k])]
+            out = {k: out[k] for k in (*self.read_keys, *added) if k in out}
+        return copy.deepcopy(out)
+
+    @property
+    def ood_cutoff(self) -> float | None:
+        """The OOD guard's cut-off, or None where the run has no guard."""
+        return None if self.ood is None else self.ood.cutoff
+
+
+_KNOWN = frozenset(f.name for f in fields(RunDescription)) - {"extra", "source", "read_keys"}
+# Keys older versions did not write, left out of a description read from such a file while they keep these values.
+_OPTIONAL = {"temperature": 1.0, "feature_adapter": None, **dict.fromkeys(SECTIONS)}
+
+
+def _fix() -> str:
+    return "Fix: re-train, re-calibrate or re-export the model."
+
+
+def _number(value, name: str, source) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: {name} must be a number, got {value!r}. {_fix()}") from None
+    if not math.isfinite(x):
+        raise CheckpointError(f"{source}: {name} must be finite, got {value!r}. {_fix()}")
+    return x
+
+
+def _refuse(source, name: str, rule: str, value) -> CheckpointError:
+    return CheckpointError(f"{source}: {name} must be {rule}, got {value!r}; the file was edited or damaged. {_fix()}")
+
+
+def _integer(value, name: str, source, lo: int, hi: int | None = None) -> int:
+    x = _number(value, name, source)
+    if x != int(x) or x < lo or (hi is not None and x > hi):
+        raise _refuse(source, name, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}", value)
+    return int(x)
+
+
+def _keys(d, name: str, allowed: tuple[str, ...], source) -> None:
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise _refuse(source, name, f"a mapping of {list(allowed)} (unknown keys could change how the model runs)", unknown)
+
+
+def _ood(ood, source) -> OodGuardEntry | None:
+    if isinstance(ood, OodGuardEntry):
+        ood = ood.to_dict()
+    if not ood:
+        return None
+    if not isinstance(ood, Mapping):
+        raise _refuse(source, "ood", "a mapping (method, cutoff, cutoff_rule)", ood)
+    _keys(ood, "ood", ("method", "cutoff", "cutoff_rule"), source)
+    cutoff = _number(ood.get("cutoff"), "ood.cutoff", source)
+    if cutoff < 0:
+        raise _refuse(source, "ood.cutoff", ">= 0 (a negative one flags everything; NaN flags nothing)", ood.get("cutoff"))
+    return OodGuardEntry(cutoff, ood.get("method"), ood.get("cutoff_rule"))
+
+
+def _preprocessing(pre, source) -> Preprocessing:
+    if isinstance(pre, Preprocessing):
+        pre = pre.to_dict()
+    if not isinstance(pre, Mapping):
+        raise _refuse(source, "preprocessing", "a mapping (input_size, mean, std, in_chans)", pre)
+    _keys(pre, "preprocessing", tuple(f.name for f in fields(Preprocessing)), source)
+    _integer(pre.get("input_size"), "preprocessing.input_size", source, *INPUT_SIZE_RANGE)
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not isinstance(values, (list, tuple)) or not values:
+            raise _refuse(source, f"preprocessing.{key}", "a list of numbers", values)
+        for v in values:
+            if key == "std" and _number(v, "preprocessing.std", source) <= 0:
+                raise _refuse(source, "preprocessing.std", "> 0", values)
+            _number(v, f"preprocessing.{key}", source)
+    if pre.get("in_chans") != 3:  # every registered backbone's first convolution takes 3 channels
+        raise _refuse(source, "preprocessing.in_chans", "3 (the backbones take three channels)", pre.get("in_chans"))
+    if len(pre["mean"]) != len(pre["std"]) or pre.get("in_chans") != len(pre["mean"]):
+        raise _refuse(source, "preprocessing.in_chans", f"the number of mean and std values ({len(pre['mean'])}, {len(pre['std'])})", pre.get("in_chans"))
+    resize = pre.get("resize", "bilinear-squash")
+    if not isinstance(resize, str) or resize not in RESIZE_METHODS:
+        raise _refuse(source, "preprocessing.resize", f"one of {list(RESIZE_METHODS)}", pre.get("resize"))
+    return Preprocessing.from_dict(pre)
+
+
+def _head(head, source) -> HeadShape:
+    if isinstance(head, HeadShape):
+        head = head.to_dict()
+    if not isinstance(head, Mapping) or set(head) != {"in_features", "hidden", "dropout"}:
+        raise _refuse(source, "head", "a mapping of in_features, hidden and dropout", head)
+    dropout = _number(head["dropout"], "head.dropout", source)
+    if not 0.0 <= dropout < 1.0:
+        raise _refuse(source, "head.dropout", "in [0, 1)", head["dropout"])
+    # bounded: the loader allocates the head before it reads the weights (hidden 10^9 asked for 5 TB)
+    return HeadShape(_integer(head["in_features"], "head.in_features", source, 1, MAX_FEATURES),
+                     _integer(head["hidden"], "head.hidden", source, 1, MAX_HIDDEN), dropout)  # fmt: skip

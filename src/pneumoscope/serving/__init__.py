@@ -1,0 +1,1 @@
+"""The web app: one page and a JSON API over the Predictor."""

@@ -1,0 +1,1 @@
+"""Training a run: the pipeline (features, head, operating point, guard), fine-tuning, settings, tracking."""

@@ -1,0 +1,342 @@
+"""Stage 2: fine-tune the backbone with PyTorch Lightning (AdamW, warm-up + cosine, early stopping).
+
+Lightning's Trainer is the engine: EarlyStopping on validation ROC-AUC,
+ModelCheckpoint (best and last, written atomically), a CSV logger (and the
+``--logger`` one beside it, see ``tracking``), its progress bar, and data parallel training over devices and nodes (``strategy="ddp"``:
+NCCL on GPUs, gloo on CPUs; or launched by torchrun).
+
+BatchNorm: the layers that stay frozen are kept in eval mode, so their running
+statistics stay the ImageNet ones; the unfrozen top layers update theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from ..data.augment import Augment
+from .config import FinetuneConfig
+from ..errors import MissingFileError, StateError, UsageError
+from ..data.preprocessing import Preprocessing
+from ..models.backbones import UNFREEZE
+from ..models.classifier import PneumoniaClassifier
+from ..runtime import die_with_parent, is_launched_rank
+
+logger = logging.getLogger(__name__)
+
+
+class ArrayDataset(TorchDataset):
+    """Rows of a uint8 (N, S, S) array (already resized, see ``imagecache``) -> (C, S, S) tensors
+    normalised by ``preprocessing.normalize``, augmented before that when training."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, augment: Augment | None, seed: int = 0):
+        self.images, self.labels = images, labels.astype(np.float32)
+        self.preprocessing, self.augment, self.seed, self.epoch = preprocessing, augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(np.array(self.images[i]))[None]  # (1, S, S) uint8, copied out of the memmap
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            x = self.augment(img, g)
+        else:
+            x = img.float() / 255.0
+        return self.preprocessing.normalize(x), self.labels[i]  # (C, S, S)
+
+
+def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.Module]:
+    """The backbone modules that stay frozen (requires_grad off, eval mode)."""
+    if unfreeze == "all":
+        return []
+    if unfreeze not in UNFREEZE:
+        raise UsageError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
+    top = {id(m) for name in model.spec.top_layers for m in model.backbone.get_submodule(name).modules()}
+    def owns_state(m) -> bool:  # holds weights or BatchNorm statistics itself
+        return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+
+    return [m for m in model.backbone.modules() if id(m) not in top and owns_state(m)]
+
+
+class FineTuner(L.LightningModule):
+    def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, pos_weight: float, total_steps: int, seed: int = 0):
+        super().__init__()
+        self.model, self.config, self.total_steps, self.seed = model, config, max(1, total_steps), seed
+        self.frozen = frozen_modules(model, config.unfreeze)
+        for m in self.frozen:
+            m.requires_grad_(False)
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        self._val_logits, self._val_labels = [], []
+
+    def on_train_epoch_start(self) -> None:
+        for m in self.frozen:
+            m.eval()  # keep ImageNet BatchNorm statistics in the frozen part
+        if self.config.freeze_bn:
+            for m in self.model.backbone.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        loader = self.trainer.train_dataloader
+        if loader is not None and hasattr(loader.dataset, "epoch"):
+            loader.dataset.epoch = self.current_epoch
+
+    def forward(self, x):
+        return self.model(x)[:, 0]
+
+    def training_step(self, batch, _):
+        x, y = batch
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        if self.config.mixup > 0:  # Zhang et al. 2018: train on convex pairs of images and of their losses
+            lam = float(np.random.default_rng((self.seed, self.global_step)).beta(self.config.mixup, self.config.mixup))
+            pair = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.global_step)).to(x.device)
+            logits = self(lam * x + (1 - lam) * x[pair])
+            loss = lam * bce(logits, y, pos_weight=self.pos_weight) + (1 - lam) * bce(logits, y[pair], pos_weight=self.pos_weight)
+        else:
+            logits = self(x)
+            loss = bce(logits, y, pos_weight=self.pos_weight)
+        self.log("finetune/train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch()
+
+    def _log_epoch(self) -> None:
+        """Lightning's loggers take a metric named "step" as the x-axis: epochs (1-based), as in stage 1, not optimizer steps."""
+        self.log("step", float(self.current_epoch + 1), sync_dist=True)
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = self(x)
+        self.log("finetune/val_loss", torch.nn.functional.binary_cross_entropy_with_logits(logits, y), prog_bar=True, sync_dist=True)
+        self._val_logits.append(logits.detach().float())
+        self._val_labels.append(y.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        from sklearn.metrics import roc_auc_score
+
+        logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1).cpu().numpy()
+        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
+        self._val_logits, self._val_labels = [], []
+        auc = roc_auc_score(labels, logits) if len(np.unique(labels)) == 2 else 0.5
+        self.log("finetune/val_auc", float(auc), prog_bar=True, sync_dist=True)  # the same on every rank: computed from gathered outputs
+        self._log_epoch()
+
+    def configure_optimizers(self):
+        head = list(self.model.head.parameters())
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": backbone, "lr": self.config.lr}, {"params": head, "lr": 10 * self.config.lr}],
+                                weight_decay=self.config.weight_decay)  # fmt: skip
+        warmup = max(1, int(self.config.warmup_fraction * self.total_steps))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, self.total_steps - warmup))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+
+def auto_precision(cuda: bool) -> str:
+    """fp16 AMP on CUDA; bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), where a
+    whole fine-tuning run measured 1.4x faster with the same test AUC (BENCHMARKS.md); else fp32."""
+    if cuda:
+        return "16-mixed"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the previous checkpoint whole.
+
+    Read without unpickling arbitrary objects: anyone who can write beside ``--out`` could
+    otherwise plant a pickle that runs code on ``--resume``. The state this module's
+    Trainer saves holds only tensors, containers, strings and numbers (no
+    hyper-parameter objects), so PyTorch's ``weights_only`` loader reads all of it;
+    anything else is refused.
+    """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_resume_state(path)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def load_resume_state(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (no arbitrary code), or a clear error."""
+    import pickle
+
+    fix = "Fix: delete the folder and train again without --resume."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StateError(
+            f"{path}: refused to load fine-tuning state: it holds objects other than tensors and plain values ({str(err).splitlines()[0]}). "
+            f"It may have been planted or damaged. {fix}"
+        ) from None
+    except OSError:
+        raise
+    except Exception as err:  # a truncated or damaged file (torch's unpickler raises IndexError, EOFError, RuntimeError...)
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise StateError(f"{path}: not a readable fine-tuning checkpoint ({type(err).__name__}: {first}). {fix}") from None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if not (isinstance(epoch, int) and epoch >= 0 and isinstance(state.get("state_dict"), dict)):
+        raise StateError(f"{path}: not a fine-tuning checkpoint this tool wrote (no completed `epoch` or no `state_dict`). {fix}")
+    return state
+
+
+CHECKPOINTS = "checkpoints"  # in the work folder, beside logs/
+
+
+def resume_checkpoint(work_dir: str | os.PathLike) -> Path:
+    """The checkpoint ``--resume`` continues from: ``checkpoints/last.ckpt``, or ``last.ckpt`` in the
+    work folder itself, where a run killed before this layout (2026-11-29) left it."""
+    work_dir = Path(work_dir)
+    ckpt, earlier = work_dir / CHECKPOINTS / "last.ckpt", work_dir / "last.ckpt"
+    return earlier if earlier.is_file() and not ckpt.is_file() else ckpt
+
+
+def finetune(
+    model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
+    seed: int = 0, num_workers: int = 2, resume: bool = False, progress: bool = True, loggers: Sequence = (),
+) -> tuple[list[dict], dict | None]:  # fmt: skip
+    """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
+
+    Returns (per-epoch history, facts about the fit) in the global-zero process and
+    (history, None) in the others. Checkpoints live in ``work_dir/checkpoints``
+    (``last.ckpt`` to resume, ``best.ckpt``; a folder of their own, apart from the
+    logs); the CSV log, which the history is read from, in ``work_dir/logs/finetune``. ``loggers``: more Lightning loggers to log to.
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    work_dir = Path(work_dir)
+    ckpt = resume_checkpoint(work_dir)
+    if resume and not ckpt.is_file():
+        raise MissingFileError(f"{ckpt}: nothing to resume from. Start without --resume.")
+    resumed_from = int(load_resume_state(ckpt)["epoch"]) + 1 if resume else None  # epochs completed before the kill
+    logs = work_dir / "logs"
+    if resume and not is_launched_rank():
+        _set_aside_earlier_log(logs, resumed_from)
+    cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    y = train.labels
+    pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
+    steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
+    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
+    module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
+    # beside the checkpoint resumed from (a run killed before the checkpoints/ layout has them in the work folder itself):
+    # Lightning restores the best score and path only for the folder they were saved in
+    best = ModelCheckpoint(dirpath=ckpt.parent, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
+    callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
+    if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
+        from lightning.pytorch.callbacks import WeightAveraging
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema)))
+    trainer = L.Trainer(
+        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
+        precision=config.precision if config.precision != "auto" else auto_precision(cuda), callbacks=callbacks,
+        logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers], enable_progress_bar=progress, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
+    )  # fmt: skip
+    loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0,
+                 "worker_init_fn": die_with_parent}
+    t0 = time.perf_counter()
+    trainer.fit(
+        module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
+        ckpt_path=str(ckpt) if resume else None,
+    )  # fmt: skip
+    fit_s = time.perf_counter() - t0
+    if best.best_model_path:
+        state = load_resume_state(best.best_model_path)["state_dict"]
+        module.load_state_dict(state)
+    model.to(memory_format=torch.contiguous_format).cpu().eval()
+    if trainer.is_global_zero:
+        _merge_earlier_log(logs)
+    history = _read_history(logs / "finetune" / "metrics.csv")
+    facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
+             "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
+             "epochs_run": trainer.current_epoch, "fit_seconds": round(fit_s, 1),
+             # training images per second of fit wall time (validation passes included), this process's epochs only
+             "train_images_per_s": round(len(train) * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1)}  # fmt: skip
+    return history, facts if trainer.is_global_zero else None
+
+
+EARLIER_LOG = "finetune_earlier.csv"  # in logs/: stage-2 rows of killed attempts, kept until a resumed fit is merged with them
+
+
+def _log_rows(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("step", "").isdigit()]
+
+
+def _union(earlier: list[dict], later: list[dict]) -> list[dict]:
+    """``later``'s rows, after those of ``earlier`` for the epochs (steps) ``later`` does not have."""
+    steps = {r["step"] for r in later}
+    return [r for r in earlier if r["step"] not in steps] + later
+
+
+def _set_aside_earlier_log(logs: Path, completed: int) -> None:
+    """Before a resumed fit: the stage-2 log rows of the epochs the checkpoint holds (step <= ``completed``),
+    from every killed attempt so far, into ``logs/finetune_earlier.csv``; the killed attempt's own log
+    folder removed (Lightning's CSV logger would truncate it). A kill at any point loses no row."""
+    import shutil
+
+    rows = [r for r in _union(_log_rows(logs / EARLIER_LOG), _log_rows(logs / "finetune" / "metrics.csv")) if int(r["step"]) <= completed]
+    _write_rows(logs / EARLIER_LOG, rows)
+    shutil.rmtree(logs / "finetune", ignore_errors=True)
+
+
+def _merge_earlier_log(logs: Path) -> None:
+    """After a resumed fit: the earlier rows, then this attempt's, as the stage-2 log (which the
+    history is read from); written before the earlier file is removed, so a kill in between is
+    harmless (the next resume takes this attempt's rows where both have an epoch)."""
+    earlier = logs / EARLIER_LOG
+    if earlier.is_file():
+        _write_rows(logs / "finetune" / "metrics.csv", _union(_log_rows(earlier), _log_rows(logs / "finetune" / "metrics.csv")))
+        earlier.unlink()
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """CSV rows written atomically (columns: the union, in order of appearance)."""
+    from ..outputs import write_csv
+
+    columns = list(dict.fromkeys(["step", *(k for r in rows for k in r)]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(path, columns, [[r.get(c, "") for c in columns] for r in rows])
+
+
+def _read_history(path: Path) -> list[dict]:
+    """Stage 2's history from its CSV log: a row per epoch (1-based, the logged "step"; see FineTuner._log_epoch)."""
+    rows: dict[int, dict] = {}
+    for r in _log_rows(path):
+        epoch = int(r["step"])
+        row = rows.setdefault(epoch, {"epoch": epoch})
+        for key in ("train_loss", "val_loss", "val_auc"):
+            if r.get(f"finetune/{key}"):
+                row[key] = float(r[f"finetune/{key}"])
+    return [rows[e] for e in sorted(rows)]

@@ -1,0 +1,207 @@
+"""The head on cached features: its training loop (``fit_head``, read it top to bottom), class weights,
+patient folds and the cross-fitted heads whose out-of-fold logits set the operating point.
+Used by ``train`` (pipeline) and by ``calibrate``'s head refit."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from ..errors import UsageError
+from ..models.features import FeatureResult
+from ..metrics.classification import calibrated_probability
+from ..models.classifier import Head, average_heads, pack_heads
+from ..runtime import progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+class FitSplit(NamedTuple):
+    """Labels and train/validation masks of the images features were extracted for (fixed for the whole run)."""
+
+    y: np.ndarray
+    train: np.ndarray  # bool
+    val: np.ndarray  # bool
+
+
+def class_weights(y: np.ndarray) -> np.ndarray:
+    """Keras-style balanced weights n / (2 n_c), one per class."""
+    counts = np.bincount(y.astype(int), minlength=2)
+    if (counts == 0).any():
+        raise UsageError(f"training needs images of both classes, got counts {counts.tolist()} (NORMAL, PNEUMONIA)")
+    return counts.sum() / (2.0 * counts)
+
+
+def fit_head(
+    head: Head,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int = 100,
+    patience: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+    loggers: Sequence = (),
+) -> tuple[list[dict], int]:
+    """Adam on class-weighted BCE; early stopping on (unweighted) val loss, best weights restored.
+
+    Returns the per-epoch history and the best epoch (1-based). ``head`` ends
+    holding the best weights. Each epoch's losses and accuracies go to ``loggers``
+    (Lightning loggers, called directly: ``head/val_loss`` and so on, step = epoch).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt, yt = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.float32)
+    xv, yv = torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val, dtype=torch.float32)
+    w = torch.as_tensor(class_weights(y_train), dtype=torch.float32)
+    sample_w = w[yt.long()]
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    bce = nn.BCEWithLogitsLoss(reduction="none")
+
+    history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
+    bar = progress_bar(range(1, epochs + 1), desc="head", unit="epoch", enabled=progress)
+    for epoch in bar:
+        head.train()
+        order = torch.randperm(len(xt), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, len(xt), batch_size):
+            idx = order[start : start + batch_size]
+            logits = head(xt[idx]).squeeze(1)
+            loss = (bce(logits, yt[idx]) * sample_w[idx]).sum() / sample_w[idx].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            correct += int(((logits > 0).float() == yt[idx]).sum())
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(xv).squeeze(1)
+            val_loss = float(bce(val_logits, yv).mean())
+            val_acc = float(((val_logits > 0).float() == yv).float().mean())
+        row = {"epoch": epoch, "loss": total / len(xt), "accuracy": correct / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
+        history.append(row)
+        for lg in loggers:
+            lg.log_metrics({"head/train_loss": row["loss"], "head/train_accuracy": row["accuracy"], "head/val_loss": val_loss,
+                            "head/val_accuracy": val_acc}, step=epoch)  # fmt: skip
+        logger.debug("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, best_state, waited = val_loss, epoch, copy.deepcopy(head.state_dict()), 0
+        else:
+            waited += 1
+            if waited >= patience:
+                logger.info("early stopping at epoch %d; restoring epoch %d (val_loss %.4f)", epoch, best_epoch, best_loss)
+                break
+    bar.close()
+    head.load_state_dict(best_state)
+    head.eval()
+    return history, best_epoch
+
+
+def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig", *, progress: bool = True, loggers: Sequence = ()) -> tuple[list[dict], int]:
+    """Stage 1: the model's head on its frozen features. An ensemble's members get one head
+    each, fitted on their own features and packed into one head that averages their logits
+    (on `test/`, as good as one head on the joined features and steadier across seeds, BENCHMARKS.md).
+    Returns the (first member's) history and best epoch; ``loggers`` get that history."""
+    kw = dict(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=config.lr,
+              weight_decay=config.weight_decay, seed=config.seed, progress=progress)  # fmt: skip
+    parts = model.feature_parts()
+    if len(parts) == 1:
+        return fit_head(model.head, x_train, y_train, x_val, y_val, loggers=loggers, **kw)
+    widths = [module.num_features for _, module in parts]
+    heads, fits, start = [], [], 0
+    for (name, _), width in zip(parts, widths):
+        cols = slice(start, start + width)
+        head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p)
+        fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, loggers=loggers if not fits else (), **kw))
+        logger.info("ensemble member %s: best epoch %d", name, fits[-1][1])
+        heads.append(head)
+        start += width
+    model.head = pack_heads(heads, widths)
+    return fits[0]
+
+
+def patient_folds(patients: Sequence[str], labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of each image: patients dealt to folds in a seeded order, each class separately (a patient's
+    class is its highest label), so that every fold holds both classes in about the training proportion."""
+    patient_label: dict[str, int] = {}
+    for pid, y in zip(patients, labels):
+        patient_label[pid] = max(patient_label.get(pid, 0), int(y))
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for label in sorted(set(patient_label.values())):
+        group = rng.permutation(sorted(p for p, y in patient_label.items() if y == label))
+        fold_of.update((pid, (offset + i) % k) for i, pid in enumerate(group))
+        offset += len(group)  # the next class starts where this one stopped: fold sizes stay even
+    return np.array([fold_of[pid] for pid in patients])
+
+
+def usable_folds(feats: FeatureResult, fit_split: FitSplit, config: TrainConfig) -> int:
+    """``config.head_folds``, or fewer when a class has fewer patients than folds (each fold needs one of each); 1 (one head,
+    the operating point on the validation split) when cross-fitting is off or a class has a single patient."""
+    if config.head_folds <= 1:
+        return 1
+    pool = fit_split.train | fit_split.val
+    per_class = [len({r.patient_id for r, keep, y in zip(feats.records, pool, fit_split.y) if keep and y == c}) for c in (0, 1)]
+    folds = min(config.head_folds, *per_class)
+    if folds < config.head_folds:
+        logger.warning("head_folds %d: a class has only %d patients; %s", config.head_folds, min(per_class),
+                       f"cross-fitting {folds} heads" if folds > 1 else "one head, the operating point on the validation split")  # fmt: skip
+    return folds if folds > 1 else 1
+
+
+def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: FitSplit, config: TrainConfig, *, progress: bool = True,
+                          loggers: Sequence = ()) -> tuple[list[dict], int]:  # fmt: skip
+    """Stage 1 cross-fitted: ``config.head_folds`` heads (a count :func:`usable_folds` allows), each fitted on the train and validation images of the other
+    folds (early stopping on its own fold), averaged into the model's head (:func:`~pneumoscope.models.average_heads`).
+
+    Every image then has an out-of-fold logit, kept in ``model.oof_logits_`` for the operating point: the threshold is
+    chosen on all the images instead of on one validation split of a tenth of them, so it moves less with the seed.
+    Returns the first fold's history and best epoch (``loggers`` get that history)."""
+    pool = fit_split.train | fit_split.val
+    x, y = feats.features[pool], fit_split.y[pool]
+    patients = [r.patient_id for r, keep in zip(feats.records, pool) if keep]
+    folds = patient_folds(patients, y, config.head_folds, config.seed)
+    fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(len(y), np.nan), None
+    for k in range(config.head_folds):
+        held = folds == k
+        model.head = copy.deepcopy(fresh)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed * 1000 + k)  # each fold's head starts elsewhere
+            model.head.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+        fold_config = dataclasses.replace(config, seed=config.seed * 1000 + k)
+        fit = fit_model_head(model, x[~held], y[~held], x[held], y[held], fold_config, progress=progress, loggers=loggers if k == 0 else ())
+        oof[held] = head_logits(model.head, x[held])
+        heads.append(model.head)
+        first = first or fit
+        logger.info("fold %d of %d: %d images held out, best epoch %d", k + 1, config.head_folds, int(held.sum()), fit[1])
+    model.head = average_heads(heads)
+    model.oof_logits_ = np.full(len(fit_split.y), np.nan)
+    model.oof_logits_[pool] = oof
+    model.oof_folds_ = config.head_folds
+    return first
+
+
+def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
+    return calibrated_probability(head_logits(head, features))
+
+
+def head_logits(head: Head, features: np.ndarray) -> np.ndarray:
+    head.eval()
+    with torch.no_grad():
+        return head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1).double().numpy()
+
+
