@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: demo test test-all install browser clean bench docs
+.PHONY: demo test test-all lint install browser clean bench docs
 
 install: $(STAMP)
 
@@ -28,12 +28,17 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	echo "no chromium, and it cannot be installed here: the browser tests will be skipped (sudo apt-get install chromium)"
 
-# the quick suite, for every change; test-all adds the long integration tests (marked slow) and is what CI runs
-test: $(STAMP) browser
+# the quick suite, for every change; test-all adds the long integration tests (marked slow) and is what CI runs.
+# Both start with the formatter and the linter (ruff, pinned in the test extra): a few seconds.
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) browser lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --quiet src tests benchmarks docs/*.py
+	$(VENV)/bin/ruff check --quiet src tests benchmarks docs/*.py
 
 # the documentation site (docs/, mkdocs.yml) into build/site; --strict: a broken link or an unreadable docstring fails it.
 # NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2, printed on every build otherwise.

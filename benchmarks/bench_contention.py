@@ -56,10 +56,22 @@ def main() -> None:
             h.kill()
             h.wait()
     cpus = len(os.sched_getaffinity(0))
-    print(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "cpu": _cpu_model(), "cpus": cpus, "command": " ".join(cmd), "env": args.env, "busy": args.busy,
-        "idle_s": round(idle, 1), "busy_s": round(busy, 1), "slowdown": round(busy / idle, 2), "fair_share_slowdown": round((cpus + args.busy) / cpus, 2),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "cpu": _cpu_model(),
+                "cpus": cpus,
+                "command": " ".join(cmd),
+                "env": args.env,
+                "busy": args.busy,
+                "idle_s": round(idle, 1),
+                "busy_s": round(busy, 1),
+                "slowdown": round(busy / idle, 2),
+                "fair_share_slowdown": round((cpus + args.busy) / cpus, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

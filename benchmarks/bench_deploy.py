@@ -45,14 +45,23 @@ def load_test(run: str, files: list[Path], n: int, concurrency: int) -> dict:
         second, _ = hammer(url, payloads, n, concurrency)  # a second round: does memory keep growing?
         after_second = rss_mib(pid)
     lat = np.array([r[0] for r in results]) * 1000
-    return {"requests": n, "concurrency": concurrency, "errors": int(sum(r[1] != 200 for r in results)), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p95_ms": round(float(np.percentile(lat, 95)), 1), "throughput_rps": round(n / wall, 2), "rss_before_mib": round(before), "rss_after_mib": round(after),
-            "rss_after_second_round_mib": round(after_second), "errors_second_round": int(sum(r[1] != 200 for r in second))}  # fmt: skip
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "errors": int(sum(r[1] != 200 for r in results)),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p95_ms": round(float(np.percentile(lat, 95)), 1),
+        "throughput_rps": round(n / wall, 2),
+        "rss_before_mib": round(before),
+        "rss_after_mib": round(after),
+        "rss_after_second_round_mib": round(after_second),
+        "errors_second_round": int(sum(r[1] != 200 for r in second)),
+    }
 
 
 def main() -> None:
-    from pneumoscope.inference.export import export_onnx
     from pneumoscope.data.decode import is_image_path
+    from pneumoscope.inference.export import export_onnx
     from pneumoscope.inference.predictor import Predictor
     from pneumoscope.runtime import tune_cpu_allocator
 
@@ -62,7 +71,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--load-test-only", action="store_true")
-    parser.add_argument("--rates-only", action="store_true", help="the network's images/s on both backends only (no OOD count, no load test)")
+    parser.add_argument(
+        "--rates-only", action="store_true", help="the network's images/s on both backends only (no OOD count, no load test)"
+    )
     args = parser.parse_args()
     tune_cpu_allocator()
     if args.load_test_only:
@@ -87,7 +98,12 @@ def main() -> None:
 
     dists = onnx_pred.run(images)[1]
     flagged = int((dists > onnx_pred.ood_cutoff).sum())
-    record["ood_on_real"] = {"n": len(images), "flagged": flagged, "fraction": round(flagged / len(images), 4), "cutoff": onnx_pred.ood_cutoff}
+    record["ood_on_real"] = {
+        "n": len(images),
+        "flagged": flagged,
+        "fraction": round(flagged / len(images), 4),
+        "cutoff": onnx_pred.ood_cutoff,
+    }
     record["load_test"] = load_test(args.run, files, args.requests, args.concurrency)
     print(json.dumps(record, indent=2))
 

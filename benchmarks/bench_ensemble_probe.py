@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from pneumoscope.data import discovery as D
-from pneumoscope.models.features import extract_features
+from pneumoscope.inference.predictor import calibrated_probability
+from pneumoscope.metrics.calibration import fit_temperature
 from pneumoscope.metrics.classification import compute_roc_auc
 from pneumoscope.metrics.operating_point import compute_threshold
-from pneumoscope.metrics.calibration import fit_temperature
 from pneumoscope.models.classifier import Head, create_model
-from pneumoscope.inference.predictor import calibrated_probability
+from pneumoscope.models.features import extract_features
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.head import fit_head, head_logits
 from pneumoscope.training.pipeline import prepare_records
@@ -63,8 +63,11 @@ def main() -> None:
         threshold = compute_threshold(y[va], calibrated_probability(z_val, t), "youden", None)
         pred = calibrated_probability(z_test, t) >= threshold
         yt = y[te]
-        print(f"{tag:34s} test AUC {compute_roc_auc(yt, z_test):.4f}  accuracy {(pred == yt).mean():.3f}  "
-              f"sensitivity {pred[yt == 1].mean():.3f}  specificity {1 - pred[yt == 0].mean():.3f}  threshold {threshold:.3f}", flush=True)  # fmt: skip
+        print(
+            f"{tag:34s} test AUC {compute_roc_auc(yt, z_test):.4f}  accuracy {(pred == yt).mean():.3f}  "
+            f"sensitivity {pred[yt == 1].mean():.3f}  specificity {1 - pred[yt == 0].mean():.3f}  threshold {threshold:.3f}",
+            flush=True,
+        )
 
     single = {(n, s): fit(x, s) for n, x in feats.items() for s in args.seeds}
     for (n, s), z in single.items():

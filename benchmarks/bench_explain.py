@@ -38,9 +38,9 @@ def cam_latency_ms(predictor, image: np.ndarray, method: str, reps: int = 10) ->
 
 
 def main() -> None:
+    from pneumoscope.data.decode import is_image_path
     from pneumoscope.explain.cams import CAM_METHODS
     from pneumoscope.explain.command import explain_images
-    from pneumoscope.data.decode import is_image_path
     from pneumoscope.inference.predictor import Predictor
     from pneumoscope.runtime import tune_cpu_allocator
 
@@ -64,15 +64,22 @@ def main() -> None:
         t0 = time.perf_counter()
         explain_images(predictor, paths, out, method=method, progress=False)
         checks = json.loads((out / "explanations.json").read_text())["checks"]
-        record["methods"][method] = {"latency_ms_one_image": round(cam_latency_ms(predictor, image, method), 1),
-                                     "checks_wall_s": round(time.perf_counter() - t0, 1), **checks}  # fmt: skip
+        record["methods"][method] = {
+            "latency_ms_one_image": round(cam_latency_ms(predictor, image, method), 1),
+            "checks_wall_s": round(time.perf_counter() - t0, 1),
+            **checks,
+        }
         print(json.dumps({method: record["methods"][method]}), flush=True)
     print(json.dumps(record, indent=2))
-    print("| method | n | ms / CAM | ROAD top-20% | random maps | least-20% | p (vs random) | verdict | sanity ρ | Δ border | Δ centre | CAM outside centre |")
+    print(
+        "| method | n | ms / CAM | ROAD top-20% | random maps | least-20% | p (vs random) | verdict | sanity ρ | Δ border | Δ centre | CAM outside centre |"
+    )
     for method, m in record["methods"].items():
-        print(f"| {method} | {m['n']} | {m['latency_ms_one_image']} | {m['mean_road_most']:+.3f} | {m['mean_road_random']:+.3f} | {m['mean_road_least']:+.3f} | "
-              f"{m['road_vs_random_p']:.2g} | {m['faithfulness_verdict'].split(' (')[0]} | {m['mean_sanity_spearman']:.3f} | "
-              f"{m['mean_delta_border_masked']:+.3f} | {m['mean_delta_centre_masked']:+.3f} | {m['mean_cam_outside_centre']:.3f} |")  # fmt: skip
+        print(
+            f"| {method} | {m['n']} | {m['latency_ms_one_image']} | {m['mean_road_most']:+.3f} | {m['mean_road_random']:+.3f} | {m['mean_road_least']:+.3f} | "
+            f"{m['road_vs_random_p']:.2g} | {m['faithfulness_verdict'].split(' (')[0]} | {m['mean_sanity_spearman']:.3f} | "
+            f"{m['mean_delta_border_masked']:+.3f} | {m['mean_delta_centre_masked']:+.3f} | {m['mean_cam_outside_centre']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

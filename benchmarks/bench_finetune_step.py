@@ -1,6 +1,6 @@
 """Benchmark: one full fine-tuning step of the default backbone, fp32 vs bf16 autocast on the CPU.
 
-    python benchmarks/bench_finetune_step.py [--batch 32] [--steps 3]
+python benchmarks/bench_finetune_step.py [--batch 32] [--steps 3]
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from pneumoscope.data import discovery as D
-    from pneumoscope.training.finetune import ArrayDataset
     from pneumoscope.data.imagecache import build_image_array
     from pneumoscope.models.backbones import BACKBONES
+    from pneumoscope.training.finetune import ArrayDataset
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100_000)
@@ -71,7 +71,7 @@ def main() -> None:
     labels = np.array([r.label for r in arr.records])
     loader = DataLoader(ArrayDataset(arr.images, labels, BACKBONES["efficientnet_lite0"].preprocessing, None), batch_size=64, num_workers=0)
     peak_anon, samples, t0 = 0.0, [], time.perf_counter()
-    for i, (x, _) in enumerate(loader):
+    for i, (_x, _) in enumerate(loader):
         if i % 200 == 0:
             m = rss()
             samples.append(m)

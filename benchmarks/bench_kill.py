@@ -47,13 +47,30 @@ LEFTOVER_MARKERS = (".partial-", ".old-", ".tmp")
 def commands(data: Path, base: Path, work: Path, finetune_epochs: int = 1) -> dict[str, tuple[list[str], Path]]:
     """Each command's arguments (after ``pneumoscope -q``) and its output path."""
     return {
-        "train": (["train", str(data), "--out", str(work / "train"), "--limit", "40", "--epochs", "5", "--finetune-epochs", str(finetune_epochs),
-                   "--set", "finetune.batch_size=16"], work / "train"),
-        "evaluate": (["evaluate", str(base), str(data), "--out", str(work / "eval"), "--limit", "40", "--bootstraps", "100", "--no-audit"],
-                     work / "eval"),
+        "train": (
+            [
+                "train",
+                str(data),
+                "--out",
+                str(work / "train"),
+                "--limit",
+                "40",
+                "--epochs",
+                "5",
+                "--finetune-epochs",
+                str(finetune_epochs),
+                "--set",
+                "finetune.batch_size=16",
+            ],
+            work / "train",
+        ),
+        "evaluate": (
+            ["evaluate", str(base), str(data), "--out", str(work / "eval"), "--limit", "40", "--bootstraps", "100", "--no-audit"],
+            work / "eval",
+        ),
         "calibrate": (["calibrate", str(base), str(data), "--split", "test", "--out", str(work / "cal")], work / "cal"),
         "export": (["export", str(base), "--out", str(work / "model.onnx")], work / "model.onnx"),
-    }  # fmt: skip
+    }
 
 
 def cpu() -> str:
@@ -64,8 +81,13 @@ def cpu() -> str:
 
 
 def run_cli(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pneumoscope", "-q", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "pneumoscope", "-q", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def complete(name: str, out: Path) -> str | None:
@@ -118,10 +140,15 @@ def trial(name: str, args: list[str], out: Path, delay: float, env: dict) -> dic
     t0 = time.perf_counter()
     rerun = run_cli(again, env)
     _, err = rerun.communicate()
-    record.update(rerun_flags=[a for a in again[len(args):]], rerun_exit=rerun.returncode, rerun_s=round(time.perf_counter() - t0, 1),
-                  rerun_output=("valid" if (problem := complete(name, out)) is None else f"INVALID: {problem}") if rerun.returncode == 0
-                  else err.decode()[-500:],
-                  leftovers_after_rerun=leftovers(out))  # fmt: skip
+    record.update(
+        rerun_flags=[a for a in again[len(args) :]],
+        rerun_exit=rerun.returncode,
+        rerun_s=round(time.perf_counter() - t0, 1),
+        rerun_output=("valid" if (problem := complete(name, out)) is None else f"INVALID: {problem}")
+        if rerun.returncode == 0
+        else err.decode()[-500:],
+        leftovers_after_rerun=leftovers(out),
+    )
     return record
 
 
@@ -140,8 +167,11 @@ def main() -> None:
     base = a.work / "base"
     cmds = {k: v for k, v in commands(a.data, base, a.work, a.finetune_epochs).items() if k in a.commands}
     if not (base / "model.safetensors").is_file():  # the run the other commands use; also warms the caches
-        subprocess.run([sys.executable, "-m", "pneumoscope", "-q", "train", str(a.data), "--out", str(base), "--limit", "40", "--epochs", "5"],
-                       env=env, check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "pneumoscope", "-q", "train", str(a.data), "--out", str(base), "--limit", "40", "--epochs", "5"],
+            env=env,
+            check=True,
+        )
     full = {}
     for name, (args, out) in cmds.items():  # uninterrupted wall time (caches warm after the first)
         for _ in range(2):
@@ -159,20 +189,33 @@ def main() -> None:
             r = trial(name, args, out, rng.uniform(0, 1.1 * full[name]), env)
             records.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
-    ok = [r for r in records if not r["left"].startswith("INVALID") and r["rerun_exit"] == 0 and r["rerun_output"] == "valid"
-          and not r["leftovers_after_rerun"]]  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu(),
-              "uninterrupted_s": full, "trials": len(records), "passed": len(ok), "records": records}  # fmt: skip
+    ok = [
+        r
+        for r in records
+        if not r["left"].startswith("INVALID") and r["rerun_exit"] == 0 and r["rerun_output"] == "valid" and not r["leftovers_after_rerun"]
+    ]
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu(),
+        "uninterrupted_s": full,
+        "trials": len(records),
+        "passed": len(ok),
+        "records": records,
+    }
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2))
-    print("\n| command | trials | killed before the end | left nothing / complete / invalid | rerun exit 0 and valid | leftovers after rerun |")
+    print(
+        "\n| command | trials | killed before the end | left nothing / complete / invalid | rerun exit 0 and valid | leftovers after rerun |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in cmds:
         rs = [r for r in records if r["command"] == name]
         left = [sum(r["left"] == k for r in rs) for k in ("nothing", "complete")] + [sum(r["left"].startswith("INVALID") for r in rs)]
-        print(f"| {name} | {len(rs)} | {sum(not r['finished_before_kill'] for r in rs)} | {' / '.join(map(str, left))} | "
-              f"{sum(r['rerun_exit'] == 0 and r['rerun_output'] == 'valid' for r in rs)} | {sum(bool(r['leftovers_after_rerun']) for r in rs)} |")
+        print(
+            f"| {name} | {len(rs)} | {sum(not r['finished_before_kill'] for r in rs)} | {' / '.join(map(str, left))} | "
+            f"{sum(r['rerun_exit'] == 0 and r['rerun_output'] == 'valid' for r in rs)} | {sum(bool(r['leftovers_after_rerun']) for r in rs)} |"
+        )
     if len(ok) != len(records):
         sys.exit(1)
 

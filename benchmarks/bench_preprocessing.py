@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from pneumoscope.data import discovery as D
-from pneumoscope.metrics.classification import compute_binary_metrics, compute_roc_auc, compute_youden_threshold
 from pneumoscope.data.decode import resize_image
+from pneumoscope.metrics.classification import compute_binary_metrics, compute_roc_auc, compute_youden_threshold
 from pneumoscope.models.classifier import Head, create_model
 from pneumoscope.runtime import tune_cpu_allocator
 from pneumoscope.training.head import fit_head, predict_head
@@ -94,8 +94,11 @@ def main() -> None:
         pv, pt = (predict_head(head, f[m]) for m in (va, te))
         th = compute_youden_threshold(y[va], pv)
         m = compute_binary_metrics(y[te], pt, th)
-        print(f"| {name} | {compute_roc_auc(y[va], pv):.4f} | {compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
-              f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | {time.perf_counter() - t0:.0f} |", flush=True)  # fmt: skip
+        print(
+            f"| {name} | {compute_roc_auc(y[va], pv):.4f} | {compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
+            f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | {time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
         if args.logistic:
             logistic_heads(name, f, y, tr, va, te)
 
@@ -110,8 +113,11 @@ def logistic_heads(name: str, f: np.ndarray, y: np.ndarray, tr, va, te) -> None:
         pv, pt = (lr.predict_proba(scaler.transform(f[m]))[:, 1] for m in (va, te))
         th = compute_youden_threshold(y[va], pv)
         m = compute_binary_metrics(y[te], pt, th)
-        print(f"| {name}, logistic C={c:g} | {compute_roc_auc(y[va], pv):.4f} | {compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
-              f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | |", flush=True)  # fmt: skip
+        print(
+            f"| {name}, logistic C={c:g} | {compute_roc_auc(y[va], pv):.4f} | {compute_roc_auc(y[te], pt):.4f} | {m['accuracy']:.3f} | "
+            f"{m['sensitivity']:.3f} | {m['specificity']:.3f} | {th:.3f} | |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

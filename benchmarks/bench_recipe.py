@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import REPO, run  # noqa: E402
 
@@ -54,30 +53,44 @@ def main() -> None:
         desc = json.loads((run_dir / "checkpoint.json").read_text())
         test = json.loads((eval_dir / "metrics.json").read_text())
         ft = desc["training"].get("finetune") or {}
-        seeds.append({
-            "seed": seed, "train_wall_s": round(t_train, 1), "train_peak_rss_mib": rss, "evaluate_wall_s": round(t_eval, 1),
-            "finetune_epochs_run": ft.get("epochs_run"), "finetune_images_per_s": ft.get("train_images_per_s"), "val_roc_auc": desc["metrics"]["val"]["roc_auc"], "threshold": desc["threshold"],
-            "test": {k: test[k] for k in ("n", *TARGETS)},
-        })  # fmt: skip
+        seeds.append(
+            {
+                "seed": seed,
+                "train_wall_s": round(t_train, 1),
+                "train_peak_rss_mib": rss,
+                "evaluate_wall_s": round(t_eval, 1),
+                "finetune_epochs_run": ft.get("epochs_run"),
+                "finetune_images_per_s": ft.get("train_images_per_s"),
+                "val_roc_auc": desc["metrics"]["val"]["roc_auc"],
+                "threshold": desc["threshold"],
+                "test": {k: test[k] for k in ("n", *TARGETS)},
+            }
+        )
         print(json.dumps(seeds[-1]), flush=True)
 
     summary = {k: mean_sd([s["test"][k] for s in seeds]) for k in TARGETS}
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "recipe": args.name, "train_flags": flags, "seeds": seeds, "test_mean_sd": summary,
+        "recipe": args.name,
+        "train_flags": flags,
+        "seeds": seeds,
+        "test_mean_sd": summary,
         "val_roc_auc": mean_sd([s["val_roc_auc"] for s in seeds]),
-        "train_wall_s": mean_sd([s["train_wall_s"] for s in seeds]), "train_peak_rss_mib": max(s["train_peak_rss_mib"] for s in seeds),
+        "train_wall_s": mean_sd([s["train_wall_s"] for s in seeds]),
+        "train_peak_rss_mib": max(s["train_peak_rss_mib"] for s in seeds),
         "targets_met": {k: summary[k]["mean"] >= v for k, v in TARGETS.items()},
         # how much the shipped operating point moves with the seed (issue 20: specificity spread at most 0.05)
         "spread": {k: max(s["test"][k] for s in seeds) - min(s["test"][k] for s in seeds) for k in TARGETS}
         | {"threshold": max(s["threshold"] for s in seeds) - min(s["threshold"] for s in seeds)},
         "threshold": mean_sd([s["threshold"] for s in seeds]),
-    }  # fmt: skip
+    }
     print(json.dumps(record, indent=2))
     cells = " | ".join(f"{summary[k]['mean']:.3f} ± {summary[k]['sd']:.3f}" for k in TARGETS)
-    print(f"| {args.name} | `{' '.join(flags)}` | {len(seeds)} | {record['train_wall_s']['mean']:.0f} s | "
-          f"{record['val_roc_auc']['mean']:.3f} | {cells} |")  # fmt: skip
+    print(
+        f"| {args.name} | `{' '.join(flags)}` | {len(seeds)} | {record['train_wall_s']['mean']:.0f} s | "
+        f"{record['val_roc_auc']['mean']:.3f} | {cells} |"
+    )
 
 
 if __name__ == "__main__":

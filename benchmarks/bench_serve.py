@@ -106,9 +106,15 @@ def hammer(url: str, payloads: list[tuple[str, bytes]], n: int, concurrency: int
 def summary(results: list, wall: float) -> dict:
     lat = np.array([r[0] for r in results]) * 1000
     ok = np.array([r[1] == 200 for r in results])
-    return {"requests": len(results), "status_counts": dict(Counter(str(r[1]) for r in results)), "errors_other_than_503": int(sum(r[1] not in (200, 503) for r in results)),
-            "p50_ms": round(float(np.percentile(lat[ok], 50)), 1) if ok.any() else None, "p95_ms": round(float(np.percentile(lat[ok], 95)), 1) if ok.any() else None,
-            "throughput_rps": round(len(results) / wall, 2), "wall_s": round(wall, 1)}  # fmt: skip
+    return {
+        "requests": len(results),
+        "status_counts": dict(Counter(str(r[1]) for r in results)),
+        "errors_other_than_503": int(sum(r[1] not in (200, 503) for r in results)),
+        "p50_ms": round(float(np.percentile(lat[ok], 50)), 1) if ok.any() else None,
+        "p95_ms": round(float(np.percentile(lat[ok], 95)), 1) if ok.any() else None,
+        "throughput_rps": round(len(results) / wall, 2),
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
@@ -134,7 +140,13 @@ def main() -> None:
 
         path = write_rle_dicom(Path(tempfile.mkdtemp()) / "largest.dcm", 7936, 8000)
         payloads, n = [(path.name, path.read_bytes())], args.concurrency
-    record = {"mode": args.mode, "src": args.src or "this checkout", "heatmap": args.heatmap, "concurrency": args.concurrency, "upload_bytes": len(payloads[0][1])}
+    record = {
+        "mode": args.mode,
+        "src": args.src or "this checkout",
+        "heatmap": args.heatmap,
+        "concurrency": args.concurrency,
+        "upload_bytes": len(payloads[0][1]),
+    }
     with served(args.run, args.src) as (base, pid):
         url = f"{base}/predict" + ("?heatmap=true" if args.heatmap else "")
         hammer(url, payloads[:1], 2, 1)  # warm-up

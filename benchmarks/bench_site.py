@@ -75,7 +75,9 @@ def _metrics(run: Path, folder: Path, cache: str) -> dict:
     from pneumoscope.evaluation.evaluate import evaluate_dataset
     from pneumoscope.inference.predictor import Predictor
 
-    result = evaluate_dataset(Predictor.from_checkpoint(run), data_mod.load_dataset(folder), split="all", cache_dir=cache, n_boot=200, progress=False)
+    result = evaluate_dataset(
+        Predictor.from_checkpoint(run), data_mod.load_dataset(folder), split="all", cache_dir=cache, n_boot=200, progress=False
+    )
     return {k: result.metrics[k] for k in KEYS} | {"threshold": result.metrics["threshold"]}
 
 
@@ -93,8 +95,14 @@ def bench_run(run: Path, data: Path, work: Path, cache: str, draws: int, ks: lis
     out = {"run": str(run), "no_site_data": _metrics(run, test, cache)}
     t0 = time.perf_counter()
     shift = shift_report(run, test, cache_dir=cache, progress=False)
-    out["shift"] = {"seconds": round(time.perf_counter() - t0, 1), "mmd_p": shift["mmd"]["p_value"], "domain_auc": shift["domain_auc"],
-                    "prevalence": shift["prevalence"], "true_prevalence": 0.625, "verdict": shift["verdict"]}  # fmt: skip
+    out["shift"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "mmd_p": shift["mmd"]["p_value"],
+        "domain_auc": shift["domain_auc"],
+        "prevalence": shift["prevalence"],
+        "true_prevalence": 0.625,
+        "verdict": shift["verdict"],
+    }
     a, b = _halves(test, seed=0)
     adapted, base_halves, kcurve = [], [], {}
     for i, (src, dst) in enumerate(((a, b), (b, a))):
@@ -103,13 +111,17 @@ def bench_run(run: Path, data: Path, work: Path, cache: str, draws: int, ks: lis
         base_halves.append(_metrics(run, judge, cache))
         for method in ADAPT_METHODS:
             new, desc = adapt_run(run, site, work / f"{run.name}-adapted{i}-{method}", method=method, cache_dir=cache, progress=False)
-            adapted.append({"method": method, **_metrics(new, judge, cache), "estimated_prevalence": desc.adaptation["estimated_prevalence"]})
+            adapted.append(
+                {"method": method, **_metrics(new, judge, cache), "estimated_prevalence": desc.adaptation["estimated_prevalence"]}
+            )
         rng = np.random.default_rng(i)
         for k in ks:
             for d in range(draws):
                 sample = _link_tree(work / f"{run.name}-k{k}-{i}-{d}", _draw(src, k, rng), labelled=True)
                 for refit in (False, True):
-                    new, _ = calibrate_run(run, sample, work / f"{run.name}-cal{k}-{i}-{d}-{refit}", refit=refit, cache_dir=cache, progress=False)
+                    new, _ = calibrate_run(
+                        run, sample, work / f"{run.name}-cal{k}-{i}-{d}-{refit}", refit=refit, cache_dir=cache, progress=False
+                    )
                     kcurve.setdefault(f"k={k} {'refit head' if refit else 'temperature+threshold'}", []).append(_metrics(new, judge, cache))
     out["halves_no_adaptation"] = _mean(base_halves)
     out["unlabelled"] = {m: _mean([r for r in adapted if r["method"] == m]) for m in ADAPT_METHODS}
@@ -132,14 +144,23 @@ def main() -> None:
     for run in args.runs:
         runs.append(bench_run(run, args.data, work, args.cache_dir, args.draws, args.k))
         print(json.dumps(runs[-1]), flush=True)
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "command": " ".join(sys.argv), "wall_s": round(time.perf_counter() - t0, 1), "runs": runs}  # fmt: skip
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": " ".join(sys.argv),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "runs": runs,
+    }
     if args.out:
         args.out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
 
     def row(name, cells):
-        print(f"| {name} | " + " | ".join(f"{np.mean([c[k]['mean'] if isinstance(c[k], dict) else c[k] for c in cells]):.3f}" for k in KEYS) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{np.mean([c[k]['mean'] if isinstance(c[k], dict) else c[k] for c in cells]):.3f}" for k in KEYS)
+            + " |"
+        )
 
     print("| setting | " + " | ".join(KEYS) + " |")
     row("test/, validation threshold", [r["no_site_data"] for r in runs])

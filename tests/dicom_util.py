@@ -29,8 +29,18 @@ def _cr_dataset(rows: int, cols: int, transfer_syntax: str, photometric: str, bi
     return ds
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", bits_stored=12, window=None, rescale=None,
-                voi_lut=None, frames: int = 1, edit: Callable[[Dataset], None] | None = None) -> Path:  # fmt: skip
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    photometric="MONOCHROME2",
+    bits_stored=12,
+    window=None,
+    rescale=None,
+    voi_lut=None,
+    frames: int = 1,
+    edit: Callable[[Dataset], None] | None = None,
+) -> Path:
     stored = np.asarray(stored, dtype=np.uint16)
     ds = _cr_dataset(*stored.shape[-2:], ExplicitVRLittleEndian, photometric, bits_stored)
     if frames > 1:
@@ -120,8 +130,8 @@ def write_rle_dicom(path: Path, rows: int, cols: int, *, bits_stored: int = 12) 
     The shape of a decompression-bomb-sized upload: ``rows * cols`` pixels from a
     file of about ``rows * cols / 64`` bytes (PackBits runs of 128, two byte planes).
     """
-    from pydicom.uid import RLELossless
     from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
 
     values = (np.arange(rows) * ((1 << bits_stored) - 1) // max(1, rows - 1)).astype(np.uint16)  # (rows,)
     full, rest = divmod(cols, 128)

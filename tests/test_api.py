@@ -57,26 +57,42 @@ def test_every_accepted_input_gives_the_cli_probability(model, run, normal_jpeg,
     dcm = write_dicom(tmp_path / "x.dcm", pixels.astype(np.uint16) * 16, window=(2047.5, 4096))
     rgba = np.concatenate([rgb, np.full((*pixels.shape, 1), 128, np.uint8)], axis=-1)
     cases = {
-        normal_jpeg: [pixels, pixels[..., None], pixels.astype(np.float64) / 255, pixels.astype(np.float32) / 255,
-                      Image.open(normal_jpeg), str(normal_jpeg)],
+        normal_jpeg: [
+            pixels,
+            pixels[..., None],
+            pixels.astype(np.float64) / 255,
+            pixels.astype(np.float32) / 255,
+            Image.open(normal_jpeg),
+            str(normal_jpeg),
+        ],
         rgb_png: [rgb, rgba, Image.open(rgb_png), Image.open(rgb_png).convert("RGBA"), rgb_png],
         png16: [np.asarray(Image.open(png16)), Image.open(png16), png16],
         dcm: [pydicom.dcmread(dcm), dcm],
-    }  # fmt: skip
+    }
     assert np.asarray(Image.open(png16)).dtype == np.uint16
     for path, inputs in cases.items():
         expected = cli_prob(run, path, capsys)
         got = model.predict(inputs)
-        for x, pred in zip(inputs, got):
-            assert pred.error == "" and abs(pred.prob - expected) <= PROB_ATOL, (path.name, type(x).__name__, getattr(x, "dtype", None), pred.prob, expected)
+        for x, pred in zip(inputs, got, strict=True):
+            assert pred.error == "" and abs(pred.prob - expected) <= PROB_ATOL, (
+                path.name,
+                type(x).__name__,
+                getattr(x, "dtype", None),
+                pred.prob,
+                expected,
+            )
 
 
 def test_the_issue_case_uint8_array_is_no_longer_misread(model, run, normal_jpeg):
     """Issue 14: predict_proba([np.asarray(PIL.Image.open(f))]) went from 0.0025 to 0.91 silently."""
     predictor = model.predictor
     pixels = np.asarray(Image.open(normal_jpeg))
-    for low_level in (lambda x: predictor.predict_proba([x]), lambda x: predictor.run([x]), lambda x: predictor.predict_images([x], ["x"]),
-                      lambda x: predictor.predict_proba([x], tta=True)):  # fmt: skip
+    for low_level in (
+        lambda x: predictor.predict_proba([x]),
+        lambda x: predictor.run([x]),
+        lambda x: predictor.predict_images([x], ["x"]),
+        lambda x: predictor.predict_proba([x], tta=True),
+    ):
         with pytest.raises(ValueError, match=r"float \(H, W\) arrays in \[0, 1\]; got a uint8 array of shape"):
             low_level(pixels)
         with pytest.raises(ValueError, match=r"must lie in \[0, 1\], its values lie in \[\d+, \d+\]"):
@@ -120,7 +136,7 @@ def test_explain_returns_the_view_the_model_saw_and_its_map(model, normal_jpeg):
     maps = model.explain([pixels, normal_jpeg], target="pneumonia")
     assert len(maps) == 2 and all(m.target == "PNEUMONIA" and m.method == "gradcam" for m in maps)
     for m in maps:
-        assert m.view.shape == m.cam.shape == (size, size) and 0 <= m.cam.min() and m.cam.max() <= 1 and m.cam.max() > 0
+        assert m.view.shape == m.cam.shape == (size, size) and m.cam.min() >= 0 and m.cam.max() <= 1 and m.cam.max() > 0
     np.testing.assert_allclose(maps[0].view, model.predictor.preprocessing_view(model.predictor.read(normal_jpeg)), atol=1e-6)
     np.testing.assert_allclose(maps[0].cam, maps[1].cam, atol=1e-5)
     assert maps[0].prediction.prob == pytest.approx(model.predict(pixels).prob, abs=PROB_ATOL)
@@ -172,8 +188,13 @@ def test_everything_pneumoscope_exports_has_a_docstring_with_args_and_returns():
     for name in pneumoscope.__all__:
         if name != "__version__":
             assert (getattr(pneumoscope, name).__doc__ or "").strip(), f"pneumoscope.{name} has no docstring"
-    for fn in (pneumoscope.load, pneumoscope.Model.predict, pneumoscope.Model.explain, pneumoscope.CamMap.overlay,
-               pneumoscope.Prediction.to_dict):  # fmt: skip
+    for fn in (
+        pneumoscope.load,
+        pneumoscope.Model.predict,
+        pneumoscope.Model.explain,
+        pneumoscope.CamMap.overlay,
+        pneumoscope.Prediction.to_dict,
+    ):
         assert "Returns:" in fn.__doc__, fn.__qualname__
         assert "Args:" in fn.__doc__ or fn.__code__.co_argcount == 1, fn.__qualname__
     for prop in (pneumoscope.Model.threshold, pneumoscope.Model.class_names, pneumoscope.Model.input_size, pneumoscope.CamMap.shape):

@@ -5,10 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumoscope.models.checkpoint import CheckpointError, RunFolder, describe, load_checkpoint, read_description, save_checkpoint, save_derived_run
-from pneumoscope.models.description import RunDescription
 from pneumoscope.errors import MissingFileError
+from pneumoscope.models.checkpoint import (
+    CheckpointError,
+    RunFolder,
+    describe,
+    load_checkpoint,
+    read_description,
+    save_checkpoint,
+    save_derived_run,
+)
 from pneumoscope.models.classifier import create_model
+from pneumoscope.models.description import RunDescription
 
 # What the code before RunDescription wrote: an ONNX export's description of a run trained, calibrated, then adapted
 # (every section), with the image hash lists shortened and the data paths made neutral.
@@ -64,18 +72,24 @@ def _edited(tmp_path, **changes):
 
 @pytest.mark.parametrize(
     "changes,match",
-    [({"temperature": -1.0}, r"temperature must be in \[0.05, 20\]"), ({"temperature": 0.0}, r"temperature must be in \[0.05, 20\]"),
-     ({"temperature": 1e300}, r"temperature must be in \[0.05, 20\]"),  # issue 23 item 11: accepted; every probability 0.5
-     ({"temperature": float("nan")}, "temperature must be finite"), ({"threshold": 1.5}, r"threshold must be in \(0, 1\)"),
-     ({"threshold": 0.0}, r"threshold must be in \(0, 1\)"), ({"threshold": "high"}, "threshold must be a number"),
-     ({"ood": {"cutoff": float("nan")}}, "ood.cutoff must be finite"), ({"ood": {"cutoff": -3.0}}, "ood.cutoff must be >= 0"),
-     ({"preprocessing__input_size": 100000}, r"input_size must be an integer in \[16, 1024\]"),
-     ({"preprocessing__input_size": 16}, "input_size must be 224, the size efficientnet_lite0 is trained"),  # issue 23 item 11: 11 of 20
-     ({"preprocessing__input_size": 1024}, "input_size must be 224"),  # labels changed, or 9.4 GB for 20 images
-     ({"preprocessing__std": [0.5, 0.0, 0.5]}, "std must be > 0"),
-     ({"preprocessing__resize": "letterbox"}, r"resize must be one of \['bilinear-squash'\]"),
-     ({"class_names": ["PNEUMONIA", "NORMAL"]}, "class_names must be")],
-)  # fmt: skip
+    [
+        ({"temperature": -1.0}, r"temperature must be in \[0.05, 20\]"),
+        ({"temperature": 0.0}, r"temperature must be in \[0.05, 20\]"),
+        ({"temperature": 1e300}, r"temperature must be in \[0.05, 20\]"),  # issue 23 item 11: accepted; every probability 0.5
+        ({"temperature": float("nan")}, "temperature must be finite"),
+        ({"threshold": 1.5}, r"threshold must be in \(0, 1\)"),
+        ({"threshold": 0.0}, r"threshold must be in \(0, 1\)"),
+        ({"threshold": "high"}, "threshold must be a number"),
+        ({"ood": {"cutoff": float("nan")}}, "ood.cutoff must be finite"),
+        ({"ood": {"cutoff": -3.0}}, "ood.cutoff must be >= 0"),
+        ({"preprocessing__input_size": 100000}, r"input_size must be an integer in \[16, 1024\]"),
+        ({"preprocessing__input_size": 16}, "input_size must be 224, the size efficientnet_lite0 is trained"),  # issue 23 item 11: 11 of 20
+        ({"preprocessing__input_size": 1024}, "input_size must be 224"),  # labels changed, or 9.4 GB for 20 images
+        ({"preprocessing__std": [0.5, 0.0, 0.5]}, "std must be > 0"),
+        ({"preprocessing__resize": "letterbox"}, r"resize must be one of \['bilinear-squash'\]"),
+        ({"class_names": ["PNEUMONIA", "NORMAL"]}, "class_names must be"),
+    ],
+)
 def test_a_description_that_would_change_answers_is_refused_on_load(tmp_path, changes, match):
     from pneumoscope.models.checkpoint import CheckpointError
 
@@ -134,10 +148,33 @@ def test_the_description_reads_and_writes_the_same_through_a_checkpoint_and_a_de
 
 def test_describe_writes_the_keys_in_the_order_it_always_has():
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8)
-    d = describe(model, threshold=0.5, threshold_policy="test", training={"seed": 0}, ood={"method": "m", "cutoff": 3.0, "cutoff_rule": "r"},
-                 leakage={"ok": True}).to_dict()  # fmt: skip
-    assert list(d) == ["format", "format_version", "backbone", "head", "preprocessing", "class_names", "positive_class", "output",
-                       "temperature", "threshold", "threshold_policy", "metrics", "feature_adapter", "versions", "training", "ood", "leakage"]  # fmt: skip
+    d = describe(
+        model,
+        threshold=0.5,
+        threshold_policy="test",
+        training={"seed": 0},
+        ood={"method": "m", "cutoff": 3.0, "cutoff_rule": "r"},
+        leakage={"ok": True},
+    ).to_dict()
+    assert list(d) == [
+        "format",
+        "format_version",
+        "backbone",
+        "head",
+        "preprocessing",
+        "class_names",
+        "positive_class",
+        "output",
+        "temperature",
+        "threshold",
+        "threshold_policy",
+        "metrics",
+        "feature_adapter",
+        "versions",
+        "training",
+        "ood",
+        "leakage",
+    ]
     assert d["ood"] == {"method": "m", "cutoff": 3.0, "cutoff_rule": "r"} and d["feature_adapter"] is None
     assert d["head"] == {"in_features": 1280, "hidden": 8, "dropout": model.head.dropout.p} and d["preprocessing"]["mean"] == [0.5] * 3
     added = replace(RunDescription.from_dict(d, "x"), calibration={"n": 1}).to_dict()
@@ -168,16 +205,21 @@ def test_unknown_top_level_keys_are_kept_and_unknown_keys_in_the_contract_refuse
 
 @pytest.mark.parametrize(
     "changes,match",
-    [({"threshold": 1.5}, r"threshold must be in \(0, 1\)"), ({"temperature": "hot"}, "temperature must be a number"),
-     ({"ood": {"cutoff": -1.0}}, "ood.cutoff must be >= 0"), ({"preprocessing": None}, "preprocessing must be a mapping"),
-     ({"preprocessing": {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}}, "preprocessing.in_chans must be"),
-     ({"format_version": 2}, "checkpoint format 2 is newer"), ({"head": {"in_features": 1280, "hidden": 0, "dropout": 0.3}}, "head.hidden"),
-     # issue 23: sizes the loader allocates before reading the weights (hidden 10^9 asked for 5 TB), and a 1-channel contract
-     ({"head": {"in_features": 1280, "hidden": 10**9, "dropout": 0.3}}, r"head.hidden must be an integer in \[1, 65536\]"),
-     ({"feature_adapter": {"reference_sample": -5}}, r"feature_adapter.reference_sample must be an integer in \[1, 100000\]"),
-     ({"feature_adapter": {"reference_sample": 10**12}}, "feature_adapter.reference_sample must be"),
-     ({"preprocessing": {"input_size": 224, "mean": [0.5], "std": [0.5], "in_chans": 1}}, "preprocessing.in_chans must be 3")],
-)  # fmt: skip
+    [
+        ({"threshold": 1.5}, r"threshold must be in \(0, 1\)"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"ood": {"cutoff": -1.0}}, "ood.cutoff must be >= 0"),
+        ({"preprocessing": None}, "preprocessing must be a mapping"),
+        ({"preprocessing": {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}}, "preprocessing.in_chans must be"),
+        ({"format_version": 2}, "checkpoint format 2 is newer"),
+        ({"head": {"in_features": 1280, "hidden": 0, "dropout": 0.3}}, "head.hidden"),
+        # issue 23: sizes the loader allocates before reading the weights (hidden 10^9 asked for 5 TB), and a 1-channel contract
+        ({"head": {"in_features": 1280, "hidden": 10**9, "dropout": 0.3}}, r"head.hidden must be an integer in \[1, 65536\]"),
+        ({"feature_adapter": {"reference_sample": -5}}, r"feature_adapter.reference_sample must be an integer in \[1, 100000\]"),
+        ({"feature_adapter": {"reference_sample": 10**12}}, "feature_adapter.reference_sample must be"),
+        ({"preprocessing": {"input_size": 224, "mean": [0.5], "std": [0.5], "in_chans": 1}}, "preprocessing.in_chans must be 3"),
+    ],
+)
 def test_from_dict_checks_the_description(changes, match):
     with pytest.raises(CheckpointError, match=match) as err:
         RunDescription.from_dict({**json.loads(WRITTEN.read_text()), **changes}, "run/model.safetensors")
@@ -192,9 +234,13 @@ def test_a_description_without_a_backbone_or_head_is_refused():
 
 @pytest.mark.parametrize(
     "field,value,match",
-    [("threshold", 0.0, r"threshold must be in \(0, 1\)"), ("temperature", float("nan"), "temperature must be finite"),
-     ("temperature", -1.0, "temperature must be in"), ("class_names", ("PNEUMONIA", "NORMAL"), "class_names must be")],
-)  # fmt: skip
+    [
+        ("threshold", 0.0, r"threshold must be in \(0, 1\)"),
+        ("temperature", float("nan"), "temperature must be finite"),
+        ("temperature", -1.0, "temperature must be in"),
+        ("class_names", ("PNEUMONIA", "NORMAL"), "class_names must be"),
+    ],
+)
 def test_replace_checks_a_derived_description(field, value, match):
     description = RunDescription.from_dict(json.loads(WRITTEN.read_text()), "x")
     with pytest.raises(CheckpointError, match=match):

@@ -2,17 +2,17 @@
 
 import csv
 import io
-import sys
-from pathlib import Path
 import json
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.models.checkpoint import RunFolder, read_description
 from pneumoscope.cli.main import main
+from pneumoscope.models.checkpoint import RunFolder, read_description
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,37 @@ def trained_run(tmp_path_factory):
 
 def test_train_writes_a_complete_run(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"model.safetensors", "config.json", "checkpoint.json", "history.csv", "history.png", "splits.csv",
-            "samples.png", "metrics.json", "skipped.csv", "data_summary.json"} <= names  # fmt: skip
+    assert {
+        "model.safetensors",
+        "config.json",
+        "checkpoint.json",
+        "history.csv",
+        "history.png",
+        "splits.csv",
+        "samples.png",
+        "metrics.json",
+        "skipped.csv",
+        "data_summary.json",
+    } <= names
     desc = json.loads((trained_run / "checkpoint.json").read_text())
     assert 0 < desc["threshold"] < 1 and "youden" in desc["threshold_policy"]
     run = RunFolder.of(trained_run)  # the names it knows are the names train writes
-    assert all(p.exists() for p in (run.checkpoint, run.checkpoint_json, run.config, run.metrics, run.history_csv, run.history_png,
-                                     run.splits, run.skipped, run.data_summary, run.samples, run.logs))  # fmt: skip
+    assert all(
+        p.exists()
+        for p in (
+            run.checkpoint,
+            run.checkpoint_json,
+            run.config,
+            run.metrics,
+            run.history_csv,
+            run.history_png,
+            run.splits,
+            run.skipped,
+            run.data_summary,
+            run.samples,
+            run.logs,
+        )
+    )
     assert read_description(run.checkpoint).to_dict() == desc  # checkpoint.json is the header's description
     rows = list(csv.DictReader(open(trained_run / "splits.csv")))
     splits_of = {}
@@ -90,7 +114,7 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert sum(row["label"] is None for row in out) == na["n"]
     images = [p["path"] for p in preds[:3]]
-    for row, pred in zip(out, preds[:3]):
+    for row, pred in zip(out, preds[:3], strict=True):
         assert abs(row["prob"] - float(pred["prob"])) < 1e-4  # the same model through both paths
         assert row["label"] == pred["pred"] or row["label"] is None
 
@@ -180,7 +204,12 @@ def test_train_without_normal_images_names_the_fix(kaggle_tree, tmp_path, capsys
 @pytest.mark.slow
 def test_demo_runs_train_evaluate_explain(kaggle_tree, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--data", str(kaggle_tree), "--out", str(out), "--epochs", "2", "--pretrained", "none", "--val-fraction", "0.3"]) == 0
+    assert (
+        main(
+            ["-q", "demo", "--data", str(kaggle_tree), "--out", str(out), "--epochs", "2", "--pretrained", "none", "--val-fraction", "0.3"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "test: n=16" in printed and str(out) in printed
     assert (out / "run" / "model.safetensors").is_file() and (out / "eval" / "metrics.json").is_file()
@@ -242,7 +271,9 @@ def test_compare_two_runs_on_the_same_images(trained_run, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["-q", "train", str(CHEST_XRAY), "--out", str(other), "--limit", "40", "--epochs", "3", "--seed", "1"]) == 0
     for name, run in (("a", trained_run), ("b", other)):
-        assert main(["-q", "evaluate", str(run), str(CHEST_XRAY), "--out", str(tmp_path / name), "--limit", "30", "--bootstraps", "100"]) == 0
+        assert (
+            main(["-q", "evaluate", str(run), str(CHEST_XRAY), "--out", str(tmp_path / name), "--limit", "30", "--bootstraps", "100"]) == 0
+        )
     capsys.readouterr()
     assert main(["-q", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.json")]) == 0
     assert "DeLong p" in capsys.readouterr().out
@@ -291,8 +322,19 @@ def test_report_is_self_contained(trained_run, tmp_path):
     ev = tmp_path / "ev"
     assert main(["-q", "evaluate", str(trained_run), str(CHEST_XRAY), "--out", str(ev), "--limit", "40", "--bootstraps", "100"]) == 0
     html = (ev / "report.html").read_text()
-    for section in ("Data", "Training history", "Operating point", "Metrics (95% intervals)", "Subgroups",
-                    "Shortcut audit", "Gallery", "Model card", "Intended use", "Out-of-scope uses", "Not a medical device"):  # fmt: skip
+    for section in (
+        "Data",
+        "Training history",
+        "Operating point",
+        "Metrics (95% intervals)",
+        "Subgroups",
+        "Shortcut audit",
+        "Gallery",
+        "Model card",
+        "Intended use",
+        "Out-of-scope uses",
+        "Not a medical device",
+    ):
         assert section in html, section
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     assert html.count("data:image/png;base64,") >= 5
@@ -317,8 +359,12 @@ def test_export_log_has_no_third_party_info_and_no_progress_frames(trained_run, 
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pneumoscope", "export", str(trained_run), "--out", str(tmp_path / "m.onnx")],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pneumoscope", "export", str(trained_run), "--out", str(tmp_path / "m.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr
     records = [line for line in proc.stderr.splitlines() if line.split(" ", 1)[0] in ("DEBUG", "INFO")]
@@ -355,7 +401,9 @@ def test_verbose_shows_other_libraries_info_and_default_does_not(capsys):
             logging.getLogger("onnx_ir.passes").info("deduplicated %d", 1)
             logging.getLogger("pneumoscope.inference.export").info("exported")
             err = capsys.readouterr().err
-            assert ("INFO onnx_ir.passes: deduplicated 1" in err) is verbose and err.count("INFO pneumoscope.inference.export: exported") == 1
+            assert ("INFO onnx_ir.passes: deduplicated 1" in err) is verbose and err.count(
+                "INFO pneumoscope.inference.export: exported"
+            ) == 1
     finally:
         configure_logging()
         logging.getLogger().setLevel(root_level)
@@ -383,8 +431,16 @@ def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, ka
     assert na["screen"] is not None and na["guard"] is not None and na["note"] == ""  # TTA decodes every image: both counted
 
 
-@pytest.mark.parametrize("argv", [["predict", "RUN", "x.png", "-q"], ["-q", "predict", "RUN", "x.png"], ["data", "inspect", "DATA", "--quiet"],
-                                  ["train", "DATA", "--out", "o", "-v"], ["-v", "serve", "RUN"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "RUN", "x.png", "-q"],
+        ["-q", "predict", "RUN", "x.png"],
+        ["data", "inspect", "DATA", "--quiet"],
+        ["train", "DATA", "--out", "o", "-v"],
+        ["-v", "serve", "RUN"],
+    ],
+)
 def test_q_and_v_are_taken_before_the_command_and_after_it(argv):
     """Issue 20: `predict … -q` was refused; only `pneumoscope -q predict …` worked."""
     from pneumoscope.cli.main import build_parser
@@ -461,9 +517,9 @@ def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tr
 
 def test_evaluate_finds_test_images_byte_identical_to_the_runs_training_images(tmp_path):
     """Issue 23 item 11: evaluate did not warn when the images it scored were ones the run was fitted on."""
-    from pneumoscope.models.checkpoint import RunFolder
     from pneumoscope.data.discovery import Record
     from pneumoscope.evaluation.evaluate import seen_in_training
+    from pneumoscope.models.checkpoint import RunFolder
 
     (tmp_path / "splits.csv").write_text(
         "path,split,label,patient_id,pneumonia_type,sha256,status\n"
@@ -471,7 +527,7 @@ def test_evaluate_finds_test_images_byte_identical_to_the_runs_training_images(t
         f"train/NORMAL/b.jpeg,val,NORMAL,b,none,{'b' * 64},used\n"
         f"train/NORMAL/c.jpeg,train,NORMAL,c,none,{'c' * 64},skipped\n"  # unreadable at training: not fitted on
         f"test/NORMAL/d.jpeg,test,NORMAL,d,none,{'d' * 64},used\n"
-    )  # fmt: skip
+    )
     records = [Record(f"test/NORMAL/{h}.jpeg", 0, "test", h, "none", True, content_hash=h * 64) for h in "abcde"]
     assert [r.ref for r in seen_in_training(RunFolder(tmp_path), records)] == ["test/NORMAL/a.jpeg", "test/NORMAL/b.jpeg"]
     assert seen_in_training(RunFolder(tmp_path / "none"), records) == []  # a run without splits.csv (an older one)

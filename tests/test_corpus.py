@@ -162,7 +162,8 @@ def test_predict_answers_every_file_with_a_label_or_a_reason(run, bad_files, tmp
     _check_rows(rows, good)
     flagged = {Path(r["path"]).name for r in rows if r["ood"]}
     assert {"blank_grey.png", "blank_black.png", "one_pixel.png", "tiny.png", "sliver.png"} <= flagged | {
-        Path(r["path"]).name for r in rows if r["error"]}
+        Path(r["path"]).name for r in rows if r["error"]
+    }
 
 
 def test_explain_skips_the_bad_and_explains_the_good(run, bad_files, tmp_path, capsys):
@@ -190,7 +191,9 @@ def test_train_and_evaluate_skip_and_list_every_bad_file(bad_files, tmp_path, ca
         _specials(tree / folder)
     (tree / "train" / "NORMAL" / "loop").symlink_to(tree / "train", target_is_directory=True)
     run = tmp_path / "run"
-    code = _within(300, main, ["-q", "train", str(tree), "--out", str(run), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3"])
+    code = _within(
+        300, main, ["-q", "train", str(tree), "--out", str(run), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3"]
+    )
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in out + err and (run / "model.safetensors").is_file()
     ev = tmp_path / "ev"

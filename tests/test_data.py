@@ -147,8 +147,8 @@ def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, t
     import zipfile
 
     from pneumoscope.cli.main import main
-    from pneumoscope.data.discovery import load_dataset
     from pneumoscope.data.decode import read_image
+    from pneumoscope.data.discovery import load_dataset
 
     (kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"not a jpeg")
     packed = tmp_path / "packed.zip"
@@ -254,8 +254,10 @@ def test_a_folder_without_class_folders_is_refused_after_a_bounded_look_naming_w
     read = _spy_scandir(monkeypatch)
     with pytest.raises(D.DataError) as err:
         D.load_dataset(root)
-    assert str(err.value) == (f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within 3 levels (found: a/, b/, c/). Fix: point at "
-                              "the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/")  # fmt: skip
+    assert str(err.value) == (
+        f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within 3 levels (found: a/, b/, c/). Fix: point at "
+        "the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/"
+    )
     assert len(read) < 20
 
 

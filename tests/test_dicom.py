@@ -21,15 +21,20 @@ def test_pydicom_ct_applies_rescale_and_spans_unit_range():
 
 def test_pydicom_mr_uses_its_window():
     arr = read_image(get_testdata_file("MR_small.dcm"))  # window 600 / 1600
-    assert arr.shape == (64, 64) and 0 <= arr.min() and arr.max() <= 1
+    assert arr.shape == (64, 64) and arr.min() >= 0 and arr.max() <= 1
     assert arr.max() == 1.0 and arr.min() > 0.1  # windowed, not min-max stretched
 
 
 @pytest.mark.parametrize(
     "name,reason",
-    [("rtplan.dcm", "no pixel data"), ("reportsi.dcm", "no pixel data"), ("rtdose.dcm", "15 frames"),
-     ("examples_rgb_color.dcm", "colour"), ("MR_truncated.dcm", "cannot be decoded")],
-)  # fmt: skip
+    [
+        ("rtplan.dcm", "no pixel data"),
+        ("reportsi.dcm", "no pixel data"),
+        ("rtdose.dcm", "15 frames"),
+        ("examples_rgb_color.dcm", "colour"),
+        ("MR_truncated.dcm", "cannot be decoded"),
+    ],
+)
 def test_unusable_dicoms_are_refused_with_the_reason(name, reason):
     with pytest.raises(ImageReadError, match=reason):
         read_image(get_testdata_file(name))
@@ -227,7 +232,9 @@ def test_the_server_answers_422_for_a_malformed_dicom_and_the_batch_still_answer
         for name, path in bad.items():
             r = client.post("/predict", files={"file": (name, path.read_bytes())})
             assert r.status_code == 422 and "cannot be interpreted" in r.json()["detail"], (name, r.status_code, r.text)
-            batch = client.post("/predict/batch", files=[("files", (name, path.read_bytes())), ("files", ("good.png", good[0].read_bytes()))])
+            batch = client.post(
+                "/predict/batch", files=[("files", (name, path.read_bytes())), ("files", ("good.png", good[0].read_bytes()))]
+            )
             assert batch.status_code == 200, (name, batch.text)
             failed, ok = batch.json()["results"]
             assert failed["status"] == 422 and failed["prob"] is None and "cannot be interpreted" in failed["error"]

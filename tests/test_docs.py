@@ -15,12 +15,23 @@ LOCAL_LINK = re.compile(r"!?\[[^\]]*\]\((?!https?://|#|mailto:)([^)#\s]+)")
 def test_site_builds_strict_with_the_api_from_the_docstrings(tmp_path):
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", "mkdocs.yml", "-d", str(site)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", "mkdocs.yml", "-d", str(site)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"mkdocs build --strict failed (pip install -e '.[docs]' if mkdocs is missing):\n{done.stderr[-4000:]}"
     api = (site / "api" / "index.html").read_text()
-    for name in ("pneumoscope.api.load", "pneumoscope.api.Model", "pneumoscope.api.CamMap", "pneumoscope.inference.predictor.Prediction",
-                 "pneumoscope.errors.PneumoscopeError"):  # fmt: skip
+    for name in (
+        "pneumoscope.api.load",
+        "pneumoscope.api.Model",
+        "pneumoscope.api.CamMap",
+        "pneumoscope.inference.predictor.Prediction",
+        "pneumoscope.errors.PneumoscopeError",
+    ):
         assert f'id="{name}"' in api, f"{name} is not documented on the API page"
     assert "Returns" in api and "Raises" in api  # the docstrings' sections were parsed, not shown as text
     assert ":class:" not in api and ":func:" not in api  # Sphinx roles shown as code (docs/griffe_roles.py)

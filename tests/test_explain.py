@@ -40,7 +40,7 @@ def test_gradcam_matches_a_hand_computation_for_our_head(model, target, sign):
     ref = _manual_gradcam(model, x, sign)
     assert ours.shape == (2, 224, 224) and np.isfinite(ours).all()
     assert ours.min() >= 0 and ours.max() <= 1
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         if b.max() > 0:
             assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
 
@@ -69,9 +69,18 @@ def test_bad_target_is_refused(model):
 # --------------------------------------------------------------------------- issue 5: methods and checks
 
 from pneumoscope.explain.cams import CAM_METHODS, compute_cam, views_and_cams  # noqa: E402
-
-from pneumoscope.explain.checks import MIN_FAITHFULNESS_IMAGES, border_mask, cam_mass_outside_centre, central_mask, compute_road, mask_region, random_maps, randomized_copy, spearman, summarize_checks  # noqa: E402
-
+from pneumoscope.explain.checks import (  # noqa: E402
+    MIN_FAITHFULNESS_IMAGES,
+    border_mask,
+    cam_mass_outside_centre,
+    central_mask,
+    compute_road,
+    mask_region,
+    random_maps,
+    randomized_copy,
+    spearman,
+    summarize_checks,
+)
 from pneumoscope.explain.command import explain_images  # noqa: E402
 from pneumoscope.models.backbones import BACKBONES  # noqa: E402
 
@@ -192,7 +201,7 @@ def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tm
     assert set(kinds) == {"false positive", "false negative", "true positive", "true negative"}
     truth = {"false positive": "NORMAL", "true negative": "NORMAL", "false negative": "PNEUMONIA", "true positive": "PNEUMONIA"}
     assert [kw["true_label"] for kw in drawn] == [truth[k] for k in kinds]
-    assert all(kw["title"].startswith(k) for kw, k in zip(drawn, kinds))
+    assert all(kw["title"].startswith(k) for kw, k in zip(drawn, kinds, strict=True))
 
 
 def test_explaining_leaves_the_global_rng_alone_and_its_checks_are_reproducible(tiny_run, tmp_path):
@@ -234,7 +243,7 @@ def test_views_and_cams_explain_the_class_decided_after_temperature(tiny_run):
     assert classes == [int(i == k) for i in range(3)]
     x = torch.cat([predictor.preprocess(im) for im in images])  # (3, C, S, S)
     np.testing.assert_array_equal(cams, compute_cam(predictor.model, x, classes))
-    for view, image in zip(views, images):
+    for view, image in zip(views, images, strict=True):
         np.testing.assert_array_equal(view, predictor.preprocessing_view(image))
     # the caller's probabilities decide when given; a named target is explained whatever was decided
     assert views_and_cams(predictor, images, probs=[0.0, 1.0, 0.0])[2] == [0, 1, 0]
@@ -247,8 +256,8 @@ def test_the_web_app_heatmap_is_the_cam_of_the_decided_class_over_its_view(tiny_
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from pneumoscope.plots import heatmap_rgb, overlay_cam
     from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.plots import heatmap_rgb, overlay_cam
     from pneumoscope.serving.app import _png, create_app
 
     path = tmp_path / "x.png"
@@ -270,8 +279,8 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
 
     from pneumoscope.data import discovery as D
     from pneumoscope.evaluation import evaluate as evaluate
-    from pneumoscope.plots import overlay_cam
     from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.plots import overlay_cam
 
     predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5; its own probabilities are all near 0.43
     dataset = D.load_dataset(kaggle_tree)
@@ -283,7 +292,7 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
     gallery = evaluate._gallery(predictor, dataset, result, tmp_path)
     place = {Path(p).name: i for i, p in enumerate(result.paths)}
     assert len(drawn) == len(gallery) == 8
-    for (_, caption), (overlay, kw) in zip(gallery, drawn):
+    for (_, caption), (overlay, kw) in zip(gallery, drawn, strict=True):
         i = place[caption.split(": ", 1)[1].split(", ")[0]]
         cls = int(y_prob[i] >= 0.5)
         image = dataset.reader.read_image(records[i].ref, draft_size=predictor.preprocessing.input_size)

@@ -109,7 +109,7 @@ def test_read_many_skips_a_corrupt_file_among_good_ones_in_order_losing_nothing(
         decoded = read_many(paths, read_image, log=logging.getLogger("pneumoscope.caller"))
     assert decoded.index == [0, 2, 4]
     assert [im.shape for im in decoded.images] == [(20, 16), (21, 16), (22, 16)]  # each image with its own file
-    for k, im in zip(decoded.index, decoded.images):
+    for k, im in zip(decoded.index, decoded.images, strict=True):
         np.testing.assert_array_equal(im, read_image(paths[k]))
     assert decoded.skipped == [
         (str(corrupt), "not a readable image (unknown format or not an image). Remove it or convert it to PNG or JPEG."),
@@ -170,7 +170,9 @@ def test_a_member_declaring_more_than_the_bound_is_refused_before_any_byte_is_re
     with zipfile.ZipFile(archive) as zf:
         assert read_zip_member(zf, "a.png", "a.zip::a.png") == png
         monkeypatch.setattr(zf, "open", lambda *a, **kw: pytest.fail("the member was opened"))
-        with pytest.raises(ImageReadError, match=r"a.zip::bomb.png: archive member declares 5,242,880 bytes .* over the limit of 1,048,576"):
+        with pytest.raises(
+            ImageReadError, match=r"a.zip::bomb.png: archive member declares 5,242,880 bytes .* over the limit of 1,048,576"
+        ):
             read_zip_member(zf, "bomb.png", "a.zip::bomb.png")
 
 

@@ -20,7 +20,18 @@ def test_metrics_equal_sklearn_on_random_data(seed):
     assert m["f1"] == pytest.approx(f1_score(y, pred))
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert sum(m["confusion_matrix"].values()) == m["n"] == 200
-    assert set(m) == {"n", "n_positive", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "confusion_matrix"}
+    assert set(m) == {
+        "n",
+        "n_positive",
+        "threshold",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "roc_auc",
+        "confusion_matrix",
+    }
 
 
 def test_single_class_gives_no_auc():
@@ -34,9 +45,11 @@ def test_youden_threshold_maximises_j(seed):
     y = rng.integers(0, 2, 150)
     p = np.clip(0.25 * y + rng.uniform(0, 0.75, 150), 0, 1)
     t = compute_youden_threshold(y, p)
+
     def j(th):
         m = compute_binary_metrics(y, p, th)
         return m["sensitivity"] + m["specificity"] - 1
+
     assert j(t) == pytest.approx(max(j(c) for c in np.unique(p)))
     assert not np.isclose(p, t).any()  # between samples, not on one
 
@@ -66,7 +79,14 @@ from pneumoscope.metrics.calibration import compute_adaptive_reliability, comput
 from pneumoscope.metrics.classification import decide  # noqa: E402
 from pneumoscope.metrics.clinical import DROP_RULE, compare_with_validation, compute_clinical_metrics, is_drop_beyond_intervals  # noqa: E402
 from pneumoscope.metrics.comparison import compute_delong, compute_mcnemar  # noqa: E402
-from pneumoscope.metrics.intervals import _patient_resamples, _precision_at, compute_bootstrap_ci, compute_pr_band, compute_roc_band, compute_wilson_interval  # noqa: E402
+from pneumoscope.metrics.intervals import (  # noqa: E402
+    _patient_resamples,
+    _precision_at,
+    compute_bootstrap_ci,
+    compute_pr_band,
+    compute_roc_band,
+    compute_wilson_interval,
+)
 from pneumoscope.metrics.operating_point import OperatingPoint, compute_threshold, describe_policy, fit_operating_point  # noqa: E402
 
 
@@ -276,7 +296,7 @@ def test_shared_resampler_is_the_stratified_patient_bootstrap():
     y, p, groups = _correlated_patients(2)
     got = list(_patient_resamples(y, groups, n_boot=50, seed=7))
     want = _direct_patient_resamples(y, groups, 50, 7)
-    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_roc_band_equals_tpr_quantiles_of_sklearn_curves_on_the_same_resamples():
@@ -367,7 +387,6 @@ def test_calibrate_fits_its_operating_point_in_one_place_and_edits_no_policy_tex
     import inspect
 
     from pneumoscope.adaptation import calibrate as calibrate
-
     from pneumoscope.training import pipeline as train
 
     for fn in (calibrate.calibrate_run, train):  # train: the whole module, its phases are private functions
@@ -438,7 +457,7 @@ def test_pr_band_brackets_the_curve_over_the_roc_bands_resamples():
     roc = compute_roc_band(y, p, groups, n_boot=200, seed=0)
     assert band["n_resamples"] == roc["n_resamples"] and band["confidence"] == 0.95
     lo, hi = band["precision_lower"], band["precision_upper"]
-    assert (0 <= lo).all() and (lo <= hi).all() and (hi <= 1).all()
+    assert (lo >= 0).all() and (lo <= hi).all() and (hi <= 1).all()
     point = _precision_at(band["recall"], y, p)
     inside = (lo - 1e-12 <= point) & (point <= hi + 1e-12)
     assert inside.mean() > 0.9
@@ -456,10 +475,19 @@ def test_drop_is_flagged_only_when_the_intervals_cannot_explain_it():
 
 
 def test_compare_with_validation_sets_the_two_side_by_side():
-    val = {"sensitivity": 0.95, "specificity": 0.956, "roc_auc": 0.99, "ci95": {"sensitivity": [0.9, 0.98], "specificity": [0.91, 0.98],
-                                                                           "roc_auc": [0.97, 1.0]}}  # fmt: skip
-    test = {"sensitivity": 0.97, "specificity": 0.564, "roc_auc": 0.93, "ppv": 0.78,
-            "ci95": {"sensitivity": [0.95, 0.98], "specificity": [0.5, 0.63], "roc_auc": [0.91, 0.95], "ppv": [0.74, 0.81]}}  # fmt: skip
+    val = {
+        "sensitivity": 0.95,
+        "specificity": 0.956,
+        "roc_auc": 0.99,
+        "ci95": {"sensitivity": [0.9, 0.98], "specificity": [0.91, 0.98], "roc_auc": [0.97, 1.0]},
+    }
+    test = {
+        "sensitivity": 0.97,
+        "specificity": 0.564,
+        "roc_auc": 0.93,
+        "ppv": 0.78,
+        "ci95": {"sensitivity": [0.95, 0.98], "specificity": [0.5, 0.63], "roc_auc": [0.91, 0.95], "ppv": [0.74, 0.81]},
+    }
     rows = {r["metric"]: r for r in compare_with_validation(val, test)}
     assert list(rows) == ["sensitivity", "specificity", "ppv", "roc_auc"]  # SUMMARY_METRICS order; absent from both: left out
     assert [k for k, r in rows.items() if r["drop_flagged"]] == ["specificity", "roc_auc"]

@@ -7,7 +7,6 @@ from skimage import data as skdata
 
 from pneumoscope.data.preprocessing import RESIZE_METHODS, Preprocessing
 from pneumoscope.models.backbones import BACKBONES, load_imagenet_state_dict
-
 from pneumoscope.models.classifier import create_model
 
 
@@ -35,7 +34,7 @@ def test_backbone_contract(name):
 
 def test_preprocessing_is_derived_from_the_registry():
     img = np.linspace(0, 1, 100 * 80, dtype=np.float32).reshape(100, 80)
-    for name, spec in BACKBONES.items():
+    for _name, spec in BACKBONES.items():
         x = spec.preprocessing.apply(img)
         s = spec.preprocessing.input_size
         assert x.shape == (3, s, s)
@@ -124,7 +123,7 @@ def test_an_ensemble_is_its_members_side_by_side_and_reuses_their_feature_caches
     torch.manual_seed(0)
     ensemble = create_model("efficientnet_lite0+2", pretrained="none", hidden=8).eval()
     members = []
-    for name, member in zip(("efficientnet_lite0", "efficientnet_lite2"), ensemble.backbone.members):
+    for name, member in zip(("efficientnet_lite0", "efficientnet_lite2"), ensemble.backbone.members, strict=True):
         single = create_model(name, pretrained="none", hidden=8).eval()
         single.backbone.load_state_dict(member.state_dict())
         single.preprocessing = ensemble.preprocessing  # members run at the ensemble's input size

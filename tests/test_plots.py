@@ -4,10 +4,10 @@ import matplotlib
 import numpy as np
 import pytest
 
+from pneumoscope import plots
 from pneumoscope.metrics.calibration import compute_adaptive_reliability, compute_reliability
 from pneumoscope.metrics.classification import compute_binary_metrics, compute_roc_curve
 from pneumoscope.metrics.intervals import compute_pr_band, compute_roc_band
-from pneumoscope import plots
 
 
 @pytest.fixture
@@ -49,8 +49,15 @@ def test_roc_draws_the_band_and_writes_the_threshold_at_the_operating_point(draw
     y, p, groups = _scores()
     band = compute_roc_band(y, p, groups, n_boot=100, seed=0)
     m = compute_binary_metrics(y, p, 0.4)
-    plots.plot_roc(compute_roc_curve(y, p), tmp_path / "roc.png", auc=m["roc_auc"], auc_ci=[0.8, 0.9], threshold=0.4,
-                   operating_point=(1 - m["specificity"], m["sensitivity"]), band=band)  # fmt: skip
+    plots.plot_roc(
+        compute_roc_curve(y, p),
+        tmp_path / "roc.png",
+        auc=m["roc_auc"],
+        auc_ci=[0.8, 0.9],
+        threshold=0.4,
+        operating_point=(1 - m["specificity"], m["sensitivity"]),
+        band=band,
+    )
     fig = drawn[0]
     text = _texts(fig)
     assert "threshold 0.400" in text and f"sensitivity {m['sensitivity']:.2f}" in text
@@ -78,7 +85,9 @@ def test_pr_curve_has_a_title_and_a_patient_bootstrap_band(drawn, tmp_path):
     y, p, groups = _scores()
     band = compute_pr_band(y, p, groups, n_boot=100, seed=0)
     precision, recall, _ = precision_recall_curve(y, p)
-    plots.plot_pr(precision, recall, tmp_path / "pr.png", ap=0.9, ap_ci=[0.85, 0.94], prevalence=y.mean(), operating_point=(0.8, 0.85), band=band)
+    plots.plot_pr(
+        precision, recall, tmp_path / "pr.png", ap=0.9, ap_ci=[0.85, 0.94], prevalence=y.mean(), operating_point=(0.8, 0.85), band=band
+    )
     ax = drawn[0].axes[0]
     text = _texts(drawn[0])
     assert ax.get_title() == "Precision-recall curve"
@@ -101,7 +110,10 @@ def test_reliability_names_the_range_of_bin_sizes_when_a_crowd_is_one_bin(drawn,
 
 
 def test_history_has_axis_labels_a_backbone_title_and_the_legend_outside_the_axes(drawn, tmp_path):
-    history = [{"epoch": e, "loss": 1 / e, "accuracy": 1 - 1 / (e + 1), "val_loss": 1.1 / e, "val_accuracy": 0.9 - 1 / (e + 2)} for e in range(1, 9)]
+    history = [
+        {"epoch": e, "loss": 1 / e, "accuracy": 1 - 1 / (e + 1), "val_loss": 1.1 / e, "val_accuracy": 0.9 - 1 / (e + 2)}
+        for e in range(1, 9)
+    ]
     plots.plot_history(history, tmp_path / "h.png", best_epoch=6, title="Training history: resnet50 backbone")
     fig = drawn[0]
     assert fig._suptitle.get_text() == "Training history: resnet50 backbone"
@@ -115,7 +127,9 @@ def test_history_has_axis_labels_a_backbone_title_and_the_legend_outside_the_axe
 def test_cam_figure_has_a_colour_bar_a_uniform_colour_map_and_the_true_label(drawn, tmp_path):
     rng = np.random.default_rng(0)
     image, cam = rng.uniform(size=(32, 32)), rng.uniform(size=(32, 32))
-    plots.plot_cam(image, plots.overlay_cam(image, cam), tmp_path / "cam.png", title="false positive: P(pneumonia) = 0.91", true_label="NORMAL")
+    plots.plot_cam(
+        image, plots.overlay_cam(image, cam), tmp_path / "cam.png", title="false positive: P(pneumonia) = 0.91", true_label="NORMAL"
+    )
     fig = drawn[0]
     assert "true label: NORMAL" in fig._suptitle.get_text()
     colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
@@ -129,8 +143,10 @@ def test_importing_and_drawing_leave_matplotlib_backend_alone(tmp_path):
     import subprocess
     import sys
 
-    code = ("import matplotlib, pneumoscope.plots as p; "
-            f"p.plot_image_grid([[[0.5]]], ['x'], {str(tmp_path / 'g.png')!r}); print(matplotlib.get_backend())")  # fmt: skip
+    code = (
+        "import matplotlib, pneumoscope.plots as p; "
+        f"p.plot_image_grid([[[0.5]]], ['x'], {str(tmp_path / 'g.png')!r}); print(matplotlib.get_backend())"
+    )
     env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "svg" and (tmp_path / "g.png").stat().st_size > 0

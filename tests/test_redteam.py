@@ -115,7 +115,7 @@ def _compare_inputs(tmp_path) -> list[str]:
         with open(folder / "predictions.csv", "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "patient_id", "label", "prob", "pred"])
-            for i, (label, p) in enumerate(zip(("NORMAL", "PNEUMONIA", "PNEUMONIA"), probs)):
+            for i, (label, p) in enumerate(zip(("NORMAL", "PNEUMONIA", "PNEUMONIA"), probs, strict=True)):
                 w.writerow([f"img{i}.png", f"p{i}", label, p, "PNEUMONIA" if p >= 0.5 else "NORMAL"])
         folders.append(str(folder))
     return folders
@@ -284,8 +284,8 @@ def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog
 @pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
 def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
     from pneumoscope.data.discovery import load_dataset, scan
-    from pneumoscope.models.features import extract_features, part_caches
     from pneumoscope.models.classifier import create_model
+    from pneumoscope.models.features import extract_features, part_caches
 
     model = create_model("efficientnet_lite0", pretrained="none", hidden=8).eval()
     dataset = scan(load_dataset(kaggle_tree))
@@ -295,7 +295,9 @@ def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_pa
     (cache,) = part_caches(model, tmp_path)
     assert cache.dim == dim
     entry = cache._path(records[0].content_hash)
-    bad = {"wrong shape": np.zeros(dim + 1, np.float32), "nan": np.full(dim, np.nan, np.float32), "not a float": np.zeros(dim, np.int64)}[damage]
+    bad = {"wrong shape": np.zeros(dim + 1, np.float32), "nan": np.full(dim, np.nan, np.float32), "not a float": np.zeros(dim, np.int64)}[
+        damage
+    ]
     entry.write_bytes(outputs.npy_bytes(bad))
     with caplog.at_level(logging.WARNING, logger="pneumoscope"):
         again = extract_features(model, dataset, records, cache_dir=tmp_path, progress=False)
@@ -415,9 +417,11 @@ def test_fifos_and_devices_named_like_images_are_rows_with_a_reason_never_read(t
     good = [_png(folder / f"ok{i}.png", seed=i) for i in range(2)]
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join([str(specials["pipe.png"]), "/dev/urandom", str(good[0])]) + "\n")
-    for argv in (["-q", "predict", str(tiny_run), str(folder), "--format", "json", "--workers", "0"],
-                 ["-q", "predict", str(tiny_run), "--from-list", str(listing), "--format", "json", "--workers", "0"],
-                 ["-q", "predict", str(tiny_run), str(specials["pipe.png"]), str(specials["zero.png"]), str(good[1]), "--format", "json"]):  # fmt: skip
+    for argv in (
+        ["-q", "predict", str(tiny_run), str(folder), "--format", "json", "--workers", "0"],
+        ["-q", "predict", str(tiny_run), "--from-list", str(listing), "--format", "json", "--workers", "0"],
+        ["-q", "predict", str(tiny_run), str(specials["pipe.png"]), str(specials["zero.png"]), str(good[1]), "--format", "json"],
+    ):
         assert _within(60, main, argv) == 1
         rows = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
         bad = [n for n in rows if not n.startswith("ok")]
@@ -493,8 +497,8 @@ def test_pack_keeps_both_images_when_a_new_name_would_collide(tmp_path):
 
 def test_a_description_that_is_not_json_is_a_damaged_file_not_a_traceback():
     """A flipped byte in an ONNX export's metadata (or a checkpoint's header) made json.loads raise a bare ValueError."""
-    from pneumoscope.models.checkpoint import description_from_json
     from pneumoscope.errors import PneumoscopeError
+    from pneumoscope.models.checkpoint import description_from_json
 
     with pytest.raises(PneumoscopeError, match=r"model.onnx: its description is not valid JSON .* Fix: copy it again"):
         description_from_json('{"format": "pneumoscope-run", "threshold": 0.5,,}', "model.onnx")
@@ -526,8 +530,11 @@ def test_predict_into_a_pipe_closed_early_ends_quietly(tiny_run, tmp_path):
 
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{_png(tmp_path / 'imgs' / f'{i}.png', seed=i)}\n" for i in range(3)) * 20)
-    proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "predict", str(tiny_run), "--from-list", str(listing), "--batch-size", "1",
-                             "--workers", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pneumoscope", "predict", str(tiny_run), "--from-list", str(listing), "--batch-size", "1", "--workers", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout.readline().startswith(b"path,")
     proc.stdout.close()  # as `head -1` does
     err = proc.stderr.read().decode()
@@ -541,7 +548,7 @@ def test_a_multipart_boundary_over_70_characters_is_a_400_not_a_500(tiny_run):
     from pneumoscope.serving.app import create_app
 
     boundary = "b" * 300
-    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\nxx\r\n--{boundary}--\r\n".encode()
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\nxx\r\n--{boundary}--\r\n'.encode()
     with TestClient(create_app(Predictor.load(tiny_run)), base_url="http://127.0.0.1") as client:
         r = client.post("/predict", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 400 and "boundary is 300 characters; at most 70" in r.json()["detail"]
@@ -551,8 +558,11 @@ def test_temporary_files_of_a_killed_export_are_removed_by_the_next(tmp_path):
     """Issue 23 item 11: a kill during export left `..m.onnx.partial-PID-unverified.onnx.XXXX.tmp` (18-21 MB) that the
     next export never removed: its pattern expected one leading dot."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    left = [f"..m.onnx.partial-{dead}-unverified.onnx.k2j4x9.tmp", f".m.onnx.partial-{dead}-unverified.onnx",
-            f"..m.onnx.partial-{dead}-unverified.onnx.partial-{dead}-a8f3.tmp"]  # fmt: skip
+    left = [
+        f"..m.onnx.partial-{dead}-unverified.onnx.k2j4x9.tmp",
+        f".m.onnx.partial-{dead}-unverified.onnx",
+        f"..m.onnx.partial-{dead}-unverified.onnx.partial-{dead}-a8f3.tmp",
+    ]
     for name in left:
         (tmp_path / name).write_bytes(b"x" * 100)
     (tmp_path / "other.onnx").write_bytes(b"not ours")

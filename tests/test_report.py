@@ -4,15 +4,22 @@ import re
 
 import numpy as np
 
-from pneumoscope.models.description import HeadShape, RunDescription
 from pneumoscope.data.preprocessing import Preprocessing
-from pneumoscope.plots import plot_image_grid
 from pneumoscope.evaluation.report import model_card, render_report
+from pneumoscope.models.description import HeadShape, RunDescription
+from pneumoscope.plots import plot_image_grid
 
 
 def _description() -> RunDescription:
-    return RunDescription(backbone="efficientnet_lite0", head=HeadShape(1280, 8, 0.3), preprocessing=Preprocessing(224, (0.5,) * 3, (0.5,) * 3),
-                          threshold=0.5, threshold_policy="youden", temperature=1.25, training={"stage": "frozen backbone, head only"})  # fmt: skip
+    return RunDescription(
+        backbone="efficientnet_lite0",
+        head=HeadShape(1280, 8, 0.3),
+        preprocessing=Preprocessing(224, (0.5,) * 3, (0.5,) * 3),
+        threshold=0.5,
+        threshold_policy="youden",
+        temperature=1.25,
+        training={"stage": "frozen backbone, head only"},
+    )
 
 
 def _context(tmp_path):
@@ -20,11 +27,17 @@ def _context(tmp_path):
     plot_image_grid([np.zeros((8, 8))], ["x"], png, cols=1)
     metrics = {"n": 10, "n_positive": 6, "threshold": 0.5, "prevalence": 0.6, "ci95": {}}
     return {
-        "title": "t", "metrics": metrics, "description": _description(),
-        "data": {"source": "d", "split": "test", "skipped": 0}, "training_summary": None, "history": png,
-        "figures": {"confusion_matrix": png, "reliability": png}, "gallery": [(png, "false positive: a.jpeg"), (png, "true negative: b.jpeg")],
-        "model_card": {"Intended use": "research"}, "notes": [],
-    }  # fmt: skip
+        "title": "t",
+        "metrics": metrics,
+        "description": _description(),
+        "data": {"source": "d", "split": "test", "skipped": 0},
+        "training_summary": None,
+        "history": png,
+        "figures": {"confusion_matrix": png, "reliability": png},
+        "gallery": [(png, "false positive: a.jpeg"), (png, "true negative: b.jpeg")],
+        "model_card": {"Intended use": "research"},
+        "notes": [],
+    }
 
 
 def test_table_of_contents_links_every_section(tmp_path):
@@ -53,7 +66,9 @@ def test_values_from_the_data_are_escaped_never_markup(tmp_path):
     ctx["model_card"] = {"Evaluation data": f"/data/{evil}: 10 images"}
     html = render_report(ctx)
     assert "<script" not in html
-    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2 + 1 + 3 + 1  # title twice, source, a caption's alt, aria-label and caption, card
+    assert (
+        html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2 + 1 + 3 + 1
+    )  # title twice, source, a caption's alt, aria-label and caption, card
     assert "aria-label='enlarge true negative: a&#39;b&#34;.jpeg'" in html  # a quote cannot close the attribute
 
 
@@ -61,8 +76,12 @@ def test_the_operating_point_and_the_model_card_read_the_description(tmp_path):
     html = render_report(_context(tmp_path))
     assert "policy: youden." in html and "Temperature 1.250." in html
     card = model_card(_description(), {"n": 10, "n_positive": 6, "sensitivity": 0.5}, "data/test")
-    assert card["Model details"].startswith("pneumoscope classifier: efficientnet_lite0 backbone") and "input 224 px" in card["Model details"]
-    assert "Training stage: frozen backbone, head only." in card["Model details"] and "Threshold 0.5000 chosen by youden." in card["Metrics"]
+    assert (
+        card["Model details"].startswith("pneumoscope classifier: efficientnet_lite0 backbone") and "input 224 px" in card["Model details"]
+    )
+    assert (
+        "Training stage: frozen backbone, head only." in card["Model details"] and "Threshold 0.5000 chosen by youden." in card["Metrics"]
+    )
     assert "recalibrated" not in card["Metrics"] and "unknown (? layout)" in card["Training data"]
 
 
@@ -71,21 +90,55 @@ def _summary_context(tmp_path, *, val_specificity=0.956, val_ci=(0.91, 0.98)):
     from pneumoscope.metrics.clinical import DROP_RULE, compare_with_validation
 
     ctx = _context(tmp_path)
-    test = {"n": 624, "n_positive": 390, "threshold": 0.5, "prevalence": 0.625, "sensitivity": 0.97, "specificity": 0.564, "ppv": 0.788,
-            "balanced_accuracy": 0.767, "roc_auc": 0.93,
-            "ci95": {"sensitivity": [0.95, 0.98], "specificity": [0.50, 0.63], "ppv": [0.75, 0.82], "roc_auc": [0.91, 0.95]},
-            "not_assessable": {"n": 7, "guard": 6, "screen": 2, "note": ""}}  # fmt: skip
-    val = {"n": 523, "threshold": 0.5, "prevalence": 0.74, "sensitivity": 0.96, "specificity": val_specificity, "ppv": 0.98,
-           "balanced_accuracy": 0.958, "roc_auc": 0.99, "ci95": {"sensitivity": [0.94, 0.98], "specificity": list(val_ci), "roc_auc": [0.98, 1.0]}}  # fmt: skip
+    test = {
+        "n": 624,
+        "n_positive": 390,
+        "threshold": 0.5,
+        "prevalence": 0.625,
+        "sensitivity": 0.97,
+        "specificity": 0.564,
+        "ppv": 0.788,
+        "balanced_accuracy": 0.767,
+        "roc_auc": 0.93,
+        "ci95": {"sensitivity": [0.95, 0.98], "specificity": [0.50, 0.63], "ppv": [0.75, 0.82], "roc_auc": [0.91, 0.95]},
+        "not_assessable": {"n": 7, "guard": 6, "screen": 2, "note": ""},
+    }
+    val = {
+        "n": 523,
+        "threshold": 0.5,
+        "prevalence": 0.74,
+        "sensitivity": 0.96,
+        "specificity": val_specificity,
+        "ppv": 0.98,
+        "balanced_accuracy": 0.958,
+        "roc_auc": 0.99,
+        "ci95": {"sensitivity": [0.94, 0.98], "specificity": list(val_ci), "roc_auc": [0.98, 1.0]},
+    }
     ctx["metrics"] = test
     ctx["summary"] = {"rows": compare_with_validation(val, test), "validation": val, "rule": DROP_RULE}
-    ctx["site_shift"] = {"shift_detected": True, "verdict": "The site's images differ from the training images.", "mmd": {"mmd2": 0.01, "p_value": 0.002},
-                         "domain_auc": 0.71, "prevalence": {"predicted_positive_rate": 0.7, "mixture": 0.4, "bbse": 0.5, "em": 0.45},
-                         "validation_prevalence": 0.74, "ood_fraction": 0.01}  # fmt: skip
-    ctx["shortcut_audit"] = {"n": 624, "method": "gradcam", "border_fraction": 0.1, "central_box": [0.15, 0.85, 0.2, 0.8], "central_area_fraction": 0.42,
-                             "mean_delta_border_masked": 0.05, "mean_abs_delta_border_masked": 0.16, "mean_delta_centre_masked": 0.02,
-                             "mean_abs_delta_centre_masked": 0.15, "mean_cam_outside_centre": 0.45, "shortcut_suspected": True,
-                             "verdict": "The decision leans on the image border: masking ..."}  # fmt: skip
+    ctx["site_shift"] = {
+        "shift_detected": True,
+        "verdict": "The site's images differ from the training images.",
+        "mmd": {"mmd2": 0.01, "p_value": 0.002},
+        "domain_auc": 0.71,
+        "prevalence": {"predicted_positive_rate": 0.7, "mixture": 0.4, "bbse": 0.5, "em": 0.45},
+        "validation_prevalence": 0.74,
+        "ood_fraction": 0.01,
+    }
+    ctx["shortcut_audit"] = {
+        "n": 624,
+        "method": "gradcam",
+        "border_fraction": 0.1,
+        "central_box": [0.15, 0.85, 0.2, 0.8],
+        "central_area_fraction": 0.42,
+        "mean_delta_border_masked": 0.05,
+        "mean_abs_delta_border_masked": 0.16,
+        "mean_delta_centre_masked": 0.02,
+        "mean_abs_delta_centre_masked": 0.15,
+        "mean_cam_outside_centre": 0.45,
+        "shortcut_suspected": True,
+        "verdict": "The decision leans on the image border: masking ...",
+    }
     ctx["notes"] = ["3 of these images were used to adapt the model."]
     return ctx
 
@@ -114,7 +167,10 @@ def test_summary_comes_first_with_test_figures_validation_beside_them_and_the_dr
     assert "it also follows the prevalence, 0.740 on validation and 0.625 here" in text
     assert "<th>validation</th><th>test</th>" in table and table.count("class='drop'") == 3
     assert "Site shift: The site's images differ from the training images." in text
-    assert "Not assessable: 7 of 624 images would get no label in use (6 flagged by the out-of-distribution guard, 2 by the image screen)" in text
+    assert (
+        "Not assessable: 7 of 624 images would get no label in use (6 flagged by the out-of-distribution guard, 2 by the image screen)"
+        in text
+    )
     assert "Shortcut audit: The decision leans on the image border" in text
     assert "3 of these images were used to adapt the model." in text and html.count("3 of these images were used") == 1
 
@@ -126,7 +182,9 @@ def test_summary_says_so_when_nothing_falls_beyond_the_intervals(tmp_path):
     ctx = _summary_context(tmp_path)
     ctx["summary"]["rows"] = [dict(r, drop_flagged=False) for r in ctx["summary"]["rows"]]
     text = _text(render_report(ctx))
-    assert "No figure falls from validation to the test images by more than the 95% intervals explain." in text and "falls from 0." not in text
+    assert (
+        "No figure falls from validation to the test images by more than the 95% intervals explain." in text and "falls from 0." not in text
+    )
     ctx["summary"]["validation"] = None
     assert "The run records no validation figures" in _text(render_report(ctx))
 
@@ -176,8 +234,9 @@ def test_shortcut_verdict_names_the_border_when_it_moves_the_decision():
     assert "masking the chest centre by 0.152" in sentence and "about as much as" in sentence
     leans, sentence = shortcut_verdict({**base, "mean_abs_delta_border_masked": 0.02, "mean_abs_delta_centre_masked": 0.20})
     assert not leans and sentence.startswith("No sign of a border shortcut")
-    leans, sentence = shortcut_verdict({**base, "mean_abs_delta_border_masked": 0.02, "mean_abs_delta_centre_masked": 0.20,
-                                        "mean_cam_outside_centre": 0.80})  # fmt: skip
+    leans, sentence = shortcut_verdict(
+        {**base, "mean_abs_delta_border_masked": 0.02, "mean_abs_delta_centre_masked": 0.20, "mean_cam_outside_centre": 0.80}
+    )
     assert leans and "80% of their mass outside the centre, which covers 58% of the image" in sentence
     leans, sentence = shortcut_verdict({**base, "mean_abs_delta_border_masked": 0.005, "mean_abs_delta_centre_masked": 0.004})
     assert not leans and sentence.startswith("Inconclusive")

@@ -13,8 +13,15 @@ import pytest
 
 from pneumoscope.cli.main import main
 
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium() -> str:
@@ -52,7 +59,9 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
             page.screenshot(path=str(tmp_path / "report_zoomed.png"))
             first.click()
             closed = first.bounding_box()
-            toc = page.evaluate("() => Array.from(document.querySelectorAll('nav.toc a')).map(a => !!document.querySelector(a.getAttribute('href')))")
+            toc = page.evaluate(
+                "() => Array.from(document.querySelectorAll('nav.toc a')).map(a => !!document.querySelector(a.getAttribute('href')))"
+            )
             # issue 20: the summary first, and the page fits a phone: no sideways scrolling, the main blocks seen and apart
             ARTIFACTS.mkdir(exist_ok=True)
             laid_out = {}
@@ -85,10 +94,24 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
 
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots kept for people to look at (ignored by git)
-KEY_ELEMENTS = {"model served": "#model", "drop zone": "#drop", "notice": "#notice", "worklist": "#worklist", "verdict": "#verdict",
-                "radiograph": "#base", "heatmap": "#stack", "colour bar": "#colorbar"}  # fmt: skip
+KEY_ELEMENTS = {
+    "model served": "#model",
+    "drop zone": "#drop",
+    "notice": "#notice",
+    "worklist": "#worklist",
+    "verdict": "#verdict",
+    "radiograph": "#base",
+    "heatmap": "#stack",
+    "colour bar": "#colorbar",
+}
 NOT_ASSESSABLE_ELEMENTS = {k: v for k, v in KEY_ELEMENTS.items() if k not in ("heatmap", "colour bar")}
-REPORT_BLOCKS = {"summary": "#summary", "contents": "nav.toc", "metrics table": "#metrics-table", "figures": "#figures", "gallery": ".gallery"}
+REPORT_BLOCKS = {
+    "summary": "#summary",
+    "contents": "nav.toc",
+    "metrics table": "#metrics-table",
+    "figures": "#figures",
+    "gallery": ".gallery",
+}
 
 # For each element: is it there, inside the page's width, and is its centre what a click there would hit
 # (not covered by another element)? Its box in page coordinates, for the overlap check.
@@ -269,8 +292,10 @@ def test_web_page_worklist_seen_at_desktop_and_phone_widths(small_real_run, tmp_
     # issue 20: the refusal's reason on the status line (it said only "1 could not be read"), no empty bar on an error
     assert status.startswith(f"{len(uploads) - 1} of {len(uploads)} analysed; 1 could not be read: {notes.name}: "), status
     assert "not a readable image" in status and status.endswith(error_text), (status, error_text)
-    assert big_status == (f"0 of 1 analysed; 1 could not be read: {big.name} is {36 * 2**20:,} bytes; the limit is {20 * 2**20:,} bytes "
-                          "per request. Send a smaller file."), big_status  # fmt: skip
+    assert big_status == (
+        f"0 of 1 analysed; 1 could not be read: {big.name} is {36 * 2**20:,} bytes; the limit is {20 * 2**20:,} bytes "
+        "per request. Send a smaller file."
+    ), big_status
     assert "not a readable image" in error_text and not error_views and not error_meter and not phone_error_meter
     # the model served is named: its run, backbone and threshold
     assert model_named == f"Model: {small_real_run.name} (efficientnet_lite0) · threshold {predictor.threshold:.3f}", model_named

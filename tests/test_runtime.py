@@ -39,8 +39,10 @@ def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
 
 
 def test_thread_settings_are_set_before_torch_starts_and_the_users_win():
-    code = ("import os; from pneumoscope.runtime import configure_cpu_threads; n = configure_cpu_threads(); import torch; "
-            "print(n, os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())")  # fmt: skip
+    code = (
+        "import os; from pneumoscope.runtime import configure_cpu_threads; n = configure_cpu_threads(); import torch; "
+        "print(n, os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == out[1] == out[3] == str(runtime.available_cpus()) and out[2] == "PASSIVE"
@@ -84,7 +86,7 @@ def test_a_worker_dies_with_its_parent_even_after_kill_9(tmp_path):
         "from pneumoscope.runtime import die_with_parent\n"
         "def child():\n    die_with_parent()\n    time.sleep(600)\n"
         "if __name__ == '__main__':\n    mp.get_context('fork').Process(target=child).start()\n    print('started', flush=True)\n    time.sleep(600)\n"
-    )  # fmt: skip
+    )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline().strip() == "started"
@@ -99,8 +101,10 @@ def test_a_worker_dies_with_its_parent_even_after_kill_9(tmp_path):
 
 def test_building_the_parser_imports_neither_torch_nor_grad_cam():
     """`pneumoscope --help` and `--version` answer at once: choices come from light modules (benchmarks/bench_startup.py times it)."""
-    code = ("import sys; from pneumoscope.cli.main import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'pytorch_grad_cam', 'sklearn', 'timm', 'lightning', 'onnxruntime') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys; from pneumoscope.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'pytorch_grad_cam', 'sklearn', 'timm', 'lightning', 'onnxruntime') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
     for argv in (["--help"], ["--version"], ["train", "--help"], ["explain", "--help"]):

@@ -29,7 +29,9 @@ def _distinct(folder) -> int:
     """How many different images (by their bytes) lie under ``folder``."""
     import hashlib
 
-    return len({hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in (".jpeg", ".jpg")})
+    return len(
+        {hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in (".jpeg", ".jpg")}
+    )
 
 
 def test_shift_on_the_official_test_images_says_the_threshold_may_not_hold(run, capsys):

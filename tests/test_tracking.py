@@ -16,9 +16,9 @@ from PIL import Image
 
 from pneumoscope.cli.main import build_parser, main
 from pneumoscope.models.classifier import Head
-from pneumoscope.training.tracking import LOGGERS, describe_logs, training_loggers
 from pneumoscope.training.config import load_train_config
 from pneumoscope.training.head import fit_head
+from pneumoscope.training.tracking import LOGGERS, describe_logs, training_loggers
 from tests.conftest import PROB_ATOL, make_kaggle_tree, synthetic_xray
 
 COMMON = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--accelerator", "cpu", "--workers", "0"]
@@ -126,10 +126,9 @@ def test_fit_head_logs_every_epoch_through_lightning_loggers(name, tmp_path):
 
 
 def test_an_mlflow_run_that_fails_is_marked_failed(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with training_loggers("mlflow", tmp_path / "logs", run_name="killed") as logs:
-            logs.head[1].log_metrics({"head/val_loss": 1.0}, step=1)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), training_loggers("mlflow", tmp_path / "logs", run_name="killed") as logs:
+        logs.head[1].log_metrics({"head/val_loss": 1.0}, step=1)
+        raise KeyboardInterrupt
     _, (run,) = _mlflow_runs(f"sqlite:///{tmp_path}/logs/mlflow.db")
     assert run.info.status == "FAILED"
 
@@ -159,11 +158,16 @@ def test_train_logs_both_stages_to_tensorboard(small_tree, tmp_path):
     hparams, metric_names = _tensorboard_hparams(run / "logs" / "tensorboard")
     assert hparams["epochs"] == 3 and hparams["finetune/epochs"] == 2 and hparams["logger"] == "tensorboard" and hparams["out"] == str(run)
     val, description = json.loads((run / "metrics.json").read_text()), json.loads((run / "checkpoint.json").read_text())
-    final = {"val/roc_auc": val["roc_auc"], "val/sensitivity": val["sensitivity"], "val/specificity": val["specificity"],
-             "val/threshold": description["threshold"], "val/temperature": description["temperature"],
-             "head/best_epoch": description["training"]["best_epoch"],
-             "head/best_val_loss": head[description["training"]["best_epoch"] - 1]["val_loss"],
-             "finetune/best_val_auc": description["training"]["finetune"]["best_val_auc"]}  # fmt: skip
+    final = {
+        "val/roc_auc": val["roc_auc"],
+        "val/sensitivity": val["sensitivity"],
+        "val/specificity": val["specificity"],
+        "val/threshold": description["threshold"],
+        "val/temperature": description["temperature"],
+        "head/best_epoch": description["training"]["best_epoch"],
+        "head/best_val_loss": head[description["training"]["best_epoch"] - 1]["val_loss"],
+        "finetune/best_val_auc": description["training"]["finetune"]["best_val_auc"],
+    }
     assert set(final) <= set(metric_names)
     for tag, value in final.items():
         assert logged[tag] == [(0, pytest.approx(value, rel=1e-6))], tag
@@ -356,8 +360,11 @@ def test_csv_is_the_default_and_writes_no_other_logs(small_tree, tmp_path):
     run = tmp_path / "run"
     assert main(["-q", "train", str(small_tree), "--out", str(run), *COMMON]) == 0
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["head"]
-    _assert_logged({t: [(int(r["step"]), float(r[t])) for r in csv.DictReader(open(run / "logs" / "head" / "metrics.csv"))] for t in HEAD_TAGS},
-                   HEAD_TAGS, _history(run / "history.csv"))  # fmt: skip
+    _assert_logged(
+        {t: [(int(r["step"]), float(r[t])) for r in csv.DictReader(open(run / "logs" / "head" / "metrics.csv"))] for t in HEAD_TAGS},
+        HEAD_TAGS,
+        _history(run / "history.csv"),
+    )
 
 
 def test_logger_setting_is_checked_in_the_config_and_the_command_line(tmp_path):

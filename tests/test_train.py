@@ -24,7 +24,9 @@ def test_head_learns_separable_features_and_restores_best_epoch():
     assert len(history) == best + 5
     prob = predict_head(head, xv)
     with torch.no_grad():
-        loss = torch.nn.functional.binary_cross_entropy(torch.as_tensor(prob, dtype=torch.float32), torch.as_tensor(yv, dtype=torch.float32))
+        loss = torch.nn.functional.binary_cross_entropy(
+            torch.as_tensor(prob, dtype=torch.float32), torch.as_tensor(yv, dtype=torch.float32)
+        )
     assert float(loss) == pytest.approx(history[best - 1]["val_loss"], rel=1e-4)  # best weights were restored
     assert ((prob >= 0.5) == yv).mean() > 0.9
 
@@ -61,8 +63,20 @@ def test_an_ensemble_trains_one_head_per_member_and_ships_as_one_checkpoint_and_
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)
     run, onnx = tmp_path / "run", tmp_path / "model.onnx"
-    flags = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8",
-             "--set", "head_folds=1"]  # one head per member (the default's five folds would stack five such pairs)
+    flags = [
+        "--pretrained",
+        "none",
+        "--epochs",
+        "3",
+        "--val-fraction",
+        "0.3",
+        "--workers",
+        "0",
+        "--set",
+        "hidden=8",
+        "--set",
+        "head_folds=1",
+    ]  # one head per member (the default's five folds would stack five such pairs)
     assert main(["-q", "train", str(data), "--out", str(run), "--backbone", "efficientnet_lite0+2", *flags]) == 0
     desc = json.loads((run / "checkpoint.json").read_text())
     assert desc["backbone"] == "efficientnet_lite0+2"
@@ -93,7 +107,7 @@ def test_patient_folds_keep_each_patient_in_one_fold_and_both_classes_in_every_f
     patients = [f"p{i // 3}" for i in range(300)]  # 100 patients, 3 images each
     labels = np.array([int(int(p[1:]) % 4 != 0) for p in patients])  # a quarter of the patients normal
     folds = patient_folds(patients, labels, 5, seed=1)
-    assert all(len({f for p2, f in zip(patients, folds) if p2 == p}) == 1 for p in set(patients))
+    assert all(len({f for p2, f in zip(patients, folds, strict=True) if p2 == p}) == 1 for p in set(patients))
     counts = [(folds == k).sum() for k in range(5)]
     assert max(counts) - min(counts) <= 3 and all(set(labels[folds == k]) == {0, 1} for k in range(5))
     assert (patient_folds(patients, labels, 5, seed=1) == folds).all() and not (patient_folds(patients, labels, 5, seed=2) == folds).all()
@@ -110,14 +124,29 @@ def test_cross_fitted_heads_ship_their_mean_and_set_the_threshold_on_every_image
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)
     run = tmp_path / "run"
-    flags = ["--pretrained", "none", "--epochs", "3", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8", "--set", "head_folds=3"]
+    flags = [
+        "--pretrained",
+        "none",
+        "--epochs",
+        "3",
+        "--val-fraction",
+        "0.3",
+        "--workers",
+        "0",
+        "--set",
+        "hidden=8",
+        "--set",
+        "head_folds=3",
+    ]
     assert main(["-q", "train", str(data), "--out", str(run), *flags]) == 0
     desc = json.loads((run / "checkpoint.json").read_text())
     assert desc["head"]["hidden"] == 24  # three heads of 8
     assert "out-of-fold logits of all" in desc["threshold_policy"] and "3 cross-fitted heads" in desc["threshold_policy"]
     assert desc["metrics"]["val"]["n"] == 48  # every train and validation image ((10 + 2) patients x 2 classes x 2 images)
     predictor = Predictor.from_checkpoint(run)
-    assert 0 < predictor.threshold < 1 and np.isfinite(predictor.predict_proba([predictor.read(next((data / "test").rglob("*.jpeg")))])).all()
+    assert (
+        0 < predictor.threshold < 1 and np.isfinite(predictor.predict_proba([predictor.read(next((data / "test").rglob("*.jpeg")))])).all()
+    )
     from pneumoscope.training.config import TrainConfig
 
     assert TrainConfig().head_folds == 5 and TrainConfig(finetune={"epochs": 1}).head_folds == 1  # stage 2 refits on one validation split
@@ -132,8 +161,28 @@ def test_a_class_with_fewer_patients_than_folds_gets_fewer_folds(tmp_path, caplo
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=1, test=False)  # 1 + 2 (val folder) patients of each class
     with caplog.at_level(logging.WARNING, logger="pneumoscope"):
-        assert main(["-q", "train", str(data), "--out", str(tmp_path / "run"), "--pretrained", "none", "--epochs", "2", "--val-fraction", "0.4",
-                     "--workers", "0", "--set", "hidden=8"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "-q",
+                    "train",
+                    str(data),
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--pretrained",
+                    "none",
+                    "--epochs",
+                    "2",
+                    "--val-fraction",
+                    "0.4",
+                    "--workers",
+                    "0",
+                    "--set",
+                    "hidden=8",
+                ]
+            )
+            == 0
+        )
     assert caplog.text.count("only 3 patients; cross-fitting 3 heads") == 1  # said once
     desc = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert desc["head"]["hidden"] == 24 and "3 cross-fitted heads" in desc["threshold_policy"]
@@ -148,7 +197,20 @@ def test_an_ensemble_backbone_with_cross_fitted_heads_averages_the_packed_heads(
     from tests.conftest import make_kaggle_tree
 
     data = make_kaggle_tree(tmp_path / "data", n_patients=10)
-    flags = ["--pretrained", "none", "--epochs", "2", "--val-fraction", "0.3", "--workers", "0", "--set", "hidden=8", "--set", "head_folds=2"]
+    flags = [
+        "--pretrained",
+        "none",
+        "--epochs",
+        "2",
+        "--val-fraction",
+        "0.3",
+        "--workers",
+        "0",
+        "--set",
+        "hidden=8",
+        "--set",
+        "head_folds=2",
+    ]
     assert main(["-q", "train", str(data), "--out", str(tmp_path / "run"), "--backbone", "efficientnet_lite0+2", *flags]) == 0
     desc = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert desc["head"]["hidden"] == 32 and "2 cross-fitted heads" in desc["threshold_policy"]  # 2 folds x 2 members x 8

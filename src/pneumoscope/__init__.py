@@ -1,8 +1,8 @@
 """pneumoscope: chest X-ray PNEUMONIA vs NORMAL classifiers. Research software, not a medical device.
 
-    import pneumoscope
-    model = pneumoscope.load("runs/demo/run")   # a run folder, checkpoint or .onnx export
-    model.predict("chest.jpeg").prob            # also uint8/uint16/float arrays, PIL images, pydicom datasets, lists
+import pneumoscope
+model = pneumoscope.load("runs/demo/run")   # a run folder, checkpoint or .onnx export
+model.predict("chest.jpeg").prob            # also uint8/uint16/float arrays, PIL images, pydicom datasets, lists
 """
 
 from .errors import PneumoscopeError  # light: no torch, nothing heavy

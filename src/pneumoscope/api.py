@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import MissingFileError, UsageError
 from .data.decode import describe_input
+from .errors import MissingFileError, UsageError
 from .inference.predictor import Prediction, Predictor, input_name
 
 
@@ -49,8 +49,10 @@ class CamMap:
     def __repr__(self) -> str:
         p = self.prediction
         prob = "None" if p.prob is None else f"{p.prob:.4f}"
-        return (f"CamMap(target={self.target!r}, method={self.method!r}, shape={self.shape}, "
-                f"prediction=(path={p.path!r}, prob={prob}, label={p.label!r}))")  # fmt: skip
+        return (
+            f"CamMap(target={self.target!r}, method={self.method!r}, shape={self.shape}, "
+            f"prediction=(path={p.path!r}, prob={prob}, label={p.label!r}))"
+        )
 
     def overlay(self, alpha: float = 0.45):
         """The map as a heatmap over the view, as the web page and ``pneumoscope explain`` draw it.
@@ -98,8 +100,10 @@ class Model:
     def __repr__(self) -> str:
         d = self.predictor.description
         where = f", source={self.source!r}" if self.source else ""
-        return (f"Model(backbone={d.backbone!r}, backend={self.predictor.backend.name!r}, classes={self.class_names}, "
-                f"threshold={self.threshold:.4f}, input_size={self.input_size}{where})")  # fmt: skip
+        return (
+            f"Model(backbone={d.backbone!r}, backend={self.predictor.backend.name!r}, classes={self.class_names}, "
+            f"threshold={self.threshold:.4f}, input_size={self.input_size}{where})"
+        )
 
     @property
     def threshold(self) -> float:
@@ -163,7 +167,7 @@ class Model:
         images = [self.predictor.read_input(item, input_name(item, i)) for i, item in enumerate(items)]
         preds = self.predictor.predict_images(images, [describe_input(item) for item in items])
         views, cams, classes = views_and_cams(self.predictor, images, probs=[p.prob for p in preds], target=target, method=method)
-        maps = [CamMap(p, view, cam, self.class_names[c], method) for p, view, cam, c in zip(preds, views, cams, classes)]
+        maps = [CamMap(p, view, cam, self.class_names[c], method) for p, view, cam, c in zip(preds, views, cams, classes, strict=True)]
         return maps[0] if one else maps
 
 

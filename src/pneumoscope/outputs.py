@@ -10,8 +10,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import PneumoscopeError
 
@@ -75,8 +75,14 @@ def naming_path(err: OSError, path: Path) -> OSError:
 
 # errno -> (what happened, the fix): one line instead of a traceback
 _OS_ERRORS = {
-    errno.ENOSPC: ("no space left on the device", "free space there, or write to another disk (--out; --cache-dir or $PNEUMOSCOPE_CACHE for the cache)"),
-    errno.EDQUOT: ("disk quota exceeded", "free space there, or write to another disk (--out; --cache-dir or $PNEUMOSCOPE_CACHE for the cache)"),
+    errno.ENOSPC: (
+        "no space left on the device",
+        "free space there, or write to another disk (--out; --cache-dir or $PNEUMOSCOPE_CACHE for the cache)",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded",
+        "free space there, or write to another disk (--out; --cache-dir or $PNEUMOSCOPE_CACHE for the cache)",
+    ),
     errno.EROFS: ("the file system is read-only", "write somewhere writable (--out; --cache-dir or $PNEUMOSCOPE_CACHE for the cache)"),
     errno.EACCES: ("permission denied", "write somewhere you may write, or fix the permissions"),
     errno.EPERM: ("operation not permitted", "write somewhere you may write, or fix the permissions"),

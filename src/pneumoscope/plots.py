@@ -64,7 +64,7 @@ def plot_confusion_matrix(cm: dict[str, int], class_names, path, *, title: str =
         text.set_fontsize(12)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_yticks([0, 1], [f"{c}\n(n = {n})" for c, n in zip(class_names, rows[:, 0])])
+    ax.set_yticks([0, 1], [f"{c}\n(n = {n})" for c, n in zip(class_names, rows[:, 0], strict=True)])
     ax.set_title((title + "\n" if title else "") + "count and % of the true class (row)", fontsize=10)
     cbar = fig.colorbar(disp.im_, ax=ax, fraction=0.046)
     cbar.set_label("share of the row")
@@ -72,24 +72,44 @@ def plot_confusion_matrix(cm: dict[str, int], class_names, path, *, title: str =
 
 
 def plot_roc(
-    curve: dict, path, *, auc: float | None, operating_point: tuple[float, float] | None = None, threshold: float | None = None,
-    band: dict | None = None, auc_ci: list[float] | None = None,
-) -> None:  # fmt: skip
+    curve: dict,
+    path,
+    *,
+    auc: float | None,
+    operating_point: tuple[float, float] | None = None,
+    threshold: float | None = None,
+    band: dict | None = None,
+    auc_ci: list[float] | None = None,
+) -> None:
     """ROC curve with an optional bootstrap band (:func:`~pneumoscope.metrics.compute_roc_band`);
     ``operating_point`` is (1 - specificity, sensitivity) at ``threshold``, which is written beside it."""
     from sklearn.metrics import RocCurveDisplay
 
     fig, ax = _subplots(figsize=(5, 4.8))
     if band is not None:
-        ax.fill_between(band["fpr"], band["tpr_lower"], band["tpr_upper"], step="post", color="C0", alpha=0.2, lw=0,
-                        label=f"{band['confidence']:.0%} band, patient bootstrap ({band['n_resamples']} resamples)")  # fmt: skip
+        ax.fill_between(
+            band["fpr"],
+            band["tpr_lower"],
+            band["tpr_upper"],
+            step="post",
+            color="C0",
+            alpha=0.2,
+            lw=0,
+            label=f"{band['confidence']:.0%} band, patient bootstrap ({band['n_resamples']} resamples)",
+        )
     name = "ROC" if auc is None else f"ROC (AUC {auc:.3f}" + (f", 95% CI {auc_ci[0]:.3f}-{auc_ci[1]:.3f})" if auc_ci else ")")
     RocCurveDisplay(fpr=curve["fpr"], tpr=curve["tpr"]).plot(ax=ax, name=name)
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
     if operating_point is not None and threshold is not None:
         x, y = operating_point
-        ax.annotate(f"threshold {threshold:.3f}\nsensitivity {y:.2f}\nspecificity {1 - x:.2f}", (x, y), xytext=(x + 0.12, y - 0.28),
-                    fontsize=9, arrowprops={"arrowstyle": "-", "color": "crimson"}, bbox={"boxstyle": "round", "fc": "white", "ec": "crimson"})  # fmt: skip
+        ax.annotate(
+            f"threshold {threshold:.3f}\nsensitivity {y:.2f}\nspecificity {1 - x:.2f}",
+            (x, y),
+            xytext=(x + 0.12, y - 0.28),
+            fontsize=9,
+            arrowprops={"arrowstyle": "-", "color": "crimson"},
+            bbox={"boxstyle": "round", "fc": "white", "ec": "crimson"},
+        )
     _finish_unit_axes(ax, operating_point, "1 - specificity (false positive rate)", "sensitivity (true positive rate)", "lower right")
     ax.set_title("ROC curve")
     _save(fig, path)
@@ -112,7 +132,7 @@ def plot_image_grid(images: list[np.ndarray], titles: list[str], path, *, cols: 
     fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, title in zip(axes.flat, images, titles):
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=8)
     _save(fig, path)
@@ -150,15 +170,29 @@ def plot_cam(image: np.ndarray, overlay: np.ndarray, path, *, title: str, true_l
 
 
 def plot_pr(
-    precision: np.ndarray, recall: np.ndarray, path, *, ap: float | None, prevalence: float, operating_point: tuple[float, float] | None = None,
-    band: dict | None = None, ap_ci: list[float] | None = None,
-) -> None:  # fmt: skip
+    precision: np.ndarray,
+    recall: np.ndarray,
+    path,
+    *,
+    ap: float | None,
+    prevalence: float,
+    operating_point: tuple[float, float] | None = None,
+    band: dict | None = None,
+    ap_ci: list[float] | None = None,
+) -> None:
     """Precision-recall curve with an optional bootstrap band (:func:`~pneumoscope.metrics.compute_pr_band`);
     ``operating_point`` is (sensitivity, PPV) at the threshold."""
     fig, ax = _subplots(figsize=(5, 4.8))
     if band is not None:
-        ax.fill_between(band["recall"], band["precision_lower"], band["precision_upper"], color="C0", alpha=0.2, lw=0,
-                        label=f"{band['confidence']:.0%} band, patient bootstrap ({band['n_resamples']} resamples)")  # fmt: skip
+        ax.fill_between(
+            band["recall"],
+            band["precision_lower"],
+            band["precision_upper"],
+            color="C0",
+            alpha=0.2,
+            lw=0,
+            label=f"{band['confidence']:.0%} band, patient bootstrap ({band['n_resamples']} resamples)",
+        )
     name = "PR" if ap is None else f"PR (AP {ap:.3f}" + (f", 95% CI {ap_ci[0]:.3f}-{ap_ci[1]:.3f})" if ap_ci else ")")
     ax.plot(recall, precision, color="C0", drawstyle="steps-post", label=name)
     ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance: prevalence {prevalence:.2f}")
@@ -187,8 +221,18 @@ def plot_reliability(reliability: dict, path, *, ece: float, brier: float, ece_b
     CalibrationDisplay(rel["observed"], rel["mean_predicted"], None).plot(ax=ax, name=name, color="C0")
     yerr = np.vstack([rel["observed"] - rel["observed_lower"], rel["observed_upper"] - rel["observed"]])  # (2, n_bins)
     xerr = np.vstack([rel["mean_predicted"] - rel["edges"][:, 0], rel["edges"][:, 1] - rel["mean_predicted"]])
-    ax.errorbar(rel["mean_predicted"], rel["observed"], yerr=yerr, xerr=xerr, fmt="none", ecolor="C0", elinewidth=1, capsize=2,
-                alpha=0.6, label=f"{rel['confidence']:.0%} Wilson interval; bin's span of predictions")  # fmt: skip
+    ax.errorbar(
+        rel["mean_predicted"],
+        rel["observed"],
+        yerr=yerr,
+        xerr=xerr,
+        fmt="none",
+        ecolor="C0",
+        elinewidth=1,
+        capsize=2,
+        alpha=0.6,
+        label=f"{rel['confidence']:.0%} Wilson interval; bin's span of predictions",
+    )
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal" if histogram is None else "auto")

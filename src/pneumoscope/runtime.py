@@ -113,6 +113,7 @@ def is_launched_rank() -> bool:
 
 # --------------------------------------------------------------------------- CPUs this process can use
 
+
 def available_cpus() -> int:
     """CPUs this process may actually run on: its affinity mask, capped by a cgroup CPU quota.
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import discovery as data_mod
-from ..models.checkpoint import save_derived_run
 from ..choices import ADAPT_METHODS
-from ..models.description import RunDescription
+from ..data import discovery as data_mod
 from ..errors import UsageError
-from ..models.features import extract_features
 from ..inference.predictor import Predictor
+from ..models.checkpoint import save_derived_run
+from ..models.description import RunDescription
+from ..models.features import extract_features
 from .assess import assess_site
 from .shift import MIN_SITE_IMAGES, prior_shift_offset
 
@@ -70,9 +70,16 @@ def shift_report(run: str | os.PathLike, site: str | os.PathLike, *, cache_dir=N
 
 
 def adapt_run(
-    run: str | os.PathLike, site: str | os.PathLike, out: str | os.PathLike, *, method: str = ADAPT_METHODS[0],
-    overwrite: bool = False, cache_dir=None, progress: bool = True, seed: int = 0,
-) -> tuple[Path, RunDescription]:  # fmt: skip
+    run: str | os.PathLike,
+    site: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = ADAPT_METHODS[0],
+    overwrite: bool = False,
+    cache_dir=None,
+    progress: bool = True,
+    seed: int = 0,
+) -> tuple[Path, RunDescription]:
     """The ``pneumoscope adapt`` command: a new run adapted to a site's unlabelled images;
     returns its folder and description.
 
@@ -110,8 +117,11 @@ def adapt_run(
         # the guard now sees adapted features; its cut-off admits the site's own 99% (never tighter than validation's)
         site_cut = float(np.quantile(model.ood.distance_np(adapted), 0.99))
         model.ood.cutoff.fill_(max(float(model.ood.cutoff), site_cut))
-        ood = replace(ood, cutoff=float(model.ood.cutoff),
-                      cutoff_rule=f"{ood.cutoff_rule or ''}; after adaptation, at least the 0.99 quantile of the site's adapted distances")  # fmt: skip
+        ood = replace(
+            ood,
+            cutoff=float(model.ood.cutoff),
+            cutoff_rule=f"{ood.cutoff_rule or ''}; after adaptation, at least the 0.99 quantile of the site's adapted distances",
+        )
     after = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
     threshold, offset = predictor.threshold, 0.0
     if method.endswith("+prior"):
@@ -128,19 +138,38 @@ def adapt_run(
         threshold_policy=f"{predictor.description.threshold_policy}; carried to the site by unlabelled adaptation ({method})",
         ood=ood,
         adaptation={
-            "method": method, "data": str(Path(site).absolute()), "n": len(site_feats.records), "date": time.strftime("%Y-%m-%d"),
-            "labels_used": False, "estimated_prevalence": after["prevalence"]["mixture"], "prior_logit_offset": offset,
-            "previous_threshold": predictor.threshold, "shift_before": _brief(before), "shift_after": _brief(after),
-            "image_sha256": sorted(r.content_hash for r in site_feats.records), "skipped": len(site_feats.problems),
+            "method": method,
+            "data": str(Path(site).absolute()),
+            "n": len(site_feats.records),
+            "date": time.strftime("%Y-%m-%d"),
+            "labels_used": False,
+            "estimated_prevalence": after["prevalence"]["mixture"],
+            "prior_logit_offset": offset,
+            "previous_threshold": predictor.threshold,
+            "shift_before": _brief(before),
+            "shift_after": _brief(after),
+            "image_sha256": sorted(r.content_hash for r in site_feats.records),
+            "skipped": len(site_feats.problems),
         },
-    )  # fmt: skip
+    )
     save_derived_run(run, out, model, description, overwrite=overwrite)
-    logger.debug("adapted to %d site images (%s): domain AUC %.3f -> %.3f, estimated prevalence %.3f, threshold %.4f (was %.4f)",
-                len(site_feats.records), method, before["domain_auc"], after["domain_auc"], after["prevalence"]["mixture"],
-                threshold, predictor.threshold)  # fmt: skip
+    logger.debug(
+        "adapted to %d site images (%s): domain AUC %.3f -> %.3f, estimated prevalence %.3f, threshold %.4f (was %.4f)",
+        len(site_feats.records),
+        method,
+        before["domain_auc"],
+        after["domain_auc"],
+        after["prevalence"]["mixture"],
+        threshold,
+        predictor.threshold,
+    )
     return Path(out), description
 
 
 def _brief(report: dict) -> dict:
-    return {"mmd_p_value": report["mmd"]["p_value"], "domain_auc": report["domain_auc"], "prevalence": report["prevalence"],
-            "ood_fraction": report["ood_fraction"]}  # fmt: skip
+    return {
+        "mmd_p_value": report["mmd"]["p_value"],
+        "domain_auc": report["domain_auc"],
+        "prevalence": report["prevalence"],
+        "ood_fraction": report["ood_fraction"],
+    }

@@ -35,6 +35,15 @@ def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 
     if model.ood is not None:
         ood = float((model.ood.distance_np(adapted) > predictor.ood_cutoff).mean())
     detected, verdict = shift_verdict(mmd, domain_auc, prevalence, val_prevalence=val_prev, ood_fraction=ood)
-    return {"n": int(len(site_features)), "shift_detected": detected, "verdict": verdict, "mmd": mmd, "domain_auc": domain_auc,
-            "prevalence": prevalence, "validation_prevalence": val_prev, "ood_fraction": ood, "threshold": predictor.threshold,
-            "adapted": not model.adapter.is_identity}  # fmt: skip
+    return {
+        "n": int(len(site_features)),
+        "shift_detected": detected,
+        "verdict": verdict,
+        "mmd": mmd,
+        "domain_auc": domain_auc,
+        "prevalence": prevalence,
+        "validation_prevalence": val_prev,
+        "ood_fraction": ood,
+        "threshold": predictor.threshold,
+        "adapted": not model.adapter.is_identity,
+    }

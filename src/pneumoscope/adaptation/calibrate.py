@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..data import discovery as data_mod
-from ..models.checkpoint import save_derived_run
-from ..models.description import RunDescription
+from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.operating_point import fit_operating_point
+from ..models.checkpoint import save_derived_run
+from ..models.description import RunDescription
 from ..outputs import check_output_dir
-from ..inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,16 @@ SITE_WEIGHT = 10.0  # one labelled site image counts as this many training image
 REFIT_FOLDS = 5
 
 
-def refit_head(model, site_features: np.ndarray, site_y: np.ndarray, *, site_weight: float = SITE_WEIGHT, steps: int = 150,
-               lr: float = 1e-3, seed: int = 0):  # fmt: skip
+def refit_head(
+    model,
+    site_features: np.ndarray,
+    site_y: np.ndarray,
+    *,
+    site_weight: float = SITE_WEIGHT,
+    steps: int = 150,
+    lr: float = 1e-3,
+    seed: int = 0,
+):
     """A copy of the head trained on the run's labelled training sample plus a few labelled site images.
 
     Starts from the trained head; full-batch Adam on class-balanced BCE in which each site
@@ -83,16 +91,27 @@ def cross_fitted_logits(model, features: np.ndarray, y: np.ndarray, groups: list
 
 
 def calibrate_run(
-    run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "val", policy: str = "youden",
-    target: float | None = None, refit: bool = False, overwrite: bool = False, cache_dir=None, progress: bool = True,
-) -> tuple[Path, RunDescription]:  # fmt: skip
+    run: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str = "val",
+    policy: str = "youden",
+    target: float | None = None,
+    refit: bool = False,
+    overwrite: bool = False,
+    cache_dir=None,
+    progress: bool = True,
+) -> tuple[Path, RunDescription]:
     """The ``pneumoscope calibrate`` command: a new run with a site-fitted temperature and threshold,
     and with ``refit`` a head refitted on the labelled site images beside the training sample.
     Returns the new run's folder and description."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     if refit and predictor.model.adapter is None:
-        raise data_mod.DataError(f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again.")
+        raise data_mod.DataError(
+            f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again."
+        )
     dataset = data_mod.load_dataset(data)
     predictor.check_dataset(dataset)
     scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
@@ -113,8 +132,14 @@ def calibrate_run(
         model.head = refit_head(model, feats.features, y)
     point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
     metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
-    method = (f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
-              f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits") if refit else "temperature and threshold"  # fmt: skip
+    method = (
+        (
+            f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
+            f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits"
+        )
+        if refit
+        else "temperature and threshold"
+    )
     description = replace(
         predictor.description,
         source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
@@ -122,12 +147,25 @@ def calibrate_run(
         threshold=point.threshold,
         threshold_policy=point.description,
         calibration={
-            "method": method, "data": str(Path(data).absolute()), "split": split, "n": int(len(y)), "n_positive": int(y.sum()),
-            "date": time.strftime("%Y-%m-%d"), "previous_threshold": predictor.threshold, "previous_temperature": predictor.temperature,
-            "image_sha256": sorted(r.content_hash for r in kept), "metrics_on_sample": metrics, "skipped": len(scanned.problems) + len(feats.problems),
+            "method": method,
+            "data": str(Path(data).absolute()),
+            "split": split,
+            "n": int(len(y)),
+            "n_positive": int(y.sum()),
+            "date": time.strftime("%Y-%m-%d"),
+            "previous_threshold": predictor.threshold,
+            "previous_temperature": predictor.temperature,
+            "image_sha256": sorted(r.content_hash for r in kept),
+            "metrics_on_sample": metrics,
+            "skipped": len(scanned.problems) + len(feats.problems),
         },
-    )  # fmt: skip
+    )
     save_derived_run(run, out, model, description, overwrite=overwrite)
-    logger.debug("calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)", len(y), point.temperature, point.threshold,
-                predictor.threshold)
+    logger.debug(
+        "calibrated on %d images: temperature %.3f, threshold %.4f (was %.4f)",
+        len(y),
+        point.temperature,
+        point.threshold,
+        predictor.threshold,
+    )
     return Path(out), description

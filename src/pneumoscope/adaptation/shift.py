@@ -128,16 +128,24 @@ def shift_verdict(mmd: dict, domain_auc: float, prevalence: dict, *, val_prevale
     detected = mmd["p_value"] < SHIFT_ALPHA
     parts = []
     if not detected:
-        parts.append(f"No set-level shift detected (MMD p = {mmd['p_value']:.3g}, domain AUC {domain_auc:.2f}): the operating point "
-                     "chosen on validation may hold here, but only a labelled local sample can confirm it.")  # fmt: skip
+        parts.append(
+            f"No set-level shift detected (MMD p = {mmd['p_value']:.3g}, domain AUC {domain_auc:.2f}): the operating point "
+            "chosen on validation may hold here, but only a labelled local sample can confirm it."
+        )
     else:
         size = "small" if domain_auc < SMALL_SHIFT_AUC else "clear"
-        parts.append(f"The site's images differ from the training images ({size} shift: MMD p = {mmd['p_value']:.3g}, "
-                     f"a classifier tells them apart with AUC {domain_auc:.2f}). The threshold chosen on validation is unlikely to "
-                     "hold here: run `pneumoscope adapt` on these unlabelled images, or `pneumoscope calibrate` with about 40 "
-                     "labelled local images.")  # fmt: skip
-    parts.append(f"Estimated pneumonia prevalence {prevalence['mixture']:.2f} (validation {val_prevalence:.2f}); predicted positive "
-                 f"rate {prevalence['predicted_positive_rate']:.2f}.")  # fmt: skip
+        parts.append(
+            f"The site's images differ from the training images ({size} shift: MMD p = {mmd['p_value']:.3g}, "
+            f"a classifier tells them apart with AUC {domain_auc:.2f}). The threshold chosen on validation is unlikely to "
+            "hold here: run `pneumoscope adapt` on these unlabelled images, or `pneumoscope calibrate` with about 40 "
+            "labelled local images."
+        )
+    parts.append(
+        f"Estimated pneumonia prevalence {prevalence['mixture']:.2f} (validation {val_prevalence:.2f}); predicted positive "
+        f"rate {prevalence['predicted_positive_rate']:.2f}."
+    )
     if ood_fraction is not None and ood_fraction > 0.05:
-        parts.append(f"{100 * ood_fraction:.0f}% of the images are flagged out of distribution one by one: check that they are frontal chest radiographs.")
+        parts.append(
+            f"{100 * ood_fraction:.0f}% of the images are flagged out of distribution one by one: check that they are frontal chest radiographs."
+        )
     return detected, " ".join(parts)

@@ -35,7 +35,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML file of training settings (TrainConfig field names)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set finetune.lr=3e-5 (or finetune_lr=3e-5)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set finetune.lr=3e-5 (or finetune_lr=3e-5)",
+    )
     p.add_argument("--backbone", choices=sorted(BACKBONES), default=S, help="default efficientnet_lite0")
     p.add_argument("--pretrained", choices=PRETRAINED, default=S, help="ImageNet weights or random initialisation")
     p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
@@ -51,20 +57,25 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unfreeze", choices=UNFREEZE, default=S, help="stage 2: the top layers (default) or the whole backbone")
     p.add_argument("--finetune-lr", type=float, default=S, help="stage 2 AdamW learning rate for the backbone (head 10x; default 1e-4)")
     a = p.add_mutually_exclusive_group()
-    a.add_argument("--augment", metavar="PRESET", default=S,
-                   help=f"stage 2 augmentation: {', '.join(PRESETS)} (see BENCHMARKS.md)")
+    a.add_argument("--augment", metavar="PRESET", default=S, help=f"stage 2 augmentation: {', '.join(PRESETS)} (see BENCHMARKS.md)")
     a.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=S, help="stage 2 without augmentation")
     p.add_argument("--devices", default=S, help="stage 2: devices per node (an integer, or auto)")
     p.add_argument("--num-nodes", type=int, default=S, help="stage 2: machines (default 1)")
     p.add_argument("--accelerator", default=S, help="stage 2: auto, cpu, gpu")
-    p.add_argument("--logger", choices=list(LOGGERS), default=S,
-                   help="training logs of both stages in RUN/logs: csv (default; always written), or tensorboard or mlflow beside it")
+    p.add_argument(
+        "--logger",
+        choices=list(LOGGERS),
+        default=S,
+        help="training logs of both stages in RUN/logs: csv (default; always written), or tensorboard or mlflow beside it",
+    )
     _add_policy_args(p, default=S)
 
 
 def _add_policy_args(p: argparse.ArgumentParser, default=None) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-sensitivity", type=float, default=default, help="threshold: the highest reaching this sensitivity (default: Youden's J)")
+    g.add_argument(
+        "--target-sensitivity", type=float, default=default, help="threshold: the highest reaching this sensitivity (default: Youden's J)"
+    )
     g.add_argument("--target-specificity", type=float, default=default, help="threshold: the lowest reaching this specificity")
 
 
@@ -111,13 +122,17 @@ def format_summary(s: dict) -> str:
         pts = "-" if sp["patients"] is None else sp["patients"]
         mx = "-" if sp["max_images_per_patient"] is None else sp["max_images_per_patient"]
         types = ", ".join(f"{k} {v}" for k, v in sp["pneumonia_types"].items())
-        lines.append(f"{name:<6} {sp['images']:>7} {c['NORMAL']:>7} {c['PNEUMONIA']:>7} {100 * sp['positive_fraction']:>5.1f}% {pts:>9} {mx:>7}  {types}")
+        lines.append(
+            f"{name:<6} {sp['images']:>7} {c['NORMAL']:>7} {c['PNEUMONIA']:>7} {100 * sp['positive_fraction']:>5.1f}% {pts:>9} {mx:>7}  {types}"
+        )
     lk = s["leakage"]
     if lk["patients_in_several_splits"] is None:
         lines.append(f"leakage check: {lk['note']}")
     else:
-        lines.append(f"leakage check: {'OK' if lk['ok'] else 'FAILED'}: {len(lk['patients_in_several_splits'])} patients in several splits, "
-                     f"{len(lk['duplicates_across_splits'])} identical images across splits")  # fmt: skip
+        lines.append(
+            f"leakage check: {'OK' if lk['ok'] else 'FAILED'}: {len(lk['patients_in_several_splits'])} patients in several splits, "
+            f"{len(lk['duplicates_across_splits'])} identical images across splits"
+        )
     lines.append(f"duplicate images (same bytes): {lk['duplicate_images']} images in {lk['duplicate_groups']} groups")
     if s["patient_id_from_file_stem"]:
         lines.append(f"patient id not in file name (file stem used): {s['patient_id_from_file_stem']} images")
@@ -137,7 +152,9 @@ def cmd_train(args) -> int:
     if args.seeds:
         from ..training.pipeline import train_seeds
 
-        summary = train_seeds(args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume, progress=args.progress)
+        summary = train_seeds(
+            args.data, args.out, _config(args), args.seeds, overwrite=args.overwrite, resume=args.resume, progress=args.progress
+        )
         if summary is None:
             return EXIT_OK  # a launched distributed rank
         for key, stats in summary["val"].items():
@@ -163,8 +180,17 @@ def cmd_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate_run
 
     out, result = evaluate_run(
-        args.run, args.data, args.out, split=args.split, limit=args.limit, overwrite=args.overwrite, cache_dir=args.cache_dir, n_boot=args.bootstraps,
-        audit_shortcuts=args.audit, tta=args.tta, progress=args.progress,
+        args.run,
+        args.data,
+        args.out,
+        split=args.split,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        n_boot=args.bootstraps,
+        audit_shortcuts=args.audit,
+        tta=args.tta,
+        progress=args.progress,
     )
     print(format_metrics(result.metrics) + f"\nwritten to {out} (report: {out / 'report.html'})")
     return _exit_status(len(result.problems))
@@ -183,9 +209,9 @@ def format_metrics(m: dict) -> str:
 
 
 def cmd_export(args) -> int:
+    from ..data.decode import read_image
     from ..errors import UsageError
     from ..inference.export import export_onnx
-    from ..data.decode import read_image
     from ..inference.predictor import expand_inputs
 
     images = None
@@ -210,11 +236,23 @@ def cmd_calibrate(args) -> int:
     from ..adaptation.calibrate import calibrate_run
 
     policy, target = _policy(args)
-    out, desc = calibrate_run(args.run, args.data, args.out, split=args.split, policy=policy, target=target, refit=args.refit_head,
-                              overwrite=args.overwrite, cache_dir=args.cache_dir, progress=args.progress)  # fmt: skip
+    out, desc = calibrate_run(
+        args.run,
+        args.data,
+        args.out,
+        split=args.split,
+        policy=policy,
+        target=target,
+        refit=args.refit_head,
+        overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        progress=args.progress,
+    )
     c = desc.calibration
-    print(f"calibrated on {c['n']} images: temperature {desc.temperature:.3f}, threshold {desc.threshold:.4f} "
-          f"(was {c['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
+    print(
+        f"calibrated on {c['n']} images: temperature {desc.temperature:.3f}, threshold {desc.threshold:.4f} "
+        f"(was {c['previous_threshold']:.4f}); new run in {out}"
+    )
     return _exit_status(c["skipped"])
 
 
@@ -229,25 +267,37 @@ def cmd_shift(args) -> int:
         print(json.dumps(report, indent=2, allow_nan=False))
         return _exit_status(report["skipped"])
     prev = report["prevalence"]
-    print(f"{report['n']} site images vs the training split of {args.run}\n"
-          f"  two-sample test: MMD² {report['mmd']['mmd2']:.4f}, permutation p = {report['mmd']['p_value']:.3g}\n"
-          f"  domain classifier AUC (0.5: indistinguishable): {report['domain_auc']:.3f}\n"
-          f"  predicted positive rate {prev['predicted_positive_rate']:.3f}; estimated prevalence {prev['mixture']:.3f} (mixture of the "
-          f"site's logits), {_fmt(prev['bbse'])} (BBSE), {prev['em']:.3f} (EM); validation prevalence {report['validation_prevalence']:.3f}\n"
-          f"  out-of-distribution one by one: {_fmt(report['ood_fraction'])}\n"
-          f"verdict: {report['verdict']}")  # fmt: skip
+    print(
+        f"{report['n']} site images vs the training split of {args.run}\n"
+        f"  two-sample test: MMD² {report['mmd']['mmd2']:.4f}, permutation p = {report['mmd']['p_value']:.3g}\n"
+        f"  domain classifier AUC (0.5: indistinguishable): {report['domain_auc']:.3f}\n"
+        f"  predicted positive rate {prev['predicted_positive_rate']:.3f}; estimated prevalence {prev['mixture']:.3f} (mixture of the "
+        f"site's logits), {_fmt(prev['bbse'])} (BBSE), {prev['em']:.3f} (EM); validation prevalence {report['validation_prevalence']:.3f}\n"
+        f"  out-of-distribution one by one: {_fmt(report['ood_fraction'])}\n"
+        f"verdict: {report['verdict']}"
+    )
     return _exit_status(report["skipped"])
 
 
 def cmd_adapt(args) -> int:
     from ..adaptation.adapt import adapt_run
 
-    out, desc = adapt_run(args.run, args.site, args.out, method=args.method, overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
-                          progress=args.progress)  # fmt: skip
+    out, desc = adapt_run(
+        args.run,
+        args.site,
+        args.out,
+        method=args.method,
+        overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        progress=args.progress,
+    )
     a = desc.adaptation
-    print(f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
-          f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc.threshold:.4f} "
-          f"(was {a['previous_threshold']:.4f}); new run in {out}")  # fmt: skip
+    print(
+        f"adapted to {a['n']} unlabelled images ({a['method']}): domain AUC {a['shift_before']['domain_auc']:.3f} -> "
+        f"{a['shift_after']['domain_auc']:.3f}, estimated prevalence {_fmt(a['estimated_prevalence'])}, threshold {desc.threshold:.4f} "
+        f"(was {a['previous_threshold']:.4f}); new run in {out}"
+    )
     return _exit_status(a["skipped"])
 
 
@@ -255,8 +305,10 @@ def cmd_pack(args) -> int:
     from ..data.pack import pack_dataset
 
     summary = pack_dataset(args.data, args.out, size=args.size, quality=args.quality, overwrite=args.overwrite)
-    print(f"packed {summary['images']} images ({summary['resized']} resized to at most {args.size} px, {summary['stored_as_is']} stored as they "
-          f"were) into {args.out}: {summary['bytes'] / 2**20:.1f} MiB; {len(summary['skipped'])} unreadable files left out")  # fmt: skip
+    print(
+        f"packed {summary['images']} images ({summary['resized']} resized to at most {args.size} px, {summary['stored_as_is']} stored as they "
+        f"were) into {args.out}: {summary['bytes'] / 2**20:.1f} MiB; {len(summary['skipped'])} unreadable files left out"
+    )
     return _exit_status(len(summary["skipped"]))
 
 
@@ -268,9 +320,11 @@ def cmd_compare(args) -> int:
     if args.out:
         write_json(args.out, result)
     d, mc = result["auc_delong"], result["mcnemar"]
-    print(f"n={result['n']}: AUC A {d['auc_a']:.4f} vs B {d['auc_b']:.4f}, difference {d['difference']:+.4f} "
-          f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], DeLong p = {d['p_value']:.4g}\n"
-          f"decisions: only A correct {mc['only_a_correct']}, only B correct {mc['only_b_correct']}, McNemar p = {mc['p_value']:.4g}")  # fmt: skip
+    print(
+        f"n={result['n']}: AUC A {d['auc_a']:.4f} vs B {d['auc_b']:.4f}, difference {d['difference']:+.4f} "
+        f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], DeLong p = {d['p_value']:.4g}\n"
+        f"decisions: only A correct {mc['only_a_correct']}, only B correct {mc['only_b_correct']}, McNemar p = {mc['p_value']:.4g}"
+    )
     return 0
 
 
@@ -280,24 +334,32 @@ def _fmt(v) -> str:
 
 def cmd_explain(args) -> int:
     from ..explain.command import explain_images
-    from ..outputs import check_output_dir
     from ..inference.predictor import Predictor
+    from ..outputs import check_output_dir
 
     check_output_dir(args.out, args.overwrite)  # before the model loads
     results = explain_images(
-        Predictor.from_checkpoint(args.run), args.images, args.out, target=args.target, method=args.method, checks=args.checks, overwrite=args.overwrite,
+        Predictor.from_checkpoint(args.run),
+        args.images,
+        args.out,
+        target=args.target,
+        method=args.method,
+        checks=args.checks,
+        overwrite=args.overwrite,
         progress=args.progress,
     )
     print(f"{len(results)} explanations written to {args.out}")
     written = json.loads((Path(args.out) / "explanations.json").read_text())
     summary = written["checks"]
     if summary:
-        print(f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} for the most "
-              f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
-              f"-> {summary['faithfulness_verdict']}\n"
-              f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
-              f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
-              f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}")  # fmt: skip
+        print(
+            f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} for the most "
+            f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
+            f"-> {summary['faithfulness_verdict']}\n"
+            f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
+            f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
+            f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}"
+        )
     if written["skipped"]:
         print(f"{len(written['skipped'])} unreadable inputs skipped (listed in explanations.json)", file=sys.stderr)
     return _exit_status(len(written["skipped"]))
@@ -348,10 +410,14 @@ def cmd_demo(args) -> int:
         logger.info("explaining %d test images: %s", len(cases), ", ".join(f"{n} {kind}{'s' * (n > 1)}" for kind, n in counts.items()))
         explain_images(Predictor.from_checkpoint(run), [result.paths[i] for _, i in cases], out / "explain", progress=args.progress)
     m = result.metrics
-    print(f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
-          f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on the training data, never on test)")  # fmt: skip
-    print(f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (report.html, metrics.json, confusion_matrix.png, roc_curve.png)"
-          + (", explain/ (Grad-CAM overlays)" if (out / "explain").exists() else ""))  # fmt: skip
+    print(
+        f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "
+        f"specificity={_fmt(m['specificity'])} (threshold {m['threshold']:.3f}, chosen on the training data, never on test)"
+    )
+    print(
+        f"results in {out}/: run/ (checkpoint, history.png, samples.png), eval/ (report.html, metrics.json, confusion_matrix.png, roc_curve.png)"
+        + (", explain/ (Grad-CAM overlays)" if (out / "explain").exists() else "")
+    )
     return _exit_status(skipped + len(result.problems))
 
 
@@ -366,7 +432,9 @@ def _loudness(parser: argparse.ArgumentParser, default) -> None:
     """-q/-v on ``parser``. Each command takes them too (default SUPPRESS there, so one given before the command stays)."""
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only, no progress bars")
-    loud.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages, and other libraries' INFO messages too")
+    loud.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug messages, and other libraries' INFO messages too"
+    )
 
 
 def _command(sub, name: str, help: str, *examples: str) -> argparse.ArgumentParser:
@@ -374,7 +442,9 @@ def _command(sub, name: str, help: str, *examples: str) -> argparse.ArgumentPars
     common = argparse.ArgumentParser(add_help=False)
     _loudness(common, argparse.SUPPRESS)
     epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
-    return sub.add_parser(name, help=help, description=help, epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name, help=help, description=help, epilog=epilog, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _lists_commands(parser: argparse.ArgumentParser):
@@ -399,11 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ..data.discovery import CLASS_NAMES
 
     parser = argparse.ArgumentParser(
-        prog="pneumoscope", description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.",
+        prog="pneumoscope",
+        description="Chest X-ray PNEUMONIA vs NORMAL: train, evaluate, explain, predict.",
         epilog="examples:\n  pneumoscope train ../shared/data/chest_xray --out runs/a\n  pneumoscope predict runs/a chest.jpeg\n"
-               "run `pneumoscope COMMAND --help` for a command's options and examples",
+        "run `pneumoscope COMMAND --help` for a command's options and examples",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
     _loudness(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -412,17 +483,28 @@ def build_parser() -> argparse.ArgumentParser:
     data_parser = _command(sub, "data", "dataset tools: data inspect", "pneumoscope data inspect ../shared/data/chest_xray")
     data = data_parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data_parser.set_defaults(func=_lists_commands(data_parser))
-    p = _command(data, "inspect", "counts, patients, leakage check, unreadable files",
-                 "pneumoscope data inspect ../shared/data/chest_xray", "pneumoscope data inspect data.zip --json > summary.json")  # fmt: skip
+    p = _command(
+        data,
+        "inspect",
+        "counts, patients, leakage check, unreadable files",
+        "pneumoscope data inspect ../shared/data/chest_xray",
+        "pneumoscope data inspect data.zip --json > summary.json",
+    )
     p.add_argument("data", metavar="DATA", help=DATA)
     p.add_argument("--json", action="store_true", help="print the summary as JSON (every unreadable file listed)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train patients held out for validation, as train cuts it (default 0.1)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of train patients held out for validation, as train cuts it (default 0.1)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of that cut, as train's --seed (default 0)")
     p.set_defaults(func=cmd_inspect)
 
-    p = _command(sub, "train", "train a model (frozen backbone, cached features, head with early stopping)",
-                 "pneumoscope train ../shared/data/chest_xray --out runs/a",
-                 "pneumoscope train data.zip --out runs/b --backbone resnet50 --target-sensitivity 0.95")  # fmt: skip
+    p = _command(
+        sub,
+        "train",
+        "train a model (frozen backbone, cached features, head with early stopping)",
+        "pneumoscope train ../shared/data/chest_xray --out runs/a",
+        "pneumoscope train data.zip --out runs/b --backbone resnet50 --target-sensitivity 0.95",
+    )
     p.add_argument("data", metavar="DATA", help=DATA)
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -431,8 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = _command(sub, "evaluate", "metrics, predictions and figures on labelled data",
-                 "pneumoscope evaluate runs/a ../shared/data/chest_xray --out runs/a-eval")  # fmt: skip
+    p = _command(
+        sub,
+        "evaluate",
+        "metrics, predictions and figures on labelled data",
+        "pneumoscope evaluate runs/a ../shared/data/chest_xray --out runs/a-eval",
+    )
     p.add_argument("run", metavar="RUN", help=RUN)
     p.add_argument("data", metavar="DATA", help=DATA + " (labelled)")
     p.add_argument("--out", required=True, help="folder to write: report.html, metrics.json, predictions.csv, figures")
@@ -445,14 +531,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help=CACHE_DIR)
     p.set_defaults(func=cmd_evaluate)
 
-    p = _command(sub, "calibrate", "refit temperature and threshold on a labelled local sample; writes a new run",
-                 "pneumoscope calibrate runs/a site_labelled/ --out runs/a-site --target-sensitivity 0.95")  # fmt: skip
+    p = _command(
+        sub,
+        "calibrate",
+        "refit temperature and threshold on a labelled local sample; writes a new run",
+        "pneumoscope calibrate runs/a site_labelled/ --out runs/a-site --target-sensitivity 0.95",
+    )
     p.add_argument("run", metavar="RUN", help=RUN)
     p.add_argument("data", metavar="DATA", help="labelled local images (folder of class folders, Kaggle root, .zip or .npz)")
     p.add_argument("--out", required=True, help="new run folder")
     p.add_argument("--split", default="val", help="split of a Kaggle root or npz to calibrate on (a folder of class folders is used whole)")
-    p.add_argument("--refit-head", action="store_true",
-                   help="also refit the head on these images beside the run's training sample (temperature and threshold then cross-fitted)")
+    p.add_argument(
+        "--refit-head",
+        action="store_true",
+        help="also refit the head on these images beside the run's training sample (temperature and threshold then cross-fitted)",
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.add_argument("--cache-dir", help=CACHE_DIR)
     _add_policy_args(p)
@@ -461,25 +554,49 @@ def build_parser() -> argparse.ArgumentParser:
     def site_command(name: str, help: str, func, out_help: str, out_required: bool, example: str):
         p = _command(sub, name, help, example)
         p.add_argument("run", metavar="RUN", help=RUN)
-        p.add_argument("site", metavar="SITE_IMAGES", help="folder or .zip of the site's images, searched recursively; folder names are not read as labels")
+        p.add_argument(
+            "site",
+            metavar="SITE_IMAGES",
+            help="folder or .zip of the site's images, searched recursively; folder names are not read as labels",
+        )
         p.add_argument("--out", required=out_required, help=out_help)
         p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
         p.add_argument("--cache-dir", help=CACHE_DIR)
         p.set_defaults(func=func)
         return p
 
-    p = site_command("shift", "does a site's set of images differ from the training split? two-sample test, prevalence, verdict",
-                     cmd_shift, "also write the report as JSON", False, "pneumoscope shift runs/a site_images/ --out shift.json")  # fmt: skip
+    p = site_command(
+        "shift",
+        "does a site's set of images differ from the training split? two-sample test, prevalence, verdict",
+        cmd_shift,
+        "also write the report as JSON",
+        False,
+        "pneumoscope shift runs/a site_images/ --out shift.json",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p = site_command("adapt", "adapt a run to a site's unlabelled images; writes a new run", cmd_adapt, "new run folder", True,
-                     "pneumoscope adapt runs/a site_images/ --out runs/a-adapted")  # fmt: skip
-    p.add_argument("--method", default=ADAPT_METHODS[0], choices=ADAPT_METHODS,
-                   help="center: feature means moved to the training split's; standardize: means and sds; +prior: probabilities moved "
-                        "to the site's estimated prevalence (default center+prior)")
+    p = site_command(
+        "adapt",
+        "adapt a run to a site's unlabelled images; writes a new run",
+        cmd_adapt,
+        "new run folder",
+        True,
+        "pneumoscope adapt runs/a site_images/ --out runs/a-adapted",
+    )
+    p.add_argument(
+        "--method",
+        default=ADAPT_METHODS[0],
+        choices=ADAPT_METHODS,
+        help="center: feature means moved to the training split's; standardize: means and sds; +prior: probabilities moved "
+        "to the site's estimated prevalence (default center+prior)",
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
 
-    p = _command(sub, "pack", "write a dataset as one compact .zip (images squashed to at most SIZE px) that train reads directly",
-                 "pneumoscope pack ../shared/data/chest_xray --out chest_xray.zip")  # fmt: skip
+    p = _command(
+        sub,
+        "pack",
+        "write a dataset as one compact .zip (images squashed to at most SIZE px) that train reads directly",
+        "pneumoscope pack ../shared/data/chest_xray --out chest_xray.zip",
+    )
     p.add_argument("data", metavar="DATA", help=DATA)
     p.add_argument("--out", required=True, help="the .zip to write")
     p.add_argument("--size", type=int, default=256, help="largest side kept (default 256); smaller images are stored byte for byte")
@@ -487,25 +604,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_pack)
 
-    p = _command(sub, "export", "ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check",
-                 "pneumoscope export runs/a --out model.onnx --check-images ../shared/data/chest_xray/val")  # fmt: skip
+    p = _command(
+        sub,
+        "export",
+        "ONNX export (preprocessing, threshold, OOD guard in its metadata) with a parity check",
+        "pneumoscope export runs/a --out model.onnx --check-images ../shared/data/chest_xray/val",
+    )
     p.add_argument("run", metavar="RUN", help=RUN)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--check-images", nargs="*", help="images or folders for the parity check (default: 4 generated images)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_export)
 
-    p = _command(sub, "serve", "web page and JSON API (POST /predict, POST /predict/batch, GET /health)",
-                 "pneumoscope serve runs/a", "pneumoscope serve model.onnx --port 8080")  # fmt: skip
+    p = _command(
+        sub,
+        "serve",
+        "web page and JSON API (POST /predict, POST /predict/batch, GET /health)",
+        "pneumoscope serve runs/a",
+        "pneumoscope serve model.onnx --port 8080",
+    )
     p.add_argument("run", metavar="RUN_OR_ONNX", help=RUN_OR_ONNX[:-1] + "; no heatmaps with ONNX)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1-65535 (default 8000)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="a name clients may use in the Host header besides the bound address and localhost (repeatable)")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name clients may use in the Host header besides the bound address and localhost (repeatable)",
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = _command(sub, "compare", "paired comparison of two evaluations of the same images (DeLong, McNemar)",
-                 "pneumoscope compare runs/a-eval runs/b-eval --out a-vs-b.json")  # fmt: skip
+    p = _command(
+        sub,
+        "compare",
+        "paired comparison of two evaluations of the same images (DeLong, McNemar)",
+        "pneumoscope compare runs/a-eval runs/b-eval --out a-vs-b.json",
+    )
     p.add_argument("eval_a", metavar="EVAL_A", help="evaluation folder made by `pneumoscope evaluate` (its predictions.csv is read)")
     p.add_argument("eval_b", metavar="EVAL_B", help="another, of the same images")
     p.add_argument("--out", help="write the result as JSON")
@@ -515,15 +650,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help=RUN)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--out", required=True, help="folder to write: one overlay PNG per image and explanations.json")
-    p.add_argument("--target", default="predicted", choices=["predicted", *(c.lower() for c in CLASS_NAMES)],
-                   help="class to explain (default: the class decided at the model's threshold)")
+    p.add_argument(
+        "--target",
+        default="predicted",
+        choices=["predicted", *(c.lower() for c in CLASS_NAMES)],
+        help="class to explain (default: the class decided at the model's threshold)",
+    )
     p.add_argument("--method", default="gradcam", choices=list(CAM_METHOD_CLASSES), help="CAM method (default gradcam)")
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_explain)
 
-    p = _command(sub, "predict", "probability, label, threshold and OOD flag per image",
-                 "pneumoscope predict runs/a chest.jpeg", "pneumoscope predict model.onnx xrays/ archive.zip --out rows.csv")  # fmt: skip
+    p = _command(
+        sub,
+        "predict",
+        "probability, label, threshold and OOD flag per image",
+        "pneumoscope predict runs/a chest.jpeg",
+        "pneumoscope predict model.onnx xrays/ archive.zip --out rows.csv",
+    )
     p.add_argument("run", metavar="RUN_OR_ONNX", help=RUN_OR_ONNX)
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR_OR_ZIP", help="image files, folders (searched recursively) or .zip archives")
     p.add_argument("--from-list", metavar="FILE", help="a text file of such paths, one a line (# comments and blank lines skipped)")
@@ -536,8 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
     p.set_defaults(func=cmd_predict)
 
-    p = _command(sub, "demo", "train -> evaluate -> explain on DATA, $PNEUMOSCOPE_DATA, or downloaded PneumoniaMNIST",
-                 "pneumoscope demo --data ../shared/data/chest_xray", "pneumoscope demo --epochs 20")  # fmt: skip
+    p = _command(
+        sub,
+        "demo",
+        "train -> evaluate -> explain on DATA, $PNEUMOSCOPE_DATA, or downloaded PneumoniaMNIST",
+        "pneumoscope demo --data ../shared/data/chest_xray",
+        "pneumoscope demo --epochs 20",
+    )
     p.add_argument("--data", help=DATA + " (default: $PNEUMOSCOPE_DATA, else PneumoniaMNIST, downloaded once)")
     p.add_argument("--out", help="results folder (default runs/demo-<time>)")
     _add_train_args(p)
@@ -589,8 +738,10 @@ def error_line(err: Exception, model_file: str | None = None) -> str:
     if isinstance(err, OSError):
         return describe_os_error(err)
     if isinstance(err, MemoryError) or _is_torch_out_of_memory(err):
-        return ("out of memory. Fix: a smaller --batch-size or --limit; if a checkpoint was edited, check its "
-                "preprocessing input_size (224 to 260 for the registered backbones)")  # fmt: skip
+        return (
+            "out of memory. Fix: a smaller --batch-size or --limit; if a checkpoint was edited, check its "
+            "preprocessing input_size (224 to 260 for the registered backbones)"
+        )
     if isinstance(err, PneumoscopeError):
         return " ".join(str(err).split())
     logger.error("unexpected error (a bug: please report it with this traceback)", exc_info=err)

@@ -37,8 +37,10 @@ class AugmentConfig:
         for name, value in asdict(self).items():
             parts = value if isinstance(value, (tuple, list)) else (value,)
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in parts):
-                raise UsageError(f"augment setting {name} must be finite numbers, got {value!r} (a NaN would be written to the run as "
-                                 "bare NaN and break every draw)")  # fmt: skip
+                raise UsageError(
+                    f"augment setting {name} must be finite numbers, got {value!r} (a NaN would be written to the run as "
+                    "bare NaN and break every draw)"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,8 +54,17 @@ PRESETS: dict[str, dict | None] = {
     "geometric": {"brightness": 0.0, "contrast": 0.0, "gamma": (1.0, 1.0), "blur_p": 0.0, "noise_p": 0.0, "jpeg_p": 0.0},
     "intensity": {"rotation_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0},
     "default+hflip": {"hflip_p": 0.5},
-    "strong": {"rotation_deg": 12.0, "scale": (0.8, 1.2), "translate": 0.1, "brightness": 0.2, "contrast": 0.3, "gamma": (0.7, 1.4),
-               "blur_p": 0.3, "noise_p": 0.3, "jpeg_p": 0.5},
+    "strong": {
+        "rotation_deg": 12.0,
+        "scale": (0.8, 1.2),
+        "translate": 0.1,
+        "brightness": 0.2,
+        "contrast": 0.3,
+        "gamma": (0.7, 1.4),
+        "blur_p": 0.3,
+        "noise_p": 0.3,
+        "jpeg_p": 0.5,
+    },
 }
 
 
@@ -106,8 +117,15 @@ class Augment:
             img = _jpeg(img, round(uniform(*c.jpeg_quality)))
         shift = [round(uniform(-c.translate, c.translate) * size), round(uniform(-c.translate, c.translate) * size)]
         # fill with the image's mean grey: black wedges at the border would be a new shortcut
-        img = F.affine(img, angle=uniform(-c.rotation_deg, c.rotation_deg), translate=shift, scale=uniform(*c.scale), shear=[0.0, 0.0],
-                       interpolation=v2.InterpolationMode.BILINEAR, fill=[float(img.float().mean())])  # fmt: skip
+        img = F.affine(
+            img,
+            angle=uniform(-c.rotation_deg, c.rotation_deg),
+            translate=shift,
+            scale=uniform(*c.scale),
+            shear=[0.0, 0.0],
+            interpolation=v2.InterpolationMode.BILINEAR,
+            fill=[float(img.float().mean())],
+        )
         x = img.float() / 255.0
         if chance(c.hflip_p):
             x = torch.flip(x, dims=(-1,))

@@ -71,9 +71,13 @@ class Decoded(NamedTuple):
 
 
 def read_many(
-    items: Sequence[T], read: Callable[[T], np.ndarray], *, name: Callable[[T], str] = str,
-    skippable: Callable[[T], bool] | None = None, log: logging.Logger | None = None,
-) -> Decoded:  # fmt: skip
+    items: Sequence[T],
+    read: Callable[[T], np.ndarray],
+    *,
+    name: Callable[[T], str] = str,
+    skippable: Callable[[T], bool] | None = None,
+    log: logging.Logger | None = None,
+) -> Decoded:
     """Decode each item once with ``read(item)``; an item that raises :class:`ImageReadError` is skipped, not fatal.
 
     A skipped item is recorded as (``name(item)``, :attr:`ImageReadError.detail`) and its error
@@ -112,8 +116,17 @@ def not_regular_file(path: str | os.PathLike) -> str:
         return ""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return ""
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
     return f"{kind}, not an image file; only regular files are read. Fix: give the image file itself"
 
 
@@ -130,19 +143,27 @@ def read_file(path: str | os.PathLike) -> bytes:
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            why = not_regular_file(path) or "not a regular file, not an image file; only regular files are read. Fix: give the image file itself"
+            why = (
+                not_regular_file(path)
+                or "not a regular file, not an image file; only regular files are read. Fix: give the image file itself"
+            )
             reason, fix = why.split(". Fix: ", 1)
             raise ImageReadError(path, reason, fix[:1].upper() + fix[1:] + ".")
         limit = MAX_MEMBER_BYTES
         if info.st_size > limit:
-            raise ImageReadError(path, f"file is {info.st_size:,} bytes, over the limit of {limit:,} for one image",
-                                 "Give a smaller image (export it at a lower resolution).")  # fmt: skip
+            raise ImageReadError(
+                path,
+                f"file is {info.st_size:,} bytes, over the limit of {limit:,} for one image",
+                "Give a smaller image (export it at a lower resolution).",
+            )
         try:
             data = fh.read(limit + 1)  # a file that grows while read stops at the bound
         except OSError as err:
             raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the file and the disk.") from err
     if len(data) > limit:
-        raise ImageReadError(path, f"file grew past the limit of {limit:,} bytes while read", "Copy the image somewhere it does not change.")
+        raise ImageReadError(
+            path, f"file grew past the limit of {limit:,} bytes while read", "Copy the image somewhere it does not change."
+        )
     return data
 
 
@@ -164,10 +185,16 @@ def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:
         with archive.open(info) as fh:
             data = fh.read(MAX_MEMBER_BYTES + 1)  # read(n) never returns more than n bytes, whatever the header says
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as err:
-        raise ImageReadError(name, f"cannot be read from the archive ({err})", "Copy the archive again, or unpack it and give the folder.") from err
+        raise ImageReadError(
+            name, f"cannot be read from the archive ({err})", "Copy the archive again, or unpack it and give the folder."
+        ) from err
     if len(data) > MAX_MEMBER_BYTES:
-        raise ImageReadError(name, f"archive member holds more than {MAX_MEMBER_BYTES:,} bytes (the limit) although its header declares "
-                                   f"{info.file_size:,}: a damaged or forged archive", _ZIP_FIX)  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"archive member holds more than {MAX_MEMBER_BYTES:,} bytes (the limit) although its header declares "
+            f"{info.file_size:,}: a damaged or forged archive",
+            _ZIP_FIX,
+        )
     return data
 
 
@@ -175,11 +202,18 @@ def _check_member(info: zipfile.ZipInfo, name: str) -> None:
     """Refuse a member whose header declares too many bytes, or too many for its compressed size (a zip bomb)."""
     size, packed = info.file_size, info.compress_size
     if size > MAX_MEMBER_BYTES:
-        raise ImageReadError(name, f"archive member declares {size:,} bytes uncompressed, over the limit of {MAX_MEMBER_BYTES:,}"
-                                   " (possible zip bomb)", _ZIP_FIX)  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"archive member declares {size:,} bytes uncompressed, over the limit of {MAX_MEMBER_BYTES:,} (possible zip bomb)",
+            _ZIP_FIX,
+        )
     if size >= MIN_RATIO_CHECKED and size > MAX_COMPRESSION_RATIO * packed:
-        raise ImageReadError(name, f"archive member expands {size / max(packed, 1):,.0f}x ({packed:,} -> {size:,} bytes), over the limit"
-                                   f" of {MAX_COMPRESSION_RATIO}x (possible zip bomb)", _ZIP_FIX)  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"archive member expands {size / max(packed, 1):,.0f}x ({packed:,} -> {size:,} bytes), over the limit"
+            f" of {MAX_COMPRESSION_RATIO}x (possible zip bomb)",
+            _ZIP_FIX,
+        )
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -230,14 +264,19 @@ def check_decoded(image: np.ndarray, path: str | os.PathLike, *, given: bool = F
     lo, hi = float(image.min()), float(image.max())
     if lo < 0.0 or hi > 1.0:
         if given:
-            raise ImageReadError(path, f"a float image must lie in [0, 1], its values lie in [{lo:.6g}, {hi:.6g}]",
-                                 "Divide 8-bit values by 255 and 16-bit values by 65535, or pass the uint8/uint16 array itself.")  # fmt: skip
+            raise ImageReadError(
+                path,
+                f"a float image must lie in [0, 1], its values lie in [{lo:.6g}, {hi:.6g}]",
+                "Divide 8-bit values by 255 and 16-bit values by 65535, or pass the uint8/uint16 array itself.",
+            )
         raise RuntimeError(f"{path}: decoder returned values in [{lo}, {hi}], outside [0, 1] (a bug; please report it)")
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-ACCEPTED = ("a path, a PIL image, a pydicom Dataset, or a NumPy array: uint8 (0-255), uint16 (0-65535) or float in [0, 1], "
-            "shaped (H, W) grayscale or (H, W, 3|4) RGB(A)")  # fmt: skip
+ACCEPTED = (
+    "a path, a PIL image, a pydicom Dataset, or a NumPy array: uint8 (0-255), uint16 (0-65535) or float in [0, 1], "
+    "shaped (H, W) grayscale or (H, W, 3|4) RGB(A)"
+)
 
 
 def to_image(x, name: str = "input", *, draft_size: int | None = None) -> np.ndarray:
@@ -259,8 +298,11 @@ def to_image(x, name: str = "input", *, draft_size: int | None = None) -> np.nda
     if _is_dicom_dataset(x):
         return check_decoded(dicom_to_image(x, name), name)
     if isinstance(x, np.ma.MaskedArray):  # np.asarray would drop the mask and read the hidden values as pixels
-        raise ImageReadError(name, f"a masked array {x.shape} is not an image input: its masked pixels have no value",
-                             "Fill them first: x.filled(0) (or the value the masked pixels should have).")  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"a masked array {x.shape} is not an image input: its masked pixels have no value",
+            "Fill them first: x.filled(0) (or the value the masked pixels should have).",
+        )
     if isinstance(x, np.ndarray):
         if x.ndim >= 2:
             _check_pixels(x.shape[0] * x.shape[1], f"{x.shape[1]} x {x.shape[0]}", name)
@@ -271,8 +313,11 @@ def to_image(x, name: str = "input", *, draft_size: int | None = None) -> np.nda
 def _check_pixels(pixels: int, size: str, name: str) -> None:
     """The bound a file read or an upload has, for an image given in memory."""
     if pixels > MAX_PIXELS:
-        raise ImageReadError(name, f"an image of {size} pixels is over the {MAX_PIXELS:,}-pixel limit (as for files and uploads)",
-                             "Downscale it first; the model sees it at a few hundred pixels a side.")  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"an image of {size} pixels is over the {MAX_PIXELS:,}-pixel limit (as for files and uploads)",
+            "Downscale it first; the model sees it at a few hundred pixels a side.",
+        )
 
 
 def describe_input(x) -> str:
@@ -297,9 +342,12 @@ def _is_dicom_dataset(x) -> bool:
 def _array_to_gray(a: np.ndarray, name: str) -> np.ndarray:
     """uint8/uint16/float array, (H, W), (H, W, 1) or (H, W, 3|4) -> (H, W) float; range and NaNs are checked by the caller."""
     if a.dtype not in (np.uint8, np.uint16) and a.dtype.kind != "f":
-        raise ImageReadError(name, f"an array of dtype {a.dtype} is not an image input: expected uint8 (0-255), uint16 (0-65535) or float in [0, 1]",
-                             "Convert it (x.astype(np.uint16) for 16-bit data in a wider integer type; for a 1-bit or palette "
-                             "image pass the PIL image itself).")  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"an array of dtype {a.dtype} is not an image input: expected uint8 (0-255), uint16 (0-65535) or float in [0, 1]",
+            "Convert it (x.astype(np.uint16) for 16-bit data in a wider integer type; for a 1-bit or palette "
+            "image pass the PIL image itself).",
+        )
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if a.ndim == 3 and a.shape[2] in (3, 4):
@@ -310,8 +358,11 @@ def _array_to_gray(a: np.ndarray, name: str) -> np.ndarray:
     elif a.ndim == 2:
         gray = a
     else:
-        raise ImageReadError(name, f"an array of shape {a.shape} is not one image: expected (H, W) grayscale or (H, W, 3|4) RGB(A)",
-                             "Pass one image at a time (a list for several), channels last.")  # fmt: skip
+        raise ImageReadError(
+            name,
+            f"an array of shape {a.shape} is not one image: expected (H, W) grayscale or (H, W, 3|4) RGB(A)",
+            "Pass one image at a time (a list for several), channels last.",
+        )
     if a.dtype == np.uint8:
         return gray.astype(np.float32) / 255.0
     if a.dtype == np.uint16:
@@ -349,9 +400,7 @@ def _read_pillow(path, data: bytes, *, draft_size: int | None, max_pixels: int) 
             path, "not a readable image (unknown format or not an image)", "Remove it or convert it to PNG or JPEG."
         ) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageReadError(
-            path, f"image is corrupt or truncated ({err})", "Re-export or re-download the file, or remove it."
-        ) from err
+        raise ImageReadError(path, f"image is corrupt or truncated ({err})", "Re-export or re-download the file, or remove it.") from err
 
 
 # What pydicom raises for a header value it cannot interpret: a malformed number (ValueError:
@@ -453,7 +502,9 @@ def _check_dicom(ds, path, max_pixels: int) -> str:
         raise ImageReadError(path, f"DICOM holds {frames} frames; one radiograph per file is expected", _DICOM_FIX)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageReadError(path, f"DICOM is colour ({photometric or 'no PhotometricInterpretation'}); chest radiographs are grayscale", _DICOM_FIX)
+        raise ImageReadError(
+            path, f"DICOM is colour ({photometric or 'no PhotometricInterpretation'}); chest radiographs are grayscale", _DICOM_FIX
+        )
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > max_pixels:
         raise ImageReadError(path, f"DICOM is {cols}x{rows}, over the limit of {max_pixels:,} pixels", "Downscale the image or remove it.")
@@ -525,7 +576,8 @@ def _window(x: np.ndarray, centre: float, width: float, function: str, path="") 
     if not (np.isfinite(centre) and np.isfinite(width)) or width < smallest or (width == 0.0):
         rule = ">= 1" if function == "LINEAR" else "> 0"
         raise ImageReadError(
-            path, f"DICOM window is invalid: WindowCenter {centre!r}, WindowWidth {width!r} (must be finite, width {rule} for {function})",
+            path,
+            f"DICOM window is invalid: WindowCenter {centre!r}, WindowWidth {width!r} (must be finite, width {rule} for {function})",
             "Fix the header's WindowCenter/WindowWidth (or remove both to show the full range), or export as PNG.",
         )
     if function == "SIGMOID":

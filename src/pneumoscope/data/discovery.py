@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PneumoscopeError, UsageError
-from .decode import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, read_image, read_zip_member
 from ..runtime import progress_bar
+from .decode import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, read_image, read_zip_member
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Dataset:
     def display(self, record: Record) -> str:
         return self.reader.display(record.ref)
 
-    def subset(self, records: list[Record]) -> "Dataset":
+    def subset(self, records: list[Record]) -> Dataset:
         return Dataset(self.source, self.layout, self.reader, records, list(self.problems), self.ignored_files, list(self.unknown_classes))
 
     @property
@@ -243,8 +243,10 @@ def require_class_folders(root: Path) -> None:
     top = sorted(_subfolders(root, 1000)[0])
     found = ", ".join(f"{n}/" for n in top[:5]) + (f" and {len(top) - 5} more" if len(top) > 5 else "") if top else "no subfolders"
     looked = f"; the look stopped after {LOOK_ENTRIES:,} entries" if budget <= 0 else ""
-    raise DataError(f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within {CLASS_FOLDER_DEPTH} levels (found: {found}{looked}). "
-                    "Fix: point at the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/")  # fmt: skip
+    raise DataError(
+        f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within {CLASS_FOLDER_DEPTH} levels (found: {found}{looked}). "
+        "Fix: point at the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/"
+    )
 
 
 def _subfolders(folder: Path, budget: int) -> tuple[list[str], int]:
@@ -286,12 +288,18 @@ def unique_images(dataset: Dataset, *, labelled: bool) -> Dataset:
             conflicts.append((dataset.display(seen), dataset.display(r)))
     if conflicts:
         a, b = conflicts[0]
-        raise DataError(f"{dataset.source}: {len(conflicts)} images carry both labels (the same bytes as NORMAL and as PNEUMONIA), "
-                        f"e.g. {a} and {b}. Fix: keep each image under its one true label")  # fmt: skip
+        raise DataError(
+            f"{dataset.source}: {len(conflicts)} images carry both labels (the same bytes as NORMAL and as PNEUMONIA), "
+            f"e.g. {a} and {b}. Fix: keep each image under its one true label"
+        )
     kept = [r for r in dataset.records if not r.content_hash or first[r.content_hash] is r]
     if len(kept) < len(dataset.records):
-        logger.warning("%s: %d of %d images are copies of others (the same bytes); each image is counted once",
-                       dataset.source, len(dataset.records) - len(kept), len(dataset.records))  # fmt: skip
+        logger.warning(
+            "%s: %d of %d images are copies of others (the same bytes); each image is counted once",
+            dataset.source,
+            len(dataset.records) - len(kept),
+            len(dataset.records),
+        )
     return dataset.subset(kept)
 
 
@@ -385,17 +393,17 @@ def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:
         split = split or "all"
         pid = parse_patient_id(name.rsplit("/", 1)[-1], label)
         pool = "test" if split == "test" else ("all" if split == "all" else "train")  # val shares train's numbering
-        out.append(
-            Record(name, label, split, f"{pool}/{pid.patient_id}", pid.pneumonia_type, pid.from_name, origin_split=split)
-        )
+        out.append(Record(name, label, split, f"{pool}/{pid.patient_id}", pid.pneumonia_type, pid.from_name, origin_split=split))
     if non_images:
         logger.info("%d non-image files in class folders were ignored, e.g. %s", len(non_images), non_images[0])
     # image folders beside the class folders, e.g. COVID19/ next to NORMAL/: classes we do not know
-    class_parents = {"/".join(name.split("/")[: -2]) for name, _, _ in records}
+    class_parents = {"/".join(name.split("/")[:-2]) for name, _, _ in records}
     unknown = sorted({p[-2] for p in unclassed if "/".join(p[:-2]) in class_parents})
     dataset = Dataset(source, layout, reader, out, ignored_files=ignored, unknown_classes=unknown)
     if unknown:
-        logger.warning("%s: image folders %s are not classes this tool knows (%s); they are ignored", source, unknown, ", ".join(CLASS_NAMES))
+        logger.warning(
+            "%s: image folders %s are not classes this tool knows (%s); they are ignored", source, unknown, ", ".join(CLASS_NAMES)
+        )
     _check_classes(dataset)
     return dataset
 
@@ -420,10 +428,7 @@ def _load_npz(path: Path) -> Dataset:
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: not a readable .npz ({err}). Re-download it.") from err
     if not shapes or any(f"{s}_images" not in keys for s in shapes):
-        raise DataError(
-            f"{path}: expected MedMNIST keys like train_images/train_labels, found {sorted(keys)}. "
-            "Give a PneumoniaMNIST .npz."
-        )
+        raise DataError(f"{path}: expected MedMNIST keys like train_images/train_labels, found {sorted(keys)}. Give a PneumoniaMNIST .npz.")
     records = []
     for split, labels in shapes.items():
         for i, y in enumerate(labels.tolist()):
@@ -446,6 +451,7 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
     Unreadable files are dropped from the returned dataset and listed in its
     ``problems`` with the reason; nothing raises for a single bad file.
     """
+
     def one(record: Record):
         try:
             data = dataset.reader.read_bytes(record.ref)
@@ -488,10 +494,7 @@ def split_by_patient(records: list[Record], *, val_fraction: float = 0.1, seed: 
     for label in sorted(set(patient_label.values())):
         patients = sorted(p for p, y in patient_label.items() if y == label)
         n_val = int(round(val_fraction * len(patients)))
-        if len(patients) >= 2:
-            n_val = min(max(n_val, 1), len(patients) - 1)
-        else:
-            n_val = 0
+        n_val = min(max(n_val, 1), len(patients) - 1) if len(patients) >= 2 else 0
         val_patients.update(rng.permutation(patients)[:n_val].tolist())
     return [r if r.split == "test" else replace(r, split="val" if r.patient_id in val_patients else "train") for r in records]
 
@@ -520,8 +523,8 @@ def limit_per_split(records: list[Record], limit: int, *, seed: int = 0) -> list
             continue
         by_class = [[r for r in rows if r.label == c] for c in range(len(CLASS_NAMES))]
         quota = [int(round(limit * len(c) / len(rows))) for c in by_class]
-        quota = [max(q, 1) if c else 0 for q, c in zip(quota, by_class)]
-        for rows_c, q in zip(by_class, quota):
+        quota = [max(q, 1) if c else 0 for q, c in zip(quota, by_class, strict=True)]
+        for rows_c, q in zip(by_class, quota, strict=True):
             idx = sorted(rng.permutation(len(rows_c))[:q].tolist())
             out.extend(rows_c[i] for i in idx)
     order = {id(r): i for i, r in enumerate(records)}

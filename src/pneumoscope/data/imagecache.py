@@ -20,11 +20,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .discovery import Dataset, Record
-from .decode import ImageReadError
-from .preprocessing import Preprocessing
 from ..outputs import write_json
 from ..runtime import die_with_parent, progress_bar
+from .decode import ImageReadError
+from .discovery import Dataset, Record
+from .preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,12 @@ def cache_key(records: list[Record], preprocessing: Preprocessing) -> str:
 
 
 def build_image_array(
-    dataset: Dataset, records: list[Record], preprocessing: Preprocessing, cache_dir: str | os.PathLike, *, num_workers: int = 2,
+    dataset: Dataset,
+    records: list[Record],
+    preprocessing: Preprocessing,
+    cache_dir: str | os.PathLike,
+    *,
+    num_workers: int = 2,
     progress: bool = True,
 ) -> ImageArray:
     """The (N, S, S) uint8 array for ``records`` resized by ``preprocessing.resize_image``, from the cache or built now."""
@@ -75,7 +80,9 @@ def build_image_array(
     if array_path.is_file() and index_path.is_file():
         index = json.loads(index_path.read_text())
         kept = set(index["kept"])
-        return ImageArray(np.load(array_path, mmap_mode="r"), [r for i, r in enumerate(records) if i in kept], [tuple(p) for p in index["problems"]])
+        return ImageArray(
+            np.load(array_path, mmap_mode="r"), [r for i, r in enumerate(records) if i in kept], [tuple(p) for p in index["problems"]]
+        )
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".npy")
     os.close(fd)
@@ -83,8 +90,13 @@ def build_image_array(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), size, size))
         ok = np.zeros(len(records), bool)
         problems = []
-        loader = DataLoader(_Decode(dataset, records, preprocessing), batch_size=64, num_workers=num_workers, collate_fn=list,
-                            worker_init_fn=die_with_parent)
+        loader = DataLoader(
+            _Decode(dataset, records, preprocessing),
+            batch_size=64,
+            num_workers=num_workers,
+            collate_fn=list,
+            worker_init_fn=die_with_parent,
+        )
         with progress_bar(total=len(records), desc="decode", unit="img", enabled=progress) as bar:
             for batch in loader:
                 for i, img, why in batch:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import discovery as data_mod
 from ..errors import UsageError
-from .decode import ImageReadError, resize_image
 from ..outputs import OutputExistsError
 from ..runtime import progress_bar
+from . import discovery as data_mod
+from .decode import ImageReadError, resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ def _free_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int = 256, quality: int = 90, overwrite: bool = False,
-                 progress: bool = True) -> dict:  # fmt: skip
+def pack_dataset(
+    data: str | os.PathLike, out: str | os.PathLike, *, size: int = 256, quality: int = 90, overwrite: bool = False, progress: bool = True
+) -> dict:
     """The ``pneumoscope pack`` command. Returns a summary (counts, bytes, skipped files)."""
     out = Path(out)
     if out.suffix.lower() != ".zip":
@@ -78,9 +79,17 @@ def pack_dataset(data: str | os.PathLike, out: str | os.PathLike, *, size: int =
                     raw, resized = buf.getvalue(), resized + 1
                 zf.writestr(name, raw)
                 kept += 1
-            summary = {"source": str(Path(data).absolute()), "layout": dataset.layout, "size": size, "quality": quality, "images": kept,
-                       "resized": resized, "stored_as_is": kept - resized, "skipped": [{"path": p, "reason": r} for p, r in skipped],
-                       "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+            summary = {
+                "source": str(Path(data).absolute()),
+                "layout": dataset.layout,
+                "size": size,
+                "quality": quality,
+                "images": kept,
+                "resized": resized,
+                "stored_as_is": kept - resized,
+                "skipped": [{"path": p, "reason": r} for p, r in skipped],
+                "date": time.strftime("%Y-%m-%d"),
+            }
             zf.writestr(PACK_MANIFEST, json.dumps(summary, indent=2))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

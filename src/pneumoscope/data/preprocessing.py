@@ -7,8 +7,8 @@ Importable without PyTorch (the command line's parser reads the backbone registr
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -44,7 +44,9 @@ class Preprocessing:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise UsageError(f"mean and std need {self.in_chans} values, got {self.mean!r} and {self.std!r}")
         if self.resize not in RESIZE_METHODS:
-            raise UsageError(f"resize must be one of {list(RESIZE_METHODS)}, got {self.resize!r}. Fix: use one of those (a newer version may know more)")
+            raise UsageError(
+                f"resize must be one of {list(RESIZE_METHODS)}, got {self.resize!r}. Fix: use one of those (a newer version may know more)"
+            )
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float32 in [0, 1] -> (C, S, S) float32, normalised."""
@@ -74,5 +76,5 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), int(d["in_chans"]), d.get("resize", "bilinear-squash"))

@@ -35,8 +35,16 @@ def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike) ->
     if any(a[p][0] != b[p][0] for p in paths):
         raise UsageError("the two evaluations disagree on image labels; they were not made on the same data")
     if len(np.unique(y)) < 2:
-        raise UsageError(f"a paired comparison of AUCs needs images of both classes; the evaluations hold {np.bincount(y, minlength=2).tolist()} "
-                         "(NORMAL, PNEUMONIA). Fix: evaluate both runs on data with images of both classes.")
+        raise UsageError(
+            f"a paired comparison of AUCs needs images of both classes; the evaluations hold {np.bincount(y, minlength=2).tolist()} "
+            "(NORMAL, PNEUMONIA). Fix: evaluate both runs on data with images of both classes."
+        )
     prob_a, prob_b = np.array([a[p][1] for p in paths]), np.array([b[p][1] for p in paths])
     pred_a, pred_b = np.array([a[p][2] for p in paths]), np.array([b[p][2] for p in paths])
-    return {"n": len(paths), "a": str(eval_a), "b": str(eval_b), "auc_delong": compute_delong(y, prob_a, prob_b), "mcnemar": compute_mcnemar(y, pred_a, pred_b)}
+    return {
+        "n": len(paths),
+        "a": str(eval_a),
+        "b": str(eval_b),
+        "auc_delong": compute_delong(y, prob_a, prob_b),
+        "mcnemar": compute_mcnemar(y, pred_a, pred_b),
+    }

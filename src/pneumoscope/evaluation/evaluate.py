@@ -14,15 +14,15 @@ import torch
 from sklearn.metrics import classification_report, precision_recall_curve
 
 from ..data import discovery as data_mod
-from ..models.checkpoint import RunFolder
 from ..data.decode import read_many, screen_image
-from ..metrics.clinical import DROP_RULE, compare_with_validation, compute_clinical_metrics
+from ..inference.predictor import Predictor
 from ..metrics.calibration import compute_adaptive_reliability, compute_reliability
-from ..metrics.intervals import compute_pr_band, compute_roc_band
 from ..metrics.classification import compute_roc_curve, decide
+from ..metrics.clinical import DROP_RULE, compare_with_validation, compute_clinical_metrics
+from ..metrics.intervals import compute_pr_band, compute_roc_band
+from ..models.checkpoint import RunFolder
 from ..outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
 from ..plots import overlay_cam, plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
-from ..inference.predictor import Predictor
 from .report import model_card, render_report
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,17 @@ class EvaluationResult:
 
 
 def evaluate_dataset(
-    predictor: Predictor, dataset: data_mod.Dataset, *, split: str = "test", limit: int | None = None, cache_dir=None,
-    n_boot: int = 2000, seed: int = 0, tta: bool = False, progress: bool = True,
-) -> EvaluationResult:  # fmt: skip
+    predictor: Predictor,
+    dataset: data_mod.Dataset,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    cache_dir=None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    tta: bool = False,
+    progress: bool = True,
+) -> EvaluationResult:
     predictor.check_dataset(dataset)
     records = data_mod.select_split(dataset, split)
     if limit:
@@ -59,8 +67,11 @@ def evaluate_dataset(
     adapted_on = set((predictor.description.adaptation or {}).get("image_sha256", []))
     transductive = sum(r.content_hash in adapted_on for r in scanned.records)
     if transductive:
-        logger.warning("%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
-                       "transductive. For an unbiased estimate evaluate on other images of the site.", transductive)  # fmt: skip
+        logger.warning(
+            "%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
+            "transductive. For an unbiased estimate evaluate on other images of the site.",
+            transductive,
+        )
     if tta:  # the feature cache holds untransformed images only: decode and run every view
         size = predictor.preprocessing.input_size
         decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
@@ -77,14 +88,29 @@ def evaluate_dataset(
         raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_true = np.array([r.label for r in kept])
     metrics = compute_clinical_metrics(
-        y_true, prob, predictor.threshold, groups=[r.patient_id for r in kept],
-        pneumonia_type=[r.pneumonia_type for r in kept], n_boot=n_boot, seed=seed,
-    )  # fmt: skip
+        y_true,
+        prob,
+        predictor.threshold,
+        groups=[r.patient_id for r in kept],
+        pneumonia_type=[r.pneumonia_type for r in kept],
+        n_boot=n_boot,
+        seed=seed,
+    )
     metrics["adapted_on_evaluated_images"] = transductive
     if metrics["roc_auc"] is None:
         logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
-    return EvaluationResult(kept, [dataset.display(r) for r in kept], y_true, prob, metrics, scanned.problems + problems, len(excluded), features,
-                            distance, screened)  # fmt: skip
+    return EvaluationResult(
+        kept,
+        [dataset.display(r) for r in kept],
+        y_true,
+        prob,
+        metrics,
+        scanned.problems + problems,
+        len(excluded),
+        features,
+        distance,
+        screened,
+    )
 
 
 def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, screened: list[str] | None) -> dict:
@@ -95,12 +121,20 @@ def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, 
     screen = None if screened is None else np.array([bool(reason) for reason in screened], dtype=bool)
     flagged = [f for f in (guard, screen) if f is not None]
     either = np.logical_or.reduce(flagged) if flagged else None
-    unchecked = [f"{name} ({why})" for name, flags, why in (
-        ("the OOD guard", guard, "the run has none"),
-        ("the image screen", screen, "it needs the decoded images, which the shortcut audit decodes and --no-audit skips"),
-    ) if flags is None]  # fmt: skip
-    return {"n": None if either is None else int(either.sum()), "guard": None if guard is None else int(guard.sum()),
-            "screen": None if screen is None else int(screen.sum()), "note": f"Not counted: {'; '.join(unchecked)}." if unchecked else ""}  # fmt: skip
+    unchecked = [
+        f"{name} ({why})"
+        for name, flags, why in (
+            ("the OOD guard", guard, "the run has none"),
+            ("the image screen", screen, "it needs the decoded images, which the shortcut audit decodes and --no-audit skips"),
+        )
+        if flags is None
+    ]
+    return {
+        "n": None if either is None else int(either.sum()),
+        "guard": None if guard is None else int(guard.sum()),
+        "screen": None if screen is None else int(screen.sum()),
+        "note": f"Not counted: {'; '.join(unchecked)}." if unchecked else "",
+    }
 
 
 def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_kind: int = 2, at_least: int = 0) -> list[tuple[str, int]]:
@@ -111,9 +145,11 @@ def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
     ranked = []
     for kind, sel, most_confident_first in (
-        ("false positive", pred & (y_true == 0), -y_prob), ("false negative", ~pred & (y_true == 1), y_prob),
-        ("true positive", pred & (y_true == 1), -y_prob), ("true negative", ~pred & (y_true == 0), y_prob),
-    ):  # fmt: skip
+        ("false positive", pred & (y_true == 0), -y_prob),
+        ("false negative", ~pred & (y_true == 1), y_prob),
+        ("true positive", pred & (y_true == 1), -y_prob),
+        ("true negative", ~pred & (y_true == 0), y_prob),
+    ):
         idx = np.flatnonzero(sel)
         ranked.append((kind, [int(i) for i in idx[np.argsort(most_confident_first[idx], kind="stable")]]))
     picks = [(kind, i) for kind, order in ranked for i in order[:per_kind]]
@@ -124,7 +160,9 @@ def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_
     return picks
 
 
-def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
+def _gallery(
+    predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2
+) -> list[tuple[Path, str]]:
     """Grad-CAM figures of the most confident true/false positives and negatives."""
     from ..explain.cams import views_and_cams
 
@@ -136,8 +174,14 @@ def _gallery(predictor: Predictor, dataset: data_mod.Dataset, result: Evaluation
         path = folder / f"gallery_{len(out):02d}.png"
         caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
         title = f"{kind}: P(pneumonia) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure
-        plot_cam(shown, overlay_cam(shown, cam), path, title=title, true_label=predictor.class_names[int(result.y_true[i])],
-                 method=f"Grad-CAM for {predictor.class_names[cls]}")  # fmt: skip
+        plot_cam(
+            shown,
+            overlay_cam(shown, cam),
+            path,
+            title=title,
+            true_label=predictor.class_names[int(result.y_true[i])],
+            method=f"Grad-CAM for {predictor.class_names[cls]}",
+        )
         out.append((path, caption))
     return out
 
@@ -170,10 +214,19 @@ def seen_in_training(run_folder: RunFolder, records: list[data_mod.Record]) -> l
 
 
 def evaluate_run(
-    run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
-    limit: int | None = None, overwrite: bool = False, cache_dir=None, n_boot: int = 2000, audit_shortcuts: bool = True, tta: bool = False,
+    run: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    overwrite: bool = False,
+    cache_dir=None,
+    n_boot: int = 2000,
+    audit_shortcuts: bool = True,
+    tta: bool = False,
     progress: bool = True,
-) -> tuple[Path, EvaluationResult]:  # fmt: skip
+) -> tuple[Path, EvaluationResult]:
     """The ``pneumoscope evaluate`` command."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
@@ -186,28 +239,52 @@ def evaluate_run(
         write_csv(
             tmp / "predictions.csv",
             ["path", "patient_id", "label", "prob", "pred"],
-            [[path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
-             for r, path, p in zip(result.records, result.paths, result.y_prob)],
-        )  # fmt: skip
+            [
+                [path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
+                for r, path, p in zip(result.records, result.paths, result.y_prob, strict=True)
+            ],
+        )
         y_pred = predictor.decide(result.y_prob)
         report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
         header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
         write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
         figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
-        plot_confusion_matrix(m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}")
+        plot_confusion_matrix(
+            m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}"
+        )
         if m["roc_auc"] is not None:
             figures["roc_curve"] = tmp / "roc_curve.png"
             patients = [r.patient_id for r in result.records]
             band = compute_roc_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0)
-            plot_roc(compute_roc_curve(result.y_true, result.y_prob), figures["roc_curve"], auc=m["roc_auc"], auc_ci=m["ci95"]["roc_auc"],
-                     operating_point=(1 - m["specificity"], m["sensitivity"]), threshold=m["threshold"], band=band)  # fmt: skip
+            plot_roc(
+                compute_roc_curve(result.y_true, result.y_prob),
+                figures["roc_curve"],
+                auc=m["roc_auc"],
+                auc_ci=m["ci95"]["roc_auc"],
+                operating_point=(1 - m["specificity"], m["sensitivity"]),
+                threshold=m["threshold"],
+                band=band,
+            )
             precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
             figures["pr_curve"] = tmp / "pr_curve.png"
-            plot_pr(precision, recall, figures["pr_curve"], ap=m["pr_auc"], ap_ci=m["ci95"]["pr_auc"], prevalence=m["prevalence"],
-                    operating_point=(m["sensitivity"], m["ppv"] or 0.0), band=compute_pr_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0))  # fmt: skip
+            plot_pr(
+                precision,
+                recall,
+                figures["pr_curve"],
+                ap=m["pr_auc"],
+                ap_ci=m["ci95"]["pr_auc"],
+                prevalence=m["prevalence"],
+                operating_point=(m["sensitivity"], m["ppv"] or 0.0),
+                band=compute_pr_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0),
+            )
         figures["reliability"] = tmp / "reliability.png"
-        plot_reliability(compute_adaptive_reliability(result.y_true, result.y_prob), figures["reliability"], ece=m["ece"], brier=m["brier"],
-                         histogram=compute_reliability(result.y_true, result.y_prob))  # fmt: skip
+        plot_reliability(
+            compute_adaptive_reliability(result.y_true, result.y_prob),
+            figures["reliability"],
+            ece=m["ece"],
+            brier=m["brier"],
+            histogram=compute_reliability(result.y_true, result.y_prob),
+        )
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
         gallery = _gallery(predictor, dataset, result, tmp)
@@ -229,9 +306,13 @@ def evaluate_run(
         seen = seen_in_training(run_folder, result.records)
         m["seen_in_training"] = len(seen)
         if seen:
-            logger.warning("%d of the %d evaluated images are byte-identical to images this run was trained or validated on (e.g. %s): "
-                           "these figures are optimistic. Fix: evaluate on images the run never saw.", len(seen), len(result.records),
-                           dataset.display(seen[0]))  # fmt: skip
+            logger.warning(
+                "%d of the %d evaluated images are byte-identical to images this run was trained or validated on (e.g. %s): "
+                "these figures are optimistic. Fix: evaluate on images the run never saw.",
+                len(seen),
+                len(result.records),
+                dataset.display(seen[0]),
+            )
         write_json(tmp / "metrics.json", m)
         shift, shift_skipped = _site_shift(predictor, result)
         if shift:
@@ -240,10 +321,20 @@ def evaluate_run(
         context = {
             "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
             "metrics": m,
-            "summary": {"rows": compare_with_validation(val or {}, m), "validation": val, "rule": DROP_RULE, "shift_skipped": shift_skipped},
+            "summary": {
+                "rows": compare_with_validation(val or {}, m),
+                "validation": val,
+                "rule": DROP_RULE,
+                "shift_skipped": shift_skipped,
+            },
             "description": predictor.description,
-            "data": {"source": str(data), "split": split if dataset.layout != "class-folders" else "all", "skipped": len(result.problems),
-                     "excluded_calibration": result.excluded_calibration, "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None},
+            "data": {
+                "source": str(data),
+                "split": split if dataset.layout != "class-folders" else "all",
+                "skipped": len(result.problems),
+                "excluded_calibration": result.excluded_calibration,
+                "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None,
+            },
             "training_summary": json.loads(run_folder.data_summary.read_text()) if run_folder.data_summary.is_file() else None,
             "history": run_folder.history_png if run_folder.history_png.is_file() else None,
             "figures": figures,
@@ -251,21 +342,51 @@ def evaluate_run(
             "shortcut_audit": audit,
             "site_shift": shift,
             "model_card": model_card(predictor.description, m, str(data)),
-            "notes": ([m["note"]] if m.get("note") else []) + (
-                [f"{m['seen_in_training']} of these images are byte-identical to images the model was trained or validated on: "
-                 "the figures are optimistic."] if m["seen_in_training"] else []) + (
-                [f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
-                 "the figures are transductive."] if m.get("adapted_on_evaluated_images") else []),
-        }  # fmt: skip
+            "notes": ([m["note"]] if m.get("note") else [])
+            + (
+                [
+                    f"{m['seen_in_training']} of these images are byte-identical to images the model was trained or validated on: "
+                    "the figures are optimistic."
+                ]
+                if m["seen_in_training"]
+                else []
+            )
+            + (
+                [
+                    f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
+                    "the figures are transductive."
+                ]
+                if m.get("adapted_on_evaluated_images")
+                else []
+            ),
+        }
         write_bytes_atomic(tmp / "report.html", render_report(context).encode())
     # the CLI prints these metrics: at INFO they would be said twice
-    logger.debug("evaluated %d images: AUC %s, accuracy %.4f; written to %s", m["n"], "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
-                 m["accuracy"], out)  # fmt: skip
+    logger.debug(
+        "evaluated %d images: AUC %s, accuracy %.4f; written to %s",
+        m["n"],
+        "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+        m["accuracy"],
+        out,
+    )
     tracked = (predictor.description.training or {}).get("mlflow")
     if tracked:  # trained with --logger mlflow: this evaluation joins it in its store
         from ..training.tracking import log_evaluation
 
-        log_evaluation(run_folder.path, tracked, out, m, split=context["data"]["split"],
-                       params={"run": Path(run).absolute(), "data": Path(data).absolute(), "split": split, "limit": limit, "tta": tta,
-                               "bootstraps": n_boot, "out": Path(out).absolute()})  # fmt: skip
+        log_evaluation(
+            run_folder.path,
+            tracked,
+            out,
+            m,
+            split=context["data"]["split"],
+            params={
+                "run": Path(run).absolute(),
+                "data": Path(data).absolute(),
+                "split": split,
+                "limit": limit,
+                "tta": tta,
+                "bootstraps": n_boot,
+                "out": Path(out).absolute(),
+            },
+        )
     return Path(out), result

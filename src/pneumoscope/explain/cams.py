@@ -10,10 +10,12 @@ whatever was asked (pytorch-grad-cam issues #325 and #428);
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 import pytorch_grad_cam
 import torch
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
 from ..choices import CAM_METHOD_CLASSES
 from ..errors import UsageError
 from ..inference.predictor import Predictor

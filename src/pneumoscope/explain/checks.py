@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import copy
 import logging
+
 import numpy as np
 import torch
 from pytorch_grad_cam.metrics.perturbation_confidence import PerturbationConfidenceMetric, RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
 from ..inference.predictor import Predictor
 from ..runtime import progress_bar, seeded_rng
 from .cams import ProbabilityTarget, compute_cam, views_and_cams
@@ -142,9 +144,17 @@ def shortcut_probs(predictor: Predictor, images: list[np.ndarray], probs: np.nda
 
 
 def check_batch(
-    predictor: Predictor, images: list[np.ndarray], cams: np.ndarray, targets: list[int], method: str, *, probs: np.ndarray,
-    randomized=None, n_random: int = 3, seed: int = 0,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    predictor: Predictor,
+    images: list[np.ndarray],
+    cams: np.ndarray,
+    targets: list[int],
+    method: str,
+    *,
+    probs: np.ndarray,
+    randomized=None,
+    n_random: int = 3,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Per-image check scores of a batch's CAMs (:func:`views_and_cams`, explaining ``targets``); ``probs``: the images' probabilities."""
     model = predictor.model
     x = torch.cat([predictor.preprocess(im) for im in images])  # (B, C, S, S)
@@ -156,7 +166,7 @@ def check_batch(
     out["road_random"] = np.mean(rand, axis=0)
     if randomized is not None:
         rcams = compute_cam(randomized, x, targets, method)
-        out["sanity_spearman"] = np.array([spearman(a, b) for a, b in zip(cams, rcams)])
+        out["sanity_spearman"] = np.array([spearman(a, b) for a, b in zip(cams, rcams, strict=True)])
     shortcut = shortcut_probs(predictor, images, probs)
     out["delta_border_masked"] = shortcut["prob_border_masked"] - shortcut["prob"]
     out["delta_centre_masked"] = shortcut["prob_centre_masked"] - shortcut["prob"]
@@ -213,8 +223,10 @@ def summarize_checks(rows: list[dict], method: str) -> dict:
     elif beats_random and beats_least:
         verdict = "better than random maps"
     elif beats_random:
-        verdict = ("only partly faithful: removing its top pixels hurts more than removing random regions, but removing its least "
-                   "relevant pixels hurts as much or more (evidence the map does not show)")  # fmt: skip
+        verdict = (
+            "only partly faithful: removing its top pixels hurts more than removing random regions, but removing its least "
+            "relevant pixels hurts as much or more (evidence the map does not show)"
+        )
     else:
         verdict = "NOT better than random maps (removing its top pixels hurts no more than removing random regions)"
     summary["faithfulness_verdict"] = verdict
@@ -243,12 +255,17 @@ def audit_dataset(
         _, cams, _ = views_and_cams(predictor, images, probs=shortcut["prob"], method=method)
         outside.extend(cam_mass_outside_centre(c) for c in cams)
     audit = {
-        "n": n, "method": method, "central_box": CENTRAL_BOX, "border_fraction": BORDER_FRACTION,
-        "mean_delta_border_masked": float(np.mean(deltas_b)), "mean_abs_delta_border_masked": float(np.mean(np.abs(deltas_b))),
-        "mean_delta_centre_masked": float(np.mean(deltas_c)), "mean_abs_delta_centre_masked": float(np.mean(np.abs(deltas_c))),
+        "n": n,
+        "method": method,
+        "central_box": CENTRAL_BOX,
+        "border_fraction": BORDER_FRACTION,
+        "mean_delta_border_masked": float(np.mean(deltas_b)),
+        "mean_abs_delta_border_masked": float(np.mean(np.abs(deltas_b))),
+        "mean_delta_centre_masked": float(np.mean(deltas_c)),
+        "mean_abs_delta_centre_masked": float(np.mean(np.abs(deltas_c))),
         "mean_cam_outside_centre": float(np.nanmean(outside)),
         "central_area_fraction": float((CENTRAL_BOX[1] - CENTRAL_BOX[0]) * (CENTRAL_BOX[3] - CENTRAL_BOX[2])),
-    }  # fmt: skip
+    }
     audit["shortcut_suspected"], audit["verdict"] = shortcut_verdict(audit)
     return audit
 
@@ -273,14 +290,17 @@ def shortcut_verdict(audit: dict) -> tuple[bool, str]:
     :data:`CAM_EXCESS_OUTSIDE` more of their mass outside the centre than the area outside it covers."""
     border, centre = audit["mean_abs_delta_border_masked"], audit["mean_abs_delta_centre_masked"]
     outside, area = audit["mean_cam_outside_centre"], 1 - audit["central_area_fraction"]
-    effects = (f"masking the border band changes P(pneumonia) by {border:.3f} on average (absolute), masking the chest centre "
-               f"by {centre:.3f}")  # fmt: skip
+    effects = (
+        f"masking the border band changes P(pneumonia) by {border:.3f} on average (absolute), masking the chest centre by {centre:.3f}"
+    )
     maps = f"the {audit['method']} maps put {outside:.0%} of their mass outside the centre, which covers {area:.0%} of the image"
     if border >= MIN_AUDIT_EFFECT and border >= BORDER_EFFECT_RATIO * centre:
         ratio = border / centre if centre > 0 else np.inf
         how = "more than" if ratio > 1.25 else "about as much as" if ratio >= 0.8 else "at least half as much as"
-        return True, (f"The decision leans on the image border: {effects}, so the border moves it {how} the chest does; "
-                      f"{maps}. Look for markers, labels and collimation edges in the gallery.")  # fmt: skip
+        return True, (
+            f"The decision leans on the image border: {effects}, so the border moves it {how} the chest does; "
+            f"{maps}. Look for markers, labels and collimation edges in the gallery."
+        )
     if np.isfinite(outside) and outside > area + CAM_EXCESS_OUTSIDE:
         return True, f"The maps look outside the lungs: {maps}, more than area alone would give; {effects}."
     if centre < MIN_AUDIT_EFFECT:

@@ -6,15 +6,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
-from ..errors import UsageError
+
 from ..data.decode import read_many
+from ..errors import UsageError
+from ..inference.predictor import Predictor, expand_inputs
 from ..outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from ..plots import overlay_cam, plot_cam
-from ..inference.predictor import Predictor, expand_inputs
 from ..runtime import progress_bar, seeded_rng
 from .cams import check_method, views_and_cams
-from .checks import REMOVE_PERCENT, SCORE_COLUMNS, reinitialised_copy, check_batch, summarize_checks
+from .checks import REMOVE_PERCENT, SCORE_COLUMNS, check_batch, reinitialised_copy, summarize_checks
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +34,17 @@ class Explanation:
 
 
 def explain_images(
-    predictor: Predictor, paths: list[str | os.PathLike], out: str | os.PathLike, *, target: str = "predicted",
-    method: str = "gradcam", checks: bool = True, overwrite: bool = False, batch_size: int = 8, progress: bool = True,
-) -> list[Explanation]:  # fmt: skip
+    predictor: Predictor,
+    paths: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    target: str = "predicted",
+    method: str = "gradcam",
+    checks: bool = True,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[Explanation]:
     """The ``pneumoscope explain`` command: overlays, raw CAMs, per-image check scores and their summary."""
     check_method(method)
     files, problems = expand_inputs(paths)
@@ -61,12 +71,14 @@ def explain_images(
                 scores = None
                 if checks:
                     scores = check_batch(predictor, images, cams, classes, method, probs=probs, randomized=randomized, seed=start)
-                for j, (path, shown) in enumerate(zip(batch, views)):
+                for j, (path, shown) in enumerate(zip(batch, views, strict=True)):
                     i = len(results)
                     label = predictor.label_of(probs[j])
                     name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
-                    title = (f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
-                             f"{method} for {predictor.class_names[classes[j]]}")  # fmt: skip
+                    title = (
+                        f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
+                        f"{method} for {predictor.class_names[classes[j]]}"
+                    )
                     plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
                     write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
                     results.append(
@@ -81,10 +93,25 @@ def explain_images(
             columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
             write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])
             summary = summarize_checks(rows, method) if checks and rows else None
-            write_json(tmp / "explanations.json", {"method": method, "layer": predictor.model.spec.cam_layer, "images": [e.__dict__ for e in results],
-                                                   "skipped": skipped, "checks": summary})  # fmt: skip
+            write_json(
+                tmp / "explanations.json",
+                {
+                    "method": method,
+                    "layer": predictor.model.spec.cam_layer,
+                    "images": [e.__dict__ for e in results],
+                    "skipped": skipped,
+                    "checks": summary,
+                },
+            )
     if summary:
-        logger.debug("%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",
-                    method, summary["n"], summary["mean_road_most"], REMOVE_PERCENT, summary["mean_road_random"],
-                    summary["faithfulness_verdict"], summary["mean_sanity_spearman"])  # fmt: skip
+        logger.debug(
+            "%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",
+            method,
+            summary["n"],
+            summary["mean_road_most"],
+            REMOVE_PERCENT,
+            summary["mean_road_random"],
+            summary["faithfulness_verdict"],
+            summary["mean_sanity_spearman"],
+        )
     return results

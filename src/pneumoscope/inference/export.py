@@ -33,7 +33,9 @@ class _Exported(nn.Module):
         return logit if ood is None else (logit, ood)
 
 
-def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, check_images: list[np.ndarray] | None = None) -> dict:
+def export_onnx(
+    run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, check_images: list[np.ndarray] | None = None
+) -> dict:
     """Write ``out`` (.onnx) from a run; returns the parity report. Raises if parity fails.
 
     The model is written under a temporary name beside ``out`` and renamed only once
@@ -53,16 +55,34 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
     s = predictor.preprocessing.input_size
     dummy = torch.zeros(2, predictor.preprocessing.in_chans, s, s)
     outputs = ["logit"] + (["ood_distance"] if model.ood is not None else [])
-    logger.info("exporting %s (%s, outputs %s) to ONNX, then checking it against PyTorch", run, predictor.description.backbone, ", ".join(outputs))
+    logger.info(
+        "exporting %s (%s, outputs %s) to ONNX, then checking it against PyTorch", run, predictor.description.backbone, ", ".join(outputs)
+    )
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.onnx.export(
-        _Exported(model).eval(), (dummy,), input_names=["image"], output_names=outputs, dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False
+        _Exported(model).eval(),
+        (dummy,),
+        input_names=["image"],
+        output_names=outputs,
+        dynamic_shapes={"image": {0: batch}},
+        dynamo=True,
+        verbose=False,
     )
     proto = program.model_proto
-    description = replace(predictor.description, onnx={"input": "image: (batch, channels, size, size) float32, preprocessed per 'preprocessing'",
-                                                       "outputs": outputs, "probability": "sigmoid(logit / temperature)"}).to_dict()  # fmt: skip
-    for key, value in (("pneumoscope", json.dumps(description)), ("threshold", str(predictor.threshold)),
-                       ("preprocessing", json.dumps(description["preprocessing"])), ("class_names", json.dumps(list(predictor.class_names)))):  # fmt: skip
+    description = replace(
+        predictor.description,
+        onnx={
+            "input": "image: (batch, channels, size, size) float32, preprocessed per 'preprocessing'",
+            "outputs": outputs,
+            "probability": "sigmoid(logit / temperature)",
+        },
+    ).to_dict()
+    for key, value in (
+        ("pneumoscope", json.dumps(description)),
+        ("threshold", str(predictor.threshold)),
+        ("preprocessing", json.dumps(description["preprocessing"])),
+        ("class_names", json.dumps(list(predictor.class_names))),
+    ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     staged = out.with_name(f"{partial_name(out)}unverified.onnx")
@@ -71,7 +91,9 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bo
         onnx.checker.check_model(str(staged))
         report = check_parity(predictor, Predictor.from_onnx(staged), check_images)
         if report["max_abs_prob_diff"] > PARITY_TOLERANCE:
-            raise StateError(f"ONNX export differs from PyTorch by {report['max_abs_prob_diff']:.2e} in probability (limit {PARITY_TOLERANCE}); not kept.")
+            raise StateError(
+                f"ONNX export differs from PyTorch by {report['max_abs_prob_diff']:.2e} in probability (limit {PARITY_TOLERANCE}); not kept."
+            )
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)

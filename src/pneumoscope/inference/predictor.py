@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.checkpoint import CheckpointError, description_from_json, load_checkpoint
-from ..data.discovery import CLASS_NAMES, Dataset, DataError, Record
-from ..models.description import RunDescription
-from ..errors import UsageError
-from ..models.features import FeatureResult, extract_features
 from ..data.decode import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
-from ..metrics.classification import calibrated_probability, decide
+from ..data.discovery import CLASS_NAMES, DataError, Dataset, Record
 from ..data.preprocessing import Preprocessing
+from ..errors import UsageError
+from ..metrics.classification import calibrated_probability, decide
+from ..models.checkpoint import CheckpointError, description_from_json, load_checkpoint
+from ..models.description import RunDescription
+from ..models.features import FeatureResult, extract_features
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     directly is accepted by the same rule as one found in a folder: an image suffix
     (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
     """
-    from ..data.discovery import walk_files
     from ..data.decode import IMAGE_SUFFIXES, not_regular_file
+    from ..data.discovery import walk_files
 
     def is_input(f: Path) -> bool:
         if is_image_path(f):
@@ -117,7 +117,9 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
             if found or odd:
                 files.extend(found)
             else:
-                problems.append((str(p), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). Fix: give a folder of images"))
+                problems.append(
+                    (str(p), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). Fix: give a folder of images")
+                )
         elif not exists:
             problems.append((str(p), "no such file or folder. Fix: check the path"))
         elif not_regular_file(p):
@@ -125,8 +127,13 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
         elif is_input(p):
             files.append(p)
         else:
-            problems.append((str(p), f"not an image type pneumoscope reads (suffix {p.suffix or 'none'!r}; it reads "
-                                     f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM). Fix: convert it to PNG"))  # fmt: skip
+            problems.append(
+                (
+                    str(p),
+                    f"not an image type pneumoscope reads (suffix {p.suffix or 'none'!r}; it reads "
+                    f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM). Fix: convert it to PNG",
+                )
+            )
     for path, why in problems:
         logger.warning("%s: %s", path, why)
     return files, problems
@@ -167,9 +174,11 @@ def require_decoded(image) -> np.ndarray:
     """
     if not isinstance(image, np.ndarray) or image.dtype.kind != "f":
         given = f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
-        raise UsageError(f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
-                         "pneumoscope.io.to_image(x), or call pneumoscope.load(...).predict(x), which accepts uint8, uint16, "
-                         "PIL images, paths and DICOM datasets.")  # fmt: skip
+        raise UsageError(
+            f"Predictor methods take decoded images, float (H, W) arrays in [0, 1]; got {given}. Convert it with "
+            "pneumoscope.io.to_image(x), or call pneumoscope.load(...).predict(x), which accepts uint8, uint16, "
+            "PIL images, paths and DICOM datasets."
+        )
     return check_decoded(image, f"float array {image.shape}", given=True)
 
 
@@ -202,11 +211,13 @@ class OnnxBackend:
         self.outputs = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         if "pneumoscope" not in meta:
-            raise CheckpointError(f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`.")
+            raise CheckpointError(
+                f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`."
+            )
         self.description = description_from_json(meta["pneumoscope"], path)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = dict(zip(self.outputs, self.session.run(None, {"image": x})))
+        out = dict(zip(self.outputs, self.session.run(None, {"image": x}), strict=True))
         return out["logit"].astype(np.float64), out["ood_distance"].astype(np.float64) if "ood_distance" in out else None
 
 
@@ -245,21 +256,21 @@ class Predictor:
         return self.backend.model
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> "Predictor":
+    def from_checkpoint(cls, path: str | os.PathLike) -> Predictor:
         model, description = load_checkpoint(path)
         return cls(TorchBackend(model), description)
 
     @classmethod
-    def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> "Predictor":
+    def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> Predictor:
         backend = OnnxBackend(path, threads)
         return cls(backend, backend.description)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Predictor":
+    def load(cls, path: str | os.PathLike) -> Predictor:
         """A run folder or checkpoint (PyTorch), or an ``.onnx`` export (ONNX Runtime)."""
         return cls.from_onnx(path) if str(path).endswith(".onnx") else cls.from_checkpoint(path)
 
-    def without_backend(self) -> "Predictor":
+    def without_backend(self) -> Predictor:
         """A copy that reads and preprocesses only, for DataLoader worker processes: a backend
         need not pickle (an ONNX Runtime session cannot), and the workers never run it."""
         return Predictor(None, self.description)
@@ -286,8 +297,9 @@ class Predictor:
     def check_dataset(self, dataset: Dataset) -> None:
         """Refuse a dataset whose classes are not this checkpoint's classes (before any image is read)."""
         if tuple(self.class_names) != CLASS_NAMES:
-            raise CheckpointError(f"the checkpoint's classes {list(self.class_names)} are not {list(CLASS_NAMES)}; this pneumoscope cannot "
-                                  "evaluate it.")  # fmt: skip
+            raise CheckpointError(
+                f"the checkpoint's classes {list(self.class_names)} are not {list(CLASS_NAMES)}; this pneumoscope cannot evaluate it."
+            )
         if dataset.unknown_classes:
             raise DataError(
                 f"{dataset.source}: has image folders {dataset.unknown_classes} beside the class folders, but the checkpoint knows only "
@@ -306,7 +318,9 @@ class Predictor:
         A missing or NaN probability has no label (NaN >= t is False: it would read as NORMAL)."""
         p = np.asarray(probs, dtype=np.float64)
         if not np.isfinite(p).all():
-            raise ValueError(f"cannot decide on a non-finite probability ({int((~np.isfinite(p)).sum())} of {p.size}); such an image has no label")
+            raise ValueError(
+                f"cannot decide on a non-finite probability ({int((~np.isfinite(p)).sum())} of {p.size}); such an image has no label"
+            )
         return decide(p, self.threshold)
 
     def label_of(self, prob: float) -> str:
@@ -356,16 +370,25 @@ class Predictor:
 
     def _predictions(self, names: list[str], probs: np.ndarray, dists: np.ndarray | None, screened: list[str]) -> list[Prediction]:
         out = []
-        for i, (name, prob, reason) in enumerate(zip(names, probs, screened)):
+        for i, (name, prob, reason) in enumerate(zip(names, probs, screened, strict=True)):
             dist = None if dists is None or not np.isfinite(dists[i]) else float(dists[i])
             if not np.isfinite(prob):
-                out.append(Prediction(name, None, None, self.threshold, error="the model's output is not a finite number; no label is given. "
-                                      "Check the image and the model file."))  # fmt: skip
+                out.append(
+                    Prediction(
+                        name,
+                        None,
+                        None,
+                        self.threshold,
+                        error="the model's output is not a finite number; no label is given. Check the image and the model file.",
+                    )
+                )
                 continue
             flag = None if dist is None or self.ood_cutoff is None else bool(dist > self.ood_cutoff)
             if not reason and flag:
-                reason = (f"unlike the radiographs the model was trained on: out-of-distribution score {dist:.1f} is over "
-                          f"the cut-off {self.ood_cutoff:.1f}")  # fmt: skip
+                reason = (
+                    f"unlike the radiographs the model was trained on: out-of-distribution score {dist:.1f} is over "
+                    f"the cut-off {self.ood_cutoff:.1f}"
+                )
             if reason:  # not assessable: no diagnosis, the probability for information only
                 out.append(Prediction(name, float(prob), None, self.threshold, True, dist, ood_reason=reason))
             else:
@@ -381,15 +404,27 @@ class Predictor:
         bug in the calling code, not a bad file among good ones.
         """
         names = [input_name(x, i) for i, x in enumerate(inputs)]
-        decoded = read_many(range(len(inputs)), lambda i: self.read_input(inputs[i], names[i]), name=lambda i: names[i],
-                            skippable=lambda i: isinstance(inputs[i], (str, os.PathLike)), log=logger)  # fmt: skip
+        decoded = read_many(
+            range(len(inputs)),
+            lambda i: self.read_input(inputs[i], names[i]),
+            name=lambda i: names[i],
+            skippable=lambda i: isinstance(inputs[i], (str, os.PathLike)),
+            log=logger,
+        )
         rows = [describe_input(inputs[i]) for i in decoded.index]  # as a result row names it (an array: without its place)
-        predicted = dict(zip(decoded.index, self.predict_images(decoded.images, rows, batch_size=batch_size, tta=tta)))
+        predicted = dict(zip(decoded.index, self.predict_images(decoded.images, rows, batch_size=batch_size, tta=tta), strict=True))
         failed = iter(Prediction(name, None, None, self.threshold, error=why) for name, why in decoded.skipped)  # the gaps, in order
         return [predicted[i] if i in predicted else next(failed) for i in range(len(inputs))]
 
     def dataset_logits(
-        self, dataset: Dataset, records: list[Record] | None = None, *, cache_dir=None, batch_size: int = 32, num_workers: int = 1, progress: bool = True
+        self,
+        dataset: Dataset,
+        records: list[Record] | None = None,
+        *,
+        cache_dir=None,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        progress: bool = True,
     ) -> tuple[FeatureResult, np.ndarray]:
         """Pooled features (through the feature cache) and raw logits for a dataset's records (PyTorch backend).
 

@@ -34,11 +34,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..errors import StateError, UsageError
 from ..data.decode import ImageReadError, is_image_path, read_zip_member, screen_image
-from ..outputs import naming_path, current_umask
-from .predictor import Prediction, Predictor, expand_inputs
+from ..errors import StateError, UsageError
+from ..outputs import current_umask, naming_path
 from ..runtime import die_with_parent, progress_bar
+from .predictor import Prediction, Predictor, expand_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,10 @@ def read_list(path: str | os.PathLike) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--from-list {path}: cannot be read as a UTF-8 text file ({err}). Fix: give a text file with one image, "
-                         "folder or .zip path a line") from err  # fmt: skip
+        raise UsageError(
+            f"--from-list {path}: cannot be read as a UTF-8 text file ({err}). Fix: give a text file with one image, "
+            "folder or .zip path a line"
+        ) from err
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -137,7 +139,9 @@ def _as_list(batch):
     return batch
 
 
-def predict_stream(predictor: Predictor, items: list[Item], *, batch_size: int = 32, workers: int = 2, tta: bool = False) -> Iterator[list[Prediction]]:
+def predict_stream(
+    predictor: Predictor, items: list[Item], *, batch_size: int = 32, workers: int = 2, tta: bool = False
+) -> Iterator[list[Prediction]]:
     """One list of :class:`Prediction` per batch of ``items``, in order; an unreadable item gets its error row.
 
     ``workers`` processes decode (0: this process). Each batch is one forward pass
@@ -145,9 +149,16 @@ def predict_stream(predictor: Predictor, items: list[Item], *, batch_size: int =
     over the batch's decoded images.
     """
     if batch_size < 1 or workers < 0:
-        raise UsageError(f"batch size must be >= 1 and workers >= 0, got --batch-size {batch_size}, --workers {workers}. Fix: e.g. --batch-size 32 --workers 2")
-    loader = DataLoader(_Decoded(items, predictor.without_backend(), tta), batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
-                        worker_init_fn=die_with_parent)
+        raise UsageError(
+            f"batch size must be >= 1 and workers >= 0, got --batch-size {batch_size}, --workers {workers}. Fix: e.g. --batch-size 32 --workers 2"
+        )
+    loader = DataLoader(
+        _Decoded(items, predictor.without_backend(), tta),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_as_list,
+        worker_init_fn=die_with_parent,
+    )
     for batch in loader:
         rows: dict[int, Prediction] = {}
         good = [(i, x, why) for i, x, why, err in batch if not err]
@@ -157,7 +168,7 @@ def predict_stream(predictor: Predictor, items: list[Item], *, batch_size: int =
                 preds = predictor.predict_images([x for _, x, _ in good], names, batch_size=batch_size, tta=True)
             else:
                 preds = predictor.predict_batch(np.stack([x for _, x, _ in good]), names, [why for _, _, why in good])  # (B, C, S, S)
-            rows.update(zip((i for i, _, _ in good), preds))
+            rows.update(zip((i for i, _, _ in good), preds, strict=True))
         for i, _, _, err in batch:
             if err:
                 if not items[i].error:  # a decoding failure; the others were reported when the inputs were expanded
@@ -210,8 +221,10 @@ class CsvFormat:
         try:
             header = next(reader, None)
             if header is not None and tuple(header) != Prediction.FIELDS:
-                raise UsageError(f"{getattr(fh, 'name', 'the output')}: its columns are {header}, not those of `pneumoscope predict` "
-                                 f"({', '.join(Prediction.FIELDS)}). Fix: give another --out, or --overwrite to replace it")  # fmt: skip
+                raise UsageError(
+                    f"{getattr(fh, 'name', 'the output')}: its columns are {header}, not those of `pneumoscope predict` "
+                    f"({', '.join(Prediction.FIELDS)}). Fix: give another --out, or --overwrite to replace it"
+                )
             lines.clear()
             for row in reader:
                 if len(row) != len(Prediction.FIELDS):
@@ -279,8 +292,18 @@ class ParquetSink:
         import pyarrow.parquet as pq
 
         self.pa = pa
-        self.schema = pa.schema([("path", pa.string()), ("prob", pa.float64()), ("label", pa.string()), ("threshold", pa.float64()),
-                                 ("ood", pa.bool_()), ("ood_distance", pa.float64()), ("ood_reason", pa.string()), ("error", pa.string())])  # fmt: skip
+        self.schema = pa.schema(
+            [
+                ("path", pa.string()),
+                ("prob", pa.float64()),
+                ("label", pa.string()),
+                ("threshold", pa.float64()),
+                ("ood", pa.bool_()),
+                ("ood_distance", pa.float64()),
+                ("ood_reason", pa.string()),
+                ("error", pa.string()),
+            ]
+        )
         self.writer = pq.ParquetWriter(str(path), self.schema)
 
     def write(self, rows: list[dict]) -> None:
@@ -324,10 +347,13 @@ def require_out_format(out: Path, *, resume: bool = False, suffix: str | None = 
         try:
             import pyarrow  # noqa: F401
         except ImportError as err:
-            raise UsageError(f"--out {out}: writing Parquet needs pyarrow, which is not installed. Fix: `pip install pyarrow`, "
-                             "or write .csv or .jsonl") from err  # fmt: skip
+            raise UsageError(
+                f"--out {out}: writing Parquet needs pyarrow, which is not installed. Fix: `pip install pyarrow`, or write .csv or .jsonl"
+            ) from err
         if resume:
-            raise UsageError(f"--out {out}: a Parquet file killed half-way cannot be read, so it cannot be resumed. Fix: write .csv or .jsonl for a resumable run")
+            raise UsageError(
+                f"--out {out}: a Parquet file killed half-way cannot be read, so it cannot be resumed. Fix: write .csv or .jsonl for a resumable run"
+            )
     return suffix
 
 
@@ -360,8 +386,10 @@ def scan_done(out: Path, fmt, threshold: float | None = None) -> tuple[collectio
     head = fmt.head().encode()
 
     def foreign(why: str) -> UsageError:
-        return UsageError(f"--out {out}: {why}, so it is not an output of this `pneumoscope predict` run and is not resumed (nothing in it "
-                          "was changed). Fix: give another --out, or --overwrite to replace it")  # fmt: skip
+        return UsageError(
+            f"--out {out}: {why}, so it is not an output of this `pneumoscope predict` run and is not resumed (nothing in it "
+            "was changed). Fix: give another --out, or --overwrite to replace it"
+        )
 
     with open(out, "rb") as fh:
         start = fh.read(len(head))
@@ -369,8 +397,10 @@ def scan_done(out: Path, fmt, threshold: float | None = None) -> tuple[collectio
             if head.startswith(start) and not fh.read(1):  # empty, or killed while writing the header: start again
                 return done, 0, 0, 0
             first = (start + fh.readline()).splitlines()[0][:80] if start else b""
-            raise foreign(f"its first line is {first.decode('utf-8', 'replace')!r}, not the header of predict's CSV (its columns are "
-                          f"{', '.join(Prediction.FIELDS)})")  # fmt: skip
+            raise foreign(
+                f"its first line is {first.decode('utf-8', 'replace')!r}, not the header of predict's CSV (its columns are "
+                f"{', '.join(Prediction.FIELDS)})"
+            )
         fh.seek(0)
         end = len(head)
         for rec in fmt.records(fh):
@@ -466,7 +496,9 @@ def shard_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.name}.rank-{rank}.partial")
 
 
-def predict_distributed(predictor: Predictor, items: list[Item], out: str | os.PathLike | None, *, resume: bool = False, overwrite: bool = False, **kw) -> Summary:
+def predict_distributed(
+    predictor: Predictor, items: list[Item], out: str | os.PathLike | None, *, resume: bool = False, overwrite: bool = False, **kw
+) -> Summary:
     """This rank's share of ``items`` into its shard; after a barrier rank 0 merges the shards into
     ``out`` in the single-process order. Every rank returns the merged summary.
 
@@ -481,12 +513,18 @@ def predict_distributed(predictor: Predictor, items: list[Item], out: str | os.P
 
     rank, world = distributed_world()
     if out is None:
-        raise UsageError(f"under torchrun (WORLD_SIZE={world}) each rank writes a shard beside the output, so predict needs --out. Fix: add --out FILE.csv or FILE.jsonl")
+        raise UsageError(
+            f"under torchrun (WORLD_SIZE={world}) each rank writes a shard beside the output, so predict needs --out. Fix: add --out FILE.csv or FILE.jsonl"
+        )
     out = Path(out)
     if out.suffix.lower() not in TEXT_FORMATS:
-        raise UsageError(f"--out {out}: under torchrun the output is merged from shards, in {', '.join(TEXT_FORMATS)} only. Fix: write .csv or .jsonl")
+        raise UsageError(
+            f"--out {out}: under torchrun the output is merged from shards, in {', '.join(TEXT_FORMATS)} only. Fix: write .csv or .jsonl"
+        )
     if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} exists. Fix: --overwrite to replace it, or another --out (--resume continues a run's shards, not a finished output)")
+        raise UsageError(
+            f"--out {out} exists. Fix: --overwrite to replace it, or another --out (--resume continues a run's shards, not a finished output)"
+        )
     dist.init_process_group("gloo")
     try:
         size = kw.get("batch_size", 32)
@@ -516,14 +554,18 @@ def merge_shards(out: Path, world: int, expected: int, batch_size: int) -> Summa
                 r = k // batch_size % world  # the rank that predicted item k
                 rec = next(readers[r], None)
                 if rec is None:
-                    raise StateError(f"{shards[r]}: ends early, short of its share of the {expected} inputs "
-                                       "(a rank stopped early). Fix: run the same command again with --resume")  # fmt: skip
+                    raise StateError(
+                        f"{shards[r]}: ends early, short of its share of the {expected} inputs "
+                        "(a rank stopped early). Fix: run the same command again with --resume"
+                    )
                 dst.write(rec.raw)
                 rows, failed = rows + 1, failed + rec.failed
-            extra = [str(s) for s, r in zip(shards, readers) if next(r, None) is not None]
+            extra = [str(s) for s, r in zip(shards, readers, strict=True) if next(r, None) is not None]
             if extra:
-                raise StateError(f"{', '.join(extra)}: more rows than this run's {expected} inputs (left by a run over other inputs?). "
-                                   "Fix: run again with --overwrite and without --resume")  # fmt: skip
+                raise StateError(
+                    f"{', '.join(extra)}: more rows than this run's {expected} inputs (left by a run over other inputs?). "
+                    "Fix: run again with --overwrite and without --resume"
+                )
             dst.flush()
             os.fsync(dst.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())

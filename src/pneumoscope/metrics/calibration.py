@@ -67,7 +67,7 @@ def compute_adaptive_reliability(
             bins = candidate
     count = np.array([len(b) for b in bins])
     positives = np.array([int(y_true[b].sum()) for b in bins])
-    intervals = np.array([compute_wilson_interval(k, n, confidence) for k, n in zip(positives, count)])  # (n_bins, 2)
+    intervals = np.array([compute_wilson_interval(k, n, confidence) for k, n in zip(positives, count, strict=True)])  # (n_bins, 2)
     return {
         "mean_predicted": np.array([y_prob[b].mean() for b in bins]),
         "observed": positives / count,

@@ -39,7 +39,7 @@ def compute_clinical_metrics(
         "f1": compute_wilson_interval(2 * tp, 2 * tp + fp + fn),
     }
     if ci["sensitivity"] and ci["specificity"]:
-        ci["balanced_accuracy"] = [(a + b) / 2 for a, b in zip(ci["sensitivity"], ci["specificity"])]
+        ci["balanced_accuracy"] = [(a + b) / 2 for a, b in zip(ci["sensitivity"], ci["specificity"], strict=True)]
     else:
         ci["balanced_accuracy"] = None
     groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
@@ -88,6 +88,14 @@ def compare_with_validation(val_metrics: dict, test_metrics: dict, keys=SUMMARY_
         if val_metrics.get(key) is None and test_metrics.get(key) is None:
             continue
         v, t = val_metrics.get(key), test_metrics.get(key)
-        rows.append({"metric": key, "validation": v, "validation_ci": val_ci.get(key), "test": t, "test_ci": test_ci.get(key),
-                     "drop_flagged": is_drop_beyond_intervals(v, val_ci.get(key), t, test_ci.get(key))})  # fmt: skip
+        rows.append(
+            {
+                "metric": key,
+                "validation": v,
+                "validation_ci": val_ci.get(key),
+                "test": t,
+                "test_ci": test_ci.get(key),
+                "drop_flagged": is_drop_beyond_intervals(v, val_ci.get(key), t, test_ci.get(key)),
+            }
+        )
     return rows

@@ -33,8 +33,15 @@ def compute_delong(y_true, prob_a, prob_b) -> dict:
     z = diff / se if se > 0 else 0.0
     p = float(2 * norm.sf(abs(z))) if se > 0 else 1.0
     half = norm.ppf(0.975) * se
-    return {"auc_a": float(auc_a), "auc_b": float(auc_b), "difference": float(diff), "se": se, "z": float(z), "p_value": p,
-            "ci95": [float(diff - half), float(diff + half)]}  # fmt: skip
+    return {
+        "auc_a": float(auc_a),
+        "auc_b": float(auc_b),
+        "difference": float(diff),
+        "se": se,
+        "z": float(z),
+        "p_value": p,
+        "ci95": [float(diff - half), float(diff + half)],
+    }
 
 
 def compute_mcnemar(y_true, pred_a, pred_b) -> dict:

@@ -10,7 +10,6 @@ from ..errors import UsageError
 from .calibration import fit_temperature
 from .classification import calibrated_probability, check_binary, compute_smoothed_youden_threshold, compute_youden_threshold, decide
 
-
 THRESHOLD_POLICIES = ("youden", "youden-smooth", "sensitivity", "specificity")
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 
 from ..data.preprocessing import Preprocessing
 from ..errors import MissingFileError, StateError, UsageError
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -34,7 +34,14 @@ def _lukemelas_to_timm(state: dict, blocks_per_stage: list[int]) -> dict:
     """Rename lukemelas EfficientNet keys to timm's ``tf_efficientnet_lite*`` names."""
     stem_head = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.", "_fc.": "classifier."}
     first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    other = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     where = [(s, i) for s, n in enumerate(blocks_per_stage) for i in range(n)]  # flat block -> (stage, index)
     out = {}
     for key, value in state.items():
@@ -45,7 +52,7 @@ def _lukemelas_to_timm(state: dict, blocks_per_stage: list[int]) -> dict:
             out[f"blocks.{stage}.{index}.{names[layer]}.{param}"] = value
         else:
             prefix = next(p for p in stem_head if key.startswith(p))
-            out[stem_head[prefix] + key[len(prefix):]] = value
+            out[stem_head[prefix] + key[len(prefix) :]] = value
     return out
 
 

@@ -9,6 +9,7 @@ versions. :class:`RunFolder` names the files of a run folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,10 +22,10 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .description import CheckpointError, HeadShape, RunDescription
 from ..errors import MissingFileError
-from .classifier import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, create_model
 from ..outputs import write_bytes_atomic
+from .classifier import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, create_model
+from .description import CheckpointError, HeadShape, RunDescription
 
 CHECKPOINT_NAME = "model.safetensors"
 
@@ -34,15 +35,19 @@ logger = logging.getLogger(__name__)
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("pneumoscope", "torch", "timm", "numpy", "scikit-learn", "grad-cam", "safetensors"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
 def describe(
-    model: PneumoniaClassifier, *, threshold: float, threshold_policy: str, temperature: float = 1.0, metrics: dict | None = None, **sections
+    model: PneumoniaClassifier,
+    *,
+    threshold: float,
+    threshold_policy: str,
+    temperature: float = 1.0,
+    metrics: dict | None = None,
+    **sections,
 ) -> RunDescription:
     """The description of ``model`` as trained; ``sections``: training, ood, leakage (see ``RunDescription``)."""
     return RunDescription(
@@ -100,8 +105,10 @@ def description_from_json(text: str, path: str | os.PathLike) -> RunDescription:
     try:
         raw = json.loads(text)
     except ValueError as err:
-        raise CheckpointError(f"{path}: its description is not valid JSON ({err}): the file is damaged. Fix: copy it again from where "
-                              "it was made, or make it again (`pneumoscope train` or `export`).") from err  # fmt: skip
+        raise CheckpointError(
+            f"{path}: its description is not valid JSON ({err}): the file is damaged. Fix: copy it again from where "
+            "it was made, or make it again (`pneumoscope train` or `export`)."
+        ) from err
     return RunDescription.from_dict(raw, path)
 
 
@@ -113,8 +120,10 @@ def verify_weights(path: Path, blob: bytes, meta: dict) -> None:
         logger.debug("%s: no weights digest (written by an older version); not checked", path)
         return
     if hashlib.sha256(_tensor_bytes(blob)).hexdigest() != expected:
-        raise CheckpointError(f"{path}: the weights do not match the SHA-256 digest written with them: the file is damaged (a changed "
-                              "byte or bit). Fix: copy it again from where it was made, or train again.")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: the weights do not match the SHA-256 digest written with them: the file is damaged (a changed "
+            "byte or bit). Fix: copy it again from where it was made, or train again."
+        )
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -176,7 +185,9 @@ class RunFolder:
             return cls(run)
         if run.is_file():
             return cls(run.parent, run.name)
-        raise MissingFileError(f"{run}: no run folder or checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}.")
+        raise MissingFileError(
+            f"{run}: no run folder or checkpoint here. Give a run folder made by `pneumoscope train` or its {CHECKPOINT_NAME}."
+        )
 
     @property
     def checkpoint(self) -> Path:
@@ -200,8 +211,9 @@ class RunFolder:
         return [self.path / name for name in self.CONTEXT_FILES if (self.path / name).is_file()]
 
 
-def save_derived_run(run: str | os.PathLike, out: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription, *,
-                     overwrite: bool = False) -> Path:  # fmt: skip
+def save_derived_run(
+    run: str | os.PathLike, out: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription, *, overwrite: bool = False
+) -> Path:
     """A new run folder: this checkpoint and description, plus the source run's training context."""
     import shutil
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .backbones import DEFAULT_BACKBONE, PRETRAINED, BackboneSpec, get_spec, load_imagenet_state_dict
 from ..data.discovery import CLASS_NAMES
 from ..errors import UsageError
+from .backbones import DEFAULT_BACKBONE, PRETRAINED, BackboneSpec, get_spec, load_imagenet_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def pack_heads(heads: list[Head], widths: list[int]) -> Head:
     with torch.no_grad():
         packed.fc1.weight.zero_()
         row = col = 0
-        for h, w in zip(heads, widths):
+        for h, w in zip(heads, widths, strict=True):
             if h.fc1.in_features != w:
                 raise ValueError(f"a head for {w} features was given one of {h.fc1.in_features}")
             n = h.fc1.out_features
@@ -87,7 +87,7 @@ class MahalanobisGuard(nn.Module):
         self.register_buffer("cutoff", torch.tensor(float(cutoff)))
 
     @classmethod
-    def fit(cls, features: np.ndarray, val_features: np.ndarray, quantile: float = 0.99) -> "MahalanobisGuard":
+    def fit(cls, features: np.ndarray, val_features: np.ndarray, quantile: float = 0.99) -> MahalanobisGuard:
         from sklearn.covariance import LedoitWolf  # shrinkage: 1,280 dims from a few thousand images
 
         lw = LedoitWolf().fit(features)
@@ -96,7 +96,7 @@ class MahalanobisGuard(nn.Module):
         return guard
 
     @classmethod
-    def empty(cls, dim: int) -> "MahalanobisGuard":
+    def empty(cls, dim: int) -> MahalanobisGuard:
         return cls(torch.zeros(dim), torch.eye(dim), 0.0)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -131,14 +131,18 @@ class FeatureAdapter(nn.Module):
     MIN_SD = 1e-3  # features that barely vary at the site are left unscaled
 
     @classmethod
-    def reference(cls, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> "FeatureAdapter":
+    def reference(cls, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> FeatureAdapter:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.permutation(len(features))[: cls.REFERENCE_SAMPLE])
-        return cls(torch.from_numpy(features.mean(0)), torch.from_numpy(features.std(0)), torch.from_numpy(features[rows]),
-                   torch.from_numpy(np.asarray(labels)[rows].astype(np.float32)))  # fmt: skip
+        return cls(
+            torch.from_numpy(features.mean(0)),
+            torch.from_numpy(features.std(0)),
+            torch.from_numpy(features[rows]),
+            torch.from_numpy(np.asarray(labels)[rows].astype(np.float32)),
+        )
 
     @classmethod
-    def empty(cls, dim: int, n_sample: int) -> "FeatureAdapter":
+    def empty(cls, dim: int, n_sample: int) -> FeatureAdapter:
         return cls(torch.zeros(dim), torch.ones(dim), torch.zeros(n_sample, dim), torch.zeros(n_sample))
 
     def fit_site(self, site_features: np.ndarray, *, shrink: float = 1.0) -> None:
@@ -222,7 +226,7 @@ class PneumoniaClassifier(nn.Module):
         """(name, module) of each backbone whose pooled features make up the head's input, in
         order: one, or an ensemble's members (so each member's features are cached as its own)."""
         if isinstance(self.backbone, ConcatBackbone):
-            return list(zip(self.spec.members, self.backbone.members))
+            return list(zip(self.spec.members, self.backbone.members, strict=True))
         return [(self.backbone_name, self.backbone)]
 
 
@@ -269,8 +273,10 @@ def create_backbone(name: str, *, pretrained: str = "imagenet", weights: str | o
         raise UsageError(f"pretrained must be 'imagenet' or 'none', got {pretrained!r}")
     if spec.members:
         if weights is not None:
-            raise UsageError(f"{name} is an ensemble of {', '.join(spec.members)}: --weights takes one backbone's state dict. "
-                             "Fix: use the registry's ImageNet weights (--pretrained imagenet) or --pretrained none.")  # fmt: skip
+            raise UsageError(
+                f"{name} is an ensemble of {', '.join(spec.members)}: --weights takes one backbone's state dict. "
+                "Fix: use the registry's ImageNet weights (--pretrained imagenet) or --pretrained none."
+            )
         return ConcatBackbone([create_backbone(m, pretrained=pretrained) for m in spec.members])
     backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="")
     if pretrained == "imagenet" or weights is not None:

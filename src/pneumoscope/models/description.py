@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from ..data.discovery import CLASS_NAMES
+from ..data.preprocessing import RESIZE_METHODS, Preprocessing
 from ..errors import PneumoscopeError
 from ..metrics.calibration import TEMPERATURE_RANGE
-from ..data.preprocessing import RESIZE_METHODS, Preprocessing
 from .backbones import BACKBONES
 
 FORMAT = "pneumoscope-checkpoint"
@@ -113,15 +113,22 @@ class RunDescription:
         negative OOD cut-off turns the guard off. Sections given as mappings become their types."""
         source = self.source
         if self.format != FORMAT or _number(self.format_version or 0, "format_version", source) > FORMAT_VERSION:
-            raise CheckpointError(f"{source}: checkpoint format {self.format_version} is newer than this pneumoscope reads; upgrade pneumoscope.")
+            raise CheckpointError(
+                f"{source}: checkpoint format {self.format_version} is newer than this pneumoscope reads; upgrade pneumoscope."
+            )
 
         def set_(name: str, value) -> None:  # frozen: the checked, typed value replaces what was given
             object.__setattr__(self, name, value)
 
         low, high = TEMPERATURE_RANGE
         if not low <= _number(self.temperature, "temperature", source) <= high:
-            raise _refuse(source, "temperature", f"in [{low:g}, {high:g}], the range calibration fits in (a negative one inverts every "
-                                                 "prediction, a huge one makes every probability 0.5)", self.temperature)  # fmt: skip
+            raise _refuse(
+                source,
+                "temperature",
+                f"in [{low:g}, {high:g}], the range calibration fits in (a negative one inverts every "
+                "prediction, a huge one makes every probability 0.5)",
+                self.temperature,
+            )
         set_("temperature", float(self.temperature))
         threshold = _number(self.threshold, "threshold", source)
         if not 0.0 < threshold < 1.0:
@@ -136,8 +143,12 @@ class RunDescription:
             raise _refuse(source, "backbone", "a backbone name", self.backbone)
         spec = BACKBONES.get(self.backbone)
         if spec is not None and self.preprocessing.input_size != spec.preprocessing.input_size:
-            raise _refuse(source, "preprocessing.input_size", f"{spec.preprocessing.input_size}, the size {self.backbone} is trained and "
-                                                              "run at (another size changes answers unflagged)", self.preprocessing.input_size)  # fmt: skip
+            raise _refuse(
+                source,
+                "preprocessing.input_size",
+                f"{spec.preprocessing.input_size}, the size {self.backbone} is trained and run at (another size changes answers unflagged)",
+                self.preprocessing.input_size,
+            )
         set_("head", _head(self.head, source))
         for name in ("metrics", "versions"):
             if not isinstance(getattr(self, name), Mapping):
@@ -273,7 +284,12 @@ def _preprocessing(pre, source) -> Preprocessing:
     if pre.get("in_chans") != 3:  # every registered backbone's first convolution takes 3 channels
         raise _refuse(source, "preprocessing.in_chans", "3 (the backbones take three channels)", pre.get("in_chans"))
     if len(pre["mean"]) != len(pre["std"]) or pre.get("in_chans") != len(pre["mean"]):
-        raise _refuse(source, "preprocessing.in_chans", f"the number of mean and std values ({len(pre['mean'])}, {len(pre['std'])})", pre.get("in_chans"))
+        raise _refuse(
+            source,
+            "preprocessing.in_chans",
+            f"the number of mean and std values ({len(pre['mean'])}, {len(pre['std'])})",
+            pre.get("in_chans"),
+        )
     resize = pre.get("resize", "bilinear-squash")
     if not isinstance(resize, str) or resize not in RESIZE_METHODS:
         raise _refuse(source, "preprocessing.resize", f"one of {list(RESIZE_METHODS)}", pre.get("resize"))
@@ -289,5 +305,8 @@ def _head(head, source) -> HeadShape:
     if not 0.0 <= dropout < 1.0:
         raise _refuse(source, "head.dropout", "in [0, 1)", head["dropout"])
     # bounded: the loader allocates the head before it reads the weights (hidden 10^9 asked for 5 TB)
-    return HeadShape(_integer(head["in_features"], "head.in_features", source, 1, MAX_FEATURES),
-                     _integer(head["hidden"], "head.hidden", source, 1, MAX_HIDDEN), dropout)  # fmt: skip
+    return HeadShape(
+        _integer(head["in_features"], "head.in_features", source, 1, MAX_FEATURES),
+        _integer(head["hidden"], "head.hidden", source, 1, MAX_HIDDEN),
+        dropout,
+    )

@@ -20,12 +20,12 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data.discovery import Dataset, Record
 from ..data.decode import ImageReadError
-from ..outputs import npy_bytes, write_bytes_atomic
+from ..data.discovery import Dataset, Record
 from ..data.paths import default_cache_dir
-from .classifier import PneumoniaClassifier, weights_fingerprint
+from ..outputs import npy_bytes, write_bytes_atomic
 from ..runtime import die_with_parent, progress_bar
+from .classifier import PneumoniaClassifier, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,13 @@ class FeatureCache:
             return None
         expected = (self.dim,) if self.dim is not None else (feature.size,)
         if feature.shape != expected or feature.dtype.kind != "f" or not np.isfinite(feature).all():
-            logger.warning("feature cache entry %s is damaged (shape %s, dtype %s, expected %s finite floats); recomputing",
-                           path, feature.shape, feature.dtype, expected)  # fmt: skip
+            logger.warning(
+                "feature cache entry %s is damaged (shape %s, dtype %s, expected %s finite floats); recomputing",
+                path,
+                feature.shape,
+                feature.dtype,
+                expected,
+            )
             return None
         return feature
 
@@ -64,7 +69,9 @@ class FeatureCache:
 
 
 def _part_key(name: str, module, model: PneumoniaClassifier) -> str:
-    payload = json.dumps({"backbone": weights_fingerprint(name, module), "pre": model.preprocessing.to_dict(), "v": FEATURE_VERSION}, sort_keys=True)
+    payload = json.dumps(
+        {"backbone": weights_fingerprint(name, module), "pre": model.preprocessing.to_dict(), "v": FEATURE_VERSION}, sort_keys=True
+    )
     return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
@@ -97,7 +104,7 @@ def _collate(batch):
     ok = [(i, x) for i, x, _ in batch if x is not None]
     bad = [(i, why) for i, x, why in batch if x is None]
     if ok:
-        idx, xs = zip(*ok)
+        idx, xs = zip(*ok, strict=True)
         return list(idx), torch.stack(xs), bad
     return [], None, bad
 
@@ -153,10 +160,10 @@ def extract_features(
                     problems[todo[j]] = why
                 if x is not None:
                     out = model.pooled_features(x).float().numpy()
-                    for j, f in zip(idx, out):
+                    for j, f in zip(idx, out, strict=True):
                         feats[todo[j]] = f
                         if records[todo[j]].content_hash:
-                            for c, part in zip(caches, np.split(f, bounds)):
+                            for c, part in zip(caches, np.split(f, bounds), strict=True):
                                 c.put(records[todo[j]].content_hash, part)
                 bar.update(len(idx) + len(bad))
         bar.close()

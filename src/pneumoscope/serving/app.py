@@ -38,8 +38,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import MutableHeaders
 
-from ..errors import StateError, UsageError
 from ..data.decode import MAX_PIXELS, ImageReadError, image_pixels, screen_image
+from ..errors import StateError, UsageError
 from ..inference.predictor import Prediction, Predictor
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NOTICE = "Research software, not a medical device."
 # The page's own origin only; images are data: URLs made by the page's own script.
 CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+
 def _png(rgb_or_gray: np.ndarray, alpha: np.ndarray | None = None) -> str:
     from PIL import Image
 
@@ -155,7 +157,7 @@ class MicroBatcher:
                 future.set_exception(err)
             return
         self.batches = [*self.batches[-99:], len(batch)]
-        for (*_, future), pred in zip(batch, preds):
+        for (*_, future), pred in zip(batch, preds, strict=True):
             future.set_result(pred)
 
 
@@ -172,8 +174,10 @@ class Guard:
         if self.allowed is not None:
             host = _host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
             if host not in self.allowed:
-                detail = (f"this server answers to {', '.join(sorted(self.allowed))}, not to the Host header {host[:100]!r} (a guard against DNS rebinding); "
-                          "open it by one of those names, or start it with `--allow-host NAME`")  # fmt: skip
+                detail = (
+                    f"this server answers to {', '.join(sorted(self.allowed))}, not to the Host header {host[:100]!r} (a guard against DNS rebinding); "
+                    "open it by one of those names, or start it with `--allow-host NAME`"
+                )
                 return await _json_error(421, detail)(scope, receive, send)
 
         async def send_with_headers(message):
@@ -206,9 +210,14 @@ MAX_BOUNDARY = 70  # characters of a multipart boundary (RFC 2046)
 
 
 async def read_multipart(
-    request: Request, fields: tuple[str, ...], *, max_bytes: int, max_files: int, grace_s: float = BODY_GRACE_S,
+    request: Request,
+    fields: tuple[str, ...],
+    *,
+    max_bytes: int,
+    max_files: int,
+    grace_s: float = BODY_GRACE_S,
     min_rate: float = MIN_BODY_RATE,
-) -> list[tuple[str, bytes]]:  # fmt: skip
+) -> list[tuple[str, bytes]]:
     """(file name, bytes) of each part named in ``fields``, parsed from the body as it streams in.
 
     Everything stays in memory: the body is counted as it arrives (chunked or
@@ -224,8 +233,9 @@ async def read_multipart(
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise HTTPException(415, f"the request body must be multipart/form-data, got {content_type.decode('latin-1')[:60]!r}; {how}")
     if len(params[b"boundary"]) > MAX_BOUNDARY:  # RFC 2046: at most 70 characters (a longer one made the parser fail with 500)
-        raise HTTPException(400, f"the multipart boundary is {len(params[b'boundary'])} characters; at most {MAX_BOUNDARY} are allowed "
-                                 f"(RFC 2046); {how}")  # fmt: skip
+        raise HTTPException(
+            400, f"the multipart boundary is {len(params[b'boundary'])} characters; at most {MAX_BOUNDARY} are allowed (RFC 2046); {how}"
+        )
     too_big = f"the limit is {max_bytes:,} bytes of files per request. Send a smaller file (downscale it or export a PNG)"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
@@ -257,8 +267,13 @@ async def read_multipart(
         if state["keep"]:
             parts[-1][1].extend(data[start:end])
 
-    callbacks = {"on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-                 "on_headers_finished": on_headers_finished, "on_part_data": on_part_data}  # fmt: skip
+    callbacks = {
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data,
+    }
     parser = MultipartParser(params[b"boundary"], callbacks)
     received, started, chunks = 0, time.monotonic(), request.stream()
     try:
@@ -268,10 +283,14 @@ async def read_multipart(
                 chunk = await asyncio.wait_for(anext(chunks), timeout=max(wait, 0.0))
             except StopAsyncIteration:
                 break
-            except asyncio.TimeoutError:
-                raise HTTPException(408, f"the upload arrived too slowly ({received:,} bytes in {time.monotonic() - started:.0f} s); "
-                                         f"after {grace_s:g} s a body must arrive at {min_rate:,} bytes/s or more. Send it again "
-                                         "over a faster connection", headers={"Connection": "close"}) from None  # fmt: skip
+            except TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"the upload arrived too slowly ({received:,} bytes in {time.monotonic() - started:.0f} s); "
+                    f"after {grace_s:g} s a body must arrive at {min_rate:,} bytes/s or more. Send it again "
+                    "over a faster connection",
+                    headers={"Connection": "close"},
+                ) from None
             received += len(chunk)
             if received > max_bytes + FORM_OVERHEAD:
                 raise HTTPException(413, f"upload is over {received - len(chunk):,} bytes and still coming; {too_big}")
@@ -327,8 +346,14 @@ def create_app(
         cam_pool.shutdown(wait=False, cancel_futures=True)
 
     # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, blank offline; the schema is at /openapi.json
-    app = FastAPI(title="pneumoscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Chest X-ray PNEUMONIA vs NORMAL. Research software, not a medical device.")  # fmt: skip
+    app = FastAPI(
+        title="pneumoscope",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Chest X-ray PNEUMONIA vs NORMAL. Research software, not a medical device.",
+    )
     app.state.batcher, app.state.budget = batcher, budget
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -351,10 +376,17 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "version": __version__, "model": model_name or predictor.description.backbone,
-                "backbone": predictor.description.backbone, "threshold": predictor.threshold,
-                "backend": predictor.backend.name, "ood_guard": predictor.ood_cutoff is not None, "max_upload_bytes": max_upload_bytes,
-                "max_pending": max_pending}  # fmt: skip
+        return {
+            "status": "ok",
+            "version": __version__,
+            "model": model_name or predictor.description.backbone,
+            "backbone": predictor.description.backbone,
+            "threshold": predictor.threshold,
+            "backend": predictor.backend.name,
+            "ood_guard": predictor.ood_cutoff is not None,
+            "max_upload_bytes": max_upload_bytes,
+            "max_pending": max_pending,
+        }
 
     def prepare(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, str]:
         """Decode within the pixel budget -> (the model's view (S, S), its input (1, C, S, S), the image-level screen);
@@ -365,13 +397,21 @@ def create_app(
             screened = screen_image(image)
             view = predictor.preprocessing_view(image)
             del image
-        return view, predictor.preprocess(view).numpy(), screened  # the view is already at the input size: same input as from the full image
+        return (
+            view,
+            predictor.preprocess(view).numpy(),
+            screened,
+        )  # the view is already at the input size: same input as from the full image
 
     def explain(view: np.ndarray, pred: Prediction) -> dict:
         with lock:  # Grad-CAM's hooks must not meet a batched forward pass
             _, (cam,), _ = views_and_cams(predictor, [view], probs=[pred.prob])  # the view, at the input size, preprocesses to x
-        return {"cam_method": "gradcam", "cam_target": pred.label, "heatmap_png": _png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
-                "overlay_png": _png(overlay_cam(view, cam))}  # fmt: skip
+        return {
+            "cam_method": "gradcam",
+            "cam_target": pred.label,
+            "heatmap_png": _png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
+            "overlay_png": _png(overlay_cam(view, cam)),
+        }
 
     async def analyse(name: str, data: bytes, heatmap: bool) -> dict:
         loop = asyncio.get_running_loop()
@@ -386,8 +426,10 @@ def create_app(
         result["image_png"] = await loop.run_in_executor(decode_pool, _png, view)
         if heatmap and can_explain and pred.label is not None:  # no decision (unreadable, or not assessable), nothing to explain
             if not heatmaps.acquire(blocking=False):
-                result["heatmap_error"] = (f"not made: the server is busy with {max_heatmaps} other heatmaps; "
-                                           "ask again for this image alone (POST /predict?heatmap=true)")  # fmt: skip
+                result["heatmap_error"] = (
+                    f"not made: the server is busy with {max_heatmaps} other heatmaps; "
+                    "ask again for this image alone (POST /predict?heatmap=true)"
+                )
                 return result
             try:
                 result.update(await loop.run_in_executor(cam_pool, explain, view, pred))
@@ -398,15 +440,19 @@ def create_app(
     async def admitted(request: Request, fields: tuple[str, ...], max_files: int, heatmap: bool) -> list[dict]:
         """Admit the request (or 503 when ``max_pending`` are in progress), read its uploads, analyse them."""
         if not slots.acquire(blocking=False):
-            raise HTTPException(503, f"the server is busy ({max_pending} requests in progress); retry in {RETRY_AFTER_S} s",
-                                headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            raise HTTPException(
+                503,
+                f"the server is busy ({max_pending} requests in progress); retry in {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         try:
-            uploads = await read_multipart(request, fields, max_bytes=max_upload_bytes, max_files=max_files, grace_s=body_grace_s,
-                                           min_rate=min_body_rate)  # fmt: skip
+            uploads = await read_multipart(
+                request, fields, max_bytes=max_upload_bytes, max_files=max_files, grace_s=body_grace_s, min_rate=min_body_rate
+            )
             if max_files == 1:
                 return [await analyse(*uploads[0], heatmap)]
             results = await asyncio.gather(*(analyse(name, data, heatmap) for name, data in uploads), return_exceptions=True)
-            return [r if isinstance(r, dict) else _failed(name, r) for (name, _), r in zip(uploads, results)]
+            return [r if isinstance(r, dict) else _failed(name, r) for (name, _), r in zip(uploads, results, strict=True)]
         finally:
             slots.release()
 
@@ -415,11 +461,36 @@ def create_app(
             raise err
         return {**Prediction(name, None, None, predictor.threshold, error=err.detail).to_dict(), "status": err.status_code}
 
-    upload_body = {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary", "description": "a radiograph: PNG, JPEG or DICOM"}}}}}, "required": True}  # fmt: skip
-    batch_body = {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": f"up to {MAX_FILES} radiographs"}}}}},
-        "required": True}  # fmt: skip
+    upload_body = {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "a radiograph: PNG, JPEG or DICOM"}},
+                }
+            }
+        },
+        "required": True,
+    }
+    batch_body = {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": f"up to {MAX_FILES} radiographs",
+                        }
+                    },
+                }
+            }
+        },
+        "required": True,
+    }
 
     @app.post("/predict", openapi_extra={"requestBody": upload_body})
     async def predict(request: Request, heatmap: bool = False):
@@ -450,8 +521,10 @@ def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, allow_hosts: t
             logger.warning("serving on %s: reachable from other machines; there is no authentication", host)
         allowed = (*LOOPBACK_HOSTS, *allow_hosts) if host in LOOPBACK_HOSTS else (host, *LOOPBACK_HOSTS, *allow_hosts)
         if host in ("0.0.0.0", "::") and not allow_hosts:
-            logger.warning("bound to all interfaces: requests must name this server as %s; add the names clients use with --allow-host",
-                           ", ".join(allowed))  # fmt: skip
+            logger.warning(
+                "bound to all interfaces: requests must name this server as %s; add the names clients use with --allow-host",
+                ", ".join(allowed),
+            )
         app = create_app(predictor, allowed_hosts=allowed, model_name=run_name(run))
         logger.info("serving %s at http://%s:%d/ (Ctrl+C to stop)", run, f"[{host}]" if ":" in host else host, port)
         uvicorn_server(app, host, port).run(sockets=[sock])
@@ -515,8 +588,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as err:
-        raise UsageError(f"--host {host!r}: not an address, nor a name this machine can resolve ({getattr(err, 'strerror', None) or err}). "
-                         "Fix: an address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (all its interfaces)") from err  # fmt: skip
+        raise UsageError(
+            f"--host {host!r}: not an address, nor a name this machine can resolve ({getattr(err, 'strerror', None) or err}). "
+            "Fix: an address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (all its interfaces)"
+        ) from err
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port left in TIME_WAIT is free again at once
@@ -535,5 +610,7 @@ def _bind_failure(err: OSError) -> str:
     if err.errno == errno.EACCES:
         return "permission denied (ports below 1024 need administrator rights). Fix: --port 8000, or another port from 1024 up"
     if err.errno == errno.EADDRNOTAVAIL:
-        return "not an address of this machine. Fix: --host 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces), or one of its addresses"
+        return (
+            "not an address of this machine. Fix: --host 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces), or one of its addresses"
+        )
     return f"{err.strerror or err}. Fix: another --host or --port"

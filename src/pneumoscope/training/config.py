@@ -103,7 +103,9 @@ class TrainConfig:
             self.head_folds = 1
         if self.threshold_policy not in THRESHOLD_POLICIES:
             raise UsageError(f"threshold_policy must be one of {list(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}")
-        if self.threshold_policy in ("sensitivity", "specificity") and not (self.threshold_target is not None and 0 < self.threshold_target < 1):
+        if self.threshold_policy in ("sensitivity", "specificity") and not (
+            self.threshold_target is not None and 0 < self.threshold_target < 1
+        ):
             raise UsageError(f"threshold_policy {self.threshold_policy!r} needs threshold_target in (0, 1), got {self.threshold_target!r}")
 
 
@@ -149,7 +151,9 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
         try:
             items.append((key, yaml.safe_load(raw)))  # YAML typing: 3e-5, true, null, [0.9, 1.1]
         except yaml.YAMLError as err:
-            raise UsageError(f"--set {item}: the value is not plain YAML ({' '.join(str(err).split())[:200]}). Fix: e.g. --set lr=3e-4") from err
+            raise UsageError(
+                f"--set {item}: the value is not plain YAML ({' '.join(str(err).split())[:200]}). Fix: e.g. --set lr=3e-4"
+            ) from err
     run, stage2, unknown = {}, {}, []
     for key, value in items:
         where = setting_name(key)
@@ -160,8 +164,10 @@ def load_train_config(path: str | os.PathLike | None, flags: dict | None = None,
         fields = _RUN_FIELDS if scope == "run" else _STAGE2_FIELDS
         (run if scope == "run" else stage2)[name] = _coerce(key, str(fields[name].type), value)
     if unknown:
-        raise UsageError(f"unknown training settings {sorted(unknown)}; known: {sorted(_RUN_FIELDS)} and stage 2's "
-                         f"{sorted('finetune.' + k for k in _STAGE2_FIELDS)}")  # fmt: skip
+        raise UsageError(
+            f"unknown training settings {sorted(unknown)}; known: {sorted(_RUN_FIELDS)} and stage 2's "
+            f"{sorted('finetune.' + k for k in _STAGE2_FIELDS)}"
+        )
     return TrainConfig(**run, finetune=FinetuneConfig(**stage2))
 
 
@@ -178,8 +184,9 @@ def _read_yaml(path: str | os.PathLike):
     try:
         return yaml.safe_load(text)  # safe: a tag such as !!python/object is refused, never run
     except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not plain YAML ({' '.join(str(err).split())[:300]}). Fix: write settings as `name: value` lines "
-                         "(no Python tags)") from err  # fmt: skip
+        raise UsageError(
+            f"{path}: not plain YAML ({' '.join(str(err).split())[:300]}). Fix: write settings as `name: value` lines (no Python tags)"
+        ) from err
 
 
 def _coerce(key: str, annotation: str, value):

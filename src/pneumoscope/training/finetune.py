@@ -15,8 +15,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from ..data.augment import Augment
-from .config import FinetuneConfig
-from ..errors import MissingFileError, StateError, UsageError
 from ..data.preprocessing import Preprocessing
+from ..errors import MissingFileError, StateError, UsageError
 from ..models.backbones import UNFREEZE
 from ..models.classifier import PneumoniaClassifier
 from ..runtime import die_with_parent, is_launched_rank
+from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
     if unfreeze not in UNFREEZE:
         raise UsageError(f"unfreeze must be 'top' or 'all', got {unfreeze!r}")
     top = {id(m) for name in model.spec.top_layers for m in model.backbone.get_submodule(name).modules()}
+
     def owns_state(m) -> bool:  # holds weights or BatchNorm statistics itself
         return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
 
@@ -135,8 +136,9 @@ class FineTuner(L.LightningModule):
     def configure_optimizers(self):
         head = list(self.model.head.parameters())
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([{"params": backbone, "lr": self.config.lr}, {"params": head, "lr": 10 * self.config.lr}],
-                                weight_decay=self.config.weight_decay)  # fmt: skip
+        opt = torch.optim.AdamW(
+            [{"params": backbone, "lr": self.config.lr}, {"params": head, "lr": 10 * self.config.lr}], weight_decay=self.config.weight_decay
+        )
         warmup = max(1, int(self.config.warmup_fraction * self.total_steps))
 
         def schedule(step: int) -> float:
@@ -213,9 +215,18 @@ def resume_checkpoint(work_dir: str | os.PathLike) -> Path:
 
 
 def finetune(
-    model: PneumoniaClassifier, train: ArrayDataset, val: ArrayDataset, config: FinetuneConfig, work_dir: str | os.PathLike, *,
-    seed: int = 0, num_workers: int = 2, resume: bool = False, progress: bool = True, loggers: Sequence = (),
-) -> tuple[list[dict], dict | None]:  # fmt: skip
+    model: PneumoniaClassifier,
+    train: ArrayDataset,
+    val: ArrayDataset,
+    config: FinetuneConfig,
+    work_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    num_workers: int = 2,
+    resume: bool = False,
+    progress: bool = True,
+    loggers: Sequence = (),
+) -> tuple[list[dict], dict | None]:
     """Fine-tune in place; ``model`` ends with the best validation-AUC weights.
 
     Returns (per-epoch history, facts about the fit) in the global-zero process and
@@ -253,19 +264,33 @@ def finetune(
 
         callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema)))
     trainer = L.Trainer(
-        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
         strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
-        precision=config.precision if config.precision != "auto" else auto_precision(cuda), callbacks=callbacks,
-        logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers], enable_progress_bar=progress, enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()], deterministic=False, log_every_n_steps=10,
-    )  # fmt: skip
-    loader_kw = {"batch_size": config.batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0,
-                 "worker_init_fn": die_with_parent}
+        precision=config.precision if config.precision != "auto" else auto_precision(cuda),
+        callbacks=callbacks,
+        logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        deterministic=False,
+        log_every_n_steps=10,
+    )
+    loader_kw = {
+        "batch_size": config.batch_size,
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,
+        "worker_init_fn": die_with_parent,
+    }
     t0 = time.perf_counter()
     trainer.fit(
-        module, DataLoader(train, shuffle=True, **loader_kw), DataLoader(val, **loader_kw),
+        module,
+        DataLoader(train, shuffle=True, **loader_kw),
+        DataLoader(val, **loader_kw),
         ckpt_path=str(ckpt) if resume else None,
-    )  # fmt: skip
+    )
     fit_s = time.perf_counter() - t0
     if best.best_model_path:
         state = load_resume_state(best.best_model_path)["state_dict"]
@@ -274,11 +299,17 @@ def finetune(
     if trainer.is_global_zero:
         _merge_earlier_log(logs)
     history = _read_history(logs / "finetune" / "metrics.csv")
-    facts = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "precision": str(trainer.precision),
-             "resumed_after_epoch": resumed_from, "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
-             "epochs_run": trainer.current_epoch, "fit_seconds": round(fit_s, 1),
-             # training images per second of fit wall time (validation passes included), this process's epochs only
-             "train_images_per_s": round(len(train) * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1)}  # fmt: skip
+    facts = {
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "precision": str(trainer.precision),
+        "resumed_after_epoch": resumed_from,
+        "best_val_auc": float(best.best_model_score) if best.best_model_score is not None else None,
+        "epochs_run": trainer.current_epoch,
+        "fit_seconds": round(fit_s, 1),
+        # training images per second of fit wall time (validation passes included), this process's epochs only
+        "train_images_per_s": round(len(train) * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1),
+    }
     return history, facts if trainer.is_global_zero else None
 
 

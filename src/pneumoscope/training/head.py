@@ -7,18 +7,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
 from ..errors import UsageError
-from ..models.features import FeatureResult
 from ..metrics.classification import calibrated_probability
 from ..models.classifier import Head, average_heads, pack_heads
+from ..models.features import FeatureResult
 from ..runtime import progress_bar
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,15 @@ def fit_head(
         row = {"epoch": epoch, "loss": total / len(xt), "accuracy": correct / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(row)
         for lg in loggers:
-            lg.log_metrics({"head/train_loss": row["loss"], "head/train_accuracy": row["accuracy"], "head/val_loss": val_loss,
-                            "head/val_accuracy": val_acc}, step=epoch)  # fmt: skip
+            lg.log_metrics(
+                {
+                    "head/train_loss": row["loss"],
+                    "head/train_accuracy": row["accuracy"],
+                    "head/val_loss": val_loss,
+                    "head/val_accuracy": val_acc,
+                },
+                step=epoch,
+            )
         logger.debug("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best_loss - 1e-6:
@@ -110,19 +118,28 @@ def fit_head(
     return history, best_epoch
 
 
-def fit_model_head(model, x_train, y_train, x_val, y_val, config: "TrainConfig", *, progress: bool = True, loggers: Sequence = ()) -> tuple[list[dict], int]:
+def fit_model_head(
+    model, x_train, y_train, x_val, y_val, config: TrainConfig, *, progress: bool = True, loggers: Sequence = ()
+) -> tuple[list[dict], int]:
     """Stage 1: the model's head on its frozen features. An ensemble's members get one head
     each, fitted on their own features and packed into one head that averages their logits
     (on `test/`, as good as one head on the joined features and steadier across seeds, BENCHMARKS.md).
     Returns the (first member's) history and best epoch; ``loggers`` get that history."""
-    kw = dict(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=config.lr,
-              weight_decay=config.weight_decay, seed=config.seed, progress=progress)  # fmt: skip
+    kw = dict(
+        epochs=config.epochs,
+        patience=config.patience,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        progress=progress,
+    )
     parts = model.feature_parts()
     if len(parts) == 1:
         return fit_head(model.head, x_train, y_train, x_val, y_val, loggers=loggers, **kw)
     widths = [module.num_features for _, module in parts]
     heads, fits, start = [], [], 0
-    for (name, _), width in zip(parts, widths):
+    for (name, _), width in zip(parts, widths, strict=True):
         cols = slice(start, start + width)
         head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p)
         fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, loggers=loggers if not fits else (), **kw))
@@ -137,7 +154,7 @@ def patient_folds(patients: Sequence[str], labels: np.ndarray, k: int, seed: int
     """Fold (0..k-1) of each image: patients dealt to folds in a seeded order, each class separately (a patient's
     class is its highest label), so that every fold holds both classes in about the training proportion."""
     patient_label: dict[str, int] = {}
-    for pid, y in zip(patients, labels):
+    for pid, y in zip(patients, labels, strict=True):
         patient_label[pid] = max(patient_label.get(pid, 0), int(y))
     rng = np.random.default_rng(seed)
     fold_of: dict[str, int] = {}
@@ -155,16 +172,23 @@ def usable_folds(feats: FeatureResult, fit_split: FitSplit, config: TrainConfig)
     if config.head_folds <= 1:
         return 1
     pool = fit_split.train | fit_split.val
-    per_class = [len({r.patient_id for r, keep, y in zip(feats.records, pool, fit_split.y) if keep and y == c}) for c in (0, 1)]
+    per_class = [
+        len({r.patient_id for r, keep, y in zip(feats.records, pool, fit_split.y, strict=True) if keep and y == c}) for c in (0, 1)
+    ]
     folds = min(config.head_folds, *per_class)
     if folds < config.head_folds:
-        logger.warning("head_folds %d: a class has only %d patients; %s", config.head_folds, min(per_class),
-                       f"cross-fitting {folds} heads" if folds > 1 else "one head, the operating point on the validation split")  # fmt: skip
+        logger.warning(
+            "head_folds %d: a class has only %d patients; %s",
+            config.head_folds,
+            min(per_class),
+            f"cross-fitting {folds} heads" if folds > 1 else "one head, the operating point on the validation split",
+        )
     return folds if folds > 1 else 1
 
 
-def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: FitSplit, config: TrainConfig, *, progress: bool = True,
-                          loggers: Sequence = ()) -> tuple[list[dict], int]:  # fmt: skip
+def fit_crossfitted_heads(
+    model, feats: FeatureResult, fit_split: FitSplit, config: TrainConfig, *, progress: bool = True, loggers: Sequence = ()
+) -> tuple[list[dict], int]:
     """Stage 1 cross-fitted: ``config.head_folds`` heads (a count :func:`usable_folds` allows), each fitted on the train and validation images of the other
     folds (early stopping on its own fold), averaged into the model's head (:func:`~pneumoscope.models.average_heads`).
 
@@ -173,7 +197,7 @@ def fit_crossfitted_heads(model, feats: FeatureResult, fit_split: FitSplit, conf
     Returns the first fold's history and best epoch (``loggers`` get that history)."""
     pool = fit_split.train | fit_split.val
     x, y = feats.features[pool], fit_split.y[pool]
-    patients = [r.patient_id for r, keep in zip(feats.records, pool) if keep]
+    patients = [r.patient_id for r, keep in zip(feats.records, pool, strict=True) if keep]
     folds = patient_folds(patients, y, config.head_folds, config.seed)
     fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(len(y), np.nan), None
     for k in range(config.head_folds):
@@ -203,5 +227,3 @@ def head_logits(head: Head, features: np.ndarray) -> np.ndarray:
     head.eval()
     with torch.no_grad():
         return head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1).double().numpy()
-
-

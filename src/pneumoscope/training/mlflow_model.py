@@ -31,12 +31,19 @@ CODE = Path(__file__).with_name("mlflow_model_code.py")  # what MLflow stores an
 # or is not assessable (label: ood_reason says why).
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "path")]),
-    outputs=Schema([
-        ColSpec("string", "path"), ColSpec("double", "prob", required=False), ColSpec("string", "label", required=False),
-        ColSpec("double", "threshold"), ColSpec("boolean", "ood", required=False), ColSpec("double", "ood_distance", required=False),
-        ColSpec("string", "error"), ColSpec("string", "ood_reason"),
-    ]),
-)  # fmt: skip
+    outputs=Schema(
+        [
+            ColSpec("string", "path"),
+            ColSpec("double", "prob", required=False),
+            ColSpec("string", "label", required=False),
+            ColSpec("double", "threshold"),
+            ColSpec("boolean", "ood", required=False),
+            ColSpec("double", "ood_distance", required=False),
+            ColSpec("string", "error"),
+            ColSpec("string", "ood_reason"),
+        ]
+    ),
+)
 FIELDS = [f.name for f in dataclasses.fields(Prediction)]
 
 
@@ -64,8 +71,9 @@ def save_mlflow_model(run: str | os.PathLike, path: str | os.PathLike) -> Path:
     # given, not inferred: MLflow would import the model's packages and may ask an index for their versions
     requirements = [f"pneumoscope=={__version__}", f"mlflow-skinny=={mlflow.__version__}", f"pandas=={pd.__version__}"]
     with _quiet():
-        mlflow.pyfunc.save_model(str(path), python_model=str(CODE), artifacts={"checkpoint": str(checkpoint)}, signature=SIGNATURE,
-                                 pip_requirements=requirements)  # fmt: skip
+        mlflow.pyfunc.save_model(
+            str(path), python_model=str(CODE), artifacts={"checkpoint": str(checkpoint)}, signature=SIGNATURE, pip_requirements=requirements
+        )
     return Path(path)
 
 

@@ -14,25 +14,25 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..data import discovery as data_mod
-from ..models.checkpoint import RunFolder, describe, save_checkpoint
-from .config import TrainConfig
 from ..errors import StateError
-from ..models.features import FeatureResult, extract_features
-from ..metrics.operating_point import OperatingPoint, fit_operating_point
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.intervals import mean_sd
+from ..metrics.operating_point import OperatingPoint, fit_operating_point
+from ..models.checkpoint import RunFolder, describe, save_checkpoint
 from ..models.classifier import FeatureAdapter, MahalanobisGuard, create_model
+from ..models.features import FeatureResult, extract_features
 from ..outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
 from ..plots import plot_history, plot_image_grid
 from ..runtime import is_launched_rank
+from .config import TrainConfig
 from .head import FitSplit, fit_crossfitted_heads, fit_model_head, head_logits, usable_folds
 from .tracking import check_logger, describe_logs, log_training_run, training_loggers
 
@@ -63,7 +63,13 @@ def work_dir_for(out: str | os.PathLike) -> Path:
 
 
 def train_run(
-    data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
 ) -> Path | None:
     """The ``pneumoscope train`` command. Returns the run folder (None in non-zero distributed ranks)."""
     check_logger(config.logger)  # a missing package fails before any work
@@ -76,13 +82,16 @@ def train_run(
 
     resolved = {**asdict(config), "data": str(Path(data).absolute())}
     settings = {**resolved, "out": str(Path(out).absolute())}
-    with training_loggers(config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()) as logs:
+    with training_loggers(
+        config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()
+    ) as logs:
         logs.log_hyperparams(settings)
         x, (y, tr, va) = feats.features, fit_split
         folds = usable_folds(feats, fit_split, config)  # once: it warns when a class has too few patients
         if folds > 1:
-            history, best_epoch = fit_crossfitted_heads(model, feats, fit_split, dataclasses.replace(config, head_folds=folds),
-                                                        progress=progress, loggers=logs.head)  # fmt: skip
+            history, best_epoch = fit_crossfitted_heads(
+                model, feats, fit_split, dataclasses.replace(config, head_folds=folds), progress=progress, loggers=logs.head
+            )
         else:
             history, best_epoch = fit_model_head(model, x[tr], y[tr], x[va], y[va], config, progress=progress, loggers=logs.head)
         finetuned: tuple[list[dict], dict] | None = ([], {})  # (history, facts) of stage 2
@@ -97,12 +106,30 @@ def train_run(
         tracked = logs.mlflow_run()
 
     ood = _fit_reference_and_guard(model, feats, fit_split, config)
-    _write_run(out, work, model, dataset, config, resolved=resolved, leakage=leakage, feats=feats, fit_split=fit_split, problems=problems,
-               head_fit=(history, best_epoch), finetuned=finetuned, point=point, val_metrics=val_metrics, ood=ood, tracked=tracked,
-               overwrite=overwrite)  # fmt: skip
+    _write_run(
+        out,
+        work,
+        model,
+        dataset,
+        config,
+        resolved=resolved,
+        leakage=leakage,
+        feats=feats,
+        fit_split=fit_split,
+        problems=problems,
+        head_fit=(history, best_epoch),
+        finetuned=finetuned,
+        point=point,
+        val_metrics=val_metrics,
+        ood=ood,
+        tracked=tracked,
+        overwrite=overwrite,
+    )
     if tracked:  # the run folder is complete: its files and its model go to the MLflow run
         log_training_run(out, tracked)
-    logger.info("features %.1f s, total %.1f s", t_feat, time.perf_counter() - t0)  # where the run went: the caller says (the CLI prints it)
+    logger.info(
+        "features %.1f s, total %.1f s", t_feat, time.perf_counter() - t0
+    )  # where the run went: the caller says (the CLI prints it)
     if config.logger != "csv":
         logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
     if problems:
@@ -118,21 +145,25 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
     if is_launched_rank():
         return
     check_output_dir(out, overwrite)
-    from .finetune import EARLIER_LOG, resume_checkpoint
     from ..outputs import process_alive
+    from .finetune import EARLIER_LOG, resume_checkpoint
 
     owner = work / OWNER_FILE
     recorded = owner.read_text().strip() if owner.is_file() else ""
     pid = int(recorded) if recorded.isdigit() else None
     if pid is not None and pid != os.getpid() and process_alive(pid):
-        raise OutputExistsError(f"{work} is in use by a train that is still running (process {pid}): wait for it, or choose another --out. "
-                                f"If no such train runs, delete {owner}.")  # fmt: skip
+        raise OutputExistsError(
+            f"{work} is in use by a train that is still running (process {pid}): wait for it, or choose another --out. "
+            f"If no such train runs, delete {owner}."
+        )
     if config.finetune.epochs and work.exists() and not resume:
         if not resume_checkpoint(work).is_file():  # killed before stage 2's first checkpoint: only logs, which every attempt rewrites
             logger.info("%s: an earlier attempt stopped before its first fine-tuning checkpoint; nothing to resume, starting afresh", work)
             overwrite = True
         if not overwrite:
-            raise OutputExistsError(f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over.")
+            raise OutputExistsError(
+                f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over."
+            )
         shutil.rmtree(work)
     # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint; stage 2's CSV log
     # (and the rows of attempts before it) is kept for a resume, which carries the epochs before the kill into its own
@@ -153,16 +184,21 @@ def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: boo
     if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
         raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
     if leakage["duplicates_across_splits"]:
-        logger.warning("%d images are identical (same bytes) across splits, e.g. %s; validation and test figures may be optimistic. "
-                       "Fix: remove the copies (`pneumoscope data inspect --json` lists them all)",
-                       len(leakage["duplicates_across_splits"]), leakage["duplicates_across_splits"][0])  # fmt: skip
+        logger.warning(
+            "%d images are identical (same bytes) across splits, e.g. %s; validation and test figures may be optimistic. "
+            "Fix: remove the copies (`pneumoscope data inspect --json` lists them all)",
+            len(leakage["duplicates_across_splits"]),
+            leakage["duplicates_across_splits"][0],
+        )
     return dataset, leakage
 
 
 def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config: TrainConfig, *, progress: bool):
     """Create the model and extract (cached) features of the train and val images: (model, features, fit split, skipped images)."""
     torch.manual_seed(config.seed)  # the head's initial weights
-    model = create_model(config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout)
+    model = create_model(
+        config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout
+    )
     feats = _features(model, dataset, [r for r in dataset.records if r.split in ("train", "val")], config, progress=progress)
     problems = list(dataset.problems) + feats.problems
     split = np.array([r.split for r in feats.records])
@@ -177,8 +213,15 @@ def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config
 
 def _features(model, dataset: data_mod.Dataset, records: list[data_mod.Record], config: TrainConfig, *, progress: bool) -> FeatureResult:
     """Pooled backbone features of ``records`` through the feature cache."""
-    return extract_features(model, dataset, records, cache_dir=config.cache_dir, batch_size=config.feature_batch_size,
-                            num_workers=config.num_workers, progress=progress)  # fmt: skip
+    return extract_features(
+        model,
+        dataset,
+        records,
+        cache_dir=config.cache_dir,
+        batch_size=config.feature_batch_size,
+        num_workers=config.num_workers,
+        progress=progress,
+    )
 
 
 def _fit_operating_point(model, feats: FeatureResult, fit_split: FitSplit, config: TrainConfig) -> tuple[OperatingPoint, dict]:
@@ -194,9 +237,15 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: FitSplit, confi
         val_logits = head_logits(model.head, feats.features[va])
     point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
     val_prob = point.probabilities(val_logits)
-    val_groups = [r.patient_id for r, v in zip(feats.records, va) if v]
+    val_groups = [r.patient_id for r, v in zip(feats.records, va, strict=True) if v]
     val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
-    logger.info("val: AUC %.4f, temperature %.3f, threshold %.4f (%s)", val_metrics["roc_auc"], point.temperature, point.threshold, point.description)
+    logger.info(
+        "val: AUC %.4f, temperature %.3f, threshold %.4f (%s)",
+        val_metrics["roc_auc"],
+        point.temperature,
+        point.threshold,
+        point.description,
+    )
     return point, val_metrics
 
 
@@ -204,9 +253,13 @@ def _final_metrics(head_fit: tuple[list[dict], int], finetune_facts: dict, point
     """What the training loggers get at the end, beside the settings: validation at the chosen operating point and the best epochs."""
     history, best_epoch = head_fit
     out = {f"val/{k}": val_metrics.get(k) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy")}
-    out |= {"val/threshold": point.threshold, "val/temperature": point.temperature, "head/best_epoch": best_epoch,
-            "head/best_val_loss": history[best_epoch - 1]["val_loss"],
-            "finetune/best_val_auc": finetune_facts.get("best_val_auc")}  # fmt: skip
+    out |= {
+        "val/threshold": point.threshold,
+        "val/temperature": point.temperature,
+        "head/best_epoch": best_epoch,
+        "head/best_val_loss": history[best_epoch - 1]["val_loss"],
+        "finetune/best_val_auc": finetune_facts.get("best_val_auc"),
+    }
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
@@ -215,15 +268,33 @@ def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: FitSplit, c
     tr, va = fit_split.train, fit_split.val
     model.adapter = FeatureAdapter.reference(feats.features[tr], fit_split.y[tr], seed=config.seed)  # identity; `adapt` fits it to a site
     model.ood = MahalanobisGuard.fit(feats.features[tr], feats.features[va], quantile=config.ood_quantile)
-    return {"method": "mahalanobis distance of pooled backbone features (Ledoit-Wolf covariance of the training split)",
-            "cutoff": float(model.ood.cutoff), "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances"}  # fmt: skip
+    return {
+        "method": "mahalanobis distance of pooled backbone features (Ledoit-Wolf covariance of the training split)",
+        "cutoff": float(model.ood.cutoff),
+        "cutoff_rule": f"{config.ood_quantile:g} quantile of the validation split's distances",
+    }
 
 
 def _write_run(
-    out: str | os.PathLike, work: Path, model, dataset: data_mod.Dataset, config: TrainConfig, *, resolved: dict, leakage: dict,
-    feats: FeatureResult, fit_split: FitSplit, problems: list, head_fit: tuple[list[dict], int], finetuned: tuple[list[dict], dict],
-    point: OperatingPoint, val_metrics: dict, ood: dict, tracked: dict | None, overwrite: bool,
-) -> None:  # fmt: skip
+    out: str | os.PathLike,
+    work: Path,
+    model,
+    dataset: data_mod.Dataset,
+    config: TrainConfig,
+    *,
+    resolved: dict,
+    leakage: dict,
+    feats: FeatureResult,
+    fit_split: FitSplit,
+    problems: list,
+    head_fit: tuple[list[dict], int],
+    finetuned: tuple[list[dict], dict],
+    point: OperatingPoint,
+    val_metrics: dict,
+    ood: dict,
+    tracked: dict | None,
+    overwrite: bool,
+) -> None:
     """Checkpoint, description, histories, splits and figures into a staging folder renamed to ``out``; then drop the work folder."""
     history, best_epoch = head_fit
     finetune_history, finetune_facts = finetuned
@@ -235,22 +306,41 @@ def _write_run(
         run = RunFolder(tmp)
         write_json(run.config, resolved)
         description = describe(
-            model, threshold=point.threshold, threshold_policy=point.description, temperature=point.temperature,
+            model,
+            threshold=point.threshold,
+            threshold_policy=point.description,
+            temperature=point.temperature,
             metrics={"val": val_metrics},
-            training={"data": resolved["data"], "layout": dataset.layout, "best_epoch": best_epoch, "epochs_run": len(history),
-                      "n_train": int(tr.sum()), "n_val": int(va.sum()), "seed": config.seed, "stage": stage,
-                      **({"finetune": finetune_facts} if finetune_facts else {}), **({"mlflow": tracked} if tracked else {})},
+            training={
+                "data": resolved["data"],
+                "layout": dataset.layout,
+                "best_epoch": best_epoch,
+                "epochs_run": len(history),
+                "n_train": int(tr.sum()),
+                "n_val": int(va.sum()),
+                "seed": config.seed,
+                "stage": stage,
+                **({"finetune": finetune_facts} if finetune_facts else {}),
+                **({"mlflow": tracked} if tracked else {}),
+            },
             ood=ood,
-            leakage={"ok": leakage["ok"], "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
-                     "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
-                     "duplicate_examples": leakage["duplicates_across_splits"][:20]},
-        )  # fmt: skip
+            leakage={
+                "ok": leakage["ok"],
+                "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
+                "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
+                "duplicate_examples": leakage["duplicates_across_splits"][:20],
+            },
+        )
         save_checkpoint(run.path, model, description)
         write_json(run.checkpoint_json, description.to_dict())
         write_json(run.metrics, val_metrics)
         write_csv(run.history_csv, list(history[0]), [list(h.values()) for h in history])
-        plot_history(history, run.history_png, best_epoch=best_epoch,
-                     title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})")
+        plot_history(
+            history,
+            run.history_png,
+            best_epoch=best_epoch,
+            title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})",
+        )
         if finetune_history:
             keys = ["epoch", "train_loss", "val_loss", "val_auc"]
             write_csv(run.finetune_history, keys, [[h.get(k) for k in keys] for h in finetune_history])
@@ -260,9 +350,19 @@ def _write_run(
         write_csv(
             run.splits,
             ["path", "split", "label", "patient_id", "pneumonia_type", "sha256", "status"],
-            [[dataset.display(r), r.split, data_mod.CLASS_NAMES[r.label], r.patient_id, r.pneumonia_type, r.content_hash,
-              "used" if (id(r) in used or r.split == "test") else "skipped"] for r in dataset.records],
-        )  # fmt: skip
+            [
+                [
+                    dataset.display(r),
+                    r.split,
+                    data_mod.CLASS_NAMES[r.label],
+                    r.patient_id,
+                    r.pneumonia_type,
+                    r.content_hash,
+                    "used" if (id(r) in used or r.split == "test") else "skipped",
+                ]
+                for r in dataset.records
+            ],
+        )
         write_csv(run.skipped, ["path", "reason"], problems)
         summary = data_mod.summarize(dataset)
         summary["leakage"] = leakage
@@ -277,11 +377,18 @@ def _finetune_stage(
 ) -> tuple[list[dict], dict] | None:
     """Stage 2 on cached uint8 images; returns (history, facts about the fit), or None in a launched rank."""
     from ..data.augment import Augment, resolve_augment
-    from .finetune import ArrayDataset, finetune
     from ..data.imagecache import build_image_array
     from ..data.paths import default_cache_dir
+    from .finetune import ArrayDataset, finetune
 
-    arr = build_image_array(dataset, records, model.preprocessing, config.cache_dir or default_cache_dir(), num_workers=max(1, config.num_workers), progress=progress)
+    arr = build_image_array(
+        dataset,
+        records,
+        model.preprocessing,
+        config.cache_dir or default_cache_dir(),
+        num_workers=max(1, config.num_workers),
+        progress=progress,
+    )
     if len(arr.records) != len(records):
         raise StateError("an image that decoded for features did not decode for fine-tuning; clear the cache and retry")
     split = np.array([r.split for r in arr.records])
@@ -291,8 +398,18 @@ def _finetune_stage(
     augment = Augment(aug) if aug is not None else None
     train_set = ArrayDataset(_Rows(arr.images, tr), y[tr], model.preprocessing, augment, seed=config.seed)
     val_set = ArrayDataset(_Rows(arr.images, va), y[va], model.preprocessing, None)
-    history, facts = finetune(model, train_set, val_set, config.finetune, work, seed=config.seed, num_workers=config.num_workers,
-                              resume=resume, progress=progress, loggers=loggers)  # fmt: skip
+    history, facts = finetune(
+        model,
+        train_set,
+        val_set,
+        config.finetune,
+        work,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        resume=resume,
+        progress=progress,
+        loggers=loggers,
+    )
     if facts is None:
         return None
     return history, {**facts, "augmentation": aug.to_dict() if aug is not None else None}
@@ -322,14 +439,22 @@ def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path
 
 
 def train_seeds(
-    data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, seeds: list[int], *, overwrite: bool = False, resume: bool = False,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig,
+    seeds: list[int],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict | None:
     """One run per seed in ``out/seed-N``; ``out/seeds.json`` holds mean and sd of the validation metrics."""
     out = Path(out)
     metrics = []
     for seed in seeds:
-        run = train_run(data, out / f"seed-{seed}", dataclasses.replace(config, seed=seed), overwrite=overwrite, resume=resume, progress=progress)
+        run = train_run(
+            data, out / f"seed-{seed}", dataclasses.replace(config, seed=seed), overwrite=overwrite, resume=resume, progress=progress
+        )
         if run is None:
             return None  # a launched distributed rank
         metrics.append(json.loads((run / "metrics.json").read_text()))

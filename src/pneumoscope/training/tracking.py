@@ -31,9 +31,9 @@ import os
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import StateError, UsageError
 
@@ -60,8 +60,23 @@ MLFLOW_EXPERIMENT = "pneumoscope"  # $MLFLOW_EXPERIMENT_NAME overrides it, as in
 # store, or the store $MLFLOW_TRACKING_URI named (the URI itself is not written: it may carry credentials).
 OWN_STORE, ENV_STORE = "logs/mlflow.db", "$MLFLOW_TRACKING_URI"
 # The evaluation metrics an evaluation run logs, as "<split>/<name>" (those that are numbers)
-EVALUATION_METRICS = ("n", "n_positive", "prevalence", "threshold", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
-                      "ppv", "npv", "f1", "roc_auc", "pr_auc", "brier", "ece")  # fmt: skip
+EVALUATION_METRICS = (
+    "n",
+    "n_positive",
+    "prevalence",
+    "threshold",
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+)
 
 
 def check_logger(name: str) -> None:
@@ -218,8 +233,9 @@ def log_training_run(run: str | os.PathLike, record: dict) -> bool:
     try:
         _log_training_run(run, record)
     except (MlflowException, StateError, OSError) as err:
-        logger.warning("%s: the run folder's files were not logged to MLflow run %s: %s",
-                       run, record.get("run_id"), " ".join(str(err).split()))  # fmt: skip
+        logger.warning(
+            "%s: the run folder's files were not logged to MLflow run %s: %s", run, record.get("run_id"), " ".join(str(err).split())
+        )
         return False
     return True
 
@@ -252,8 +268,9 @@ def _check_artifacts_here(client, run: Path, record: dict) -> None:
         raise StateError(f"the MLflow run keeps its artefacts at {uri}, outside {here} (the run folder was moved since training)")
 
 
-def log_evaluation(run: str | os.PathLike, record: dict, evaluation: str | os.PathLike, metrics: dict, *, split: str,
-                   params: dict) -> str | None:  # fmt: skip
+def log_evaluation(
+    run: str | os.PathLike, record: dict, evaluation: str | os.PathLike, metrics: dict, *, split: str, params: dict
+) -> str | None:
     """Log an evaluation of a tracked run as a new MLflow run beside its training run, in the same store and experiment.
 
     The new run is tagged ``mlflow.parentRunId`` (MLflow's UI shows it under the training run) and
@@ -275,8 +292,12 @@ def log_evaluation(run: str | os.PathLike, record: dict, evaluation: str | os.Pa
 
 
 def _not_logged(run: Path, record: dict, why) -> None:
-    logger.warning("%s was trained under MLflow run %s, but this evaluation is not logged to MLflow: %s",
-                   run, record.get("run_id"), " ".join(str(why).split()))  # fmt: skip
+    logger.warning(
+        "%s was trained under MLflow run %s, but this evaluation is not logged to MLflow: %s",
+        run,
+        record.get("run_id"),
+        " ".join(str(why).split()),
+    )
 
 
 def _log_evaluation(run: Path, record: dict, evaluation: Path, metrics: dict, *, split: str, params: dict) -> str:
@@ -295,8 +316,9 @@ def _log_evaluation(run: Path, record: dict, evaluation: Path, metrics: dict, *,
     try:
         now = int(time.time() * 1000)
         numbers = {f"{split}/{k}": float(metrics[k]) for k in EVALUATION_METRICS if isinstance(metrics.get(k), (int, float))}
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numbers.items()],
-                         params=[Param(k, str(v)) for k, v in params.items()])  # fmt: skip
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, now, 0) for k, v in numbers.items()], params=[Param(k, str(v)) for k, v in params.items()]
+        )
         for name in ("report.html", "metrics.json", "classification_report.txt"):
             if (evaluation / name).is_file():
                 client.log_artifact(run_id, str(evaluation / name))
