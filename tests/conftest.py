@@ -77,6 +77,24 @@ def make_kaggle_tree(root: Path, *, n_patients: int = 12, per_patient: int = 2, 
     return root
 
 
+def make_three_class_tree(root: Path, *, n_patients: int = 10, per_patient: int = 2, seed: int = 0) -> Path:
+    """train/ val/ test/ x COVID/ NORMAL/ PNEUMONIA/: NORMAL plain, PNEUMONIA a blob in a lung, COVID a band across both."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    for split, n in {"train": n_patients, "val": 3, "test": 4}.items():
+        for p in range(n):
+            for cls in ("COVID", "NORMAL", "PNEUMONIA"):
+                folder = root / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for k in range(per_patient):
+                    img = synthetic_xray(rng, int(cls == "PNEUMONIA")).astype(np.float32)
+                    if cls == "COVID":
+                        img += 110 * np.exp(-((yy - rng.uniform(0.3, 0.7)) ** 2) / 0.004)
+                    pid = 100 * (split == "val") + 200 * (split == "test") + p
+                    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{cls.lower()}{pid}-{k}.png")
+    return root
+
+
 @pytest.fixture
 def kaggle_tree(tmp_path) -> Path:
     return make_kaggle_tree(tmp_path / "chest_xray")

@@ -283,3 +283,64 @@ def test_class_folders_are_still_found_up_to_three_levels_down(tmp_path, where):
         Image.fromarray(np.full((32, 32), 100, np.uint8)).save(root / where / c / f"person1_{c}_1.png")
     ds = D.load_dataset(root)
     assert sorted(r.label for r in ds.records) == [0, 1] and ds.layout == ("kaggle" if where.endswith("train") else "class-folders")
+
+
+# --------------------------------------------------------------------------- issue 22: any folder-labelled task
+
+
+def test_classes_auto_takes_every_class_folder_sorted_as_keras_does(tmp_path):
+    from tests.conftest import make_three_class_tree
+
+    tree = make_three_class_tree(tmp_path / "cx", n_patients=2, per_patient=1)
+    ds = D.load_dataset(tree, classes="auto")
+    assert ds.class_names == ("COVID", "NORMAL", "PNEUMONIA") and ds.layout == "kaggle"
+    assert {ds.class_names[r.label] for r in ds.records} == {"COVID", "NORMAL", "PNEUMONIA"}
+    assert all(ds.class_names[r.label].lower() in r.ref.lower() for r in ds.records)
+    summary = D.summarize(ds)
+    assert summary["classes"] == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert summary["splits"]["train"]["classes"] == {"COVID": 2, "NORMAL": 2, "PNEUMONIA": 2}
+    assert summary["splits"]["train"]["patients_per_class"] == {"COVID": 2, "NORMAL": 2, "PNEUMONIA": 2}
+    # an order given: labels follow it; the default task ignores COVID/ as before, with a warning
+    ordered = D.load_dataset(tree, classes=["normal", "pneumonia", "covid"])
+    assert ordered.class_names == ("normal", "pneumonia", "covid")
+    assert {ordered.class_names[r.label].upper() for r in ordered.records} == {"COVID", "NORMAL", "PNEUMONIA"}
+    default = D.load_dataset(tree)
+    assert default.class_names == D.CLASS_NAMES and default.unknown_classes == ["COVID"]
+    assert "classes" not in D.summarize(default)  # the default task's summary reads as before
+
+
+def test_pneumonia_type_labels_come_from_kermany_file_names(kaggle_tree):
+    ds = D.load_dataset(kaggle_tree, labels="pneumonia-type")
+    assert ds.class_names == ("NORMAL", "BACTERIA", "VIRUS")
+    for r in ds.records:
+        name = r.ref.rsplit("/", 1)[-1]
+        assert ds.class_names[r.label] == ("BACTERIA" if "_bacteria_" in name else "VIRUS" if "_virus_" in name else "NORMAL")
+    (kaggle_tree / "train" / "PNEUMONIA" / "untyped-scan.jpeg").write_bytes(
+        (kaggle_tree / "train" / "NORMAL").glob("*.jpeg").__next__().read_bytes()
+    )
+    again = D.load_dataset(kaggle_tree, labels="pneumonia-type")
+    assert [p for p, why in again.problems if "names no type" in why] == [str(kaggle_tree / "train" / "PNEUMONIA" / "untyped-scan.jpeg")]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"classes": ["NORMAL"]}, "two or more"),
+        ({"classes": ["a", "A"]}, "two or more different"),
+        ({"labels": "colour"}, "labels must be one of"),
+        ({"labels": "pneumonia-type", "classes": ["X", "Y"]}, "pneumonia-type makes the classes"),
+    ],
+)
+def test_a_bad_class_request_is_one_clear_error(kaggle_tree, kwargs, match):
+    from pneumoscope.errors import UsageError
+
+    with pytest.raises(UsageError, match=match):
+        D.load_dataset(kaggle_tree, **kwargs)
+
+
+def test_an_npz_holds_the_default_task_only(tmp_path):
+    from tests.conftest import make_npz
+
+    make_npz(tmp_path / "p.npz")
+    with pytest.raises(D.DataError, match="NORMAL vs PNEUMONIA only"):
+        D.load_dataset(tmp_path / "p.npz", labels="pneumonia-type")

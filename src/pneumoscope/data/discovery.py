@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,11 @@ from .decode import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, re
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # index 1 is the positive class
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # the default task; index 1 is the positive class
+NORMAL = "NORMAL"  # the class the screening view (normal vs not) is taken against, when a task has it
+# Where labels come from: the class folders, or (Kermany's second task) the pneumonia type its file names carry
+LABEL_SOURCES = ("folders", "pneumonia-type")
+PNEUMONIA_TYPE_CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -45,7 +50,7 @@ class DataError(PneumoscopeError, ValueError):
 @dataclass(frozen=True)
 class Record:
     ref: str  # where the reader finds it: relative path, zip member, or "split/index" in an npz
-    label: int  # 0 NORMAL, 1 PNEUMONIA
+    label: int  # index into the dataset's class_names (0 NORMAL, 1 PNEUMONIA for the default task)
     split: str  # train / val / test, or "all" for a folder of class subfolders
     patient_id: str  # namespaced by pool: "train/person12", "test/person12"
     pneumonia_type: str  # bacteria / virus / none / unknown
@@ -180,28 +185,90 @@ class Dataset:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     ignored_files: int = 0
     unknown_classes: list[str] = field(default_factory=list)  # image folders beside the class folders
+    class_names: tuple[str, ...] = CLASS_NAMES  # label i is class_names[i]
 
     def display(self, record: Record) -> str:
+        """How messages name a record: its path, zip member or array index."""
         return self.reader.display(record.ref)
 
     def subset(self, records: list[Record]) -> Dataset:
-        return Dataset(self.source, self.layout, self.reader, records, list(self.problems), self.ignored_files, list(self.unknown_classes))
+        """The same dataset holding only ``records``."""
+        return replace(self, records=records, problems=list(self.problems), unknown_classes=list(self.unknown_classes))
 
     @property
     def has_patient_ids(self) -> bool:
         return self.layout != "npz"
 
 
-def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Discover the images under ``path`` (folder, .zip or .npz) and label them."""
+def load_dataset(path: str | os.PathLike, *, classes: Sequence[str] | str | None = None, labels: str = "folders") -> Dataset:
+    """Discover the images under ``path`` (folder, .zip or .npz) and label them.
+
+    Args:
+        path: a Kaggle-style root (train/ val/ test/ of class folders), a folder of class folders, a .zip of
+            either, or a PneumoniaMNIST .npz.
+        classes: None for NORMAL vs PNEUMONIA (other image folders are ignored, with a warning); ``"auto"`` for
+            every folder that holds images, sorted by name as Keras' ``image_dataset_from_directory`` does; or the
+            class names in the order wanted (folders matched in any case).
+        labels: ``"folders"``, or ``"pneumonia-type"``: NORMAL / BACTERIA / VIRUS from the Kermany file names
+            (``person12_bacteria_45.jpeg``); a PNEUMONIA image whose name carries no type is skipped and listed.
+
+    Returns:
+        The dataset; ``class_names[i]`` is label ``i``.
+    """
     path = Path(path)
+    if labels not in LABEL_SOURCES:
+        raise UsageError(f"labels must be one of {list(LABEL_SOURCES)}, got {labels!r}")
     if not path.exists():
         raise DataError(f"{path}: no such file or folder. Give a chest_xray folder, a .zip of one, or a .npz.")
+    wanted = _wanted_classes(classes, labels)
     if path.is_file() and path.suffix.lower() == ".npz":
+        if wanted not in (None, CLASS_NAMES) or labels != "folders":
+            raise DataError(f"{path}: a PneumoniaMNIST .npz holds NORMAL vs PNEUMONIA only. Fix: give folders for other classes.")
         return _load_npz(path)
-    if path.is_dir():
-        require_class_folders(path)
-    return _from_names(path, *_open_images(path, "Give a folder, a .zip or a PneumoniaMNIST .npz."))
+    if path.is_dir() and wanted != "auto":
+        require_class_folders(path, wanted or CLASS_NAMES)
+    dataset = _from_names(path, *_open_images(path, "Give a folder, a .zip or a PneumoniaMNIST .npz."), class_names=wanted)
+    return _by_pneumonia_type(dataset) if labels == "pneumonia-type" else dataset
+
+
+def _wanted_classes(classes, labels: str) -> tuple[str, ...] | str | None:
+    """None (the default task), "auto", or the class names asked for, checked."""
+    if labels == "pneumonia-type":
+        if classes not in (None, "auto") and tuple(c.upper() for c in classes) != PNEUMONIA_TYPE_CLASSES:
+            raise UsageError(f"--labels pneumonia-type makes the classes {list(PNEUMONIA_TYPE_CLASSES)}; drop --classes")
+        return None
+    if classes is None or classes == "auto":
+        return classes
+    if isinstance(classes, str):
+        classes = [c for c in classes.split(",") if c.strip()]
+    names = tuple(c.strip() for c in classes)
+    if len(names) < 2 or len({c.lower() for c in names}) != len(names) or not all(names):
+        raise UsageError(f"classes must name two or more different folders, got {list(names)}")
+    return names
+
+
+def _by_pneumonia_type(dataset: Dataset) -> Dataset:
+    """NORMAL / BACTERIA / VIRUS from the file names of a NORMAL vs PNEUMONIA dataset."""
+    index = {"none": 0, "bacteria": 1, "virus": 2}
+    kept, problems = [], list(dataset.problems)
+    for r in dataset.records:
+        if r.label == 0:
+            kept.append(r)
+        elif r.pneumonia_type in index:
+            kept.append(replace(r, label=index[r.pneumonia_type]))
+        else:
+            problems.append(
+                (
+                    dataset.display(r),
+                    "a PNEUMONIA image whose file name names no type (person<N>_bacteria_* or "
+                    "person<N>_virus_*); left out of the pneumonia-type task",
+                )
+            )
+    if len(problems) > len(dataset.problems):
+        logger.warning("%s: %d PNEUMONIA images name no pneumonia type; left out", dataset.source, len(problems) - len(dataset.problems))
+    out = replace(dataset, records=kept, problems=problems, class_names=PNEUMONIA_TYPE_CLASSES)
+    _check_classes(out)
+    return out
 
 
 def _open_images(path: Path, fix: str) -> tuple[Reader, list[str]]:
@@ -220,14 +287,14 @@ CLASS_FOLDER_DEPTH = 3  # NORMAL/ (class folders), train/NORMAL/ (a Kaggle root)
 LOOK_ENTRIES = 5000  # folder entries read, at most, while looking for class folders
 
 
-def require_class_folders(root: Path) -> None:
+def require_class_folders(root: Path, class_names: Sequence[str] = CLASS_NAMES) -> None:
     """Refuse a folder with no class folder within :data:`CLASS_FOLDER_DEPTH` levels, after a bounded look.
 
     Only folder names are read, breadth first, at most :data:`LOOK_ENTRIES` entries: a wrong
     parent folder (a home folder, a disk) is refused in a moment, instead of being walked
     to its last file before the error.
     """
-    classes = {c.lower() for c in CLASS_NAMES}
+    classes = {c.lower() for c in class_names}
     level, budget = [root], LOOK_ENTRIES
     for _ in range(CLASS_FOLDER_DEPTH):
         below = []
@@ -243,9 +310,10 @@ def require_class_folders(root: Path) -> None:
     top = sorted(_subfolders(root, 1000)[0])
     found = ", ".join(f"{n}/" for n in top[:5]) + (f" and {len(top) - 5} more" if len(top) > 5 else "") if top else "no subfolders"
     looked = f"; the look stopped after {LOOK_ENTRIES:,} entries" if budget <= 0 else ""
+    wanted = " and ".join(f"{c}/" for c in class_names)
     raise DataError(
-        f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within {CLASS_FOLDER_DEPTH} levels (found: {found}{looked}). "
-        "Fix: point at the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/"
+        f"{root}: no {wanted} class folders (any case) within {CLASS_FOLDER_DEPTH} levels (found: {found}{looked}). "
+        f"Fix: point at the chest_xray folder that holds train/ val/ test/, or at a folder holding {wanted}"
     )
 
 
@@ -362,8 +430,25 @@ def walk_files(root: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:
-    class_index = {c.lower(): i for i, c in enumerate(CLASS_NAMES)}
+def _auto_classes(names: list[str]) -> tuple[str, ...]:
+    """Every folder that directly holds images (not a split folder), sorted by name; first spelling kept."""
+    found: dict[str, str] = {}
+    for name in names:
+        parts = name.split("/")
+        if len(parts) >= 2 and is_image_path(name) and "__MACOSX" not in parts and not any(p.startswith(".") for p in parts):
+            folder = parts[-2]
+            if folder.lower() not in _SPLIT_ALIASES:
+                found.setdefault(folder.lower(), folder)
+    return tuple(found[k] for k in sorted(found))
+
+
+def _from_names(source: Path, reader: Reader, names: list[str], *, class_names: tuple[str, ...] | str | None = None) -> Dataset:
+    if class_names == "auto":
+        class_names = _auto_classes(names)
+        if len(class_names) < 2:
+            raise DataError(f"{source}: found image folders {list(class_names)}; a task needs two or more class folders holding images.")
+    class_names = tuple(class_names or CLASS_NAMES)
+    class_index = {c.lower(): i for i, c in enumerate(class_names)}
     records, ignored, non_images, unclassed = [], 0, [], []
     for name in sorted(names):
         parts = name.split("/")
@@ -399,21 +484,26 @@ def _from_names(source: Path, reader: Reader, names: list[str]) -> Dataset:
     # image folders beside the class folders, e.g. COVID19/ next to NORMAL/: classes we do not know
     class_parents = {"/".join(name.split("/")[:-2]) for name, _, _ in records}
     unknown = sorted({p[-2] for p in unclassed if "/".join(p[:-2]) in class_parents})
-    dataset = Dataset(source, layout, reader, out, ignored_files=ignored, unknown_classes=unknown)
+    dataset = Dataset(source, layout, reader, out, ignored_files=ignored, unknown_classes=unknown, class_names=class_names)
     if unknown:
         logger.warning(
-            "%s: image folders %s are not classes this tool knows (%s); they are ignored", source, unknown, ", ".join(CLASS_NAMES)
+            "%s: image folders %s are not among the classes (%s); they are ignored. Fix: --classes auto (or name them) to use them",
+            source,
+            unknown,
+            ", ".join(class_names),
         )
     _check_classes(dataset)
     return dataset
 
 
 def _check_classes(dataset: Dataset) -> None:
+    names = dataset.class_names
     counts = collections.Counter(r.label for r in dataset.records)
-    missing = [CLASS_NAMES[i] for i in range(len(CLASS_NAMES)) if counts[i] == 0]
-    if len(missing) == len(CLASS_NAMES):
+    missing = [names[i] for i in range(len(names)) if counts[i] == 0]
+    if len(missing) == len(names):
+        folders = " and ".join(f"{c}/" for c in names)
         raise DataError(
-            f"{dataset.source}: no images found in class folders. Expected NORMAL/ and PNEUMONIA/ folders (any case)"
+            f"{dataset.source}: no images found in class folders. Expected {folders} folders (any case)"
             " holding .jpeg/.png files, directly or under train/ val/ test/."
         )
     if missing:
@@ -521,7 +611,7 @@ def limit_per_split(records: list[Record], limit: int, *, seed: int = 0) -> list
         if len(rows) <= limit:
             out.extend(rows)
             continue
-        by_class = [[r for r in rows if r.label == c] for c in range(len(CLASS_NAMES))]
+        by_class = [[r for r in rows if r.label == c] for c in range(max(r.label for r in records) + 1)]
         quota = [int(round(limit * len(c) / len(rows))) for c in by_class]
         quota = [max(q, 1) if c else 0 for q, c in zip(quota, by_class, strict=True)]
         for rows_c, q in zip(by_class, quota, strict=True):
@@ -559,20 +649,34 @@ def summarize(dataset: Dataset) -> dict:
     for split in sorted({r.split for r in records}, key=lambda s: (SPLIT_NAMES + ("all",)).index(s)):
         rows = [r for r in records if r.split == split]
         per_patient = collections.Counter(r.patient_id for r in rows)
-        counts = {c: sum(r.label == i for r in rows) for i, c in enumerate(CLASS_NAMES)}
-        splits[split] = {
-            "images": len(rows),
-            "classes": counts,
-            "pneumonia_types": dict(sorted(collections.Counter(r.pneumonia_type for r in rows if r.label == 1).items())),
-            "patients": len(per_patient) if dataset.has_patient_ids else None,
-            "max_images_per_patient": max(per_patient.values(), default=0) if dataset.has_patient_ids else None,
-            "positive_fraction": round(counts[CLASS_NAMES[1]] / len(rows), 4) if rows else None,
-        }
+        counts = {c: sum(r.label == i for r in rows) for i, c in enumerate(dataset.class_names)}
+        patients = len(per_patient) if dataset.has_patient_ids else None
+        most = max(per_patient.values(), default=0) if dataset.has_patient_ids else None
+        if dataset.class_names == CLASS_NAMES:  # the default task: its pneumonia types and positive share, as always
+            types = dict(sorted(collections.Counter(r.pneumonia_type for r in rows if r.label == 1).items()))
+            share = round(counts[CLASS_NAMES[1]] / len(rows), 4) if rows else None
+            splits[split] = {
+                "images": len(rows),
+                "classes": counts,
+                "pneumonia_types": types,
+                "patients": patients,
+                "max_images_per_patient": most,
+                "positive_fraction": share,
+            }
+        else:
+            by_class = {c: len({r.patient_id for r in rows if r.label == i}) for i, c in enumerate(dataset.class_names)}
+            splits[split] = {
+                "images": len(rows),
+                "classes": counts,
+                "patients": patients,
+                "patients_per_class": by_class,
+                "max_images_per_patient": most,
+            }
     leakage = check_leakage(records, display=dataset.display)
     if not dataset.has_patient_ids:
         leakage["patients_in_several_splits"] = None
         leakage["note"] = "no patient ids in this source: the patient-level leakage check cannot be made"
-    return {
+    summary = {
         "source": str(dataset.source),
         "layout": dataset.layout,
         "images": len(records),
@@ -582,3 +686,6 @@ def summarize(dataset: Dataset) -> dict:
         "unreadable": [{"path": p, "reason": why} for p, why in dataset.problems],
         "ignored_files": dataset.ignored_files,
     }
+    if dataset.class_names != CLASS_NAMES:
+        summary["classes"] = list(dataset.class_names)
+    return summary

@@ -1,0 +1,105 @@
+"""N-class metrics (issue 22): checked against scikit-learn and against hand counts."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pneumoscope.metrics.classification import compute_roc_auc
+from pneumoscope.metrics.multiclass import (
+    check_multiclass,
+    compare_macro_auc,
+    compute_multiclass_metrics,
+    confusion_matrix,
+    fit_temperature_multiclass,
+    softmax,
+)
+
+
+def _three_class(n=300, seed=0, signal=1.5):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += signal
+    groups = np.array([f"p{i // 2}" for i in range(n)])  # two images a patient
+    y = np.array([y[i - i % 2] for i in range(n)])  # ... of one class
+    logits[np.arange(n), y] += 0.5
+    return y, softmax(logits), groups
+
+
+def test_the_table_matches_scikit_learn_and_hand_counts():
+    y, p, groups = _three_class()
+    m = compute_multiclass_metrics(y, p, ["NORMAL", "BACTERIA", "VIRUS"], groups=groups, n_boot=200)
+    assert m["macro_auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert m["micro_auc"] == pytest.approx(roc_auc_score(np.eye(3)[y].ravel(), p.ravel()))
+    pred = p.argmax(1)
+    assert m["accuracy"] == pytest.approx((pred == y).mean())
+    cm = np.array(m["confusion_matrix"])
+    assert cm.sum() == len(y) and (cm.sum(1) == np.bincount(y, minlength=3)).all()
+    virus = m["per_class"]["VIRUS"]
+    tp, fn = ((pred == 2) & (y == 2)).sum(), ((pred != 2) & (y == 2)).sum()
+    fp, tn = ((pred == 2) & (y != 2)).sum(), ((pred != 2) & (y != 2)).sum()
+    assert virus["sensitivity"] == pytest.approx(tp / (tp + fn)) and virus["specificity"] == pytest.approx(tn / (tn + fp))
+    assert virus["ppv"] == pytest.approx(tp / (tp + fp)) and virus["npv"] == pytest.approx(tn / (tn + fn))
+    assert virus["roc_auc"] == pytest.approx(roc_auc_score(y == 2, p[:, 2]))
+    assert np.allclose(np.array(m["confusion_row_percent"]).sum(1), 100, atol=0.2)
+    lo, hi = m["ci95"]["macro_auc"]
+    assert lo <= m["macro_auc"] <= hi and hi - lo < 0.2
+    lo, hi = m["ci95"]["accuracy"]
+    assert lo < m["accuracy"] < hi
+    again = compute_multiclass_metrics(y, p, ["NORMAL", "BACTERIA", "VIRUS"], groups=groups, n_boot=200)
+    assert again["ci95"] == m["ci95"]  # seeded
+
+
+def test_two_classes_give_the_binary_auc():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 100)
+    p1 = np.clip(0.3 * y + rng.uniform(size=100) * 0.7, 0, 1)
+    m = compute_multiclass_metrics(y, np.column_stack([1 - p1, p1]), ["NORMAL", "PNEUMONIA"])
+    assert m["per_class"]["PNEUMONIA"]["roc_auc"] == pytest.approx(compute_roc_auc(y, p1))
+    assert m["macro_auc"] == pytest.approx(compute_roc_auc(y, p1))
+
+
+def test_a_class_missing_from_the_labels_gives_none_not_a_number():
+    y = np.array([0, 0, 1, 1])
+    p = softmax(np.eye(3)[[0, 1, 1, 0]] * 2)
+    m = compute_multiclass_metrics(y, p, ["A", "B", "C"])
+    assert m["per_class"]["C"]["roc_auc"] is None and m["macro_auc"] is None and m["per_class"]["C"]["sensitivity"] is None
+
+
+@pytest.mark.parametrize(
+    "probs,match",
+    [
+        (np.full((3, 3), 0.5), "sum to 1"),
+        (np.array([[np.nan, 0.5, 0.5]] * 3), "finite"),
+        (np.full((3, 1), 1.0), "at least 2"),
+    ],
+)
+def test_bad_probabilities_are_refused(probs, match):
+    with pytest.raises(ValueError, match=match):
+        check_multiclass([0, 1, 0], probs)
+
+
+def test_labels_outside_the_classes_are_refused():
+    with pytest.raises(ValueError, match="labels must be integers"):
+        check_multiclass([0, 3], softmax(np.zeros((2, 3))))
+
+
+def test_softmax_is_stable_and_the_temperature_is_recovered():
+    assert np.isfinite(softmax(np.array([[1000.0, 0.0, -1000.0]]))).all()
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 3)) * 2
+    y = np.array([rng.choice(3, p=row) for row in softmax(true_logits)])
+    assert fit_temperature_multiclass(true_logits * 2.0, y) == pytest.approx(2.0, rel=0.1)  # over-confident by 2x
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    assert confusion_matrix([0, 0, 2], [1, 0, 2], 3).tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+
+
+def test_comparing_a_model_with_itself_finds_no_difference_and_a_better_one_a_positive_one():
+    y, p, groups = _three_class(seed=2, signal=0.8)
+    same = compare_macro_auc(y, p, p, groups, n_boot=100)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    better = softmax(np.log(p) + 3 * np.eye(3)[y])
+    diff = compare_macro_auc(y, p, better, groups, n_boot=100)
+    assert diff["difference"] > 0 and diff["ci95"][0] > 0 and diff["p_value"] < 0.05
