@@ -87,7 +87,7 @@ def _edited(tmp_path, **changes):
         ({"preprocessing__input_size": 1024}, "input_size must be 224"),  # labels changed, or 9.4 GB for 20 images
         ({"preprocessing__std": [0.5, 0.0, 0.5]}, "std must be > 0"),
         ({"preprocessing__resize": "letterbox"}, r"resize must be one of \['bilinear-squash'\]"),
-        ({"class_names": ["PNEUMONIA", "NORMAL"]}, "class_names must be"),
+        ({"class_names": ["PNEUMONIA", "NORMAL"]}, "positive_class must be .NORMAL."),
     ],
 )
 def test_a_description_that_would_change_answers_is_refused_on_load(tmp_path, changes, match):
@@ -211,7 +211,7 @@ def test_unknown_top_level_keys_are_kept_and_unknown_keys_in_the_contract_refuse
         ({"ood": {"cutoff": -1.0}}, "ood.cutoff must be >= 0"),
         ({"preprocessing": None}, "preprocessing must be a mapping"),
         ({"preprocessing": {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}}, "preprocessing.in_chans must be"),
-        ({"format_version": 2}, "checkpoint format 2 is newer"),
+        ({"format_version": 3}, "checkpoint format 3 is newer"),
         ({"head": {"in_features": 1280, "hidden": 0, "dropout": 0.3}}, "head.hidden"),
         # issue 23: sizes the loader allocates before reading the weights (hidden 10^9 asked for 5 TB), and a 1-channel contract
         ({"head": {"in_features": 1280, "hidden": 10**9, "dropout": 0.3}}, r"head.hidden must be an integer in \[1, 65536\]"),
@@ -238,7 +238,7 @@ def test_a_description_without_a_backbone_or_head_is_refused():
         ("threshold", 0.0, r"threshold must be in \(0, 1\)"),
         ("temperature", float("nan"), "temperature must be finite"),
         ("temperature", -1.0, "temperature must be in"),
-        ("class_names", ("PNEUMONIA", "NORMAL"), "class_names must be"),
+        ("class_names", ("PNEUMONIA", "NORMAL"), "positive_class must be"),
     ],
 )
 def test_replace_checks_a_derived_description(field, value, match):

@@ -25,7 +25,7 @@ from safetensors.torch import save
 from ..errors import MissingFileError
 from ..outputs import write_bytes_atomic
 from .classifier import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, create_model
-from .description import CheckpointError, HeadShape, RunDescription
+from .description import BINARY_FORMAT_VERSION, FORMAT_VERSION, CheckpointError, HeadShape, RunDescription, output_text
 
 CHECKPOINT_NAME = "model.safetensors"
 
@@ -47,15 +47,20 @@ def describe(
     threshold_policy: str,
     temperature: float = 1.0,
     metrics: dict | None = None,
+    normal_class: str | None = None,
     **sections,
 ) -> RunDescription:
-    """The description of ``model`` as trained; ``sections``: training, ood, leakage (see ``RunDescription``)."""
+    """The description of ``model`` as trained; ``normal_class``: N classes only, the screening decision's normal
+    class; ``sections``: training, ood, leakage (see ``RunDescription``)."""
     return RunDescription(
         backbone=model.backbone_name,
-        head=HeadShape(model.head.fc1.in_features, model.head.fc1.out_features, model.head.dropout.p),
+        head=HeadShape(model.head.fc1.in_features, model.head.fc1.out_features, model.head.dropout.p, model.n_outputs),
         preprocessing=model.preprocessing,
         class_names=model.class_names,
-        positive_class=model.class_names[1],
+        positive_class=model.class_names[1] if model.n_outputs == 1 else f"not {normal_class}",
+        normal_class=normal_class if model.n_outputs > 1 else None,
+        output=output_text(model.class_names),
+        format_version=BINARY_FORMAT_VERSION if model.n_outputs == 1 else FORMAT_VERSION,
         temperature=temperature,
         threshold=threshold,
         threshold_policy=threshold_policy,
@@ -145,7 +150,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, RunDe
     blob = path.read_bytes()
     verify_weights(path, blob, meta)
     head = description.head
-    model = create_model(description.backbone, pretrained="none", hidden=head.hidden, dropout=head.dropout)
+    model = create_model(
+        description.backbone, pretrained="none", hidden=head.hidden, dropout=head.dropout, class_names=description.class_names
+    )
     if description.ood:
         model.ood = MahalanobisGuard.empty(head.in_features)
     if description.feature_adapter:

@@ -19,23 +19,25 @@ logger = logging.getLogger(__name__)
 
 
 class Head(nn.Module):
-    """The notebook's head: global average pooling -> Dropout -> Dense(ReLU) -> one logit.
+    """The notebook's head: global average pooling -> Dropout -> Dense(ReLU) -> one logit (two classes: the logit of
+    class 1) or one logit per class (softmax over ``outputs`` classes).
 
     Accepts a feature map (B, C, H, W) or already pooled features (B, C), so
     the same module trains on cached features and runs inside the full model.
     """
 
-    def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.3):
+    def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.3, outputs: int = 1):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.fc1 = nn.Linear(in_features, hidden)
         self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, 1)
+        self.fc2 = nn.Linear(hidden, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, C) or a feature map (B, C, H, W) -> logits (B, outputs)."""
         if x.ndim == 4:
             x = x.mean(dim=(2, 3))  # (B, C)
-        return self.fc2(self.act(self.fc1(self.dropout(x))))  # (B, 1): logit of PNEUMONIA
+        return self.fc2(self.act(self.fc1(self.dropout(x))))  # (B, outputs)
 
 
 def pack_heads(heads: list[Head], widths: list[int]) -> Head:
@@ -45,7 +47,7 @@ def pack_heads(heads: list[Head], widths: list[int]) -> Head:
     The first layers go block-diagonal, the output layer averages: an ordinary Head (of
     hidden size sum of the heads'), so checkpoints, site adaptation and ONNX need nothing new.
     """
-    packed = Head(sum(widths), hidden=sum(h.fc1.out_features for h in heads), dropout=heads[0].dropout.p)
+    packed = Head(sum(widths), hidden=sum(h.fc1.out_features for h in heads), dropout=heads[0].dropout.p, outputs=heads[0].fc2.out_features)
     with torch.no_grad():
         packed.fc1.weight.zero_()
         row = col = 0
@@ -67,7 +69,12 @@ def average_heads(heads: list[Head]) -> Head:
     The hidden layers are stacked and the output layer averages them: an ordinary Head (hidden size the sum of the
     heads'), so checkpoints, site adaptation and ONNX need nothing new.
     """
-    packed = Head(heads[0].fc1.in_features, hidden=sum(h.fc1.out_features for h in heads), dropout=heads[0].dropout.p)
+    packed = Head(
+        heads[0].fc1.in_features,
+        hidden=sum(h.fc1.out_features for h in heads),
+        dropout=heads[0].dropout.p,
+        outputs=heads[0].fc2.out_features,
+    )
     with torch.no_grad():
         packed.fc1.weight.copy_(torch.cat([h.fc1.weight for h in heads]))  # (sum hidden, C)
         packed.fc1.bias.copy_(torch.cat([h.fc1.bias for h in heads]))
@@ -198,18 +205,27 @@ class PneumoniaClassifier(nn.Module):
         """Pooled backbone features as the head and the OOD guard see them (after site adaptation)."""
         return features if self.adapter is None else self.adapter(features)
 
+    @property
+    def n_outputs(self) -> int:
+        """1 (two classes: the logit of class 1) or the number of classes (softmax)."""
+        return self.head.fc2.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.adapted(self.pooled_features(x)))  # (B, 1)
+        """Images (B, C, S, S) -> logits (B, n_outputs)."""
+        return self.head(self.adapted(self.pooled_features(x)))
+
+    def _squeeze(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 0] if self.n_outputs == 1 else logits
 
     def logit_and_ood(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, C, S, S) -> logit (B,) and OOD distance (B,), or None without a guard: what
-        inference and the ONNX export compute, from one pass of the backbone."""
+        """(B, C, S, S) -> logits ((B,) for two classes, (B, K) for K) and OOD distance (B,), or None without a
+        guard: what inference and the ONNX export compute, from one pass of the backbone."""
         feats = self.adapted(self.pooled_features(x))
-        return self.head(feats)[:, 0], (self.ood(feats) if self.ood is not None else None)
+        return self._squeeze(self.head(feats)), (self.ood(feats) if self.ood is not None else None)
 
     def head_logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits (B,) from cached pooled backbone features."""
-        return self.head(self.adapted(torch.as_tensor(pooled, dtype=torch.float32)))[:, 0]
+        """Logits ((B,) or (B, K)) from cached pooled backbone features."""
+        return self._squeeze(self.head(self.adapted(torch.as_tensor(pooled, dtype=torch.float32))))
 
     def ood_distances(self, pooled) -> torch.Tensor | None:
         """OOD distances (B,) from cached pooled backbone features, as :meth:`logit_and_ood` computes them; None without a guard."""
@@ -298,9 +314,10 @@ def create_model(
     weights: str | os.PathLike | None = None,
     hidden: int = 256,
     dropout: float = 0.3,
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> PneumoniaClassifier:
-    """The classifier: a registered backbone with the notebook's head."""
+    """The classifier: a registered backbone with the notebook's head (one logit for two classes, one per class beyond)."""
     spec = get_spec(name)
     backbone = create_backbone(name, pretrained=pretrained, weights=weights)
-    head = Head(backbone.num_features, hidden=hidden, dropout=dropout)
-    return PneumoniaClassifier(backbone, head, name, spec)
+    head = Head(backbone.num_features, hidden=hidden, dropout=dropout, outputs=1 if len(class_names) == 2 else len(class_names))
+    return PneumoniaClassifier(backbone, head, name, spec, class_names)

@@ -29,8 +29,18 @@ from ..metrics.calibration import TEMPERATURE_RANGE
 from .backbones import BACKBONES
 
 FORMAT = "pneumoscope-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: N-class runs (class_names of any length, head outputs, normal_class); binary runs are still written as 1
+BINARY_FORMAT_VERSION = 1  # what a two-class run is written as: every earlier pneumoscope reads it
+MAX_CLASSES = 1000
 OUTPUT = "one logit; P(PNEUMONIA) = sigmoid(logit / temperature)"
+
+
+def output_text(class_names) -> str:
+    """What the network's output means, for the description's ``output`` field."""
+    if len(class_names) == 2:
+        return OUTPUT if tuple(class_names) == CLASS_NAMES else f"one logit; P({class_names[1]}) = sigmoid(logit / temperature)"
+    return f"{len(class_names)} logits, one per class in class_names order; P(class) = softmax(logits / temperature)"
+
 
 # Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
 # above 1,024 px one CPU image costs seconds and a batch gigabytes.
@@ -56,9 +66,12 @@ class HeadShape:
     in_features: int
     hidden: int
     dropout: float
+    outputs: int = 1  # one logit (two classes), or one per class
 
     def to_dict(self) -> dict:
-        return {"in_features": self.in_features, "hidden": self.hidden, "dropout": self.dropout}
+        """As the description's ``head`` holds it (``outputs`` only when there are several: two-class files read as before)."""
+        out = {"in_features": self.in_features, "hidden": self.hidden, "dropout": self.dropout}
+        return out if self.outputs == 1 else {**out, "outputs": self.outputs}
 
 
 @dataclass(frozen=True)
@@ -101,8 +114,9 @@ class RunDescription:
     class_names: tuple[str, ...] = CLASS_NAMES
     positive_class: str = CLASS_NAMES[1]
     output: str = OUTPUT
+    normal_class: str | None = None  # N classes: the class the screening decision (normal vs not) is taken against
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = BINARY_FORMAT_VERSION  # describe() writes FORMAT_VERSION for N classes
     extra: dict = field(default_factory=dict)  # top-level keys this version does not know, kept as read
     source: str = field(default="description", compare=False, repr=False)  # where it was read, for messages
     read_keys: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # the file's keys in its order; None: made here
@@ -136,9 +150,8 @@ class RunDescription:
         set_("threshold", threshold)
         set_("ood", _ood(self.ood, source))
         set_("preprocessing", _preprocessing(self.preprocessing, source))
-        if list(self.class_names) != list(CLASS_NAMES):
-            raise _refuse(source, "class_names", f"{list(CLASS_NAMES)} (the positive class is index 1)", self.class_names)
-        set_("class_names", tuple(self.class_names))
+        set_("class_names", _class_names(self.class_names, source))
+        self._check_task(source)
         if not isinstance(self.backbone, str) or not self.backbone:
             raise _refuse(source, "backbone", "a backbone name", self.backbone)
         spec = BACKBONES.get(self.backbone)
@@ -150,6 +163,9 @@ class RunDescription:
                 self.preprocessing.input_size,
             )
         set_("head", _head(self.head, source))
+        outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
+        if self.head.outputs != outputs:
+            raise _refuse(source, "head.outputs", f"{outputs} for {len(self.class_names)} classes", self.head.outputs)
         for name in ("metrics", "versions"):
             if not isinstance(getattr(self, name), Mapping):
                 raise _refuse(source, name, "a mapping", getattr(self, name))
@@ -192,6 +208,7 @@ class RunDescription:
             "preprocessing": {**pre, "mean": list(pre["mean"]), "std": list(pre["std"])},
             "class_names": list(self.class_names),
             "positive_class": self.positive_class,
+            **({"normal_class": self.normal_class} if self.normal_class is not None else {}),
             "output": self.output,
             "temperature": self.temperature,
             "threshold": self.threshold,
@@ -210,6 +227,26 @@ class RunDescription:
             out = {k: out[k] for k in (*self.read_keys, *added) if k in out}
         return copy.deepcopy(out)
 
+    def _check_task(self, source) -> None:
+        """Class names, head outputs, positive and normal class agree: what the outputs mean cannot be misread."""
+        k = len(self.class_names)
+        if k == 2 and self.positive_class != self.class_names[1]:
+            raise _refuse(source, "positive_class", f"{self.class_names[1]!r} (class index 1: the logit's class)", self.positive_class)
+        if k > 2:
+            if self.normal_class not in self.class_names:
+                raise _refuse(
+                    source, "normal_class", f"one of {list(self.class_names)} (the screening decision's normal class)", self.normal_class
+                )
+            if _number(self.format_version or 0, "format_version", source) < FORMAT_VERSION:
+                raise _refuse(source, "format_version", f"{FORMAT_VERSION} for {k} classes", self.format_version)
+        elif self.normal_class is not None:
+            raise _refuse(source, "normal_class", "absent for two classes (the logit's class is the positive one)", self.normal_class)
+
+    @property
+    def n_classes(self) -> int:
+        """How many classes the run tells apart."""
+        return len(self.class_names)
+
     @property
     def ood_cutoff(self) -> float | None:
         """The OOD guard's cut-off, or None where the run has no guard."""
@@ -218,7 +255,7 @@ class RunDescription:
 
 _KNOWN = frozenset(f.name for f in fields(RunDescription)) - {"extra", "source", "read_keys"}
 # Keys older versions did not write, left out of a description read from such a file while they keep these values.
-_OPTIONAL = {"temperature": 1.0, "feature_adapter": None, **dict.fromkeys(SECTIONS)}
+_OPTIONAL = {"temperature": 1.0, "feature_adapter": None, "normal_class": None, **dict.fromkeys(SECTIONS)}
 
 
 def _fix() -> str:
@@ -296,11 +333,24 @@ def _preprocessing(pre, source) -> Preprocessing:
     return Preprocessing.from_dict(pre)
 
 
+def _class_names(names, source) -> tuple[str, ...]:
+    if not isinstance(names, (list, tuple)) or not 2 <= len(names) <= MAX_CLASSES:
+        raise _refuse(source, "class_names", f"a list of 2 to {MAX_CLASSES} class names", names)
+    if not all(isinstance(n, str) and n for n in names) or len({n.lower() for n in names}) != len(names):
+        raise _refuse(source, "class_names", "different non-empty names", names)
+    return tuple(names)
+
+
 def _head(head, source) -> HeadShape:
     if isinstance(head, HeadShape):
         head = head.to_dict()
-    if not isinstance(head, Mapping) or set(head) != {"in_features", "hidden", "dropout"}:
-        raise _refuse(source, "head", "a mapping of in_features, hidden and dropout", head)
+    if not isinstance(head, Mapping) or not {"in_features", "hidden", "dropout"} <= set(head) <= {
+        "in_features",
+        "hidden",
+        "dropout",
+        "outputs",
+    }:
+        raise _refuse(source, "head", "a mapping of in_features, hidden, dropout (and outputs)", head)
     dropout = _number(head["dropout"], "head.dropout", source)
     if not 0.0 <= dropout < 1.0:
         raise _refuse(source, "head.dropout", "in [0, 1)", head["dropout"])
@@ -309,4 +359,5 @@ def _head(head, source) -> HeadShape:
         _integer(head["in_features"], "head.in_features", source, 1, MAX_FEATURES),
         _integer(head["hidden"], "head.hidden", source, 1, MAX_HIDDEN),
         dropout,
+        _integer(head.get("outputs", 1), "head.outputs", source, 1, MAX_CLASSES),
     )
