@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data.decode import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
-from ..data.discovery import CLASS_NAMES, DataError, Dataset, Record
+from ..data.discovery import DataError, Dataset, Record
 from ..data.preprocessing import Preprocessing
 from ..errors import UsageError
 from ..metrics.classification import calibrated_probability, decide
@@ -38,15 +38,20 @@ class Prediction:
     (``ood`` is True: the image screen or the out-of-distribution guard flagged it, and
     ``ood_reason`` says why). ``prob`` is then given for information only.
 
+    A model of N > 2 classes adds ``probs`` (class -> calibrated probability); its ``prob`` is the screening
+    probability P(not normal) and ``label`` is the normal class below ``threshold``, else the most probable of the
+    other classes: the screening decision and the class it points to cannot disagree.
+
     Attributes:
         path: the input as given (a path, or a description of an in-memory input).
-        prob: calibrated P(PNEUMONIA), or None when the image could not be read.
-        label: "NORMAL" or "PNEUMONIA", or None (not assessable, or unreadable).
-        threshold: the model's operating point; ``label`` is PNEUMONIA where ``prob >= threshold``.
+        prob: calibrated P(PNEUMONIA) (N classes: P(not normal)), or None when the image could not be read.
+        label: "NORMAL" or "PNEUMONIA" (N classes: the class decided as above), or None (not assessable, or unreadable).
+        threshold: the model's operating point; ``label`` is PNEUMONIA (not normal) where ``prob >= threshold``.
         ood: True when not assessable; False when checked and like the training images; None when the model has no guard.
         ood_distance: the guard's score (Mahalanobis distance of the image's features to the training features).
         error: why the image could not be read, else "".
         ood_reason: why it is not assessable, else "".
+        probs: N classes only: each class's calibrated probability (softmax), in the model's class order; else None.
     """
 
     path: str
@@ -57,6 +62,7 @@ class Prediction:
     ood_distance: float | None = None
     error: str = ""
     ood_reason: str = ""
+    probs: dict[str, float] | None = None
 
     @property
     def assessable(self) -> bool:
@@ -69,9 +75,19 @@ class Prediction:
         """The record as ``pneumoscope predict --format json`` writes it.
 
         Returns:
-            A dict of :attr:`FIELDS`, in that order (``label``, ``prob`` and the rest as above; None where absent).
+            A dict of :attr:`FIELDS`, in that order (``label``, ``prob`` and the rest as above; None where absent), then
+            for an N-class model ``prob_<CLASS>`` for each class (None where the image could not be read).
         """
-        return {k: getattr(self, k) for k in self.FIELDS}
+        out = {k: getattr(self, k) for k in self.FIELDS}
+        if self.probs is not None:
+            out.update({f"prob_{c}": p for c, p in self.probs.items()})
+        return out
+
+
+def prediction_fields(class_names) -> tuple[str, ...]:
+    """The columns of ``predict``'s rows for a model of these classes: :attr:`Prediction.FIELDS`, then for N > 2
+    classes one probability column per class."""
+    return Prediction.FIELDS if len(class_names) == 2 else (*Prediction.FIELDS, *(f"prob_{c}" for c in class_names))
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -249,6 +265,16 @@ class Predictor:
         return self.description.ood_cutoff
 
     @property
+    def multiclass(self) -> bool:
+        """True for a model of more than two classes (softmax over its classes, a screening decision on top)."""
+        return self.description.n_classes > 2
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The columns of this model's prediction rows (see :func:`prediction_fields`)."""
+        return prediction_fields(self.class_names)
+
+    @property
     def model(self):
         """The PyTorch model (Grad-CAM and the feature cache need it)."""
         if not isinstance(self.backend, TorchBackend):
@@ -296,9 +322,11 @@ class Predictor:
 
     def check_dataset(self, dataset: Dataset) -> None:
         """Refuse a dataset whose classes are not this checkpoint's classes (before any image is read)."""
-        if tuple(self.class_names) != CLASS_NAMES:
-            raise CheckpointError(
-                f"the checkpoint's classes {list(self.class_names)} are not {list(CLASS_NAMES)}; this pneumoscope cannot evaluate it."
+        if [c.lower() for c in dataset.class_names] != [c.lower() for c in self.class_names]:
+            raise DataError(
+                f"{dataset.source}: its classes {list(dataset.class_names)} are not the checkpoint's {list(self.class_names)} "
+                "(in this order). Fix: load the data with the run's classes (--classes "
+                f"{','.join(self.class_names)}, or the --labels it was trained with)"
             )
         if dataset.unknown_classes:
             raise DataError(
@@ -307,9 +335,35 @@ class Predictor:
             )
 
     # -- prediction
+    def class_probabilities(self, logits) -> np.ndarray:
+        """Calibrated probability of each class (n, K): softmax of the logits over the temperature (two classes:
+        1 - p and p of the one logit)."""
+        z = np.asarray(logits, dtype=np.float64)
+        if z.ndim == 1:
+            p = calibrated_probability(z, self.temperature)
+            return np.column_stack([1.0 - p, p])
+        from ..metrics.multiclass import softmax
+
+        return softmax(z, self.temperature)
+
     def probability(self, logits) -> np.ndarray:
-        """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit."""
-        return calibrated_probability(logits, self.temperature)
+        """Calibrated P(PNEUMONIA): temperature-scaled sigmoid of the logit. N classes: the screening probability
+        P(not normal) = 1 - P(normal class) of the softmax."""
+        z = np.asarray(logits, dtype=np.float64)
+        if z.ndim == 1:
+            return calibrated_probability(z, self.temperature)
+        normal = self.class_names.index(self.description.normal_class)
+        return 1.0 - self.class_probabilities(z)[:, normal]
+
+    def class_label(self, prob: float, class_probs: np.ndarray) -> str:
+        """N classes: the normal class when the screening probability is below the threshold, else the most
+        probable other class."""
+        normal = self.class_names.index(self.description.normal_class)
+        if not self.decide(prob):
+            return self.class_names[normal]
+        others = np.array(class_probs, dtype=np.float64)
+        others[normal] = -np.inf
+        return self.class_names[int(others.argmax())]
 
     def decide(self, probs) -> np.ndarray:
         """The decision rule (:func:`pneumoscope.metrics.decide`) at this model's threshold: 1 (PNEUMONIA) where
@@ -335,10 +389,16 @@ class Predictor:
         if not tta:
             logits, dists = self._forward(images, batch_size)
             return self.probability(logits), dists
+        logits, dists = self.tta_logits(images, batch_size)
+        return self.probability(logits), dists
+
+    def tta_logits(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits averaged over each image and its :func:`tta_views`; the OOD distance is the original's."""
         views = [v for im in images for v in tta_views(self.preprocessing_view(im))]
         logits, dists = self._forward(views, batch_size)
         k = len(views) // max(1, len(images))  # views per image; the first is the image itself
-        return self.probability(logits.reshape(len(images), k).mean(axis=1)), (None if dists is None else dists[::k])
+        mean = logits.reshape(len(images), k, -1).mean(axis=1)
+        return (mean[:, 0] if logits.ndim == 1 else mean), (None if dists is None else dists[::k])
 
     def _forward(self, images: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw logits (no temperature) and OOD distances, in batches."""
@@ -356,7 +416,9 @@ class Predictor:
         return self.run(images, batch_size=batch_size, tta=tta)[0]
 
     def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
-        return self._predictions(names, *self.run(images, batch_size=batch_size, tta=tta), [screen_image(im) for im in images])
+        """One :class:`Prediction` per decoded (H, W) image, named by ``names``."""
+        logits, dists = self.tta_logits(images, batch_size) if tta else self._forward(images, batch_size)
+        return self._predictions(names, logits, dists, [screen_image(im) for im in images])
 
     def predict_batch(self, x: np.ndarray, names: list[str], screened: list[str]) -> list[Prediction]:
         """Predictions for an already preprocessed batch (B, C, S, S), in one forward pass.
@@ -366,9 +428,11 @@ class Predictor:
         ``screened``: :func:`~pneumoscope.io.screen_image` of each decoded image.
         """
         logits, dists = self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
-        return self._predictions(names, self.probability(logits), dists, screened)
+        return self._predictions(names, logits, dists, screened)
 
-    def _predictions(self, names: list[str], probs: np.ndarray, dists: np.ndarray | None, screened: list[str]) -> list[Prediction]:
+    def _predictions(self, names: list[str], logits: np.ndarray, dists: np.ndarray | None, screened: list[str]) -> list[Prediction]:
+        probs = self.probability(logits)
+        class_probs = self.class_probabilities(logits) if self.multiclass else None
         out = []
         for i, (name, prob, reason) in enumerate(zip(names, probs, screened, strict=True)):
             dist = None if dists is None or not np.isfinite(dists[i]) else float(dists[i])
@@ -389,10 +453,12 @@ class Predictor:
                     f"unlike the radiographs the model was trained on: out-of-distribution score {dist:.1f} is over "
                     f"the cut-off {self.ood_cutoff:.1f}"
                 )
+            per_class = None if class_probs is None else dict(zip(self.class_names, map(float, class_probs[i]), strict=True))
             if reason:  # not assessable: no diagnosis, the probability for information only
-                out.append(Prediction(name, float(prob), None, self.threshold, True, dist, ood_reason=reason))
+                out.append(Prediction(name, float(prob), None, self.threshold, True, dist, ood_reason=reason, probs=per_class))
             else:
-                out.append(Prediction(name, float(prob), self.label_of(prob), self.threshold, flag, dist))
+                label = self.class_label(prob, class_probs[i]) if self.multiclass else self.label_of(prob)
+                out.append(Prediction(name, float(prob), label, self.threshold, flag, dist, probs=per_class))
         return out
 
     def predict_inputs(self, inputs: list, *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
