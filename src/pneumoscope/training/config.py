@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.augment import resolve_augment
+from ..data.discovery import LABEL_SOURCES, NORMAL
 from ..errors import UsageError
 from ..metrics.operating_point import THRESHOLD_POLICIES
 from ..models.backbones import DEFAULT_BACKBONE, UNFREEZE
@@ -85,6 +86,10 @@ class TrainConfig:
     num_workers: int = 1  # image decoding processes, both stages
     cache_dir: str | None = None
     logger: str = "csv"  # training logs besides the CSV log: a name in tracking.LOGGERS
+    # the task: None for NORMAL vs PNEUMONIA; "auto" for every class folder, sorted; or class names in order
+    classes: str | list[str] | None = None
+    labels: str = "folders"  # or "pneumonia-type": NORMAL / BACTERIA / VIRUS from Kermany's file names
+    normal_class: str = NORMAL  # N > 2 classes: the class the screening decision (normal vs not) is taken against
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 2 (0 epochs: the frozen-backbone model of stage 1)
 
     def __post_init__(self):
@@ -97,6 +102,10 @@ class TrainConfig:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.labels not in LABEL_SOURCES:
+            raise UsageError(f"labels must be one of {list(LABEL_SOURCES)}, got {self.labels!r}")
+        if not isinstance(self.normal_class, str) or not self.normal_class:
+            raise UsageError(f"normal_class must name a class, got {self.normal_class!r}")
         if self.logger not in LOGGERS:
             raise UsageError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
         if self.head_folds > 1 and self.finetune.epochs:  # the folds' out-of-fold logits would be stale once the backbone changes
