@@ -150,3 +150,14 @@ def test_importing_and_drawing_leave_matplotlib_backend_alone(tmp_path):
     env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "svg" and (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_an_n_class_confusion_matrix_is_drawn_with_counts_and_row_shares(tmp_path):
+    from PIL import Image as PILImage
+
+    from pneumoscope.plots import plot_confusion_matrix_n
+
+    out = tmp_path / "cm.png"
+    plot_confusion_matrix_n([[10, 2, 1], [3, 20, 4], [0, 0, 0]], ["NORMAL", "BACTERIA", "VIRUS"], out)
+    with PILImage.open(out) as im:
+        assert im.width > 300 and im.height > 300  # an empty class (row of zeros) draws, as n/a

@@ -71,6 +71,30 @@ def plot_confusion_matrix(cm: dict[str, int], class_names, path, *, title: str =
     _save(fig, path)
 
 
+def plot_confusion_matrix_n(cm, class_names, path, *, title: str = "") -> None:
+    """An N x N confusion matrix (rows true, columns predicted): counts with row percentages (the diagonal reads as
+    each class's sensitivity); colour = row share."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    m = np.asarray(cm)
+    rows = m.sum(axis=1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)
+    k = len(class_names)
+    fig, ax = _subplots(figsize=(2.0 + 1.4 * k, 1.6 + 1.2 * k))
+    disp = ConfusionMatrixDisplay(share, display_labels=list(class_names))
+    disp.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
+    for (i, j), text in np.ndenumerate(disp.text_):
+        text.set_text(f"{m[i, j]}\n{share[i, j]:.1%}" if rows[i, 0] else f"{m[i, j]}\nn/a")
+        text.set_fontsize(11 if k <= 4 else 8)
+    ax.set_xlabel("predicted (most probable class)")
+    ax.set_ylabel("true")
+    ax.set_yticks(range(k), [f"{c}\n(n = {n})" for c, n in zip(class_names, rows[:, 0], strict=True)])
+    ax.set_title((title + "\n" if title else "") + "count and % of the true class (row)", fontsize=10)
+    cbar = fig.colorbar(disp.im_, ax=ax, fraction=0.046)
+    cbar.set_label("share of the row")
+    _save(fig, path)
+
+
 def plot_roc(
     curve: dict,
     path,
