@@ -283,3 +283,80 @@ def test_class_folders_are_still_found_up_to_three_levels_down(tmp_path, where):
         Image.fromarray(np.full((32, 32), 100, np.uint8)).save(root / where / c / f"person1_{c}_1.png")
     ds = D.load_dataset(root)
     assert sorted(r.label for r in ds.records) == [0, 1] and ds.layout == ("kaggle" if where.endswith("train") else "class-folders")
+
+
+def _spy_renames(monkeypatch) -> list[str]:
+    """The names of the files :func:`pneumoscope.outputs.atomic_file` renames into place."""
+    import os
+    from pathlib import Path
+
+    from pneumoscope import outputs
+
+    seen, replace = [], os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: seen.append(Path(src).name) or replace(src, dst))
+    return seen
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_pack_stages_under_the_one_atomic_writer_and_follows_the_umask(umask, kaggle_tree, tmp_path, monkeypatch):
+    import os
+
+    from pneumoscope.data.pack import pack_dataset
+    from pneumoscope.outputs import partial_name
+
+    out = tmp_path / "out" / "packed.zip"
+    renamed = _spy_renames(monkeypatch)
+    old = os.umask(umask)
+    try:
+        pack_dataset(kaggle_tree, out, size=32, progress=False)
+    finally:
+        os.umask(old)
+    assert len(renamed) == 1 and renamed[0].startswith(partial_name(out))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask and os.listdir(out.parent) == ["packed.zip"]
+
+
+def test_pack_on_a_full_disk_names_the_zip_and_leaves_nothing(kaggle_tree, tmp_path, monkeypatch):
+    """Before issue 21 the error named no file (zipfile's write has none to name)."""
+    import errno
+    import os
+
+    from pneumoscope.data.pack import pack_dataset
+
+    def full(self, name, data, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full)
+    out = tmp_path / "out" / "packed.zip"
+    with pytest.raises(OSError) as err:
+        pack_dataset(kaggle_tree, out, size=32, progress=False)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(out)
+    assert os.listdir(out.parent) == []
+
+
+@pytest.mark.parametrize("unreadable", [0, 1])
+def test_image_cache_follows_the_umask_and_leaves_no_temporary_file_on_failure(unreadable, kaggle_tree, tmp_path, monkeypatch):
+    """Before issue 21 the cached array kept mkstemp's 0600 whatever the umask (unless compacted, one unreadable image)."""
+    import os
+
+    from pneumoscope.data import imagecache
+    from pneumoscope.data.preprocessing import Preprocessing
+
+    ds = D.scan(D.load_dataset(kaggle_tree))
+    bad = D.Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
+    (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
+    records, pre = ds.records[:4] + [bad] * unreadable, Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    broken = imagecache._Decode.__getitem__
+    monkeypatch.setattr(imagecache._Decode, "__getitem__", lambda self, i: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        imagecache.build_image_array(ds, records, pre, tmp_path, num_workers=0, progress=False)
+    assert os.listdir(tmp_path / "images") == []
+    monkeypatch.setattr(imagecache._Decode, "__getitem__", broken)
+    old = os.umask(0o022)
+    try:
+        arr = imagecache.build_image_array(ds, records, pre, tmp_path, num_workers=0, progress=False)  # compacted when one is left out
+    finally:
+        os.umask(old)
+    assert arr.images.shape == (4, 32, 32)
+    files = sorted((tmp_path / "images").iterdir())
+    assert [f.suffix for f in files] == [".json", ".npy"]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
