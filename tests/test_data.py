@@ -360,3 +360,71 @@ def test_image_cache_follows_the_umask_and_leaves_no_temporary_file_on_failure(u
     files = sorted((tmp_path / "images").iterdir())
     assert [f.suffix for f in files] == [".json", ".npy"]
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+
+def _recorded_skips(recorder: str, kaggle_tree, tmp_path) -> dict[str, str]:
+    """What ``recorder`` writes beside each image it skips."""
+    from pneumoscope.data.imagecache import _Decode
+    from pneumoscope.data.pack import pack_dataset
+    from pneumoscope.data.preprocessing import Preprocessing
+    from pneumoscope.models.features import ImageDataset
+
+    ds = D.load_dataset(kaggle_tree)
+    pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    if recorder == "pack":
+        return {row["path"]: row["reason"] for row in pack_dataset(kaggle_tree, tmp_path / "p.zip", progress=False)["skipped"]}
+    loader = {"features": ImageDataset, "imagecache": _Decode}[recorder](ds, ds.records, pre)
+    return {ds.display(ds.records[i]): row[-1] for i, *row in (loader[i] for i in range(len(ds.records))) if row[-1]}
+
+
+@pytest.mark.parametrize("recorder", ["features", "imagecache", "pack"])
+def test_a_skipped_image_is_recorded_with_the_reason_and_the_fix(recorder, kaggle_tree, tmp_path):
+    """Issue 21: these kept only ``err.reason``, so skipped.csv lost the fix the error gives."""
+    from pneumoscope.data.decode import ImageReadError, read_image
+
+    empty = kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    empty.write_bytes(b"")
+    text = kaggle_tree / "train" / "PNEUMONIA" / "person9999_virus_1.jpeg"
+    text.write_text("<html>not an image</html>")
+    expected = {}
+    for path in (empty, text):
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        expected[str(path)] = f"{err.value.reason}. {err.value.fix}"
+    assert _recorded_skips(recorder, kaggle_tree, tmp_path) == expected
+    assert expected[str(empty)] == "file is empty (0 bytes). Re-copy or remove the file."
+
+
+def test_skip_detail_is_the_reason_and_fix_or_the_message_of_another_error():
+    from pneumoscope.data.decode import ImageReadError, skip_detail
+
+    assert skip_detail(ImageReadError("a.png", "file is empty (0 bytes)", "Re-copy it.")) == "file is empty (0 bytes). Re-copy it."
+    assert skip_detail(KeyError("member")) == "'member'"
+
+
+def test_an_npz_image_is_converted_once_and_checked_like_any_other(tmp_path, monkeypatch):
+    """Issue 21: NpzReader scaled and converted by itself and skipped the check every decoder's output passes."""
+    from pneumoscope.data.decode import ImageReadError, to_image
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    colour = rng.integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
+    nan = rng.uniform(size=(3, 28, 28))
+    nan[1, 4, 4] = np.nan
+    labels = np.zeros((3, 1), np.uint8)
+    for name, images in (("gray", gray), ("colour", colour), ("nan", nan)):
+        np.savez(tmp_path / f"{name}.npz", train_images=images, train_labels=labels)
+    calls = []
+    monkeypatch.setattr(D, "to_image", lambda x, name, **kw: calls.append(name) or to_image(x, name, **kw))
+    for name, images in (("gray", gray), ("colour", colour)):
+        ds = D.load_dataset(tmp_path / f"{name}.npz")
+        calls.clear()
+        img = ds.reader.read_image("train/1")
+        assert calls == [ds.reader.display("train/1")] and img.dtype == np.float32
+        assert np.array_equal(img, to_image(images[1]))  # colour as a decoded colour file (Pillow's convert("L"))
+    ds = D.load_dataset(tmp_path / "nan.npz")
+    np.testing.assert_allclose(ds.reader.read_image("train/0"), nan[0], atol=1e-7)
+    with pytest.raises(ImageReadError, match="NaN or infinite") as err:
+        ds.reader.read_image("train/1")  # before: NaN pixels went on to the network
+    assert err.value.path == f"{tmp_path / 'nan.npz'}::train/1"
+    assert [p for p, _ in D.scan(ds).problems] == [f"{tmp_path / 'nan.npz'}::train/1"]

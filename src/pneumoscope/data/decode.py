@@ -95,11 +95,20 @@ def read_many(
                 raise
             if log is not None:
                 log.warning("%s", err)
-            skipped.append((name(item), err.detail))
+            skipped.append((name(item), skip_detail(err)))
             continue
         index.append(i)
         images.append(image)
     return Decoded(index, images, skipped)
+
+
+def skip_detail(err: Exception) -> str:
+    """How a skipped image is recorded beside its name (skipped.csv, a pack's list, a prediction's ``error``).
+
+    An :class:`ImageReadError` gives its :attr:`~ImageReadError.detail`, the reason with
+    the fix; any other error (an OSError or KeyError a reader let through) its message.
+    """
+    return err.detail if isinstance(err, ImageReadError) else str(err)
 
 
 _ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from ..outputs import atomic_file, write_json
 from ..runtime import die_with_parent, progress_bar
-from .decode import ImageReadError
+from .decode import ImageReadError, skip_detail
 from .discovery import Dataset, Record
 from .preprocessing import Preprocessing
 
@@ -34,7 +34,7 @@ CACHE_VERSION = 1
 class ImageArray:
     images: np.ndarray  # (N, S, S) uint8, memory-mapped
     records: list[Record]  # the rows that decoded, in input order
-    problems: list[tuple[str, str]]
+    problems: list[tuple[str, str]]  # (path, reason and fix) of the rows that did not
 
 
 class _Decode(TorchDataset):
@@ -49,7 +49,7 @@ class _Decode(TorchDataset):
             img = self.preprocessing.resize_image(self.reader.read_image(self.records[i].ref, draft_size=self.preprocessing.input_size))
             return i, np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), ""
         except (ImageReadError, OSError, KeyError) as err:
-            return i, None, str(getattr(err, "reason", err))
+            return i, None, skip_detail(err)
 
 
 def cache_key(records: list[Record], preprocessing: Preprocessing) -> str:

@@ -24,7 +24,7 @@ from ..errors import UsageError
 from ..outputs import OutputExistsError, atomic_file
 from ..runtime import progress_bar
 from . import discovery as data_mod
-from .decode import ImageReadError, resize_image
+from .decode import ImageReadError, resize_image, skip_detail
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def pack_dataset(
                 raw = dataset.reader.read_bytes(record.ref)
                 image = dataset.reader.read_image(record.ref, raw)
             except (ImageReadError, OSError, KeyError) as err:
-                skipped.append((dataset.display(record), str(getattr(err, "reason", err))))
+                skipped.append((dataset.display(record), skip_detail(err)))
                 continue
             name = record.ref
             if max(image.shape) > size:

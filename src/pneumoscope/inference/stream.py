@@ -33,7 +33,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data.decode import ImageReadError, is_image_path, read_zip_member, screen_image
+from ..data.decode import ImageReadError, is_image_path, read_zip_member, screen_image, skip_detail
 from ..errors import StateError, UsageError
 from ..outputs import atomic_file, naming_path
 from ..runtime import die_with_parent, progress_bar
@@ -124,11 +124,11 @@ class _Decoded(TorchDataset):
         except (OSError, zipfile.BadZipFile) as err:  # the archive itself cannot be opened
             return i, None, "", f"cannot be read from the archive ({err}). Fix: copy the archive again"
         except ImageReadError as err:  # a member over io's bounds (a zip bomb), or damaged
-            return i, None, "", err.detail
+            return i, None, "", skip_detail(err)
         try:
             image = self.predictor.read(item.name if item.member else item.source, data)
         except ImageReadError as err:
-            return i, None, "", err.detail
+            return i, None, "", skip_detail(err)
         if self.tta:
             return i, image, "", ""
         return i, self.predictor.preprocess(image).numpy()[0], screen_image(image), ""
