@@ -344,3 +344,148 @@ def test_an_npz_holds_the_default_task_only(tmp_path):
     make_npz(tmp_path / "p.npz")
     with pytest.raises(D.DataError, match="NORMAL vs PNEUMONIA only"):
         D.load_dataset(tmp_path / "p.npz", labels="pneumonia-type")
+
+
+def _spy_renames(monkeypatch) -> list[str]:
+    """The names of the files :func:`pneumoscope.outputs.atomic_file` renames into place."""
+    import os
+    from pathlib import Path
+
+    from pneumoscope import outputs
+
+    seen, replace = [], os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: seen.append(Path(src).name) or replace(src, dst))
+    return seen
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_pack_stages_under_the_one_atomic_writer_and_follows_the_umask(umask, kaggle_tree, tmp_path, monkeypatch):
+    import os
+
+    from pneumoscope.data.pack import pack_dataset
+    from pneumoscope.outputs import partial_name
+
+    out = tmp_path / "out" / "packed.zip"
+    renamed = _spy_renames(monkeypatch)
+    old = os.umask(umask)
+    try:
+        pack_dataset(kaggle_tree, out, size=32, progress=False)
+    finally:
+        os.umask(old)
+    assert len(renamed) == 1 and renamed[0].startswith(partial_name(out))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask and os.listdir(out.parent) == ["packed.zip"]
+
+
+def test_pack_on_a_full_disk_names_the_zip_and_leaves_nothing(kaggle_tree, tmp_path, monkeypatch):
+    """Before issue 21 the error named no file (zipfile's write has none to name)."""
+    import errno
+    import os
+
+    from pneumoscope.data.pack import pack_dataset
+
+    def full(self, name, data, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full)
+    out = tmp_path / "out" / "packed.zip"
+    with pytest.raises(OSError) as err:
+        pack_dataset(kaggle_tree, out, size=32, progress=False)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(out)
+    assert os.listdir(out.parent) == []
+
+
+@pytest.mark.parametrize("unreadable", [0, 1])
+def test_image_cache_follows_the_umask_and_leaves_no_temporary_file_on_failure(unreadable, kaggle_tree, tmp_path, monkeypatch):
+    """Before issue 21 the cached array kept mkstemp's 0600 whatever the umask (unless compacted, one unreadable image)."""
+    import os
+
+    from pneumoscope.data import imagecache
+    from pneumoscope.data.preprocessing import Preprocessing
+
+    ds = D.scan(D.load_dataset(kaggle_tree))
+    bad = D.Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
+    (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
+    records, pre = ds.records[:4] + [bad] * unreadable, Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    broken = imagecache._Decode.__getitem__
+    monkeypatch.setattr(imagecache._Decode, "__getitem__", lambda self, i: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        imagecache.build_image_array(ds, records, pre, tmp_path, num_workers=0, progress=False)
+    assert os.listdir(tmp_path / "images") == []
+    monkeypatch.setattr(imagecache._Decode, "__getitem__", broken)
+    old = os.umask(0o022)
+    try:
+        arr = imagecache.build_image_array(ds, records, pre, tmp_path, num_workers=0, progress=False)  # compacted when one is left out
+    finally:
+        os.umask(old)
+    assert arr.images.shape == (4, 32, 32)
+    files = sorted((tmp_path / "images").iterdir())
+    assert [f.suffix for f in files] == [".json", ".npy"]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+
+def _recorded_skips(recorder: str, kaggle_tree, tmp_path) -> dict[str, str]:
+    """What ``recorder`` writes beside each image it skips."""
+    from pneumoscope.data.imagecache import _Decode
+    from pneumoscope.data.pack import pack_dataset
+    from pneumoscope.data.preprocessing import Preprocessing
+    from pneumoscope.models.features import ImageDataset
+
+    ds = D.load_dataset(kaggle_tree)
+    pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    if recorder == "pack":
+        return {row["path"]: row["reason"] for row in pack_dataset(kaggle_tree, tmp_path / "p.zip", progress=False)["skipped"]}
+    loader = {"features": ImageDataset, "imagecache": _Decode}[recorder](ds, ds.records, pre)
+    return {ds.display(ds.records[i]): row[-1] for i, *row in (loader[i] for i in range(len(ds.records))) if row[-1]}
+
+
+@pytest.mark.parametrize("recorder", ["features", "imagecache", "pack"])
+def test_a_skipped_image_is_recorded_with_the_reason_and_the_fix(recorder, kaggle_tree, tmp_path):
+    """Issue 21: these kept only ``err.reason``, so skipped.csv lost the fix the error gives."""
+    from pneumoscope.data.decode import ImageReadError, read_image
+
+    empty = kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    empty.write_bytes(b"")
+    text = kaggle_tree / "train" / "PNEUMONIA" / "person9999_virus_1.jpeg"
+    text.write_text("<html>not an image</html>")
+    expected = {}
+    for path in (empty, text):
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        expected[str(path)] = f"{err.value.reason}. {err.value.fix}"
+    assert _recorded_skips(recorder, kaggle_tree, tmp_path) == expected
+    assert expected[str(empty)] == "file is empty (0 bytes). Re-copy or remove the file."
+
+
+def test_skip_detail_is_the_reason_and_fix_or_the_message_of_another_error():
+    from pneumoscope.data.decode import ImageReadError, skip_detail
+
+    assert skip_detail(ImageReadError("a.png", "file is empty (0 bytes)", "Re-copy it.")) == "file is empty (0 bytes). Re-copy it."
+    assert skip_detail(KeyError("member")) == "'member'"
+
+
+def test_an_npz_image_is_converted_once_and_checked_like_any_other(tmp_path, monkeypatch):
+    """Issue 21: NpzReader scaled and converted by itself and skipped the check every decoder's output passes."""
+    from pneumoscope.data.decode import ImageReadError, to_image
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    colour = rng.integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
+    nan = rng.uniform(size=(3, 28, 28))
+    nan[1, 4, 4] = np.nan
+    labels = np.zeros((3, 1), np.uint8)
+    for name, images in (("gray", gray), ("colour", colour), ("nan", nan)):
+        np.savez(tmp_path / f"{name}.npz", train_images=images, train_labels=labels)
+    calls = []
+    monkeypatch.setattr(D, "to_image", lambda x, name, **kw: calls.append(name) or to_image(x, name, **kw))
+    for name, images in (("gray", gray), ("colour", colour)):
+        ds = D.load_dataset(tmp_path / f"{name}.npz")
+        calls.clear()
+        img = ds.reader.read_image("train/1")
+        assert calls == [ds.reader.display("train/1")] and img.dtype == np.float32
+        assert np.array_equal(img, to_image(images[1]))  # colour as a decoded colour file (Pillow's convert("L"))
+    ds = D.load_dataset(tmp_path / "nan.npz")
+    np.testing.assert_allclose(ds.reader.read_image("train/0"), nan[0], atol=1e-7)
+    with pytest.raises(ImageReadError, match="NaN or infinite") as err:
+        ds.reader.read_image("train/1")  # before: NaN pixels went on to the network
+    assert err.value.path == f"{tmp_path / 'nan.npz'}::train/1"
+    assert [p for p, _ in D.scan(ds).problems] == [f"{tmp_path / 'nan.npz'}::train/1"]

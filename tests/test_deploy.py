@@ -169,6 +169,24 @@ def test_bad_uploads_get_clear_errors(client, payload, name, status):
     assert name in res.json()["detail"] or status == 413
 
 
+@pytest.mark.parametrize(
+    "kind,reason,status",
+    [
+        ("unsupported", "a format no decoder here reads", 415),
+        ("damaged", "not a readable image, in words only", 422),  # the status follows the kind, not the message text
+    ],
+)
+def test_an_unreadable_upload_gets_the_status_of_its_error_kind(client, predictor, monkeypatch, kind, reason, status):
+    from pneumoscope.data.decode import ImageReadError
+
+    def read(name, data=None, **kw):
+        raise ImageReadError(name, reason, "Fix it.", kind=kind)
+
+    monkeypatch.setattr(predictor, "read", read)
+    res = client.post("/predict", files={"file": ("x.png", b"whatever", "application/octet-stream")})
+    assert res.status_code == status and res.json()["detail"] == f"x.png: {reason}. Fix it."
+
+
 def test_concurrent_requests_are_served_safely(client):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -155,6 +155,22 @@ def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatc
         io.save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # before issue 21 the half-written `.last.ckpt.tmp-PID` stayed
+
+
+def test_atomic_checkpoint_is_staged_by_the_one_atomic_writer(tmp_path, monkeypatch):
+    from pneumoscope.outputs import partial_name
+
+    staged, save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: staged.append(Path(f).name) or save(obj, f, *a, **kw))
+    path = tmp_path / "last.ckpt"
+    old = os.umask(0o027)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1}, path)
+    finally:
+        os.umask(old)
+    assert len(staged) == 1 and staged[0].startswith(partial_name(path))  # a killed save is an orphan the next run removes
+    assert path.stat().st_mode & 0o777 == 0o640 and os.listdir(tmp_path) == ["last.ckpt"]
 
 
 def test_yaml_config_then_flags_then_set(tmp_path):

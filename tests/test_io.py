@@ -259,3 +259,48 @@ def test_an_image_given_in_memory_is_bounded_like_a_file(make):
 
     with pytest.raises(ImageReadError, match=r"8000 x 8001 pixels is over the 64,000,000-pixel limit.*Downscale"):
         to_image(make(), "big")
+
+
+def _dicom_pydicom_cannot_parse(tmp_path, monkeypatch):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    def refuse(*a, **kw):
+        raise InvalidDicomError("File is missing DICOM File Meta Information header")
+
+    monkeypatch.setattr(pydicom, "dcmread", refuse)
+    return "x.dcm", b"\0" * 132
+
+
+def _truncated_jpeg_bytes(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)).save(buf, "JPEG")
+    return "cut.jpeg", buf.getvalue()[:2000]
+
+
+@pytest.mark.parametrize(
+    "make,kind",
+    [
+        (lambda tmp_path, mp: ("notes.png", b"this is not an image"), "unsupported"),
+        (lambda tmp_path, mp: ("x.png", b"\x89PNG\r\n\x1a\n" + bytes(50)), "unsupported"),
+        (_dicom_pydicom_cannot_parse, "unsupported"),
+        (lambda tmp_path, mp: ("empty.jpeg", b""), "damaged"),
+        (_truncated_jpeg_bytes, "damaged"),
+        (lambda tmp_path, mp: ("x.dcm", b"this is not an image"), "damaged"),  # parsed (force=True), no pixel data
+    ],
+    ids=["text", "png-magic", "dicom-unparsable", "empty", "truncated-jpeg", "dicom-no-pixels"],
+)
+def test_an_image_read_error_carries_its_kind_set_where_it_is_raised(make, kind, tmp_path, monkeypatch):
+    """Issue 21: serve told not-an-image (415) from a damaged image (422) by matching the message text."""
+    name, data = make(tmp_path, monkeypatch)
+    with pytest.raises(ImageReadError) as err:
+        read_image(name, data)
+    assert err.value.kind == kind
+
+
+def test_an_image_read_error_is_damaged_unless_said_and_refuses_an_unknown_kind():
+    from pneumoscope.data.decode import ERROR_KINDS
+
+    assert ImageReadError("a.png", "r", "f").kind == "damaged" and set(ERROR_KINDS) == {"damaged", "unsupported"}
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ImageReadError("a.png", "r", "f", kind="broken")

@@ -494,3 +494,34 @@ def test_compare_with_validation_sets_the_two_side_by_side():
     assert rows["specificity"]["validation_ci"] == [0.91, 0.98] and rows["specificity"]["test_ci"] == [0.5, 0.63]
     assert rows["ppv"]["validation"] is None and not rows["ppv"]["drop_flagged"]
     assert "do not overlap" in DROP_RULE
+
+
+def test_logit_and_sigmoid_are_float64_inverses_and_finite_at_the_ends():
+    """Issue 21: one logit and one sigmoid; the copies written out by hand clipped differently (the
+    smoothed Youden's logit of 1 was 27.63093, of 0 -27.63102) and overflowed with a warning."""
+    import warnings
+
+    from pneumoscope.metrics.classification import LOGIT_EPS, logit, sigmoid
+
+    rng = np.random.default_rng(0)
+    p = np.r_[0.0, 1e-15, rng.uniform(size=1000), 1 - 1e-15, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero or overflow warning at the ends
+        z = logit(p)
+        s = sigmoid(np.r_[-1e4, -800.0, z, 800.0, 1e4])
+    assert z.dtype == s.dtype == np.float64 and np.isfinite(z).all() and np.isfinite(s).all()
+    assert logit(1.0) == -logit(0.0) == -np.log(LOGIT_EPS)
+    np.testing.assert_allclose(logit(1 - p), -logit(p), rtol=0, atol=1e-9)
+    assert s[0] == s[1] == 0.0 and s[-1] == s[-2] == 1.0
+    inner = p[2:-2]
+    np.testing.assert_allclose(sigmoid(logit(inner)), inner, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(logit(inner), np.log(inner / (1 - inner)), rtol=1e-12, atol=1e-12)  # the formula, up to rounding
+    assert logit(np.float32(0.25)).dtype == np.float64 and sigmoid([0])[0] == 0.5
+
+
+def test_calibrated_probability_is_the_sigmoid_of_the_tempered_logit_bit_for_bit():
+    from pneumoscope.metrics.classification import calibrated_probability, sigmoid
+
+    z = np.random.default_rng(1).normal(0, 5, 500)
+    assert np.array_equal(calibrated_probability(z, 1.7), 1.0 / (1.0 + np.exp(-z / 1.7)))  # the formula it had
+    assert np.array_equal(calibrated_probability(z, 1.7), sigmoid(z / 1.7))

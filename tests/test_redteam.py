@@ -577,3 +577,67 @@ def test_an_atomic_write_names_its_temporary_file_with_its_pid(tmp_path, monkeyp
     monkeypatch.setattr(outputs.os, "replace", lambda src, dst: seen.append(Path(src).name) or real(src, dst))
     outputs.write_bytes_atomic(tmp_path / "a.csv", b"1\n")
     assert seen and seen[0].startswith(f".a.csv.partial-{os.getpid()}-") and seen[0].endswith(".tmp")
+
+
+def test_atomic_file_stages_under_a_pid_name_that_a_later_run_removes_once_its_writer_is_dead(tmp_path):
+    """Issue 21: one writer. Its staging name is :func:`outputs.partial_name` (the pid) plus the suffix asked for."""
+    out = tmp_path / "cache.npy"
+    with outputs.atomic_file(out, suffix=".npy") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(outputs.partial_name(out)) and tmp.name.endswith(".npy")
+        assert tmp.is_file() and not out.exists()
+        tmp.write_bytes(b"whole")
+        outputs.remove_orphans(out)  # its writer (this process) is alive: kept
+        assert tmp.is_file()
+    assert out.read_bytes() == b"whole" and os.listdir(tmp_path) == ["cache.npy"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / tmp.name.replace(f"-{os.getpid()}-", f"-{dead}-")).write_bytes(b"left by a killed write")
+    outputs.remove_orphans(out)
+    assert os.listdir(tmp_path) == ["cache.npy"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, ValueError, OSError])
+def test_atomic_file_removes_its_temporary_file_on_any_failure_and_keeps_the_previous_file(failure, tmp_path):
+    out = tmp_path / "a.csv"
+    out.write_bytes(b"previous")
+    with pytest.raises(failure), outputs.atomic_file(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise failure()
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["a.csv"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_atomic_file_gives_the_umask_permissions_whatever_wrote_the_temporary_file(umask, tmp_path):
+    old = os.umask(umask)
+    try:
+        with outputs.atomic_file(tmp_path / "a.bin") as tmp:
+            os.chmod(tmp, 0o600)  # as mkstemp leaves it
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_file_fsyncs_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(outputs.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
+    with outputs.atomic_file(tmp_path / "a.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert calls == ["fsync", "replace"]
+
+
+def test_atomic_file_failure_names_the_destination_not_the_temporary_file(tmp_path):
+    out = tmp_path / "result.json"
+    with pytest.raises(OSError) as err, outputs.atomic_file(out):
+        raise OSError(errno.ENOSPC, "No space left on device")  # a write to the temporary file: no file named
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(out)
+    with pytest.raises(OSError) as err, outputs.atomic_file(out) as tmp:
+        tmp.unlink()
+        open(tmp, "rb")  # names the temporary file
+    assert err.value.errno == errno.ENOENT and err.value.filename == str(out)
+    other = tmp_path / "source.csv"
+    with pytest.raises(OSError) as err, outputs.atomic_file(out):
+        open(other, "rb")  # an error about another file keeps naming it
+    assert err.value.filename == str(other)
+    assert os.listdir(tmp_path) == []

@@ -75,3 +75,26 @@ def test_verdict_names_the_remedy_only_when_shifted():
     assert shifted and "unlikely to hold" in text and "pneumoscope adapt" in text and "calibrate" in text
     same, text = shift_verdict({"p_value": 0.4}, 0.52, prev, val_prevalence=0.74, ood_fraction=0.0)
     assert not same and "No set-level shift" in text
+
+
+def test_shift_statistics_take_the_one_logit_with_the_same_numbers():
+    """Issue 21: the logit written out by hand here is metrics.classification.logit, values unchanged."""
+    from pneumoscope.metrics.classification import logit, sigmoid
+
+    for prevalence, source in ((0.625, 0.74), (0.01, 0.99), (0.3, 0.5)):
+        lo = lambda x: np.log(x / (1 - x))  # noqa: E731  # the formula prior_shift_offset had
+        clip = lambda x: float(np.clip(x, 0.02, 0.98))  # noqa: E731
+        assert abs(prior_shift_offset(prevalence, source) - (lo(clip(prevalence)) - lo(clip(source)))) < 1e-12
+    threshold, offset = 0.37, prior_shift_offset(0.625, 0.74)
+    moved = float(sigmoid(logit(threshold) + offset))  # how adapt carries the threshold
+    assert abs(moved - 1.0 / (1.0 + np.exp(-(np.log(threshold / (1 - threshold)) + offset)))) < 1e-15
+    rng = np.random.default_rng(3)
+    y = rng.uniform(size=4000) < 0.3
+    prob = np.r_[1 / (1 + np.exp(-2 * rng.normal(np.where(y, 1.0, -1.0), 1.0))), 0.0, 1.0]  # the ends are finite logits
+    est = estimate_prevalence(prob, 0.5, 0.84, 0.16, source_prevalence=0.5)
+    from sklearn.mixture import GaussianMixture
+
+    by_hand = np.log(np.clip(prob, 1e-12, 1)) - np.log(np.clip(1 - prob, 1e-12, 1))  # the logit estimate_prevalence had
+    assert np.array_equal(logit(prob), by_hand)
+    gmm = GaussianMixture(2, n_init=3, random_state=0).fit(by_hand[:, None])
+    assert est["mixture"] == float(gmm.weights_[int(np.argmax(gmm.means_[:, 0]))])

@@ -263,3 +263,39 @@ def test_a_full_disk_while_predicting_names_the_output_file(tmp_path):
         TextSink(Full(), CsvFormat(), new=True, path=out)
     line = error_line(err.value)
     assert str(out) in line and "no space left" in line and "Fix:" in line
+
+
+def _shards(out: Path, world: int, n: int, batch_size: int) -> list[str]:
+    """Shards as the ranks of `predict` under torchrun write them; the rows in the single-process order."""
+    from pneumoscope.inference.stream import CsvFormat, shard_path
+
+    fmt, rows = CsvFormat(), [{"path": f"{k}.png", "prob": k / n, "label": "NORMAL", "threshold": 0.5} for k in range(n)]
+    encoded = [fmt.encode([r]) for r in rows]
+    for rank in range(world):
+        mine = [e for k, e in enumerate(encoded) if k // batch_size % world == rank]
+        shard_path(out, rank).write_bytes((fmt.head() + "".join(mine)).encode())
+    return encoded
+
+
+def test_merged_shards_are_written_by_the_one_atomic_writer(tmp_path, monkeypatch):
+    """Issue 21: the merge staged under `.NAME.XXXX.tmp`, a name no later run recognised as a killed write's."""
+    from pneumoscope import outputs
+    from pneumoscope.errors import StateError
+    from pneumoscope.inference.stream import CsvFormat, merge_shards, shard_path
+
+    out = tmp_path / "preds.csv"
+    encoded = _shards(out, 2, 7, 2)
+    seen, replace = [], os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: seen.append(Path(src).name) or replace(src, dst))
+    old = os.umask(0o027)
+    try:
+        summary = merge_shards(out, 2, 7, 2)
+    finally:
+        os.umask(old)
+    assert summary.rows == 7 and out.read_bytes() == (CsvFormat().head() + "".join(encoded)).encode()
+    assert len(seen) == 1 and seen[0].startswith(outputs.partial_name(out)) and out.stat().st_mode & 0o777 == 0o640
+    assert os.listdir(tmp_path) == ["preds.csv"]  # shards removed
+    _shards(out, 2, 5, 2)  # short of the 7 inputs
+    with pytest.raises(StateError, match="ends early"):
+        merge_shards(out, 2, 7, 2)
+    assert sorted(os.listdir(tmp_path)) == sorted(["preds.csv", shard_path(out, 0).name, shard_path(out, 1).name])

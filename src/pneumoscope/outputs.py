@@ -22,35 +22,63 @@ class OutputExistsError(PneumoscopeError, FileExistsError):
     """An output that is there already and is not replaced without --overwrite."""
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never half.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary file beside ``path`` to write; on success it becomes ``path``, whole.
 
-    The file gets the permissions the user's umask gives a new file (mkstemp alone
-    makes it 0600). An OSError names ``path``, not the temporary file.
+    The one write-to-temp-then-rename of the package. The temporary name starts with
+    :func:`partial_name` (the pid: :func:`remove_orphans` recognises a killed write) and
+    ends with ``suffix`` (for a library that insists on one, e.g. ``.npy``). The file
+    exists, empty, when the block starts. When the block ends normally the file is
+    fsynced, given the permissions the user's umask gives a new file (mkstemp alone makes
+    it 0600) and renamed into place; when it raises, the temporary file is removed and
+    ``path`` is left as it was. An OSError about the temporary file (or about no file,
+    like a full disk) names ``path``, the file the user asked for.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=".tmp")  # the pid: remove_orphans knows it
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=suffix)
+        os.close(fd)
     except OSError as err:
-        raise naming_path(err, path) from err
+        named = naming_path(err, path)
+        if named is err:
+            raise
+        raise named from err
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as fh:
-            _write_all(fh, data)
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise naming_path(err, path) from err
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and _about_staging(err, path):
+            named = naming_path(err, path)
+            if named is not err:
+                raise named from err
         raise
 
 
+def _about_staging(err: OSError, path: Path) -> bool:
+    """Whether ``err`` is about a staging file of ``path`` (or about no file: a full disk), not some other file."""
+    if err.filename is None:
+        return True
+    return isinstance(err.filename, str | bytes | os.PathLike) and os.path.basename(os.fsdecode(err.filename)).startswith(
+        partial_name(path)
+    )
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never half (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        _write_all(fh, data)
+
+
 def _write_all(fh, data: bytes) -> None:
-    """The one place bytes reach the disk (tests simulate a full disk here)."""
+    """The one place bytes reach the disk (tests simulate a full disk here); :func:`atomic_file` fsyncs them."""
     fh.write(data)
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def current_umask() -> int:

@@ -21,6 +21,7 @@ from ..choices import ADAPT_METHODS
 from ..data import discovery as data_mod
 from ..errors import UsageError
 from ..inference.predictor import Predictor
+from ..metrics.classification import logit, sigmoid
 from ..models.checkpoint import save_derived_run
 from ..models.description import RunDescription
 from ..models.features import extract_features
@@ -130,7 +131,7 @@ def adapt_run(
         # sigmoid((z + offset * T) / T) = sigmoid(z / T + offset); the threshold moves with it
         with torch.no_grad():
             model.head.fc2.bias += offset * predictor.temperature
-        threshold = float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1 - threshold)) + offset))))
+        threshold = float(sigmoid(logit(threshold) + offset))
     description = replace(
         predictor.description,
         source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's

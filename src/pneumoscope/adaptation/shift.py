@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..metrics.classification import decide
+from ..metrics.classification import decide, logit
 
 # Below this p-value the site's features are taken to differ from the training split.
 SHIFT_ALPHA = 0.01
@@ -100,8 +100,7 @@ def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr
     from sklearn.mixture import GaussianMixture
 
     p = np.asarray(site_prob, np.float64)
-    logit = np.log(np.clip(p, 1e-12, 1)) - np.log(np.clip(1 - p, 1e-12, 1))
-    gmm = GaussianMixture(2, n_init=3, random_state=0).fit(logit[:, None])
+    gmm = GaussianMixture(2, n_init=3, random_state=0).fit(logit(p)[:, None])
     mixture = float(gmm.weights_[int(np.argmax(gmm.means_[:, 0]))])
     q = float(decide(p, threshold).mean())
     bbse = float(np.clip((q - fpr) / (tpr - fpr), 0.0, 1.0)) if tpr - fpr > 0.05 else None
@@ -118,9 +117,8 @@ def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr
 def prior_shift_offset(prevalence: float, source_prevalence: float) -> float:
     """Logit offset that moves probabilities calibrated at ``source_prevalence`` to ``prevalence``
     (Bayes' rule with the class-conditional densities unchanged)."""
-    lo = lambda x: np.log(x / (1 - x))  # noqa: E731
     clip = lambda x: float(np.clip(x, 0.02, 0.98))  # noqa: E731
-    return float(lo(clip(prevalence)) - lo(clip(source_prevalence)))
+    return float(logit(clip(prevalence)) - logit(clip(source_prevalence)))
 
 
 def shift_verdict(mmd: dict, domain_auc: float, prevalence: dict, *, val_prevalence: float, ood_fraction: float | None) -> tuple[bool, str]:

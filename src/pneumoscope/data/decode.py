@@ -47,13 +47,22 @@ MIN_RATIO_CHECKED = 1 << 20
 T = TypeVar("T")
 
 
-class ImageReadError(PneumoscopeError, ValueError):
-    """An image file that cannot be used, with the reason and the fix."""
+# What an ImageReadError is about, set where it is raised (serve maps it to an HTTP status):
+# "unsupported": not an image, or a format no decoder here reads; "damaged": everything else
+# (an empty, truncated, corrupt or oversized file of a known format, an unusable decode).
+ERROR_KINDS = ("damaged", "unsupported")
 
-    def __init__(self, path: str | os.PathLike, reason: str, fix: str):
+
+class ImageReadError(PneumoscopeError, ValueError):
+    """An image file that cannot be used, with the reason, the fix and its :data:`kind <ERROR_KINDS>`."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str, *, kind: str = "damaged"):
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"kind must be one of {ERROR_KINDS}, got {kind!r}")
         self.path = str(path)
         self.reason = reason
         self.fix = fix
+        self.kind = kind
         super().__init__(f"{self.path}: {self.detail}")
 
     @property
@@ -95,11 +104,20 @@ def read_many(
                 raise
             if log is not None:
                 log.warning("%s", err)
-            skipped.append((name(item), err.detail))
+            skipped.append((name(item), skip_detail(err)))
             continue
         index.append(i)
         images.append(image)
     return Decoded(index, images, skipped)
+
+
+def skip_detail(err: Exception) -> str:
+    """How a skipped image is recorded beside its name (skipped.csv, a pack's list, a prediction's ``error``).
+
+    An :class:`ImageReadError` gives its :attr:`~ImageReadError.detail`, the reason with
+    the fix; any other error (an OSError or KeyError a reader let through) its message.
+    """
+    return err.detail if isinstance(err, ImageReadError) else str(err)
 
 
 _ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."
@@ -397,7 +415,7 @@ def _read_pillow(path, data: bytes, *, draft_size: int | None, max_pixels: int) 
         raise ImageReadError(path, f"image is too large ({err})", "Downscale the image or remove it.") from err
     except UnidentifiedImageError as err:
         raise ImageReadError(
-            path, "not a readable image (unknown format or not an image)", "Remove it or convert it to PNG or JPEG."
+            path, "not a readable image (unknown format or not an image)", "Remove it or convert it to PNG or JPEG.", kind="unsupported"
         ) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageReadError(path, f"image is corrupt or truncated ({err})", "Re-export or re-download the file, or remove it.") from err
@@ -452,7 +470,7 @@ def read_dicom(path: str | os.PathLike, data: bytes, *, max_pixels: int = MAX_PI
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS) as err:
-        raise ImageReadError(path, f"not a readable DICOM file ({err})", _DICOM_FIX) from err
+        raise ImageReadError(path, f"not a readable DICOM file ({err})", _DICOM_FIX, kind="unsupported") from err
     return dicom_to_image(ds, path, max_pixels=max_pixels)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import PneumoscopeError, UsageError
 from ..runtime import progress_bar
-from .decode import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, read_image, read_zip_member
+from .decode import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, read_image, read_zip_member, skip_detail, to_image
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +163,9 @@ class NpzReader:
         return np.ascontiguousarray(self._locate(ref)).tobytes()
 
     def read_image(self, ref: str, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
-        arr = self._locate(ref)
-        if arr.ndim == 3:  # (H, W, 3) colour MedMNIST variants
-            arr = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-        return np.asarray(arr, dtype=np.float32) / scale
+        """The array converted and checked as any image given in memory (:func:`~.decode.to_image`): uint8 by 255,
+        uint16 by 65535, (H, W, 3) colour MedMNIST variants to luminance as a decoded colour file."""
+        return to_image(self._locate(ref), self.display(ref))
 
 
 Reader = DirReader | ZipReader | NpzReader
@@ -182,7 +180,7 @@ class Dataset:
     layout: str  # "kaggle", "class-folders" or "npz"
     reader: Reader
     records: list[Record]
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason and fix)
     ignored_files: int = 0
     unknown_classes: list[str] = field(default_factory=list)  # image folders beside the class folders
     class_names: tuple[str, ...] = CLASS_NAMES  # label i is class_names[i]
@@ -550,7 +548,7 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
         except (OSError, KeyError) as err:
             return record, None, f"cannot be read ({err})"
         except ImageReadError as err:  # undecodable, or a zip member over the bounds
-            return record, None, err.detail
+            return record, None, skip_detail(err)
         return record, hashlib.sha256(data).hexdigest(), None
 
     kept, problems = [], list(dataset.problems)

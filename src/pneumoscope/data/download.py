@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import PneumoscopeError
+from ..outputs import atomic_file
 from .paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -44,24 +45,25 @@ def fetch_pneumoniamnist(
         if md5sum(target) == md5:
             return target
         logger.warning("%s has the wrong checksum; downloading it again", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s", url)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".pneumoniamnist.", suffix=".part")
-    try:
+    with atomic_file(target, suffix=".part") as tmp, open(tmp, "wb") as out:
         h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                out.write(chunk)
-                h.update(chunk)
+        for chunk in _chunks(url, timeout):
+            out.write(chunk)
+            h.update(chunk)
         if h.hexdigest() != md5:
             from .discovery import DataError  # only here: the downloader imports nothing heavy
 
             raise DataError(f"download from {url} has MD5 {h.hexdigest()}, expected {md5}; the file is not kept. Try again later.")
-        os.replace(tmp, target)
+    return target
+
+
+def _chunks(url: str, timeout: float) -> Iterator[bytes]:
+    """The response body in pieces; a network failure is a :class:`DownloadError` (a full disk stays an OSError naming the file)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            yield from iter(lambda: resp.read(1 << 20), b"")
     except OSError as err:
         raise DownloadError(
             f"could not download PneumoniaMNIST from {url} ({err}). Fix: run with a network, or pass DATA=path to a local dataset."
         ) from err
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..outputs import write_json
+from ..outputs import atomic_file, write_json
 from ..runtime import die_with_parent, progress_bar
-from .decode import ImageReadError
+from .decode import ImageReadError, skip_detail
 from .discovery import Dataset, Record
 from .preprocessing import Preprocessing
 
@@ -35,7 +34,7 @@ CACHE_VERSION = 1
 class ImageArray:
     images: np.ndarray  # (N, S, S) uint8, memory-mapped
     records: list[Record]  # the rows that decoded, in input order
-    problems: list[tuple[str, str]]
+    problems: list[tuple[str, str]]  # (path, reason and fix) of the rows that did not
 
 
 class _Decode(TorchDataset):
@@ -50,7 +49,7 @@ class _Decode(TorchDataset):
             img = self.preprocessing.resize_image(self.reader.read_image(self.records[i].ref, draft_size=self.preprocessing.input_size))
             return i, np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), ""
         except (ImageReadError, OSError, KeyError) as err:
-            return i, None, str(getattr(err, "reason", err))
+            return i, None, skip_detail(err)
 
 
 def cache_key(records: list[Record], preprocessing: Preprocessing) -> str:
@@ -83,10 +82,7 @@ def build_image_array(
         return ImageArray(
             np.load(array_path, mmap_mode="r"), [r for i, r in enumerate(records) if i in kept], [tuple(p) for p in index["problems"]]
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".npy")
-    os.close(fd)
-    try:
+    with atomic_file(array_path, suffix=".npy") as tmp:  # an .npy file under its temporary name too
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), size, size))
         ok = np.zeros(len(records), bool)
         problems = []
@@ -107,21 +103,16 @@ def build_image_array(
                 bar.update(len(batch))
         kept = np.flatnonzero(ok)
         if len(kept) < len(records):  # compact: the array holds only images that decoded
-            compact = np.lib.format.open_memmap(tmp + ".c", mode="w+", dtype=np.uint8, shape=(len(kept), size, size))
-            for start in range(0, len(kept), 1024):
-                compact[start : start + 1024] = out[kept[start : start + 1024]]
-            compact.flush()
-            del out
-            os.replace(tmp + ".c", tmp)
+            with atomic_file(tmp, suffix=".npy") as compact_path:
+                compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=np.uint8, shape=(len(kept), size, size))
+                for start in range(0, len(kept), 1024):
+                    compact[start : start + 1024] = out[kept[start : start + 1024]]
+                compact.flush()
+                del compact, out
         else:
             out.flush()
             del out
-        os.replace(tmp, array_path)
-        write_json(index_path, {"kept": kept.tolist(), "problems": problems, "size": size})
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        Path(tmp + ".c").unlink(missing_ok=True)
-        raise
+    write_json(index_path, {"kept": kept.tolist(), "problems": problems, "size": size})
     for path, why in problems:
         logger.warning("skipping %s: %s", path, why)
     return ImageArray(np.load(array_path, mmap_mode="r"), [records[i] for i in kept], problems)

@@ -21,10 +21,10 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import UsageError
-from ..outputs import OutputExistsError
+from ..outputs import OutputExistsError, atomic_file
 from ..runtime import progress_bar
 from . import discovery as data_mod
-from .decode import ImageReadError, resize_image
+from .decode import ImageReadError, resize_image, skip_detail
 
 logger = logging.getLogger(__name__)
 
@@ -56,46 +56,38 @@ def pack_dataset(
     dataset = data_mod.load_dataset(data)
     if dataset.layout == "npz":
         raise data_mod.DataError(f"{data}: already an array file; pack folders or zips of images.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     kept, resized, skipped = 0, 0, []
     taken = {record.ref for record in dataset.records}  # names of the source's files: a re-encoded image's new name avoids them
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # JPEG/PNG bytes do not deflate
-            for record in progress_bar(dataset.records, desc="pack", unit="img", enabled=progress):
-                try:
-                    raw = dataset.reader.read_bytes(record.ref)
-                    image = dataset.reader.read_image(record.ref, raw)
-                except (ImageReadError, OSError, KeyError) as err:
-                    skipped.append((dataset.display(record), str(getattr(err, "reason", err))))
-                    continue
-                name = record.ref
-                if max(image.shape) > size:
-                    small = resize_image(image, size)
-                    buf = io.BytesIO()
-                    Image.fromarray((small * 255.0 + 0.5).clip(0, 255).astype("uint8")).save(buf, format="JPEG", quality=quality)
-                    if Path(name).suffix.lower() not in (".jpeg", ".jpg"):
-                        name = _free_name(name, taken)  # a.png -> a.png.jpeg, or a.png.1.jpeg when a.png.jpeg is a file of its own
-                    raw, resized = buf.getvalue(), resized + 1
-                zf.writestr(name, raw)
-                kept += 1
-            summary = {
-                "source": str(Path(data).absolute()),
-                "layout": dataset.layout,
-                "size": size,
-                "quality": quality,
-                "images": kept,
-                "resized": resized,
-                "stored_as_is": kept - resized,
-                "skipped": [{"path": p, "reason": r} for p, r in skipped],
-                "date": time.strftime("%Y-%m-%d"),
-            }
-            zf.writestr(PACK_MANIFEST, json.dumps(summary, indent=2))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # JPEG/PNG bytes do not deflate
+        for record in progress_bar(dataset.records, desc="pack", unit="img", enabled=progress):
+            try:
+                raw = dataset.reader.read_bytes(record.ref)
+                image = dataset.reader.read_image(record.ref, raw)
+            except (ImageReadError, OSError, KeyError) as err:
+                skipped.append((dataset.display(record), skip_detail(err)))
+                continue
+            name = record.ref
+            if max(image.shape) > size:
+                small = resize_image(image, size)
+                buf = io.BytesIO()
+                Image.fromarray((small * 255.0 + 0.5).clip(0, 255).astype("uint8")).save(buf, format="JPEG", quality=quality)
+                if Path(name).suffix.lower() not in (".jpeg", ".jpg"):
+                    name = _free_name(name, taken)  # a.png -> a.png.jpeg, or a.png.1.jpeg when a.png.jpeg is a file of its own
+                raw, resized = buf.getvalue(), resized + 1
+            zf.writestr(name, raw)
+            kept += 1
+        summary = {
+            "source": str(Path(data).absolute()),
+            "layout": dataset.layout,
+            "size": size,
+            "quality": quality,
+            "images": kept,
+            "resized": resized,
+            "stored_as_is": kept - resized,
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        zf.writestr(PACK_MANIFEST, json.dumps(summary, indent=2))
     summary["bytes"] = out.stat().st_size
     for path, reason in skipped:
         logger.warning("left out %s: %s", path, reason)

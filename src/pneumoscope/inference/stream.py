@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data.decode import ImageReadError, is_image_path, read_zip_member, screen_image
+from ..data.decode import ImageReadError, is_image_path, read_zip_member, screen_image, skip_detail
 from ..errors import StateError, UsageError
-from ..outputs import current_umask, naming_path
+from ..outputs import atomic_file, naming_path
 from ..runtime import die_with_parent, progress_bar
 from .predictor import Prediction, Predictor, expand_inputs
 
@@ -125,11 +124,11 @@ class _Decoded(TorchDataset):
         except (OSError, zipfile.BadZipFile) as err:  # the archive itself cannot be opened
             return i, None, "", f"cannot be read from the archive ({err}). Fix: copy the archive again"
         except ImageReadError as err:  # a member over io's bounds (a zip bomb), or damaged
-            return i, None, "", err.detail
+            return i, None, "", skip_detail(err)
         try:
             image = self.predictor.read(item.name if item.member else item.source, data)
         except ImageReadError as err:
-            return i, None, "", err.detail
+            return i, None, "", skip_detail(err)
         if self.tta:
             return i, image, "", ""
         return i, self.predictor.preprocess(image).numpy()[0], screen_image(image), ""
@@ -543,36 +542,27 @@ def merge_shards(out: Path, world: int, expected: int, batch_size: int) -> Summa
     """Interleave the shards (batch b of the inputs is in shard b % world) into ``out``, atomically; then remove them."""
     fmt = TEXT_FORMATS[out.suffix.lower()]()
     shards = [shard_path(out, r) for r in range(world)]
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     rows = failed = 0
-    try:
-        with os.fdopen(fd, "wb") as dst, contextlib.ExitStack() as stack:
-            handles = [stack.enter_context(open(s, "rb")) for s in shards]
-            dst.write(fmt.head().encode())
-            readers = [fmt.records(h) for h in handles]
-            for k in range(expected):
-                r = k // batch_size % world  # the rank that predicted item k
-                rec = next(readers[r], None)
-                if rec is None:
-                    raise StateError(
-                        f"{shards[r]}: ends early, short of its share of the {expected} inputs "
-                        "(a rank stopped early). Fix: run the same command again with --resume"
-                    )
-                dst.write(rec.raw)
-                rows, failed = rows + 1, failed + rec.failed
-            extra = [str(s) for s, r in zip(shards, readers, strict=True) if next(r, None) is not None]
-            if extra:
+    with atomic_file(out) as tmp, open(tmp, "wb") as dst, contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(s, "rb")) for s in shards]
+        dst.write(fmt.head().encode())
+        readers = [fmt.records(h) for h in handles]
+        for k in range(expected):
+            r = k // batch_size % world  # the rank that predicted item k
+            rec = next(readers[r], None)
+            if rec is None:
                 raise StateError(
-                    f"{', '.join(extra)}: more rows than this run's {expected} inputs (left by a run over other inputs?). "
-                    "Fix: run again with --overwrite and without --resume"
+                    f"{shards[r]}: ends early, short of its share of the {expected} inputs "
+                    "(a rank stopped early). Fix: run the same command again with --resume"
                 )
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            dst.write(rec.raw)
+            rows, failed = rows + 1, failed + rec.failed
+        extra = [str(s) for s, r in zip(shards, readers, strict=True) if next(r, None) is not None]
+        if extra:
+            raise StateError(
+                f"{', '.join(extra)}: more rows than this run's {expected} inputs (left by a run over other inputs?). "
+                "Fix: run again with --overwrite and without --resume"
+            )
     for s in shards:
         s.unlink()
     return Summary(rows, failed, 0)

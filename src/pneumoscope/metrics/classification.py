@@ -31,11 +31,31 @@ def ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
+LOGIT_EPS = 1e-12  # p and 1 - p are clipped to [LOGIT_EPS, 1]: |logit| <= 27.64, finite
+
+
+def logit(p) -> np.ndarray:
+    """log(p / (1 - p)) in float64, the one inverse of :func:`sigmoid`.
+
+    ``p`` and ``1 - p`` are each clipped to [:data:`LOGIT_EPS`, 1], so a probability of
+    exactly 0 or 1 gives a finite value (about -27.63 or +27.63) and ``logit(1 - p)``
+    is ``-logit(p)`` up to rounding.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    return np.log(np.clip(p, LOGIT_EPS, 1.0)) - np.log(np.clip(1.0 - p, LOGIT_EPS, 1.0))
+
+
+def sigmoid(z) -> np.ndarray:
+    """1 / (1 + exp(-z)) in float64, the one logistic function: 0 (not an overflow warning) far below -700."""
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(over="ignore"):  # exp(-z) is inf for z < -709: 1 / inf = 0, the right answer
+        return 1.0 / (1.0 + np.exp(-z))
+
+
 def calibrated_probability(logits, temperature: float = 1.0) -> np.ndarray:
     """P(PNEUMONIA) = sigmoid(logit / temperature), in float64: the one definition that
     training, site calibration and inference share."""
-    z = np.asarray(logits, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-z / temperature))
+    return sigmoid(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def decide(y_prob, threshold: float) -> np.ndarray:
@@ -109,7 +129,7 @@ def compute_smoothed_youden_threshold(y_true, y_prob) -> float:
     y_true, y_prob = check_binary(y_true, y_prob)
     if len(np.unique(y_true)) < 2:
         raise ValueError("choosing a threshold needs both classes in the validation data")
-    z = np.log(np.clip(y_prob, 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(y_prob, 1e-12, 1 - 1e-12))
+    z = logit(y_prob)
 
     def smoothed_cdf(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
         h = max(1.06 * x.std() * len(x) ** -0.2, 1e-3)  # Scott's rule
@@ -118,7 +138,7 @@ def compute_smoothed_youden_threshold(y_true, y_prob) -> float:
     neg, pos = z[y_true == 0], z[y_true == 1]
     grid = np.linspace(min(np.median(neg), np.median(pos)), max(np.median(neg), np.median(pos)), 2001)
     j = smoothed_cdf(neg, grid) - smoothed_cdf(pos, grid)
-    return float(1.0 / (1.0 + np.exp(-grid[int(np.argmax(j))])))
+    return float(sigmoid(grid[int(np.argmax(j))]))
 
 
 def compute_roc_curve(y_true, y_prob) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data.decode import ImageReadError
+from ..data.decode import ImageReadError, skip_detail
 from ..data.discovery import Dataset, Record
 from ..data.paths import default_cache_dir
 from ..outputs import npy_bytes, write_bytes_atomic
@@ -97,7 +97,7 @@ class ImageDataset(TorchDataset):
             image = self.reader.read_image(record.ref, draft_size=self.preprocessing.input_size)
             return i, torch.from_numpy(np.ascontiguousarray(self.preprocessing.apply(image))), ""
         except (ImageReadError, OSError, KeyError) as err:
-            return i, None, str(getattr(err, "reason", err))
+            return i, None, skip_detail(err)
 
 
 def _collate(batch):
@@ -113,7 +113,7 @@ def _collate(batch):
 class FeatureResult:
     features: np.ndarray  # (N, C) for the rows that decoded
     records: list[Record]  # those rows, in input order
-    problems: list[tuple[str, str]]  # (path, reason) for rows that did not
+    problems: list[tuple[str, str]]  # (path, reason and fix) for rows that did not
 
 
 def extract_features(

@@ -57,6 +57,9 @@ MIN_BODY_RATE = 50_000  # ... and must then keep arriving at this many bytes a s
 RETRY_AFTER_S = 1
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 NOTICE = "Research software, not a medical device."
+# An unreadable upload's status by ImageReadError.kind: not an image (or a format not read here) is
+# 415 Unsupported Media Type; a damaged image of a known format is 422 Unprocessable Content.
+UPLOAD_STATUS = {"unsupported": 415, "damaged": 422}
 # The page's own origin only; images are data: URLs made by the page's own script.
 CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
@@ -418,8 +421,7 @@ def create_app(
         try:
             view, x, screened = await loop.run_in_executor(decode_pool, prepare, name, data)
         except ImageReadError as err:
-            unknown = "not a readable image" in err.reason or "not a readable DICOM" in err.reason
-            raise HTTPException(415 if unknown else 422, f"{name}: {err.detail}") from err
+            raise HTTPException(UPLOAD_STATUS[err.kind], f"{name}: {err.detail}") from err
         del data
         pred = await asyncio.wrap_future(batcher.submit(x, name, screened))
         result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}

@@ -30,6 +30,7 @@ from ..data.preprocessing import Preprocessing
 from ..errors import MissingFileError, StateError, UsageError
 from ..models.backbones import UNFREEZE
 from ..models.classifier import PneumoniaClassifier
+from ..outputs import atomic_file
 from ..runtime import die_with_parent, is_launched_rank
 from .config import FinetuneConfig
 
@@ -171,13 +172,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_resume_state(path)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(checkpoint, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def load_resume_state(path: str | os.PathLike) -> dict:
