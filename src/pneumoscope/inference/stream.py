@@ -188,15 +188,22 @@ class Record(NamedTuple):
 
 
 class CsvFormat:
+    """CSV rows of ``fields`` (a model's :attr:`Predictor.fields`: predict's columns, and a probability per class for
+    an N-class model); probabilities with 6 decimals."""
+
     name = "csv"
 
+    def __init__(self, fields: tuple[str, ...] = Prediction.FIELDS):
+        self.fields = tuple(fields)
+
     def head(self) -> str:
-        return ",".join(Prediction.FIELDS) + "\r\n"
+        return ",".join(self.fields) + "\r\n"
 
     def encode(self, rows: list[dict]) -> str:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=Prediction.FIELDS)
-        writer.writerows({**r, "prob": "" if r["prob"] is None else f"{r['prob']:.6f}"} for r in rows)
+        writer = csv.DictWriter(buf, fieldnames=self.fields)
+        probs = [f for f in self.fields if f == "prob" or f.startswith("prob_")]
+        writer.writerows({**r, **{f: "" if r.get(f) is None else f"{r[f]:.6f}" for f in probs}} for r in rows)
         return buf.getvalue()
 
     def tail(self) -> str:
@@ -219,29 +226,37 @@ class CsvFormat:
         reader = csv.reader(complete_lines())  # reads one line at a time: `end` is where the row it returns ends
         try:
             header = next(reader, None)
-            if header is not None and tuple(header) != Prediction.FIELDS:
+            if header is not None and tuple(header) != self.fields:
                 raise UsageError(
                     f"{getattr(fh, 'name', 'the output')}: its columns are {header}, not those of `pneumoscope predict` "
-                    f"({', '.join(Prediction.FIELDS)}). Fix: give another --out, or --overwrite to replace it"
+                    f"({', '.join(self.fields)}). Fix: give another --out, or --overwrite to replace it"
                 )
             lines.clear()
+            error, threshold = self.fields.index("error"), self.fields.index("threshold")
             for row in reader:
-                if len(row) != len(Prediction.FIELDS):
+                if len(row) != len(self.fields):
                     return
-                yield Record(end, b"".join(lines), row[0], bool(row[-1]), _number(row[Prediction.FIELDS.index("threshold")]))
+                yield Record(end, b"".join(lines), row[0], bool(row[error]), _number(row[threshold]))
                 lines.clear()
         except (csv.Error, UnicodeDecodeError):
             return
 
 
 class JsonlFormat:
+    """One JSON object a line, with the keys ``fields`` (see :class:`CsvFormat`)."""
+
     name = "jsonl"
+
+    def __init__(self, fields: tuple[str, ...] = Prediction.FIELDS):
+        self.fields = tuple(fields)
 
     def head(self) -> str:
         return ""
 
     def encode(self, rows: list[dict]) -> str:
-        return "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)  # a NaN is never written as if it were a number
+        # every key of fields, in order (an unreadable image of an N-class model has no class probabilities: null);
+        # a NaN is never written as if it were a number
+        return "".join(json.dumps({f: r.get(f) for f in self.fields}, allow_nan=False) + "\n" for r in rows)
 
     def tail(self) -> str:
         return ""
@@ -253,7 +268,7 @@ class JsonlFormat:
                 row = json.loads(line) if line.endswith(b"\n") else None
             except ValueError:
                 row = None
-            if not isinstance(row, dict) or set(row) != set(Prediction.FIELDS):  # a record of predict's, not anyone's with a path
+            if not isinstance(row, dict) or set(row) != set(self.fields):  # a record of predict's, not anyone's with a path
                 return
             end += len(line)
             yield Record(end, line, str(row["path"]), bool(row.get("error")), _number(row.get("threshold")))
@@ -264,13 +279,15 @@ class JsonArrayFormat(JsonlFormat):
 
     name = "json"
 
-    def __init__(self):
+    def __init__(self, fields: tuple[str, ...] = Prediction.FIELDS):
+        super().__init__(fields)
         self.first = True
 
     def head(self) -> str:
         return "["
 
     def encode(self, rows: list[dict]) -> str:
+        rows = [{f: r.get(f) for f in self.fields} for r in rows]
         out = "".join(("\n  " if self.first and k == 0 else ",\n  ") + json.dumps(r, allow_nan=False) for k, r in enumerate(rows))
         self.first = self.first and not rows
         return out
@@ -286,23 +303,13 @@ OUT_SUFFIXES = (*TEXT_FORMATS, ".parquet")
 class ParquetSink:
     """Each batch a row group (pyarrow's ParquetWriter); a killed file has no footer, hence no ``resume``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fields: tuple[str, ...] = Prediction.FIELDS):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.pa = pa
-        self.schema = pa.schema(
-            [
-                ("path", pa.string()),
-                ("prob", pa.float64()),
-                ("label", pa.string()),
-                ("threshold", pa.float64()),
-                ("ood", pa.bool_()),
-                ("ood_distance", pa.float64()),
-                ("ood_reason", pa.string()),
-                ("error", pa.string()),
-            ]
-        )
+        kinds = {"path": pa.string(), "label": pa.string(), "ood": pa.bool_(), "ood_reason": pa.string(), "error": pa.string()}
+        self.schema = pa.schema([(f, kinds.get(f, pa.float64())) for f in fields])  # the rest: probabilities, threshold, distance
         self.writer = pq.ParquetWriter(str(path), self.schema)
 
     def write(self, rows: list[dict]) -> None:
@@ -398,7 +405,7 @@ def scan_done(out: Path, fmt, threshold: float | None = None) -> tuple[collectio
             first = (start + fh.readline()).splitlines()[0][:80] if start else b""
             raise foreign(
                 f"its first line is {first.decode('utf-8', 'replace')!r}, not the header of predict's CSV (its columns are "
-                f"{', '.join(Prediction.FIELDS)})"
+                f"{', '.join(fmt.fields)})"
             )
         fh.seek(0)
         end = len(head)
@@ -443,7 +450,7 @@ def predict_to(
     if out is None and resume:
         raise UsageError("--resume continues the rows written to --out, and there is no --out. Fix: add --out FILE.csv (or .jsonl)")
     if out is None:
-        fmt = JsonArrayFormat() if stdout_format == "json" else CsvFormat()
+        fmt = JsonArrayFormat(predictor.fields) if stdout_format == "json" else CsvFormat(predictor.fields)
         sink = TextSink(stdout or sys.stdout, fmt, new=True)
     else:
         out = Path(out)
@@ -452,9 +459,9 @@ def predict_to(
         if exists and not (resume or overwrite):
             raise UsageError(f"--out {out} exists. Fix: --resume to continue it, --overwrite to replace it, or another --out")
         if suffix == ".parquet":
-            sink = ParquetSink(out)
+            sink = ParquetSink(out, predictor.fields)
         else:
-            fmt = TEXT_FORMATS[suffix]()
+            fmt = TEXT_FORMATS[suffix](predictor.fields)
             if exists and resume:
                 done, resumed, failed, end = scan_done(out, fmt, predictor.threshold)
                 os.truncate(out, end)  # drop a row cut short by the kill
@@ -531,16 +538,16 @@ def predict_distributed(
         kw["progress"] = kw.get("progress") and rank == 0
         predict_to(predictor, mine, shard_path(out, rank), resume=resume, overwrite=True, suffix=out.suffix.lower(), **kw)
         dist.barrier()
-        summary = [merge_shards(out, world, len(items), size) if rank == 0 else None]
+        summary = [merge_shards(out, world, len(items), size, predictor.fields) if rank == 0 else None]
         dist.broadcast_object_list(summary, src=0)  # every rank exits with the same status: torchrun stops the others when one fails early
         return summary[0]
     finally:
         dist.destroy_process_group()
 
 
-def merge_shards(out: Path, world: int, expected: int, batch_size: int) -> Summary:
+def merge_shards(out: Path, world: int, expected: int, batch_size: int, fields: tuple[str, ...] = Prediction.FIELDS) -> Summary:
     """Interleave the shards (batch b of the inputs is in shard b % world) into ``out``, atomically; then remove them."""
-    fmt = TEXT_FORMATS[out.suffix.lower()]()
+    fmt = TEXT_FORMATS[out.suffix.lower()](fields)
     shards = [shard_path(out, r) for r in range(world)]
     rows = failed = 0
     with atomic_file(out) as tmp, open(tmp, "wb") as dst, contextlib.ExitStack() as stack:
