@@ -97,61 +97,24 @@ def adapt_run(
     if method not in ADAPT_METHODS:
         raise UsageError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
     check_output_dir(out, overwrite)
-    predictor = Predictor.from_checkpoint(run)
-    _require_adapter(predictor, run)
-    done = predictor.description.adaptation
-    if done:
-        # its head's bias already carries a prior offset and its threshold moved with it: a second
-        # adaptation would add another on top (probabilities shifted twice), not replace it
-        raise data_mod.DataError(
-            f"{run}: this run is already adapted ({done.get('method')}, to {done.get('data')}). "
-            "Fix: adapt the run it was adapted from, which the new run then replaces."
-        )
+    predictor = _adaptable(run)
     model = predictor.model
     site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
     before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
 
     model.adapter.fit_site(site_feats.features, shrink=1.0 if method.startswith("standardize") else 0.0)
-    adapted = model.adapter.apply_np(site_feats.features)
-    ood = predictor.description.ood
-    if model.ood is not None:
-        # the guard now sees adapted features; its cut-off admits the site's own 99% (never tighter than validation's)
-        site_cut = float(np.quantile(model.ood.distance_np(adapted), 0.99))
-        model.ood.cutoff.fill_(max(float(model.ood.cutoff), site_cut))
-        ood = replace(
-            ood,
-            cutoff=float(model.ood.cutoff),
-            cutoff_rule=f"{ood.cutoff_rule or ''}; after adaptation, at least the 0.99 quantile of the site's adapted distances",
-        )
+    ood = _widen_guard(predictor, model.adapter.apply_np(site_feats.features))
     after = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
     threshold, offset = predictor.threshold, 0.0
     if method.endswith("+prior"):
-        offset = prior_shift_offset(after["prevalence"]["mixture"], after["validation_prevalence"])
-        # fold the offset into the head's bias, so every backend (ONNX included) computes it:
-        # sigmoid((z + offset * T) / T) = sigmoid(z / T + offset); the threshold moves with it
-        with torch.no_grad():
-            model.head.fc2.bias += offset * predictor.temperature
-        threshold = float(sigmoid(logit(threshold) + offset))
+        threshold, offset = _fold_prior_shift(predictor, after)
     description = replace(
         predictor.description,
         source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
         threshold=threshold,
         threshold_policy=f"{predictor.description.threshold_policy}; carried to the site by unlabelled adaptation ({method})",
         ood=ood,
-        adaptation={
-            "method": method,
-            "data": str(Path(site).absolute()),
-            "n": len(site_feats.records),
-            "date": time.strftime("%Y-%m-%d"),
-            "labels_used": False,
-            "estimated_prevalence": after["prevalence"]["mixture"],
-            "prior_logit_offset": offset,
-            "previous_threshold": predictor.threshold,
-            "shift_before": _brief(before),
-            "shift_after": _brief(after),
-            "image_sha256": sorted(r.content_hash for r in site_feats.records),
-            "skipped": len(site_feats.problems),
-        },
+        adaptation=_adaptation_entry(method, site, site_feats, before, after, offset=offset, previous_threshold=predictor.threshold),
     )
     save_derived_run(run, out, model, description, overwrite=overwrite)
     logger.debug(
@@ -165,6 +128,67 @@ def adapt_run(
         predictor.threshold,
     )
     return Path(out), description
+
+
+def _adaptable(run: str | os.PathLike) -> Predictor:
+    """The run's predictor, refused when it keeps no training feature statistics or is already adapted."""
+    predictor = Predictor.from_checkpoint(run)
+    _require_adapter(predictor, run)
+    done = predictor.description.adaptation
+    if done:
+        # its head's bias already carries a prior offset and its threshold moved with it: a second
+        # adaptation would add another on top (probabilities shifted twice), not replace it
+        raise data_mod.DataError(
+            f"{run}: this run is already adapted ({done.get('method')}, to {done.get('data')}). "
+            "Fix: adapt the run it was adapted from, which the new run then replaces."
+        )
+    return predictor
+
+
+def _widen_guard(predictor: Predictor, adapted: np.ndarray):
+    """The OOD guard's cut-off widened, where needed, to admit the site's adapted features; returns the description's
+    ``ood`` entry (unchanged without a guard)."""
+    model, ood = predictor.model, predictor.description.ood
+    if model.ood is None:
+        return ood
+    # the guard now sees adapted features; its cut-off admits the site's own 99% (never tighter than validation's)
+    site_cut = float(np.quantile(model.ood.distance_np(adapted), 0.99))
+    model.ood.cutoff.fill_(max(float(model.ood.cutoff), site_cut))
+    return replace(
+        ood,
+        cutoff=float(model.ood.cutoff),
+        cutoff_rule=f"{ood.cutoff_rule or ''}; after adaptation, at least the 0.99 quantile of the site's adapted distances",
+    )
+
+
+def _fold_prior_shift(predictor: Predictor, after: dict) -> tuple[float, float]:
+    """Move the probabilities to the site's estimated prevalence through the head's bias: (the moved threshold, the logit offset)."""
+    offset = prior_shift_offset(after["prevalence"]["mixture"], after["validation_prevalence"])
+    # fold the offset into the head's bias, so every backend (ONNX included) computes it:
+    # sigmoid((z + offset * T) / T) = sigmoid(z / T + offset); the threshold moves with it
+    with torch.no_grad():
+        predictor.model.head.fc2.bias += offset * predictor.temperature
+    return float(sigmoid(logit(predictor.threshold) + offset)), offset
+
+
+def _adaptation_entry(
+    method: str, site, site_feats: SiteFeatures, before: dict, after: dict, *, offset: float, previous_threshold: float
+) -> dict:
+    """The description's ``adaptation`` entry: the method, the images (by content hash), the shift before and after."""
+    return {
+        "method": method,
+        "data": str(Path(site).absolute()),
+        "n": len(site_feats.records),
+        "date": time.strftime("%Y-%m-%d"),
+        "labels_used": False,
+        "estimated_prevalence": after["prevalence"]["mixture"],
+        "prior_logit_offset": offset,
+        "previous_threshold": previous_threshold,
+        "shift_before": _brief(before),
+        "shift_after": _brief(after),
+        "image_sha256": sorted(r.content_hash for r in site_feats.records),
+        "skipped": len(site_feats.problems),
+    }
 
 
 def _brief(report: dict) -> dict:

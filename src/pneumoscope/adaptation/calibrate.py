@@ -107,24 +107,10 @@ def calibrate_run(
     and with ``refit`` a head refitted on the labelled site images beside the training sample.
     Returns the new run's folder and description."""
     check_output_dir(out, overwrite)
-    predictor = Predictor.from_checkpoint(run)
-    if refit and predictor.model.adapter is None:
-        raise data_mod.DataError(
-            f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again."
-        )
-    dataset = data_mod.load_dataset(data)
-    predictor.check_dataset(dataset)
-    scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
-    scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
-    feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
+    predictor = _calibratable(run, refit=refit)
+    scanned, feats, z = _labelled_sample(predictor, data, split, cache_dir=cache_dir, progress=progress)
     kept = feats.records
     y = np.array([r.label for r in kept])
-    counts = np.bincount(y, minlength=2)
-    if counts.min() < MIN_PER_CLASS:
-        raise data_mod.DataError(
-            f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). "
-            "Fix: label more local images."
-        )
     model = predictor.model
     groups = [r.patient_id for r in kept]
     if refit:
@@ -132,14 +118,6 @@ def calibrate_run(
         model.head = refit_head(model, feats.features, y)
     point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
     metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
-    method = (
-        (
-            f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
-            f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits"
-        )
-        if refit
-        else "temperature and threshold"
-    )
     description = replace(
         predictor.description,
         source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
@@ -147,7 +125,7 @@ def calibrate_run(
         threshold=point.threshold,
         threshold_policy=point.description,
         calibration={
-            "method": method,
+            "method": _method(refit),
             "data": str(Path(data).absolute()),
             "split": split,
             "n": int(len(y)),
@@ -169,3 +147,40 @@ def calibrate_run(
         predictor.threshold,
     )
     return Path(out), description
+
+
+def _calibratable(run: str | os.PathLike, *, refit: bool) -> Predictor:
+    """The run's predictor; with ``refit``, refused when the run keeps no training sample to refit the head beside."""
+    predictor = Predictor.from_checkpoint(run)
+    if refit and predictor.model.adapter is None:
+        raise data_mod.DataError(
+            f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again."
+        )
+    return predictor
+
+
+def _labelled_sample(predictor: Predictor, data: str | os.PathLike, split: str, *, cache_dir, progress: bool):
+    """(the scanned distinct images of ``split``, their features, their logits); refused with fewer than
+    ``MIN_PER_CLASS`` images of either class."""
+    dataset = data_mod.load_dataset(data)
+    predictor.check_dataset(dataset)
+    scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
+    scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
+    feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
+    counts = np.bincount(np.array([r.label for r in feats.records]), minlength=2)
+    if counts.min() < MIN_PER_CLASS:
+        raise data_mod.DataError(
+            f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). "
+            "Fix: label more local images."
+        )
+    return scanned, feats, z
+
+
+def _method(refit: bool) -> str:
+    """What the calibration fitted, in words."""
+    if not refit:
+        return "temperature and threshold"
+    return (
+        f"head refitted on the training sample plus these images (each weighing {SITE_WEIGHT:g}); temperature and threshold on "
+        f"{REFIT_FOLDS}-fold patient-grouped out-of-fold logits"
+    )

@@ -464,9 +464,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pneumoscope`` parser: global options, then one sub-parser per command (in the order ``--help`` lists them)."""
     from .. import __version__
-    from ..choices import ADAPT_METHODS, CAM_METHOD_CLASSES
-    from ..data.discovery import CLASS_NAMES
 
     parser = argparse.ArgumentParser(
         prog="pneumoscope",
@@ -479,7 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
     _loudness(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.set_defaults(func=_lists_commands(parser))
+    for add in (
+        _add_data_parser,
+        _add_train_parser,
+        _add_evaluate_parser,
+        _add_calibrate_parser,
+        _add_shift_parser,
+        _add_adapt_parser,
+        _add_pack_parser,
+        _add_export_parser,
+        _add_serve_parser,
+        _add_compare_parser,
+        _add_explain_parser,
+        _add_predict_parser,
+        _add_demo_parser,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_data_parser(sub) -> None:
+    """``data`` and its sub-command ``data inspect``."""
     data_parser = _command(sub, "data", "dataset tools: data inspect", "pneumoscope data inspect ../shared/data/chest_xray")
     data = data_parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data_parser.set_defaults(func=_lists_commands(data_parser))
@@ -498,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of that cut, as train's --seed (default 0)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_train_parser(sub) -> None:
+    """``train``: the data, the run folder, and the training options."""
     p = _command(
         sub,
         "train",
@@ -513,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_parser(sub) -> None:
+    """``evaluate``: a run on labelled data."""
     p = _command(
         sub,
         "evaluate",
@@ -531,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help=CACHE_DIR)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_calibrate_parser(sub) -> None:
+    """``calibrate``: temperature and threshold refitted on a labelled local sample."""
     p = _command(
         sub,
         "calibrate",
@@ -551,21 +579,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.set_defaults(func=cmd_calibrate)
 
-    def site_command(name: str, help: str, func, out_help: str, out_required: bool, example: str):
-        p = _command(sub, name, help, example)
-        p.add_argument("run", metavar="RUN", help=RUN)
-        p.add_argument(
-            "site",
-            metavar="SITE_IMAGES",
-            help="folder or .zip of the site's images, searched recursively; folder names are not read as labels",
-        )
-        p.add_argument("--out", required=out_required, help=out_help)
-        p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
-        p.add_argument("--cache-dir", help=CACHE_DIR)
-        p.set_defaults(func=func)
-        return p
 
-    p = site_command(
+def _site_command(sub, name: str, help: str, func, out_help: str, out_required: bool, example: str) -> argparse.ArgumentParser:
+    """A command over a run and a site's unlabelled images (``shift``, ``adapt``): their shared arguments."""
+    p = _command(sub, name, help, example)
+    p.add_argument("run", metavar="RUN", help=RUN)
+    p.add_argument(
+        "site",
+        metavar="SITE_IMAGES",
+        help="folder or .zip of the site's images, searched recursively; folder names are not read as labels",
+    )
+    p.add_argument("--out", required=out_required, help=out_help)
+    p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
+    p.add_argument("--cache-dir", help=CACHE_DIR)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_shift_parser(sub) -> None:
+    """``shift``: how a site's images differ from the training split."""
+    p = _site_command(
+        sub,
         "shift",
         "does a site's set of images differ from the training split? two-sample test, prevalence, verdict",
         cmd_shift,
@@ -574,7 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pneumoscope shift runs/a site_images/ --out shift.json",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p = site_command(
+
+
+def _add_adapt_parser(sub) -> None:
+    """``adapt``: a run adapted to a site's unlabelled images."""
+    from ..choices import ADAPT_METHODS
+
+    p = _site_command(
+        sub,
         "adapt",
         "adapt a run to a site's unlabelled images; writes a new run",
         cmd_adapt,
@@ -591,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
 
+
+def _add_pack_parser(sub) -> None:
+    """``pack``: a dataset written as one compact .zip."""
     p = _command(
         sub,
         "pack",
@@ -604,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_pack)
 
+
+def _add_export_parser(sub) -> None:
+    """``export``: a run as an ONNX file."""
     p = _command(
         sub,
         "export",
@@ -616,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_export)
 
+
+def _add_serve_parser(sub) -> None:
+    """``serve``: the web page and JSON API."""
     p = _command(
         sub,
         "serve",
@@ -635,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+
+def _add_compare_parser(sub) -> None:
+    """``compare``: two evaluations of the same images, paired."""
     p = _command(
         sub,
         "compare",
@@ -645,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("eval_b", metavar="EVAL_B", help="another, of the same images")
     p.add_argument("--out", help="write the result as JSON")
     p.set_defaults(func=cmd_compare)
+
+
+def _add_explain_parser(sub) -> None:
+    """``explain``: CAM overlays and their checks."""
+    from ..choices import CAM_METHOD_CLASSES
+    from ..data.discovery import CLASS_NAMES
 
     p = _command(sub, "explain", "Grad-CAM overlays", "pneumoscope explain runs/a chest.jpeg other_xrays/ --out cams")
     p.add_argument("run", metavar="RUN", help=RUN)
@@ -661,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     p.set_defaults(func=cmd_explain)
 
+
+def _add_predict_parser(sub) -> None:
+    """``predict``: rows of decisions over images, folders and archives."""
     p = _command(
         sub,
         "predict",
@@ -680,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over shifted and zoomed copies")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_demo_parser(sub) -> None:
+    """``demo``: train, evaluate and explain in one go."""
     p = _command(
         sub,
         "demo",
@@ -691,7 +756,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results folder (default runs/demo-<time>)")
     _add_train_args(p)
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

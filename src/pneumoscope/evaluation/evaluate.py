@@ -54,42 +54,21 @@ def evaluate_dataset(
     tta: bool = False,
     progress: bool = True,
 ) -> EvaluationResult:
+    """Predictions and clinical metrics (with patient-level intervals) of ``predictor`` on ``split`` of ``dataset``."""
     predictor.check_dataset(dataset)
     records = data_mod.select_split(dataset, split)
     if limit:
         records = data_mod.limit_per_split(records, limit, seed=0)
     scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
-    calibrated_on = set((predictor.description.calibration or {}).get("image_sha256", []))
-    excluded = [r for r in scanned.records if r.content_hash in calibrated_on]
-    if excluded:
-        logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
-        scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
-    adapted_on = set((predictor.description.adaptation or {}).get("image_sha256", []))
-    transductive = sum(r.content_hash in adapted_on for r in scanned.records)
-    if transductive:
-        logger.warning(
-            "%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
-            "transductive. For an unbiased estimate evaluate on other images of the site.",
-            transductive,
-        )
-    if tta:  # the feature cache holds untransformed images only: decode and run every view
-        size = predictor.preprocessing.input_size
-        decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
-        kept, problems = [scanned.records[i] for i in decoded.index], decoded.skipped
-        (prob, distance), features = predictor.run(decoded.images, tta=True), None
-        screened = [screen_image(im) for im in decoded.images]
-    else:
-        feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
-        kept, prob, problems, features = feats.records, predictor.probability(logits), feats.problems, feats.features
-        with torch.inference_mode():  # the guard on the cached features: what inference computes, without a second pass
-            distance = predictor.model.ood_distances(features)
-        distance, screened = (None if distance is None else distance.double().numpy()), None
+    scanned, excluded, transductive = _leave_out_fitted(predictor, scanned)
+    scored = _score(predictor, scanned, tta=tta, cache_dir=cache_dir, progress=progress)
+    kept = scored.records
     if not kept:
         raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_true = np.array([r.label for r in kept])
     metrics = compute_clinical_metrics(
         y_true,
-        prob,
+        scored.prob,
         predictor.threshold,
         groups=[r.patient_id for r in kept],
         pneumonia_type=[r.pneumonia_type for r in kept],
@@ -103,14 +82,59 @@ def evaluate_dataset(
         kept,
         [dataset.display(r) for r in kept],
         y_true,
-        prob,
+        scored.prob,
         metrics,
-        scanned.problems + problems,
-        len(excluded),
-        features,
-        distance,
-        screened,
+        scanned.problems + scored.problems,
+        excluded,
+        scored.features,
+        scored.distance,
+        scored.screened,
     )
+
+
+def _leave_out_fitted(predictor: Predictor, scanned: data_mod.Dataset) -> tuple[data_mod.Dataset, int, int]:
+    """(the scanned images less those the checkpoint was calibrated on, how many were left out, how many of the rest
+    it was adapted on without their labels); both counts are logged as warnings."""
+    calibrated_on = set((predictor.description.calibration or {}).get("image_sha256", []))
+    excluded = [r for r in scanned.records if r.content_hash in calibrated_on]
+    if excluded:
+        logger.warning("%d images were used to calibrate this checkpoint; they are left out of the evaluation", len(excluded))
+        scanned = scanned.subset([r for r in scanned.records if r.content_hash not in calibrated_on])
+    adapted_on = set((predictor.description.adaptation or {}).get("image_sha256", []))
+    transductive = sum(r.content_hash in adapted_on for r in scanned.records)
+    if transductive:
+        logger.warning(
+            "%d of the evaluated images were used, without their labels, to adapt this checkpoint: these figures are "
+            "transductive. For an unbiased estimate evaluate on other images of the site.",
+            transductive,
+        )
+    return scanned, len(excluded), transductive
+
+
+@dataclass
+class _Scored:
+    records: list[data_mod.Record]  # the images scored (the unreadable ones left out)
+    prob: np.ndarray
+    problems: list[tuple[str, str]]
+    features: np.ndarray | None
+    distance: np.ndarray | None
+    screened: list[str] | None
+
+
+def _score(predictor: Predictor, scanned: data_mod.Dataset, *, tta: bool, cache_dir, progress: bool) -> _Scored:
+    """Probabilities, features and OOD distances of the scanned images: through the feature cache, or (``tta``) by
+    decoding each image and running every view."""
+    if tta:  # the feature cache holds untransformed images only: decode and run every view
+        size = predictor.preprocessing.input_size
+        decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
+        prob, distance = predictor.run(decoded.images, tta=True)
+        screened = [screen_image(im) for im in decoded.images]
+        return _Scored([scanned.records[i] for i in decoded.index], prob, decoded.skipped, None, distance, screened)
+    feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
+    with torch.inference_mode():  # the guard on the cached features: what inference computes, without a second pass
+        distance = predictor.model.ood_distances(feats.features)
+    distance = None if distance is None else distance.double().numpy()
+    return _Scored(feats.records, predictor.probability(logits), feats.problems, feats.features, distance, None)
 
 
 def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, screened: list[str] | None) -> dict:
@@ -227,138 +251,37 @@ def evaluate_run(
     tta: bool = False,
     progress: bool = True,
 ) -> tuple[Path, EvaluationResult]:
-    """The ``pneumoscope evaluate`` command."""
+    """The ``pneumoscope evaluate`` command: (the folder written, the evaluation)."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
     dataset = data_mod.load_dataset(data)
     result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
     m = result.metrics
-    names = list(data_mod.CLASS_NAMES)
     run_folder = RunFolder.of(run)
+    shown_split = split if dataset.layout != "class-folders" else "all"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_csv(
-            tmp / "predictions.csv",
-            ["path", "patient_id", "label", "prob", "pred"],
-            [
-                [path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
-                for r, path, p in zip(result.records, result.paths, result.y_prob, strict=True)
-            ],
-        )
-        y_pred = predictor.decide(result.y_prob)
-        report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
-        header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
-        write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
-        figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
-        plot_confusion_matrix(
-            m["confusion_matrix"], names, figures["confusion_matrix"], title=f"n = {m['n']}, threshold {m['threshold']:.3f}"
-        )
-        if m["roc_auc"] is not None:
-            figures["roc_curve"] = tmp / "roc_curve.png"
-            patients = [r.patient_id for r in result.records]
-            band = compute_roc_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0)
-            plot_roc(
-                compute_roc_curve(result.y_true, result.y_prob),
-                figures["roc_curve"],
-                auc=m["roc_auc"],
-                auc_ci=m["ci95"]["roc_auc"],
-                operating_point=(1 - m["specificity"], m["sensitivity"]),
-                threshold=m["threshold"],
-                band=band,
-            )
-            precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
-            figures["pr_curve"] = tmp / "pr_curve.png"
-            plot_pr(
-                precision,
-                recall,
-                figures["pr_curve"],
-                ap=m["pr_auc"],
-                ap_ci=m["ci95"]["pr_auc"],
-                prevalence=m["prevalence"],
-                operating_point=(m["sensitivity"], m["ppv"] or 0.0),
-                band=compute_pr_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0),
-            )
-        figures["reliability"] = tmp / "reliability.png"
-        plot_reliability(
-            compute_adaptive_reliability(result.y_true, result.y_prob),
-            figures["reliability"],
-            ece=m["ece"],
-            brier=m["brier"],
-            histogram=compute_reliability(result.y_true, result.y_prob),
-        )
+        _write_tables(tmp, predictor, result)
+        figures = _write_figures(tmp, result, n_boot=n_boot)
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
         gallery = _gallery(predictor, dataset, result, tmp)
         audit, screened = None, result.screened
         if audit_shortcuts:
-            from ..explain.checks import audit_dataset
-
-            reader, size, screens = dataset.reader, predictor.preprocessing.input_size, {}
-
-            def image_of(i: int) -> np.ndarray:  # the audit decodes every image: screen it on the way, as inference would
-                image = reader.read_image(result.records[i].ref, draft_size=size)
-                screens[i] = screen_image(image)
-                return image
-
-            audit = audit_dataset(predictor, image_of, len(result.records), probs=None if tta else result.y_prob, progress=progress)
-            write_json(tmp / "shortcut_audit.json", audit)
+            audit, screens = _write_audit(tmp, predictor, dataset, result, tta=tta, progress=progress)
             screened = screened or [screens[i] for i in range(len(result.records))]
         m["not_assessable"] = count_not_assessable(result.ood_distance, predictor.ood_cutoff, screened)
-        seen = seen_in_training(run_folder, result.records)
-        m["seen_in_training"] = len(seen)
-        if seen:
-            logger.warning(
-                "%d of the %d evaluated images are byte-identical to images this run was trained or validated on (e.g. %s): "
-                "these figures are optimistic. Fix: evaluate on images the run never saw.",
-                len(seen),
-                len(result.records),
-                dataset.display(seen[0]),
-            )
+        m["seen_in_training"] = _count_seen_in_training(run_folder, dataset, result)
         write_json(tmp / "metrics.json", m)
         shift, shift_skipped = _site_shift(predictor, result)
         if shift:
             write_json(tmp / "site_shift.json", shift)
-        val = predictor.description.metrics.get("val")
         context = {
-            "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
-            "metrics": m,
-            "summary": {
-                "rows": compare_with_validation(val or {}, m),
-                "validation": val,
-                "rule": DROP_RULE,
-                "shift_skipped": shift_skipped,
-            },
-            "description": predictor.description,
-            "data": {
-                "source": str(data),
-                "split": split if dataset.layout != "class-folders" else "all",
-                "skipped": len(result.problems),
-                "excluded_calibration": result.excluded_calibration,
-                "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None,
-            },
-            "training_summary": json.loads(run_folder.data_summary.read_text()) if run_folder.data_summary.is_file() else None,
-            "history": run_folder.history_png if run_folder.history_png.is_file() else None,
+            **_report_context(predictor, dataset, result, run_folder, data=data, split=split, shown_split=shown_split),
+            "summary": _report_summary(predictor, m, shift_skipped),
             "figures": figures,
             "gallery": gallery,
             "shortcut_audit": audit,
             "site_shift": shift,
-            "model_card": model_card(predictor.description, m, str(data)),
-            "notes": ([m["note"]] if m.get("note") else [])
-            + (
-                [
-                    f"{m['seen_in_training']} of these images are byte-identical to images the model was trained or validated on: "
-                    "the figures are optimistic."
-                ]
-                if m["seen_in_training"]
-                else []
-            )
-            + (
-                [
-                    f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
-                    "the figures are transductive."
-                ]
-                if m.get("adapted_on_evaluated_images")
-                else []
-            ),
         }
         write_bytes_atomic(tmp / "report.html", render_report(context).encode())
     # the CLI prints these metrics: at INFO they would be said twice
@@ -369,24 +292,198 @@ def evaluate_run(
         m["accuracy"],
         out,
     )
-    tracked = (predictor.description.training or {}).get("mlflow")
-    if tracked:  # trained with --logger mlflow: this evaluation joins it in its store
-        from ..training.tracking import log_evaluation
-
-        log_evaluation(
-            run_folder.path,
-            tracked,
-            out,
-            m,
-            split=context["data"]["split"],
-            params={
-                "run": Path(run).absolute(),
-                "data": Path(data).absolute(),
-                "split": split,
-                "limit": limit,
-                "tta": tta,
-                "bootstraps": n_boot,
-                "out": Path(out).absolute(),
-            },
-        )
+    _log_to_mlflow(
+        predictor, run_folder, m, run=run, data=data, out=out, split=split, shown_split=shown_split, limit=limit, tta=tta, n_boot=n_boot
+    )
     return Path(out), result
+
+
+def _write_tables(tmp: Path, predictor: Predictor, result: EvaluationResult) -> None:
+    """predictions.csv (one row an image) and classification_report.txt (scikit-learn's, at the run's threshold)."""
+    names = list(data_mod.CLASS_NAMES)
+    write_csv(
+        tmp / "predictions.csv",
+        ["path", "patient_id", "label", "prob", "pred"],
+        [
+            [path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
+            for r, path, p in zip(result.records, result.paths, result.y_prob, strict=True)
+        ],
+    )
+    y_pred = predictor.decide(result.y_prob)
+    report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
+    header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
+    write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
+
+
+def _write_figures(tmp: Path, result: EvaluationResult, *, n_boot: int) -> dict[str, Path]:
+    """The confusion matrix, ROC and PR curves with their patient bootstrap bands (where both classes are present) and
+    the reliability diagram, as PNGs in ``tmp``; their paths by name."""
+    m = result.metrics
+    figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
+    plot_confusion_matrix(
+        m["confusion_matrix"],
+        list(data_mod.CLASS_NAMES),
+        figures["confusion_matrix"],
+        title=f"n = {m['n']}, threshold {m['threshold']:.3f}",
+    )
+    if m["roc_auc"] is not None:
+        figures["roc_curve"] = tmp / "roc_curve.png"
+        patients = [r.patient_id for r in result.records]
+        band = compute_roc_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0)
+        plot_roc(
+            compute_roc_curve(result.y_true, result.y_prob),
+            figures["roc_curve"],
+            auc=m["roc_auc"],
+            auc_ci=m["ci95"]["roc_auc"],
+            operating_point=(1 - m["specificity"], m["sensitivity"]),
+            threshold=m["threshold"],
+            band=band,
+        )
+        precision, recall, _ = precision_recall_curve(result.y_true, result.y_prob)
+        figures["pr_curve"] = tmp / "pr_curve.png"
+        plot_pr(
+            precision,
+            recall,
+            figures["pr_curve"],
+            ap=m["pr_auc"],
+            ap_ci=m["ci95"]["pr_auc"],
+            prevalence=m["prevalence"],
+            operating_point=(m["sensitivity"], m["ppv"] or 0.0),
+            band=compute_pr_band(result.y_true, result.y_prob, patients, n_boot=n_boot, seed=0),
+        )
+    figures["reliability"] = tmp / "reliability.png"
+    plot_reliability(
+        compute_adaptive_reliability(result.y_true, result.y_prob),
+        figures["reliability"],
+        ece=m["ece"],
+        brier=m["brier"],
+        histogram=compute_reliability(result.y_true, result.y_prob),
+    )
+    return figures
+
+
+def _write_audit(
+    tmp: Path, predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, *, tta: bool, progress: bool
+) -> tuple[dict, dict[int, str]]:
+    """The shortcut audit, written to shortcut_audit.json: (the audit, {index: the image screen} of the images it decoded)."""
+    from ..explain.checks import audit_dataset
+
+    reader, size, screens = dataset.reader, predictor.preprocessing.input_size, {}
+
+    def image_of(i: int) -> np.ndarray:  # the audit decodes every image: screen it on the way, as inference would
+        image = reader.read_image(result.records[i].ref, draft_size=size)
+        screens[i] = screen_image(image)
+        return image
+
+    audit = audit_dataset(predictor, image_of, len(result.records), probs=None if tta else result.y_prob, progress=progress)
+    write_json(tmp / "shortcut_audit.json", audit)
+    return audit, screens
+
+
+def _count_seen_in_training(run_folder: RunFolder, dataset: data_mod.Dataset, result: EvaluationResult) -> int:
+    """How many evaluated images the run was trained or validated on (a warning when any)."""
+    seen = seen_in_training(run_folder, result.records)
+    if seen:
+        logger.warning(
+            "%d of the %d evaluated images are byte-identical to images this run was trained or validated on (e.g. %s): "
+            "these figures are optimistic. Fix: evaluate on images the run never saw.",
+            len(seen),
+            len(result.records),
+            dataset.display(seen[0]),
+        )
+    return len(seen)
+
+
+def _report_summary(predictor: Predictor, m: dict, shift_skipped: str) -> dict:
+    """The report's summary: these metrics beside the validation's, and the rule that flags a drop."""
+    val = predictor.description.metrics.get("val")
+    return {
+        "rows": compare_with_validation(val or {}, m),
+        "validation": val,
+        "rule": DROP_RULE,
+        "shift_skipped": shift_skipped,
+    }
+
+
+def _report_context(
+    predictor: Predictor,
+    dataset: data_mod.Dataset,
+    result: EvaluationResult,
+    run_folder: RunFolder,
+    *,
+    data: str | os.PathLike,
+    split: str,
+    shown_split: str,
+) -> dict:
+    """The report's title, metrics, data, the run's training summary and history, model card and notes."""
+    m = result.metrics
+    return {
+        "title": f"pneumoscope evaluation: {Path(str(data)).name} ({split})",
+        "metrics": m,
+        "description": predictor.description,
+        "data": {
+            "source": str(data),
+            "split": shown_split,
+            "skipped": len(result.problems),
+            "excluded_calibration": result.excluded_calibration,
+            "patients": len({r.patient_id for r in result.records}) if dataset.has_patient_ids else None,
+        },
+        "training_summary": json.loads(run_folder.data_summary.read_text()) if run_folder.data_summary.is_file() else None,
+        "history": run_folder.history_png if run_folder.history_png.is_file() else None,
+        "model_card": model_card(predictor.description, m, str(data)),
+        "notes": _report_notes(m),
+    }
+
+
+def _report_notes(m: dict) -> list[str]:
+    """The report's notes: the metrics' own, and what makes the figures optimistic or transductive."""
+    notes = [m["note"]] if m.get("note") else []
+    if m["seen_in_training"]:
+        notes.append(
+            f"{m['seen_in_training']} of these images are byte-identical to images the model was trained or validated on: "
+            "the figures are optimistic."
+        )
+    if m.get("adapted_on_evaluated_images"):
+        notes.append(
+            f"{m['adapted_on_evaluated_images']} of these images were used, without their labels, to adapt the model to the site: "
+            "the figures are transductive."
+        )
+    return notes
+
+
+def _log_to_mlflow(
+    predictor: Predictor,
+    run_folder: RunFolder,
+    m: dict,
+    *,
+    run: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    split: str,
+    shown_split: str,
+    limit: int | None,
+    tta: bool,
+    n_boot: int,
+) -> None:
+    """A run trained with ``--logger mlflow``: this evaluation joins it in its store. Others: nothing."""
+    tracked = (predictor.description.training or {}).get("mlflow")
+    if not tracked:
+        return
+    from ..training.tracking import log_evaluation
+
+    log_evaluation(
+        run_folder.path,
+        tracked,
+        out,
+        m,
+        split=shown_split,
+        params={
+            "run": Path(run).absolute(),
+            "data": Path(data).absolute(),
+            "split": split,
+            "limit": limit,
+            "tta": tta,
+            "bootstraps": n_boot,
+            "out": Path(out).absolute(),
+        },
+    )

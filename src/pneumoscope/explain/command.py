@@ -62,47 +62,12 @@ def explain_images(
                 chunk = files[start : start + batch_size]
                 decoded = read_many(chunk, predictor.read, log=logger)
                 skipped += [{"path": path, "reason": why} for path, why in decoded.skipped]
-                batch, images = [chunk[k] for k in decoded.index], decoded.images
-                if not images:
-                    bar.update(len(chunk))
-                    continue
-                probs = predictor.predict_proba(images)
-                views, cams, classes = views_and_cams(predictor, images, probs=probs, target=target, method=method)
-                scores = None
-                if checks:
-                    scores = check_batch(predictor, images, cams, classes, method, probs=probs, randomized=randomized, seed=start)
-                for j, (path, shown) in enumerate(zip(batch, views, strict=True)):
-                    i = len(results)
-                    label = predictor.label_of(probs[j])
-                    name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
-                    title = (
-                        f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
-                        f"{method} for {predictor.class_names[classes[j]]}"
-                    )
-                    plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
-                    write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
-                    results.append(
-                        Explanation(str(path), float(probs[j]), label, predictor.class_names[classes[j]], f"{name}_{method}.png")
-                    )
-                    row = {"path": str(path), "prob": float(probs[j]), "label": label, "target": predictor.class_names[classes[j]]}
-                    if scores is not None:
-                        row.update({c: float(scores[c][j]) for c in SCORE_COLUMNS if c in scores})
-                    rows.append(row)
+                if decoded.images:
+                    batch = _Batch([chunk[k] for k in decoded.index], decoded.images, seed=start)
+                    _explain_batch(predictor, batch, tmp, target=target, method=method, randomized=randomized, results=results, rows=rows)
                 bar.update(len(chunk))
             bar.close()
-            columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
-            write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])
-            summary = summarize_checks(rows, method) if checks and rows else None
-            write_json(
-                tmp / "explanations.json",
-                {
-                    "method": method,
-                    "layer": predictor.model.spec.cam_layer,
-                    "images": [e.__dict__ for e in results],
-                    "skipped": skipped,
-                    "checks": summary,
-                },
-            )
+            summary = _write_summary(tmp, predictor, method, checks=checks, results=results, rows=rows, skipped=skipped)
     if summary:
         logger.debug(
             "%s on %d images: ROAD drop %.3f (top %d%% removed) vs random %.3f: %s; sanity Spearman %.3f",
@@ -115,3 +80,56 @@ def explain_images(
             summary["mean_sanity_spearman"],
         )
     return results
+
+
+@dataclass(frozen=True)
+class _Batch:
+    paths: list  # the inputs that decoded
+    images: list[np.ndarray]
+    seed: int  # of the checks' random maps: the batch's first index among the inputs
+
+
+def _explain_batch(
+    predictor: Predictor, batch: _Batch, tmp: Path, *, target: str, method: str, randomized, results: list, rows: list
+) -> None:
+    """CAMs of a batch of decoded images (and, with ``randomized``, their check scores): an overlay and a raw map per
+    image written to ``tmp``, and an :class:`Explanation` and a scores row appended to ``results`` and ``rows``."""
+    images = batch.images
+    probs = predictor.predict_proba(images)
+    views, cams, classes = views_and_cams(predictor, images, probs=probs, target=target, method=method)
+    scores = None
+    if randomized is not None:
+        scores = check_batch(predictor, images, cams, classes, method, probs=probs, randomized=randomized, seed=batch.seed)
+    for j, (path, shown) in enumerate(zip(batch.paths, views, strict=True)):
+        i = len(results)
+        label = predictor.label_of(probs[j])
+        name = f"{i:04d}_{Path(path).stem[:MAX_STEM]}"
+        title = (
+            f"{Path(path).name}: P(pneumonia) = {probs[j]:.3f} -> {label} (threshold {predictor.threshold:.3f}); "
+            f"{method} for {predictor.class_names[classes[j]]}"
+        )
+        plot_cam(shown, overlay_cam(shown, cams[j]), tmp / f"{name}_{method}.png", title=title, method=method)
+        write_bytes_atomic(tmp / "cams" / f"{name}.npy", npy_bytes(cams[j].astype(np.float16)))
+        results.append(Explanation(str(path), float(probs[j]), label, predictor.class_names[classes[j]], f"{name}_{method}.png"))
+        row = {"path": str(path), "prob": float(probs[j]), "label": label, "target": predictor.class_names[classes[j]]}
+        if scores is not None:
+            row.update({c: float(scores[c][j]) for c in SCORE_COLUMNS if c in scores})
+        rows.append(row)
+
+
+def _write_summary(tmp: Path, predictor: Predictor, method: str, *, checks: bool, results: list, rows: list, skipped: list) -> dict | None:
+    """scores.csv and explanations.json; returns the checks' summary (None without checks or images)."""
+    columns = ["path", "prob", "label", "target"] + (SCORE_COLUMNS if checks else [])
+    write_csv(tmp / "scores.csv", columns, [[r.get(c) for c in columns] for r in rows])
+    summary = summarize_checks(rows, method) if checks and rows else None
+    write_json(
+        tmp / "explanations.json",
+        {
+            "method": method,
+            "layer": predictor.model.spec.cam_layer,
+            "images": [e.__dict__ for e in results],
+            "skipped": skipped,
+            "checks": summary,
+        },
+    )
+    return summary

@@ -43,24 +43,29 @@ def export_onnx(
     leaves an unverified ``out``, and ``overwrite`` keeps the previous file until the
     new one is verified.
     """
-    import onnx
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
     check_writable(out)
     remove_orphans(out)
     predictor = Predictor.from_checkpoint(run)
-    model = predictor.model
-    s = predictor.preprocessing.input_size
-    dummy = torch.zeros(2, predictor.preprocessing.in_chans, s, s)
-    outputs = ["logit"] + (["ood_distance"] if model.ood is not None else [])
+    outputs = ["logit"] + (["ood_distance"] if predictor.model.ood is not None else [])
     logger.info(
         "exporting %s (%s, outputs %s) to ONNX, then checking it against PyTorch", run, predictor.description.backbone, ", ".join(outputs)
     )
+    proto = _onnx_model(predictor, outputs)
+    report = _verify_into_place(proto, predictor, out, check_images)
+    logger.debug("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
+    return report
+
+
+def _onnx_model(predictor: Predictor, outputs: list[str]):
+    """The ONNX model (a ModelProto, dynamic batch) of the predictor's network, its description in the metadata."""
+    s = predictor.preprocessing.input_size
+    dummy = torch.zeros(2, predictor.preprocessing.in_chans, s, s)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.onnx.export(
-        _Exported(model).eval(),
+        _Exported(predictor.model).eval(),
         (dummy,),
         input_names=["image"],
         output_names=outputs,
@@ -85,6 +90,14 @@ def export_onnx(
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+    return proto
+
+
+def _verify_into_place(proto, predictor: Predictor, out: Path, check_images: list[np.ndarray] | None) -> dict:
+    """Write the model under a temporary name, check it (ONNX checker, parity with PyTorch), then rename it to ``out``;
+    returns the parity report. The temporary file never stays."""
+    import onnx
+
     staged = out.with_name(f"{partial_name(out)}unverified.onnx")
     try:
         write_bytes_atomic(staged, proto.SerializeToString())
@@ -97,7 +110,6 @@ def export_onnx(
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)
-    logger.debug("exported %s: max |delta prob| %.2e over %d images", out, report["max_abs_prob_diff"], report["n"])
     return report
 
 

@@ -100,16 +100,6 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
     """
     from ..data.decode import IMAGE_SUFFIXES, not_regular_file
-    from ..data.discovery import walk_files
-
-    def is_input(f: Path) -> bool:
-        if is_image_path(f):
-            return True
-        try:
-            with open(f, "rb") as fh:  # a regular file (checked first): opening a FIFO would wait for a writer
-                return fh.read(132)[128:] == b"DICM"
-        except OSError:
-            return False
 
     files, problems = [], []
     for p in map(Path, paths):
@@ -119,16 +109,7 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
             problems.append((str(p), f"cannot be read ({err.strerror}). Fix: check the path"))
             continue
         if is_dir:
-            found, odd = [], []
-            for f in walk_files(p):
-                why = not_regular_file(f) if is_image_path(f) else ""
-                if why:  # named like an image but a FIFO or a device: a row with the reason, not silence (nor a hang)
-                    odd.append((str(f), why))
-                elif is_image_path(f) and not f.exists():
-                    odd.append((str(f), "a symbolic link to a file that does not exist. Fix: point the link at the image, or remove it"))
-                elif f.is_file() and is_input(f):
-                    found.append(f)
-            found.sort()
+            found, odd = _images_in_folder(p)
             problems.extend(odd)
             if found or odd:
                 files.extend(found)
@@ -140,7 +121,7 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
             problems.append((str(p), "no such file or folder. Fix: check the path"))
         elif not_regular_file(p):
             problems.append((str(p), not_regular_file(p)))
-        elif is_input(p):
+        elif _is_input(p):
             files.append(p)
         else:
             problems.append(
@@ -153,6 +134,35 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     for path, why in problems:
         logger.warning("%s: %s", path, why)
     return files, problems
+
+
+def _is_input(f: Path) -> bool:
+    """An image suffix, or a regular file with the DICOM preamble."""
+    if is_image_path(f):
+        return True
+    try:
+        with open(f, "rb") as fh:  # a regular file (checked first): opening a FIFO would wait for a writer
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _images_in_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(the input files under ``folder``, sorted; (path, reason) of those named like images that cannot be read)."""
+    from ..data.decode import not_regular_file
+    from ..data.discovery import walk_files
+
+    found, odd = [], []
+    for f in walk_files(folder):
+        why = not_regular_file(f) if is_image_path(f) else ""
+        if why:  # named like an image but a FIFO or a device: a row with the reason, not silence (nor a hang)
+            odd.append((str(f), why))
+        elif is_image_path(f) and not f.exists():
+            odd.append((str(f), "a symbolic link to a file that does not exist. Fix: point the link at the image, or remove it"))
+        elif f.is_file() and _is_input(f):
+            found.append(f)
+    found.sort()
+    return found, odd
 
 
 TTA_SHIFT = 0.04  # of the image side

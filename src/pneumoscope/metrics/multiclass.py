@@ -162,7 +162,9 @@ def compare_macro_auc(y_true, probs_a, probs_b, groups, *, n_boot: int = 2000, s
     _, auc_b, _ = _aucs(y, pb)
     if auc_a is None or auc_b is None:
         return {"macro_auc_a": auc_a, "macro_auc_b": auc_b, "difference": None, "ci95": None, "p_value": None}
-    deltas = np.array([_aucs(y[i], pb[i])[1] - _aucs(y[i], pa[i])[1] for i in patient_resamples_multiclass(y, groups, n_boot=n_boot, seed=seed)])
+    deltas = np.array(
+        [_aucs(y[i], pb[i])[1] - _aucs(y[i], pa[i])[1] for i in patient_resamples_multiclass(y, groups, n_boot=n_boot, seed=seed)]
+    )
     lo, hi = 50 * (1 - confidence), 50 * (1 + confidence)
     p = min(1.0, 2 * min(float((deltas <= 0).mean()), float((deltas >= 0).mean()))) if len(deltas) else None
     return {

@@ -229,9 +229,30 @@ async def read_multipart(
     ``min_rate`` bytes a second (after ``grace_s``) is refused with 408.
     """
     from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import MultipartParser
 
     how = f"send multipart/form-data with the image in a `{fields[0]}` field, e.g. `curl -F {fields[0]}=@xray.dcm URL`"
+    boundary = _form_boundary(request, how)
+    too_big = f"the limit is {max_bytes:,} bytes of files per request. Send a smaller file (downscale it or export a PNG)"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
+        raise HTTPException(413, f"upload is {int(declared):,} bytes; {too_big}")
+    form = _FormParts(fields, max_files)
+    parser = MultipartParser(boundary, form.callbacks())
+    try:
+        await _stream_into(parser, request, max_bytes=max_bytes, too_big=too_big, grace_s=grace_s, min_rate=min_rate)
+        parser.finalize()
+    except MultipartParseError as err:
+        raise HTTPException(400, f"the multipart body is malformed ({type(err).__name__}); {how}") from err
+    if not form.parts:
+        raise HTTPException(422, f"no `{fields[0]}` field in the form; {how}")
+    return [(name, bytes(data)) for name, data in form.parts]
+
+
+def _form_boundary(request: Request, how: str) -> bytes:
+    """The multipart boundary of the request's Content-Type; 415 when it is not multipart/form-data, 400 when too long."""
+    from python_multipart.multipart import parse_options_header
+
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise HTTPException(415, f"the request body must be multipart/form-data, got {content_type.decode('latin-1')[:60]!r}; {how}")
@@ -239,71 +260,76 @@ async def read_multipart(
         raise HTTPException(
             400, f"the multipart boundary is {len(params[b'boundary'])} characters; at most {MAX_BOUNDARY} are allowed (RFC 2046); {how}"
         )
-    too_big = f"the limit is {max_bytes:,} bytes of files per request. Send a smaller file (downscale it or export a PNG)"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
-        raise HTTPException(413, f"upload is {int(declared):,} bytes; {too_big}")
+    return params[b"boundary"]
 
-    parts: list[tuple[str, bytearray]] = []
-    state = {"headers": {}, "field": b"", "keep": False}
 
-    def on_header_field(data, start, end):
-        state["field"] += data[start:end]
+class _FormParts:
+    """The multipart parser's callbacks: the parts named in ``fields`` kept as (file name, bytes), at most ``max_files``."""
 
-    def on_header_value(data, start, end):
-        key = state["field"].lower()
-        state["headers"][key] = state["headers"].get(key, b"") + data[start:end]
+    def __init__(self, fields: tuple[str, ...], max_files: int):
+        self.fields, self.max_files = fields, max_files
+        self.parts: list[tuple[str, bytearray]] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._keep = False
 
-    def on_header_end():
-        state["field"] = b""
+    def callbacks(self) -> dict:
+        return {
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+        }
 
-    def on_headers_finished():
-        _, options = parse_options_header(state["headers"].get(b"content-disposition"))
-        state["headers"] = {}
-        state["keep"] = options.get(b"name", b"").decode("utf-8", "replace") in fields
-        if state["keep"]:
-            if len(parts) == max_files:
-                raise HTTPException(413, f"a request may carry at most {max_files} files; send the rest in another request")
-            parts.append((_clean_name(options.get(b"filename", b"").decode("utf-8", "replace")), bytearray()))
+    def _on_header_field(self, data, start, end):
+        self._field += data[start:end]
 
-    def on_part_data(data, start, end):
-        if state["keep"]:
-            parts[-1][1].extend(data[start:end])
+    def _on_header_value(self, data, start, end):
+        key = self._field.lower()
+        self._headers[key] = self._headers.get(key, b"") + data[start:end]
 
-    callbacks = {
-        "on_header_field": on_header_field,
-        "on_header_value": on_header_value,
-        "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data,
-    }
-    parser = MultipartParser(params[b"boundary"], callbacks)
+    def _on_header_end(self):
+        self._field = b""
+
+    def _on_headers_finished(self):
+        from python_multipart.multipart import parse_options_header
+
+        _, options = parse_options_header(self._headers.get(b"content-disposition"))
+        self._headers = {}
+        self._keep = options.get(b"name", b"").decode("utf-8", "replace") in self.fields
+        if self._keep:
+            if len(self.parts) == self.max_files:
+                raise HTTPException(413, f"a request may carry at most {self.max_files} files; send the rest in another request")
+            self.parts.append((_clean_name(options.get(b"filename", b"").decode("utf-8", "replace")), bytearray()))
+
+    def _on_part_data(self, data, start, end):
+        if self._keep:
+            self.parts[-1][1].extend(data[start:end])
+
+
+async def _stream_into(parser, request: Request, *, max_bytes: int, too_big: str, grace_s: float, min_rate: float) -> None:
+    """Feed the body to ``parser`` as it arrives: 413 past ``max_bytes`` (and the form's overhead), 408 when slower than
+    ``min_rate`` bytes a second after ``grace_s``."""
     received, started, chunks = 0, time.monotonic(), request.stream()
-    try:
-        while True:
-            wait = started + grace_s + received / min_rate - time.monotonic()  # the slowest pace allowed so far
-            try:
-                chunk = await asyncio.wait_for(anext(chunks), timeout=max(wait, 0.0))
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise HTTPException(
-                    408,
-                    f"the upload arrived too slowly ({received:,} bytes in {time.monotonic() - started:.0f} s); "
-                    f"after {grace_s:g} s a body must arrive at {min_rate:,} bytes/s or more. Send it again "
-                    "over a faster connection",
-                    headers={"Connection": "close"},
-                ) from None
-            received += len(chunk)
-            if received > max_bytes + FORM_OVERHEAD:
-                raise HTTPException(413, f"upload is over {received - len(chunk):,} bytes and still coming; {too_big}")
-            parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError as err:
-        raise HTTPException(400, f"the multipart body is malformed ({type(err).__name__}); {how}") from err
-    if not parts:
-        raise HTTPException(422, f"no `{fields[0]}` field in the form; {how}")
-    return [(name, bytes(data)) for name, data in parts]
+    while True:
+        wait = started + grace_s + received / min_rate - time.monotonic()  # the slowest pace allowed so far
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), timeout=max(wait, 0.0))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise HTTPException(
+                408,
+                f"the upload arrived too slowly ({received:,} bytes in {time.monotonic() - started:.0f} s); "
+                f"after {grace_s:g} s a body must arrive at {min_rate:,} bytes/s or more. Send it again "
+                "over a faster connection",
+                headers={"Connection": "close"},
+            ) from None
+        received += len(chunk)
+        if received > max_bytes + FORM_OVERHEAD:
+            raise HTTPException(413, f"upload is over {received - len(chunk):,} bytes and still coming; {too_big}")
+        parser.write(chunk)
 
 
 def create_app(
@@ -326,27 +352,24 @@ def create_app(
     or being made at once (past that a result carries ``heatmap_error``); ``body_grace_s``, ``min_body_rate``: how slowly
     an upload may arrive before 408."""
     from .. import __version__
-    from ..explain.cams import views_and_cams
-    from ..plots import heatmap_rgb, overlay_cam
 
-    lock = threading.Lock()
-    batcher = MicroBatcher(predictor, lock, max_batch=max_batch, wait_s=batch_wait_s)
-    budget = PixelBudget(pixel_budget)
-    decode_pool = ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="pneumoscope-decode")
-    cam_pool = ThreadPoolExecutor(1, thread_name_prefix="pneumoscope-cam")
-    can_explain = predictor.backend.name == "pytorch"
-    static = resources.files("pneumoscope.serving").joinpath("static")
-    page = static.joinpath("index.html").read_text()
-    assets = {name: static.joinpath(name).read_text() for name in ("app.js", "app.css", "favicon.svg")}
-    slots = threading.BoundedSemaphore(max_pending)  # one per request admitted
-    heatmaps = threading.BoundedSemaphore(max_heatmaps)  # one per heatmap asked for and not yet made
+    pipeline = _Pipeline(
+        predictor,
+        max_upload_bytes=max_upload_bytes,
+        max_pending=max_pending,
+        pixel_budget=pixel_budget,
+        decode_workers=decode_workers,
+        max_batch=max_batch,
+        batch_wait_s=batch_wait_s,
+        max_heatmaps=max_heatmaps,
+        body_grace_s=body_grace_s,
+        min_body_rate=min_body_rate,
+    )
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        batcher.close()
-        decode_pool.shutdown(wait=False, cancel_futures=True)
-        cam_pool.shutdown(wait=False, cancel_futures=True)
+        pipeline.close()
 
     # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, blank offline; the schema is at /openapi.json
     app = FastAPI(
@@ -357,7 +380,19 @@ def create_app(
         redoc_url=None,
         description="Chest X-ray PNEUMONIA vs NORMAL. Research software, not a medical device.",
     )
-    app.state.batcher, app.state.budget = batcher, budget
+    app.state.batcher, app.state.budget = pipeline.batcher, pipeline.budget
+    _add_page_routes(app)
+    _add_health_route(app, predictor, model_name, max_upload_bytes=max_upload_bytes, max_pending=max_pending)
+    _add_predict_routes(app, pipeline)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
+    return app
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    """The page and its assets, read once from the package."""
+    static = resources.files("pneumoscope.serving").joinpath("static")
+    page = static.joinpath("index.html").read_text()
+    assets = {name: static.joinpath(name).read_text() for name in ("app.js", "app.css", "favicon.svg")}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -377,6 +412,11 @@ def create_app(
     def favicon() -> Response:
         return Response(assets["favicon.svg"], media_type="image/svg+xml")
 
+
+def _add_health_route(app: FastAPI, predictor: Predictor, model_name: str | None, *, max_upload_bytes: int, max_pending: int) -> None:
+    """GET /health: the model served and the server's limits."""
+    from .. import __version__
+
     @app.get("/health")
     def health() -> dict:
         return {
@@ -391,9 +431,50 @@ def create_app(
             "max_pending": max_pending,
         }
 
-    def prepare(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, str]:
+
+class _Pipeline:
+    """What a request goes through behind the routes: admission, the uploads read, decoded within the pixel budget,
+    batched through the model, and explained when asked."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        max_upload_bytes: int,
+        max_pending: int,
+        pixel_budget: int,
+        decode_workers: int | None,
+        max_batch: int,
+        batch_wait_s: float,
+        max_heatmaps: int,
+        body_grace_s: float,
+        min_body_rate: float,
+    ):
+        from .. import plots
+        from ..explain import cams  # with the app, not on the first heatmap
+
+        self._cams, self._plots = cams, plots
+        self.predictor = predictor
+        self.lock = threading.Lock()
+        self.batcher = MicroBatcher(predictor, self.lock, max_batch=max_batch, wait_s=batch_wait_s)
+        self.budget = PixelBudget(pixel_budget)
+        self.decode_pool = ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 1), thread_name_prefix="pneumoscope-decode")
+        self.cam_pool = ThreadPoolExecutor(1, thread_name_prefix="pneumoscope-cam")
+        self.can_explain = predictor.backend.name == "pytorch"
+        self.slots = threading.BoundedSemaphore(max_pending)  # one per request admitted
+        self.heatmaps = threading.BoundedSemaphore(max_heatmaps)  # one per heatmap asked for and not yet made
+        self.max_upload_bytes, self.max_pending, self.max_heatmaps = max_upload_bytes, max_pending, max_heatmaps
+        self.body_grace_s, self.min_body_rate = body_grace_s, min_body_rate
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.cam_pool.shutdown(wait=False, cancel_futures=True)
+
+    def prepare(self, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, str]:
         """Decode within the pixel budget -> (the model's view (S, S), its input (1, C, S, S), the image-level screen);
         the full-size image is dropped here."""
+        predictor, budget = self.predictor, self.budget
         pixels = image_pixels(name, data)
         with budget.take(min(pixels or budget.pixels, budget.pixels)):  # unknown size: as much as the largest accepted
             image = predictor.read(name, data)
@@ -406,108 +487,116 @@ def create_app(
             screened,
         )  # the view is already at the input size: same input as from the full image
 
-    def explain(view: np.ndarray, pred: Prediction) -> dict:
-        with lock:  # Grad-CAM's hooks must not meet a batched forward pass
-            _, (cam,), _ = views_and_cams(predictor, [view], probs=[pred.prob])  # the view, at the input size, preprocesses to x
+    def explain(self, view: np.ndarray, pred: Prediction) -> dict:
+        with self.lock:  # Grad-CAM's hooks must not meet a batched forward pass
+            # the view, at the input size, preprocesses to x
+            _, (cam,), _ = self._cams.views_and_cams(self.predictor, [view], probs=[pred.prob])
         return {
             "cam_method": "gradcam",
             "cam_target": pred.label,
-            "heatmap_png": _png(heatmap_rgb(cam), alpha=np.ones_like(cam)),
-            "overlay_png": _png(overlay_cam(view, cam)),
+            "heatmap_png": _png(self._plots.heatmap_rgb(cam), alpha=np.ones_like(cam)),
+            "overlay_png": _png(self._plots.overlay_cam(view, cam)),
         }
 
-    async def analyse(name: str, data: bytes, heatmap: bool) -> dict:
+    async def analyse(self, name: str, data: bytes, heatmap: bool) -> dict:
         loop = asyncio.get_running_loop()
         try:
-            view, x, screened = await loop.run_in_executor(decode_pool, prepare, name, data)
+            view, x, screened = await loop.run_in_executor(self.decode_pool, self.prepare, name, data)
         except ImageReadError as err:
             raise HTTPException(UPLOAD_STATUS[err.kind], f"{name}: {err.detail}") from err
         del data
-        pred = await asyncio.wrap_future(batcher.submit(x, name, screened))
-        result = {**pred.to_dict(), "ood_cutoff": predictor.ood_cutoff, "notice": NOTICE}
-        result["image_png"] = await loop.run_in_executor(decode_pool, _png, view)
-        if heatmap and can_explain and pred.label is not None:  # no decision (unreadable, or not assessable), nothing to explain
-            if not heatmaps.acquire(blocking=False):
+        pred = await asyncio.wrap_future(self.batcher.submit(x, name, screened))
+        result = {**pred.to_dict(), "ood_cutoff": self.predictor.ood_cutoff, "notice": NOTICE}
+        result["image_png"] = await loop.run_in_executor(self.decode_pool, _png, view)
+        if heatmap and self.can_explain and pred.label is not None:  # no decision (unreadable, or not assessable), nothing to explain
+            if not self.heatmaps.acquire(blocking=False):
                 result["heatmap_error"] = (
-                    f"not made: the server is busy with {max_heatmaps} other heatmaps; "
+                    f"not made: the server is busy with {self.max_heatmaps} other heatmaps; "
                     "ask again for this image alone (POST /predict?heatmap=true)"
                 )
                 return result
             try:
-                result.update(await loop.run_in_executor(cam_pool, explain, view, pred))
+                result.update(await loop.run_in_executor(self.cam_pool, self.explain, view, pred))
             finally:
-                heatmaps.release()
+                self.heatmaps.release()
         return result
 
-    async def admitted(request: Request, fields: tuple[str, ...], max_files: int, heatmap: bool) -> list[dict]:
+    async def admitted(self, request: Request, fields: tuple[str, ...], max_files: int, heatmap: bool) -> list[dict]:
         """Admit the request (or 503 when ``max_pending`` are in progress), read its uploads, analyse them."""
-        if not slots.acquire(blocking=False):
+        if not self.slots.acquire(blocking=False):
             raise HTTPException(
                 503,
-                f"the server is busy ({max_pending} requests in progress); retry in {RETRY_AFTER_S} s",
+                f"the server is busy ({self.max_pending} requests in progress); retry in {RETRY_AFTER_S} s",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         try:
             uploads = await read_multipart(
-                request, fields, max_bytes=max_upload_bytes, max_files=max_files, grace_s=body_grace_s, min_rate=min_body_rate
+                request,
+                fields,
+                max_bytes=self.max_upload_bytes,
+                max_files=max_files,
+                grace_s=self.body_grace_s,
+                min_rate=self.min_body_rate,
             )
             if max_files == 1:
-                return [await analyse(*uploads[0], heatmap)]
-            results = await asyncio.gather(*(analyse(name, data, heatmap) for name, data in uploads), return_exceptions=True)
-            return [r if isinstance(r, dict) else _failed(name, r) for (name, _), r in zip(uploads, results, strict=True)]
+                return [await self.analyse(*uploads[0], heatmap)]
+            results = await asyncio.gather(*(self.analyse(name, data, heatmap) for name, data in uploads), return_exceptions=True)
+            return [r if isinstance(r, dict) else self._failed(name, r) for (name, _), r in zip(uploads, results, strict=True)]
         finally:
-            slots.release()
+            self.slots.release()
 
-    def _failed(name: str, err: BaseException) -> dict:
+    def _failed(self, name: str, err: BaseException) -> dict:
         if not isinstance(err, HTTPException):
             raise err
-        return {**Prediction(name, None, None, predictor.threshold, error=err.detail).to_dict(), "status": err.status_code}
+        return {**Prediction(name, None, None, self.predictor.threshold, error=err.detail).to_dict(), "status": err.status_code}
 
-    upload_body = {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "a radiograph: PNG, JPEG or DICOM"}},
-                }
-            }
-        },
-        "required": True,
-    }
-    batch_body = {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": f"up to {MAX_FILES} radiographs",
-                        }
-                    },
-                }
-            }
-        },
-        "required": True,
-    }
 
-    @app.post("/predict", openapi_extra={"requestBody": upload_body})
+_UPLOAD_BODY = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary", "description": "a radiograph: PNG, JPEG or DICOM"}},
+            }
+        }
+    },
+    "required": True,
+}
+_BATCH_BODY = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": f"up to {MAX_FILES} radiographs",
+                    }
+                },
+            }
+        }
+    },
+    "required": True,
+}
+
+
+def _add_predict_routes(app: FastAPI, pipeline: _Pipeline) -> None:
+    """POST /predict and POST /predict/batch, over the pipeline."""
+
+    @app.post("/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
     async def predict(request: Request, heatmap: bool = False):
         """One upload (form field `file`) -> probability, label, threshold, OOD flag and the image as the model sees it;
         with `?heatmap=true`, the Grad-CAM heatmap and overlay too."""
-        return (await admitted(request, ("file",), 1, heatmap))[0]
+        return (await pipeline.admitted(request, ("file",), 1, heatmap))[0]
 
-    @app.post("/predict/batch", openapi_extra={"requestBody": batch_body})
+    @app.post("/predict/batch", openapi_extra={"requestBody": _BATCH_BODY})
     async def predict_batch(request: Request, heatmap: bool = False):
         """Several uploads (repeated form field `files`, at most 16, `max_upload_bytes` in all) -> one result each, in order;
         an unreadable file gets `error` and its `status` instead of a probability."""
-        return {"results": await admitted(request, ("files",), MAX_FILES, heatmap)}
-
-    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
-    return app
+        return {"results": await pipeline.admitted(request, ("files",), MAX_FILES, heatmap)}
 
 
 def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, allow_hosts: tuple[str, ...] = ()) -> None:

@@ -230,9 +230,6 @@ def finetune(
     (``last.ckpt`` to resume, ``best.ckpt``; a folder of their own, apart from the
     logs); the CSV log, which the history is read from, in ``work_dir/logs/finetune``. ``loggers``: more Lightning loggers to log to.
     """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
     L.seed_everything(seed, workers=True, verbose=False)
     work_dir = Path(work_dir)
     ckpt = resume_checkpoint(work_dir)
@@ -245,35 +242,8 @@ def finetune(
     cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    y = train.labels
-    pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
-    steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
-    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
-    module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
-    # beside the checkpoint resumed from (a run killed before the checkpoints/ layout has them in the work folder itself):
-    # Lightning restores the best score and path only for the folder they were saved in
-    best = ModelCheckpoint(dirpath=ckpt.parent, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
-    callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
-    if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
-        from lightning.pytorch.callbacks import WeightAveraging
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema)))
-    trainer = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
-        precision=config.precision if config.precision != "auto" else auto_precision(cuda),
-        callbacks=callbacks,
-        logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers],
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-        deterministic=False,
-        log_every_n_steps=10,
-    )
+    module = _fine_tuner(model, train, config, seed)
+    trainer, best = _trainer(config, work_dir, ckpt.parent, cuda=cuda, progress=progress, loggers=loggers)
     loader_kw = {
         "batch_size": config.batch_size,
         "num_workers": num_workers,
@@ -295,7 +265,57 @@ def finetune(
     if trainer.is_global_zero:
         _merge_earlier_log(logs)
     history = _read_history(logs / "finetune" / "metrics.csv")
-    facts = {
+    return history, _fit_facts(
+        trainer, best, resumed_from=resumed_from, fit_s=fit_s, n_train=len(train)
+    ) if trainer.is_global_zero else None
+
+
+def _fine_tuner(model: PneumoniaClassifier, train: ArrayDataset, config: FinetuneConfig, seed: int) -> FineTuner:
+    """The LightningModule over ``model``, its loss balanced as stage 1's and its schedule as long as the fit, in train mode."""
+    y = train.labels
+    pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
+    steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
+    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
+    module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
+    return module
+
+
+def _trainer(config: FinetuneConfig, work_dir: Path, ckpt_dir: Path, *, cuda: bool, progress: bool, loggers: Sequence):
+    """(Lightning's Trainer, its best-checkpoint callback): early stopping on validation AUC, checkpoints written
+    atomically to ``ckpt_dir``, the CSV log and ``loggers``, DDP when there is more than one device or node."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    # beside the checkpoint resumed from (a run killed before the checkpoints/ layout has them in the work folder itself):
+    # Lightning restores the best score and path only for the folder they were saved in
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
+    callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
+    if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
+        from lightning.pytorch.callbacks import WeightAveraging
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema)))
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy="ddp" if (str(config.devices) not in ("1", "auto") or config.num_nodes > 1) else "auto",
+        precision=config.precision if config.precision != "auto" else auto_precision(cuda),
+        callbacks=callbacks,
+        logger=[CSVLogger(work_dir / "logs", name="", version="finetune"), *loggers],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        deterministic=False,
+        log_every_n_steps=10,
+    )
+    return trainer, best
+
+
+def _fit_facts(trainer, best, *, resumed_from: int | None, fit_s: float, n_train: int) -> dict:
+    """What the run's description records of the fit: world, precision, resume point, best AUC, epochs, time, speed."""
+    return {
         "world_size": trainer.world_size,
         "num_nodes": trainer.num_nodes,
         "precision": str(trainer.precision),
@@ -304,9 +324,8 @@ def finetune(
         "epochs_run": trainer.current_epoch,
         "fit_seconds": round(fit_s, 1),
         # training images per second of fit wall time (validation passes included), this process's epochs only
-        "train_images_per_s": round(len(train) * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1),
+        "train_images_per_s": round(n_train * (trainer.current_epoch - (resumed_from or 0)) / fit_s, 1),
     }
-    return history, facts if trainer.is_global_zero else None
 
 
 EARLIER_LOG = "finetune_earlier.csv"  # in logs/: stage-2 rows of killed attempts, kept until a resumed fit is merged with them

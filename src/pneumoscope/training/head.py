@@ -74,36 +74,12 @@ def fit_head(
     history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
     bar = progress_bar(range(1, epochs + 1), desc="head", unit="epoch", enabled=progress)
     for epoch in bar:
-        head.train()
         order = torch.randperm(len(xt), generator=generator)
-        total, correct = 0.0, 0
-        for start in range(0, len(xt), batch_size):
-            idx = order[start : start + batch_size]
-            logits = head(xt[idx]).squeeze(1)
-            loss = (bce(logits, yt[idx]) * sample_w[idx]).sum() / sample_w[idx].sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            correct += int(((logits > 0).float() == yt[idx]).sum())
-        head.eval()
-        with torch.no_grad():
-            val_logits = head(xv).squeeze(1)
-            val_loss = float(bce(val_logits, yv).mean())
-            val_acc = float(((val_logits > 0).float() == yv).float().mean())
-        row = {"epoch": epoch, "loss": total / len(xt), "accuracy": correct / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
+        loss, accuracy = _train_epoch(head, opt, bce, xt, yt, sample_w, order, batch_size)
+        val_loss, val_acc = _validate(head, bce, xv, yv)
+        row = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(row)
-        for lg in loggers:
-            lg.log_metrics(
-                {
-                    "head/train_loss": row["loss"],
-                    "head/train_accuracy": row["accuracy"],
-                    "head/val_loss": val_loss,
-                    "head/val_accuracy": val_acc,
-                },
-                step=epoch,
-            )
-        logger.debug("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch, row["loss"], row["accuracy"], val_loss, val_acc)
+        _log_epoch(loggers, row)
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best_loss - 1e-6:
             best_loss, best_epoch, best_state, waited = val_loss, epoch, copy.deepcopy(head.state_dict()), 0
@@ -116,6 +92,54 @@ def fit_head(
     head.load_state_dict(best_state)
     head.eval()
     return history, best_epoch
+
+
+def _train_epoch(head: Head, opt, bce, xt: torch.Tensor, yt: torch.Tensor, sample_w: torch.Tensor, order: torch.Tensor, batch_size: int):
+    """One pass over the training features in ``order``, one Adam step a batch: (mean weighted loss, accuracy)."""
+    head.train()
+    total, correct = 0.0, 0
+    for start in range(0, len(xt), batch_size):
+        idx = order[start : start + batch_size]
+        logits = head(xt[idx]).squeeze(1)
+        loss = (bce(logits, yt[idx]) * sample_w[idx]).sum() / sample_w[idx].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        correct += int(((logits > 0).float() == yt[idx]).sum())
+    return total / len(xt), correct / len(xt)
+
+
+def _validate(head: Head, bce, xv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
+    """(unweighted mean loss, accuracy at logit 0) on the validation features."""
+    head.eval()
+    with torch.no_grad():
+        val_logits = head(xv).squeeze(1)
+        val_loss = float(bce(val_logits, yv).mean())
+        val_acc = float(((val_logits > 0).float() == yv).float().mean())
+    return val_loss, val_acc
+
+
+def _log_epoch(loggers: Sequence, row: dict) -> None:
+    """An epoch's row to the Lightning loggers (step = epoch) and the debug log."""
+    for lg in loggers:
+        lg.log_metrics(
+            {
+                "head/train_loss": row["loss"],
+                "head/train_accuracy": row["accuracy"],
+                "head/val_loss": row["val_loss"],
+                "head/val_accuracy": row["val_accuracy"],
+            },
+            step=row["epoch"],
+        )
+    logger.debug(
+        "epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
+        row["epoch"],
+        row["loss"],
+        row["accuracy"],
+        row["val_loss"],
+        row["val_accuracy"],
+    )
 
 
 def fit_model_head(

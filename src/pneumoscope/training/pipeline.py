@@ -81,6 +81,63 @@ def train_run(
     t_feat = time.perf_counter() - t0
 
     resolved = {**asdict(config), "data": str(Path(data).absolute())}
+    trained = _train(model, dataset, feats, fit_split, config, work, out=out, resolved=resolved, resume=resume, progress=progress)
+    if trained is None:
+        return None  # a launched rank: rank 0 writes the run
+    ood = _fit_reference_and_guard(model, trained.feats, fit_split, config)
+    _write_run(
+        out,
+        work,
+        model,
+        dataset,
+        config,
+        resolved=resolved,
+        leakage=leakage,
+        fit_split=fit_split,
+        problems=problems,
+        trained=trained,
+        ood=ood,
+        overwrite=overwrite,
+    )
+    if trained.tracked:  # the run folder is complete: its files and its model go to the MLflow run
+        log_training_run(out, trained.tracked)
+    logger.info(
+        "features %.1f s, total %.1f s", t_feat, time.perf_counter() - t0
+    )  # where the run went: the caller says (the CLI prints it)
+    if config.logger != "csv":
+        logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
+    if problems:
+        logger.warning("%d images were skipped; see %s", len(problems), RunFolder(out).skipped)
+    return Path(out)
+
+
+@dataclasses.dataclass
+class _Trained:
+    """What the training stages produced, for the run folder."""
+
+    feats: FeatureResult  # the train and val features of the final backbone
+    head_fit: tuple[list[dict], int]  # (history, best epoch) of the head
+    finetuned: tuple[list[dict], dict]  # (history, facts) of stage 2; ([], {}) without it
+    point: OperatingPoint
+    val_metrics: dict
+    tracked: dict | None  # the MLflow run, with --logger mlflow
+
+
+def _train(
+    model,
+    dataset: data_mod.Dataset,
+    feats: FeatureResult,
+    fit_split: FitSplit,
+    config: TrainConfig,
+    work: Path,
+    *,
+    out: str | os.PathLike,
+    resolved: dict,
+    resume: bool,
+    progress: bool,
+) -> _Trained | None:
+    """The head (cross-fitted where the folds allow), then [fine-tuning and features again], then the operating point,
+    logged to the training loggers; None in a launched rank."""
     settings = {**resolved, "out": str(Path(out).absolute())}
     with training_loggers(
         config.logger, work / "logs", run_name=Path(out).name, final_dir=RunFolder(out).logs, enabled=not is_launched_rank()
@@ -104,37 +161,7 @@ def train_run(
         point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
         logs.log_summary(settings, _final_metrics((history, best_epoch), finetuned[1], point, val_metrics))
         tracked = logs.mlflow_run()
-
-    ood = _fit_reference_and_guard(model, feats, fit_split, config)
-    _write_run(
-        out,
-        work,
-        model,
-        dataset,
-        config,
-        resolved=resolved,
-        leakage=leakage,
-        feats=feats,
-        fit_split=fit_split,
-        problems=problems,
-        head_fit=(history, best_epoch),
-        finetuned=finetuned,
-        point=point,
-        val_metrics=val_metrics,
-        ood=ood,
-        tracked=tracked,
-        overwrite=overwrite,
-    )
-    if tracked:  # the run folder is complete: its files and its model go to the MLflow run
-        log_training_run(out, tracked)
-    logger.info(
-        "features %.1f s, total %.1f s", t_feat, time.perf_counter() - t0
-    )  # where the run went: the caller says (the CLI prints it)
-    if config.logger != "csv":
-        logger.info("training logs: %s", describe_logs(config.logger, RunFolder(out).logs))
-    if problems:
-        logger.warning("%d images were skipped; see %s", len(problems), RunFolder(out).skipped)
-    return Path(out)
+    return _Trained(feats, (history, best_epoch), finetuned, point, val_metrics, tracked)
 
 
 OWNER_FILE = "owner.pid"  # in the work folder: the process fine-tuning into it
@@ -284,92 +311,116 @@ def _write_run(
     *,
     resolved: dict,
     leakage: dict,
-    feats: FeatureResult,
     fit_split: FitSplit,
     problems: list,
-    head_fit: tuple[list[dict], int],
-    finetuned: tuple[list[dict], dict],
-    point: OperatingPoint,
-    val_metrics: dict,
+    trained: _Trained,
     ood: dict,
-    tracked: dict | None,
     overwrite: bool,
 ) -> None:
     """Checkpoint, description, histories, splits and figures into a staging folder renamed to ``out``; then drop the work folder."""
-    history, best_epoch = head_fit
-    finetune_history, finetune_facts = finetuned
-    tr, va = fit_split.train, fit_split.val
-    stage = "frozen backbone, head only"
-    if config.finetune.epochs:
-        stage = f"head on frozen features, then fine-tuned ({config.finetune.unfreeze} of the backbone, {len(finetune_history)} epochs)"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         run = RunFolder(tmp)
         write_json(run.config, resolved)
-        description = describe(
-            model,
-            threshold=point.threshold,
-            threshold_policy=point.description,
-            temperature=point.temperature,
-            metrics={"val": val_metrics},
-            training={
-                "data": resolved["data"],
-                "layout": dataset.layout,
-                "best_epoch": best_epoch,
-                "epochs_run": len(history),
-                "n_train": int(tr.sum()),
-                "n_val": int(va.sum()),
-                "seed": config.seed,
-                "stage": stage,
-                **({"finetune": finetune_facts} if finetune_facts else {}),
-                **({"mlflow": tracked} if tracked else {}),
-            },
-            ood=ood,
-            leakage={
-                "ok": leakage["ok"],
-                "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
-                "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
-                "duplicate_examples": leakage["duplicates_across_splits"][:20],
-            },
+        description = _describe_run(
+            model, dataset, config, resolved=resolved, leakage=leakage, fit_split=fit_split, trained=trained, ood=ood
         )
         save_checkpoint(run.path, model, description)
         write_json(run.checkpoint_json, description.to_dict())
-        write_json(run.metrics, val_metrics)
-        write_csv(run.history_csv, list(history[0]), [list(h.values()) for h in history])
-        plot_history(
-            history,
-            run.history_png,
-            best_epoch=best_epoch,
-            title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})",
-        )
-        if finetune_history:
-            keys = ["epoch", "train_loss", "val_loss", "val_auc"]
-            write_csv(run.finetune_history, keys, [[h.get(k) for k in keys] for h in finetune_history])
+        write_json(run.metrics, trained.val_metrics)
+        _write_histories(run, config, trained)
         if (work / "logs").is_dir():
             shutil.move(work / "logs", run.logs)  # closed by now: the loggers were finalized when training ended
-        used = {id(r) for r in feats.records}
-        write_csv(
-            run.splits,
-            ["path", "split", "label", "patient_id", "pneumonia_type", "sha256", "status"],
-            [
-                [
-                    dataset.display(r),
-                    r.split,
-                    data_mod.CLASS_NAMES[r.label],
-                    r.patient_id,
-                    r.pneumonia_type,
-                    r.content_hash,
-                    "used" if (id(r) in used or r.split == "test") else "skipped",
-                ]
-                for r in dataset.records
-            ],
-        )
+        _write_splits(run, dataset, trained.feats)
         write_csv(run.skipped, ["path", "reason"], problems)
         summary = data_mod.summarize(dataset)
         summary["leakage"] = leakage
         write_json(run.data_summary, summary)
-        _sample_grid(dataset, feats.records, run.samples, seed=config.seed)
+        _sample_grid(dataset, trained.feats.records, run.samples, seed=config.seed)
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)  # the run is complete: nothing left to resume
+
+
+def _describe_run(
+    model,
+    dataset: data_mod.Dataset,
+    config: TrainConfig,
+    *,
+    resolved: dict,
+    leakage: dict,
+    fit_split: FitSplit,
+    trained: _Trained,
+    ood: dict,
+):
+    """The run's checked description: operating point, validation metrics, how it was trained, OOD guard, leakage."""
+    history, best_epoch = trained.head_fit
+    finetune_history, finetune_facts = trained.finetuned
+    stage = "frozen backbone, head only"
+    if config.finetune.epochs:
+        stage = f"head on frozen features, then fine-tuned ({config.finetune.unfreeze} of the backbone, {len(finetune_history)} epochs)"
+    point = trained.point
+    return describe(
+        model,
+        threshold=point.threshold,
+        threshold_policy=point.description,
+        temperature=point.temperature,
+        metrics={"val": trained.val_metrics},
+        training={
+            "data": resolved["data"],
+            "layout": dataset.layout,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "n_train": int(fit_split.train.sum()),
+            "n_val": int(fit_split.val.sum()),
+            "seed": config.seed,
+            "stage": stage,
+            **({"finetune": finetune_facts} if finetune_facts else {}),
+            **({"mlflow": trained.tracked} if trained.tracked else {}),
+        },
+        ood=ood,
+        leakage={
+            "ok": leakage["ok"],
+            "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
+            "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
+            "duplicate_examples": leakage["duplicates_across_splits"][:20],
+        },
+    )
+
+
+def _write_histories(run: RunFolder, config: TrainConfig, trained: _Trained) -> None:
+    """The head's history (CSV and figure) and stage 2's, where it ran."""
+    history, best_epoch = trained.head_fit
+    finetune_history = trained.finetuned[0]
+    write_csv(run.history_csv, list(history[0]), [list(h.values()) for h in history])
+    plot_history(
+        history,
+        run.history_png,
+        best_epoch=best_epoch,
+        title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})",
+    )
+    if finetune_history:
+        keys = ["epoch", "train_loss", "val_loss", "val_auc"]
+        write_csv(run.finetune_history, keys, [[h.get(k) for k in keys] for h in finetune_history])
+
+
+def _write_splits(run: RunFolder, dataset: data_mod.Dataset, feats: FeatureResult) -> None:
+    """splits.csv: every image's split, label, patient, hash, and whether training used it."""
+    used = {id(r) for r in feats.records}
+    write_csv(
+        run.splits,
+        ["path", "split", "label", "patient_id", "pneumonia_type", "sha256", "status"],
+        [
+            [
+                dataset.display(r),
+                r.split,
+                data_mod.CLASS_NAMES[r.label],
+                r.patient_id,
+                r.pneumonia_type,
+                r.content_hash,
+                "used" if (id(r) in used or r.split == "test") else "skipped",
+            ]
+            for r in dataset.records
+        ],
+    )
 
 
 def _finetune_stage(
