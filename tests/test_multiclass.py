@@ -103,3 +103,117 @@ def test_comparing_a_model_with_itself_finds_no_difference_and_a_better_one_a_po
     better = softmax(np.log(p) + 3 * np.eye(3)[y])
     diff = compare_macro_auc(y, p, better, groups, n_boot=100)
     assert diff["difference"] > 0 and diff["ci95"][0] > 0 and diff["p_value"] < 0.05
+
+
+# --------------------------------------------------------------------------- a three-class run, every door
+
+
+@pytest.fixture(scope="module")
+def three_class(tmp_path_factory):
+    from pneumoscope.cli.main import main
+    from tests.conftest import make_three_class_tree
+
+    root = tmp_path_factory.mktemp("three")
+    tree = make_three_class_tree(root / "cx")
+    run = root / "run"
+    argv = [
+        "-q",
+        "train",
+        str(tree),
+        "--out",
+        str(run),
+        "--classes",
+        "auto",
+        "--pretrained",
+        "none",
+        "--epochs",
+        "20",
+        "--val-fraction",
+        "0.3",
+    ]
+    assert main(argv) == 0
+    return tree, run
+
+
+def test_the_run_describes_its_classes_and_its_screening_decision(three_class):
+    import json
+
+    _, run = three_class
+    d = json.loads((run / "checkpoint.json").read_text())
+    assert d["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"] and d["normal_class"] == "NORMAL" and d["format_version"] == 2
+    assert d["head"]["outputs"] == 3 and "softmax" in d["output"] and 0 < d["threshold"] < 1
+    val = d["metrics"]["val"]
+    assert set(val["multiclass"]["per_class"]) == {"COVID", "NORMAL", "PNEUMONIA"} and val["roc_auc"] is not None
+
+
+def test_evaluate_reports_the_classes_and_the_screening_view(three_class, tmp_path, capsys):
+    import csv
+    import json
+
+    from pneumoscope.cli.main import main
+
+    tree, run = three_class
+    ev = tmp_path / "ev"
+    assert main(["-q", "evaluate", str(run), str(tree), "--out", str(ev), "--bootstraps", "50", "--no-audit"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 classes" in printed and "macro AUC" in printed and "screening decision" in printed
+    m = json.loads((ev / "metrics.json").read_text())
+    mc = m["multiclass"]
+    assert len(mc["confusion_matrix"]) == 3 and sum(map(sum, mc["confusion_matrix"])) == m["n"] == 24
+    rows = list(csv.DictReader(open(ev / "predictions.csv")))
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in ("COVID", "NORMAL", "PNEUMONIA")]
+        assert sum(probs) == pytest.approx(1, abs=1e-5) and float(r["prob"]) == pytest.approx(1 - probs[1], abs=1e-5)
+        assert (r["pred"] == "NORMAL") == (r["screen"] == "NORMAL")  # the class named never contradicts the screening decision
+    html = (ev / "report.html").read_text()
+    assert "classes-table" in html and "confusion matrix of the classes" in html and (ev / "confusion_matrix_classes.png").is_file()
+
+
+def test_predict_and_the_api_give_every_class_probability(three_class, capsys):
+    import json
+
+    import pneumoscope
+    from pneumoscope.cli.main import main
+
+    tree, run = three_class
+    images = sorted((tree / "test" / "COVID").glob("*.png"))[:2] + sorted((tree / "test" / "NORMAL").glob("*.png"))[:2]
+    assert main(["-q", "predict", str(run), *map(str, images), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for row in rows:
+        probs = {c: row[f"prob_{c}"] for c in ("COVID", "NORMAL", "PNEUMONIA")}
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-6) and row["prob"] == pytest.approx(1 - probs["NORMAL"], abs=1e-6)
+        if row["label"] is not None:
+            assert (row["label"] == "NORMAL") == (row["prob"] < row["threshold"])
+    model = pneumoscope.load(run)
+    p = model.predict(images[0])
+    assert list(p.probs) == ["COVID", "NORMAL", "PNEUMONIA"] and p.probs == pytest.approx(
+        {k: rows[0][f"prob_{k}"] for k in p.probs}, abs=1e-6
+    )
+    cam = model.explain(images[0])  # the map of the decided class (a softmax target, not the binary sign flip)
+    assert cam.cam.shape == (224, 224) and 0 <= cam.cam.min() and cam.cam.max() <= 1
+
+
+def test_a_task_without_its_normal_class_or_with_fine_tuning_is_refused_in_one_line(three_class, tmp_path, capsys):
+    from pneumoscope.cli.main import main
+
+    tree, _ = three_class
+    common = ["train", str(tree), "--classes", "COVID,PNEUMONIA,NORMAL", "--pretrained", "none", "--epochs", "2"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--normal-class", "HEALTHY"]) == 2
+    assert "normal_class 'HEALTHY' is not one of the classes" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b"), "--finetune-epochs", "1"]) == 2
+    assert "fine-tuning (stage 2) is built for two classes" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_pneumonia_type_task_trains_and_evaluates_with_its_own_labels(kaggle_tree, tmp_path, capsys):
+    import json
+
+    from pneumoscope.cli.main import main
+
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    argv = ["-q", "train", str(kaggle_tree), "--out", str(run), "--labels", "pneumonia-type", "--pretrained", "none", "--epochs", "5"]
+    assert main([*argv, "--val-fraction", "0.3"]) == 0
+    d = json.loads((run / "checkpoint.json").read_text())
+    assert d["class_names"] == ["NORMAL", "BACTERIA", "VIRUS"] and d["training"]["labels"] == "pneumonia-type"
+    assert main(["-q", "evaluate", str(run), str(kaggle_tree), "--out", str(ev), "--bootstraps", "20", "--no-audit"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["multiclass"]["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]

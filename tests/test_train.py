@@ -34,7 +34,7 @@ def test_head_learns_separable_features_and_restores_best_epoch():
 def test_class_weights_balance_the_classes():
     w = class_weights(np.array([0] * 25 + [1] * 75))
     assert w[0] * 25 == pytest.approx(w[1] * 75) and w[0] == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(ValueError, match="every class"):
         class_weights(np.ones(5))
 
 

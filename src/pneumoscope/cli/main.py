@@ -42,6 +42,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set finetune.lr=3e-5 (or finetune_lr=3e-5)",
     )
+    _add_task_args(p, default=S)
+    p.add_argument(
+        "--normal-class",
+        default=S,
+        help="N > 2 classes: the class the screening decision (normal vs not, with its threshold) is taken against (default NORMAL)",
+    )
     p.add_argument("--backbone", choices=sorted(BACKBONES), default=S, help="default efficientnet_lite0")
     p.add_argument("--pretrained", choices=PRETRAINED, default=S, help="ImageNet weights or random initialisation")
     p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
@@ -69,6 +75,25 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="training logs of both stages in RUN/logs: csv (default; always written), or tensorboard or mlflow beside it",
     )
     _add_policy_args(p, default=S)
+
+
+def _add_task_args(p: argparse.ArgumentParser, default=None) -> None:
+    """Which classes the data's folders (or file names) give."""
+    from ..data.discovery import LABEL_SOURCES
+
+    p.add_argument(
+        "--classes",
+        default=default,
+        metavar="auto|A,B,...",
+        help="the task's classes: auto (every class folder, sorted, as Keras' loader does) or names in order "
+        "(default NORMAL,PNEUMONIA; other folders are ignored with a warning)",
+    )
+    p.add_argument(
+        "--labels",
+        choices=LABEL_SOURCES,
+        default=default,
+        help="folders (default), or pneumonia-type: NORMAL / BACTERIA / VIRUS from Kermany's file names (person12_bacteria_45.jpeg)",
+    )
 
 
 def _add_policy_args(p: argparse.ArgumentParser, default=None) -> None:
@@ -197,8 +222,16 @@ def cmd_evaluate(args) -> int:
 
 
 def format_metrics(m: dict) -> str:
+    """The metrics an evaluation prints: the table at the threshold with intervals (N classes: the classes' table
+    first, then the screening decision's)."""
     ci = m.get("ci95", {})
-    lines = [f"n={m['n']} ({m['n_positive']} pneumonia, prevalence {_fmt(m.get('prevalence'))}), threshold {m['threshold']:.4f}"]
+    lines = []
+    if "multiclass" in m:
+        lines += format_multiclass(m["multiclass"])
+        positive = "not normal"
+    else:
+        positive = "pneumonia"
+    lines += [f"n={m['n']} ({m['n_positive']} {positive}, prevalence {_fmt(m.get('prevalence'))}), threshold {m['threshold']:.4f}"]
     for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc"):
         if key in m:
             interval = ci.get(key)
@@ -206,6 +239,25 @@ def format_metrics(m: dict) -> str:
     if m.get("note"):
         lines.append(f"  note: {m['note']}")
     return "\n".join(lines)
+
+
+def format_multiclass(mc: dict) -> list[str]:
+    """N classes: top-1 accuracy, macro and micro AUC with intervals, and one line a class (one-vs-rest)."""
+
+    def with_ci(value, interval) -> str:
+        return _fmt(value) + (f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+    ci = mc["ci95"]
+    lines = [
+        f"{len(mc['classes'])} classes, n={mc['n']}: top-1 accuracy {with_ci(mc['accuracy'], ci['accuracy'])}",
+        f"  macro AUC {with_ci(mc['macro_auc'], ci['macro_auc'])}; micro AUC {with_ci(mc['micro_auc'], ci['micro_auc'])}",
+        f"  {'class':<14} {'n':>5} {'sens':>7} {'spec':>7} {'ppv':>7} {'npv':>7} {'auc':>7}",
+    ]
+    for name, row in mc["per_class"].items():
+        cells = " ".join(f"{_fmt(row[k]):>7}" for k in ("sensitivity", "specificity", "ppv", "npv", "roc_auc"))
+        lines.append(f"  {name[:14]:<14} {row['n']:>5} {cells}")
+    lines.append("screening decision (normal vs not):")
+    return lines
 
 
 def cmd_export(args) -> int:

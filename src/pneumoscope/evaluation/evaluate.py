@@ -20,9 +20,10 @@ from ..metrics.calibration import compute_adaptive_reliability, compute_reliabil
 from ..metrics.classification import compute_roc_curve, decide
 from ..metrics.clinical import DROP_RULE, compare_with_validation, compute_clinical_metrics
 from ..metrics.intervals import compute_pr_band, compute_roc_band
+from ..metrics.multiclass import compute_multiclass_metrics
 from ..models.checkpoint import RunFolder
 from ..outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
-from ..plots import overlay_cam, plot_cam, plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
+from ..plots import overlay_cam, plot_cam, plot_confusion_matrix, plot_confusion_matrix_n, plot_pr, plot_reliability, plot_roc
 from .report import model_card, render_report
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class EvaluationResult:
     features: np.ndarray | None = None  # pooled backbone features of ``records`` (None with test-time augmentation)
     ood_distance: np.ndarray | None = None  # the OOD guard's distance of each of ``records`` (None without a guard)
     screened: list[str] | None = None  # io.screen_image of each of ``records`` where they were decoded, else None
+    # N classes: ``y_true`` and ``y_prob`` are the screening view (not normal = 1, P(not normal)); these are the classes
+    y_class: np.ndarray | None = None  # the true class of each of ``records``
+    class_probs: np.ndarray | None = None  # (n, K) calibrated class probabilities
 
 
 def evaluate_dataset(
@@ -65,16 +69,17 @@ def evaluate_dataset(
     kept = scored.records
     if not kept:
         raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
-    y_true = np.array([r.label for r in kept])
+    y_class = np.array([r.label for r in kept])
+    groups = [r.patient_id for r in kept]
+    y_true = (y_class != predictor.class_names.index(predictor.description.normal_class)).astype(int) if predictor.multiclass else y_class
+    types = None if predictor.multiclass else [r.pneumonia_type for r in kept]
     metrics = compute_clinical_metrics(
-        y_true,
-        scored.prob,
-        predictor.threshold,
-        groups=[r.patient_id for r in kept],
-        pneumonia_type=[r.pneumonia_type for r in kept],
-        n_boot=n_boot,
-        seed=seed,
+        y_true, scored.prob, predictor.threshold, groups=groups, pneumonia_type=types, n_boot=n_boot, seed=seed
     )
+    if predictor.multiclass:
+        metrics["multiclass"] = compute_multiclass_metrics(
+            y_class, scored.class_probs, predictor.class_names, groups=groups, n_boot=n_boot, seed=seed
+        )
     metrics["adapted_on_evaluated_images"] = transductive
     if metrics["roc_auc"] is None:
         logger.warning("only one class in the evaluated images: ROC-AUC cannot be computed")
@@ -89,6 +94,8 @@ def evaluate_dataset(
         scored.features,
         scored.distance,
         scored.screened,
+        y_class if predictor.multiclass else None,
+        scored.class_probs,
     )
 
 
@@ -119,6 +126,7 @@ class _Scored:
     features: np.ndarray | None
     distance: np.ndarray | None
     screened: list[str] | None
+    class_probs: np.ndarray | None = None  # N classes: (n, K)
 
 
 def _score(predictor: Predictor, scanned: data_mod.Dataset, *, tta: bool, cache_dir, progress: bool) -> _Scored:
@@ -127,14 +135,21 @@ def _score(predictor: Predictor, scanned: data_mod.Dataset, *, tta: bool, cache_
     if tta:  # the feature cache holds untransformed images only: decode and run every view
         size = predictor.preprocessing.input_size
         decoded = read_many(scanned.records, lambda r: scanned.reader.read_image(r.ref, draft_size=size), name=scanned.display, log=logger)
-        prob, distance = predictor.run(decoded.images, tta=True)
+        logits, distance = predictor.tta_logits(decoded.images)
         screened = [screen_image(im) for im in decoded.images]
-        return _Scored([scanned.records[i] for i in decoded.index], prob, decoded.skipped, None, distance, screened)
+        kept = [scanned.records[i] for i in decoded.index]
+        return _Scored(kept, predictor.probability(logits), decoded.skipped, None, distance, screened, _class_probs(predictor, logits))
     feats, logits = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     with torch.inference_mode():  # the guard on the cached features: what inference computes, without a second pass
         distance = predictor.model.ood_distances(feats.features)
     distance = None if distance is None else distance.double().numpy()
-    return _Scored(feats.records, predictor.probability(logits), feats.problems, feats.features, distance, None)
+    return _Scored(
+        feats.records, predictor.probability(logits), feats.problems, feats.features, distance, None, _class_probs(predictor, logits)
+    )
+
+
+def _class_probs(predictor: Predictor, logits: np.ndarray) -> np.ndarray | None:
+    return predictor.class_probabilities(logits) if predictor.multiclass else None
 
 
 def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, screened: list[str] | None) -> dict:
@@ -237,6 +252,14 @@ def seen_in_training(run_folder: RunFolder, records: list[data_mod.Record]) -> l
     return [r for r in records if r.content_hash and r.content_hash in fitted]
 
 
+def task_of(predictor: Predictor) -> dict:
+    """How to load labelled data for this run: the ``load_dataset`` arguments that give its classes."""
+    labels = (predictor.description.training or {}).get("labels", "folders")
+    if labels != "folders":
+        return {"labels": labels}
+    return {} if predictor.class_names == data_mod.CLASS_NAMES else {"classes": list(predictor.class_names)}
+
+
 def evaluate_run(
     run: str | os.PathLike,
     data: str | os.PathLike,
@@ -254,14 +277,14 @@ def evaluate_run(
     """The ``pneumoscope evaluate`` command: (the folder written, the evaluation)."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
-    dataset = data_mod.load_dataset(data)
+    dataset = data_mod.load_dataset(data, **task_of(predictor))
     result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
     m = result.metrics
     run_folder = RunFolder.of(run)
     shown_split = split if dataset.layout != "class-folders" else "all"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _write_tables(tmp, predictor, result)
-        figures = _write_figures(tmp, result, n_boot=n_boot)
+        figures = _write_figures(tmp, result, _screening_names(predictor), n_boot=n_boot)
         if result.problems:
             write_csv(tmp / "skipped.csv", ["path", "reason"], result.problems)
         gallery = _gallery(predictor, dataset, result, tmp)
@@ -300,7 +323,11 @@ def evaluate_run(
 
 def _write_tables(tmp: Path, predictor: Predictor, result: EvaluationResult) -> None:
     """predictions.csv (one row an image) and classification_report.txt (scikit-learn's, at the run's threshold)."""
-    names = list(data_mod.CLASS_NAMES)
+    names = list(predictor.class_names)
+    header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
+    if predictor.multiclass:
+        _write_multiclass_tables(tmp, predictor, result, header)
+        return
     write_csv(
         tmp / "predictions.csv",
         ["path", "patient_id", "label", "prob", "pred"],
@@ -311,18 +338,42 @@ def _write_tables(tmp: Path, predictor: Predictor, result: EvaluationResult) -> 
     )
     y_pred = predictor.decide(result.y_prob)
     report = classification_report(result.y_true, y_pred, labels=[0, 1], target_names=names, digits=4, zero_division=0)
-    header = f"threshold {predictor.threshold:.4f} ({predictor.description.threshold_policy})\n\n"
     write_bytes_atomic(tmp / "classification_report.txt", (header + report).encode())
 
 
-def _write_figures(tmp: Path, result: EvaluationResult, *, n_boot: int) -> dict[str, Path]:
+def _write_multiclass_tables(tmp: Path, predictor: Predictor, result: EvaluationResult, header: str) -> None:
+    """N classes: predictions.csv with the true class, the screening probability and decision, the class decided and
+    each class's probability; the classification report of the most probable class, and of the screening decision."""
+    names = list(predictor.class_names)
+    normal = predictor.description.normal_class
+    rows = []
+    for r, path, p, probs in zip(result.records, result.paths, result.y_prob, result.class_probs, strict=True):
+        screen = "NOT " + normal if predictor.decide(p) else normal
+        rows.append([path, r.patient_id, names[r.label], f"{p:.6f}", screen, predictor.class_label(p, probs), *(f"{q:.6f}" for q in probs)])
+    columns = ["path", "patient_id", "label", "prob", "screen", "pred", *(f"prob_{c}" for c in names)]
+    write_csv(tmp / "predictions.csv", columns, rows)
+    top1 = classification_report(
+        result.y_class, result.class_probs.argmax(1), labels=list(range(len(names))), target_names=names, digits=4, zero_division=0
+    )
+    screening = classification_report(
+        result.y_true, predictor.decide(result.y_prob), labels=[0, 1], target_names=[normal, "NOT " + normal], digits=4, zero_division=0
+    )
+    text = f"most probable class (top-1)\n\n{top1}\nscreening decision, {header}{screening}"
+    write_bytes_atomic(tmp / "classification_report.txt", text.encode())
+
+
+def _write_figures(tmp: Path, result: EvaluationResult, class_names, *, n_boot: int) -> dict[str, Path]:
     """The confusion matrix, ROC and PR curves with their patient bootstrap bands (where both classes are present) and
     the reliability diagram, as PNGs in ``tmp``; their paths by name."""
     m = result.metrics
     figures = {"confusion_matrix": tmp / "confusion_matrix.png"}
+    if result.class_probs is not None:  # N classes: the classes' matrix, then the screening decision's
+        names = m["multiclass"]["classes"]
+        figures["confusion_matrix_classes"] = tmp / "confusion_matrix_classes.png"
+        plot_confusion_matrix_n(m["multiclass"]["confusion_matrix"], names, figures["confusion_matrix_classes"], title=f"n = {m['n']}")
     plot_confusion_matrix(
         m["confusion_matrix"],
-        list(data_mod.CLASS_NAMES),
+        list(class_names),
         figures["confusion_matrix"],
         title=f"n = {m['n']}, threshold {m['threshold']:.3f}",
     )
@@ -360,6 +411,13 @@ def _write_figures(tmp: Path, result: EvaluationResult, *, n_boot: int) -> dict[
         histogram=compute_reliability(result.y_true, result.y_prob),
     )
     return figures
+
+
+def _screening_names(predictor: Predictor) -> tuple[str, str]:
+    """The two sides of the decision at the threshold: the run's two classes, or normal and not normal."""
+    if not predictor.multiclass:
+        return predictor.class_names
+    return predictor.description.normal_class, "NOT " + predictor.description.normal_class
 
 
 def _write_audit(

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pytorch_grad_cam
 import torch
-from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputTarget
 
 from ..choices import CAM_METHOD_CLASSES
 from ..errors import UsageError
@@ -35,28 +35,36 @@ def check_method(method: str) -> None:
 
 
 def compute_cam(model, x: torch.Tensor, target_classes, method: str = "gradcam") -> np.ndarray:
-    """CAMs (B, S, S) in [0, 1]; ``target_classes`` is one int or one per image (1 PNEUMONIA, 0 NORMAL).
+    """CAMs (B, S, S) in [0, 1]; ``target_classes`` is one class index or one per image (two classes: 1 the logit's
+    class, 0 the other, by its negative; N classes: the index of the class's logit).
 
     The hooks live only inside the ``with``: the model is left as it was.
     """
     check_method(method)
+    k = max(2, model.n_outputs)
     targets = [target_classes] * len(x) if isinstance(target_classes, (int, np.integer)) else list(target_classes)
-    if len(targets) != len(x) or any(t not in (0, 1) for t in targets):
-        raise ValueError(f"target_class must be 0 (NORMAL) or 1 (PNEUMONIA) per image, got {target_classes!r}")
+    if len(targets) != len(x) or any(t not in range(k) for t in targets):
+        raise ValueError(f"target_class must be a class index in 0..{k - 1} per image, got {target_classes!r}")
+    make = BinaryClassifierOutputTarget if model.n_outputs == 1 else ClassifierOutputTarget
     model.eval()
     with CAM_METHODS[method](model=model, target_layers=[model.cam_layer()]) as cam:
-        maps = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(int(t)) for t in targets])
+        maps = cam(input_tensor=x, targets=[make(int(t)) for t in targets])
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
     return np.clip(maps, 0.0, 1.0)  # (B, S, S)
 
 
-def target_classes(predictor: Predictor, probs, target: str = "predicted") -> list[int]:
-    """The class each map explains: the predicted one, or the one named ("pneumonia" 1, "normal" 0)."""
+def target_classes(predictor: Predictor, probs, target: str = "predicted", class_probs=None) -> list[int]:
+    """The class each map explains: the one decided (N classes: the label :meth:`Predictor.class_label` gives, from
+    ``class_probs``), or the one named (any case)."""
     if target == "predicted":
+        if predictor.multiclass:
+            names = predictor.class_names
+            return [names.index(predictor.class_label(p, cp)) for p, cp in zip(probs, class_probs, strict=True)]
         return predictor.decide(probs).tolist()
-    if target.upper() not in predictor.class_names:
-        raise UsageError(f"target must be 'predicted' or one of {[c.lower() for c in predictor.class_names]}, got {target!r}")
-    return [predictor.class_names.index(target.upper())] * len(probs)
+    names = [c.lower() for c in predictor.class_names]
+    if target.lower() not in names:
+        raise UsageError(f"target must be 'predicted' or one of {names}, got {target!r}")
+    return [names.index(target.lower())] * len(probs)
 
 
 def views_and_cams(
@@ -69,9 +77,13 @@ def views_and_cams(
     at or above the threshold) on ``probs`` (the caller's, computed here when not given), unless
     ``target`` names one. The one path from images to maps; draw them with ``plots.overlay_cam``.
     """
-    if probs is None:
+    class_probs = None
+    if predictor.multiclass:  # the decided class needs every class's probability: one pass for them
+        logits, _ = predictor.forward(images, 32)
+        probs, class_probs = predictor.probability(logits), predictor.class_probabilities(logits)
+    elif probs is None:
         probs = predictor.predict_proba(images)
-    classes = target_classes(predictor, probs, target)
+    classes = target_classes(predictor, probs, target, class_probs)
     cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), classes, method)
     return [predictor.preprocessing_view(im) for im in images], cams, classes
 

@@ -397,7 +397,7 @@ class Predictor:
         copies of it (test-time augmentation); the OOD distance is the original's.
         """
         if not tta:
-            logits, dists = self._forward(images, batch_size)
+            logits, dists = self.forward(images, batch_size)
             return self.probability(logits), dists
         logits, dists = self.tta_logits(images, batch_size)
         return self.probability(logits), dists
@@ -405,12 +405,12 @@ class Predictor:
     def tta_logits(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits averaged over each image and its :func:`tta_views`; the OOD distance is the original's."""
         views = [v for im in images for v in tta_views(self.preprocessing_view(im))]
-        logits, dists = self._forward(views, batch_size)
+        logits, dists = self.forward(views, batch_size)
         k = len(views) // max(1, len(images))  # views per image; the first is the image itself
         mean = logits.reshape(len(images), k, -1).mean(axis=1)
         return (mean[:, 0] if logits.ndim == 1 else mean), (None if dists is None else dists[::k])
 
-    def _forward(self, images: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def forward(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw logits (no temperature) and OOD distances, in batches."""
         logits, dists = [], []
         for start in range(0, len(images), batch_size):
@@ -427,7 +427,7 @@ class Predictor:
 
     def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:
         """One :class:`Prediction` per decoded (H, W) image, named by ``names``."""
-        logits, dists = self.tta_logits(images, batch_size) if tta else self._forward(images, batch_size)
+        logits, dists = self.tta_logits(images, batch_size) if tta else self.forward(images, batch_size)
         return self._predictions(names, logits, dists, [screen_image(im) for im in images])
 
     def predict_batch(self, x: np.ndarray, names: list[str], screened: list[str]) -> list[Prediction]:

@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import UsageError
 from .calibration import fit_temperature
 from .classification import calibrated_probability, check_binary, compute_smoothed_youden_threshold, compute_youden_threshold, decide
+from .multiclass import fit_temperature_multiclass, softmax
 
 THRESHOLD_POLICIES = ("youden", "youden-smooth", "sensitivity", "specificity")
 
@@ -61,6 +62,7 @@ class OperatingPoint:
     policy: str  # a name in THRESHOLD_POLICIES
     target: float | None
     fitted_on: str  # e.g. "validation data (the patient-level validation split)"
+    normal_index: int | None = None  # N classes: the screening probability is 1 - P(this class)
 
     @property
     def description(self) -> str:
@@ -68,7 +70,10 @@ class OperatingPoint:
         return describe_policy(self.policy, self.target, self.fitted_on)
 
     def probabilities(self, logits) -> np.ndarray:
-        return calibrated_probability(logits, self.temperature)
+        """The calibrated probability the threshold applies to: P(class 1) of one logit, or 1 - P(normal) of K."""
+        if self.normal_index is None:
+            return calibrated_probability(logits, self.temperature)
+        return 1.0 - softmax(logits, self.temperature)[:, self.normal_index]
 
     def decide(self, y_prob) -> np.ndarray:
         return decide(y_prob, self.threshold)
@@ -81,3 +86,15 @@ def fit_operating_point(logits, y_true, policy: str = "youden", target: float | 
     temperature = fit_temperature(logits, y_true)
     threshold = compute_threshold(y_true, calibrated_probability(logits, temperature), policy, target)
     return OperatingPoint(temperature, threshold, policy, target, fitted_on)
+
+
+def fit_screening_point(
+    logits, y_true, normal_index: int, policy: str = "youden", target: float | None = None, *, fitted_on: str
+) -> OperatingPoint:
+    """N classes: one temperature for the softmax (:func:`fit_temperature_multiclass`), then the policy's threshold
+    on the screening probability P(not normal) against "not the normal class"."""
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
+    temperature = fit_temperature_multiclass(logits, y_true)
+    screen = 1.0 - softmax(logits, temperature)[:, normal_index]
+    threshold = compute_threshold((y_true != normal_index).astype(int), screen, policy, target)
+    return OperatingPoint(temperature, threshold, policy, target, fitted_on, normal_index)

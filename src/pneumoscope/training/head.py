@@ -32,12 +32,31 @@ class FitSplit(NamedTuple):
     val: np.ndarray  # bool
 
 
-def class_weights(y: np.ndarray) -> np.ndarray:
-    """Keras-style balanced weights n / (2 n_c), one per class."""
-    counts = np.bincount(y.astype(int), minlength=2)
+def class_weights(y: np.ndarray, n_classes: int = 2) -> np.ndarray:
+    """Keras-style balanced weights n / (K n_c), one per class."""
+    counts = np.bincount(y.astype(int), minlength=n_classes)
     if (counts == 0).any():
-        raise UsageError(f"training needs images of both classes, got counts {counts.tolist()} (NORMAL, PNEUMONIA)")
-    return counts.sum() / (2.0 * counts)
+        raise UsageError(f"training needs images of every class, got counts {counts.tolist()} (in class order)")
+    return counts.sum() / (len(counts) * counts)
+
+
+class _Objective:
+    """The loss and the hits of a head: class-weighted binary cross-entropy on one logit, or cross-entropy over
+    K logits; a hit is the logit's sign (one logit) or the argmax (K) matching the label."""
+
+    def __init__(self, outputs: int):
+        self.binary = outputs == 1
+        self.loss = nn.BCEWithLogitsLoss(reduction="none") if self.binary else nn.CrossEntropyLoss(reduction="none")
+
+    def labels(self, y) -> torch.Tensor:
+        return torch.as_tensor(y, dtype=torch.float32 if self.binary else torch.long)
+
+    def logits(self, head: Head, x: torch.Tensor) -> torch.Tensor:
+        out = head(x)
+        return out.squeeze(1) if self.binary else out
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((logits > 0).float() == y) if self.binary else (logits.argmax(1) == y)
 
 
 def fit_head(
@@ -56,7 +75,8 @@ def fit_head(
     progress: bool = True,
     loggers: Sequence = (),
 ) -> tuple[list[dict], int]:
-    """Adam on class-weighted BCE; early stopping on (unweighted) val loss, best weights restored.
+    """Adam on class-weighted BCE (one logit) or cross-entropy (K logits); early stopping on (unweighted) val loss,
+    best weights restored.
 
     Returns the per-epoch history and the best epoch (1-based). ``head`` ends
     holding the best weights. Each epoch's losses and accuracies go to ``loggers``
@@ -64,19 +84,19 @@ def fit_head(
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    xt, yt = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.float32)
-    xv, yv = torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val, dtype=torch.float32)
-    w = torch.as_tensor(class_weights(y_train), dtype=torch.float32)
+    objective = _Objective(head.fc2.out_features)
+    xt, yt = torch.as_tensor(x_train, dtype=torch.float32), objective.labels(y_train)
+    xv, yv = torch.as_tensor(x_val, dtype=torch.float32), objective.labels(y_val)
+    w = torch.as_tensor(class_weights(y_train, max(2, head.fc2.out_features)), dtype=torch.float32)
     sample_w = w[yt.long()]
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    bce = nn.BCEWithLogitsLoss(reduction="none")
 
     history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
     bar = progress_bar(range(1, epochs + 1), desc="head", unit="epoch", enabled=progress)
     for epoch in bar:
         order = torch.randperm(len(xt), generator=generator)
-        loss, accuracy = _train_epoch(head, opt, bce, xt, yt, sample_w, order, batch_size)
-        val_loss, val_acc = _validate(head, bce, xv, yv)
+        loss, accuracy = _train_epoch(head, opt, objective, xt, yt, sample_w, order, batch_size)
+        val_loss, val_acc = _validate(head, objective, xv, yv)
         row = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(row)
         _log_epoch(loggers, row)
@@ -94,29 +114,31 @@ def fit_head(
     return history, best_epoch
 
 
-def _train_epoch(head: Head, opt, bce, xt: torch.Tensor, yt: torch.Tensor, sample_w: torch.Tensor, order: torch.Tensor, batch_size: int):
+def _train_epoch(
+    head: Head, opt, objective: _Objective, xt: torch.Tensor, yt: torch.Tensor, sample_w: torch.Tensor, order: torch.Tensor, batch_size: int
+):
     """One pass over the training features in ``order``, one Adam step a batch: (mean weighted loss, accuracy)."""
     head.train()
     total, correct = 0.0, 0
     for start in range(0, len(xt), batch_size):
         idx = order[start : start + batch_size]
-        logits = head(xt[idx]).squeeze(1)
-        loss = (bce(logits, yt[idx]) * sample_w[idx]).sum() / sample_w[idx].sum()
+        logits = objective.logits(head, xt[idx])
+        loss = (objective.loss(logits, yt[idx]) * sample_w[idx]).sum() / sample_w[idx].sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         total += loss.item() * len(idx)
-        correct += int(((logits > 0).float() == yt[idx]).sum())
+        correct += int(objective.hits(logits, yt[idx]).sum())
     return total / len(xt), correct / len(xt)
 
 
-def _validate(head: Head, bce, xv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
-    """(unweighted mean loss, accuracy at logit 0) on the validation features."""
+def _validate(head: Head, objective: _Objective, xv: torch.Tensor, yv: torch.Tensor) -> tuple[float, float]:
+    """(unweighted mean loss, accuracy: logit 0 or argmax) on the validation features."""
     head.eval()
     with torch.no_grad():
-        val_logits = head(xv).squeeze(1)
-        val_loss = float(bce(val_logits, yv).mean())
-        val_acc = float(((val_logits > 0).float() == yv).float().mean())
+        val_logits = objective.logits(head, xv)
+        val_loss = float(objective.loss(val_logits, yv).mean())
+        val_acc = float(objective.hits(val_logits, yv).float().mean())
     return val_loss, val_acc
 
 
@@ -165,7 +187,7 @@ def fit_model_head(
     heads, fits, start = [], [], 0
     for (name, _), width in zip(parts, widths, strict=True):
         cols = slice(start, start + width)
-        head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p)
+        head = Head(width, hidden=model.head.fc1.out_features, dropout=model.head.dropout.p, outputs=model.n_outputs)
         fits.append(fit_head(head, x_train[:, cols], y_train, x_val[:, cols], y_val, loggers=loggers if not fits else (), **kw))
         logger.info("ensemble member %s: best epoch %d", name, fits[-1][1])
         heads.append(head)
@@ -197,7 +219,8 @@ def usable_folds(feats: FeatureResult, fit_split: FitSplit, config: TrainConfig)
         return 1
     pool = fit_split.train | fit_split.val
     per_class = [
-        len({r.patient_id for r, keep, y in zip(feats.records, pool, fit_split.y, strict=True) if keep and y == c}) for c in (0, 1)
+        len({r.patient_id for r, keep, y in zip(feats.records, pool, fit_split.y, strict=True) if keep and y == c})
+        for c in range(max(2, int(fit_split.y.max()) + 1))
     ]
     folds = min(config.head_folds, *per_class)
     if folds < config.head_folds:
@@ -223,7 +246,8 @@ def fit_crossfitted_heads(
     x, y = feats.features[pool], fit_split.y[pool]
     patients = [r.patient_id for r, keep in zip(feats.records, pool, strict=True) if keep]
     folds = patient_folds(patients, y, config.head_folds, config.seed)
-    fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(len(y), np.nan), None
+    oof_shape = (len(y),) if model.n_outputs == 1 else (len(y), model.n_outputs)
+    fresh, heads, oof, first = copy.deepcopy(model.head), [], np.full(oof_shape, np.nan), None
     for k in range(config.head_folds):
         held = folds == k
         model.head = copy.deepcopy(fresh)
@@ -237,7 +261,7 @@ def fit_crossfitted_heads(
         first = first or fit
         logger.info("fold %d of %d: %d images held out, best epoch %d", k + 1, config.head_folds, int(held.sum()), fit[1])
     model.head = average_heads(heads)
-    model.oof_logits_ = np.full(len(fit_split.y), np.nan)
+    model.oof_logits_ = np.full((len(fit_split.y), *oof_shape[1:]), np.nan)
     model.oof_logits_[pool] = oof
     model.oof_folds_ = config.head_folds
     return first
@@ -248,6 +272,8 @@ def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
 
 
 def head_logits(head: Head, features: np.ndarray) -> np.ndarray:
+    """The head's raw logits, float64: (n,) for one logit, (n, K) for K."""
     head.eval()
     with torch.no_grad():
-        return head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1).double().numpy()
+        out = head(torch.as_tensor(features, dtype=torch.float32))
+        return (out.squeeze(1) if out.shape[1] == 1 else out).double().numpy()

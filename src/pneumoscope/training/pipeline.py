@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from ..data import discovery as data_mod
-from ..errors import StateError
+from ..errors import StateError, UsageError
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.intervals import mean_sd
-from ..metrics.operating_point import OperatingPoint, fit_operating_point
+from ..metrics.multiclass import compute_multiclass_metrics, softmax
+from ..metrics.operating_point import OperatingPoint, fit_operating_point, fit_screening_point
 from ..models.checkpoint import RunFolder, describe, save_checkpoint
 from ..models.classifier import FeatureAdapter, MahalanobisGuard, create_model
 from ..models.features import FeatureResult, extract_features
@@ -47,13 +48,24 @@ def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data
         records = data_mod.split_by_patient(dataset.records, val_fraction=config.val_fraction, seed=config.seed)
     if config.limit:
         records = data_mod.limit_per_split(records, config.limit, seed=config.seed)
-    for label, name in enumerate(data_mod.CLASS_NAMES):
+    for label, name in enumerate(dataset.class_names):
         if not any(r.label == label and r.split == "train" for r in records):
             raise data_mod.DataError(
                 f"{dataset.source}: no {name} images to train on. Fix: put {name} images in a {name}/ folder "
-                "(under train/ for a Kaggle layout); training needs both classes."
+                "(under train/ for a Kaggle layout); training needs every class."
             )
     return records
+
+
+def normal_class(class_names: tuple[str, ...], config: TrainConfig) -> str:
+    """The class (as the data spells it) the screening decision of an N-class run is taken against."""
+    match = [c for c in class_names if c.lower() == config.normal_class.lower()]
+    if not match:
+        raise UsageError(
+            f"normal_class {config.normal_class!r} is not one of the classes {list(class_names)}: an N-class run ships a screening "
+            "decision (normal vs not) against it. Fix: --normal-class NAME, naming the normal class"
+        )
+    return match[0]
 
 
 def work_dir_for(out: str | os.PathLike) -> Path:
@@ -204,7 +216,14 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
 
 def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[data_mod.Dataset, dict]:
     """Load, split by patient, scan (content hashes) and check for leakage: (dataset, leakage report)."""
-    dataset = data_mod.load_dataset(data)
+    dataset = data_mod.load_dataset(data, classes=config.classes, labels=config.labels)
+    if len(dataset.class_names) > 2:
+        normal_class(dataset.class_names, config)  # refused before any work when it is not one of the classes
+        if config.finetune.epochs:
+            raise UsageError(
+                f"fine-tuning (stage 2) is built for two classes; this task has {len(dataset.class_names)}. Fix: train the head on "
+                "frozen features (--finetune-epochs 0)"
+            )
     records = prepare_records(dataset, config)
     dataset = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
     leakage = data_mod.check_leakage(dataset.records, display=dataset.display)
@@ -224,7 +243,12 @@ def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config
     """Create the model and extract (cached) features of the train and val images: (model, features, fit split, skipped images)."""
     torch.manual_seed(config.seed)  # the head's initial weights
     model = create_model(
-        config.backbone, pretrained=config.pretrained, weights=config.weights, hidden=config.hidden, dropout=config.dropout
+        config.backbone,
+        pretrained=config.pretrained,
+        weights=config.weights,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        class_names=dataset.class_names,
     )
     feats = _features(model, dataset, [r for r in dataset.records if r.split in ("train", "val")], config, progress=progress)
     problems = list(dataset.problems) + feats.problems
@@ -233,7 +257,8 @@ def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config
     tr, va = split == "train", split == "val"
     if not va.any() or len(np.unique(y[va])) < 2:
         raise data_mod.DataError(
-            f"{data}: the validation split has {int(va.sum())} images and needs both classes; use more data or a larger --val-fraction."
+            f"{data}: the validation split has {int(va.sum())} images and needs two classes or more; use more data or a larger "
+            "--val-fraction."
         )
     return model, feats, FitSplit(y, tr, va), problems
 
@@ -262,10 +287,31 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: FitSplit, confi
         val_logits = oof[va]
     else:
         val_logits = head_logits(model.head, feats.features[va])
-    point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
-    val_prob = point.probabilities(val_logits)
     val_groups = [r.patient_id for r, v in zip(feats.records, va, strict=True) if v]
-    val_metrics = compute_clinical_metrics(y[va], val_prob, point.threshold, groups=val_groups, seed=config.seed)
+    if model.n_outputs == 1:
+        point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
+        return point, _log_point(
+            point, compute_clinical_metrics(y[va], point.probabilities(val_logits), point.threshold, groups=val_groups, seed=config.seed)
+        )
+    normal = model.class_names.index(normal_class(model.class_names, config))
+    point = fit_screening_point(val_logits, y[va], normal, config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
+    screen = point.probabilities(val_logits)
+    val_metrics = compute_clinical_metrics((y[va] != normal).astype(int), screen, point.threshold, groups=val_groups, seed=config.seed)
+    probs = softmax(val_logits, point.temperature)
+    val_metrics["multiclass"] = compute_multiclass_metrics(
+        y[va], probs, model.class_names, groups=val_groups, n_boot=1000, seed=config.seed
+    )
+    logger.info(
+        "val: macro AUC %.4f, top-1 accuracy %.4f over %s",
+        val_metrics["multiclass"]["macro_auc"] or float("nan"),
+        val_metrics["multiclass"]["accuracy"],
+        ", ".join(model.class_names),
+    )
+    return point, _log_point(point, val_metrics)
+
+
+def _log_point(point: OperatingPoint, val_metrics: dict) -> dict:
+    """Say the operating point (the screening one, for N classes); return the metrics."""
     logger.info(
         "val: AUC %.4f, temperature %.3f, threshold %.4f (%s)",
         val_metrics["roc_auc"],
@@ -273,7 +319,7 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: FitSplit, confi
         point.threshold,
         point.description,
     )
-    return point, val_metrics
+    return val_metrics
 
 
 def _final_metrics(head_fit: tuple[list[dict], int], finetune_facts: dict, point: OperatingPoint, val_metrics: dict) -> dict[str, float]:
@@ -360,6 +406,7 @@ def _describe_run(
     point = trained.point
     return describe(
         model,
+        normal_class=normal_class(model.class_names, config) if model.n_outputs > 1 else None,
         threshold=point.threshold,
         threshold_policy=point.description,
         temperature=point.temperature,
@@ -372,6 +419,7 @@ def _describe_run(
             "n_train": int(fit_split.train.sum()),
             "n_val": int(fit_split.val.sum()),
             "seed": config.seed,
+            **({"labels": config.labels} if config.labels != "folders" else {}),
             "stage": stage,
             **({"finetune": finetune_facts} if finetune_facts else {}),
             **({"mlflow": trained.tracked} if trained.tracked else {}),
@@ -412,7 +460,7 @@ def _write_splits(run: RunFolder, dataset: data_mod.Dataset, feats: FeatureResul
             [
                 dataset.display(r),
                 r.split,
-                data_mod.CLASS_NAMES[r.label],
+                dataset.class_names[r.label],
                 r.patient_id,
                 r.pneumonia_type,
                 r.content_hash,
@@ -482,11 +530,12 @@ class _Rows:
 def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path: Path, *, seed: int, n: int = 8) -> None:
     rng = np.random.default_rng(seed)
     picks = []
-    for label in (0, 1):
+    k = len(dataset.class_names)
+    for label in range(k):  # n images a class for two classes (as always), 4 a class beyond
         rows = [r for r in records if r.label == label and r.split == "train"]
-        picks += [rows[i] for i in rng.permutation(len(rows))[: n // 2]]
+        picks += [rows[i] for i in rng.permutation(len(rows))[: n // 2 if k == 2 else 4]]
     images = [dataset.reader.read_image(r.ref, draft_size=256) for r in picks]
-    plot_image_grid(images, [f"{data_mod.CLASS_NAMES[r.label]}\n{r.patient_id}" for r in picks], path)
+    plot_image_grid(images, [f"{dataset.class_names[r.label]}\n{r.patient_id}" for r in picks], path)
 
 
 def train_seeds(
