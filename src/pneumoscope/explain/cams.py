@@ -76,10 +76,6 @@ def views_and_cams(
     return [predictor.preprocessing_view(im) for im in images], cams, classes
 
 
-def compute_gradcam(model, x: torch.Tensor, target_class) -> np.ndarray:
-    return compute_cam(model, x, target_class, "gradcam")
-
-
 class ProbabilityTarget:
     """Probability of the explained class from the one-logit output."""
 

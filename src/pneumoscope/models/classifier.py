@@ -234,10 +234,6 @@ class PneumoniaClassifier(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.backbone.get_submodule(self.spec.cam_layer)
 
-    def backbone_fingerprint(self) -> str:
-        """sha256 of the backbone's weights: keys the feature cache."""
-        return weights_fingerprint(self.backbone_name, self.backbone)
-
     def feature_parts(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of each backbone whose pooled features make up the head's input, in
         order: one, or an ensemble's members (so each member's features are cached as its own)."""
