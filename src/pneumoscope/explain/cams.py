@@ -30,6 +30,7 @@ GRADIENT_FREE = {"eigencam"}
 
 
 def check_method(method: str) -> None:
+    """Refuse a CAM method that is not in ``CAM_METHODS``."""
     if method not in CAM_METHODS:
         raise UsageError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
 

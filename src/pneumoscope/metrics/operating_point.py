@@ -68,6 +68,7 @@ class OperatingPoint:
         return describe_policy(self.policy, self.target, self.fitted_on)
 
     def probabilities(self, logits) -> np.ndarray:
+        """Calibrated probabilities of ``logits`` at this temperature."""
         return calibrated_probability(logits, self.temperature)
 
 

@@ -243,6 +243,7 @@ def fit_crossfitted_heads(
 
 
 def head_logits(head: Head, features: np.ndarray) -> np.ndarray:
+    """The head's logits (N,) of pooled features, in eval mode and without gradients."""
     head.eval()
     with torch.no_grad():
         return head(torch.as_tensor(features, dtype=torch.float32)).squeeze(1).double().numpy()
