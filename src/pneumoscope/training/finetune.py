@@ -178,9 +178,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """The checkpoint at ``path``, loaded safely (:func:`load_resume_state`)."""
         return load_resume_state(path)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        """Write the checkpoint atomically: a temporary file beside ``path``, renamed into place."""
         with atomic_file(path) as tmp:
             torch.save(checkpoint, tmp)
 
