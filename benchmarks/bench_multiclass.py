@@ -66,8 +66,13 @@ def main() -> None:
             out[f"{name}_screening_auc"] = m["roc_auc"]
             if name == "three":
                 mc = m["multiclass"]
-                out |= {"macro_auc": mc["macro_auc"], "micro_auc": mc["micro_auc"], "top1_accuracy": mc["accuracy"],
-                        "per_class_auc": {c: v["roc_auc"] for c, v in mc["per_class"].items()}, "n_test": mc["n"]}
+                out |= {
+                    "macro_auc": mc["macro_auc"],
+                    "micro_auc": mc["micro_auc"],
+                    "top1_accuracy": mc["accuracy"],
+                    "per_class_auc": {c: v["roc_auc"] for c, v in mc["per_class"].items()},
+                    "n_test": mc["n"],
+                }
                 out["bacteria_vs_virus"] = bacteria_vs_virus(eval_dir)
         out["screening_gap"] = out["three_screening_auc"] - out["two_screening_auc"]
         seeds.append(out)

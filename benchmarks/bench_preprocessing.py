@@ -24,10 +24,10 @@ import torch
 
 from pneumoscope.data import discovery as D
 from pneumoscope.data.decode import resize_image
-from pneumoscope.metrics.classification import compute_binary_metrics, compute_roc_auc, compute_youden_threshold
+from pneumoscope.metrics.classification import calibrated_probability, compute_binary_metrics, compute_roc_auc, compute_youden_threshold
 from pneumoscope.models.classifier import Head, create_model
 from pneumoscope.runtime import tune_cpu_allocator
-from pneumoscope.training.head import fit_head, predict_head
+from pneumoscope.training.head import fit_head, head_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def main() -> None:
         torch.manual_seed(0)
         head = Head(f.shape[1])
         fit_head(head, f[tr], y[tr], f[va], y[va], seed=0, progress=False)
-        pv, pt = (predict_head(head, f[m]) for m in (va, te))
+        pv, pt = (calibrated_probability(head_logits(head, f[m])) for m in (va, te))
         th = compute_youden_threshold(y[va], pv)
         m = compute_binary_metrics(y[te], pt, th)
         print(

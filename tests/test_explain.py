@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.explain.cams import compute_gradcam
+from pneumoscope.explain.cams import compute_cam
 from pneumoscope.models.classifier import create_model
 
 
@@ -36,7 +36,7 @@ def model():
 @pytest.mark.parametrize("target,sign", [(1, 1.0), (0, -1.0)])
 def test_gradcam_matches_a_hand_computation_for_our_head(model, target, sign):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    ours = compute_gradcam(model, x, target)
+    ours = compute_cam(model, x, target, method="gradcam")
     ref = _manual_gradcam(model, x, sign)
     assert ours.shape == (2, 224, 224) and np.isfinite(ours).all()
     assert ours.min() >= 0 and ours.max() <= 1
@@ -47,7 +47,7 @@ def test_gradcam_matches_a_hand_computation_for_our_head(model, target, sign):
 
 def test_normal_and_pneumonia_targets_explain_different_things(model):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    pos, neg = compute_gradcam(model, x, 1)[0], compute_gradcam(model, x, 0)[0]
+    pos, neg = compute_cam(model, x, 1, method="gradcam")[0], compute_cam(model, x, 0, method="gradcam")[0]
     # the NORMAL target is the negated logit: its pre-ReLU map is the negative of PNEUMONIA's,
     # so where one map is strong the other is (up to upsampling blur) zero
     assert pos.max() > 0 or neg.max() > 0
@@ -57,18 +57,18 @@ def test_normal_and_pneumonia_targets_explain_different_things(model):
 def test_hooks_are_released(model):
     layer = model.cam_layer()
     before = (len(layer._forward_hooks), len(layer._backward_hooks), len(layer._forward_pre_hooks))
-    compute_gradcam(model, torch.randn(1, 3, 224, 224), 1)
+    compute_cam(model, torch.randn(1, 3, 224, 224), 1, method="gradcam")
     assert (len(layer._forward_hooks), len(layer._backward_hooks), len(layer._forward_pre_hooks)) == before
 
 
 def test_bad_target_is_refused(model):
     with pytest.raises(ValueError, match="target_class"):
-        compute_gradcam(model, torch.randn(1, 3, 224, 224), 2)
+        compute_cam(model, torch.randn(1, 3, 224, 224), 2, method="gradcam")
 
 
 # --------------------------------------------------------------------------- issue 5: methods and checks
 
-from pneumoscope.explain.cams import CAM_METHODS, compute_cam, views_and_cams  # noqa: E402
+from pneumoscope.explain.cams import CAM_METHODS, views_and_cams  # noqa: E402
 from pneumoscope.explain.checks import (  # noqa: E402
     MIN_FAITHFULNESS_IMAGES,
     border_mask,

@@ -360,7 +360,7 @@ def test_fit_operating_point_gives_exactly_what_train_and_calibrate_computed_bef
     point = fit_operating_point(z, y, policy, target, fitted_on="validation data (the patient-level validation split)")
     assert (point.temperature, point.threshold) == (temperature, threshold)
     assert np.array_equal(point.probabilities(z), prob)
-    assert np.array_equal(point.decide(prob), (prob >= threshold).astype(int))
+    assert np.array_equal(decide(prob, point.threshold), (prob >= threshold).astype(int))
     # the checkpoint's policy text, as train wrote it and as calibrate wrote it by editing train's text
     assert point.description == f"{describe_policy(policy, target)} (the patient-level validation split)"
     site = fit_operating_point(z, y, policy, target, fitted_on="a local calibration sample (data/site)")

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from pneumoscope.metrics.classification import calibrated_probability
 from pneumoscope.models.classifier import Head
-from pneumoscope.training.head import class_weights, fit_head, predict_head
+from pneumoscope.training.head import class_weights, fit_head, head_logits
 
 
 def _blobs(rng, n, shift):
@@ -22,7 +23,7 @@ def test_head_learns_separable_features_and_restores_best_epoch():
     assert len(history) < 200  # early stopping fired
     assert best == min(history, key=lambda h: h["val_loss"])["epoch"]
     assert len(history) == best + 5
-    prob = predict_head(head, xv)
+    prob = calibrated_probability(head_logits(head, xv))
     with torch.no_grad():
         loss = torch.nn.functional.binary_cross_entropy(
             torch.as_tensor(prob, dtype=torch.float32), torch.as_tensor(yv, dtype=torch.float32)

@@ -145,6 +145,7 @@ def npy_bytes(arr) -> bytes:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically (numpy values and paths converted)."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
 
 
@@ -223,6 +224,7 @@ def remove_orphans(path: str | os.PathLike) -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (this process, or one that exists, someone else's included)."""
     if pid == os.getpid():
         return True
     try:
@@ -263,6 +265,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
 
 
 def write_csv(path: str | os.PathLike, header: list[str], rows) -> None:
+    """Write a header and rows as CSV, atomically."""
     import csv
     import io
 

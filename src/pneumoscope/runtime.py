@@ -21,8 +21,8 @@ def tune_cpu_allocator() -> bool:
 
     PyTorch's CPU inference allocates and frees tens of MB per layer; glibc
     serves each with a fresh mmap and returns it on free, so every batch
-    page-faults its activations in again. On 2 cores that tripled the time of
-    EfficientNet-Lite0 feature extraction (36 -> 111 images/s measured, see
+    page-faults its activations in again. On a small machine that made
+    EfficientNet-Lite0 feature extraction several times slower (see
     BENCHMARKS.md). Serving them from the heap, and not trimming it below 1 GiB,
     removes the faults. Returns whether the setting was applied.
     """
@@ -182,7 +182,7 @@ def die_with_parent(*_) -> None:
     """Make this (child) process receive SIGKILL when its parent dies, however the parent dies.
 
     A DataLoader worker otherwise outlives a parent killed with SIGKILL: blocked writing to a
-    queue nobody reads, it holds its memory (about 660 MB each for ``predict``) until killed by
+    queue nobody reads, it holds its memory (hundreds of MB each for ``predict``) until killed by
     hand. Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere PyTorch's own watchdog remains.
     Takes and ignores the worker id, so it can be a DataLoader's ``worker_init_fn``.
     """

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SiteFeatures:
+    """A site's unlabelled images: the dataset, the records that decoded, their pooled features and the skipped files."""
+
     dataset: data_mod.Dataset
     records: list[data_mod.Record]
     features: np.ndarray  # (N, C) raw pooled backbone features
@@ -86,8 +88,8 @@ def adapt_run(
 
     ``center``: the site's pooled features are shifted so that their mean is the training
     split's, per feature (the head, the OOD guard and the threshold then see site images
-    as they saw training ones); ``standardize`` also maps each feature's sd (measured:
-    sds from ~150 images cost about 0.01 AUC, means alone do not). ``+prior`` then moves
+    as they saw training ones); ``standardize`` also maps each feature's sd (sds estimated
+    from a small site sample cost some AUC, means alone do not; BENCHMARKS.md). ``+prior`` then moves
     the probabilities to the site's estimated prevalence (a Gaussian mixture on the
     adapted logits), folded into the head's bias; the threshold moves with them, so the
     decisions stay those of the validation threshold.

@@ -13,9 +13,9 @@ Pure numpy/scikit-learn on pooled backbone features; computes, never draws.
   classify-and-count estimate ``(q - fpr) / (tpr - fpr)``. Saerens et al.'s EM (2002)
   is reported beside it. Both assume that only the prevalence changed; on the official
   test images the model is also over-confident on the site's normals, and both
-  over-estimate (0.74 against 0.625, BENCHMARKS.md). A two-component Gaussian mixture
-  fitted to the site's own logits does not lean on validation rates and came closer
-  (0.55): it is the estimate ``adapt`` uses.
+  over-estimate (BENCHMARKS.md). A two-component Gaussian mixture fitted to the
+  site's own logits does not lean on validation rates and came closer: it is the
+  estimate ``adapt`` uses.
 """
 
 from __future__ import annotations

@@ -125,6 +125,7 @@ def _config(args):
 
 
 def cmd_inspect(args) -> int:
+    """``pneumoscope data inspect``: print the dataset's summary (or its JSON); exit status 1 when files were unreadable."""
     from ..data.discovery import load_dataset, scan, split_by_patient, summarize
 
     dataset = load_dataset(args.data)
@@ -140,6 +141,7 @@ def cmd_inspect(args) -> int:
 
 
 def format_summary(s: dict) -> str:
+    """The summary of ``data inspect`` as lines of text: splits, patients, leakage, duplicates, unreadable files."""
     lines = [f"{s['source']} ({s['layout']} layout), {s['images']} readable images"]
     lines.append(f"{'split':<6} {'images':>7} {'NORMAL':>7} {'PNEUM.':>7} {'%pneu':>6} {'patients':>9} {'max/pt':>7}  types")
     for name, sp in s["splits"].items():
@@ -172,6 +174,7 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_train(args) -> int:
+    """``pneumoscope train`` (one run, or one per ``--seeds``): print where the runs went."""
     from ..training.pipeline import train_run
 
     if args.seeds:
@@ -202,6 +205,7 @@ def _skipped_in_run(run: Path) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """``pneumoscope evaluate``: print the metrics and where the report is."""
     from ..evaluation.evaluate import evaluate_run
 
     out, result = evaluate_run(
@@ -261,6 +265,7 @@ def format_multiclass(mc: dict) -> list[str]:
 
 
 def cmd_export(args) -> int:
+    """``pneumoscope export``: print the ONNX file written and its parity with PyTorch."""
     from ..data.decode import read_image
     from ..errors import UsageError
     from ..inference.export import export_onnx
@@ -278,6 +283,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    """``pneumoscope serve``: serve the run until interrupted."""
     from ..serving.app import serve
 
     serve(args.run, host=args.host, port=args.port, allow_hosts=tuple(args.allow_host))
@@ -285,6 +291,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    """``pneumoscope calibrate``: print the new temperature and threshold and where the new run is."""
     from ..adaptation.calibrate import calibrate_run
 
     policy, target = _policy(args)
@@ -309,6 +316,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_shift(args) -> int:
+    """``pneumoscope shift``: print how a site's images differ from the training split (or the report as JSON)."""
     from ..adaptation.adapt import shift_report
     from ..outputs import write_json
 
@@ -332,6 +340,7 @@ def cmd_shift(args) -> int:
 
 
 def cmd_adapt(args) -> int:
+    """``pneumoscope adapt``: print the shift before and after adaptation and where the new run is."""
     from ..adaptation.adapt import adapt_run
 
     out, desc = adapt_run(
@@ -354,6 +363,7 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_pack(args) -> int:
+    """``pneumoscope pack``: print how many images went into the .zip and its size."""
     from ..data.pack import pack_dataset
 
     summary = pack_dataset(args.data, args.out, size=args.size, quality=args.quality, overwrite=args.overwrite)
@@ -365,6 +375,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    """``pneumoscope compare``: print the paired DeLong and McNemar comparison of two evaluations."""
     from ..evaluation.compare import compare_evaluations
     from ..outputs import write_json
 
@@ -385,6 +396,7 @@ def _fmt(v) -> str:
 
 
 def cmd_explain(args) -> int:
+    """``pneumoscope explain``: write the overlays and print the checks' summary."""
     from ..explain.command import explain_images
     from ..inference.predictor import Predictor
     from ..outputs import check_output_dir
@@ -418,6 +430,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    """``pneumoscope predict``: rows of predictions to stdout or ``--out``; exit status 1 when some inputs failed."""
     from ..errors import UsageError
     from ..inference.predictor import Predictor
     from ..inference.stream import distributed_world, expand_items, predict_distributed, predict_to, read_list, require_out_format
@@ -811,6 +824,7 @@ def _add_demo_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     from ..runtime import configure_cpu_threads, configure_logging, die_with_parent, is_launched_rank, progress_wanted, tune_cpu_allocator
 
     parser = build_parser()

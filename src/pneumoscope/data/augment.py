@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Stage 2's random augmentation: ranges of rotation, scale, translation, brightness, contrast and gamma."""
+
     rotation_deg: float = 7.0
     scale: tuple[float, float] = (0.9, 1.1)
     translate: float = 0.05
@@ -43,6 +45,7 @@ class AugmentConfig:
                 )
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (recorded in the run's description)."""
         return asdict(self)
 
 

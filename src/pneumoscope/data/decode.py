@@ -235,6 +235,7 @@ def _check_member(info: zipfile.ZipInfo, name: str) -> None:
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like an image this package reads (an image suffix, not a hidden file)."""
     name = os.path.basename(str(path))
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 

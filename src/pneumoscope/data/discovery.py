@@ -49,6 +49,8 @@ class DataError(PneumoscopeError, ValueError):
 
 @dataclass(frozen=True)
 class Record:
+    """One labelled image of a dataset: where its reader finds it, its label, split, patient and content hash."""
+
     ref: str  # where the reader finds it: relative path, zip member, or "split/index" in an npz
     label: int  # index into the dataset's class_names (0 NORMAL, 1 PNEUMONIA for the default task)
     split: str  # train / val / test, or "all" for a folder of class subfolders
@@ -61,6 +63,8 @@ class Record:
 
 @dataclass(frozen=True)
 class PatientId:
+    """What a file name says of its patient: the id, the pneumonia type, and whether a pattern matched."""
+
     patient_id: str
     pneumonia_type: str
     from_name: bool
@@ -88,22 +92,29 @@ def parse_patient_id(filename: str, label: int) -> PatientId:
 
 
 class DirReader:
+    """Reads the images of a folder by relative path."""
+
     kind = "folder"
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
     def display(self, ref: str) -> str:
+        """The image's path, for messages and outputs."""
         return str(self.root / ref)
 
     def read_bytes(self, ref: str) -> bytes:
+        """The file's bytes."""
         return read_file(self.root / ref)  # regular files only, with a bound: a FIFO or /dev/zero named like an image is refused
 
     def read_image(self, ref: str, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
+        """The decoded image (H, W) in [0, 1]."""
         return read_image(self.display(ref), data, draft_size=draft_size)
 
 
 class ZipReader:
+    """Reads the images of a .zip archive by member name (the archive opened once per process)."""
+
     kind = "zip"
 
     def __init__(self, path: Path):
@@ -121,9 +132,11 @@ class ZipReader:
         return self._zip
 
     def names(self) -> list[str]:
+        """The archive's file members."""
         return [i.filename for i in self._archive().infolist() if not i.is_dir()]
 
     def display(self, ref: str) -> str:
+        """``ARCHIVE.zip::MEMBER``, for messages and outputs."""
         return f"{self.path}::{ref}"
 
     def read_bytes(self, ref: str) -> bytes:
@@ -131,12 +144,15 @@ class ZipReader:
         return read_zip_member(self._archive(), ref, self.display(ref))
 
     def read_image(self, ref: str, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
+        """The decoded member (H, W) in [0, 1]; ``data``: its bytes, when already read."""
         if data is None:
             data = self.read_bytes(ref)
         return read_image(self.display(ref), data, draft_size=draft_size)
 
 
 class NpzReader:
+    """Reads the images of a MedMNIST .npz by ``split/index``."""
+
     kind = "npz"
 
     def __init__(self, path: Path):
@@ -147,6 +163,7 @@ class NpzReader:
         return {"path": self.path, "_arrays": {}}
 
     def images(self, split: str) -> np.ndarray:
+        """The image array of ``split``, loaded once."""
         if split not in self._arrays:
             with np.load(self.path, allow_pickle=False) as npz:
                 self._arrays[split] = npz[f"{split}_images"]
@@ -157,9 +174,11 @@ class NpzReader:
         return self.images(split)[int(index)]
 
     def display(self, ref: str) -> str:
+        """``FILE.npz::split/index``, for messages and outputs."""
         return f"{self.path}::{ref}"
 
     def read_bytes(self, ref: str) -> bytes:
+        """The image's raw array bytes (what its content hash is taken of)."""
         return np.ascontiguousarray(self._locate(ref)).tobytes()
 
     def read_image(self, ref: str, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
@@ -176,6 +195,8 @@ Reader = DirReader | ZipReader | NpzReader
 
 @dataclass
 class Dataset:
+    """A labelled dataset: its source, layout, reader, records, and the files skipped or ignored."""
+
     source: Path
     layout: str  # "kaggle", "class-folders" or "npz"
     reader: Reader
@@ -195,6 +216,7 @@ class Dataset:
 
     @property
     def has_patient_ids(self) -> bool:
+        """Whether the records carry patient ids (an npz does not)."""
         return self.layout != "npz"
 
 

@@ -25,6 +25,7 @@ class DownloadError(PneumoscopeError, ConnectionError):
 
 
 def md5sum(path: str | os.PathLike) -> str:
+    """The MD5 hex digest of the file at ``path``, read in 1 MiB chunks."""
     h = hashlib.md5()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -32,6 +32,8 @@ CACHE_VERSION = 1
 
 @dataclass
 class ImageArray:
+    """Stage 2's decoded images: a memory-mapped uint8 array, the records that decoded, and why the others did not."""
+
     images: np.ndarray  # (N, S, S) uint8, memory-mapped
     records: list[Record]  # the rows that decoded, in input order
     problems: list[tuple[str, str]]  # (path, reason and fix) of the rows that did not

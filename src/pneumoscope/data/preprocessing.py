@@ -73,8 +73,10 @@ class Preprocessing:
         return (np.broadcast_to(x, (self.in_chans, *x.shape[1:])) - mean) / std  # (C, S, S)
 
     def to_dict(self) -> dict:
+        """The contract as a plain dict (as the checkpoint stores it)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        """The contract from :meth:`to_dict`'s dict (an older one without ``resize`` squashes)."""
         return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), int(d["in_chans"]), d.get("resize", "bilinear-squash"))

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationResult:
+    """An evaluation: the images scored, their labels and probabilities, the metrics, and what was skipped or left out."""
+
     records: list[data_mod.Record]
     paths: list[str]
     y_true: np.ndarray

@@ -30,6 +30,7 @@ GRADIENT_FREE = {"eigencam"}
 
 
 def check_method(method: str) -> None:
+    """Refuse a CAM method that is not in ``CAM_METHODS``."""
     if method not in CAM_METHODS:
         raise UsageError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
 
@@ -86,10 +87,6 @@ def views_and_cams(
     classes = target_classes(predictor, probs, target, class_probs)
     cams = compute_cam(predictor.model, torch.cat([predictor.preprocess(im) for im in images]), classes, method)
     return [predictor.preprocessing_view(im) for im in images], cams, classes
-
-
-def compute_gradcam(model, x: torch.Tensor, target_class) -> np.ndarray:
-    return compute_cam(model, x, target_class, "gradcam")
 
 
 class ProbabilityTarget:

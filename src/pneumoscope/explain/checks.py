@@ -104,6 +104,7 @@ def spearman(a: np.ndarray, b: np.ndarray, size: int = 56) -> float:
 
 
 def central_mask(shape: tuple[int, int]) -> np.ndarray:
+    """A boolean (H, W) mask of the central box (``CENTRAL_BOX``): lungs and heart."""
     h, w = shape
     r0, r1, c0, c1 = CENTRAL_BOX
     mask = np.zeros(shape, bool)
@@ -112,6 +113,7 @@ def central_mask(shape: tuple[int, int]) -> np.ndarray:
 
 
 def border_mask(shape: tuple[int, int], fraction: float = BORDER_FRACTION) -> np.ndarray:
+    """A boolean (H, W) mask of the border band, ``fraction`` of each side."""
     h, w = shape
     bh, bw = max(1, int(fraction * h)), max(1, int(fraction * w))
     mask = np.ones(shape, bool)
@@ -127,6 +129,7 @@ def mask_region(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def cam_mass_outside_centre(cam: np.ndarray) -> float:
+    """The share of the CAM's mass outside the central box (NaN for an empty map)."""
     total = float(cam.sum())
     return float(cam[~central_mask(cam.shape)].sum() / total) if total > 0 else float("nan")
 

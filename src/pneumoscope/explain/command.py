@@ -26,6 +26,8 @@ MAX_STEM = 50  # characters of an input name kept in output names: 4-byte UTF-8 
 
 @dataclass(frozen=True)
 class Explanation:
+    """One explained image: its path, probability, decided label, the class explained and the overlay's file name."""
+
     path: str
     prob: float
     label: str

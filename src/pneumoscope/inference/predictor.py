@@ -209,6 +209,8 @@ def require_decoded(image) -> np.ndarray:
 
 
 class TorchBackend:
+    """Runs the PyTorch model: preprocessed batches -> logits and OOD distances."""
+
     name = "pytorch"
 
     def __init__(self, model):
@@ -222,6 +224,8 @@ class TorchBackend:
 
 
 class OnnxBackend:
+    """Runs an exported .onnx file in ONNX Runtime: preprocessed batches -> logits and OOD distances."""
+
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
@@ -243,6 +247,7 @@ class OnnxBackend:
         self.description = description_from_json(meta["pneumoscope"], path)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (B,), OOD distances (B,) or None) of a preprocessed batch (B, C, S, S)."""
         out = dict(zip(self.outputs, self.session.run(None, {"image": x}), strict=True))
         return out["logit"].astype(np.float64), out["ood_distance"].astype(np.float64) if "ood_distance" in out else None
 
@@ -256,22 +261,27 @@ class Predictor:
 
     @property
     def threshold(self) -> float:
+        """The decision threshold on the calibrated probability."""
         return self.description.threshold
 
     @property
     def temperature(self) -> float:
+        """The temperature that calibrates the logits."""
         return self.description.temperature
 
     @property
     def preprocessing(self) -> Preprocessing:
+        """The preprocessing contract the model was trained with."""
         return self.description.preprocessing
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """The class names, in the order of the model's outputs."""
         return self.description.class_names
 
     @property
     def ood_cutoff(self) -> float | None:
+        """The OOD guard's cut-off distance, or None without a guard."""
         return self.description.ood_cutoff
 
     @property
@@ -293,11 +303,13 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> Predictor:
+        """A PyTorch predictor from a run folder or its checkpoint."""
         model, description = load_checkpoint(path)
         return cls(TorchBackend(model), description)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> Predictor:
+        """An ONNX Runtime predictor from an exported .onnx file."""
         backend = OnnxBackend(path, threads)
         return cls(backend, backend.description)
 
@@ -324,6 +336,7 @@ class Predictor:
         return self.preprocessing.resize_image(require_decoded(image))
 
     def read(self, path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
+        """The image at ``path`` (or ``data``, its bytes) decoded (H, W) in [0, 1], drafted near the input size."""
         return read_image(path, data, draft_size=self.preprocessing.input_size)
 
     def read_input(self, x, name: str = "input") -> np.ndarray:
@@ -388,6 +401,7 @@ class Predictor:
         return decide(p, self.threshold)
 
     def label_of(self, prob: float) -> str:
+        """The class name decided for one probability (two classes)."""
         return self.class_names[int(self.decide(prob))]
 
     def run(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -423,6 +437,7 @@ class Predictor:
         return np.concatenate(logits), (None if dists[0] is None else np.concatenate(dists))
 
     def predict_proba(self, images: list[np.ndarray], *, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+        """The calibrated probabilities (:meth:`probability`) of decoded (H, W) images."""
         return self.run(images, batch_size=batch_size, tta=tta)[0]
 
     def predict_images(self, images: list[np.ndarray], names: list[str], *, batch_size: int = 32, tta: bool = False) -> list[Prediction]:

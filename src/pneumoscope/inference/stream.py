@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 class Item(NamedTuple):
+    """One input of ``predict``: the row's name, the file to open, the zip member, or why it cannot be predicted."""
+
     name: str  # the row's path: a file, or ARCHIVE.zip::MEMBER
     source: str  # the file to open (the archive, for a member)
     member: str | None = None  # the zip member, else None
@@ -180,6 +182,8 @@ def predict_stream(
 
 
 class Record(NamedTuple):
+    """A row already in an output, as ``--resume`` reads it back."""
+
     end: int  # byte offset just after it
     raw: bytes  # as written
     path: str
@@ -197,9 +201,11 @@ class CsvFormat:
         self.fields = tuple(fields)
 
     def head(self) -> str:
+        """The header line."""
         return ",".join(self.fields) + "\r\n"
 
     def encode(self, rows: list[dict]) -> str:
+        """Rows as CSV lines (probabilities with 6 decimals)."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.fields)
         probs = [f for f in self.fields if f == "prob" or f.startswith("prob_")]
@@ -207,6 +213,7 @@ class CsvFormat:
         return buf.getvalue()
 
     def tail(self) -> str:
+        """Nothing: a CSV needs no ending."""
         return ""
 
     def records(self, fh) -> Iterator[Record]:
@@ -251,17 +258,21 @@ class JsonlFormat:
         self.fields = tuple(fields)
 
     def head(self) -> str:
+        """Nothing: JSON Lines need no header."""
         return ""
 
     def encode(self, rows: list[dict]) -> str:
         # every key of fields, in order (an unreadable image of an N-class model has no class probabilities: null);
         # a NaN is never written as if it were a number
+        """Rows as JSON lines (NaN refused)."""
         return "".join(json.dumps({f: r.get(f) for f in self.fields}, allow_nan=False) + "\n" for r in rows)
 
     def tail(self) -> str:
+        """Nothing: JSON Lines need no ending."""
         return ""
 
     def records(self, fh) -> Iterator[Record]:
+        """The whole rows of an output; stops at a row cut short (no final newline) or not one of predict's."""
         end = 0
         for line in fh:
             try:
@@ -284,15 +295,18 @@ class JsonArrayFormat(JsonlFormat):
         self.first = True
 
     def head(self) -> str:
+        """The list's opening bracket."""
         return "["
 
     def encode(self, rows: list[dict]) -> str:
+        """Rows as list items, comma-separated across batches."""
         rows = [{f: r.get(f) for f in self.fields} for r in rows]
         out = "".join(("\n  " if self.first and k == 0 else ",\n  ") + json.dumps(r, allow_nan=False) for k, r in enumerate(rows))
         self.first = self.first and not rows
         return out
 
     def tail(self) -> str:
+        """The list's closing bracket."""
         return "\n]\n"
 
 
@@ -313,9 +327,11 @@ class ParquetSink:
         self.writer = pq.ParquetWriter(str(path), self.schema)
 
     def write(self, rows: list[dict]) -> None:
+        """Append rows as a row group."""
         self.writer.write_table(self.pa.Table.from_pylist(rows, schema=self.schema))
 
     def close(self) -> None:
+        """Close the file (its footer written)."""
         self.writer.close()
 
 
@@ -338,9 +354,11 @@ class TextSink:
                 raise naming_path(err, self.path) from err
 
     def write(self, rows: list[dict]) -> None:
+        """Append rows in the sink's format."""
         self._put(self.fmt.encode(rows))
 
     def close(self) -> None:
+        """Write the format's ending."""
         self._put(self.fmt.tail())
 
 
@@ -368,6 +386,8 @@ def require_out_format(out: Path, *, resume: bool = False, suffix: str | None = 
 
 @dataclass
 class Summary:
+    """What a ``predict`` wrote: rows in the output, rows with an error, rows kept from an earlier run."""
+
     rows: int  # rows in the output
     failed: int  # of them, rows with an error
     resumed: int  # rows found from an earlier run and not predicted again
@@ -499,6 +519,7 @@ def distributed_world() -> tuple[int, int] | None:
 
 
 def shard_path(out: Path, rank: int) -> Path:
+    """The partial output of ``rank`` beside ``out``."""
     return out.with_name(f"{out.name}.rank-{rank}.partial")
 
 

@@ -11,6 +11,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # what fit_temperature may fit; outside it eve
 
 
 def compute_brier(y_true, y_prob) -> float:
+    """The Brier score: mean squared difference between probability and label."""
     y_true, y_prob = check_binary(y_true, y_prob)
     return float(np.mean((y_prob - y_true) ** 2))
 

@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def check_binary(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
+    """``y_true`` as ints and ``y_prob`` as floats, both flat; a ValueError for different lengths or labels other than 0 and 1."""
     y_true = np.asarray(y_true).astype(int).reshape(-1)
     y_prob = np.asarray(y_prob, dtype=float).reshape(-1)
     if y_true.shape != y_prob.shape:
@@ -17,6 +18,7 @@ def check_binary(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compute_confusion(y_true, y_pred) -> dict[str, int]:
+    """Counts of true/false negatives and positives: {'tn', 'fp', 'fn', 'tp'}."""
     y_true = np.asarray(y_true).astype(int)
     y_pred = np.asarray(y_pred).astype(int)
     return {
@@ -28,6 +30,7 @@ def compute_confusion(y_true, y_pred) -> dict[str, int]:
 
 
 def ratio(a: int, b: int) -> float | None:
+    """``a / b``, or None when ``b`` is 0."""
     return a / b if b else None
 
 
@@ -90,6 +93,7 @@ def compute_binary_metrics(y_true, y_prob, threshold: float) -> dict:
 
 
 def compute_roc_auc(y_true, y_prob) -> float | None:
+    """ROC-AUC, or None when only one class is present."""
     y_true, y_prob = check_binary(y_true, y_prob)
     if len(np.unique(y_true)) < 2:
         return None
@@ -142,6 +146,7 @@ def compute_smoothed_youden_threshold(y_true, y_prob) -> float:
 
 
 def compute_roc_curve(y_true, y_prob) -> dict[str, np.ndarray]:
+    """The ROC curve: {'fpr', 'tpr', 'thresholds'} (scikit-learn's)."""
     y_true, y_prob = check_binary(y_true, y_prob)
     fpr, tpr, thr = roc_curve(y_true, y_prob)
     return {"fpr": fpr, "tpr": tpr, "thresholds": thr}

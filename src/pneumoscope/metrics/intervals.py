@@ -28,6 +28,7 @@ def compute_wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[fl
 
 
 def compute_pr_auc(y_true, y_prob) -> float | None:
+    """Average precision (the PR-AUC), or None when only one class is present."""
     from sklearn.metrics import average_precision_score
 
     y_true, y_prob = check_binary(y_true, y_prob)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .calibration import fit_temperature
-from .classification import calibrated_probability, check_binary, compute_smoothed_youden_threshold, compute_youden_threshold, decide
+from .classification import calibrated_probability, check_binary, compute_smoothed_youden_threshold, compute_youden_threshold
 from .multiclass import fit_temperature_multiclass, softmax
 
 THRESHOLD_POLICIES = ("youden", "youden-smooth", "sensitivity", "specificity")
@@ -74,9 +74,6 @@ class OperatingPoint:
         if self.normal_index is None:
             return calibrated_probability(logits, self.temperature)
         return 1.0 - softmax(logits, self.temperature)[:, self.normal_index]
-
-    def decide(self, y_prob) -> np.ndarray:
-        return decide(y_prob, self.threshold)
 
 
 def fit_operating_point(logits, y_true, policy: str = "youden", target: float | None = None, *, fitted_on: str) -> OperatingPoint:

@@ -21,6 +21,8 @@ from ..errors import MissingFileError, StateError, UsageError
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """A registered backbone: its timm name, preprocessing, CAM layer, top layers and offline weight loader."""
+
     timm_name: str
     preprocessing: Preprocessing
     cam_layer: str  # dotted path inside the timm model: its last convolutional stage
@@ -129,6 +131,7 @@ UNFREEZE = ("top", "all")  # what stage 2 trains: the registry's top layers, or 
 
 
 def get_spec(name: str) -> BackboneSpec:
+    """The registered backbone ``name``, or a UsageError naming the choices."""
     try:
         return BACKBONES[name]
     except KeyError:

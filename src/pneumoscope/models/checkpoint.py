@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a run depends on, as recorded in its description."""
     out = {"python": platform.python_version()}
     for name in ("pneumoscope", "torch", "timm", "numpy", "scikit-learn", "grad-cam", "safetensors"):
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -101,6 +102,7 @@ def _header(path: Path) -> dict:
 
 
 def read_description(path: str | os.PathLike) -> RunDescription:
+    """The checked description of a checkpoint (or run folder), without loading its weights."""
     path = resolve_checkpoint(path)
     return description_from_json(_header(path)["pneumoscope"], path)
 
@@ -132,6 +134,7 @@ def verify_weights(path: Path, blob: bytes, meta: dict) -> None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file of ``path`` (a run folder or the file itself), or a MissingFileError."""
     path = Path(path)
     if path.is_dir():
         path = RunFolder(path).checkpoint

@@ -95,6 +95,7 @@ class MahalanobisGuard(nn.Module):
 
     @classmethod
     def fit(cls, features: np.ndarray, val_features: np.ndarray, quantile: float = 0.99) -> MahalanobisGuard:
+        """A guard fitted on ``features`` (Ledoit-Wolf), its cut-off the ``quantile`` of ``val_features``' distances."""
         from sklearn.covariance import LedoitWolf  # shrinkage: 1,280 dims from a few thousand images
 
         lw = LedoitWolf().fit(features)
@@ -104,13 +105,16 @@ class MahalanobisGuard(nn.Module):
 
     @classmethod
     def empty(cls, dim: int) -> MahalanobisGuard:
+        """An unfitted guard of ``dim`` features, to load a state dict into."""
         return cls(torch.zeros(dim), torch.eye(dim), 0.0)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distances (B,) of pooled features (B, C)."""
         d = features.float() - self.mean  # (B, C)
         return torch.sqrt(torch.clamp(((d @ self.precision) * d).sum(dim=1), min=0.0))  # (B,)
 
     def distance_np(self, features: np.ndarray) -> np.ndarray:
+        """Distances of a numpy array of features, without gradients."""
         with torch.no_grad():
             return self(torch.as_tensor(features, dtype=torch.float32)).numpy()
 
@@ -139,6 +143,7 @@ class FeatureAdapter(nn.Module):
 
     @classmethod
     def reference(cls, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> FeatureAdapter:
+        """The identity adapter with the training split's feature statistics and a seeded sample of its features."""
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.permutation(len(features))[: cls.REFERENCE_SAMPLE])
         return cls(
@@ -150,6 +155,7 @@ class FeatureAdapter(nn.Module):
 
     @classmethod
     def empty(cls, dim: int, n_sample: int) -> FeatureAdapter:
+        """A blank adapter of ``dim`` features and ``n_sample`` reference rows, to load a state dict into."""
         return cls(torch.zeros(dim), torch.ones(dim), torch.zeros(n_sample, dim), torch.zeros(n_sample))
 
     def fit_site(self, site_features: np.ndarray, *, shrink: float = 1.0) -> None:
@@ -167,12 +173,15 @@ class FeatureAdapter(nn.Module):
 
     @property
     def is_identity(self) -> bool:
+        """Whether the adapter leaves features unchanged (no site fitted)."""
         return bool((self.scale == 1).all() and (self.shift == 0).all())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The features (B, C) mapped to the training split's per-feature statistics."""
         return features * self.scale + self.shift  # (B, C)
 
     def apply_np(self, features: np.ndarray) -> np.ndarray:
+        """The adapted features of a numpy array, without gradients."""
         with torch.no_grad():
             return self(torch.as_tensor(features, dtype=torch.float32)).numpy()
 
@@ -196,9 +205,11 @@ class PneumoniaClassifier(nn.Module):
         self.adapter: FeatureAdapter | None = None  # set by training (identity), fitted by `adapt`
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature maps (B, C, h, w)."""
         return self.backbone(x)  # (B, C, h, w)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled backbone features (B, C)."""
         return self.forward_features(x).mean(dim=(2, 3))  # (B, C)
 
     def adapted(self, features: torch.Tensor) -> torch.Tensor:
@@ -232,11 +243,8 @@ class PneumoniaClassifier(nn.Module):
         return None if self.ood is None else self.ood(self.adapted(torch.as_tensor(pooled, dtype=torch.float32)))
 
     def cam_layer(self) -> nn.Module:
+        """The layer CAMs are computed at: the backbone's last convolutional stage."""
         return self.backbone.get_submodule(self.spec.cam_layer)
-
-    def backbone_fingerprint(self) -> str:
-        """sha256 of the backbone's weights: keys the feature cache."""
-        return weights_fingerprint(self.backbone_name, self.backbone)
 
     def feature_parts(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of each backbone whose pooled features make up the head's input, in
@@ -247,6 +255,7 @@ class PneumoniaClassifier(nn.Module):
 
 
 def weights_fingerprint(name: str, module: nn.Module) -> str:
+    """sha256 of a module's name and weights (keys the feature cache)."""
     h = hashlib.sha256(name.encode())
     for key, value in sorted(module.state_dict().items()):
         h.update(key.encode())
@@ -270,6 +279,7 @@ class ConcatBackbone(nn.Module):
         self.num_features = sum(m.num_features for m in members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' feature maps concatenated along channels (B, sum C_i, h, w)."""
         maps = [m(x) for m in self.members]  # each (B, C_i, h, w)
         if len({tuple(f.shape[2:]) for f in maps}) != 1:
             raise ValueError(f"ensemble members give feature maps of different sizes {[tuple(f.shape[2:]) for f in maps]}")

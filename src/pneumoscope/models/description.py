@@ -83,6 +83,7 @@ class OodGuardEntry:
     cutoff_rule: str | None = None
 
     def to_dict(self) -> dict:
+        """The entry as the checkpoint stores it (unset fields left out)."""
         out = {"method": self.method, "cutoff": self.cutoff, "cutoff_rule": self.cutoff_rule}
         return {k: v for k, v in out.items() if k == "cutoff" or v is not None}
 

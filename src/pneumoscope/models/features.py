@@ -65,6 +65,7 @@ class FeatureCache:
         return feature
 
     def put(self, content_hash: str, feature: np.ndarray) -> None:
+        """Store one image's pooled features under its content hash (written atomically)."""
         write_bytes_atomic(self._path(content_hash), npy_bytes(np.asarray(feature, dtype=np.float32)))
 
 
@@ -111,6 +112,8 @@ def _collate(batch):
 
 @dataclass
 class FeatureResult:
+    """Pooled features of the records that decoded, those records, and why the others did not."""
+
     features: np.ndarray  # (N, C) for the rows that decoded
     records: list[Record]  # those rows, in input order
     problems: list[tuple[str, str]]  # (path, reason and fix) for rows that did not

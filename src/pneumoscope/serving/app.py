@@ -97,6 +97,7 @@ class PixelBudget:
 
     @contextmanager
     def take(self, pixels: int):
+        """Hold ``pixels`` of the budget for the ``with`` block, waiting until they fit."""
         with self._cond:
             self._cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.pixels)
             self.used += pixels
@@ -132,6 +133,7 @@ class MicroBatcher:
         return future
 
     def close(self) -> None:
+        """Stop the batching thread once the queued uploads are done."""
         self._queue.put(None)
         self._thread.join(timeout=30)
 

@@ -61,6 +61,8 @@ class FinetuneConfig:
 
 @dataclass
 class TrainConfig:
+    """Every training setting: defaults here, then --config YAML, then flags, then --set."""
+
     backbone: str = DEFAULT_BACKBONE
     pretrained: str = "imagenet"
     weights: str | None = None

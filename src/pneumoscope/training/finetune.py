@@ -73,6 +73,8 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
 
 
 class FineTuner(L.LightningModule):
+    """The LightningModule of stage 2: balanced BCE, AdamW with warm-up and cosine decay, validation AUC."""
+
     def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, pos_weight: float, total_steps: int, seed: int = 0):
         super().__init__()
         self.model, self.config, self.total_steps, self.seed = model, config, max(1, total_steps), seed
@@ -83,6 +85,7 @@ class FineTuner(L.LightningModule):
         self._val_logits, self._val_labels = [], []
 
     def on_train_epoch_start(self) -> None:
+        """Keep the frozen part's BatchNorm layers (or all, with ``freeze_bn``) in eval mode."""
         for m in self.frozen:
             m.eval()  # keep ImageNet BatchNorm statistics in the frozen part
         if self.config.freeze_bn:
@@ -94,9 +97,11 @@ class FineTuner(L.LightningModule):
             loader.dataset.epoch = self.current_epoch
 
     def forward(self, x):
+        """Logits (B,) of preprocessed images."""
         return self.model(x)[:, 0]
 
     def training_step(self, batch, _):
+        """The batch's class-weighted BCE (with mixup, when set), logged."""
         x, y = batch
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         if self.config.mixup > 0:  # Zhang et al. 2018: train on convex pairs of images and of their losses
@@ -111,6 +116,7 @@ class FineTuner(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        """Log the epoch number as the loggers' step."""
         self._log_epoch()
 
     def _log_epoch(self) -> None:
@@ -118,6 +124,7 @@ class FineTuner(L.LightningModule):
         self.log("step", float(self.current_epoch + 1), sync_dist=True)
 
     def validation_step(self, batch, _):
+        """Log the batch's validation loss and keep its logits for the epoch's AUC."""
         x, y = batch
         logits = self(x)
         self.log("finetune/val_loss", torch.nn.functional.binary_cross_entropy_with_logits(logits, y), prog_bar=True, sync_dist=True)
@@ -125,6 +132,7 @@ class FineTuner(L.LightningModule):
         self._val_labels.append(y.detach())
 
     def on_validation_epoch_end(self) -> None:
+        """Log the validation AUC over every rank's logits."""
         from sklearn.metrics import roc_auc_score
 
         logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1).cpu().numpy()
@@ -135,6 +143,7 @@ class FineTuner(L.LightningModule):
         self._log_epoch()
 
     def configure_optimizers(self):
+        """AdamW (the head at 10x the backbone's rate) and a linear warm-up then cosine schedule, per step."""
         head = list(self.model.head.parameters())
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
@@ -152,7 +161,7 @@ class FineTuner(L.LightningModule):
 
 def auto_precision(cuda: bool) -> str:
     """fp16 AMP on CUDA; bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), where a
-    whole fine-tuning run measured 1.4x faster with the same test AUC (BENCHMARKS.md); else fp32."""
+    whole fine-tuning run is faster with the same test AUC (BENCHMARKS.md); else fp32."""
     if cuda:
         return "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
@@ -169,9 +178,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """The checkpoint at ``path``, loaded safely (:func:`load_resume_state`)."""
         return load_resume_state(path)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        """Write the checkpoint atomically: a temporary file beside ``path``, renamed into place."""
         with atomic_file(path) as tmp:
             torch.save(checkpoint, tmp)
 
@@ -204,7 +215,7 @@ CHECKPOINTS = "checkpoints"  # in the work folder, beside logs/
 
 def resume_checkpoint(work_dir: str | os.PathLike) -> Path:
     """The checkpoint ``--resume`` continues from: ``checkpoints/last.ckpt``, or ``last.ckpt`` in the
-    work folder itself, where a run killed before this layout (2026-11-29) left it."""
+    work folder itself, where a run killed before the checkpoints/ layout left it."""
     work_dir = Path(work_dir)
     ckpt, earlier = work_dir / CHECKPOINTS / "last.ckpt", work_dir / "last.ckpt"
     return earlier if earlier.is_file() and not ckpt.is_file() else ckpt

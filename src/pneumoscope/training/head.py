@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..metrics.classification import calibrated_probability
 from ..models.classifier import Head, average_heads, pack_heads
 from ..models.features import FeatureResult
 from ..runtime import progress_bar
@@ -265,10 +264,6 @@ def fit_crossfitted_heads(
     model.oof_logits_[pool] = oof
     model.oof_folds_ = config.head_folds
     return first
-
-
-def predict_head(head: Head, features: np.ndarray) -> np.ndarray:
-    return calibrated_probability(head_logits(head, features))
 
 
 def head_logits(head: Head, features: np.ndarray) -> np.ndarray:

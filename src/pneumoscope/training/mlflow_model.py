@@ -51,11 +51,13 @@ class PneumoscopeModel(mlflow.pyfunc.PythonModel):
     """The pyfunc flavour of a run: ``load_context`` loads the checkpoint logged with it, ``predict`` reads the paths."""
 
     def load_context(self, context) -> None:
+        """Load the checkpoint logged with the model."""
         from ..api import load
 
         self.model_ = load(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """One row of predictions per image path in the input's ``path`` column."""
         if "path" not in model_input:
             raise ValueError(f"the model's input is a DataFrame with a 'path' column (image files), got {list(model_input.columns)}")
         predictions = self.model_.predict([str(p) for p in model_input["path"]])

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoggerSpec:
+    """What a training logger needs installed, and the command that installs it."""
+
     modules: tuple[str, ...]  # what must be importable
     install: str  # the pip command that installs them
 
@@ -135,11 +137,14 @@ def describe_logs(name: str, logs_dir: str | os.PathLike) -> str:
 
 @dataclass
 class TrainingLoggers:
+    """The Lightning loggers of both stages, and the MLflow store when there is one."""
+
     head: list = field(default_factory=list)  # stage 1: its CSV log and the chosen logger
     extra: list = field(default_factory=list)  # the chosen logger, for stage 2 (which keeps its own CSV log)
     mlflow_store: str | None = None  # OWN_STORE or ENV_STORE with --logger mlflow
 
     def log_hyperparams(self, params: dict) -> None:
+        """Log the run's settings to the stage-1 loggers."""
         for lg in self.head:
             lg.log_hyperparams(params)
 
