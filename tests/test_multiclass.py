@@ -217,3 +217,28 @@ def test_the_pneumonia_type_task_trains_and_evaluates_with_its_own_labels(kaggle
     assert d["class_names"] == ["NORMAL", "BACTERIA", "VIRUS"] and d["training"]["labels"] == "pneumonia-type"
     assert main(["-q", "evaluate", str(run), str(kaggle_tree), "--out", str(ev), "--bootstraps", "20", "--no-audit"]) == 0
     assert json.loads((ev / "metrics.json").read_text())["multiclass"]["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]
+
+
+def test_explain_runs_its_checks_on_a_three_class_run(three_class, tmp_path):
+    import json
+
+    from pneumoscope.cli.main import main
+
+    tree, run = three_class
+    images = sorted((tree / "test" / "COVID").glob("*.png"))[:3] + sorted((tree / "test" / "PNEUMONIA").glob("*.png"))[:3]
+    out = tmp_path / "ex"
+    assert main(["-q", "explain", str(run), *map(str, images), "--out", str(out)]) == 0
+    explained = json.loads((out / "explanations.json").read_text())
+    assert (out / "scores.csv").is_file() and explained
+    assert main(["-q", "explain", str(run), str(images[0]), "--out", str(tmp_path / "named"), "--target", "covid", "--no-checks"]) == 0
+
+
+def test_the_probability_target_of_k_logits_is_the_softmax():
+    import torch
+
+    from pneumoscope.explain.cams import ProbabilityTarget
+
+    out = torch.tensor([[2.0, 0.0, -1.0]])
+    assert ProbabilityTarget(0)(out).item() == pytest.approx(torch.softmax(out, -1)[0, 0].item())
+    assert ProbabilityTarget(1)(torch.tensor([[0.5]])).item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
+    assert ProbabilityTarget(0)(torch.tensor([[0.5]])).item() == pytest.approx(1 - torch.sigmoid(torch.tensor(0.5)).item())

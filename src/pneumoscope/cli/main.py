@@ -768,7 +768,6 @@ def _add_compare_parser(sub) -> None:
 def _add_explain_parser(sub) -> None:
     """``explain``: CAM overlays and their checks."""
     from ..choices import CAM_METHOD_CLASSES
-    from ..data.discovery import CLASS_NAMES
 
     p = _command(sub, "explain", "Grad-CAM overlays", "pneumoscope explain runs/a chest.jpeg other_xrays/ --out cams")
     p.add_argument("run", metavar="RUN", help=RUN)
@@ -777,8 +776,9 @@ def _add_explain_parser(sub) -> None:
     p.add_argument(
         "--target",
         default="predicted",
-        choices=["predicted", *(c.lower() for c in CLASS_NAMES)],
-        help="class to explain (default: the class decided at the model's threshold)",
+        metavar="predicted|CLASS",
+        help="class to explain: predicted (default: the class decided at the model's threshold) or one of the run's classes "
+        "(normal, pneumonia, or any class of an N-class run; any case)",
     )
     p.add_argument("--method", default="gradcam", choices=list(CAM_METHOD_CLASSES), help="CAM method (default gradcam)")
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the faithfulness, sanity and shortcut checks")

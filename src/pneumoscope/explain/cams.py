@@ -90,10 +90,15 @@ def views_and_cams(
 
 
 class ProbabilityTarget:
-    """Probability of the explained class from the one-logit output."""
+    """Probability of the explained class: the sigmoid of the one logit (its negative for class 0), or the softmax
+    over K logits."""
 
     def __init__(self, category: int):
+        self.category = int(category)
         self.sign = 1.0 if category == 1 else -1.0
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.sign * output[..., 0])
+        """The probability (one value, or one a row) of the explained class in the model's output."""
+        if output.shape[-1] == 1:
+            return torch.sigmoid(self.sign * output[..., 0])
+        return torch.softmax(output, dim=-1)[..., self.category]
