@@ -242,3 +242,21 @@ def test_the_probability_target_of_k_logits_is_the_softmax():
     assert ProbabilityTarget(0)(out).item() == pytest.approx(torch.softmax(out, -1)[0, 0].item())
     assert ProbabilityTarget(1)(torch.tensor([[0.5]])).item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
     assert ProbabilityTarget(0)(torch.tensor([[0.5]])).item() == pytest.approx(1 - torch.sigmoid(torch.tensor(0.5)).item())
+
+
+def test_site_commands_do_what_holds_for_n_classes_and_refuse_the_rest(three_class, tmp_path, capsys):
+    import json
+
+    from pneumoscope.cli.main import main
+
+    tree, run = three_class
+    site = tree / "test"
+    assert main(["-q", "shift", str(run), str(site), "--json"]) == 0  # the screening view's shift report
+    assert "domain_auc" in json.loads(capsys.readouterr().out)
+    # one offset on K logits would move the threshold and leave the probabilities: refused, with the fix
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 2
+    assert "--method center" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "b"), "--method", "center"]) == 0
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert main(["-q", "calibrate", str(run), str(tree), "--out", str(tmp_path / "c")]) == 2
+    assert "N-class calibration is not built yet" in capsys.readouterr().err

@@ -100,6 +100,12 @@ def adapt_run(
         raise UsageError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
     check_output_dir(out, overwrite)
     predictor = _adaptable(run)
+    if predictor.multiclass and method.endswith("+prior"):
+        # one offset on every one of K logits leaves the softmax as it was while the threshold moved: a silent change
+        raise UsageError(
+            f"{run}: a prior shift ({method}) is built for two classes; this run has {len(predictor.class_names)}. "
+            f"Fix: --method {method.removesuffix('+prior')} (the features only)"
+        )
     model = predictor.model
     site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
     before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import discovery as data_mod
+from ..errors import UsageError
 from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.operating_point import fit_operating_point
@@ -152,6 +153,11 @@ def calibrate_run(
 def _calibratable(run: str | os.PathLike, *, refit: bool) -> Predictor:
     """The run's predictor; with ``refit``, refused when the run keeps no training sample to refit the head beside."""
     predictor = Predictor.from_checkpoint(run)
+    if predictor.multiclass:
+        raise UsageError(
+            f"{run}: calibrate refits one logit's temperature and threshold; this run has {len(predictor.class_names)} classes. "
+            "Fix: evaluate it on the site's labelled images instead (N-class calibration is not built yet)"
+        )
     if refit and predictor.model.adapter is None:
         raise data_mod.DataError(
             f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again."
