@@ -260,3 +260,22 @@ def test_site_commands_do_what_holds_for_n_classes_and_refuse_the_rest(three_cla
     assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
     assert main(["-q", "calibrate", str(run), str(tree), "--out", str(tmp_path / "c")]) == 2
     assert "N-class calibration is not built yet" in capsys.readouterr().err
+
+
+def test_compare_two_evaluations_of_a_three_class_task(three_class, tmp_path, capsys):
+    import json
+
+    from pneumoscope.cli.main import main
+
+    tree, run = three_class
+    evals = []
+    for name in ("a", "b"):
+        evals.append(tmp_path / name)
+        assert main(["-q", "evaluate", str(run), str(tree), "--out", str(evals[-1]), "--bootstraps", "20", "--no-audit"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "compare", *map(str, evals), "--out", str(tmp_path / "cmp.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "3 classes" in printed and "macro AUC" in printed and "screening decision" in printed
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert result["classes"] == ["COVID", "NORMAL", "PNEUMONIA"] and result["macro_auc"]["difference"] == 0
+    assert result["mcnemar_top1"]["only_a_correct"] == 0 and result["auc_delong"]["difference"] == 0

@@ -383,6 +383,15 @@ def cmd_compare(args) -> int:
     if args.out:
         write_json(args.out, result)
     d, mc = result["auc_delong"], result["mcnemar"]
+    if "macro_auc" in result:  # N classes: the classes first, then the screening decision
+        ma, top = result["macro_auc"], result["mcnemar_top1"]
+        interval = f" [{ma['ci95'][0]:+.4f}, {ma['ci95'][1]:+.4f}]" if ma["ci95"] else ""
+        print(
+            f"{len(result['classes'])} classes, n={result['n']}: macro AUC A {_fmt(ma['macro_auc_a'])} vs B {_fmt(ma['macro_auc_b'])}, "
+            f"difference {_fmt(ma['difference'])}{interval}, paired patient bootstrap p = {_fmt(ma['p_value'])}\n"
+            f"most probable class: only A correct {top['only_a_correct']}, only B correct {top['only_b_correct']}, "
+            f"McNemar p = {top['p_value']:.4g}\nscreening decision (normal vs not):"
+        )
     print(
         f"n={result['n']}: AUC A {d['auc_a']:.4f} vs B {d['auc_b']:.4f}, difference {d['difference']:+.4f} "
         f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], DeLong p = {d['p_value']:.4g}\n"

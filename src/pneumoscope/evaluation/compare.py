@@ -1,50 +1,95 @@
-"""Paired comparison of two evaluations of the same images (``pneumoscope compare``): DeLong for
-AUC, McNemar for decisions. Reads the ``predictions.csv`` that ``evaluate`` writes; no model is loaded."""
+"""Paired comparison of two evaluations of the same images (``pneumoscope compare``): DeLong for AUC, McNemar for
+decisions; for N-class evaluations also a paired patient bootstrap of the macro AUC and McNemar on the most probable
+class. Reads the ``predictions.csv`` that ``evaluate`` writes; no model is loaded."""
 
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MissingFileError, UsageError
 from ..metrics.comparison import compute_delong, compute_mcnemar
+from ..metrics.multiclass import compare_macro_auc
 
 
-def _read_predictions(folder: Path) -> dict[str, tuple[int, float, int]]:
+@dataclass
+class _Evaluation:
+    """One evaluation's predictions.csv, by image path."""
+
+    rows: dict[str, dict]
+    classes: list[str]  # N classes: the prob_<CLASS> columns' classes in order; two classes: []
+
+
+def _read_predictions(folder: Path) -> _Evaluation:
     path = Path(folder) / "predictions.csv"
     if not path.is_file():
         raise MissingFileError(f"{path}: not found. Give folders written by `pneumoscope evaluate`.")
     with open(path, newline="") as fh:
-        return {r["path"]: (int(r["label"] == "PNEUMONIA"), float(r["prob"]), int(r["pred"] == "PNEUMONIA")) for r in csv.DictReader(fh)}
+        reader = csv.DictReader(fh)
+        classes = [c.removeprefix("prob_") for c in reader.fieldnames or [] if c.startswith("prob_")]
+        return _Evaluation({r["path"]: r for r in reader}, classes)
 
 
-def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike) -> dict:
-    """Paired comparison of two evaluations of the same images: DeLong for AUC, McNemar for decisions."""
+def _positive(rows: list[dict]) -> str:
+    """The class a two-class evaluation's ``prob`` is the probability of: PNEUMONIA in the default task, else the
+    class decided for the image of highest probability."""
+    names = {r["label"] for r in rows} | {r["pred"] for r in rows}
+    return "PNEUMONIA" if "PNEUMONIA" in names else max(rows, key=lambda r: float(r["prob"]))["pred"]
+
+
+def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *, n_boot: int = 2000) -> dict:
+    """Paired comparison of two evaluations of the same images: DeLong for the AUC of ``prob`` (the screening
+    probability of an N-class run) and McNemar for the decisions; N classes add the macro AUC (paired patient
+    bootstrap) and McNemar on the most probable class."""
     a, b = _read_predictions(Path(eval_a)), _read_predictions(Path(eval_b))
-    if set(a) != set(b):
-        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if set(a.rows) != set(b.rows):
+        only_a, only_b = sorted(set(a.rows) - set(b.rows)), sorted(set(b.rows) - set(a.rows))
         raise UsageError(
             f"the evaluations cover different images ({len(only_a)} only in {eval_a}, {len(only_b)} only in {eval_b}, e.g. "
             f"{(only_a or only_b)[:1]}); a paired comparison needs the same images. Evaluate both runs on the same data."
         )
-    paths = sorted(a)
-    y = np.array([a[p][0] for p in paths], dtype=int)
-    if any(a[p][0] != b[p][0] for p in paths):
+    if a.classes != b.classes:
+        raise UsageError(
+            f"the evaluations are of different tasks (classes {a.classes or 'two'} and {b.classes or 'two'}); compare runs of one task"
+        )
+    paths = sorted(a.rows)
+    if any(a.rows[p]["label"] != b.rows[p]["label"] for p in paths):
         raise UsageError("the two evaluations disagree on image labels; they were not made on the same data")
+    out = {"n": len(paths), "a": str(eval_a), "b": str(eval_b)}
+    if a.classes:
+        out |= _compare_classes(a, b, paths, n_boot=n_boot)
+    rows_a, rows_b = [a.rows[p] for p in paths], [b.rows[p] for p in paths]
+    if a.classes:  # the screening view: not normal vs normal
+        normal = rows_a[0]["screen"].removeprefix("NOT ")
+        y = np.array([r["label"] != normal for r in rows_a], dtype=int)
+        pred_a, pred_b = (np.array([r["screen"] != normal for r in rows], dtype=int) for rows in (rows_a, rows_b))
+    else:
+        positive = _positive(rows_a)
+        y = np.array([r["label"] == positive for r in rows_a], dtype=int)
+        pred_a, pred_b = (np.array([r["pred"] == positive for r in rows], dtype=int) for rows in (rows_a, rows_b))
     if len(np.unique(y)) < 2:
         raise UsageError(
-            f"a paired comparison of AUCs needs images of both classes; the evaluations hold {np.bincount(y, minlength=2).tolist()} "
-            "(NORMAL, PNEUMONIA). Fix: evaluate both runs on data with images of both classes."
+            f"a paired comparison of AUCs needs images of both sides of the decision; the evaluations hold {np.bincount(y, minlength=2).tolist()} "
+            "(negative, positive). Fix: evaluate both runs on data with images of both."
         )
-    prob_a, prob_b = np.array([a[p][1] for p in paths]), np.array([b[p][1] for p in paths])
-    pred_a, pred_b = np.array([a[p][2] for p in paths]), np.array([b[p][2] for p in paths])
+    prob_a, prob_b = (np.array([float(r["prob"]) for r in rows]) for rows in (rows_a, rows_b))
+    out |= {"auc_delong": compute_delong(y, prob_a, prob_b), "mcnemar": compute_mcnemar(y, pred_a, pred_b)}
+    return out
+
+
+def _compare_classes(a: _Evaluation, b: _Evaluation, paths: list[str], *, n_boot: int) -> dict:
+    """N classes: the paired patient bootstrap of the macro AUC and McNemar on the most probable class."""
+    index = {c: i for i, c in enumerate(a.classes)}
+    y = np.array([index[a.rows[p]["label"]] for p in paths])
+    groups = [a.rows[p]["patient_id"] for p in paths]
+    probs = [np.array([[float(e.rows[p][f"prob_{c}"]) for c in a.classes] for p in paths]) for e in (a, b)]
+    probs = [p / p.sum(axis=1, keepdims=True) for p in probs]  # written with 6 decimals: renormalised
     return {
-        "n": len(paths),
-        "a": str(eval_a),
-        "b": str(eval_b),
-        "auc_delong": compute_delong(y, prob_a, prob_b),
-        "mcnemar": compute_mcnemar(y, pred_a, pred_b),
+        "classes": a.classes,
+        "macro_auc": compare_macro_auc(y, probs[0], probs[1], groups, n_boot=n_boot),
+        "mcnemar_top1": compute_mcnemar(y, probs[0].argmax(1), probs[1].argmax(1)),
     }
