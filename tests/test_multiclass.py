@@ -279,3 +279,24 @@ def test_compare_two_evaluations_of_a_three_class_task(three_class, tmp_path, ca
     result = json.loads((tmp_path / "cmp.json").read_text())
     assert result["classes"] == ["COVID", "NORMAL", "PNEUMONIA"] and result["macro_auc"]["difference"] == 0
     assert result["mcnemar_top1"]["only_a_correct"] == 0 and result["auc_delong"]["difference"] == 0
+
+
+@pytest.mark.slow
+def test_an_onnx_export_of_a_three_class_run_gives_the_same_class_probabilities(three_class, tmp_path, capsys):
+    import json
+
+    from pneumoscope.cli.main import main
+
+    tree, run = three_class
+    images = [str(p) for p in sorted((tree / "test" / "COVID").glob("*.png"))[:2]]
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(run), "--out", str(out), "--check-images", *images]) == 0
+    capsys.readouterr()
+    rows = {}
+    for model in (run, out):
+        assert main(["-q", "predict", str(model), *images, "--format", "json"]) == 0
+        rows[model] = json.loads(capsys.readouterr().out)
+    for a, b in zip(rows[run], rows[out], strict=True):
+        for c in ("COVID", "NORMAL", "PNEUMONIA"):
+            assert a[f"prob_{c}"] == pytest.approx(b[f"prob_{c}"], abs=1e-4)
+        assert a["label"] == b["label"]

@@ -79,7 +79,9 @@ def _onnx_model(predictor: Predictor, outputs: list[str]):
         onnx={
             "input": "image: (batch, channels, size, size) float32, preprocessed per 'preprocessing'",
             "outputs": outputs,
-            "probability": "sigmoid(logit / temperature)",
+            "probability": "softmax(logit / temperature) over class_names; the screening probability is 1 - P(normal_class)"
+            if predictor.multiclass
+            else "sigmoid(logit / temperature)",
         },
     ).to_dict()
     for key, value in (
@@ -114,13 +116,17 @@ def _verify_into_place(proto, predictor: Predictor, out: Path, check_images: lis
 
 
 def check_parity(torch_predictor: Predictor, onnx_predictor: Predictor, images: list[np.ndarray] | None = None, seed: int = 0) -> dict:
-    """Max |delta P(pneumonia)| (and OOD distance) between two predictors on the same images."""
+    """Max |delta probability| (P(pneumonia); N classes: every class's probability and P(not normal)) and the OOD
+    distance's relative difference between two predictors on the same images."""
     if not images:
         rng = np.random.default_rng(seed)
         images = [rng.uniform(size=(160, 200)).astype(np.float32) for _ in range(4)]
-    pa, da = torch_predictor.run(images)
-    pb, db = onnx_predictor.run(images)
-    report = {"n": len(images), "max_abs_prob_diff": float(np.max(np.abs(pa - pb)))}
+    (za, da), (zb, db) = torch_predictor.forward(images), onnx_predictor.forward(images)
+    pa, pb = torch_predictor.probability(za), onnx_predictor.probability(zb)
+    diff = np.abs(pa - pb).max()
+    if torch_predictor.multiclass:
+        diff = max(diff, np.abs(torch_predictor.class_probabilities(za) - onnx_predictor.class_probabilities(zb)).max())
+    report = {"n": len(images), "max_abs_prob_diff": float(diff)}
     if da is not None and db is not None:
         report["max_rel_ood_diff"] = float(np.max(np.abs(da - db) / np.maximum(np.abs(da), 1e-6)))
     return report
