@@ -349,3 +349,49 @@ def _boxes_and_shot(page, width: int, path: Path, elements: dict = KEY_ELEMENTS)
     page.evaluate("() => scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
     return boxes
+
+
+def test_web_page_of_a_three_class_run_shows_each_class_as_a_bar(tmp_path):
+    """Issue 22: an N-class model's result on the page: the screening verdict names the class decided and P(not normal),
+    and each class's probability is a bar, most probable first; screenshot: tests/artifacts/web-three-class.png."""
+    from pneumoscope.inference.predictor import Predictor
+    from pneumoscope.serving.app import create_app
+    from tests.conftest import make_three_class_tree
+
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    tree = make_three_class_tree(tmp_path / "cx", n_patients=6, per_patient=1)
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(tree), "--out", str(run), "--classes", "auto", "--pretrained", "none", "--epochs", "5"]) == 0
+    uploads = sorted((tree / "test" / "COVID").glob("*.png"))[:2]
+    ARTIFACTS.mkdir(exist_ok=True)
+    url, stop = _serve(create_app(Predictor.from_checkpoint(run)))
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                console = []
+                page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+                page.goto(url + "/")
+                page.set_input_files("#file", [str(p) for p in uploads])
+                _wait(page, f"() => document.querySelectorAll('#rows tr:not(.wait)').length === {len(uploads)}", 60)
+                page.click(".rowbtn")
+                _wait(page, "() => !document.getElementById('classbars').hidden")
+                bars = page.locator("#classbars .classbar").all_inner_texts()
+                verdict = page.inner_text("#verdict")
+                legend = page.inner_text("#meterlegend")
+                boxes = page.evaluate(SEEN, {"class bars": "#classbars", "verdict": "#verdict", "meter": "#meter"})
+                page.screenshot(path=str(ARTIFACTS / "web-three-class.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        stop()
+    names = [b.split("\n")[0].strip() for b in bars]
+    values = [float(b.split()[-1]) for b in bars]
+    assert sorted(names) == ["COVID", "NORMAL", "PNEUMONIA"] and values == sorted(values, reverse=True)
+    assert abs(sum(values) - 1) < 0.01
+    assert "p(not normal)" in verdict.lower() and "p(not normal)" in legend.lower()
+    _assert_seen_and_apart(boxes, 1280)
+    assert not console, console

@@ -427,11 +427,18 @@ def _add_health_route(app: FastAPI, predictor: Predictor, model_name: str | None
             "model": model_name or predictor.description.backbone,
             "backbone": predictor.description.backbone,
             "threshold": predictor.threshold,
+            "classes": list(predictor.class_names),
+            "prob_of": prob_of(predictor),
             "backend": predictor.backend.name,
             "ood_guard": predictor.ood_cutoff is not None,
             "max_upload_bytes": max_upload_bytes,
             "max_pending": max_pending,
         }
+
+
+def prob_of(predictor: Predictor) -> str:
+    """What a result's ``prob`` is the probability of: the positive class, or (N classes) "not <normal class>"."""
+    return f"not {predictor.description.normal_class}" if predictor.multiclass else predictor.class_names[1]
 
 
 class _Pipeline:
@@ -508,7 +515,7 @@ class _Pipeline:
             raise HTTPException(UPLOAD_STATUS[err.kind], f"{name}: {err.detail}") from err
         del data
         pred = await asyncio.wrap_future(self.batcher.submit(x, name, screened))
-        result = {**pred.to_dict(), "ood_cutoff": self.predictor.ood_cutoff, "notice": NOTICE}
+        result = {**pred.to_dict(), "prob_of": prob_of(self.predictor), "ood_cutoff": self.predictor.ood_cutoff, "notice": NOTICE}
         result["image_png"] = await loop.run_in_executor(self.decode_pool, _png, view)
         if heatmap and self.can_explain and pred.label is not None:  # no decision (unreadable, or not assessable), nothing to explain
             if not self.heatmaps.acquire(blocking=False):

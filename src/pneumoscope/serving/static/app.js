@@ -33,7 +33,34 @@ $("sortprob").addEventListener("click", () => { sortDir = sortDir === -1 ? 1 : -
 $("csv").addEventListener("click", downloadCsv);
 
 const fmt = (p) => p.toFixed(3);
-const suspected = (r) => r.label === "PNEUMONIA";
+// the decision rule, whatever the classes are called: at or above the threshold (and assessable)
+const suspected = (r) => r.label !== null && r.prob >= r.threshold;
+const probOf = (r) => `P(${(r.prob_of || "pneumonia").toLowerCase()})`;
+
+// an N-class model: each class's probability as a bar (prob_<CLASS> fields), most probable first
+function showClasses(r) {
+  const box = $("classbars");
+  const entries = Object.entries(r).filter(([k]) => k.startsWith("prob_") && k !== "prob_of").map(([k, v]) => [k.slice(5), v]);
+  box.replaceChildren();
+  box.hidden = entries.length === 0;
+  entries.sort((a, b) => b[1] - a[1]);
+  for (const [name, p] of entries) {
+    const row = document.createElement("div");
+    row.className = "classbar";
+    const label = document.createElement("span");
+    label.textContent = name;
+    const bar = document.createElement("span");
+    bar.className = "classbar-track";
+    const fill = document.createElement("span");
+    fill.className = "classbar-fill";
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    bar.append(fill);
+    const value = document.createElement("span");
+    value.textContent = fmt(p);
+    row.append(label, bar, value);
+    box.append(row);
+  }
+}
 
 function setStatus(text, error) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
 
@@ -196,17 +223,19 @@ function show(e) {
   const above = suspected(r);
   if (r.label === null) {  // not assessable: no diagnosis, in neutral colours; the probability for information only
     verdict.className = "verdict na";
-    verdict.textContent = `Cannot assess: ${r.ood_reason}. No diagnosis is given (P(pneumonia) = ${fmt(r.prob)}, for information only).`;
+    verdict.textContent = `Cannot assess: ${r.ood_reason}. No diagnosis is given (${probOf(r)} = ${fmt(r.prob)}, for information only).`;
   } else {
     verdict.className = "verdict " + (above ? "pos" : "neg");
     verdict.textContent = above
-      ? `Pneumonia suspected: P(pneumonia) = ${fmt(r.prob)}, at or above the threshold ${fmt(r.threshold)}`
-      : `Below threshold (NORMAL): P(pneumonia) = ${fmt(r.prob)}, under the threshold ${fmt(r.threshold)}`;
+      ? `${r.label === "PNEUMONIA" ? "Pneumonia" : r.label} suspected: ${probOf(r)} = ${fmt(r.prob)}, at or above the threshold ${fmt(r.threshold)}`
+      : `Below threshold (${r.label}): ${probOf(r)} = ${fmt(r.prob)}, under the threshold ${fmt(r.threshold)}`;
   }
   $("meterfill").style.width = (100 * r.prob).toFixed(1) + "%";
   $("meterfill").className = "meter-fill " + (r.label === null ? "dimmed" : above ? "pos" : "neg");
   $("meterthr").style.left = (100 * r.threshold).toFixed(1) + "%";
-  $("meterlegend").textContent = `0 ← P(pneumonia) → 1; the mark is the decision threshold (${fmt(r.threshold)}).`;
+  $("meterlegend").textContent = `0 ← ${probOf(r)} → 1; the mark is the decision threshold (${fmt(r.threshold)}).`;
+  showClasses(r);
+  $("probname").textContent = probOf(r);  // what the worklist's probabilities are of
   $("base").src = $("under").src = "data:image/png;base64," + r.image_png;
   if (r.heatmap_png) {
     $("heat").src = "data:image/png;base64," + r.heatmap_png;
