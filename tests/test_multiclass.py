@@ -300,3 +300,19 @@ def test_an_onnx_export_of_a_three_class_run_gives_the_same_class_probabilities(
         for c in ("COVID", "NORMAL", "PNEUMONIA"):
             assert a[f"prob_{c}"] == pytest.approx(b[f"prob_{c}"], abs=1e-4)
         assert a["label"] == b["label"]
+
+
+def test_data_inspect_counts_images_and_patients_per_class(tmp_path, capsys):
+    import json
+
+    from pneumoscope.cli.main import main
+    from tests.conftest import make_three_class_tree
+
+    tree = make_three_class_tree(tmp_path / "cx", n_patients=3, per_patient=2)
+    assert main(["data", "inspect", str(tree), "--classes", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert "COVID" in text and "images (patients) a class" in text and "leakage check: OK" in text
+    assert main(["data", "inspect", str(tree), "--classes", "auto", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classes"] == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert sum(sp["classes"]["COVID"] for sp in summary["splits"].values()) == 2 * (3 + 3 + 4)

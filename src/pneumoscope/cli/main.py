@@ -128,7 +128,7 @@ def cmd_inspect(args) -> int:
     """``pneumoscope data inspect``: print the dataset's summary (or its JSON); exit status 1 when files were unreadable."""
     from ..data.discovery import load_dataset, scan, split_by_patient, summarize
 
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, classes=args.classes, labels=args.labels or "folders")
     if dataset.layout != "npz":
         dataset = dataset.subset(split_by_patient(dataset.records, val_fraction=args.val_fraction, seed=args.seed))
     dataset = scan(dataset, progress=args.progress and not args.json)
@@ -143,6 +143,9 @@ def cmd_inspect(args) -> int:
 def format_summary(s: dict) -> str:
     """The summary of ``data inspect`` as lines of text: splits, patients, leakage, duplicates, unreadable files."""
     lines = [f"{s['source']} ({s['layout']} layout), {s['images']} readable images"]
+    if "classes" in s:  # a task of other classes: images and patients per class
+        lines += _class_lines(s)
+        return "\n".join(lines + _leakage_lines(s))
     lines.append(f"{'split':<6} {'images':>7} {'NORMAL':>7} {'PNEUM.':>7} {'%pneu':>6} {'patients':>9} {'max/pt':>7}  types")
     for name, sp in s["splits"].items():
         c = sp["classes"]
@@ -152,6 +155,23 @@ def format_summary(s: dict) -> str:
         lines.append(
             f"{name:<6} {sp['images']:>7} {c['NORMAL']:>7} {c['PNEUMONIA']:>7} {100 * sp['positive_fraction']:>5.1f}% {pts:>9} {mx:>7}  {types}"
         )
+    return "\n".join(lines + _leakage_lines(s))
+
+
+def _class_lines(s: dict) -> list[str]:
+    """Per split: images, then images (patients) of each class."""
+    names = s["classes"]
+    lines = [f"{'split':<6} {'images':>7}  " + "  ".join(f"{c[:12]:>18}" for c in names) + "  (images (patients) a class)"]
+    for name, sp in s["splits"].items():
+        per = sp.get("patients_per_class") or {}
+        cells = "  ".join(f"{sp['classes'][c]:>9} ({per.get(c, '-')!s:>5})" if per else f"{sp['classes'][c]:>18}" for c in names)
+        lines.append(f"{name:<6} {sp['images']:>7}  {cells}")
+    return lines
+
+
+def _leakage_lines(s: dict) -> list[str]:
+    """The leakage check, duplicates and unreadable files of a ``data inspect`` summary."""
+    lines = []
     lk = s["leakage"]
     if lk["patients_in_several_splits"] is None:
         lines.append(f"leakage check: {lk['note']}")
@@ -170,7 +190,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  ... and {len(s['unreadable']) - 20} more not listed here (--json lists them all)")
     if s["ignored_files"]:
         lines.append(f"ignored files (not images in class folders): {s['ignored_files']}")
-    return "\n".join(lines)
+    return lines
 
 
 def cmd_train(args) -> int:
@@ -589,6 +609,7 @@ def _add_data_parser(sub) -> None:
         "--val-fraction", type=float, default=0.1, help="share of train patients held out for validation, as train cuts it (default 0.1)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of that cut, as train's --seed (default 0)")
+    _add_task_args(p)
     p.set_defaults(func=cmd_inspect)
 
 
