@@ -584,7 +584,7 @@ def _window(x: np.ndarray, centre: float, width: float, function: str, path="") 
     rather than guessed at.
 
     Not ``pydicom.pixels.apply_windowing``, although it computes the same curves (to one
-    float32 rounding, tests/test_dicom.py checks it): it works on a float64 copy with
+    float32 rounding, tests/data/test_dicom.py checks it): it works on a float64 copy with
     boolean masks, 15 bytes a pixel on top of the input where this takes none, which breaks
     the 8-bytes-a-pixel budget of a decode (a 64-megapixel upload); it scales to the range
     of BitsStored and PixelRepresentation, writes those back into the dataset, and raises a

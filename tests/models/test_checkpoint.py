@@ -20,7 +20,7 @@ from pneumoscope.models.description import RunDescription
 
 # What the code before RunDescription wrote: an ONNX export's description of a run trained, calibrated, then adapted
 # (every section), with the image hash lists shortened and the data paths made neutral.
-WRITTEN = Path(__file__).parent / "data" / "description_v1.json"
+WRITTEN = Path(__file__).parents[1] / "fixtures" / "description_v1.json"
 
 
 def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):

@@ -20,7 +20,7 @@ from pneumoscope.inference.predictor import Prediction, Predictor
 from pneumoscope.inference.stream import Item, expand_items, predict_stream, predict_to
 from tests.conftest import PROB_ATOL, process_tree, survivors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pngs(folder: Path, n: int) -> list[Path]:

@@ -93,7 +93,7 @@ def test_report_renders_in_chromium(kaggle_tree, tmp_path):
     assert desktop["summary"]["y"] < 200  # the verdict is what one sees first
 
 
-ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots kept for people to look at (ignored by git)
+ARTIFACTS = Path(__file__).parents[1] / "artifacts"  # screenshots kept for people to look at (ignored by git)
 KEY_ELEMENTS = {
     "model served": "#model",
     "drop zone": "#drop",
