@@ -99,13 +99,7 @@ def adapt_run(
     if method not in ADAPT_METHODS:
         raise UsageError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
     check_output_dir(out, overwrite)
-    predictor = _adaptable(run)
-    if predictor.multiclass and method.endswith("+prior"):
-        # one offset on every one of K logits leaves the softmax as it was while the threshold moved: a silent change
-        raise UsageError(
-            f"{run}: a prior shift ({method}) is built for two classes; this run has {len(predictor.class_names)}. "
-            f"Fix: --method {method.removesuffix('+prior')} (the features only)"
-        )
+    predictor = _adaptable(run, method)
     model = predictor.model
     site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
     before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
@@ -138,10 +132,17 @@ def adapt_run(
     return Path(out), description
 
 
-def _adaptable(run: str | os.PathLike) -> Predictor:
-    """The run's predictor, refused when it keeps no training feature statistics or is already adapted."""
+def _adaptable(run: str | os.PathLike, method: str) -> Predictor:
+    """The run's predictor, refused when it keeps no training feature statistics, is already adapted, or has N classes
+    and ``method`` shifts the prior (one offset on every one of K logits leaves the softmax as it was while the
+    threshold moved: a silent change)."""
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)
+    if predictor.multiclass and method.endswith("+prior"):
+        raise UsageError(
+            f"{run}: a prior shift ({method}) is built for two classes; this run has {len(predictor.class_names)}. "
+            f"Fix: --method {method.removesuffix('+prior')} (the features only)"
+        )
     done = predictor.description.adaptation
     if done:
         # its head's bias already carries a prior offset and its threshold moved with it: a second
