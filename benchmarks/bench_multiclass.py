@@ -36,8 +36,8 @@ PAPER = {"bacteria_vs_virus_auc": 0.940, "bacteria_vs_virus_accuracy": 0.907}
 
 def bacteria_vs_virus(eval_dir: Path) -> dict:
     """AUC and accuracy of bacterial vs viral on the pneumonia images, from the three-class probabilities."""
-    rows = [r for r in csv.DictReader(open(eval_dir / "predictions.csv")) if r["label"] in ("BACTERIA", "VIRUS")]
-    y = np.array([r["label"] == "VIRUS" for r in rows], dtype=int)
+    rows = [r for r in csv.DictReader(open(eval_dir / "predictions.csv")) if r["true_label"] in ("BACTERIA", "VIRUS")]
+    y = np.array([r["true_label"] == "VIRUS" for r in rows], dtype=int)
     pb = np.array([float(r["prob_BACTERIA"]) for r in rows])
     pv = np.array([float(r["prob_VIRUS"]) for r in rows])
     score = pv / (pb + pv)

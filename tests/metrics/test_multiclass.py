@@ -164,7 +164,7 @@ def test_evaluate_reports_the_classes_and_the_screening_view(three_class, tmp_pa
     for r in rows:
         probs = [float(r[f"prob_{c}"]) for c in ("COVID", "NORMAL", "PNEUMONIA")]
         assert sum(probs) == pytest.approx(1, abs=1e-5) and float(r["prob"]) == pytest.approx(1 - probs[1], abs=1e-5)
-        assert (r["pred"] == "NORMAL") == (r["screen"] == "NORMAL")  # the class named never contradicts the screening decision
+        assert (r["pred_label"] == "NORMAL") == (r["screen"] == "NORMAL")  # the class named never contradicts the screening decision
     html = (ev / "report.html").read_text()
     assert "classes-table" in html and "confusion matrix of the classes" in html and (ev / "confusion_matrix_classes.png").is_file()
 

@@ -31,14 +31,19 @@ def _read_predictions(folder: Path) -> _Evaluation:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         classes = [c.removeprefix("prob_") for c in reader.fieldnames or [] if c.startswith("prob_")]
-        return _Evaluation({r["path"]: r for r in reader}, classes)
+        # true_label and pred_label; evaluations written before them call the columns label and pred
+        rows = {
+            r["path"]: {**r, "true_label": r.get("true_label", r.get("label")), "pred_label": r.get("pred_label", r.get("pred"))}
+            for r in reader
+        }
+        return _Evaluation(rows, classes)
 
 
 def _positive(rows: list[dict]) -> str:
     """The class a two-class evaluation's ``prob`` is the probability of: PNEUMONIA in the default task, else the
     class decided for the image of highest probability."""
-    names = {r["label"] for r in rows} | {r["pred"] for r in rows}
-    return "PNEUMONIA" if "PNEUMONIA" in names else max(rows, key=lambda r: float(r["prob"]))["pred"]
+    names = {r["true_label"] for r in rows} | {r["pred_label"] for r in rows}
+    return "PNEUMONIA" if "PNEUMONIA" in names else max(rows, key=lambda r: float(r["prob"]))["pred_label"]
 
 
 def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *, n_boot: int = 2000) -> dict:
@@ -57,7 +62,7 @@ def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *,
             f"the evaluations are of different tasks (classes {a.classes or 'two'} and {b.classes or 'two'}); compare runs of one task"
         )
     paths = sorted(a.rows)
-    if any(a.rows[p]["label"] != b.rows[p]["label"] for p in paths):
+    if any(a.rows[p]["true_label"] != b.rows[p]["true_label"] for p in paths):
         raise UsageError("the two evaluations disagree on image labels; they were not made on the same data")
     out = {"n": len(paths), "a": str(eval_a), "b": str(eval_b)}
     if a.classes:
@@ -65,12 +70,12 @@ def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *,
     rows_a, rows_b = [a.rows[p] for p in paths], [b.rows[p] for p in paths]
     if a.classes:  # the screening view: not normal vs normal
         normal = rows_a[0]["screen"].removeprefix("NOT ")
-        y = np.array([r["label"] != normal for r in rows_a], dtype=int)
+        y = np.array([r["true_label"] != normal for r in rows_a], dtype=int)
         pred_a, pred_b = (np.array([r["screen"] != normal for r in rows], dtype=int) for rows in (rows_a, rows_b))
     else:
         positive = _positive(rows_a)
-        y = np.array([r["label"] == positive for r in rows_a], dtype=int)
-        pred_a, pred_b = (np.array([r["pred"] == positive for r in rows], dtype=int) for rows in (rows_a, rows_b))
+        y = np.array([r["true_label"] == positive for r in rows_a], dtype=int)
+        pred_a, pred_b = (np.array([r["pred_label"] == positive for r in rows], dtype=int) for rows in (rows_a, rows_b))
     if len(np.unique(y)) < 2:
         raise UsageError(
             f"a paired comparison of AUCs needs images of both sides of the decision; the evaluations hold {np.bincount(y, minlength=2).tolist()} "
@@ -84,7 +89,7 @@ def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *,
 def _compare_classes(a: _Evaluation, b: _Evaluation, paths: list[str], *, n_boot: int) -> dict:
     """N classes: the paired patient bootstrap of the macro AUC and McNemar on the most probable class."""
     index = {c: i for i, c in enumerate(a.classes)}
-    y = np.array([index[a.rows[p]["label"]] for p in paths])
+    y = np.array([index[a.rows[p]["true_label"]] for p in paths])
     groups = [a.rows[p]["patient_id"] for p in paths]
     probs = [np.array([[float(e.rows[p][f"prob_{c}"]) for c in a.classes] for p in paths]) for e in (a, b)]
     probs = [p / p.sum(axis=1, keepdims=True) for p in probs]  # written with 6 decimals: renormalised

@@ -332,7 +332,7 @@ def _write_tables(tmp: Path, predictor: Predictor, result: EvaluationResult) -> 
         return
     write_csv(
         tmp / "predictions.csv",
-        ["path", "patient_id", "label", "prob", "pred"],
+        ["path", "patient_id", "true_label", "prob", "pred_label"],
         [
             [path, r.patient_id, names[r.label], f"{p:.6f}", predictor.label_of(p)]
             for r, path, p in zip(result.records, result.paths, result.y_prob, strict=True)
@@ -352,7 +352,7 @@ def _write_multiclass_tables(tmp: Path, predictor: Predictor, result: Evaluation
     for r, path, p, probs in zip(result.records, result.paths, result.y_prob, result.class_probs, strict=True):
         screen = "NOT " + normal if predictor.decide(p) else normal
         rows.append([path, r.patient_id, names[r.label], f"{p:.6f}", screen, predictor.class_label(p, probs), *(f"{q:.6f}" for q in probs)])
-    columns = ["path", "patient_id", "label", "prob", "screen", "pred", *(f"prob_{c}" for c in names)]
+    columns = ["path", "patient_id", "true_label", "prob", "screen", "pred_label", *(f"prob_{c}" for c in names)]
     write_csv(tmp / "predictions.csv", columns, rows)
     top1 = classification_report(
         result.y_class, result.class_probs.argmax(1), labels=list(range(len(names))), target_names=names, digits=4, zero_division=0
