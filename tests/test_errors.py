@@ -16,11 +16,7 @@ SRC = Path(pneumoscope.__file__).parent
 
 
 def _kinds():
-    from pneumoscope.data.decode import ImageReadError
-    from pneumoscope.data.discovery import DataError
-    from pneumoscope.data.download import DownloadError
-    from pneumoscope.models.checkpoint import CheckpointError
-    from pneumoscope.outputs import OutputExistsError
+    from pneumoscope.errors import CheckpointError, DataError, DownloadError, ImageReadError, OutputExistsError
 
     return [
         (DataError, ValueError),

@@ -21,6 +21,7 @@ from PIL import Image
 
 from pneumoscope import outputs
 from pneumoscope.cli.main import main
+from pneumoscope.errors import ImageReadError
 from tests.conftest import make_kaggle_tree
 
 
@@ -456,7 +457,7 @@ def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monke
     with open(big, "wb") as fh:
         fh.truncate(2_000_000)  # sparse: costs no disk
     monkeypatch.setattr(pio, "MAX_MEMBER_BYTES", 1_000_000)
-    with pytest.raises(pio.ImageReadError, match="over the limit of 1,000,000"):
+    with pytest.raises(ImageReadError, match="over the limit of 1,000,000"):
         pio.read_file(big)
 
 

@@ -13,13 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import PneumoscopeError
+from .errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
-
-
-class OutputExistsError(PneumoscopeError, FileExistsError):
-    """An output that is there already and is not replaced without --overwrite."""
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.data.decode import ImageReadError, read_image, resize_image
+from pneumoscope.data.decode import read_image, resize_image
+from pneumoscope.errors import ImageReadError
 
 
 def _save(tmp_path, name, img: Image.Image, **kw):
@@ -255,7 +256,8 @@ def test_a_masked_array_is_refused_with_the_fix_not_read_through_its_mask():
 @pytest.mark.parametrize("make", [lambda: np.broadcast_to(np.uint8(0), (8001, 8000)), lambda: Image.new("L", (8000, 8001))])
 def test_an_image_given_in_memory_is_bounded_like_a_file(make):
     """Issue 23 item 11: a 400-MP array was accepted (4.35 GB); files and uploads stop at 64 MP."""
-    from pneumoscope.data.decode import ImageReadError, to_image
+    from pneumoscope.data.decode import to_image
+    from pneumoscope.errors import ImageReadError
 
     with pytest.raises(ImageReadError, match=r"8000 x 8001 pixels is over the 64,000,000-pixel limit.*Downscale"):
         to_image(make(), "big")
@@ -299,7 +301,7 @@ def test_an_image_read_error_carries_its_kind_set_where_it_is_raised(make, kind,
 
 
 def test_an_image_read_error_is_damaged_unless_said_and_refuses_an_unknown_kind():
-    from pneumoscope.data.decode import ERROR_KINDS
+    from pneumoscope.errors import ERROR_KINDS
 
     assert ImageReadError("a.png", "r", "f").kind == "damaged" and set(ERROR_KINDS) == {"damaged", "unsupported"}
     with pytest.raises(ValueError, match="kind must be one of"):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from pneumoscope.data.decode import ImageReadError, read_image
+from pneumoscope.data.decode import read_image
+from pneumoscope.errors import ImageReadError
 from tests.dicom_util import MALFORMED_HEADERS, write_dicom, write_malformed_dicoms
 
 

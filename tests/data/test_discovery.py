@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.data import discovery as D
+from pneumoscope.errors import DataError
 
 
 @pytest.mark.parametrize(
@@ -62,12 +63,12 @@ def test_npz_uses_medmnist_split(tmp_path):
 
 def test_missing_class_folders_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "stuff").mkdir(parents=True)
-    with pytest.raises(D.DataError, match="NORMAL/ and PNEUMONIA/"):
+    with pytest.raises(DataError, match="NORMAL/ and PNEUMONIA/"):
         D.load_dataset(tmp_path / "empty")
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(D.DataError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         D.load_dataset(tmp_path / "nope")
 
 
@@ -252,7 +253,7 @@ def test_a_folder_without_class_folders_is_refused_after_a_bounded_look_naming_w
         (root / name).mkdir()
     (root / "notes.txt").write_text("not a folder")
     read = _spy_scandir(monkeypatch)
-    with pytest.raises(D.DataError) as err:
+    with pytest.raises(DataError) as err:
         D.load_dataset(root)
     assert str(err.value) == (
         f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within 3 levels (found: a/, b/, c/). Fix: point at "
@@ -268,7 +269,7 @@ def test_the_look_for_class_folders_reads_a_bounded_number_of_entries(tmp_path, 
             (root / f"f{i:02d}" / f"g{j:02d}").mkdir(parents=True)
     monkeypatch.setattr(D, "LOOK_ENTRIES", 300)
     read = _spy_scandir(monkeypatch)
-    with pytest.raises(D.DataError, match=r"found: f00/, f01/, f02/, f03/, f04/ and 35 more; the look stopped after 300 entries\)"):
+    with pytest.raises(DataError, match=r"found: f00/, f01/, f02/, f03/, f04/ and 35 more; the look stopped after 300 entries\)"):
         D.load_dataset(root)
     assert len(read) <= 300 + 40  # the budget, then the top folder listed again for the message
 
@@ -342,7 +343,7 @@ def test_an_npz_holds_the_default_task_only(tmp_path):
     from tests.conftest import make_npz
 
     make_npz(tmp_path / "p.npz")
-    with pytest.raises(D.DataError, match="NORMAL vs PNEUMONIA only"):
+    with pytest.raises(DataError, match="NORMAL vs PNEUMONIA only"):
         D.load_dataset(tmp_path / "p.npz", labels="pneumonia-type")
 
 
@@ -441,7 +442,8 @@ def _recorded_skips(recorder: str, kaggle_tree, tmp_path) -> dict[str, str]:
 @pytest.mark.parametrize("recorder", ["features", "imagecache", "pack"])
 def test_a_skipped_image_is_recorded_with_the_reason_and_the_fix(recorder, kaggle_tree, tmp_path):
     """Issue 21: these kept only ``err.reason``, so skipped.csv lost the fix the error gives."""
-    from pneumoscope.data.decode import ImageReadError, read_image
+    from pneumoscope.data.decode import read_image
+    from pneumoscope.errors import ImageReadError
 
     empty = kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg"
     empty.write_bytes(b"")
@@ -457,7 +459,8 @@ def test_a_skipped_image_is_recorded_with_the_reason_and_the_fix(recorder, kaggl
 
 
 def test_skip_detail_is_the_reason_and_fix_or_the_message_of_another_error():
-    from pneumoscope.data.decode import ImageReadError, skip_detail
+    from pneumoscope.data.decode import skip_detail
+    from pneumoscope.errors import ImageReadError
 
     assert skip_detail(ImageReadError("a.png", "file is empty (0 bytes)", "Re-copy it.")) == "file is empty (0 bytes). Re-copy it."
     assert skip_detail(KeyError("member")) == "'member'"
@@ -465,7 +468,8 @@ def test_skip_detail_is_the_reason_and_fix_or_the_message_of_another_error():
 
 def test_an_npz_image_is_converted_once_and_checked_like_any_other(tmp_path, monkeypatch):
     """Issue 21: NpzReader scaled and converted by itself and skipped the check every decoder's output passes."""
-    from pneumoscope.data.decode import ImageReadError, to_image
+    from pneumoscope.data.decode import to_image
+    from pneumoscope.errors import ImageReadError
 
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)

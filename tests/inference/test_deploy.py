@@ -177,7 +177,7 @@ def test_bad_uploads_get_clear_errors(client, payload, name, status):
     ],
 )
 def test_an_unreadable_upload_gets_the_status_of_its_error_kind(client, predictor, monkeypatch, kind, reason, status):
-    from pneumoscope.data.decode import ImageReadError
+    from pneumoscope.errors import ImageReadError
 
     def read(name, data=None, **kw):
         raise ImageReadError(name, reason, "Fix it.", kind=kind)

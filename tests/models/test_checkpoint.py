@@ -5,16 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumoscope.errors import MissingFileError
-from pneumoscope.models.checkpoint import (
-    CheckpointError,
-    RunFolder,
-    describe,
-    load_checkpoint,
-    read_description,
-    save_checkpoint,
-    save_derived_run,
-)
+from pneumoscope.errors import CheckpointError, MissingFileError
+from pneumoscope.models.checkpoint import RunFolder, describe, load_checkpoint, read_description, save_checkpoint, save_derived_run
 from pneumoscope.models.classifier import create_model
 from pneumoscope.models.description import RunDescription
 
@@ -91,7 +83,7 @@ def _edited(tmp_path, **changes):
     ],
 )
 def test_a_description_that_would_change_answers_is_refused_on_load(tmp_path, changes, match):
-    from pneumoscope.models.checkpoint import CheckpointError
+    from pneumoscope.errors import CheckpointError
 
     path = _edited(tmp_path, **changes)
     with pytest.raises(CheckpointError, match=match) as err:
@@ -277,7 +269,8 @@ def test_a_missing_run_folder_says_what_to_give(tmp_path):
 
 def test_a_description_without_its_format_is_refused(tmp_path):
     """Every description pneumoscope writes names its format; one without it was not written by pneumoscope."""
-    from pneumoscope.models.checkpoint import CheckpointError, describe
+    from pneumoscope.errors import CheckpointError
+    from pneumoscope.models.checkpoint import describe
     from pneumoscope.models.description import RunDescription
 
     d = describe(create_model("efficientnet_lite0", pretrained="none", hidden=8), threshold=0.5, threshold_policy="test").to_dict()
@@ -288,7 +281,8 @@ def test_a_description_without_its_format_is_refused(tmp_path):
 
 def test_a_format_version_that_is_not_a_number_is_a_checkpoint_error():
     """A damaged header is the user's to fix (one line naming the file), not a TypeError reported as a bug."""
-    from pneumoscope.models.checkpoint import CheckpointError, describe
+    from pneumoscope.errors import CheckpointError
+    from pneumoscope.models.checkpoint import describe
     from pneumoscope.models.description import RunDescription
 
     d = describe(create_model("efficientnet_lite0", pretrained="none", hidden=8), threshold=0.5, threshold_policy="test").to_dict()

@@ -19,7 +19,7 @@ import torch
 
 from ..choices import ADAPT_METHODS
 from ..data import discovery as data_mod
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..inference.predictor import Predictor
 from ..metrics.classification import logit, sigmoid
 from ..models.checkpoint import save_derived_run
@@ -47,7 +47,7 @@ def read_site(predictor: Predictor, site: str | os.PathLike, *, cache_dir=None, 
     dataset = data_mod.unique_images(dataset, labelled=False)  # copies would weigh as many images
     feats = extract_features(predictor.model, dataset, cache_dir=cache_dir, progress=progress)
     if len(feats.records) < MIN_SITE_IMAGES:
-        raise data_mod.DataError(
+        raise DataError(
             f"{site}: {len(feats.records)} distinct readable images; judging or adapting to a site needs at least {MIN_SITE_IMAGES} "
             "(a few hundred are better). Fix: add more of the site's images."
         )
@@ -56,7 +56,7 @@ def read_site(predictor: Predictor, site: str | os.PathLike, *, cache_dir=None, 
 
 def _require_adapter(predictor: Predictor, run) -> None:
     if predictor.model.adapter is None:
-        raise data_mod.DataError(
+        raise DataError(
             f"{run}: this run was trained before site adaptation existed and holds no training feature statistics. "
             "Fix: train it again with this version of pneumoscope."
         )
@@ -147,7 +147,7 @@ def _adaptable(run: str | os.PathLike, method: str) -> Predictor:
     if done:
         # its head's bias already carries a prior offset and its threshold moved with it: a second
         # adaptation would add another on top (probabilities shifted twice), not replace it
-        raise data_mod.DataError(
+        raise DataError(
             f"{run}: this run is already adapted ({done.get('method')}, to {done.get('data')}). "
             "Fix: adapt the run it was adapted from, which the new run then replaces."
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.discovery import DataError
+from ..errors import DataError
 from ..inference.predictor import Predictor
 from .shift import compute_domain_auc, compute_mmd_test, estimate_prevalence, shift_verdict
 

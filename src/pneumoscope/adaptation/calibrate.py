@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import discovery as data_mod
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.operating_point import fit_operating_point
@@ -159,9 +159,7 @@ def _calibratable(run: str | os.PathLike, *, refit: bool) -> Predictor:
             "Fix: evaluate it on the site's labelled images instead (N-class calibration is not built yet)"
         )
     if refit and predictor.model.adapter is None:
-        raise data_mod.DataError(
-            f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again."
-        )
+        raise DataError(f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again.")
     return predictor
 
 
@@ -175,7 +173,7 @@ def _labelled_sample(predictor: Predictor, data: str | os.PathLike, split: str, 
     feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     counts = np.bincount(np.array([r.label for r in feats.records]), minlength=2)
     if counts.min() < MIN_PER_CLASS:
-        raise data_mod.DataError(
+        raise DataError(
             f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). "
             "Fix: label more local images."
         )

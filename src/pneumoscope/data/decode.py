@@ -22,7 +22,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import PneumoscopeError
+from ..errors import ImageReadError
 
 logger = logging.getLogger(__name__)
 
@@ -45,30 +45,6 @@ MAX_COMPRESSION_RATIO = 200
 MIN_RATIO_CHECKED = 1 << 20
 
 T = TypeVar("T")
-
-
-# What an ImageReadError is about, set where it is raised (serve maps it to an HTTP status):
-# "unsupported": not an image, or a format no decoder here reads; "damaged": everything else
-# (an empty, truncated, corrupt or oversized file of a known format, an unusable decode).
-ERROR_KINDS = ("damaged", "unsupported")
-
-
-class ImageReadError(PneumoscopeError, ValueError):
-    """An image file that cannot be used, with the reason, the fix and its :data:`kind <ERROR_KINDS>`."""
-
-    def __init__(self, path: str | os.PathLike, reason: str, fix: str, *, kind: str = "damaged"):
-        if kind not in ERROR_KINDS:
-            raise ValueError(f"kind must be one of {ERROR_KINDS}, got {kind!r}")
-        self.path = str(path)
-        self.reason = reason
-        self.fix = fix
-        self.kind = kind
-        super().__init__(f"{self.path}: {self.detail}")
-
-    @property
-    def detail(self) -> str:
-        """The reason and the fix: how a skipped file is recorded beside its path (skipped.csv, a prediction's ``error``)."""
-        return f"{self.reason}. {self.fix}"
 
 
 class Decoded(NamedTuple):

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PneumoscopeError, UsageError
+from ..errors import DataError, ImageReadError, UsageError
 from ..runtime import progress_bar
-from .decode import IMAGE_SUFFIXES, ImageReadError, is_image_path, read_file, read_image, read_zip_member, skip_detail, to_image
+from .decode import IMAGE_SUFFIXES, is_image_path, read_file, read_image, read_zip_member, skip_detail, to_image
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)(?:_|$)", re.IGNORECASE)
 _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-|$)", re.IGNORECASE)
-
-
-class DataError(PneumoscopeError, ValueError):
-    """A dataset that cannot be used as given, with the fix."""
 
 
 @dataclass(frozen=True)

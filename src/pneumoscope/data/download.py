@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import PneumoscopeError
+from ..errors import DownloadError
 from ..outputs import atomic_file
 from .paths import default_cache_dir
 
@@ -18,10 +18,6 @@ logger = logging.getLogger(__name__)
 # MedMNIST v2 (Zenodo record 10519652); the MD5 is the one medmnist's INFO lists.
 PNEUMONIAMNIST_URL = "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
 PNEUMONIAMNIST_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"
-
-
-class DownloadError(PneumoscopeError, ConnectionError):
-    """The download failed: no network, or the server did not answer."""
 
 
 def md5sum(path: str | os.PathLike) -> str:
@@ -53,7 +49,7 @@ def fetch_pneumoniamnist(
             out.write(chunk)
             h.update(chunk)
         if h.hexdigest() != md5:
-            from .discovery import DataError  # only here: the downloader imports nothing heavy
+            from ..errors import DataError
 
             raise DataError(f"download from {url} has MD5 {h.hexdigest()}, expected {md5}; the file is not kept. Try again later.")
     return target

@@ -19,9 +19,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from ..errors import ImageReadError
 from ..outputs import atomic_file, write_json
 from ..runtime import die_with_parent, progress_bar
-from .decode import ImageReadError, skip_detail
+from .decode import skip_detail
 from .discovery import Dataset, Record
 from .preprocessing import Preprocessing
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import UsageError
-from ..outputs import OutputExistsError, atomic_file
+from ..errors import DataError, ImageReadError, OutputExistsError, UsageError
+from ..outputs import atomic_file
 from ..runtime import progress_bar
 from . import discovery as data_mod
-from .decode import ImageReadError, resize_image, skip_detail
+from .decode import resize_image, skip_detail
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def pack_dataset(
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it.")
     dataset = data_mod.load_dataset(data)
     if dataset.layout == "npz":
-        raise data_mod.DataError(f"{data}: already an array file; pack folders or zips of images.")
+        raise DataError(f"{data}: already an array file; pack folders or zips of images.")
     kept, resized, skipped = 0, 0, []
     taken = {record.ref for record in dataset.records}  # names of the source's files: a re-encoded image's new name avoids them
     with atomic_file(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # JPEG/PNG bytes do not deflate

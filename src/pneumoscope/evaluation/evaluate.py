@@ -15,6 +15,7 @@ from sklearn.metrics import classification_report, precision_recall_curve
 
 from ..data import discovery as data_mod
 from ..data.decode import read_many, screen_image
+from ..errors import DataError
 from ..inference.predictor import Predictor
 from ..metrics.calibration import compute_adaptive_reliability, compute_reliability
 from ..metrics.classification import compute_roc_curve, decide
@@ -70,7 +71,7 @@ def evaluate_dataset(
     scored = _score(predictor, scanned, tta=tta, cache_dir=cache_dir, progress=progress)
     kept = scored.records
     if not kept:
-        raise data_mod.DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
+        raise DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_class = np.array([r.label for r in kept])
     groups = [r.patient_id for r in kept]
     y_true = (y_class != predictor.class_names.index(predictor.description.normal_class)).astype(int) if predictor.multiclass else y_class

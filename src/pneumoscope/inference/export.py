@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import StateError
-from ..outputs import OutputExistsError, check_writable, partial_name, remove_orphans, write_bytes_atomic
+from ..errors import OutputExistsError, StateError
+from ..outputs import check_writable, partial_name, remove_orphans, write_bytes_atomic
 from .predictor import Predictor
 
 logger = logging.getLogger(__name__)

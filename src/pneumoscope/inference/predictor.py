@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ..data.decode import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
-from ..data.discovery import DataError, Dataset, Record
+from ..data.discovery import Dataset, Record
 from ..data.preprocessing import Preprocessing
-from ..errors import UsageError
+from ..errors import CheckpointError, DataError, UsageError
 from ..metrics.classification import calibrated_probability, decide
-from ..models.checkpoint import CheckpointError, description_from_json, load_checkpoint
+from ..models.checkpoint import description_from_json, load_checkpoint
 from ..models.description import RunDescription
 from ..models.features import FeatureResult, extract_features
 

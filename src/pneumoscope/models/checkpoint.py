@@ -22,10 +22,10 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ..errors import MissingFileError
+from ..errors import CheckpointError, MissingFileError
 from ..outputs import write_bytes_atomic
 from .classifier import FeatureAdapter, MahalanobisGuard, PneumoniaClassifier, create_model
-from .description import BINARY_FORMAT_VERSION, FORMAT_VERSION, CheckpointError, HeadShape, RunDescription, output_text
+from .description import BINARY_FORMAT_VERSION, FORMAT_VERSION, HeadShape, RunDescription, output_text
 
 CHECKPOINT_NAME = "model.safetensors"
 

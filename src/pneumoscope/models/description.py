@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 from ..data.discovery import CLASS_NAMES
 from ..data.preprocessing import RESIZE_METHODS, Preprocessing
-from ..errors import PneumoscopeError
+from ..errors import CheckpointError
 from ..metrics.calibration import TEMPERATURE_RANGE
 from .backbones import BACKBONES
 
@@ -53,10 +53,6 @@ MAX_REFERENCE_SAMPLE = 100_000  # the site adapter's sample of training features
 # in this order): train writes training, ood and leakage; calibrate, adapt and export add theirs.
 SECTIONS = ("training", "ood", "leakage", "calibration", "adaptation", "onnx")
 REQUIRED = ("format", "backbone", "head")
-
-
-class CheckpointError(PneumoscopeError, ValueError):
-    """A checkpoint (or ONNX export) whose description cannot be used as it stands."""
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data.decode import ImageReadError, skip_detail
+from ..data.decode import skip_detail
 from ..data.discovery import Dataset, Record
 from ..data.paths import default_cache_dir
+from ..errors import ImageReadError
 from ..outputs import npy_bytes, write_bytes_atomic
 from ..runtime import die_with_parent, progress_bar
 from .classifier import PneumoniaClassifier, weights_fingerprint

@@ -38,8 +38,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import MutableHeaders
 
-from ..data.decode import MAX_PIXELS, ImageReadError, image_pixels, screen_image
-from ..errors import StateError, UsageError
+from ..data.decode import MAX_PIXELS, image_pixels, screen_image
+from ..errors import ImageReadError, StateError, UsageError
 from ..inference.predictor import Prediction, Predictor
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import discovery as data_mod
-from ..errors import StateError, UsageError
+from ..errors import DataError, OutputExistsError, StateError, UsageError
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.intervals import mean_sd
 from ..metrics.multiclass import compute_multiclass_metrics, softmax
@@ -30,7 +30,7 @@ from ..metrics.operating_point import OperatingPoint, fit_operating_point, fit_s
 from ..models.checkpoint import RunFolder, describe, save_checkpoint
 from ..models.classifier import FeatureAdapter, MahalanobisGuard, create_model
 from ..models.features import FeatureResult, extract_features
-from ..outputs import OutputExistsError, atomic_output_dir, check_output_dir, write_csv, write_json
+from ..outputs import atomic_output_dir, check_output_dir, write_csv, write_json
 from ..plots import plot_history, plot_image_grid
 from ..runtime import is_launched_rank
 from .config import TrainConfig
@@ -50,7 +50,7 @@ def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data
         records = data_mod.limit_per_split(records, config.limit, seed=config.seed)
     for label, name in enumerate(dataset.class_names):
         if not any(r.label == label and r.split == "train" for r in records):
-            raise data_mod.DataError(
+            raise DataError(
                 f"{dataset.source}: no {name} images to train on. Fix: put {name} images in a {name}/ folder "
                 "(under train/ for a Kaggle layout); training needs every class."
             )
@@ -256,7 +256,7 @@ def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config
     y = np.array([r.label for r in feats.records])
     tr, va = split == "train", split == "val"
     if not va.any() or len(np.unique(y[va])) < 2:
-        raise data_mod.DataError(
+        raise DataError(
             f"{data}: the validation split has {int(va.sum())} images and needs two classes or more; use more data or a larger "
             "--val-fraction."
         )
