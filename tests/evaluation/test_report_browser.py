@@ -351,6 +351,7 @@ def _boxes_and_shot(page, width: int, path: Path, elements: dict = KEY_ELEMENTS)
     return boxes
 
 
+@pytest.mark.slow
 def test_web_page_of_a_three_class_run_shows_each_class_as_a_bar(tmp_path):
     """Issue 22: an N-class model's result on the page: the screening verdict names the class decided and P(not normal),
     and each class's probability is a bar, most probable first; screenshot: tests/artifacts/web-three-class.png."""

@@ -205,6 +205,7 @@ def test_a_task_without_its_normal_class_or_with_fine_tuning_is_refused_in_one_l
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_the_pneumonia_type_task_trains_and_evaluates_with_its_own_labels(kaggle_tree, tmp_path, capsys):
     import json
 
@@ -219,6 +220,7 @@ def test_the_pneumonia_type_task_trains_and_evaluates_with_its_own_labels(kaggle
     assert json.loads((ev / "metrics.json").read_text())["multiclass"]["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]
 
 
+@pytest.mark.slow
 def test_explain_runs_its_checks_on_a_three_class_run(three_class, tmp_path):
     import json
 
@@ -262,6 +264,7 @@ def test_site_commands_do_what_holds_for_n_classes_and_refuse_the_rest(three_cla
     assert "N-class calibration is not built yet" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_two_evaluations_of_a_three_class_task(three_class, tmp_path, capsys):
     import json
 
