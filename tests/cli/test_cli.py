@@ -116,7 +116,7 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     images = [p["path"] for p in preds[:3]]
     for row, pred in zip(out[:3], preds[:3], strict=True):
         assert abs(row["prob"] - float(pred["prob"])) < 1e-4  # the same model through both paths
-        assert row["label"] == pred["pred"] or row["label"] is None
+        assert row["label"] == pred["pred_label"] or row["label"] is None
 
     ex = tmp_path / "explain"
     assert main(["-q", "explain", str(trained_run), *images[:2], "--out", str(ex)]) == 0
