@@ -6,14 +6,46 @@ Importable without PyTorch (the command line's parser reads the backbone registr
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from ..errors import UsageError
 from .decode import resize_image
+
+INPUT_SIZE_RANGE = (16, 1024)  # pixels a side; a registered backbone runs at its own size (models.description checks that)
+
+
+def _rule(name: str, rule: str, value) -> UsageError:
+    return UsageError(f"preprocessing.{name} must be {rule}, got {value!r}")
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool):
+        raise _rule(name, "a number", value)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise _rule(name, "a number", value) from None
+    if not math.isfinite(x):
+        raise _rule(name, "finite", value)
+    return x
+
+
+def check_preprocessing(d: Mapping) -> Preprocessing:
+    """The contract from a mapping (a checkpoint's ``preprocessing``): no key it does not know, every value checked by
+    :class:`Preprocessing` itself; a :class:`UsageError` names the field, the rule and the value."""
+    allowed = tuple(f.name for f in fields(Preprocessing))
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise UsageError(
+            f"preprocessing must be a mapping of {list(allowed)} (unknown keys could change how the model runs), got {unknown!r}"
+        )
+    return Preprocessing(d.get("input_size"), d.get("mean"), d.get("std"), d.get("in_chans"), d.get("resize", "bilinear-squash"))
+
 
 # How an image is brought to ``input_size`` x ``input_size``: what a checkpoint's
 # ``preprocessing.resize`` may name -> fn(image (H, W), size) -> (size, size) float32.
@@ -39,14 +71,26 @@ class Preprocessing:
     resize: str = "bilinear-squash"
 
     def __post_init__(self):
-        if self.input_size < 16:
-            raise UsageError(f"input_size must be at least 16, got {self.input_size!r}")
+        """Every rule of the contract, checked here and only here (a checkpoint's description is read through
+        :func:`check_preprocessing`, which builds one): typed values replace what was given."""
+        size = _number(self.input_size, "input_size")
+        if size != int(size) or not INPUT_SIZE_RANGE[0] <= size <= INPUT_SIZE_RANGE[1]:
+            raise _rule("input_size", f"an integer in [{INPUT_SIZE_RANGE[0]}, {INPUT_SIZE_RANGE[1]}]", self.input_size)
+        object.__setattr__(self, "input_size", int(size))
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not isinstance(values, (list, tuple)) or not values:
+                raise _rule(key, "a list of numbers", values)
+            numbers = tuple(_number(v, key) for v in values)
+            if key == "std" and min(numbers) <= 0:
+                raise _rule("std", "> 0", values)
+            object.__setattr__(self, key, numbers)
+        if self.in_chans != 3:  # every registered backbone's first convolution takes 3 channels
+            raise _rule("in_chans", "3 (the backbones take three channels)", self.in_chans)
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise UsageError(f"mean and std need {self.in_chans} values, got {self.mean!r} and {self.std!r}")
-        if self.resize not in RESIZE_METHODS:
-            raise UsageError(
-                f"resize must be one of {list(RESIZE_METHODS)}, got {self.resize!r}. Fix: use one of those (a newer version may know more)"
-            )
+            raise _rule("in_chans", f"the number of mean and std values ({len(self.mean)}, {len(self.std)})", self.in_chans)
+        if not isinstance(self.resize, str) or self.resize not in RESIZE_METHODS:
+            raise _rule("resize", f"one of {list(RESIZE_METHODS)} (a newer version may know more)", self.resize)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float32 in [0, 1] -> (C, S, S) float32, normalised."""
@@ -79,4 +123,4 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         """The contract from :meth:`to_dict`'s dict (an older one without ``resize`` squashes)."""
-        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), int(d["in_chans"]), d.get("resize", "bilinear-squash"))
+        return check_preprocessing(d)

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from ..data.discovery import CLASS_NAMES
-from ..data.preprocessing import RESIZE_METHODS, Preprocessing
-from ..errors import CheckpointError
+from ..data.preprocessing import Preprocessing, check_preprocessing
+from ..errors import CheckpointError, UsageError
 from ..metrics.calibration import TEMPERATURE_RANGE
 from .backbones import BACKBONES
 
@@ -44,7 +44,6 @@ def output_text(class_names) -> str:
 
 # Input sizes a model here can run at: below 16 px a backbone has nothing left to pool;
 # above 1,024 px one CPU image costs seconds and a batch gigabytes.
-INPUT_SIZE_RANGE = (16, 1024)  # a backbone this version does not know; a registered one runs at its own size
 MAX_FEATURES = 16_384  # pooled backbone features (the registered backbones have 1,280 to 2,688)
 MAX_HIDDEN = 65_536  # the head's hidden units (256 a head; cross-fitted and ensemble heads stack a few)
 MAX_REFERENCE_SAMPLE = 100_000  # the site adapter's sample of training features (FeatureAdapter.REFERENCE_SAMPLE)
@@ -302,32 +301,13 @@ def _ood(ood, source) -> OodGuardEntry | None:
 
 def _preprocessing(pre, source) -> Preprocessing:
     if isinstance(pre, Preprocessing):
-        pre = pre.to_dict()
+        return pre  # checked when it was made
     if not isinstance(pre, Mapping):
         raise _refuse(source, "preprocessing", "a mapping (input_size, mean, std, in_chans)", pre)
-    _keys(pre, "preprocessing", tuple(f.name for f in fields(Preprocessing)), source)
-    _integer(pre.get("input_size"), "preprocessing.input_size", source, *INPUT_SIZE_RANGE)
-    for key in ("mean", "std"):
-        values = pre.get(key)
-        if not isinstance(values, (list, tuple)) or not values:
-            raise _refuse(source, f"preprocessing.{key}", "a list of numbers", values)
-        for v in values:
-            if key == "std" and _number(v, "preprocessing.std", source) <= 0:
-                raise _refuse(source, "preprocessing.std", "> 0", values)
-            _number(v, f"preprocessing.{key}", source)
-    if pre.get("in_chans") != 3:  # every registered backbone's first convolution takes 3 channels
-        raise _refuse(source, "preprocessing.in_chans", "3 (the backbones take three channels)", pre.get("in_chans"))
-    if len(pre["mean"]) != len(pre["std"]) or pre.get("in_chans") != len(pre["mean"]):
-        raise _refuse(
-            source,
-            "preprocessing.in_chans",
-            f"the number of mean and std values ({len(pre['mean'])}, {len(pre['std'])})",
-            pre.get("in_chans"),
-        )
-    resize = pre.get("resize", "bilinear-squash")
-    if not isinstance(resize, str) or resize not in RESIZE_METHODS:
-        raise _refuse(source, "preprocessing.resize", f"one of {list(RESIZE_METHODS)}", pre.get("resize"))
-    return Preprocessing.from_dict(pre)
+    try:
+        return check_preprocessing(pre)  # the contract's rules live with the contract
+    except UsageError as err:
+        raise CheckpointError(f"{source}: {err}; the file was edited or damaged. {_fix()}") from None
 
 
 def _class_names(names, source) -> tuple[str, ...]:
