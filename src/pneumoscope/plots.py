@@ -49,46 +49,52 @@ def plot_history(history: list[dict], path, *, best_epoch: int | None = None, ti
 
 def plot_confusion_matrix(cm: dict[str, int], class_names, path, *, title: str = "") -> None:
     """Counts with row percentages (so the diagonal reads as specificity and sensitivity); colour = row share."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
     m = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])  # rows = true class, columns = predicted
-    rows = m.sum(axis=1, keepdims=True)
-    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)  # (2, 2) row fractions
-    fig, ax = _subplots(figsize=(5.2, 4.4))
-    disp = ConfusionMatrixDisplay(share, display_labels=list(class_names))
-    disp.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
-    diagonal = {(0, 0): "specificity", (1, 1): "sensitivity"}
-    for (i, j), text in np.ndenumerate(disp.text_):
-        pct = f"{share[i, j]:.1%}" if rows[i, 0] else "n/a"
-        text.set_text(f"{m[i, j]}\n{pct}" + (f"\n{diagonal[i, j]}" if (i, j) in diagonal else ""))
-        text.set_fontsize(12)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_yticks([0, 1], [f"{c}\n(n = {n})" for c, n in zip(class_names, rows[:, 0], strict=True)])
-    ax.set_title((title + "\n" if title else "") + "count and % of the true class (row)", fontsize=10)
-    cbar = fig.colorbar(disp.im_, ax=ax, fraction=0.046)
-    cbar.set_label("share of the row")
-    _save(fig, path)
+    _draw_confusion(
+        m,
+        class_names,
+        path,
+        title=title,
+        figsize=(5.2, 4.4),
+        fontsize=12,
+        xlabel="predicted",
+        diagonal={(0, 0): "specificity", (1, 1): "sensitivity"},
+    )
 
 
 def plot_confusion_matrix_n(cm, class_names, path, *, title: str = "") -> None:
     """An N x N confusion matrix (rows true, columns predicted): counts with row percentages (the diagonal reads as
     each class's sensitivity); colour = row share."""
+    k = len(class_names)
+    _draw_confusion(
+        np.asarray(cm),
+        class_names,
+        path,
+        title=title,
+        figsize=(2.0 + 1.4 * k, 1.6 + 1.2 * k),
+        fontsize=11 if k <= 4 else 8,
+        xlabel="predicted (most probable class)",
+    )
+
+
+def _draw_confusion(m: np.ndarray, class_names, path, *, title: str, figsize, fontsize: int, xlabel: str, diagonal=None) -> None:
+    """The one confusion-matrix drawing: counts (rows true, columns predicted) over row shares, a cell's row share
+    "n/a" for a class with no images, ``diagonal`` naming what some cells read as."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    m = np.asarray(cm)
     rows = m.sum(axis=1, keepdims=True)
-    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)
-    k = len(class_names)
-    fig, ax = _subplots(figsize=(2.0 + 1.4 * k, 1.6 + 1.2 * k))
+    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)  # row fractions
+    fig, ax = _subplots(figsize=figsize)
     disp = ConfusionMatrixDisplay(share, display_labels=list(class_names))
     disp.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
     for (i, j), text in np.ndenumerate(disp.text_):
-        text.set_text(f"{m[i, j]}\n{share[i, j]:.1%}" if rows[i, 0] else f"{m[i, j]}\nn/a")
-        text.set_fontsize(11 if k <= 4 else 8)
-    ax.set_xlabel("predicted (most probable class)")
+        pct = f"{share[i, j]:.1%}" if rows[i, 0] else "n/a"
+        named = (diagonal or {}).get((i, j))
+        text.set_text(f"{m[i, j]}\n{pct}" + (f"\n{named}" if named else ""))
+        text.set_fontsize(fontsize)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("true")
-    ax.set_yticks(range(k), [f"{c}\n(n = {n})" for c, n in zip(class_names, rows[:, 0], strict=True)])
+    ax.set_yticks(range(len(class_names)), [f"{c}\n(n = {n})" for c, n in zip(class_names, rows[:, 0], strict=True)])
     ax.set_title((title + "\n" if title else "") + "count and % of the true class (row)", fontsize=10)
     cbar = fig.colorbar(disp.im_, ax=ax, fraction=0.046)
     cbar.set_label("share of the row")
