@@ -531,3 +531,23 @@ def test_evaluate_finds_test_images_byte_identical_to_the_runs_training_images(t
     records = [Record(f"test/NORMAL/{h}.jpeg", 0, "test", h, "none", True, content_hash=h * 64) for h in "abcde"]
     assert [r.ref for r in seen_in_training(RunFolder(tmp_path), records)] == ["test/NORMAL/a.jpeg", "test/NORMAL/b.jpeg"]
     assert seen_in_training(RunFolder(tmp_path / "none"), records) == []  # a run without splits.csv (an older one)
+
+
+def test_compare_of_a_two_class_task_under_other_names_finds_its_positive_class(tmp_path):
+    """Every image below the threshold: the most probable one was decided NORMAL, which is not the class prob is of
+    (the earlier guess took it as the positive class and inverted the AUC)."""
+    from pneumoscope.errors import UsageError
+    from pneumoscope.evaluation.compare import compare_evaluations
+
+    rows = [("a.png", "NORMAL", 0.10), ("b.png", "TB", 0.40), ("c.png", "NORMAL", 0.20), ("d.png", "TB", 0.30)]
+    for name, shift in (("a", 0.0), ("b", 0.01)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "predictions.csv", "w") as fh:
+            fh.write("path,patient_id,true_label,prob,pred_label\n")
+            fh.writelines(f"{p},{p},{label},{prob + shift:.2f},NORMAL\n" for p, label, prob in rows)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"threshold": 0.5}))
+    result = compare_evaluations(tmp_path / "a", tmp_path / "b", n_boot=20)
+    assert result["auc_delong"]["auc_a"] == 1.0  # TB is the positive class: its images have the higher probabilities
+    (tmp_path / "a" / "metrics.json").unlink()
+    with pytest.raises(UsageError, match="cannot be told"):
+        compare_evaluations(tmp_path / "a", tmp_path / "b", n_boot=20)

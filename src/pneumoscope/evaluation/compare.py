@@ -5,6 +5,7 @@ class. Reads the ``predictions.csv`` that ``evaluate`` writes; no model is loade
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,29 @@ def _read_predictions(folder: Path) -> _Evaluation:
         return _Evaluation(rows, classes)
 
 
-def _positive(rows: list[dict]) -> str:
-    """The class a two-class evaluation's ``prob`` is the probability of: PNEUMONIA in the default task, else the
-    class decided for the image of highest probability."""
+def _positive(rows: list[dict], folder: Path) -> str:
+    """The class a two-class evaluation's ``prob`` is the probability of: PNEUMONIA in the default task; else the class
+    decided for the most probable image when the least probable one got the other (the decision rises with ``prob``);
+    else the side of the evaluation's threshold (its metrics.json) the images fell on. Refused when none tells."""
     names = {r["true_label"] for r in rows} | {r["pred_label"] for r in rows}
-    return "PNEUMONIA" if "PNEUMONIA" in names else max(rows, key=lambda r: float(r["prob"]))["pred_label"]
+    if "PNEUMONIA" in names:
+        return "PNEUMONIA"
+    low, high = min(rows, key=lambda r: float(r["prob"])), max(rows, key=lambda r: float(r["prob"]))
+    if low["pred_label"] != high["pred_label"]:
+        return high["pred_label"]
+    try:
+        threshold = float(json.loads((folder / "metrics.json").read_text())["threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        threshold = None
+    others = names - {high["pred_label"]}
+    if threshold is not None and float(high["prob"]) >= threshold:
+        return high["pred_label"]
+    if threshold is not None and len(others) == 1:
+        return others.pop()
+    raise UsageError(
+        f"{folder}: every image was decided {high['pred_label']}, and without its metrics.json the class its probabilities are "
+        "of cannot be told. Fix: compare the folders `pneumoscope evaluate` wrote, whole"
+    )
 
 
 def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *, n_boot: int = 2000) -> dict:
@@ -73,7 +92,7 @@ def compare_evaluations(eval_a: str | os.PathLike, eval_b: str | os.PathLike, *,
         y = np.array([r["true_label"] != normal for r in rows_a], dtype=int)
         pred_a, pred_b = (np.array([r["screen"] != normal for r in rows], dtype=int) for rows in (rows_a, rows_b))
     else:
-        positive = _positive(rows_a)
+        positive = _positive(rows_a, Path(eval_a))
         y = np.array([r["true_label"] == positive for r in rows_a], dtype=int)
         pred_a, pred_b = (np.array([r["pred_label"] == positive for r in rows], dtype=int) for rows in (rows_a, rows_b))
     if len(np.unique(y)) < 2:
