@@ -259,7 +259,7 @@ def format_metrics(m: dict) -> str:
     for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc"):
         if key in m:
             interval = ci.get(key)
-            lines.append(f"  {key:<18} {_fmt(m[key])}" + (f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""))
+            lines.append(f"  {key:<18} {_with_ci(m[key], interval)}")
     if m.get("note"):
         lines.append(f"  note: {m['note']}")
     return "\n".join(lines)
@@ -267,14 +267,10 @@ def format_metrics(m: dict) -> str:
 
 def format_multiclass(mc: dict) -> list[str]:
     """N classes: top-1 accuracy, macro and micro AUC with intervals, and one line a class (one-vs-rest)."""
-
-    def with_ci(value, interval) -> str:
-        return _fmt(value) + (f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
-
     ci = mc["ci95"]
     lines = [
-        f"{len(mc['classes'])} classes, n={mc['n']}: top-1 accuracy {with_ci(mc['accuracy'], ci['accuracy'])}",
-        f"  macro AUC {with_ci(mc['macro_auc'], ci['macro_auc'])}; micro AUC {with_ci(mc['micro_auc'], ci['micro_auc'])}",
+        f"{len(mc['classes'])} classes, n={mc['n']}: top-1 accuracy {_with_ci(mc['accuracy'], ci['accuracy'])}",
+        f"  macro AUC {_with_ci(mc['macro_auc'], ci['macro_auc'])}; micro AUC {_with_ci(mc['micro_auc'], ci['micro_auc'])}",
         f"  {'class':<14} {'n':>5} {'sens':>7} {'spec':>7} {'ppv':>7} {'npv':>7} {'auc':>7}",
     ]
     for name, row in mc["per_class"].items():
@@ -422,6 +418,11 @@ def cmd_compare(args) -> int:
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _with_ci(value, interval) -> str:
+    """A value and its 95% interval, as the evaluation tables print them."""
+    return _fmt(value) + (f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
 
 def cmd_explain(args) -> int:
