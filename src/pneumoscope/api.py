@@ -166,7 +166,10 @@ class Model:
         _require_exists(items)
         images = [self.predictor.read_input(item, input_name(item, i)) for i, item in enumerate(items)]
         preds = self.predictor.predict_images(images, [describe_input(item) for item in items])
-        views, cams, classes = views_and_cams(self.predictor, images, probs=[p.prob for p in preds], target=target, method=method)
+        known = [list(p.probs.values()) for p in preds] if self.predictor.multiclass else None  # N classes: computed above
+        views, cams, classes = views_and_cams(
+            self.predictor, images, probs=[p.prob for p in preds], class_probs=known, target=target, method=method
+        )
         maps = [CamMap(p, view, cam, self.class_names[c], method) for p, view, cam, c in zip(preds, views, cams, classes, strict=True)]
         return maps[0] if one else maps
 

@@ -212,7 +212,8 @@ def _gallery(
     for kind, i in pick_cases(result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind):
         record = result.records[i]
         image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
-        (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1])  # what the model decided: pred[i]
+        known = None if result.class_probs is None else result.class_probs[i : i + 1]
+        (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1], class_probs=known)  # pred[i]
         path = folder / f"gallery_{len(out):02d}.png"
         caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
         title = f"{kind}: P(pneumonia) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure

@@ -69,18 +69,19 @@ def target_classes(predictor: Predictor, probs, target: str = "predicted", class
 
 
 def views_and_cams(
-    predictor: Predictor, images: list[np.ndarray], *, probs=None, target: str = "predicted", method: str = "gradcam"
+    predictor: Predictor, images: list[np.ndarray], *, probs=None, class_probs=None, target: str = "predicted", method: str = "gradcam"
 ) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
     """Each decoded image as the model sees it, its CAM over that view, and the class each map explains.
 
     Returns views (S, S) in [0, 1] (:meth:`Predictor.preprocessing_view`), CAMs (B, S, S) in [0, 1]
     and the classes. The class is the one decided (:meth:`Predictor.decide`: calibrated probability
     at or above the threshold) on ``probs`` (the caller's, computed here when not given), unless
-    ``target`` names one. The one path from images to maps; draw them with ``plots.overlay_cam``.
+    ``target`` names one; an N-class model decides on ``class_probs`` too (each image's class probabilities, as its
+    :class:`Prediction` holds them), computed here in one pass when not given.
+    The one path from images to maps; draw them with ``plots.overlay_cam``.
     """
-    class_probs = None
-    if predictor.multiclass:  # the decided class needs every class's probability: one pass for them
-        logits, _ = predictor.forward(images, 32)
+    if predictor.multiclass and (probs is None or class_probs is None):
+        logits, _ = predictor.forward(images)
         probs, class_probs = predictor.probability(logits), predictor.class_probabilities(logits)
     elif probs is None:
         probs = predictor.predict_proba(images)

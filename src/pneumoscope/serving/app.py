@@ -499,7 +499,8 @@ class _Pipeline:
     def explain(self, view: np.ndarray, pred: Prediction) -> dict:
         with self.lock:  # Grad-CAM's hooks must not meet a batched forward pass
             # the view, at the input size, preprocesses to x
-            _, (cam,), _ = self._cams.views_and_cams(self.predictor, [view], probs=[pred.prob])
+            known = None if pred.probs is None else [list(pred.probs.values())]  # N classes: what the batch computed
+            _, (cam,), _ = self._cams.views_and_cams(self.predictor, [view], probs=[pred.prob], class_probs=known)
         return {
             "cam_method": "gradcam",
             "cam_target": pred.label,
