@@ -328,6 +328,8 @@ def test_pneumonia_type_labels_come_from_kermany_file_names(kaggle_tree):
     [
         ({"classes": ["NORMAL"]}, "two or more"),
         ({"classes": ["a", "A"]}, "two or more different"),
+        ({"classes": [1, 2]}, "classes must be auto or folder names"),  # a YAML list of numbers: one line, not a traceback
+        ({"classes": {"a": 1}}, "classes must be auto or folder names"),
         ({"labels": "colour"}, "labels must be one of"),
         ({"labels": "pneumonia-type", "classes": ["X", "Y"]}, "pneumonia-type makes the classes"),
     ],

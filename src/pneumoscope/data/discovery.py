@@ -257,6 +257,8 @@ def _wanted_classes(classes, labels: str) -> tuple[str, ...] | str | None:
         return classes
     if isinstance(classes, str):
         classes = [c for c in classes.split(",") if c.strip()]
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise UsageError(f"classes must be auto or folder names (a list of text, or A,B,C), got {classes!r}")
     names = tuple(c.strip() for c in classes)
     if len(names) < 2 or len({c.lower() for c in names}) != len(names) or not all(names):
         raise UsageError(f"classes must name two or more different folders, got {list(names)}")
