@@ -193,16 +193,14 @@ def test_predict_and_the_api_give_every_class_probability(three_class, capsys):
     assert cam.cam.shape == (224, 224) and cam.cam.min() >= 0 and cam.cam.max() <= 1
 
 
-def test_a_task_without_its_normal_class_or_with_fine_tuning_is_refused_in_one_line(three_class, tmp_path, capsys):
+def test_a_task_without_its_normal_class_is_refused_in_one_line(three_class, tmp_path, capsys):
     from pneumoscope.cli.main import main
 
     tree, _ = three_class
     common = ["train", str(tree), "--classes", "COVID,PNEUMONIA,NORMAL", "--pretrained", "none", "--epochs", "2"]
     assert main([*common, "--out", str(tmp_path / "a"), "--normal-class", "HEALTHY"]) == 2
     assert "normal_class 'HEALTHY' is not one of the classes" in capsys.readouterr().err
-    assert main([*common, "--out", str(tmp_path / "b"), "--finetune-epochs", "1"]) == 2
-    assert "fine-tuning (stage 2) is built for two classes" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow

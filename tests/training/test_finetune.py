@@ -542,3 +542,78 @@ def test_resume_refuses_a_state_it_did_not_write_in_one_line(state, tmp_path):
     path.write_bytes(state) if isinstance(state, bytes) else torch.save(state, path)
     with pytest.raises(StateError, match=r"last.ckpt: not a .*--resume"):
         load_resume_state(path)
+
+
+def test_stage2_loss_and_validation_auc_for_k_classes():
+    """K classes: class-weighted cross-entropy over K logits (stage 1's weights), macro one-vs-rest AUC of the softmax."""
+    from sklearn.metrics import roc_auc_score
+
+    from pneumoscope.training.config import FinetuneConfig
+    from pneumoscope.training.finetune import FineTuner, validation_auc
+    from pneumoscope.training.head import class_weights
+
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 1], dtype=np.float32)
+    model = create_model(pretrained="none", class_names=("COVID", "NORMAL", "PNEUMONIA"))
+    module = FineTuner(model, FinetuneConfig(epochs=1), class_weights(y, 3), total_steps=1)
+    logits = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.cross_entropy(
+        logits, torch.as_tensor(y).long(), weight=torch.tensor(class_weights(y, 3), dtype=torch.float32)
+    )
+    assert float(module._loss(logits, torch.as_tensor(y))) == pytest.approx(float(want), rel=1e-6)
+    assert float(module._loss(logits, torch.as_tensor(y), weighted=False)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y).long())), rel=1e-6
+    )
+    z = logits.numpy().astype(np.float64)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert validation_auc(y.astype(int), z) == pytest.approx(roc_auc_score(y.astype(int), p, multi_class="ovr"), abs=1e-9)
+    assert validation_auc(np.array([0, 0, 1, 1]), z[:4]) == 0.5  # a class absent: no AUC yet
+    assert validation_auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == 1.0  # one logit, as before
+
+
+@pytest.mark.slow
+def test_a_three_class_task_fine_tunes_over_two_processes_and_resumes(tmp_path):
+    """Issue 22: fine-tuning, DDP and resume work for N classes as for two (K logits through all_gather, the
+    class weights in the resumed state)."""
+    from pneumoscope.cli.main import main
+    from pneumoscope.training import pipeline as T
+    from tests.conftest import make_three_class_tree
+
+    tree = make_three_class_tree(tmp_path / "cx", n_patients=6)
+    run = tmp_path / "run"
+    args = ["train", str(tree), "--out", str(run), "--classes", "auto", *COMMON, "--finetune-epochs", "2"]
+    proc = subprocess.run(_cli(*args, "--devices", "2"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    desc = json.loads((run / "checkpoint.json").read_text())
+    assert desc["head"]["outputs"] == 3 and desc["training"]["finetune"]["world_size"] == 2
+    history = list(csv.DictReader(open(run / "finetune_history.csv")))
+    assert [h["epoch"] for h in history] == ["1", "2"] and all(0 <= float(h["val_auc"]) <= 1 for h in history)
+    assert desc["training"]["finetune"]["best_val_auc"] == pytest.approx(max(float(h["val_auc"]) for h in history))
+
+    again = tmp_path / "again"
+    args = ["-q", "train", str(tree), "--out", str(again), "--classes", "auto", *COMMON, "--finetune-epochs", "2"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "_fit_operating_point", lambda *_, **__: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args) != 0  # killed after the last epoch
+    assert main([*args, "--resume"]) == 0
+    desc = json.loads((again / "checkpoint.json").read_text())
+    assert desc["training"]["finetune"]["resumed_after_epoch"] == 2 and desc["head"]["outputs"] == 3
+    import pneumoscope
+
+    p = pneumoscope.load(again).predict(next((tree / "test" / "COVID").iterdir()))
+    assert list(p.probs) == ["COVID", "NORMAL", "PNEUMONIA"] and sum(p.probs.values()) == pytest.approx(1, abs=1e-6)
+
+
+def test_last_checkpoint_is_written_after_every_epoch_not_only_a_best_one(small_tree, tmp_path, monkeypatch):
+    """Lightning 2.6 writes last.ckpt only at an epoch whose score is a new best: with a flat validation AUC a run
+    killed after epoch 3 resumed from epoch 1 and trained epochs 2 and 3 again."""
+    from pneumoscope.cli.main import main
+    from pneumoscope.training import finetune as F
+    from pneumoscope.training import pipeline as T
+
+    monkeypatch.setattr(F, "validation_auc", lambda *_: 0.5)  # never a new best after the first epoch
+    monkeypatch.setattr(T, "_fit_operating_point", lambda *_, **__: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = ["-q", "train", str(small_tree), "--out", str(tmp_path / "run"), *COMMON, "--finetune-epochs", "3"]
+    assert main(args) != 0  # killed after the last epoch
+    work = tmp_path / ".run.work" / "checkpoints"
+    assert torch.load(work / "last.ckpt", weights_only=True)["epoch"] == 2  # 0-based: the third epoch
+    assert torch.load(work / "best.ckpt", weights_only=True)["epoch"] == 0

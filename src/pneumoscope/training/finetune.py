@@ -73,16 +73,27 @@ def frozen_modules(model: PneumoniaClassifier, unfreeze: str) -> list[torch.nn.M
 
 
 class FineTuner(L.LightningModule):
-    """The LightningModule of stage 2: balanced BCE, AdamW with warm-up and cosine decay, validation AUC."""
+    """The LightningModule of stage 2: class-balanced BCE on one logit, or class-weighted cross-entropy over K logits
+    (the weights stage 1 uses); AdamW with warm-up and cosine decay; validation AUC (macro one-vs-rest for K)."""
 
-    def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, pos_weight: float, total_steps: int, seed: int = 0):
+    def __init__(self, model: PneumoniaClassifier, config: FinetuneConfig, weights: np.ndarray, total_steps: int, seed: int = 0):
         super().__init__()
         self.model, self.config, self.total_steps, self.seed = model, config, max(1, total_steps), seed
+        self.binary = model.n_outputs == 1
         self.frozen = frozen_modules(model, config.unfreeze)
         for m in self.frozen:
             m.requires_grad_(False)
-        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        if self.binary:  # BCE's positive weight: the balanced weights' ratio, as stage 1's
+            self.register_buffer("pos_weight", torch.tensor(float(weights[1] / weights[0])))
+        else:
+            self.register_buffer("class_weight", torch.as_tensor(weights, dtype=torch.float32))
         self._val_logits, self._val_labels = [], []
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, *, weighted: bool = True) -> torch.Tensor:
+        """Class-weighted (``weighted``) or plain BCE on one logit, cross-entropy over K logits; ``y`` as float labels."""
+        if self.binary:
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight if weighted else None)
+        return torch.nn.functional.cross_entropy(logits.float(), y.long(), weight=self.class_weight if weighted else None)
 
     def on_train_epoch_start(self) -> None:
         """Keep the frozen part's BatchNorm layers (or all, with ``freeze_bn``) in eval mode."""
@@ -97,21 +108,20 @@ class FineTuner(L.LightningModule):
             loader.dataset.epoch = self.current_epoch
 
     def forward(self, x):
-        """Logits (B,) of preprocessed images."""
-        return self.model(x)[:, 0]
+        """Logits of preprocessed images: (B,) for one logit, (B, K) for K classes."""
+        out = self.model(x)
+        return out[:, 0] if self.binary else out
 
     def training_step(self, batch, _):
-        """The batch's class-weighted BCE (with mixup, when set), logged."""
+        """The batch's class-weighted loss (with mixup, when set), logged."""
         x, y = batch
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
         if self.config.mixup > 0:  # Zhang et al. 2018: train on convex pairs of images and of their losses
             lam = float(np.random.default_rng((self.seed, self.global_step)).beta(self.config.mixup, self.config.mixup))
             pair = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.global_step)).to(x.device)
             logits = self(lam * x + (1 - lam) * x[pair])
-            loss = lam * bce(logits, y, pos_weight=self.pos_weight) + (1 - lam) * bce(logits, y[pair], pos_weight=self.pos_weight)
+            loss = lam * self._loss(logits, y) + (1 - lam) * self._loss(logits, y[pair])
         else:
-            logits = self(x)
-            loss = bce(logits, y, pos_weight=self.pos_weight)
+            loss = self._loss(self(x), y)
         self.log("finetune/train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
@@ -127,18 +137,16 @@ class FineTuner(L.LightningModule):
         """Log the batch's validation loss and keep its logits for the epoch's AUC."""
         x, y = batch
         logits = self(x)
-        self.log("finetune/val_loss", torch.nn.functional.binary_cross_entropy_with_logits(logits, y), prog_bar=True, sync_dist=True)
+        self.log("finetune/val_loss", self._loss(logits, y, weighted=False), prog_bar=True, sync_dist=True)
         self._val_logits.append(logits.detach().float())
         self._val_labels.append(y.detach())
 
     def on_validation_epoch_end(self) -> None:
-        """Log the validation AUC over every rank's logits."""
-        from sklearn.metrics import roc_auc_score
-
-        logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1).cpu().numpy()
+        """Log the validation AUC over every rank's logits (macro one-vs-rest over K classes; 0.5 while a class is absent)."""
+        logits = self.all_gather(torch.cat(self._val_logits)).cpu().numpy()
         labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
         self._val_logits, self._val_labels = [], []
-        auc = roc_auc_score(labels, logits) if len(np.unique(labels)) == 2 else 0.5
+        auc = validation_auc(labels, logits.reshape(-1) if self.binary else logits.reshape(-1, logits.shape[-1]))
         self.log("finetune/val_auc", float(auc), prog_bar=True, sync_dist=True)  # the same on every rank: computed from gathered outputs
         self._log_epoch()
 
@@ -157,6 +165,20 @@ class FineTuner(L.LightningModule):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, self.total_steps - warmup))))
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+
+def validation_auc(labels: np.ndarray, logits: np.ndarray) -> float:
+    """ROC-AUC of one logit (N,), or macro one-vs-rest AUC of K logits (N, K); 0.5 while a class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    k = 2 if logits.ndim == 1 else logits.shape[1]
+    if len(np.unique(labels)) < k:
+        return 0.5
+    if logits.ndim == 1:
+        return float(roc_auc_score(labels, logits))
+    from ..metrics.multiclass import softmax
+
+    return float(roc_auc_score(labels.astype(int), softmax(logits.astype(np.float64)), multi_class="ovr", average="macro"))
 
 
 def auto_precision(cuda: bool) -> str:
@@ -283,23 +305,48 @@ def finetune(
 
 def _fine_tuner(model: PneumoniaClassifier, train: ArrayDataset, config: FinetuneConfig, seed: int) -> FineTuner:
     """The LightningModule over ``model``, its loss balanced as stage 1's and its schedule as long as the fit, in train mode."""
-    y = train.labels
-    pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))  # balance the classes, as stage 1 does
+    from .head import class_weights
+
+    if model.n_outputs == 1:  # BCE's positive weight n_0 / n_1: the balanced weights' ratio
+        counts = np.bincount(train.labels.astype(int), minlength=2)
+        weights = np.array([1.0, counts[0] / max(1, counts[1])])
+    else:
+        weights = class_weights(train.labels, model.n_outputs)  # balance the classes, as stage 1 does
     steps_per_epoch = math.ceil(len(train) / config.batch_size / max(1, int(config.devices) if str(config.devices).isdigit() else 1))
-    module = FineTuner(model, config, pos_weight, steps_per_epoch * config.epochs, seed)
+    module = FineTuner(model, config, weights, steps_per_epoch * config.epochs, seed)
     module.train()  # Lightning keeps the mode it is given, and feature extraction leaves the model in eval mode
     return module
+
+
+def _best_and_last():
+    """Lightning's ModelCheckpoint, with ``last.ckpt`` written after every epoch (Lightning 2.6 writes it only at an
+    epoch whose score is a new best, so a run killed after epochs without one resumed from the last best epoch and
+    trained the later ones again)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class BestAndLast(ModelCheckpoint):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            """The best checkpoint when the score improved, then last.ckpt unless it was just written."""
+            super().on_train_epoch_end(trainer, pl_module)  # validation has run: this epoch's score is in
+            if self.save_last and getattr(self, "_last_written_step", None) != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            self._last_written_step = trainer.global_step
+
+    return BestAndLast
 
 
 def _trainer(config: FinetuneConfig, work_dir: Path, ckpt_dir: Path, *, cuda: bool, progress: bool, loggers: Sequence):
     """(Lightning's Trainer, its best-checkpoint callback): early stopping on validation AUC, checkpoints written
     atomically to ``ckpt_dir``, the CSV log and ``loggers``, DDP when there is more than one device or node."""
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger
 
     # beside the checkpoint resumed from (a run killed before the checkpoints/ layout has them in the work folder itself):
     # Lightning restores the best score and path only for the folder they were saved in
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
+    best = _best_and_last()(dirpath=ckpt_dir, filename="best", monitor="finetune/val_auc", mode="max", save_last=True, save_top_k=1)
     callbacks = [best, EarlyStopping("finetune/val_auc", mode="max", patience=config.patience)]
     if config.ema:  # validation, the best checkpoint and the final model all use the averaged weights
         from lightning.pytorch.callbacks import WeightAveraging

@@ -219,11 +219,6 @@ def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: boo
     dataset = data_mod.load_dataset(data, classes=config.classes, labels=config.labels)
     if len(dataset.class_names) > 2:
         normal_class(dataset.class_names, config)  # refused before any work when it is not one of the classes
-        if config.finetune.epochs:
-            raise UsageError(
-                f"fine-tuning (stage 2) is built for two classes; this task has {len(dataset.class_names)}. Fix: train the head on "
-                "frozen features (--finetune-epochs 0)"
-            )
     records = prepare_records(dataset, config)
     dataset = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
     leakage = data_mod.check_leakage(dataset.records, display=dataset.display)
