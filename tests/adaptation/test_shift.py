@@ -98,3 +98,44 @@ def test_shift_statistics_take_the_one_logit_with_the_same_numbers():
     assert np.array_equal(logit(prob), by_hand)
     gmm = GaussianMixture(2, n_init=3, random_state=0).fit(by_hand[:, None])
     assert est["mixture"] == float(gmm.weights_[int(np.argmax(gmm.means_[:, 0]))])
+
+
+def _three_class_site(priors, n=30000, seed=5):
+    """Labels drawn at ``priors`` and the exact posteriors of Gaussians at three means, calibrated at equal priors."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, size=n, p=priors)
+    means = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    x = means[y] + rng.normal(size=(n, 2))
+    z = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)  # log density up to a constant
+    p = np.exp(z - z.max(1, keepdims=True))
+    return y, p / p.sum(1, keepdims=True)
+
+
+def test_class_priors_of_a_three_class_site_by_em_and_bbse():
+    """Issue 22: label shift over N classes. Probabilities calibrated at equal priors; the site has (0.6, 0.3, 0.1)."""
+    from pneumoscope.adaptation.shift import estimate_class_priors
+
+    _, p_val = _three_class_site([1 / 3] * 3, seed=1)
+    y_val = _three_class_site([1 / 3] * 3, seed=1)[0]
+    cm = np.zeros((3, 3))
+    np.add.at(cm, (y_val, p_val.argmax(1)), 1)
+    _, p_site = _three_class_site([0.6, 0.3, 0.1])
+    est = estimate_class_priors(p_site, cm, cm.sum(1) / cm.sum())
+    assert np.allclose(est["em"], [0.6, 0.3, 0.1], atol=0.02) and np.isclose(sum(est["em"]), 1)
+    assert np.allclose(est["bbse"], [0.6, 0.3, 0.1], atol=0.03)
+    assert not np.allclose(est["predicted_rate"], [0.6, 0.3, 0.1], atol=0.03)  # counting the argmax is biased
+    singular = estimate_class_priors(p_site, np.ones((3, 3)), [1 / 3] * 3)
+    assert singular["bbse"] is None and singular["em"] is not None  # a confusion matrix that cannot be inverted
+
+
+def test_class_prior_offsets_give_the_bayes_posterior_at_the_new_priors():
+    from pneumoscope.adaptation.shift import class_prior_offsets, screening_offset
+    from pneumoscope.metrics.multiclass import softmax
+
+    y, p = _three_class_site([0.6, 0.3, 0.1])
+    moved = softmax(np.log(p) + class_prior_offsets([0.6, 0.3, 0.1], [1 / 3] * 3))
+    exact = p * np.array([0.6, 0.3, 0.1])
+    assert np.allclose(moved, exact / exact.sum(1, keepdims=True))
+    assert np.allclose(class_prior_offsets([0.2, 0.5, 0.3], [0.2, 0.5, 0.3]), 0)
+    # the screening odds of "not normal" (class 0 normal) move by the prior odds: from 2:1 to 0.4:0.6
+    assert screening_offset([0.6, 0.3, 0.1], [1 / 3] * 3, 0) == pytest.approx(np.log(0.4 / 0.6) - np.log(2.0))

@@ -167,6 +167,7 @@ def test_evaluate_reports_the_classes_and_the_screening_view(three_class, tmp_pa
         assert (r["pred_label"] == "NORMAL") == (r["screen"] == "NORMAL")  # the class named never contradicts the screening decision
     html = (ev / "report.html").read_text()
     assert "classes-table" in html and "confusion matrix of the classes" in html and (ev / "confusion_matrix_classes.png").is_file()
+    assert "P(pneumonia)" not in html and "P(not normal)" in html  # the gallery names what its probability is of
 
 
 def test_predict_and_the_api_give_every_class_probability(three_class, capsys):
@@ -244,22 +245,45 @@ def test_the_probability_target_of_k_logits_is_the_softmax():
     assert ProbabilityTarget(0)(torch.tensor([[0.5]])).item() == pytest.approx(1 - torch.sigmoid(torch.tensor(0.5)).item())
 
 
-def test_site_commands_do_what_holds_for_n_classes_and_refuse_the_rest(three_class, tmp_path, capsys):
+def test_site_commands_work_for_n_classes(three_class, tmp_path, capsys):
+    """Issue 22: shift, adapt (features and label shift over K classes) and calibrate (one temperature, the screening
+    threshold, and --refit-head) on a three-class run."""
     import json
 
+    import numpy as np
+
     from pneumoscope.cli.main import main
+    from tests.conftest import make_three_class_tree
 
     tree, run = three_class
     site = tree / "test"
-    assert main(["-q", "shift", str(run), str(site), "--json"]) == 0  # the screening view's shift report
-    assert "domain_auc" in json.loads(capsys.readouterr().out)
-    # one offset on K logits would move the threshold and leave the probabilities: refused, with the fix
-    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 2
-    assert "--method center" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["-q", "shift", str(run), str(site), "--json"]) == 0  # the screening view's shift report, and the class priors
+    report = json.loads(capsys.readouterr().out)
+    assert "domain_auc" in report and report["class_priors"]["classes"] == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert sum(report["class_priors"]["em"]) == pytest.approx(1) and report["class_priors"]["normal"] == "NORMAL"
+    assert "Estimated 'not NORMAL' prevalence" in report["verdict"] and "pneumonia" not in report["verdict"]
+
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 0  # center+prior
+    before, after = (json.loads((r / "checkpoint.json").read_text()) for r in (run, tmp_path / "a"))
+    entry = after["adaptation"]
+    assert list(entry["estimated_class_priors"]) == ["COVID", "NORMAL", "PNEUMONIA"] and len(entry["prior_logit_offset"]) == 3
+    assert entry["estimated_prevalence"] == pytest.approx(1 - entry["estimated_class_priors"]["NORMAL"])
+    moved = np.log(np.clip(list(entry["estimated_class_priors"].values()), 0.01, None))
+    assert np.allclose(np.diff(entry["prior_logit_offset"]), np.diff(moved - np.log(report["class_priors"]["validation"])), atol=0.05)
+    assert after["threshold"] != before["threshold"] and 0 < after["threshold"] < 1
     assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "b"), "--method", "center"]) == 0
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
-    assert main(["-q", "calibrate", str(run), str(tree), "--out", str(tmp_path / "c")]) == 2
-    assert "N-class calibration is not built yet" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["threshold"] == before["threshold"]
+
+    sample = make_three_class_tree(tmp_path / "site", n_patients=6, seed=3) / "train"
+    for name, extra in (("c", []), ("d", ["--refit-head"])):
+        assert main(["-q", "calibrate", str(run), str(sample), "--split", "all", "--out", str(tmp_path / name), *extra]) == 0
+        cal = json.loads((tmp_path / name / "checkpoint.json").read_text())
+        assert cal["calibration"]["n_per_class"] == {"COVID": 12, "NORMAL": 12, "PNEUMONIA": 12}
+        assert cal["calibration"]["n_positive"] == 24 and "multiclass" in cal["calibration"]["metrics_on_sample"]
+        assert cal["class_names"] == before["class_names"] and 0 < cal["threshold"] < 1
+    small = make_three_class_tree(tmp_path / "few", n_patients=2, seed=4) / "train"
+    assert main(["-q", "calibrate", str(run), str(small), "--split", "all", "--out", str(tmp_path / "e")]) == 2
+    assert "at least 10 distinct images of each class, got COVID 4, NORMAL 4, PNEUMONIA 4" in capsys.readouterr().err
 
 
 @pytest.mark.slow

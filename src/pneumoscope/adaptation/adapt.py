@@ -26,7 +26,7 @@ from ..models.checkpoint import save_derived_run
 from ..models.description import RunDescription
 from ..models.features import extract_features
 from .assess import assess_site
-from .shift import MIN_SITE_IMAGES, prior_shift_offset
+from .shift import MIN_SITE_IMAGES, class_prior_offsets, prior_shift_offset, screening_offset
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ def adapt_run(
     from a small site sample cost some AUC, means alone do not; BENCHMARKS.md). ``+prior`` then moves
     the probabilities to the site's estimated prevalence (a Gaussian mixture on the
     adapted logits), folded into the head's bias; the threshold moves with them, so the
-    decisions stay those of the validation threshold.
+    decisions stay those of the validation threshold. For N classes ``+prior`` moves each class's
+    probability to the site's class priors (EM on the softmax, Saerens et al. 2002) through the
+    head's K biases, and the screening threshold by the prior odds of "not normal" they give.
     """
     from ..outputs import check_output_dir
 
@@ -125,7 +127,7 @@ def adapt_run(
         method,
         before["domain_auc"],
         after["domain_auc"],
-        after["prevalence"]["mixture"],
+        _estimated_prevalence(after),
         threshold,
         predictor.threshold,
     )
@@ -133,16 +135,9 @@ def adapt_run(
 
 
 def _adaptable(run: str | os.PathLike, method: str) -> Predictor:
-    """The run's predictor, refused when it keeps no training feature statistics, is already adapted, or has N classes
-    and ``method`` shifts the prior (one offset on every one of K logits leaves the softmax as it was while the
-    threshold moved: a silent change)."""
+    """The run's predictor, refused when it keeps no training feature statistics or is already adapted."""
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)
-    if predictor.multiclass and method.endswith("+prior"):
-        raise UsageError(
-            f"{run}: a prior shift ({method}) is built for two classes; this run has {len(predictor.class_names)}. "
-            f"Fix: --method {method.removesuffix('+prior')} (the features only)"
-        )
     done = predictor.description.adaptation
     if done:
         # its head's bias already carries a prior offset and its threshold moved with it: a second
@@ -170,14 +165,30 @@ def _widen_guard(predictor: Predictor, adapted: np.ndarray):
     )
 
 
-def _fold_prior_shift(predictor: Predictor, after: dict) -> tuple[float, float]:
-    """Move the probabilities to the site's estimated prevalence through the head's bias: (the moved threshold, the logit offset)."""
+def _fold_prior_shift(predictor: Predictor, after: dict) -> tuple[float, float | list[float]]:
+    """Move the probabilities to the site's estimated prevalence through the head's bias: (the moved threshold, the logit
+    offset; for N classes one offset a class)."""
+    if predictor.multiclass:
+        return _fold_class_prior_shift(predictor, after)
     offset = prior_shift_offset(after["prevalence"]["mixture"], after["validation_prevalence"])
     # fold the offset into the head's bias, so every backend (ONNX included) computes it:
     # sigmoid((z + offset * T) / T) = sigmoid(z / T + offset); the threshold moves with it
     with torch.no_grad():
         predictor.model.head.fc2.bias += offset * predictor.temperature
     return float(sigmoid(logit(predictor.threshold) + offset)), offset
+
+
+def _fold_class_prior_shift(predictor: Predictor, after: dict) -> tuple[float, list[float]]:
+    """N classes: each class's logit moved by log(site prior / validation prior) (the EM estimate), folded into the
+    head's biases; the screening threshold moved by the odds of "not normal" to "normal" that the same priors give,
+    so a screening decision at the site's priors stays the validation operating point's."""
+    priors = after["class_priors"]
+    offsets = class_prior_offsets(priors["em"], priors["validation"])
+    with torch.no_grad():
+        predictor.model.head.fc2.bias += torch.as_tensor(offsets * predictor.temperature, dtype=predictor.model.head.fc2.bias.dtype)
+    normal = priors["classes"].index(priors["normal"])
+    moved = logit(predictor.threshold) + screening_offset(priors["em"], priors["validation"], normal)
+    return float(sigmoid(moved)), offsets.tolist()
 
 
 def _adaptation_entry(
@@ -190,7 +201,12 @@ def _adaptation_entry(
         "n": len(site_feats.records),
         "date": time.strftime("%Y-%m-%d"),
         "labels_used": False,
-        "estimated_prevalence": after["prevalence"]["mixture"],
+        "estimated_prevalence": _estimated_prevalence(after),
+        **(
+            {"estimated_class_priors": dict(zip(after["class_priors"]["classes"], after["class_priors"]["em"], strict=True))}
+            if "class_priors" in after
+            else {}
+        ),
         "prior_logit_offset": offset,
         "previous_threshold": previous_threshold,
         "shift_before": _brief(before),
@@ -198,6 +214,15 @@ def _adaptation_entry(
         "image_sha256": sorted(r.content_hash for r in site_feats.records),
         "skipped": len(site_feats.problems),
     }
+
+
+def _estimated_prevalence(report: dict) -> float:
+    """The share of the site's images that are not normal: the mixture estimate (two classes) or 1 - the EM prior of
+    the normal class (N classes)."""
+    priors = report.get("class_priors")
+    if priors is None:
+        return report["prevalence"]["mixture"]
+    return 1.0 - priors["em"][priors["classes"].index(priors["normal"])]
 
 
 def _brief(report: dict) -> dict:

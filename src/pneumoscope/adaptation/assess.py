@@ -8,7 +8,7 @@ import torch
 
 from ..errors import DataError
 from ..inference.predictor import Predictor
-from .shift import compute_domain_auc, compute_mmd_test, estimate_prevalence, shift_verdict
+from .shift import compute_domain_auc, compute_mmd_test, estimate_class_priors, estimate_prevalence, shift_verdict
 
 
 def _validation_rates(predictor: Predictor) -> tuple[float, float, float]:
@@ -17,6 +17,15 @@ def _validation_rates(predictor: Predictor) -> tuple[float, float, float]:
     if not {"sensitivity", "specificity", "prevalence"} <= set(val):
         raise DataError("the run records no validation metrics; train it again with this version of pneumoscope.")
     return float(val["sensitivity"]), 1.0 - float(val["specificity"]), float(val["prevalence"])
+
+
+def validation_class_priors(predictor: Predictor) -> tuple[np.ndarray, np.ndarray]:
+    """N classes: (the validation confusion matrix, rows true; the validation share of each class)."""
+    table = (predictor.description.metrics.get("val") or {}).get("multiclass") or {}
+    cm = np.asarray(table.get("confusion_matrix") or [], dtype=np.float64)
+    if cm.shape != (len(predictor.class_names),) * 2 or cm.sum() == 0:
+        raise DataError("the run records no validation confusion matrix; train it again with this version of pneumoscope.")
+    return cm, cm.sum(axis=1) / cm.sum()
 
 
 def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 0, n_perm: int = 500) -> dict:
@@ -34,8 +43,9 @@ def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 
     ood = None
     if model.ood is not None:
         ood = float((model.ood.distance_np(adapted) > predictor.ood_cutoff).mean())
-    detected, verdict = shift_verdict(mmd, domain_auc, prevalence, val_prevalence=val_prev, ood_fraction=ood)
-    return {
+    positive = predictor.prob_of.lower() if not predictor.multiclass else f"'{predictor.prob_of}'"
+    detected, verdict = shift_verdict(mmd, domain_auc, prevalence, val_prevalence=val_prev, ood_fraction=ood, positive=positive)
+    report = {
         "n": int(len(site_features)),
         "shift_detected": detected,
         "verdict": verdict,
@@ -47,3 +57,13 @@ def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 
         "threshold": predictor.threshold,
         "adapted": not model.adapter.is_identity,
     }
+    if predictor.multiclass:
+        cm, priors = validation_class_priors(predictor)
+        estimate = estimate_class_priors(predictor.class_probabilities(logits), cm, priors)
+        report["class_priors"] = {
+            "classes": list(predictor.class_names),
+            "normal": predictor.description.normal_class,
+            "validation": priors.tolist(),
+            **estimate,
+        }
+    return report

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data import discovery as data_mod
-from ..errors import DataError, UsageError
+from ..errors import DataError
 from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
-from ..metrics.operating_point import fit_operating_point
+from ..metrics.multiclass import compute_multiclass_metrics, softmax
+from ..metrics.operating_point import OperatingPoint, fit_operating_point, fit_screening_point
 from ..models.checkpoint import save_derived_run
 from ..models.description import RunDescription
 from ..outputs import check_output_dir
@@ -46,48 +47,45 @@ def refit_head(
 ):
     """A copy of the head trained on the run's labelled training sample plus a few labelled site images.
 
-    Starts from the trained head; full-batch Adam on class-balanced BCE in which each site
-    image weighs ``site_weight`` training images. Site features go through the run's
-    feature adapter first, so the head sees them as at inference.
+    Starts from the trained head; ``steps`` full-batch steps of the one head fit (:func:`fit_head`: Adam on
+    class-balanced BCE, or cross-entropy over K classes) in which each site image weighs ``site_weight`` training
+    images. Site features go through the run's feature adapter first, so the head sees them as at inference.
     """
     import copy
 
     import torch
 
     from ..runtime import seeded_rng
-    from ..training.head import class_weights
+    from ..training.head import class_weights, fit_head
 
+    k = max(2, model.n_outputs)
+    site_y = np.asarray(site_y).astype(int)
     with seeded_rng(seed):  # dropout's masks come from `seed`; the caller's RNG is left as it was
         head = copy.deepcopy(model.head)
-        ref_x, ref_y = model.adapter.ref_sample, model.adapter.ref_labels
-        site_x = model.adapted(torch.as_tensor(site_features, dtype=torch.float32))
-        x = torch.cat([ref_x, site_x])
-        y = torch.cat([ref_y, torch.as_tensor(site_y, dtype=torch.float32)])
-        w_ref = torch.as_tensor(class_weights(ref_y.numpy().astype(int)), dtype=torch.float32)[ref_y.long()]
-        w_site = site_weight * torch.as_tensor(class_weights(np.asarray(site_y)), dtype=torch.float32)[torch.as_tensor(site_y).long()]
-        w = torch.cat([w_ref, w_site])
-        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
-        head.train()
-        for _ in range(steps):
-            loss = (torch.nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y, reduction="none") * w).sum() / w.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        ref_x, ref_y = model.adapter.ref_sample, model.adapter.ref_labels.long()
+        x = torch.cat([ref_x, model.adapted(torch.as_tensor(site_features, dtype=torch.float32))])
+        w_ref = torch.as_tensor(class_weights(ref_y.numpy(), k), dtype=torch.float32)[ref_y]
+        w_site = site_weight * torch.as_tensor(class_weights(site_y, k), dtype=torch.float32)[torch.as_tensor(site_y)]
+        y = np.concatenate([ref_y.numpy(), site_y])
+        fit_head(
+            head, x.detach(), y, sample_weight=torch.cat([w_ref, w_site]), epochs=steps, batch_size=len(y), lr=lr, seed=seed, progress=False
+        )
     return head.eval()
 
 
 def cross_fitted_logits(model, features: np.ndarray, y: np.ndarray, groups: list[str], *, seed: int = 0) -> np.ndarray:
-    """Out-of-fold logits of refitted heads: each site image is scored by a head that never saw its
+    """Out-of-fold logits ((n,) or (n, K)) of refitted heads: each site image is scored by a head that never saw its
     patient, so the temperature and threshold fitted on them are not fitted on the head's own training data."""
     import torch
     from sklearn.model_selection import StratifiedGroupKFold
 
     folds = StratifiedGroupKFold(n_splits=min(REFIT_FOLDS, int(np.bincount(y).min())), shuffle=True, random_state=seed)
-    out = np.zeros(len(y))
+    out = np.zeros((len(y), model.n_outputs) if model.n_outputs > 1 else len(y))
     for fit, held in folds.split(features, y, groups):
         head = refit_head(model, features[fit], y[fit], seed=seed)
         with torch.no_grad():
-            out[held] = head(model.adapted(torch.as_tensor(features[held], dtype=torch.float32)))[:, 0].double().numpy()
+            logits = head(model.adapted(torch.as_tensor(features[held], dtype=torch.float32)))
+        out[held] = (logits[:, 0] if model.n_outputs == 1 else logits).double().numpy()
     return out
 
 
@@ -117,8 +115,7 @@ def calibrate_run(
     if refit:
         z = cross_fitted_logits(model, feats.features, y, groups)
         model.head = refit_head(model, feats.features, y)
-    point = fit_operating_point(z, y, policy, target, fitted_on=f"a local calibration sample ({data})")
-    metrics = compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
+    point, metrics = _fit_point(predictor, z, y, groups, policy, target, fitted_on=f"a local calibration sample ({data})")
     description = replace(
         predictor.description,
         source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
@@ -130,7 +127,8 @@ def calibrate_run(
             "data": str(Path(data).absolute()),
             "split": split,
             "n": int(len(y)),
-            "n_positive": int(y.sum()),
+            "n_positive": int((y != point.normal_index).sum() if predictor.multiclass else y.sum()),
+            **({"n_per_class": _per_class(predictor.class_names, y)} if predictor.multiclass else {}),
             "date": time.strftime("%Y-%m-%d"),
             "previous_threshold": predictor.threshold,
             "previous_temperature": predictor.temperature,
@@ -153,11 +151,6 @@ def calibrate_run(
 def _calibratable(run: str | os.PathLike, *, refit: bool) -> Predictor:
     """The run's predictor; with ``refit``, refused when the run keeps no training sample to refit the head beside."""
     predictor = Predictor.from_checkpoint(run)
-    if predictor.multiclass:
-        raise UsageError(
-            f"{run}: calibrate refits one logit's temperature and threshold; this run has {len(predictor.class_names)} classes. "
-            "Fix: evaluate it on the site's labelled images instead (N-class calibration is not built yet)"
-        )
     if refit and predictor.model.adapter is None:
         raise DataError(f"{run}: refitting the head needs the training sample that runs of this version keep. Fix: train the run again.")
     return predictor
@@ -165,19 +158,37 @@ def _calibratable(run: str | os.PathLike, *, refit: bool) -> Predictor:
 
 def _labelled_sample(predictor: Predictor, data: str | os.PathLike, split: str, *, cache_dir, progress: bool):
     """(the scanned distinct images of ``split``, their features, their logits); refused with fewer than
-    ``MIN_PER_CLASS`` images of either class."""
-    dataset = data_mod.load_dataset(data)
-    predictor.check_dataset(dataset)
+    ``MIN_PER_CLASS`` images of any class."""
+    dataset = predictor.load_labelled(data)
     scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
     scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
     feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
-    counts = np.bincount(np.array([r.label for r in feats.records]), minlength=2)
+    names = predictor.class_names
+    counts = np.bincount(np.array([r.label for r in feats.records], dtype=int), minlength=len(names))
     if counts.min() < MIN_PER_CLASS:
         raise DataError(
-            f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got {counts.tolist()} (NORMAL, PNEUMONIA). "
-            "Fix: label more local images."
+            f"{data}: calibration needs at least {MIN_PER_CLASS} distinct images of each class, got "
+            f"{', '.join(f'{c} {n}' for c, n in zip(names, counts.tolist(), strict=True))}. Fix: label more local images."
         )
     return scanned, feats, z
+
+
+def _fit_point(predictor: Predictor, z, y, groups, policy: str, target, *, fitted_on: str) -> tuple[OperatingPoint, dict]:
+    """The temperature and threshold fitted on the sample's logits, and the metrics they give on it: for N classes
+    the softmax's one temperature and the screening decision's threshold (P(not normal)), with the N-class table."""
+    if not predictor.multiclass:
+        point = fit_operating_point(z, y, policy, target, fitted_on=fitted_on)
+        return point, compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
+    normal = predictor.class_names.index(predictor.description.normal_class)
+    point = fit_screening_point(z, y, normal, policy, target, fitted_on=fitted_on)
+    metrics = compute_clinical_metrics((y != normal).astype(int), point.probabilities(z), point.threshold, groups=groups, seed=0)
+    metrics["multiclass"] = compute_multiclass_metrics(y, softmax(z, point.temperature), predictor.class_names, groups=groups, seed=0)
+    return point, metrics
+
+
+def _per_class(names, y) -> dict[str, int]:
+    """Images of each class, by name."""
+    return dict(zip(names, np.bincount(y, minlength=len(names)).tolist(), strict=True))
 
 
 def _method(refit: bool) -> str:

@@ -114,6 +114,55 @@ def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr
     return {"predicted_positive_rate": q, "bbse": bbse, "em": pi, "mixture": mixture, "mean_probability": float(p.mean())}
 
 
+def estimate_class_priors(site_probs: np.ndarray, confusion, source_priors) -> dict:
+    """N classes: the site's class priors from its calibrated class probabilities (n, K), without labels.
+
+    ``confusion``: the validation confusion matrix (rows true, columns predicted); ``source_priors``: the class
+    shares the probabilities are calibrated to. Returns the predicted class rates and two estimates, each a
+    list of K shares: ``bbse`` (Lipton et al. 2018: the predicted rates solved through the validation
+    confusion matrix, P(pred | true), by least squares, clipped and renormalised; None when that matrix is too
+    close to singular to invert) and ``em`` (Saerens et al. 2002: EM on the priors).
+    """
+    p = np.asarray(site_probs, np.float64)
+    k = p.shape[1]
+    cm = np.asarray(confusion, np.float64)
+    pi0 = np.asarray(source_priors, np.float64)
+    predicted = np.bincount(p.argmax(axis=1), minlength=k) / len(p)
+    given = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)  # P(pred = j | true = i)
+    bbse = None
+    if np.linalg.cond(given.T) < 20:
+        solved = np.clip(np.linalg.lstsq(given.T, predicted, rcond=None)[0], 0.0, None)
+        bbse = (solved / solved.sum()).tolist() if solved.sum() > 0 else None
+    pi = pi0.copy()
+    for _ in range(1000):
+        q = p * (pi / pi0)
+        new = (q / q.sum(axis=1, keepdims=True)).mean(axis=0)
+        if np.abs(new - pi).max() < 1e-8:
+            pi = new
+            break
+        pi = new
+    return {"predicted_rate": predicted.tolist(), "bbse": bbse, "em": pi.tolist(), "mean_probability": p.mean(axis=0).tolist()}
+
+
+def _shares(x) -> np.ndarray:
+    """Class shares, each clipped to at least 0.01, summing to one."""
+    x = np.clip(np.asarray(x, np.float64), 0.01, None)
+    return x / x.sum()
+
+
+def class_prior_offsets(priors, source_priors) -> np.ndarray:
+    """N classes: the logit offsets (K,) that move softmax probabilities calibrated at ``source_priors`` to ``priors``
+    (Bayes' rule with the class-conditional densities unchanged; each share clipped to at least 0.01)."""
+    return np.log(_shares(priors)) - np.log(_shares(source_priors))
+
+
+def screening_offset(priors, source_priors, normal: int) -> float:
+    """N classes: the logit offset of "not normal" against ``normal`` that the same move of priors gives (the change
+    in the log prior odds of the two groups)."""
+    moved, source = _shares(priors)[normal], _shares(source_priors)[normal]
+    return float(np.log((1 - moved) / moved) - np.log((1 - source) / source))
+
+
 def prior_shift_offset(prevalence: float, source_prevalence: float) -> float:
     """Logit offset that moves probabilities calibrated at ``source_prevalence`` to ``prevalence``
     (Bayes' rule with the class-conditional densities unchanged)."""
@@ -121,8 +170,10 @@ def prior_shift_offset(prevalence: float, source_prevalence: float) -> float:
     return float(logit(clip(prevalence)) - logit(clip(source_prevalence)))
 
 
-def shift_verdict(mmd: dict, domain_auc: float, prevalence: dict, *, val_prevalence: float, ood_fraction: float | None) -> tuple[bool, str]:
-    """(shift detected, a plain sentence with the remedy)."""
+def shift_verdict(
+    mmd: dict, domain_auc: float, prevalence: dict, *, val_prevalence: float, ood_fraction: float | None, positive: str = "pneumonia"
+) -> tuple[bool, str]:
+    """(shift detected, a plain sentence with the remedy); ``positive``: what the prevalence is the share of."""
     detected = mmd["p_value"] < SHIFT_ALPHA
     parts = []
     if not detected:
@@ -139,7 +190,7 @@ def shift_verdict(mmd: dict, domain_auc: float, prevalence: dict, *, val_prevale
             "labelled local images."
         )
     parts.append(
-        f"Estimated pneumonia prevalence {prevalence['mixture']:.2f} (validation {val_prevalence:.2f}); predicted positive "
+        f"Estimated {positive} prevalence {prevalence['mixture']:.2f} (validation {val_prevalence:.2f}); predicted positive "
         f"rate {prevalence['predicted_positive_rate']:.2f}."
     )
     if ood_fraction is not None and ood_fraction > 0.05:

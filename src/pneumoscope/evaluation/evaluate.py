@@ -215,8 +215,10 @@ def _gallery(
         known = None if result.class_probs is None else result.class_probs[i : i + 1]
         (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1], class_probs=known)  # pred[i]
         path = folder / f"gallery_{len(out):02d}.png"
-        caption = f"{kind}: {Path(result.paths[i]).name}, P(pneumonia) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
-        title = f"{kind}: P(pneumonia) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure
+        caption = f"{kind}: {Path(result.paths[i]).name}, P({predictor.prob_of.lower()}) = {result.y_prob[i]:.3f}, CAM for {predictor.class_names[cls]}"
+        title = (
+            f"{kind}: P({predictor.prob_of.lower()}) = {result.y_prob[i]:.3f}"  # the file name goes in the report's caption, not the figure
+        )
         plot_cam(
             shown,
             overlay_cam(shown, cam),
@@ -256,14 +258,6 @@ def seen_in_training(run_folder: RunFolder, records: list[data_mod.Record]) -> l
     return [r for r in records if r.content_hash and r.content_hash in fitted]
 
 
-def task_of(predictor: Predictor) -> dict:
-    """How to load labelled data for this run: the ``load_dataset`` arguments that give its classes."""
-    labels = (predictor.description.training or {}).get("labels", "folders")
-    if labels != "folders":
-        return {"labels": labels}
-    return {} if predictor.class_names == data_mod.CLASS_NAMES else {"classes": list(predictor.class_names)}
-
-
 def evaluate_run(
     run: str | os.PathLike,
     data: str | os.PathLike,
@@ -281,7 +275,7 @@ def evaluate_run(
     """The ``pneumoscope evaluate`` command: (the folder written, the evaluation)."""
     check_output_dir(out, overwrite)
     predictor = Predictor.from_checkpoint(run)
-    dataset = data_mod.load_dataset(data, **task_of(predictor))
+    dataset = predictor.load_labelled(data)
     result = evaluate_dataset(predictor, dataset, split=split, limit=limit, cache_dir=cache_dir, n_boot=n_boot, tta=tta, progress=progress)
     m = result.metrics
     run_folder = RunFolder.of(run)

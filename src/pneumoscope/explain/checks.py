@@ -269,7 +269,7 @@ def audit_dataset(
         "mean_cam_outside_centre": float(np.nanmean(outside)),
         "central_area_fraction": float((CENTRAL_BOX[1] - CENTRAL_BOX[0]) * (CENTRAL_BOX[3] - CENTRAL_BOX[2])),
     }
-    audit["shortcut_suspected"], audit["verdict"] = shortcut_verdict(audit)
+    audit["shortcut_suspected"], audit["verdict"] = shortcut_verdict(audit, prob_of=predictor.prob_of.lower())
     return audit
 
 
@@ -285,16 +285,16 @@ CAM_EXCESS_OUTSIDE = 0.10
 MIN_AUDIT_EFFECT = 0.02  # mean absolute change in P(pneumonia) below which masking "changes nothing"
 
 
-def shortcut_verdict(audit: dict) -> tuple[bool, str]:
+def shortcut_verdict(audit: dict, *, prob_of: str = "pneumonia") -> tuple[bool, str]:
     """(suspected, sentence) for a shortcut audit (:func:`audit_dataset`'s numbers).
 
-    Suspected when masking the border band moves P(pneumonia) by at least :data:`BORDER_EFFECT_RATIO` of what
+    Suspected when masking the border band moves P(``prob_of``) by at least :data:`BORDER_EFFECT_RATIO` of what
     masking the chest centre does (and by at least :data:`MIN_AUDIT_EFFECT`), or when the maps put more than
     :data:`CAM_EXCESS_OUTSIDE` more of their mass outside the centre than the area outside it covers."""
     border, centre = audit["mean_abs_delta_border_masked"], audit["mean_abs_delta_centre_masked"]
     outside, area = audit["mean_cam_outside_centre"], 1 - audit["central_area_fraction"]
     effects = (
-        f"masking the border band changes P(pneumonia) by {border:.3f} on average (absolute), masking the chest centre by {centre:.3f}"
+        f"masking the border band changes P({prob_of}) by {border:.3f} on average (absolute), masking the chest centre by {centre:.3f}"
     )
     maps = f"the {audit['method']} maps put {outside:.0%} of their mass outside the centre, which covers {area:.0%} of the image"
     if border >= MIN_AUDIT_EFFECT and border >= BORDER_EFFECT_RATIO * centre:

@@ -343,6 +343,25 @@ class Predictor:
         """A path, array, PIL image or DICOM dataset -> decoded (H, W) in [0, 1] (:func:`pneumoscope.io.to_image`)."""
         return to_image(x, name, draft_size=self.preprocessing.input_size)
 
+    @property
+    def prob_of(self) -> str:
+        """What ``prob`` is the probability of: the positive class, or (N classes) "not <normal class>"."""
+        return f"not {self.description.normal_class}" if self.multiclass else self.class_names[1]
+
+    def load_labelled(self, data: str | os.PathLike) -> Dataset:
+        """Labelled data loaded as this run's task (its classes, in order, or the label source it was trained with,
+        e.g. ``pneumonia-type``) and checked against them."""
+        from ..data.discovery import CLASS_NAMES, load_dataset
+
+        labels = (self.description.training or {}).get("labels", "folders")
+        if labels != "folders":
+            task = {"labels": labels}
+        else:
+            task = {} if tuple(self.class_names) == tuple(CLASS_NAMES) else {"classes": list(self.class_names)}
+        dataset = load_dataset(data, **task)
+        self.check_dataset(dataset)
+        return dataset
+
     def check_dataset(self, dataset: Dataset) -> None:
         """Refuse a dataset whose classes are not this checkpoint's classes (before any image is read)."""
         if [c.lower() for c in dataset.class_names] != [c.lower() for c in self.class_names]:

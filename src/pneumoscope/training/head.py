@@ -60,11 +60,12 @@ class _Objective:
 
 def fit_head(
     head: Head,
-    x_train: np.ndarray,
+    x_train,
     y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    x_val=None,
+    y_val: np.ndarray | None = None,
     *,
+    sample_weight=None,
     epochs: int = 100,
     patience: int = 10,
     batch_size: int = 64,
@@ -74,27 +75,40 @@ def fit_head(
     progress: bool = True,
     loggers: Sequence = (),
 ) -> tuple[list[dict], int]:
-    """Adam on class-weighted BCE (one logit) or cross-entropy (K logits); early stopping on (unweighted) val loss,
-    best weights restored.
+    """The one head fit: Adam on weighted BCE (one logit) or cross-entropy (K logits), for training and for
+    ``calibrate --refit-head``.
 
-    Returns the per-epoch history and the best epoch (1-based). ``head`` ends
-    holding the best weights. Each epoch's losses and accuracies go to ``loggers``
-    (Lightning loggers, called directly: ``head/val_loss`` and so on, step = epoch).
+    Args:
+        head: trained in place.
+        x_train, y_train: features (n, D) and class indices (n,).
+        x_val, y_val: validation features and labels: early stopping on their (unweighted) loss, the best
+            epoch's weights restored. Without them every epoch runs and the last weights stay.
+        sample_weight: a weight per training row; default the balanced class weights (:func:`class_weights`).
+        batch_size: rows a step; one batch (full-batch steps, in row order) when it is at least n.
+
+    Returns:
+        The per-epoch history and the best (or last) epoch, 1-based. Each epoch's losses and accuracies also
+        go to ``loggers`` (Lightning loggers, called directly: ``head/val_loss`` and so on, step = epoch).
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     objective = _Objective(head.fc2.out_features)
     xt, yt = torch.as_tensor(x_train, dtype=torch.float32), objective.labels(y_train)
-    xv, yv = torch.as_tensor(x_val, dtype=torch.float32), objective.labels(y_val)
-    w = torch.as_tensor(class_weights(y_train, max(2, head.fc2.out_features)), dtype=torch.float32)
-    sample_w = w[yt.long()]
+    if sample_weight is None:
+        sample_weight = torch.as_tensor(class_weights(np.asarray(y_train), max(2, head.fc2.out_features)), dtype=torch.float32)[yt.long()]
+    sample_w = torch.as_tensor(sample_weight, dtype=torch.float32)
+    validate = x_val is not None
+    xv, yv = (torch.as_tensor(x_val, dtype=torch.float32), objective.labels(y_val)) if validate else (None, None)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
 
     history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
     bar = progress_bar(range(1, epochs + 1), desc="head", unit="epoch", enabled=progress)
     for epoch in bar:
-        order = torch.randperm(len(xt), generator=generator)
+        order = torch.randperm(len(xt), generator=generator) if batch_size < len(xt) else torch.arange(len(xt))
         loss, accuracy = _train_epoch(head, opt, objective, xt, yt, sample_w, order, batch_size)
+        if not validate:
+            history.append({"epoch": epoch, "loss": loss, "accuracy": accuracy})
+            continue
         val_loss, val_acc = _validate(head, objective, xv, yv)
         row = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_acc}
         history.append(row)
@@ -108,9 +122,10 @@ def fit_head(
                 logger.info("early stopping at epoch %d; restoring epoch %d (val_loss %.4f)", epoch, best_epoch, best_loss)
                 break
     bar.close()
-    head.load_state_dict(best_state)
+    if validate:
+        head.load_state_dict(best_state)
     head.eval()
-    return history, best_epoch
+    return history, best_epoch if validate else len(history)
 
 
 def _train_epoch(
