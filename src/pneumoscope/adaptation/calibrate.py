@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import discovery as data_mod
+from ..data.layouts import load_dataset
+from ..data.splits import scan, select_split, unique_images
 from ..errors import DataError, UsageError
 from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
@@ -166,10 +167,10 @@ def _calibratable(run: str | os.PathLike, *, refit: bool) -> Predictor:
 def _labelled_sample(predictor: Predictor, data: str | os.PathLike, split: str, *, cache_dir, progress: bool):
     """(the scanned distinct images of ``split``, their features, their logits); refused with fewer than
     ``MIN_PER_CLASS`` images of either class."""
-    dataset = data_mod.load_dataset(data)
+    dataset = load_dataset(data)
     predictor.check_dataset(dataset)
-    scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
-    scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
+    scanned = scan(dataset.subset(select_split(dataset, split)), check_decode=False, progress=progress)
+    scanned = unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
     feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     counts = np.bincount(np.array([r.label for r in feats.records]), minlength=2)
     if counts.min() < MIN_PER_CLASS:
