@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope.data import discovery as D
+from pneumoscope.data.layouts import load_dataset
+from pneumoscope.data.splits import scan
 from pneumoscope.inference.predictor import calibrated_probability
 from pneumoscope.metrics.calibration import fit_temperature
 from pneumoscope.metrics.classification import compute_roc_auc
@@ -39,8 +40,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
 
-    dataset = D.load_dataset(args.data)
-    dataset = D.scan(dataset.subset(prepare_records(dataset, TrainConfig())), check_decode=False, progress=False)
+    dataset = load_dataset(args.data)
+    dataset = scan(dataset.subset(prepare_records(dataset, TrainConfig())), check_decode=False, progress=False)
     lite0 = create_model("efficientnet_lite0")
     feats = {}
     for name in ("efficientnet_lite0", "efficientnet_lite2"):

@@ -35,8 +35,9 @@ def rss() -> dict[str, float]:
 def main() -> None:
     from torch.utils.data import DataLoader
 
-    from pneumoscope.data import discovery as D
     from pneumoscope.data.imagecache import build_image_array
+    from pneumoscope.data.layouts import load_dataset
+    from pneumoscope.data.splits import scan
     from pneumoscope.models.backbones import BACKBONES
     from pneumoscope.training.finetune import ArrayDataset
 
@@ -60,7 +61,7 @@ def main() -> None:
     record = {"n": args.n, "size": args.size, "generate_s": round(t_gen, 1), "rss_start_mib": rss()}
 
     t0 = time.perf_counter()
-    ds = D.scan(D.load_dataset(work / "data"), check_decode=False)
+    ds = scan(load_dataset(work / "data"), check_decode=False)
     record["scan_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     arr = build_image_array(ds, ds.records, args.size, work / "cache", num_workers=2, progress=False)

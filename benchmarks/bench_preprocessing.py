@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope.data import discovery as D
 from pneumoscope.data.decode import resize_image
+from pneumoscope.data.layouts import load_dataset
+from pneumoscope.data.splits import split_by_patient
 from pneumoscope.metrics.classification import calibrated_probability, compute_binary_metrics, compute_roc_auc, compute_youden_threshold
 from pneumoscope.models.classifier import Head, create_model
 from pneumoscope.runtime import tune_cpu_allocator
@@ -77,8 +78,8 @@ def main() -> None:
     parser.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
     args = parser.parse_args()
     tune_cpu_allocator()
-    ds = D.load_dataset(args.data)
-    recs = D.split_by_patient(ds.records, val_fraction=0.1, seed=0)
+    ds = load_dataset(args.data)
+    recs = split_by_patient(ds.records, val_fraction=0.1, seed=0)
     images = [ds.reader.read_image(r.ref) for r in recs]
     y, split = np.array([r.label for r in recs]), np.array([r.split for r in recs])
     tr, va, te = split == "train", split == "val", split == "test"

@@ -47,7 +47,7 @@ def _link_tree(root: Path, files: list[tuple[Path, str]], labelled: bool) -> Pat
 
 def _halves(test: Path, seed: int) -> tuple[list, list]:
     """Two class-stratified halves of test/, cut by patient."""
-    from pneumoscope.data.discovery import parse_patient_id
+    from pneumoscope.data.records import parse_patient_id
 
     rng = np.random.default_rng(seed)
     a, b = [], []
@@ -71,12 +71,12 @@ def _draw(files: list, k: int, rng: np.random.Generator) -> list:
 
 
 def _metrics(run: Path, folder: Path, cache: str) -> dict:
-    from pneumoscope.data import discovery as data_mod
+    from pneumoscope.data.layouts import load_dataset
     from pneumoscope.evaluation.evaluate import evaluate_dataset
     from pneumoscope.inference.predictor import Predictor
 
     result = evaluate_dataset(
-        Predictor.from_checkpoint(run), data_mod.load_dataset(folder), split="all", cache_dir=cache, n_boot=200, progress=False
+        Predictor.from_checkpoint(run), load_dataset(folder), split="all", cache_dir=cache, n_boot=200, progress=False
     )
     return {k: result.metrics[k] for k in KEYS} | {"threshold": result.metrics["threshold"]}
 

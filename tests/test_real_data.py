@@ -3,14 +3,16 @@
 import collections
 import csv
 
-from pneumoscope.data import discovery as D
+from pneumoscope.data.layouts import load_dataset
+from pneumoscope.data.records import CLASS_NAMES
+from pneumoscope.data.splits import check_leakage, scan, split_by_patient
 
 
 def test_inspect_matches_manifest(real_data):
     manifest = list(csv.DictReader(open(real_data / "MANIFEST.csv")))
-    ds = D.scan(D.load_dataset(real_data), workers=4)
+    ds = scan(load_dataset(real_data), workers=4)
     assert ds.layout == "kaggle" and not ds.problems
-    ours = collections.Counter((r.origin_split, D.CLASS_NAMES[r.label]) for r in ds.records)
+    ours = collections.Counter((r.origin_split, CLASS_NAMES[r.label]) for r in ds.records)
     theirs = collections.Counter((m["split"], m["label"]) for m in manifest)
     assert ours == theirs
     by_name = {(r.origin_split, r.ref.rsplit("/", 1)[-1]): r for r in ds.records}
@@ -22,9 +24,9 @@ def test_inspect_matches_manifest(real_data):
 
 
 def test_real_split_has_no_patient_leakage(real_data):
-    ds = D.scan(D.load_dataset(real_data), check_decode=False)
-    records = D.split_by_patient(ds.records, seed=0)
-    report = D.check_leakage(records)
+    ds = scan(load_dataset(real_data), check_decode=False)
+    records = split_by_patient(ds.records, seed=0)
+    report = check_leakage(records)
     assert report["patients_in_several_splits"] == []
     assert report["duplicates_across_splits"] == []
     counts = collections.Counter(r.split for r in records)

@@ -160,14 +160,14 @@ def test_unwritable_output_is_one_line_naming_it(make, monkeypatch, tmp_path, ca
 
 
 def test_read_only_out_fails_before_any_work(monkeypatch, tmp_path, capsys, caplog):
-    import pneumoscope.data.discovery
+    import pneumoscope.training.pipeline
 
     def no_work(*args, **kw):
         raise AssertionError("the data was read before the output folder was checked")
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(outputs.tempfile, "mkdtemp", _read_only_below(tmp_path / "ro", tempfile.mkdtemp))
-    monkeypatch.setattr(pneumoscope.data.discovery, "load_dataset", no_work)
+    monkeypatch.setattr(pneumoscope.training.pipeline, "load_dataset", no_work)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "ro" / "run")]) == 2
     line = _error_line(capsys, caplog)
     assert "read-only" in line and str(tmp_path / "ro") in line
@@ -284,7 +284,8 @@ def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog
 
 @pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
 def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
-    from pneumoscope.data.discovery import load_dataset, scan
+    from pneumoscope.data.layouts import load_dataset
+    from pneumoscope.data.splits import scan
     from pneumoscope.models.classifier import create_model
     from pneumoscope.models.features import extract_features, part_caches
 
@@ -451,14 +452,14 @@ def test_data_inspect_lists_a_fifo_and_a_device_in_a_class_folder_and_goes_on(ka
 
 
 def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from pneumoscope.data import decode as pio
+    from pneumoscope.data import bounded
 
     big = tmp_path / "big.png"
     with open(big, "wb") as fh:
         fh.truncate(2_000_000)  # sparse: costs no disk
-    monkeypatch.setattr(pio, "MAX_MEMBER_BYTES", 1_000_000)
+    monkeypatch.setattr(bounded, "MAX_MEMBER_BYTES", 1_000_000)
     with pytest.raises(ImageReadError, match="over the limit of 1,000,000"):
-        pio.read_file(big)
+        bounded.read_file(big)
 
 
 # --------------------------------------------------------------------------- issue 23, items 8 and 9
@@ -466,7 +467,7 @@ def test_a_file_over_the_byte_bound_is_refused_before_it_is_read(tmp_path, monke
 
 def test_branching_symlink_chains_are_walked_in_linear_time(tmp_path):
     """d0..d24 each link `x` and `y` to the next: 2^24 paths to the last folder, which is walked once."""
-    from pneumoscope.data.discovery import walk_files
+    from pneumoscope.data.folders import walk_files
 
     root = tmp_path / "d0"
     for i in range(25):
@@ -482,7 +483,7 @@ def test_branching_symlink_chains_are_walked_in_linear_time(tmp_path):
 def test_pack_keeps_both_images_when_a_new_name_would_collide(tmp_path):
     import zipfile
 
-    from pneumoscope.data.discovery import load_dataset
+    from pneumoscope.data.layouts import load_dataset
     from pneumoscope.data.pack import pack_dataset
 
     for cls in ("NORMAL", "PNEUMONIA"):

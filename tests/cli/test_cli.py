@@ -517,7 +517,7 @@ def test_train_and_evaluate_say_each_thing_once_with_numbers_formatted(kaggle_tr
 
 def test_evaluate_finds_test_images_byte_identical_to_the_runs_training_images(tmp_path):
     """Issue 23 item 11: evaluate did not warn when the images it scored were ones the run was fitted on."""
-    from pneumoscope.data.discovery import Record
+    from pneumoscope.data.records import Record
     from pneumoscope.evaluation.evaluate import seen_in_training
     from pneumoscope.models.checkpoint import RunFolder
 

@@ -155,16 +155,16 @@ def _zip_of(path, members: dict[str, bytes]):
 @pytest.fixture
 def one_mib_members(monkeypatch):
     """A 1 MiB bound on a member, so that 5 MB of zeros is a bomb (and the test fast); the bound is read when called."""
-    import pneumoscope.data.decode as io_mod
+    import pneumoscope.data.bounded as bounded
 
-    monkeypatch.setattr(io_mod, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(bounded, "MAX_MEMBER_BYTES", 1 << 20)
     return 1 << 20
 
 
 def test_a_member_declaring_more_than_the_bound_is_refused_before_any_byte_is_read(tmp_path, one_mib_members, monkeypatch):
     import zipfile
 
-    from pneumoscope.data.decode import read_zip_member
+    from pneumoscope.data.bounded import read_zip_member
 
     png = _save(tmp_path, "a.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8))).read_bytes()
     archive = _zip_of(tmp_path / "a.zip", {"a.png": png, "bomb.png": bytes(5 << 20)})
@@ -180,7 +180,7 @@ def test_a_member_declaring_more_than_the_bound_is_refused_before_any_byte_is_re
 def test_a_member_that_expands_past_the_ratio_is_refused_and_a_small_one_is_not(tmp_path):
     import zipfile
 
-    from pneumoscope.data.decode import MAX_COMPRESSION_RATIO, MAX_MEMBER_BYTES, MIN_RATIO_CHECKED, read_zip_member
+    from pneumoscope.data.bounded import MAX_COMPRESSION_RATIO, MAX_MEMBER_BYTES, MIN_RATIO_CHECKED, read_zip_member
 
     assert MIN_RATIO_CHECKED < 2 << 20 < MAX_MEMBER_BYTES  # under the size bound: only the ratio refuses it
     archive = _zip_of(tmp_path / "a.zip", {"zeros.png": bytes(2 << 20), "flat.dcm": bytes(64 << 10)})
@@ -220,7 +220,7 @@ class _LyingArchive:
 
 
 def test_a_member_whose_header_lies_is_cut_off_at_the_bound(one_mib_members):
-    from pneumoscope.data.decode import read_zip_member
+    from pneumoscope.data.bounded import read_zip_member
 
     archive = _LyingArchive(bytes(5 << 20))
     with pytest.raises(ImageReadError, match="holds more than 1,048,576 bytes .* although its header declares 100"):
@@ -232,7 +232,7 @@ def test_a_real_member_whose_header_understates_its_size_is_refused_as_damaged(t
     import struct
     import zipfile
 
-    from pneumoscope.data.decode import read_zip_member
+    from pneumoscope.data.bounded import read_zip_member
 
     archive = _zip_of(tmp_path / "a.zip", {"x.png": bytes(300_000)})
     raw = bytearray(archive.read_bytes())

@@ -3,7 +3,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from pneumoscope.data import discovery as D
+from pneumoscope.data.folders import walk_files
+from pneumoscope.data.layouts import load_dataset
+from pneumoscope.data.records import CLASS_NAMES, Record, parse_patient_id
+from pneumoscope.data.splits import check_leakage, limit_per_split, scan, split_by_patient, summarize
 from pneumoscope.errors import DataError
 
 
@@ -19,12 +22,12 @@ from pneumoscope.errors import DataError
     ],
 )
 def test_parse_patient_id(name, label, expected):
-    pid = D.parse_patient_id(name, label)
+    pid = parse_patient_id(name, label)
     assert (pid.patient_id, pid.pneumonia_type, pid.from_name) == expected
 
 
 def test_kaggle_layout_namespaces_test_patients(kaggle_tree):
-    ds = D.load_dataset(kaggle_tree)
+    ds = load_dataset(kaggle_tree)
     assert ds.layout == "kaggle"
     test_ids = {r.patient_id for r in ds.records if r.split == "test"}
     train_ids = {r.patient_id for r in ds.records if r.split in ("train", "val")}
@@ -34,7 +37,7 @@ def test_kaggle_layout_namespaces_test_patients(kaggle_tree):
 
 def test_class_folder_names_are_case_insensitive(tmp_path, kaggle_tree):
     (kaggle_tree / "train" / "NORMAL").rename(kaggle_tree / "train" / "normal")
-    ds = D.load_dataset(kaggle_tree / "train")
+    ds = load_dataset(kaggle_tree / "train")
     assert ds.layout == "class-folders"
     assert {r.label for r in ds.records} == {0, 1}
 
@@ -44,7 +47,7 @@ def test_zip_of_kaggle_root_matches_folder(tmp_path, kaggle_tree):
     with zipfile.ZipFile(archive, "w") as zf:
         for f in kaggle_tree.rglob("*.jpeg"):
             zf.write(f, "chest_xray/" + f.relative_to(kaggle_tree).as_posix())
-    folder, zipped = D.load_dataset(kaggle_tree), D.load_dataset(archive)
+    folder, zipped = load_dataset(kaggle_tree), load_dataset(archive)
     assert [(r.label, r.split, r.patient_id) for r in folder.records] == [(r.label, r.split, r.patient_id) for r in zipped.records]
     image = zipped.reader.read_image(zipped.records[0].ref)
     assert image.ndim == 2
@@ -54,7 +57,7 @@ def test_npz_uses_medmnist_split(tmp_path):
     from tests.conftest import make_npz
 
     arrays = make_npz(tmp_path / "p.npz", (("train", 10), ("val", 4), ("test", 4)))
-    ds = D.load_dataset(tmp_path / "p.npz")
+    ds = load_dataset(tmp_path / "p.npz")
     assert ds.layout == "npz" and not ds.has_patient_ids
     assert [sum(r.split == s for r in ds.records) for s in ("train", "val", "test")] == [10, 4, 4]
     img = ds.reader.read_image(ds.records[3].ref)
@@ -64,12 +67,12 @@ def test_npz_uses_medmnist_split(tmp_path):
 def test_missing_class_folders_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "stuff").mkdir(parents=True)
     with pytest.raises(DataError, match="NORMAL/ and PNEUMONIA/"):
-        D.load_dataset(tmp_path / "empty")
+        load_dataset(tmp_path / "empty")
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        D.load_dataset(tmp_path / "nope")
+        load_dataset(tmp_path / "nope")
 
 
 def test_walk_follows_links_but_not_round_a_cycle(tmp_path, caplog):
@@ -85,7 +88,7 @@ def test_walk_follows_links_but_not_round_a_cycle(tmp_path, caplog):
     (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # not a cycle: followed
     (root / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # the same folder twice: no cycle, walked once
     with caplog.at_level(logging.WARNING, logger="pneumoscope"):
-        files = D.walk_files(root)
+        files = walk_files(root)
     assert sorted(str(f.relative_to(root)) for f in files) == ["again/b.png", "sub/a.png"]  # by the first path, sorted (issue 23)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert str(root / "sub" / "up") in warned and str(root / "sub" / "self") in warned and "linked" not in warned
@@ -96,7 +99,7 @@ def test_scan_skips_and_lists_bad_files(kaggle_tree):
     bad.write_bytes(b"")
     text = kaggle_tree / "train" / "PNEUMONIA" / "person9999_virus_1.jpeg"
     text.write_text("<html>not an image</html>")
-    ds = D.scan(D.load_dataset(kaggle_tree))
+    ds = scan(load_dataset(kaggle_tree))
     problems = dict(ds.problems)
     assert set(problems) == {str(bad), str(text)}
     assert "empty" in problems[str(bad)] and "not a readable image" in problems[str(text)]
@@ -104,8 +107,8 @@ def test_scan_skips_and_lists_bad_files(kaggle_tree):
 
 
 def test_no_patient_in_two_splits(kaggle_tree):
-    ds = D.load_dataset(kaggle_tree)
-    records = D.split_by_patient(ds.records, val_fraction=0.25, seed=3)
+    ds = load_dataset(kaggle_tree)
+    records = split_by_patient(ds.records, val_fraction=0.25, seed=3)
     splits_of = {}
     for r in records:
         splits_of.setdefault(r.patient_id, set()).add(r.split)
@@ -116,10 +119,10 @@ def test_no_patient_in_two_splits(kaggle_tree):
 
 
 def test_split_is_seeded():
-    records = [D.Record(f"{i}.png", i % 2, "train", f"train/p{i // 3}", "none", True) for i in range(300)]
-    a = D.split_by_patient(records, seed=1)
-    b = D.split_by_patient(records, seed=1)
-    c = D.split_by_patient(records, seed=2)
+    records = [Record(f"{i}.png", i % 2, "train", f"train/p{i // 3}", "none", True) for i in range(300)]
+    a = split_by_patient(records, seed=1)
+    b = split_by_patient(records, seed=1)
+    c = split_by_patient(records, seed=2)
     assert [r.split for r in a] == [r.split for r in b] != [r.split for r in c]
     n_val_patients = len({r.patient_id for r in a if r.split == "val"})
     assert 8 <= n_val_patients <= 12  # 10% of 100 patients, per class rounding
@@ -127,19 +130,19 @@ def test_split_is_seeded():
 
 def test_leakage_check_flags_crossing_patients_and_duplicates():
     rows = [
-        D.Record("a", 1, "train", "train/p1", "virus", True, content_hash="h1"),
-        D.Record("b", 1, "val", "train/p1", "virus", True, content_hash="h2"),
-        D.Record("c", 0, "test", "test/p2", "none", True, content_hash="h1"),
+        Record("a", 1, "train", "train/p1", "virus", True, content_hash="h1"),
+        Record("b", 1, "val", "train/p1", "virus", True, content_hash="h2"),
+        Record("c", 0, "test", "test/p2", "none", True, content_hash="h1"),
     ]
-    report = D.check_leakage(rows)
+    report = check_leakage(rows)
     assert report["patients_in_several_splits"] == ["train/p1"]
     assert report["duplicate_groups"] == 1 and len(report["duplicates_across_splits"]) == 1
     assert not report["ok"]
 
 
 def test_limit_per_split_keeps_both_classes():
-    records = [D.Record(f"{i}", int(i < 10), "train", f"p{i}", "none", True) for i in range(100)]
-    kept = D.limit_per_split(records, 20)
+    records = [Record(f"{i}", int(i < 10), "train", f"p{i}", "none", True) for i in range(100)]
+    kept = limit_per_split(records, 20)
     assert len(kept) == 20 and {r.label for r in kept} == {0, 1}
 
 
@@ -149,7 +152,6 @@ def test_pack_writes_a_zip_that_train_reads_with_the_same_records(kaggle_tree, t
 
     from pneumoscope.cli.main import main
     from pneumoscope.data.decode import read_image
-    from pneumoscope.data.discovery import load_dataset
 
     (kaggle_tree / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"not a jpeg")
     packed = tmp_path / "packed.zip"
@@ -174,7 +176,6 @@ def test_pack_keeps_two_files_that_differ_only_by_suffix(kaggle_tree, tmp_path):
     from PIL import Image
 
     from pneumoscope.cli.main import main
-    from pneumoscope.data.discovery import load_dataset
 
     folder = kaggle_tree / "train" / "NORMAL"
     jpeg = next(folder.glob("*.jpeg"))
@@ -200,12 +201,12 @@ def _zip_with_a_bomb(tree, archive):
 def test_data_inspect_and_pack_skip_a_zip_bomb_member_with_the_reason_and_read_the_rest(kaggle_tree, tmp_path, monkeypatch, capsys):
     import json
 
-    import pneumoscope.data.decode
+    import pneumoscope.data.bounded
     from pneumoscope.cli.main import main
 
-    monkeypatch.setattr(pneumoscope.data.decode, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(pneumoscope.data.bounded, "MAX_MEMBER_BYTES", 1 << 20)
     archive = _zip_with_a_bomb(kaggle_tree, tmp_path / "bomb.zip")
-    images = len(D.load_dataset(kaggle_tree).records)
+    images = len(load_dataset(kaggle_tree).records)
     assert main(["-q", "data", "inspect", str(archive), "--json"]) == 1  # done, one file unreadable
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == images
@@ -215,7 +216,7 @@ def test_data_inspect_and_pack_skip_a_zip_bomb_member_with_the_reason_and_read_t
     assert main(["-q", "pack", str(archive), "--out", str(packed), "--size", "64"]) == 1
     with zipfile.ZipFile(packed) as zf:
         assert not [n for n in zf.namelist() if "zbomb" in n]
-    assert len(D.load_dataset(packed).records) == images
+    assert len(load_dataset(packed).records) == images
 
 
 def _spy_scandir(monkeypatch) -> list[int]:
@@ -240,7 +241,9 @@ def _spy_scandir(monkeypatch) -> list[int]:
                 yield entry
 
     monkeypatch.setattr(os, "scandir", Counted)
-    monkeypatch.setattr(D, "walk_files", lambda root: pytest.fail(f"{root} was walked before its class folders were found"))
+    monkeypatch.setattr(
+        "pneumoscope.data.layouts.walk_files", lambda root: pytest.fail(f"{root} was walked before its class folders were found")
+    )
     return read
 
 
@@ -254,7 +257,7 @@ def test_a_folder_without_class_folders_is_refused_after_a_bounded_look_naming_w
     (root / "notes.txt").write_text("not a folder")
     read = _spy_scandir(monkeypatch)
     with pytest.raises(DataError) as err:
-        D.load_dataset(root)
+        load_dataset(root)
     assert str(err.value) == (
         f"{root}: no NORMAL/ and PNEUMONIA/ class folders (any case) within 3 levels (found: a/, b/, c/). Fix: point at "
         "the chest_xray folder that holds train/ val/ test/, or at a folder holding NORMAL/ and PNEUMONIA/"
@@ -267,10 +270,10 @@ def test_the_look_for_class_folders_reads_a_bounded_number_of_entries(tmp_path, 
     for i in range(40):
         for j in range(40):
             (root / f"f{i:02d}" / f"g{j:02d}").mkdir(parents=True)
-    monkeypatch.setattr(D, "LOOK_ENTRIES", 300)
+    monkeypatch.setattr("pneumoscope.data.folders.LOOK_ENTRIES", 300)
     read = _spy_scandir(monkeypatch)
     with pytest.raises(DataError, match=r"found: f00/, f01/, f02/, f03/, f04/ and 35 more; the look stopped after 300 entries\)"):
-        D.load_dataset(root)
+        load_dataset(root)
     assert len(read) <= 300 + 40  # the budget, then the top folder listed again for the message
 
 
@@ -282,7 +285,7 @@ def test_class_folders_are_still_found_up_to_three_levels_down(tmp_path, where):
     for c in ("Normal", "PNEUMONIA"):
         (root / where / c).mkdir(parents=True)
         Image.fromarray(np.full((32, 32), 100, np.uint8)).save(root / where / c / f"person1_{c}_1.png")
-    ds = D.load_dataset(root)
+    ds = load_dataset(root)
     assert sorted(r.label for r in ds.records) == [0, 1] and ds.layout == ("kaggle" if where.endswith("train") else "class-folders")
 
 
@@ -293,25 +296,25 @@ def test_classes_auto_takes_every_class_folder_sorted_as_keras_does(tmp_path):
     from tests.conftest import make_three_class_tree
 
     tree = make_three_class_tree(tmp_path / "cx", n_patients=2, per_patient=1)
-    ds = D.load_dataset(tree, classes="auto")
+    ds = load_dataset(tree, classes="auto")
     assert ds.class_names == ("COVID", "NORMAL", "PNEUMONIA") and ds.layout == "kaggle"
     assert {ds.class_names[r.label] for r in ds.records} == {"COVID", "NORMAL", "PNEUMONIA"}
     assert all(ds.class_names[r.label].lower() in r.ref.lower() for r in ds.records)
-    summary = D.summarize(ds)
+    summary = summarize(ds)
     assert summary["classes"] == ["COVID", "NORMAL", "PNEUMONIA"]
     assert summary["splits"]["train"]["classes"] == {"COVID": 2, "NORMAL": 2, "PNEUMONIA": 2}
     assert summary["splits"]["train"]["patients_per_class"] == {"COVID": 2, "NORMAL": 2, "PNEUMONIA": 2}
     # an order given: labels follow it; the default task ignores COVID/ as before, with a warning
-    ordered = D.load_dataset(tree, classes=["normal", "pneumonia", "covid"])
+    ordered = load_dataset(tree, classes=["normal", "pneumonia", "covid"])
     assert ordered.class_names == ("normal", "pneumonia", "covid")
     assert {ordered.class_names[r.label].upper() for r in ordered.records} == {"COVID", "NORMAL", "PNEUMONIA"}
-    default = D.load_dataset(tree)
-    assert default.class_names == D.CLASS_NAMES and default.unknown_classes == ["COVID"]
-    assert "classes" not in D.summarize(default)  # the default task's summary reads as before
+    default = load_dataset(tree)
+    assert default.class_names == CLASS_NAMES and default.unknown_classes == ["COVID"]
+    assert "classes" not in summarize(default)  # the default task's summary reads as before
 
 
 def test_pneumonia_type_labels_come_from_kermany_file_names(kaggle_tree):
-    ds = D.load_dataset(kaggle_tree, labels="pneumonia-type")
+    ds = load_dataset(kaggle_tree, labels="pneumonia-type")
     assert ds.class_names == ("NORMAL", "BACTERIA", "VIRUS")
     for r in ds.records:
         name = r.ref.rsplit("/", 1)[-1]
@@ -319,7 +322,7 @@ def test_pneumonia_type_labels_come_from_kermany_file_names(kaggle_tree):
     (kaggle_tree / "train" / "PNEUMONIA" / "untyped-scan.jpeg").write_bytes(
         (kaggle_tree / "train" / "NORMAL").glob("*.jpeg").__next__().read_bytes()
     )
-    again = D.load_dataset(kaggle_tree, labels="pneumonia-type")
+    again = load_dataset(kaggle_tree, labels="pneumonia-type")
     assert [p for p, why in again.problems if "names no type" in why] == [str(kaggle_tree / "train" / "PNEUMONIA" / "untyped-scan.jpeg")]
 
 
@@ -338,7 +341,7 @@ def test_a_bad_class_request_is_one_clear_error(kaggle_tree, kwargs, match):
     from pneumoscope.errors import UsageError
 
     with pytest.raises(UsageError, match=match):
-        D.load_dataset(kaggle_tree, **kwargs)
+        load_dataset(kaggle_tree, **kwargs)
 
 
 def test_an_npz_holds_the_default_task_only(tmp_path):
@@ -346,7 +349,7 @@ def test_an_npz_holds_the_default_task_only(tmp_path):
 
     make_npz(tmp_path / "p.npz")
     with pytest.raises(DataError, match="NORMAL vs PNEUMONIA only"):
-        D.load_dataset(tmp_path / "p.npz", labels="pneumonia-type")
+        load_dataset(tmp_path / "p.npz", labels="pneumonia-type")
 
 
 def _spy_renames(monkeypatch) -> list[str]:
@@ -405,8 +408,8 @@ def test_image_cache_follows_the_umask_and_leaves_no_temporary_file_on_failure(u
     from pneumoscope.data import imagecache
     from pneumoscope.data.preprocessing import Preprocessing
 
-    ds = D.scan(D.load_dataset(kaggle_tree))
-    bad = D.Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
+    ds = scan(load_dataset(kaggle_tree))
+    bad = Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
     (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
     records, pre = ds.records[:4] + [bad] * unreadable, Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     broken = imagecache._Decode.__getitem__
@@ -433,7 +436,7 @@ def _recorded_skips(recorder: str, kaggle_tree, tmp_path) -> dict[str, str]:
     from pneumoscope.data.preprocessing import Preprocessing
     from pneumoscope.models.features import ImageDataset
 
-    ds = D.load_dataset(kaggle_tree)
+    ds = load_dataset(kaggle_tree)
     pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if recorder == "pack":
         return {row["path"]: row["reason"] for row in pack_dataset(kaggle_tree, tmp_path / "p.zip", progress=False)["skipped"]}
@@ -482,16 +485,16 @@ def test_an_npz_image_is_converted_once_and_checked_like_any_other(tmp_path, mon
     for name, images in (("gray", gray), ("colour", colour), ("nan", nan)):
         np.savez(tmp_path / f"{name}.npz", train_images=images, train_labels=labels)
     calls = []
-    monkeypatch.setattr(D, "to_image", lambda x, name, **kw: calls.append(name) or to_image(x, name, **kw))
+    monkeypatch.setattr("pneumoscope.data.readers.to_image", lambda x, name, **kw: calls.append(name) or to_image(x, name, **kw))
     for name, images in (("gray", gray), ("colour", colour)):
-        ds = D.load_dataset(tmp_path / f"{name}.npz")
+        ds = load_dataset(tmp_path / f"{name}.npz")
         calls.clear()
         img = ds.reader.read_image("train/1")
         assert calls == [ds.reader.display("train/1")] and img.dtype == np.float32
         assert np.array_equal(img, to_image(images[1]))  # colour as a decoded colour file (Pillow's convert("L"))
-    ds = D.load_dataset(tmp_path / "nan.npz")
+    ds = load_dataset(tmp_path / "nan.npz")
     np.testing.assert_allclose(ds.reader.read_image("train/0"), nan[0], atol=1e-7)
     with pytest.raises(ImageReadError, match="NaN or infinite") as err:
         ds.reader.read_image("train/1")  # before: NaN pixels went on to the network
     assert err.value.path == f"{tmp_path / 'nan.npz'}::train/1"
-    assert [p for p, _ in D.scan(ds).problems] == [f"{tmp_path / 'nan.npz'}::train/1"]
+    assert [p for p, _ in scan(ds).problems] == [f"{tmp_path / 'nan.npz'}::train/1"]

@@ -184,12 +184,12 @@ def test_too_few_images_give_no_faithfulness_verdict():
 
 def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tmp_path, monkeypatch):
     """Issue 14: the report's Grad-CAM figures say what the image truly is, not only what the model decided."""
-    from pneumoscope.data import discovery as D
+    from pneumoscope.data.layouts import load_dataset
     from pneumoscope.evaluation import evaluate as evaluate
     from pneumoscope.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5
-    dataset = D.load_dataset(kaggle_tree)
+    dataset = load_dataset(kaggle_tree)
     records = [r for label in (0, 1) for r in [r for r in dataset.records if r.split == "test" and r.label == label][:4]]
     y_true = np.array([r.label for r in records])
     y_prob = np.array([0.9, 0.8, 0.1, 0.2] * 2)  # errors and successes of both kinds
@@ -277,13 +277,13 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
     """Not a probability recomputed without test-time augmentation: the one the report shows."""
     from pathlib import Path
 
-    from pneumoscope.data import discovery as D
+    from pneumoscope.data.layouts import load_dataset
     from pneumoscope.evaluation import evaluate as evaluate
     from pneumoscope.inference.predictor import Predictor
     from pneumoscope.plots import overlay_cam
 
     predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5; its own probabilities are all near 0.43
-    dataset = D.load_dataset(kaggle_tree)
+    dataset = load_dataset(kaggle_tree)
     records = [r for label in (0, 1) for r in [r for r in dataset.records if r.split == "test" and r.label == label][:4]]
     y_prob = np.array([0.9, 0.8, 0.1, 0.2] * 2)
     result = evaluate.EvaluationResult(records, [dataset.display(r) for r in records], np.array([r.label for r in records]), y_prob, {}, [])

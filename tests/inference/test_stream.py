@@ -192,9 +192,9 @@ def test_json_on_stdout_is_one_list_and_unreadable_rows_keep_the_fields(tiny_run
 
 
 def test_predict_skips_a_zip_bomb_member_with_the_reason_and_predicts_the_rest(tiny_run, tmp_path, monkeypatch, capsys):
-    import pneumoscope.data.decode
+    import pneumoscope.data.bounded
 
-    monkeypatch.setattr(pneumoscope.data.decode, "MAX_MEMBER_BYTES", 1 << 20)  # 5 MB of zeros is then a bomb, made in a moment
+    monkeypatch.setattr(pneumoscope.data.bounded, "MAX_MEMBER_BYTES", 1 << 20)  # 5 MB of zeros is then a bomb, made in a moment
     pngs = _pngs(tmp_path / "imgs", 3)
     archive = tmp_path / "bomb.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -117,7 +117,8 @@ def test_unknown_backbone_lists_choices():
 
 
 def test_an_ensemble_is_its_members_side_by_side_and_reuses_their_feature_caches(kaggle_tree, tmp_path, monkeypatch):
-    from pneumoscope.data.discovery import load_dataset, scan
+    from pneumoscope.data.layouts import load_dataset
+    from pneumoscope.data.splits import scan
     from pneumoscope.models.features import extract_features
 
     torch.manual_seed(0)

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.data import discovery as D
 from pneumoscope.data.augment import Augment, AugmentConfig, resolve_augment
 from pneumoscope.data.imagecache import build_image_array
+from pneumoscope.data.layouts import load_dataset
 from pneumoscope.data.preprocessing import Preprocessing
+from pneumoscope.data.readers import DirReader
+from pneumoscope.data.records import Record
+from pneumoscope.data.splits import scan
 from pneumoscope.errors import UsageError
 from pneumoscope.models.backbones import BACKBONES
 from pneumoscope.models.classifier import create_model
@@ -27,8 +30,8 @@ from tests.conftest import make_kaggle_tree
 
 
 def test_image_cache_is_built_once_and_memory_mapped(kaggle_tree, tmp_path):
-    ds = D.scan(D.load_dataset(kaggle_tree))
-    bad = D.Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
+    ds = scan(load_dataset(kaggle_tree))
+    bad = Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
     (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
     records = ds.records[:10] + [bad]
     pre64 = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -38,7 +41,7 @@ def test_image_cache_is_built_once_and_memory_mapped(kaggle_tree, tmp_path):
     again = build_image_array(ds, records, pre64, tmp_path, num_workers=0, progress=False)
     assert np.array_equal(np.asarray(first.images), np.asarray(again.images)) and again.records == first.records
     assert len(list((tmp_path / "images").glob("*.npy"))) == 1
-    direct = D.DirReader(kaggle_tree).read_image(records[3].ref)
+    direct = DirReader(kaggle_tree).read_image(records[3].ref)
     from pneumoscope.data.decode import resize_image
 
     assert np.abs(first.images[3] / 255.0 - resize_image(direct, 64)).max() < 1 / 255 + 1e-6
@@ -58,7 +61,7 @@ def test_image_cache_takes_full_size_kaggle_jpegs(tmp_path):
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / "data" / folder / name, quality=95)
     paths = sorted((tmp_path / "data").glob("*/*.jpeg"))
     assert all(p.stat().st_size > 1_000_000 for p in paths)
-    ds = D.scan(D.load_dataset(tmp_path / "data"))
+    ds = scan(load_dataset(tmp_path / "data"))
     arr = build_image_array(
         ds, ds.records, BACKBONES["efficientnet_lite0"].preprocessing, tmp_path / "cache", num_workers=0, progress=False
     )
@@ -80,7 +83,7 @@ def test_finetuning_tensors_are_the_preprocessing_contract_up_to_uint8_rounding(
     yy, xx = np.mgrid[0:700, 0:560]
     big = 120 + 80 * np.sin(xx / 40.0) * np.cos(yy / 55.0)  # larger than any input size: decoded at reduced scale, then shrunk
     Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(root / "train" / "NORMAL" / "IM-0900-0001.jpeg", quality=90)
-    ds = D.scan(D.load_dataset(root), progress=False)
+    ds = scan(load_dataset(root), progress=False)
     arr = build_image_array(ds, ds.records, pre, tmp_path / "cache", num_workers=0, progress=False)
     assert arr.records == ds.records and not arr.problems
     tensors = ArrayDataset(arr.images, np.array([r.label for r in arr.records]), pre, None)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from ..choices import ADAPT_METHODS
-from ..data import discovery as data_mod
+from ..data.layouts import load_unlabelled
+from ..data.records import Dataset, Record
+from ..data.splits import scan, unique_images
 from ..errors import DataError, UsageError
 from ..inference.predictor import Predictor
 from ..metrics.classification import logit, sigmoid
@@ -35,16 +37,16 @@ logger = logging.getLogger(__name__)
 class SiteFeatures:
     """A site's unlabelled images: the dataset, the records that decoded, their pooled features and the skipped files."""
 
-    dataset: data_mod.Dataset
-    records: list[data_mod.Record]
+    dataset: Dataset
+    records: list[Record]
     features: np.ndarray  # (N, C) raw pooled backbone features
     problems: list[tuple[str, str]]
 
 
 def read_site(predictor: Predictor, site: str | os.PathLike, *, cache_dir=None, progress: bool = True) -> SiteFeatures:
     """Pooled backbone features of every image under ``site`` (labels, if any, ignored)."""
-    dataset = data_mod.scan(data_mod.load_unlabelled(site), check_decode=False, progress=progress)
-    dataset = data_mod.unique_images(dataset, labelled=False)  # copies would weigh as many images
+    dataset = scan(load_unlabelled(site), check_decode=False, progress=progress)
+    dataset = unique_images(dataset, labelled=False)  # copies would weigh as many images
     feats = extract_features(predictor.model, dataset, cache_dir=cache_dir, progress=progress)
     if len(feats.records) < MIN_SITE_IMAGES:
         raise DataError(

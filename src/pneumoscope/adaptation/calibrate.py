@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import discovery as data_mod
+from ..data.splits import scan, select_split, unique_images
 from ..errors import DataError
 from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
@@ -160,8 +160,8 @@ def _labelled_sample(predictor: Predictor, data: str | os.PathLike, split: str, 
     """(the scanned distinct images of ``split``, their features, their logits); refused with fewer than
     ``MIN_PER_CLASS`` images of any class."""
     dataset = predictor.load_labelled(data)
-    scanned = data_mod.scan(dataset.subset(data_mod.select_split(dataset, split)), check_decode=False, progress=progress)
-    scanned = data_mod.unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
+    scanned = scan(dataset.subset(select_split(dataset, split)), check_decode=False, progress=progress)
+    scanned = unique_images(scanned, labelled=True)  # copies would weigh as many images; one image under both labels is refused
     feats, z = predictor.dataset_logits(scanned, cache_dir=cache_dir, progress=progress)
     names = predictor.class_names
     counts = np.bincount(np.array([r.label for r in feats.records], dtype=int), minlength=len(names))

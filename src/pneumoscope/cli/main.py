@@ -79,7 +79,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _add_task_args(p: argparse.ArgumentParser, default=None) -> None:
     """Which classes the data's folders (or file names) give."""
-    from ..data.discovery import LABEL_SOURCES
+    from ..data.layouts import LABEL_SOURCES
 
     p.add_argument(
         "--classes",
@@ -126,7 +126,8 @@ def _config(args):
 
 def cmd_inspect(args) -> int:
     """``pneumoscope data inspect``: print the dataset's summary (or its JSON); exit status 1 when files were unreadable."""
-    from ..data.discovery import load_dataset, scan, split_by_patient, summarize
+    from ..data.layouts import load_dataset
+    from ..data.splits import scan, split_by_patient, summarize
 
     dataset = load_dataset(args.data, classes=args.classes, labels=args.labels or "folders")
     if dataset.layout != "npz":
@@ -484,8 +485,8 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     """train -> evaluate -> explain on the default (or given) dataset."""
-    from ..data.discovery import load_dataset
     from ..data.download import fetch_pneumoniamnist
+    from ..data.layouts import load_dataset
     from ..evaluation.evaluate import evaluate_run, pick_cases
     from ..explain.checks import MIN_FAITHFULNESS_IMAGES
     from ..explain.command import explain_images

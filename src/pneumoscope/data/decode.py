@@ -9,13 +9,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import sys
 import warnings
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -23,26 +19,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageReadError
+from .bounded import MAX_PIXELS, read_file
+from .dicom import HEADER_ERRORS, dicom_to_image, read_dicom
 
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}) | DICOM_SUFFIXES
-
-# A radiograph from a large detector is about 4,300 x 3,500 (15 MP); Kaggle's
-# largest chest_xray JPEG is about 2,900 x 2,900. Anything far beyond is more
-# likely a decompression bomb than an X-ray.
-MAX_PIXELS = 64_000_000
-
-# A zip member is checked before it is read: a 2 MB archive can hold a 2 GiB member of
-# zeros (a zip bomb). The largest image file read here is an uncompressed 16-bit DICOM at
-# MAX_PIXELS, 2 bytes a pixel (128 MB); 4 bytes a pixel leaves room for headers and odd
-# encodings. JPEG and PNG are compressed already (a zip gains a few per cent on them) and an
-# uncompressed DICOM deflates some 2-10x; deflate's ceiling, where bombs sit, is about 1,030x.
-# A member below MIN_RATIO_CHECKED costs nothing whatever its ratio (a flat test image).
-MAX_MEMBER_BYTES = 4 * MAX_PIXELS
-MAX_COMPRESSION_RATIO = 200
-MIN_RATIO_CHECKED = 1 << 20
 
 T = TypeVar("T")
 
@@ -94,120 +77,6 @@ def skip_detail(err: Exception) -> str:
     the fix; any other error (an OSError or KeyError a reader let through) its message.
     """
     return err.detail if isinstance(err, ImageReadError) else str(err)
-
-
-_ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."
-
-
-def not_regular_file(path: str | os.PathLike) -> str:
-    """Why ``path`` (its links followed) is not a regular file that may be read: a FIFO, a device, a socket; else "".
-
-    Reading a FIFO waits for a writer for ever, and a device such as ``/dev/zero`` never ends: only regular
-    files are read. A path that cannot be looked at is left to the reader, which reports why."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return ""
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return ""
-    kind = (
-        "a FIFO (named pipe)"
-        if stat.S_ISFIFO(mode)
-        else "a character device"
-        if stat.S_ISCHR(mode)
-        else "a block device"
-        if stat.S_ISBLK(mode)
-        else "a socket"
-        if stat.S_ISSOCK(mode)
-        else "not a regular file"
-    )
-    return f"{kind}, not an image file; only regular files are read. Fix: give the image file itself"
-
-
-def read_file(path: str | os.PathLike) -> bytes:
-    """A regular file's bytes, at most ``MAX_MEMBER_BYTES`` (the bound a zip member gets).
-
-    Opened without blocking and checked on the open descriptor, so a FIFO (which would wait for a writer for ever)
-    or a device (``/dev/zero`` never ends) named like an image is refused, not read; raises :class:`ImageReadError`.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as err:
-        raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the path and permissions.") from err
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            why = (
-                not_regular_file(path)
-                or "not a regular file, not an image file; only regular files are read. Fix: give the image file itself"
-            )
-            reason, fix = why.split(". Fix: ", 1)
-            raise ImageReadError(path, reason, fix[:1].upper() + fix[1:] + ".")
-        limit = MAX_MEMBER_BYTES
-        if info.st_size > limit:
-            raise ImageReadError(
-                path,
-                f"file is {info.st_size:,} bytes, over the limit of {limit:,} for one image",
-                "Give a smaller image (export it at a lower resolution).",
-            )
-        try:
-            data = fh.read(limit + 1)  # a file that grows while read stops at the bound
-        except OSError as err:
-            raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the file and the disk.") from err
-    if len(data) > limit:
-        raise ImageReadError(
-            path, f"file grew past the limit of {limit:,} bytes while read", "Copy the image somewhere it does not change."
-        )
-    return data
-
-
-def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:
-    """The bytes of ``member``, or :class:`ImageReadError` (``name`` in its message) if it cannot be one image.
-
-    Its declared size and compression ratio are checked before anything is decompressed
-    (:data:`MAX_MEMBER_BYTES`, :data:`MAX_COMPRESSION_RATIO`), and it is read with that bound,
-    so a member whose header lies about its size still stops there. A damaged member (bad
-    CRC, broken deflate stream, encrypted, unknown compression) is refused with the reason.
-    The bounds are read when called, not when defined.
-    """
-    try:
-        info = archive.getinfo(member)
-    except KeyError as err:
-        raise ImageReadError(name, "no such member in the archive", "Check the name, or copy the archive again.") from err
-    _check_member(info, name)
-    try:
-        with archive.open(info) as fh:
-            data = fh.read(MAX_MEMBER_BYTES + 1)  # read(n) never returns more than n bytes, whatever the header says
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as err:
-        raise ImageReadError(
-            name, f"cannot be read from the archive ({err})", "Copy the archive again, or unpack it and give the folder."
-        ) from err
-    if len(data) > MAX_MEMBER_BYTES:
-        raise ImageReadError(
-            name,
-            f"archive member holds more than {MAX_MEMBER_BYTES:,} bytes (the limit) although its header declares "
-            f"{info.file_size:,}: a damaged or forged archive",
-            _ZIP_FIX,
-        )
-    return data
-
-
-def _check_member(info: zipfile.ZipInfo, name: str) -> None:
-    """Refuse a member whose header declares too many bytes, or too many for its compressed size (a zip bomb)."""
-    size, packed = info.file_size, info.compress_size
-    if size > MAX_MEMBER_BYTES:
-        raise ImageReadError(
-            name,
-            f"archive member declares {size:,} bytes uncompressed, over the limit of {MAX_MEMBER_BYTES:,} (possible zip bomb)",
-            _ZIP_FIX,
-        )
-    if size >= MIN_RATIO_CHECKED and size > MAX_COMPRESSION_RATIO * packed:
-        raise ImageReadError(
-            name,
-            f"archive member expands {size / max(packed, 1):,.0f}x ({packed:,} -> {size:,} bytes), over the limit"
-            f" of {MAX_COMPRESSION_RATIO}x (possible zip bomb)",
-            _ZIP_FIX,
-        )
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -398,15 +267,6 @@ def _read_pillow(path, data: bytes, *, draft_size: int | None, max_pixels: int) 
         raise ImageReadError(path, f"image is corrupt or truncated ({err})", "Re-export or re-download the file, or remove it.") from err
 
 
-# What pydicom raises for a header value it cannot interpret: a malformed number (ValueError:
-# NumberOfFrames "x", WindowCenter "abcd"), a LUT item without its descriptor or data
-# (AttributeError, KeyError), a LUT shorter than its descriptor says (IndexError), a LUT depth
-# it does not handle (NotImplementedError: 0 bits), a value of the wrong kind (TypeError), a
-# number out of range (OverflowError). DICOM in the wild holds all of these.
-_HEADER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError, OverflowError)
-_HEADER_FIX = "Correct the header (e.g. with dcmodify) or export the image as PNG."
-
-
 def image_pixels(path: str | os.PathLike, data: bytes) -> int | None:
     """Width x height read from the header alone (nothing decoded), or None where the header cannot be read.
 
@@ -420,177 +280,13 @@ def image_pixels(path: str | os.PathLike, data: bytes) -> int | None:
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
             return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) or None
-        except (InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS):
+        except (InvalidDicomError, EOFError, OSError, *HEADER_ERRORS):
             return None
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size[0] * img.size[1]
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
         return None
-
-
-_DICOM_FIX = "Export the frontal radiograph as a single-frame grayscale DICOM (or PNG)."
-
-
-def read_dicom(path: str | os.PathLike, data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode a grayscale radiograph DICOM into float32 (H, W) in [0, 1], as a viewer would show it.
-
-    Modality LUT (rescale slope/intercept) first, then the VOI transform: a VOI LUT
-    sequence or window centre/width (LINEAR, LINEAR_EXACT or SIGMOID, DICOM PS3.3
-    C.11.2.1.2); without either, the full range of the image. MONOCHROME1 (white is
-    zero) is inverted. Multi-frame, colour and pixel-less objects (reports, plans)
-    are refused with the reason.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS) as err:
-        raise ImageReadError(path, f"not a readable DICOM file ({err})", _DICOM_FIX, kind="unsupported") from err
-    return dicom_to_image(ds, path, max_pixels=max_pixels)
-
-
-@contextmanager
-def _interpreting(path, what: str) -> Iterator[None]:
-    """An error raised while interpreting the header's ``what`` -> :class:`ImageReadError` naming it and pydicom's reason."""
-    try:
-        yield
-    except ImageReadError:
-        raise
-    except _HEADER_ERRORS as err:
-        raise ImageReadError(path, f"DICOM {what} cannot be interpreted ({type(err).__name__}: {err})", _HEADER_FIX) from err
-
-
-def dicom_to_image(ds, path: str | os.PathLike = "DICOM dataset", *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A parsed pydicom ``Dataset`` -> float32 (H, W) in [0, 1]: the pixel half of :func:`read_dicom`.
-
-    Every header value is interpreted under :func:`_interpreting`: one that cannot be (a
-    malformed number, a LUT without its descriptor or data, or shorter than its descriptor
-    says) is an :class:`ImageReadError` naming that part of the header, so the file is
-    skipped like any unreadable image.
-    """
-    with _interpreting(path, "header (NumberOfFrames, PhotometricInterpretation, Rows, Columns)"):
-        photometric = _check_dicom(ds, path, max_pixels)
-    try:
-        stored = ds.pixel_array
-    except Exception as err:  # pydicom raises many kinds: truncated data, missing codec
-        raise ImageReadError(path, f"DICOM pixel data cannot be decoded ({type(err).__name__}: {err})", _DICOM_FIX) from err
-    with _interpreting(path, "Modality LUT or rescale (ModalityLUTSequence, RescaleSlope, RescaleIntercept)"):
-        values = _modality(ds, stored)
-    del stored
-    with _interpreting(path, "VOI LUT or window (VOILUTSequence, WindowCenter, WindowWidth, VOILUTFunction)"):
-        arr = _voi(ds, values, path)
-    np.clip(arr, 0.0, 1.0, out=arr)
-    if photometric == "MONOCHROME1":
-        np.subtract(1.0, arr, out=arr)
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _check_dicom(ds, path, max_pixels: int) -> str:
-    """Refuse what is not one grayscale radiograph within the pixel limit; its PhotometricInterpretation."""
-    if "PixelData" not in ds:
-        sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown SOP class")
-        raise ImageReadError(path, f"DICOM object has no pixel data ({sop}): not an image", _DICOM_FIX)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageReadError(path, f"DICOM holds {frames} frames; one radiograph per file is expected", _DICOM_FIX)
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageReadError(
-            path, f"DICOM is colour ({photometric or 'no PhotometricInterpretation'}); chest radiographs are grayscale", _DICOM_FIX
-        )
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if rows * cols > max_pixels:
-        raise ImageReadError(path, f"DICOM is {cols}x{rows}, over the limit of {max_pixels:,} pixels", "Downscale the image or remove it.")
-    return photometric
-
-
-def _modality(ds, stored: np.ndarray) -> np.ndarray:
-    """Stored values -> modality values (Modality LUT, or rescale slope/intercept), float32.
-
-    float32 and in place from here on: a 64-megapixel image is 256 MB per float32 copy,
-    and float64 temporaries took one decode to 1.6 GB. Stored values are at most 16 bits,
-    so float32 holds them exactly.
-    """
-    from pydicom.pixels import apply_modality_lut
-
-    if "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    values = stored.astype(np.float32)
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    if (slope, intercept) != (1.0, 0.0):
-        values *= slope
-        values += intercept
-    return values
-
-
-def _voi(ds, values: np.ndarray, path) -> np.ndarray:
-    """Modality values -> [0, 1] as shown: the VOI LUT, else the window, else the full range (in place where it can)."""
-    from pydicom.pixels import apply_voi_lut
-
-    if "VOILUTSequence" in ds:
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float32) / (2**bits - 1)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        return _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper(), path)
-    lo, hi = float(values.min()), float(values.max())
-    values -= lo
-    values *= 1.0 / (hi - lo) if hi > lo else 0.0
-    return values
-
-
-def _first(value) -> float:
-    """The first of several windows (a viewer's default), or the only one.
-
-    A value pydicom could not read as a number is kept as text ("abcd"): float() refuses
-    it whole, where indexing it would have taken its first character.
-    """
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        value = value[0]
-    return float(value)
-
-
-def _window(x: np.ndarray, centre: float, width: float, function: str, path="") -> np.ndarray:
-    """DICOM window to [0, 1] (PS3.3 C.11.2.1.2.1-3), in place on float ``x``.
-
-    The standard requires Window Width >= 1 for LINEAR and > 0 for LINEAR_EXACT and
-    SIGMOID; a header that breaks it (a width of 0 would divide by zero) is refused
-    rather than guessed at.
-
-    Not ``pydicom.pixels.apply_windowing``, although it computes the same curves (to one
-    float32 rounding, tests/data/test_dicom.py checks it): it works on a float64 copy with
-    boolean masks, 15 bytes a pixel on top of the input where this takes none, which breaks
-    the 8-bytes-a-pixel budget of a decode (a 64-megapixel upload); it scales to the range
-    of BitsStored and PixelRepresentation, writes those back into the dataset, and raises a
-    bare ValueError without the file's name. The VOI LUT sequence, which has no such cost,
-    goes through pydicom's ``apply_voi_lut``.
-    """
-    smallest = 1.0 if function == "LINEAR" else 0.0
-    if not (np.isfinite(centre) and np.isfinite(width)) or width < smallest or (width == 0.0):
-        rule = ">= 1" if function == "LINEAR" else "> 0"
-        raise ImageReadError(
-            path,
-            f"DICOM window is invalid: WindowCenter {centre!r}, WindowWidth {width!r} (must be finite, width {rule} for {function})",
-            "Fix the header's WindowCenter/WindowWidth (or remove both to show the full range), or export as PNG.",
-        )
-    if function == "SIGMOID":
-        x -= centre
-        x *= -4.0 / width
-        np.exp(x, out=x)
-        x += 1.0
-        return np.reciprocal(x, out=x)
-    if function == "LINEAR_EXACT":
-        x -= centre
-        x /= width
-    elif width == 1.0:  # LINEAR with width 1 is a hard threshold at the centre (PS3.3 C.11.2.1.2.1)
-        return np.greater(x, centre - 0.5, out=np.empty(x.shape, bool)).astype(x.dtype)
-    else:
-        x -= centre - 0.5
-        x /= width - 1.0
-    x += 0.5
-    return x
 
 
 def _to_gray_float(img: Image.Image, path) -> np.ndarray:

@@ -23,8 +23,8 @@ from ..errors import ImageReadError
 from ..outputs import atomic_file, write_json
 from ..runtime import die_with_parent, progress_bar
 from .decode import skip_detail
-from .discovery import Dataset, Record
 from .preprocessing import Preprocessing
+from .records import Dataset, Record
 
 logger = logging.getLogger(__name__)
 

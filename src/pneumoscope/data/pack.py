@@ -23,8 +23,8 @@ from PIL import Image
 from ..errors import DataError, ImageReadError, OutputExistsError, UsageError
 from ..outputs import atomic_file
 from ..runtime import progress_bar
-from . import discovery as data_mod
 from .decode import resize_image, skip_detail
+from .layouts import load_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def pack_dataset(
         raise UsageError(f"size must be between 16 and 4096 pixels, got {size!r}")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it.")
-    dataset = data_mod.load_dataset(data)
+    dataset = load_dataset(data)
     if dataset.layout == "npz":
         raise DataError(f"{data}: already an array file; pack folders or zips of images.")
     kept, resized, skipped = 0, 0, []

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report, precision_recall_curve
 
-from ..data import discovery as data_mod
 from ..data.decode import read_many, screen_image
+from ..data.records import Dataset, Record
+from ..data.splits import limit_per_split, scan, select_split
 from ..errors import DataError
 from ..inference.predictor import Predictor
 from ..metrics.calibration import compute_adaptive_reliability, compute_reliability
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class EvaluationResult:
     """An evaluation: the images scored, their labels and probabilities, the metrics, and what was skipped or left out."""
 
-    records: list[data_mod.Record]
+    records: list[Record]
     paths: list[str]
     y_true: np.ndarray
     y_prob: np.ndarray
@@ -51,7 +52,7 @@ class EvaluationResult:
 
 def evaluate_dataset(
     predictor: Predictor,
-    dataset: data_mod.Dataset,
+    dataset: Dataset,
     *,
     split: str = "test",
     limit: int | None = None,
@@ -63,10 +64,10 @@ def evaluate_dataset(
 ) -> EvaluationResult:
     """Predictions and clinical metrics (with patient-level intervals) of ``predictor`` on ``split`` of ``dataset``."""
     predictor.check_dataset(dataset)
-    records = data_mod.select_split(dataset, split)
+    records = select_split(dataset, split)
     if limit:
-        records = data_mod.limit_per_split(records, limit, seed=0)
-    scanned = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
+        records = limit_per_split(records, limit, seed=0)
+    scanned = scan(dataset.subset(records), check_decode=False, progress=progress)
     scanned, excluded, transductive = _leave_out_fitted(predictor, scanned)
     scored = _score(predictor, scanned, tta=tta, cache_dir=cache_dir, progress=progress)
     kept = scored.records
@@ -102,7 +103,7 @@ def evaluate_dataset(
     )
 
 
-def _leave_out_fitted(predictor: Predictor, scanned: data_mod.Dataset) -> tuple[data_mod.Dataset, int, int]:
+def _leave_out_fitted(predictor: Predictor, scanned: Dataset) -> tuple[Dataset, int, int]:
     """(the scanned images less those the checkpoint was calibrated on, how many were left out, how many of the rest
     it was adapted on without their labels); both counts are logged as warnings."""
     calibrated_on = set((predictor.description.calibration or {}).get("image_sha256", []))
@@ -123,7 +124,7 @@ def _leave_out_fitted(predictor: Predictor, scanned: data_mod.Dataset) -> tuple[
 
 @dataclass
 class _Scored:
-    records: list[data_mod.Record]  # the images scored (the unreadable ones left out)
+    records: list[Record]  # the images scored (the unreadable ones left out)
     prob: np.ndarray
     problems: list[tuple[str, str]]
     features: np.ndarray | None
@@ -132,7 +133,7 @@ class _Scored:
     class_probs: np.ndarray | None = None  # N classes: (n, K)
 
 
-def _score(predictor: Predictor, scanned: data_mod.Dataset, *, tta: bool, cache_dir, progress: bool) -> _Scored:
+def _score(predictor: Predictor, scanned: Dataset, *, tta: bool, cache_dir, progress: bool) -> _Scored:
     """Probabilities, features and OOD distances of the scanned images: through the feature cache, or (``tta``) by
     decoding each image and running every view."""
     if tta:  # the feature cache holds untransformed images only: decode and run every view
@@ -202,9 +203,7 @@ def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_
     return picks
 
 
-def _gallery(
-    predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2
-) -> list[tuple[Path, str]]:
+def _gallery(predictor: Predictor, dataset: Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2) -> list[tuple[Path, str]]:
     """Grad-CAM figures of the most confident true/false positives and negatives."""
     from ..explain.cams import views_and_cams
 
@@ -247,7 +246,7 @@ def _site_shift(predictor: Predictor, result: EvaluationResult) -> tuple[dict | 
     return assess_site(predictor, result.features, n_perm=200), ""
 
 
-def seen_in_training(run_folder: RunFolder, records: list[data_mod.Record]) -> list[data_mod.Record]:
+def seen_in_training(run_folder: RunFolder, records: list[Record]) -> list[Record]:
     """The records whose bytes match an image the run was trained or validated on (by the SHA-256 in its splits.csv)."""
     if not run_folder.splits.is_file():
         return []
@@ -419,7 +418,7 @@ def _screening_names(predictor: Predictor) -> tuple[str, str]:
 
 
 def _write_audit(
-    tmp: Path, predictor: Predictor, dataset: data_mod.Dataset, result: EvaluationResult, *, tta: bool, progress: bool
+    tmp: Path, predictor: Predictor, dataset: Dataset, result: EvaluationResult, *, tta: bool, progress: bool
 ) -> tuple[dict, dict[int, str]]:
     """The shortcut audit, written to shortcut_audit.json: (the audit, {index: the image screen} of the images it decoded)."""
     from ..explain.checks import audit_dataset
@@ -436,7 +435,7 @@ def _write_audit(
     return audit, screens
 
 
-def _count_seen_in_training(run_folder: RunFolder, dataset: data_mod.Dataset, result: EvaluationResult) -> int:
+def _count_seen_in_training(run_folder: RunFolder, dataset: Dataset, result: EvaluationResult) -> int:
     """How many evaluated images the run was trained or validated on (a warning when any)."""
     seen = seen_in_training(run_folder, result.records)
     if seen:
@@ -463,7 +462,7 @@ def _report_summary(predictor: Predictor, m: dict, shift_skipped: str) -> dict:
 
 def _report_context(
     predictor: Predictor,
-    dataset: data_mod.Dataset,
+    dataset: Dataset,
     result: EvaluationResult,
     run_folder: RunFolder,
     *,

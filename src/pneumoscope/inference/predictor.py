@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..data.decode import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
-from ..data.discovery import Dataset, Record
 from ..data.preprocessing import Preprocessing
+from ..data.records import Dataset, Record
 from ..errors import CheckpointError, DataError, UsageError
 from ..metrics.classification import calibrated_probability, decide
 from ..models.checkpoint import description_from_json, load_checkpoint
@@ -99,7 +99,8 @@ def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tupl
     directly is accepted by the same rule as one found in a folder: an image suffix
     (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
     """
-    from ..data.decode import IMAGE_SUFFIXES, not_regular_file
+    from ..data.bounded import not_regular_file
+    from ..data.decode import IMAGE_SUFFIXES
 
     files, problems = [], []
     for p in map(Path, paths):
@@ -149,8 +150,8 @@ def _is_input(f: Path) -> bool:
 
 def _images_in_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """(the input files under ``folder``, sorted; (path, reason) of those named like images that cannot be read)."""
-    from ..data.decode import not_regular_file
-    from ..data.discovery import walk_files
+    from ..data.bounded import not_regular_file
+    from ..data.folders import walk_files
 
     found, odd = [], []
     for f in walk_files(folder):
@@ -351,7 +352,8 @@ class Predictor:
     def load_labelled(self, data: str | os.PathLike) -> Dataset:
         """Labelled data loaded as this run's task (its classes, in order, or the label source it was trained with,
         e.g. ``pneumonia-type``) and checked against them."""
-        from ..data.discovery import CLASS_NAMES, load_dataset
+        from ..data.layouts import load_dataset
+        from ..data.records import CLASS_NAMES
 
         labels = (self.description.training or {}).get("labels", "folders")
         if labels != "folders":

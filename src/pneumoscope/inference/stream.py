@@ -33,7 +33,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data.decode import is_image_path, read_zip_member, screen_image, skip_detail
+from ..data.bounded import read_zip_member
+from ..data.decode import is_image_path, screen_image, skip_detail
 from ..errors import ImageReadError, StateError, UsageError
 from ..outputs import atomic_file, naming_path
 from ..runtime import die_with_parent, progress_bar

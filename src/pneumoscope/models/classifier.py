@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.discovery import CLASS_NAMES
+from ..data.records import CLASS_NAMES
 from ..errors import UsageError
 from .backbones import DEFAULT_BACKBONE, PRETRAINED, BackboneSpec, get_spec, load_imagenet_state_dict
 

@@ -22,8 +22,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from ..data.discovery import CLASS_NAMES
 from ..data.preprocessing import Preprocessing, check_preprocessing
+from ..data.records import CLASS_NAMES
 from ..errors import CheckpointError, UsageError
 from ..metrics.calibration import TEMPERATURE_RANGE
 from .backbones import BACKBONES

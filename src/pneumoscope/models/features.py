@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from ..data.decode import skip_detail
-from ..data.discovery import Dataset, Record
 from ..data.paths import default_cache_dir
+from ..data.records import Dataset, Record
 from ..errors import ImageReadError
 from ..outputs import npy_bytes, write_bytes_atomic
 from ..runtime import die_with_parent, progress_bar

@@ -38,7 +38,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import MutableHeaders
 
-from ..data.decode import MAX_PIXELS, image_pixels, screen_image
+from ..data.bounded import MAX_PIXELS
+from ..data.decode import image_pixels, screen_image
 from ..errors import ImageReadError, StateError, UsageError
 from ..inference.predictor import Prediction, Predictor
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.augment import resolve_augment
-from ..data.discovery import LABEL_SOURCES, NORMAL
+from ..data.layouts import LABEL_SOURCES
+from ..data.records import NORMAL
 from ..errors import UsageError
 from ..metrics.operating_point import THRESHOLD_POLICIES
 from ..models.backbones import DEFAULT_BACKBONE, UNFREEZE

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import discovery as data_mod
+from ..data.layouts import load_dataset
+from ..data.records import Dataset, Record
+from ..data.splits import check_leakage, limit_per_split, scan, split_by_patient, summarize
 from ..errors import DataError, OutputExistsError, StateError, UsageError
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.intervals import mean_sd
@@ -40,14 +42,14 @@ from .tracking import check_logger, describe_logs, log_training_run, training_lo
 logger = logging.getLogger(__name__)
 
 
-def prepare_records(dataset: data_mod.Dataset, config: TrainConfig) -> list[data_mod.Record]:
+def prepare_records(dataset: Dataset, config: TrainConfig) -> list[Record]:
     """Train/val/test assignment: patient-level re-split, unless the source has its own (npz)."""
     if dataset.layout == "npz":
         records = dataset.records  # MedMNIST's own split; it carries no patient ids
     else:
-        records = data_mod.split_by_patient(dataset.records, val_fraction=config.val_fraction, seed=config.seed)
+        records = split_by_patient(dataset.records, val_fraction=config.val_fraction, seed=config.seed)
     if config.limit:
-        records = data_mod.limit_per_split(records, config.limit, seed=config.seed)
+        records = limit_per_split(records, config.limit, seed=config.seed)
     for label, name in enumerate(dataset.class_names):
         if not any(r.label == label and r.split == "train" for r in records):
             raise DataError(
@@ -137,7 +139,7 @@ class _Trained:
 
 def _train(
     model,
-    dataset: data_mod.Dataset,
+    dataset: Dataset,
     feats: FeatureResult,
     fit_split: FitSplit,
     config: TrainConfig,
@@ -214,14 +216,14 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
     owner.write_text(str(os.getpid()))
 
 
-def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[data_mod.Dataset, dict]:
+def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[Dataset, dict]:
     """Load, split by patient, scan (content hashes) and check for leakage: (dataset, leakage report)."""
-    dataset = data_mod.load_dataset(data, classes=config.classes, labels=config.labels)
+    dataset = load_dataset(data, classes=config.classes, labels=config.labels)
     if len(dataset.class_names) > 2:
         normal_class(dataset.class_names, config)  # refused before any work when it is not one of the classes
     records = prepare_records(dataset, config)
-    dataset = data_mod.scan(dataset.subset(records), check_decode=False, progress=progress)
-    leakage = data_mod.check_leakage(dataset.records, display=dataset.display)
+    dataset = scan(dataset.subset(records), check_decode=False, progress=progress)
+    leakage = check_leakage(dataset.records, display=dataset.display)
     if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
         raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
     if leakage["duplicates_across_splits"]:
@@ -234,7 +236,7 @@ def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: boo
     return dataset, leakage
 
 
-def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config: TrainConfig, *, progress: bool):
+def _extract_features(data: str | os.PathLike, dataset: Dataset, config: TrainConfig, *, progress: bool):
     """Create the model and extract (cached) features of the train and val images: (model, features, fit split, skipped images)."""
     torch.manual_seed(config.seed)  # the head's initial weights
     model = create_model(
@@ -258,7 +260,7 @@ def _extract_features(data: str | os.PathLike, dataset: data_mod.Dataset, config
     return model, feats, FitSplit(y, tr, va), problems
 
 
-def _features(model, dataset: data_mod.Dataset, records: list[data_mod.Record], config: TrainConfig, *, progress: bool) -> FeatureResult:
+def _features(model, dataset: Dataset, records: list[Record], config: TrainConfig, *, progress: bool) -> FeatureResult:
     """Pooled backbone features of ``records`` through the feature cache."""
     return extract_features(
         model,
@@ -347,7 +349,7 @@ def _write_run(
     out: str | os.PathLike,
     work: Path,
     model,
-    dataset: data_mod.Dataset,
+    dataset: Dataset,
     config: TrainConfig,
     *,
     resolved: dict,
@@ -373,7 +375,7 @@ def _write_run(
             shutil.move(work / "logs", run.logs)  # closed by now: the loggers were finalized when training ended
         _write_splits(run, dataset, trained.feats)
         write_csv(run.skipped, ["path", "reason"], problems)
-        summary = data_mod.summarize(dataset)
+        summary = summarize(dataset)
         summary["leakage"] = leakage
         write_json(run.data_summary, summary)
         _sample_grid(dataset, trained.feats.records, run.samples, seed=config.seed)
@@ -383,7 +385,7 @@ def _write_run(
 
 def _describe_run(
     model,
-    dataset: data_mod.Dataset,
+    dataset: Dataset,
     config: TrainConfig,
     *,
     resolved: dict,
@@ -445,7 +447,7 @@ def _write_histories(run: RunFolder, config: TrainConfig, trained: _Trained) -> 
         write_csv(run.finetune_history, keys, [[h.get(k) for k in keys] for h in finetune_history])
 
 
-def _write_splits(run: RunFolder, dataset: data_mod.Dataset, feats: FeatureResult) -> None:
+def _write_splits(run: RunFolder, dataset: Dataset, feats: FeatureResult) -> None:
     """splits.csv: every image's split, label, patient, hash, and whether training used it."""
     used = {id(r) for r in feats.records}
     write_csv(
@@ -522,7 +524,7 @@ class _Rows:
         return self.array[self.rows[i]]
 
 
-def _sample_grid(dataset: data_mod.Dataset, records: list[data_mod.Record], path: Path, *, seed: int, n: int = 8) -> None:
+def _sample_grid(dataset: Dataset, records: list[Record], path: Path, *, seed: int, n: int = 8) -> None:
     rng = np.random.default_rng(seed)
     picks = []
     k = len(dataset.class_names)
