@@ -97,35 +97,45 @@ def fit_head(
     if sample_weight is None:
         sample_weight = torch.as_tensor(class_weights(np.asarray(y_train), max(2, head.fc2.out_features)), dtype=torch.float32)[yt.long()]
     sample_w = torch.as_tensor(sample_weight, dtype=torch.float32)
-    validate = x_val is not None
-    xv, yv = (torch.as_tensor(x_val, dtype=torch.float32), objective.labels(y_val)) if validate else (None, None)
+    best = None if x_val is None else _EarlyStopping(torch.as_tensor(x_val, dtype=torch.float32), objective.labels(y_val), patience)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-
-    history, best_loss, best_epoch, best_state, waited = [], float("inf"), 0, None, 0
+    history = []
     bar = progress_bar(range(1, epochs + 1), desc="head", unit="epoch", enabled=progress)
     for epoch in bar:
         order = torch.randperm(len(xt), generator=generator) if batch_size < len(xt) else torch.arange(len(xt))
         loss, accuracy = _train_epoch(head, opt, objective, xt, yt, sample_w, order, batch_size)
-        if not validate:
-            history.append({"epoch": epoch, "loss": loss, "accuracy": accuracy})
+        history.append({"epoch": epoch, "loss": loss, "accuracy": accuracy})
+        if best is None:
             continue
-        val_loss, val_acc = _validate(head, objective, xv, yv)
-        row = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_acc}
-        history.append(row)
-        _log_epoch(loggers, row)
-        bar.set_postfix(val_loss=f"{val_loss:.4f}")
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_epoch, best_state, waited = val_loss, epoch, copy.deepcopy(head.state_dict()), 0
-        else:
-            waited += 1
-            if waited >= patience:
-                logger.info("early stopping at epoch %d; restoring epoch %d (val_loss %.4f)", epoch, best_epoch, best_loss)
-                break
+        history[-1]["val_loss"], history[-1]["val_accuracy"] = _validate(head, objective, best.x, best.y)
+        _log_epoch(loggers, history[-1])
+        bar.set_postfix(val_loss=f"{history[-1]['val_loss']:.4f}")
+        if best.stop(head, epoch, history[-1]["val_loss"]):
+            break
     bar.close()
-    if validate:
-        head.load_state_dict(best_state)
+    if best is not None:
+        head.load_state_dict(best.state)
     head.eval()
-    return history, best_epoch if validate else len(history)
+    return history, best.epoch if best is not None else len(history)
+
+
+class _EarlyStopping:
+    """The validation features and labels, and the best epoch so far: its loss, number and weights."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, patience: int):
+        self.x, self.y, self.patience = x, y, patience
+        self.loss, self.epoch, self.state, self.waited = float("inf"), 0, None, 0
+
+    def stop(self, head: Head, epoch: int, val_loss: float) -> bool:
+        """Keep the head's weights when ``val_loss`` is a new best; True once ``patience`` epochs pass without one."""
+        if val_loss < self.loss - 1e-6:
+            self.loss, self.epoch, self.state, self.waited = val_loss, epoch, copy.deepcopy(head.state_dict()), 0
+            return False
+        self.waited += 1
+        if self.waited >= self.patience:
+            logger.info("early stopping at epoch %d; restoring epoch %d (val_loss %.4f)", epoch, self.epoch, self.loss)
+            return True
+        return False
 
 
 def _train_epoch(
