@@ -40,10 +40,38 @@ def _scrub(value, root: str):
     return value
 
 
+def _scrub_text(text: str, root: str) -> str:
+    """A metadata value: JSON scrubbed as a JSON file is, other text with the work folder's path replaced."""
+    try:
+        return json.dumps(_scrub(json.loads(text), root), sort_keys=True)
+    except ValueError:
+        return text.replace(root, "<out>")
+
+
+def _model_bytes(path: Path, data: bytes, root: str) -> bytes:
+    """A safetensors or ONNX file as bytes to hash: its tensors and graph as they are, its metadata (the run's
+    description, which names the work folder and the date) scrubbed."""
+    if path.suffix == ".safetensors":
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        meta = {k: _scrub_text(v, root) for k, v in header.pop("__metadata__", {}).items()}
+        return json.dumps([header, meta], sort_keys=True).encode() + data[8 + size :]
+    import onnx
+
+    model = onnx.load_from_string(data)
+    for prop in model.metadata_props:
+        prop.value = _scrub_text(prop.value, root)
+    for node in model.graph.node:  # the exporter's debug notes: stack traces name the source files and their lines
+        del node.metadata_props[:]
+    return model.SerializeToString(deterministic=True)
+
+
 def fingerprint(path: Path, root: Path) -> str:
     """The SHA-256 of a file's content, JSON scrubbed of volatile fields and text of the work folder's path."""
     data = path.read_bytes()
-    if path.suffix == ".json":
+    if path.suffix in (".safetensors", ".onnx"):
+        data = _model_bytes(path, data, str(root))
+    elif path.suffix == ".json":
         with contextlib.suppress(ValueError):  # not JSON after all: hashed as it is
             data = json.dumps(_scrub(json.loads(data), str(root)), sort_keys=True).encode()
     elif path.suffix in (".csv", ".html", ".md", ".txt", ".yaml", ".log"):
