@@ -102,7 +102,7 @@ def test_a_worker_dies_with_its_parent_even_after_kill_9(tmp_path):
 def test_building_the_parser_imports_neither_torch_nor_grad_cam():
     """`pneumoscope --help` and `--version` answer at once: choices come from light modules (benchmarks/bench_startup.py times it)."""
     code = (
-        "import sys; from pneumoscope.cli.main import build_parser; build_parser(); "
+        "import sys; from pneumoscope.cli.parser import build_parser; build_parser(); "
         "print(sorted(m for m in ('torch', 'pytorch_grad_cam', 'sklearn', 'timm', 'lightning', 'onnxruntime') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

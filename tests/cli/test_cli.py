@@ -341,7 +341,8 @@ def test_report_is_self_contained(trained_run, tmp_path):
 
 
 def test_threshold_policy_flags_reach_the_training_config():
-    from pneumoscope.cli.main import _config, _policy, build_parser
+    from pneumoscope.cli.options import _config, _policy
+    from pneumoscope.cli.parser import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["train", "DATA", "--out", "RUN", "--target-specificity", "0.9"])
@@ -443,7 +444,7 @@ def test_evaluate_with_tta_skips_an_unreadable_image_and_says_so(trained_run, ka
 )
 def test_q_and_v_are_taken_before_the_command_and_after_it(argv):
     """Issue 20: `predict … -q` was refused; only `pneumoscope -q predict …` worked."""
-    from pneumoscope.cli.main import build_parser
+    from pneumoscope.cli.parser import build_parser
 
     args = build_parser().parse_args(argv)
     assert (args.quiet, args.verbose) == (("-q" in argv or "--quiet" in argv), "-v" in argv)
@@ -473,7 +474,7 @@ def test_every_argument_of_every_command_has_help_and_every_command_an_example()
     """Issue 20: positional arguments had no help and no command showed an example."""
     import argparse
 
-    from pneumoscope.cli.main import build_parser
+    from pneumoscope.cli.parser import build_parser
 
     commands = dict(_commands(build_parser()))
     assert len(commands) >= 14

@@ -258,7 +258,8 @@ def test_the_web_app_heatmap_is_the_cam_of_the_decided_class_over_its_view(tiny_
 
     from pneumoscope.inference.predictor import Predictor
     from pneumoscope.plots import heatmap_rgb, overlay_cam
-    from pneumoscope.serving.app import _png, create_app
+    from pneumoscope.serving.app import create_app
+    from pneumoscope.serving.pipeline import _png
 
     path = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 260), dtype=np.uint8)).save(path)

@@ -408,7 +408,7 @@ def test_pixel_budget_lets_images_decode_together_only_while_they_fit():
     import threading
     import time
 
-    from pneumoscope.serving.app import PixelBudget
+    from pneumoscope.serving.batching import PixelBudget
 
     budget, order = PixelBudget(100), []
 
@@ -528,7 +528,8 @@ def live(predictor):
     """Serve an app made by ``live(**create_app_kwargs)`` on a free port in a thread, as `pneumoscope serve` does."""
     import threading
 
-    from pneumoscope.serving.app import bind_socket, create_app, uvicorn_server
+    from pneumoscope.serving.app import create_app
+    from pneumoscope.serving.guards import bind_socket, uvicorn_server
 
     servers = []
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.cli.main import build_parser, main
+from pneumoscope.cli.main import main
+from pneumoscope.cli.parser import build_parser
 from pneumoscope.models.classifier import Head
 from pneumoscope.training.config import load_train_config
 from pneumoscope.training.head import fit_head
