@@ -132,7 +132,7 @@ def trial(name: str, args: list[str], out: Path, delay: float, env: dict) -> dic
         record["left"] = "complete" if (problem := complete(name, out)) is None else f"INVALID: {problem}"
     else:
         record["left"] = "nothing"
-    from pneumoscope.training.finetune import resume_checkpoint
+    from pneumoscope.training.resume import resume_checkpoint
 
     resumable = work_state.exists() and resume_checkpoint(work_state).is_file()
     record["fine_tune_state_left"] = "checkpoint" if resumable else ("logs only" if work_state.exists() else "none")

@@ -25,7 +25,8 @@ from pneumoscope.errors import UsageError
 from pneumoscope.models.backbones import BACKBONES
 from pneumoscope.models.classifier import create_model
 from pneumoscope.training.config import load_train_config
-from pneumoscope.training.finetune import AtomicCheckpointIO, frozen_modules
+from pneumoscope.training.finetune import frozen_modules
+from pneumoscope.training.resume import AtomicCheckpointIO
 from tests.conftest import make_kaggle_tree
 
 
@@ -361,7 +362,7 @@ class _Planted:
 
 def test_resume_refuses_a_planted_pickle(small_tree, tmp_path):
     from pneumoscope.cli.main import main
-    from pneumoscope.training.finetune import load_resume_state, resume_checkpoint
+    from pneumoscope.training.resume import load_resume_state, resume_checkpoint
 
     marker, work = tmp_path / "code-ran", tmp_path / ".run.work"
     (work / "checkpoints").mkdir(parents=True)
@@ -418,14 +419,14 @@ def test_resuming_after_the_last_epoch_finishes_the_run_with_its_whole_history(s
     def killed(*_, **__):
         raise KeyboardInterrupt  # as far as the work folder is concerned, a kill here
 
-    from pneumoscope.training import finetune as F
+    from pneumoscope.training import resume as R
 
     with monkeypatch.context() as m:
         m.setattr(T, "_fit_operating_point", killed)
         if layout.startswith("earlier"):  # checkpoints where runs killed before the checkpoints/ folder left them
-            m.setattr(F, "CHECKPOINTS", "")
+            m.setattr(R, "CHECKPOINTS", "")
         assert main(args) != 0  # the CLI reports the interruption
-    assert F.resume_checkpoint(tmp_path / ".run.work").is_file() and not (tmp_path / "run").exists()
+    assert R.resume_checkpoint(tmp_path / ".run.work").is_file() and not (tmp_path / "run").exists()
     assert (tmp_path / ".run.work" / "last.ckpt").is_file() == layout.startswith("earlier")
     assert main([*args, "--resume"]) == 0
     history = (tmp_path / "run" / "finetune_history.csv").read_text().splitlines()
@@ -439,7 +440,7 @@ def test_resuming_after_the_last_epoch_finishes_the_run_with_its_whole_history(s
 def test_earlier_stage2_log_rows_survive_any_number_of_kills(tmp_path):
     """Attempt 1 logs epochs 1-3 (checkpoint at 2), attempt 2 logs 3-4 (checkpoint at 4) and is killed before
     merging, attempt 3 resumes after the last epoch and logs nothing: the log holds 1-4, each once."""
-    from pneumoscope.training.finetune import EARLIER_LOG, _merge_earlier_log, _read_history, _set_aside_earlier_log
+    from pneumoscope.training.resume import EARLIER_LOG, merge_earlier_log, read_history, set_aside_earlier_log
 
     logs = tmp_path / "logs"
 
@@ -451,16 +452,16 @@ def test_earlier_stage2_log_rows_survive_any_number_of_kills(tmp_path):
         (logs / "finetune" / "metrics.csv").write_text("\n".join(lines) + "\n")
 
     attempt_log([1, 2, 3])  # killed in epoch 3's validation
-    _set_aside_earlier_log(logs, completed=2)
+    set_aside_earlier_log(logs, completed=2)
     assert not (logs / "finetune").exists() and (logs / EARLIER_LOG).is_file()
     attempt_log([3, 4])  # attempt 2, killed before its merge
-    _set_aside_earlier_log(logs, completed=4)
-    _merge_earlier_log(logs)  # attempt 3: no epoch left to fit, no log of its own
-    history = _read_history(logs / "finetune" / "metrics.csv")
+    set_aside_earlier_log(logs, completed=4)
+    merge_earlier_log(logs)  # attempt 3: no epoch left to fit, no log of its own
+    history = read_history(logs / "finetune" / "metrics.csv")
     assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[2] == {"epoch": 3, "train_loss": 0.3, "val_loss": 0.3, "val_auc": 0.93}
     assert not (logs / EARLIER_LOG).exists()
-    _merge_earlier_log(logs)  # nothing set aside: nothing changes
-    assert [h["epoch"] for h in _read_history(logs / "finetune" / "metrics.csv")] == [1, 2, 3, 4]
+    merge_earlier_log(logs)  # nothing set aside: nothing changes
+    assert [h["epoch"] for h in read_history(logs / "finetune" / "metrics.csv")] == [1, 2, 3, 4]
 
 
 def _tiny_finetune(tmp_path, **settings):
@@ -539,7 +540,7 @@ def test_a_launched_rank_is_any_process_but_the_first_on_any_node(monkeypatch):
 def test_resume_refuses_a_state_it_did_not_write_in_one_line(state, tmp_path):
     """Issue 23 item 10: a resume file without `epoch` ended in a KeyError traceback; a truncated one in torch's."""
     from pneumoscope.errors import StateError
-    from pneumoscope.training.finetune import load_resume_state
+    from pneumoscope.training.resume import load_resume_state
 
     path = tmp_path / "last.ckpt"
     path.write_bytes(state) if isinstance(state, bytes) else torch.save(state, path)

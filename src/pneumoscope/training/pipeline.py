@@ -187,7 +187,7 @@ def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, ov
         return
     check_output_dir(out, overwrite)
     from ..outputs import process_alive
-    from .finetune import EARLIER_LOG, resume_checkpoint
+    from .resume import EARLIER_LOG, resume_checkpoint
 
     owner = work / OWNER_FILE
     recorded = owner.read_text().strip() if owner.is_file() else ""
