@@ -4,6 +4,7 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,10 @@ def test_onnx_export_matches_pytorch(run, tmp_path, capsys, predictor):
     assert abs(row["prob"] - float(pa[0])) <= 1e-4
     # an existing file is not replaced silently
     assert main(["-q", "export", str(run), "--out", str(out)]) == 2
+    # the file names no folder of the machine that made it (the exporter's stack traces did: /home/USER/...)
+    import pneumoscope
+
+    assert str(Path(pneumoscope.__file__).parent).encode() not in out.read_bytes()
 
 
 # --------------------------------------------------------------------------- web app

@@ -74,6 +74,10 @@ def _onnx_model(predictor: Predictor, outputs: list[str]):
         verbose=False,
     )
     proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's debug notes name this machine's source files (and its user's folders)
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
     description = replace(
         predictor.description,
         onnx={
