@@ -41,7 +41,8 @@ from starlette.datastructures import MutableHeaders
 from ..data.bounded import MAX_PIXELS
 from ..data.decode import image_pixels, screen_image
 from ..errors import ImageReadError, StateError, UsageError
-from ..inference.predictor import Prediction, Predictor
+from ..inference.prediction import Prediction
+from ..inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
