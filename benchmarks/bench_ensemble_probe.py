@@ -28,7 +28,7 @@ from pneumoscope.models.classifier import Head, create_model
 from pneumoscope.models.features import extract_features
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.head import fit_head, head_logits
-from pneumoscope.training.pipeline import prepare_records
+from pneumoscope.training.prepare import prepare_records
 
 REPO = Path(__file__).resolve().parents[1]
 

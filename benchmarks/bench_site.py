@@ -72,7 +72,7 @@ def _draw(files: list, k: int, rng: np.random.Generator) -> list:
 
 def _metrics(run: Path, folder: Path, cache: str) -> dict:
     from pneumoscope.data.layouts import load_dataset
-    from pneumoscope.evaluation.evaluate import evaluate_dataset
+    from pneumoscope.evaluation.scoring import evaluate_dataset
     from pneumoscope.inference.predictor import Predictor
 
     result = evaluate_dataset(

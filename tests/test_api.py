@@ -9,7 +9,7 @@ from PIL import Image
 
 import pneumoscope
 from pneumoscope.cli.main import main
-from pneumoscope.inference.predictor import Prediction
+from pneumoscope.inference.prediction import Prediction
 from tests.conftest import PROB_ATOL
 from tests.dicom_util import write_dicom
 

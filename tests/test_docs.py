@@ -29,7 +29,7 @@ def test_site_builds_strict_with_the_api_from_the_docstrings(tmp_path):
         "pneumoscope.api.load",
         "pneumoscope.api.Model",
         "pneumoscope.api.CamMap",
-        "pneumoscope.inference.predictor.Prediction",
+        "pneumoscope.inference.prediction.Prediction",
         "pneumoscope.errors.PneumoscopeError",
     ):
         assert f'id="{name}"' in api, f"{name} is not documented on the API page"

@@ -160,14 +160,14 @@ def test_unwritable_output_is_one_line_naming_it(make, monkeypatch, tmp_path, ca
 
 
 def test_read_only_out_fails_before_any_work(monkeypatch, tmp_path, capsys, caplog):
-    import pneumoscope.training.pipeline
+    import pneumoscope.training.prepare
 
     def no_work(*args, **kw):
         raise AssertionError("the data was read before the output folder was checked")
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(outputs.tempfile, "mkdtemp", _read_only_below(tmp_path / "ro", tempfile.mkdtemp))
-    monkeypatch.setattr(pneumoscope.training.pipeline, "load_dataset", no_work)
+    monkeypatch.setattr(pneumoscope.training.prepare, "load_dataset", no_work)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "ro" / "run")]) == 2
     line = _error_line(capsys, caplog)
     assert "read-only" in line and str(tmp_path / "ro") in line

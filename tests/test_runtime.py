@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from pneumoscope import runtime
-from pneumoscope.evaluation.evaluate import pick_cases
+from pneumoscope.evaluation.figures import pick_cases
 from pneumoscope.explain.checks import MIN_FAITHFULNESS_IMAGES
 from tests.conftest import process_tree, survivors
 

@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "Prediction":
-        from .inference.predictor import Prediction
+        from .inference.prediction import Prediction
 
         return Prediction
     raise AttributeError(f"module 'pneumoscope' has no attribute {name!r}")

@@ -17,7 +17,9 @@ import numpy as np
 
 from .data.decode import describe_input
 from .errors import MissingFileError, UsageError
-from .inference.predictor import Prediction, Predictor, input_name
+from .inference.inputs import input_name
+from .inference.prediction import Prediction
+from .inference.predictor import Predictor
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ def test_too_few_images_give_no_faithfulness_verdict():
 def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tmp_path, monkeypatch):
     """Issue 14: the report's Grad-CAM figures say what the image truly is, not only what the model decided."""
     from pneumoscope.data.layouts import load_dataset
-    from pneumoscope.evaluation import evaluate as evaluate
+    from pneumoscope.evaluation import figures
+    from pneumoscope.evaluation.scoring import EvaluationResult
     from pneumoscope.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_run)  # threshold 0.5
@@ -193,10 +194,10 @@ def test_evaluate_gallery_figures_carry_the_true_label(tiny_run, kaggle_tree, tm
     records = [r for label in (0, 1) for r in [r for r in dataset.records if r.split == "test" and r.label == label][:4]]
     y_true = np.array([r.label for r in records])
     y_prob = np.array([0.9, 0.8, 0.1, 0.2] * 2)  # errors and successes of both kinds
-    result = evaluate.EvaluationResult(records, [dataset.display(r) for r in records], y_true, y_prob, {}, [])
+    result = EvaluationResult(records, [dataset.display(r) for r in records], y_true, y_prob, {}, [])
     drawn = []
-    monkeypatch.setattr(evaluate, "plot_cam", lambda image, overlay, path, **kw: drawn.append(kw))
-    gallery = evaluate._gallery(predictor, dataset, result, tmp_path)
+    monkeypatch.setattr(figures, "plot_cam", lambda image, overlay, path, **kw: drawn.append(kw))
+    gallery = figures.write_gallery(predictor, dataset, result, tmp_path)
     kinds = [caption.split(":")[0] for _, caption in gallery]
     assert set(kinds) == {"false positive", "false negative", "true positive", "true negative"}
     truth = {"false positive": "NORMAL", "true negative": "NORMAL", "false negative": "PNEUMONIA", "true positive": "PNEUMONIA"}
@@ -279,7 +280,8 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
     from pathlib import Path
 
     from pneumoscope.data.layouts import load_dataset
-    from pneumoscope.evaluation import evaluate as evaluate
+    from pneumoscope.evaluation import figures
+    from pneumoscope.evaluation.scoring import EvaluationResult
     from pneumoscope.inference.predictor import Predictor
     from pneumoscope.plots import overlay_cam
 
@@ -287,10 +289,10 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
     dataset = load_dataset(kaggle_tree)
     records = [r for label in (0, 1) for r in [r for r in dataset.records if r.split == "test" and r.label == label][:4]]
     y_prob = np.array([0.9, 0.8, 0.1, 0.2] * 2)
-    result = evaluate.EvaluationResult(records, [dataset.display(r) for r in records], np.array([r.label for r in records]), y_prob, {}, [])
+    result = EvaluationResult(records, [dataset.display(r) for r in records], np.array([r.label for r in records]), y_prob, {}, [])
     drawn = []
-    monkeypatch.setattr(evaluate, "plot_cam", lambda image, overlay, path, **kw: drawn.append((overlay, kw)))
-    gallery = evaluate._gallery(predictor, dataset, result, tmp_path)
+    monkeypatch.setattr(figures, "plot_cam", lambda image, overlay, path, **kw: drawn.append((overlay, kw)))
+    gallery = figures.write_gallery(predictor, dataset, result, tmp_path)
     place = {Path(p).name: i for i, p in enumerate(result.paths)}
     assert len(drawn) == len(gallery) == 8
     for (_, caption), (overlay, kw) in zip(gallery, drawn, strict=True):

@@ -350,7 +350,7 @@ def test_error_answers_do_not_echo_the_upload(client, name):
 
 
 def test_test_time_augmentation(predictor):
-    from pneumoscope.inference.predictor import tta_views
+    from pneumoscope.inference.tta import tta_views
 
     view = predictor.preprocessing_view(predictor.read(_test_images(1)[0]))
     views = tta_views(view)

@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from pneumoscope.cli.main import main
-from pneumoscope.inference.predictor import Prediction, Predictor
-from pneumoscope.inference.stream import Item, expand_items, predict_stream, predict_to
+from pneumoscope.inference.inputs import Item, expand_items
+from pneumoscope.inference.prediction import Prediction
+from pneumoscope.inference.predictor import Predictor
+from pneumoscope.inference.stream import predict_stream, predict_to
 from tests.conftest import PROB_ATOL, process_tree, survivors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,7 +251,7 @@ def test_a_full_disk_while_predicting_names_the_output_file(tmp_path):
     import errno
 
     from pneumoscope.cli.main import error_line
-    from pneumoscope.inference.stream import CsvFormat, TextSink
+    from pneumoscope.inference.sinks import CsvFormat, TextSink
 
     class Full:
         def write(self, text):
@@ -267,7 +269,8 @@ def test_a_full_disk_while_predicting_names_the_output_file(tmp_path):
 
 def _shards(out: Path, world: int, n: int, batch_size: int) -> list[str]:
     """Shards as the ranks of `predict` under torchrun write them; the rows in the single-process order."""
-    from pneumoscope.inference.stream import CsvFormat, shard_path
+    from pneumoscope.inference.sinks import CsvFormat
+    from pneumoscope.inference.stream import shard_path
 
     fmt, rows = CsvFormat(), [{"path": f"{k}.png", "prob": k / n, "label": "NORMAL", "threshold": 0.5} for k in range(n)]
     encoded = [fmt.encode([r]) for r in rows]
@@ -281,7 +284,8 @@ def test_merged_shards_are_written_by_the_one_atomic_writer(tmp_path, monkeypatc
     """Issue 21: the merge staged under `.NAME.XXXX.tmp`, a name no later run recognised as a killed write's."""
     from pneumoscope import outputs
     from pneumoscope.errors import StateError
-    from pneumoscope.inference.stream import CsvFormat, merge_shards, shard_path
+    from pneumoscope.inference.sinks import CsvFormat
+    from pneumoscope.inference.stream import merge_shards, shard_path
 
     out = tmp_path / "preds.csv"
     encoded = _shards(out, 2, 7, 2)

@@ -97,7 +97,7 @@ def cmd_export(args) -> int:
     from ..data.decode import read_image
     from ..errors import UsageError
     from ..inference.export import export_onnx
-    from ..inference.predictor import expand_inputs
+    from ..inference.inputs import expand_inputs
 
     images = None
     if args.check_images:  # the check runs on the images asked for, or not at all
@@ -265,8 +265,10 @@ def cmd_explain(args) -> int:
 def cmd_predict(args) -> int:
     """``pneumoscope predict``: rows of predictions to stdout or ``--out``; exit status 1 when some inputs failed."""
     from ..errors import UsageError
+    from ..inference.inputs import expand_items, read_list
     from ..inference.predictor import Predictor
-    from ..inference.stream import distributed_world, expand_items, predict_distributed, predict_to, read_list, require_out_format
+    from ..inference.sinks import require_out_format
+    from ..inference.stream import distributed_world, predict_distributed, predict_to
 
     inputs = [*args.inputs, *(read_list(args.from_list) if args.from_list else [])]
     if not inputs:
@@ -289,7 +291,8 @@ def cmd_demo(args) -> int:
     """train -> evaluate -> explain on the default (or given) dataset."""
     from ..data.download import fetch_pneumoniamnist
     from ..data.layouts import load_dataset
-    from ..evaluation.evaluate import evaluate_run, pick_cases
+    from ..evaluation.evaluate import evaluate_run
+    from ..evaluation.figures import pick_cases
     from ..explain.checks import MIN_FAITHFULNESS_IMAGES
     from ..explain.command import explain_images
     from ..inference.predictor import Predictor

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..data.decode import read_many
 from ..errors import UsageError
-from ..inference.predictor import Predictor, expand_inputs
+from ..inference.inputs import expand_inputs
+from ..inference.predictor import Predictor
 from ..outputs import atomic_output_dir, npy_bytes, write_bytes_atomic, write_csv, write_json
 from ..plots import overlay_cam, plot_cam
 from ..runtime import progress_bar, seeded_rng

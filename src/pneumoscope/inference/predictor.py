@@ -11,186 +11,24 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.decode import check_decoded, describe_input, is_image_path, read_image, read_many, screen_image, to_image
+from ..data.decode import check_decoded, describe_input, read_image, read_many, screen_image, to_image
 from ..data.preprocessing import Preprocessing
 from ..data.records import Dataset, Record
-from ..errors import CheckpointError, DataError, UsageError
+from ..errors import DataError, UsageError
 from ..metrics.classification import calibrated_probability, decide
-from ..models.checkpoint import description_from_json, load_checkpoint
+from ..models.checkpoint import load_checkpoint
 from ..models.description import RunDescription
 from ..models.features import FeatureResult, extract_features
+from .backends import OnnxBackend, TorchBackend
+from .inputs import input_name
+from .prediction import Prediction, prediction_fields
+from .tta import tta_views
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The model's answer for one image: what ``pneumoscope predict`` writes as a row.
-
-    ``label`` is the class decided at ``threshold`` only for an image the model can assess: it is
-    None when the image could not be read (``error`` says why) and when it is not assessable
-    (``ood`` is True: the image screen or the out-of-distribution guard flagged it, and
-    ``ood_reason`` says why). ``prob`` is then given for information only.
-
-    A model of N > 2 classes adds ``probs`` (class -> calibrated probability); its ``prob`` is the screening
-    probability P(not normal) and ``label`` is the normal class below ``threshold``, else the most probable of the
-    other classes: the screening decision and the class it points to cannot disagree.
-
-    Attributes:
-        path: the input as given (a path, or a description of an in-memory input).
-        prob: calibrated P(PNEUMONIA) (N classes: P(not normal)), or None when the image could not be read.
-        label: "NORMAL" or "PNEUMONIA" (N classes: the class decided as above), or None (not assessable, or unreadable).
-        threshold: the model's operating point; ``label`` is PNEUMONIA (not normal) where ``prob >= threshold``.
-        ood: True when not assessable; False when checked and like the training images; None when the model has no guard.
-        ood_distance: the guard's score (Mahalanobis distance of the image's features to the training features).
-        error: why the image could not be read, else "".
-        ood_reason: why it is not assessable, else "".
-        probs: N classes only: each class's calibrated probability (softmax), in the model's class order; else None.
-    """
-
-    path: str
-    prob: float | None
-    label: str | None
-    threshold: float
-    ood: bool | None = None
-    ood_distance: float | None = None
-    error: str = ""
-    ood_reason: str = ""
-    probs: dict[str, float] | None = None
-
-    @property
-    def assessable(self) -> bool:
-        """Whether the model gives a diagnosis for this image (readable, and neither screen nor guard flagged it)."""
-        return self.label is not None
-
-    FIELDS = ("path", "prob", "label", "threshold", "ood", "ood_distance", "ood_reason", "error")
-
-    def to_dict(self) -> dict:
-        """The record as ``pneumoscope predict --format json`` writes it.
-
-        Returns:
-            A dict of :attr:`FIELDS`, in that order (``label``, ``prob`` and the rest as above; None where absent), then
-            for an N-class model ``prob_<CLASS>`` for each class (None where the image could not be read).
-        """
-        out = {k: getattr(self, k) for k in self.FIELDS}
-        if self.probs is not None:
-            out.update({f"prob_{c}": p for c, p in self.probs.items()})
-        return out
-
-
-def prediction_fields(class_names) -> tuple[str, ...]:
-    """The columns of ``predict``'s rows for a model of these classes: :attr:`Prediction.FIELDS`, then for N > 2
-    classes one probability column per class."""
-    return Prediction.FIELDS if len(class_names) == 2 else (*Prediction.FIELDS, *(f"prob_{c}" for c in class_names))
-
-
-def expand_inputs(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files named directly, and image files found (recursively, links followed, cycles not) in folders.
-
-    Returns (files, problems): a path that cannot be used (missing, a name too long,
-    a file type that is not read, a folder without images) is a (path, reason and fix)
-    problem, never an exception, so the other inputs are still predicted. A file named
-    directly is accepted by the same rule as one found in a folder: an image suffix
-    (``io.IMAGE_SUFFIXES``) or the DICOM preamble.
-    """
-    from ..data.bounded import not_regular_file
-    from ..data.decode import IMAGE_SUFFIXES
-
-    files, problems = [], []
-    for p in map(Path, paths):
-        try:
-            is_dir, exists = p.is_dir(), p.exists()
-        except OSError as err:  # ENAMETOOLONG, EACCES, ELOOP: this path only, not the whole call
-            problems.append((str(p), f"cannot be read ({err.strerror}). Fix: check the path"))
-            continue
-        if is_dir:
-            found, odd = _images_in_folder(p)
-            problems.extend(odd)
-            if found or odd:
-                files.extend(found)
-            else:
-                problems.append(
-                    (str(p), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}). Fix: give a folder of images")
-                )
-        elif not exists:
-            problems.append((str(p), "no such file or folder. Fix: check the path"))
-        elif not_regular_file(p):
-            problems.append((str(p), not_regular_file(p)))
-        elif _is_input(p):
-            files.append(p)
-        else:
-            problems.append(
-                (
-                    str(p),
-                    f"not an image type pneumoscope reads (suffix {p.suffix or 'none'!r}; it reads "
-                    f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM). Fix: convert it to PNG",
-                )
-            )
-    for path, why in problems:
-        logger.warning("%s: %s", path, why)
-    return files, problems
-
-
-def _is_input(f: Path) -> bool:
-    """An image suffix, or a regular file with the DICOM preamble."""
-    if is_image_path(f):
-        return True
-    try:
-        with open(f, "rb") as fh:  # a regular file (checked first): opening a FIFO would wait for a writer
-            return fh.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _images_in_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """(the input files under ``folder``, sorted; (path, reason) of those named like images that cannot be read)."""
-    from ..data.bounded import not_regular_file
-    from ..data.folders import walk_files
-
-    found, odd = [], []
-    for f in walk_files(folder):
-        why = not_regular_file(f) if is_image_path(f) else ""
-        if why:  # named like an image but a FIFO or a device: a row with the reason, not silence (nor a hang)
-            odd.append((str(f), why))
-        elif is_image_path(f) and not f.exists():
-            odd.append((str(f), "a symbolic link to a file that does not exist. Fix: point the link at the image, or remove it"))
-        elif f.is_file() and _is_input(f):
-            found.append(f)
-    found.sort()
-    return found, odd
-
-
-TTA_SHIFT = 0.04  # of the image side
-TTA_ZOOM = 1.06
-
-
-def tta_views(view: np.ndarray) -> list[np.ndarray]:
-    """The image and four mild variants: shifted left/right/up by 4% (mean-grey fill) and zoomed 6% in."""
-    from PIL import Image
-
-    s = view.shape[0]
-    d = max(1, round(TTA_SHIFT * s))
-    fill = float(view.mean())
-    out = [view]
-    for dy, dx in ((0, d), (0, -d), (d, 0)):
-        shifted = np.full_like(view, fill)
-        src = view[max(0, -dy) : s - max(0, dy), max(0, -dx) : s - max(0, dx)]
-        shifted[max(0, dy) : max(0, dy) + src.shape[0], max(0, dx) : max(0, dx) + src.shape[1]] = src
-        out.append(shifted)
-    c = round(s * (1 - 1 / TTA_ZOOM) / 2)
-    out.append(np.asarray(Image.fromarray(view[c : s - c, c : s - c]).resize((s, s), Image.Resampling.BILINEAR), dtype=np.float32))
-    return out
-
-
-def input_name(x, index: int) -> str:
-    """How messages name input ``index``: a file by its path, anything else by its place and kind."""
-    return describe_input(x) if isinstance(x, (str, os.PathLike)) else f"input {index} ({describe_input(x)})"
 
 
 def require_decoded(image) -> np.ndarray:
@@ -207,50 +45,6 @@ def require_decoded(image) -> np.ndarray:
             "PIL images, paths and DICOM datasets."
         )
     return check_decoded(image, f"float array {image.shape}", given=True)
-
-
-class TorchBackend:
-    """Runs the PyTorch model: preprocessed batches -> logits and OOD distances."""
-
-    name = "pytorch"
-
-    def __init__(self, model):
-        self.model = model.eval()
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, C, S, S) normalised -> logits (B,), OOD distances (B,) or None."""
-        with torch.inference_mode():
-            logits, dist = self.model.logit_and_ood(torch.from_numpy(x))
-        return logits.double().numpy(), (None if dist is None else dist.double().numpy())
-
-
-class OnnxBackend:
-    """Runs an exported .onnx file in ONNX Runtime: preprocessed batches -> logits and OOD distances."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
-
-        from ..runtime import available_cpus
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cpus()  # its default counts the machine's CPUs, not the process's
-        # waiting threads sleep rather than spin: under contention a spinning thread burns the time its partner needs
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "pneumoscope" not in meta:
-            raise CheckpointError(
-                f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`."
-            )
-        self.description = description_from_json(meta["pneumoscope"], path)
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(logits (B,), OOD distances (B,) or None) of a preprocessed batch (B, C, S, S)."""
-        out = dict(zip(self.outputs, self.session.run(None, {"image": x}), strict=True))
-        return out["logit"].astype(np.float64), out["ood_distance"].astype(np.float64) if "ood_distance" in out else None
 
 
 class Predictor:

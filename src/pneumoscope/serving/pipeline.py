@@ -14,7 +14,8 @@ from fastapi import HTTPException, Request
 
 from ..data.decode import image_pixels, screen_image
 from ..errors import ImageReadError
-from ..inference.predictor import Prediction, Predictor
+from ..inference.prediction import Prediction
+from ..inference.predictor import Predictor
 from .batching import MicroBatcher, PixelBudget
 from .uploads import read_multipart
 

@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from ..inference.predictor import Prediction
+from ..inference.prediction import Prediction
 
 CODE = Path(__file__).with_name("mlflow_model_code.py")  # what MLflow stores and runs to build the model
 

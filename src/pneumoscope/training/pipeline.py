@@ -1,9 +1,9 @@
 """Train the notebook's frozen-backbone model, fast: cache features once, fit the head.
 
 ``fit_head`` is the training loop (read it top to bottom); ``train_run`` is the
-whole command, one private function per phase, in order: claim the output folder ->
-prepare data (split, scan, leakage) -> extract features -> fit the head -> [fine-tune]
--> fit the operating point -> fit the adapter reference and OOD guard -> write the run.
+whole command, one function per phase, in order: claim the output folder (``workdir``) ->
+prepare data (split, scan, leakage: ``prepare``) -> extract features -> fit the head -> [fine-tune]
+-> fit the operating point -> fit the adapter reference and OOD guard -> write the run (``runwriter``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -21,59 +20,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.layouts import load_dataset
 from ..data.records import Dataset, Record
-from ..data.splits import check_leakage, limit_per_split, scan, split_by_patient, summarize
-from ..errors import DataError, OutputExistsError, StateError, UsageError
+from ..errors import DataError, StateError
 from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.intervals import mean_sd
 from ..metrics.multiclass import compute_multiclass_metrics, softmax
 from ..metrics.operating_point import OperatingPoint, fit_operating_point, fit_screening_point
-from ..models.checkpoint import RunFolder, describe, save_checkpoint
+from ..models.checkpoint import RunFolder
 from ..models.classifier import FeatureAdapter, MahalanobisGuard, create_model
 from ..models.features import FeatureResult, extract_features
-from ..outputs import atomic_output_dir, check_output_dir, write_csv, write_json
-from ..plots import plot_history, plot_image_grid
+from ..outputs import write_json
 from ..runtime import is_launched_rank
 from .config import TrainConfig
 from .head import FitSplit, fit_crossfitted_heads, fit_model_head, head_logits, usable_folds
+from .prepare import normal_class, prepare_data
+from .runwriter import Trained, write_run
 from .tracking import check_logger, describe_logs, log_training_run, training_loggers
+from .workdir import claim_output, work_dir_for
 
 logger = logging.getLogger(__name__)
-
-
-def prepare_records(dataset: Dataset, config: TrainConfig) -> list[Record]:
-    """Train/val/test assignment: patient-level re-split, unless the source has its own (npz)."""
-    if dataset.layout == "npz":
-        records = dataset.records  # MedMNIST's own split; it carries no patient ids
-    else:
-        records = split_by_patient(dataset.records, val_fraction=config.val_fraction, seed=config.seed)
-    if config.limit:
-        records = limit_per_split(records, config.limit, seed=config.seed)
-    for label, name in enumerate(dataset.class_names):
-        if not any(r.label == label and r.split == "train" for r in records):
-            raise DataError(
-                f"{dataset.source}: no {name} images to train on. Fix: put {name} images in a {name}/ folder "
-                "(under train/ for a Kaggle layout); training needs every class."
-            )
-    return records
-
-
-def normal_class(class_names: tuple[str, ...], config: TrainConfig) -> str:
-    """The class (as the data spells it) the screening decision of an N-class run is taken against."""
-    match = [c for c in class_names if c.lower() == config.normal_class.lower()]
-    if not match:
-        raise UsageError(
-            f"normal_class {config.normal_class!r} is not one of the classes {list(class_names)}: an N-class run ships a screening "
-            "decision (normal vs not) against it. Fix: --normal-class NAME, naming the normal class"
-        )
-    return match[0]
-
-
-def work_dir_for(out: str | os.PathLike) -> Path:
-    """Where fine-tuning keeps its resumable state until the run is complete."""
-    out = Path(out).absolute()
-    return out.with_name(f".{out.name}.work")
 
 
 def train_run(
@@ -88,9 +53,9 @@ def train_run(
     """The ``pneumoscope train`` command. Returns the run folder (None in non-zero distributed ranks)."""
     check_logger(config.logger)  # a missing package fails before any work
     work = work_dir_for(out)
-    _claim_output(out, work, config, overwrite=overwrite, resume=resume)
+    claim_output(out, work, config, overwrite=overwrite, resume=resume)
     t0 = time.perf_counter()
-    dataset, leakage = _prepare_data(data, config, progress=progress)
+    dataset, leakage = prepare_data(data, config, progress=progress)
     model, feats, fit_split, problems = _extract_features(data, dataset, config, progress=progress)
     t_feat = time.perf_counter() - t0
 
@@ -99,7 +64,7 @@ def train_run(
     if trained is None:
         return None  # a launched rank: rank 0 writes the run
     ood = _fit_reference_and_guard(model, trained.feats, fit_split, config)
-    _write_run(
+    write_run(
         out,
         work,
         model,
@@ -125,18 +90,6 @@ def train_run(
     return Path(out)
 
 
-@dataclasses.dataclass
-class _Trained:
-    """What the training stages produced, for the run folder."""
-
-    feats: FeatureResult  # the train and val features of the final backbone
-    head_fit: tuple[list[dict], int]  # (history, best epoch) of the head
-    finetuned: tuple[list[dict], dict]  # (history, facts) of stage 2; ([], {}) without it
-    point: OperatingPoint
-    val_metrics: dict
-    tracked: dict | None  # the MLflow run, with --logger mlflow
-
-
 def _train(
     model,
     dataset: Dataset,
@@ -149,7 +102,7 @@ def _train(
     resolved: dict,
     resume: bool,
     progress: bool,
-) -> _Trained | None:
+) -> Trained | None:
     """The head (cross-fitted where the folds allow), then [fine-tuning and features again], then the operating point,
     logged to the training loggers; None in a launched rank."""
     settings = {**resolved, "out": str(Path(out).absolute())}
@@ -175,65 +128,7 @@ def _train(
         point, val_metrics = _fit_operating_point(model, feats, fit_split, config)
         logs.log_summary(settings, _final_metrics((history, best_epoch), finetuned[1], point, val_metrics))
         tracked = logs.mlflow_run()
-    return _Trained(feats, (history, best_epoch), finetuned, point, val_metrics, tracked)
-
-
-OWNER_FILE = "owner.pid"  # in the work folder: the process fine-tuning into it
-
-
-def _claim_output(out: str | os.PathLike, work: Path, config: TrainConfig, *, overwrite: bool, resume: bool) -> None:
-    """Refuse an existing run or unfinished fine-tuning state unless told what to do with it; launched ranks touch nothing."""
-    if is_launched_rank():
-        return
-    check_output_dir(out, overwrite)
-    from ..outputs import process_alive
-    from .resume import EARLIER_LOG, resume_checkpoint
-
-    owner = work / OWNER_FILE
-    recorded = owner.read_text().strip() if owner.is_file() else ""
-    pid = int(recorded) if recorded.isdigit() else None
-    if pid is not None and pid != os.getpid() and process_alive(pid):
-        raise OutputExistsError(
-            f"{work} is in use by a train that is still running (process {pid}): wait for it, or choose another --out. "
-            f"If no such train runs, delete {owner}."
-        )
-    if config.finetune.epochs and work.exists() and not resume:
-        if not resume_checkpoint(work).is_file():  # killed before stage 2's first checkpoint: only logs, which every attempt rewrites
-            logger.info("%s: an earlier attempt stopped before its first fine-tuning checkpoint; nothing to resume, starting afresh", work)
-            overwrite = True
-        if not overwrite:
-            raise OutputExistsError(
-                f"{work} holds a fine-tuning run that did not finish: pass --resume to continue it, or --overwrite to start over."
-            )
-        shutil.rmtree(work)
-    # each attempt logs afresh: a resumed one fits stage 1 again, then stage 2 from its checkpoint; stage 2's CSV log
-    # (and the rows of attempts before it) is kept for a resume, which carries the epochs before the kill into its own
-    if (work / "logs").is_dir():
-        for entry in (work / "logs").iterdir():
-            if not (resume and entry.name in ("finetune", EARLIER_LOG)):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    work.mkdir(parents=True, exist_ok=True)
-    owner.write_text(str(os.getpid()))
-
-
-def _prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool) -> tuple[Dataset, dict]:
-    """Load, split by patient, scan (content hashes) and check for leakage: (dataset, leakage report)."""
-    dataset = load_dataset(data, classes=config.classes, labels=config.labels)
-    if len(dataset.class_names) > 2:
-        normal_class(dataset.class_names, config)  # refused before any work when it is not one of the classes
-    records = prepare_records(dataset, config)
-    dataset = scan(dataset.subset(records), check_decode=False, progress=progress)
-    leakage = check_leakage(dataset.records, display=dataset.display)
-    if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
-        raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
-    if leakage["duplicates_across_splits"]:
-        logger.warning(
-            "%d images are identical (same bytes) across splits, e.g. %s; validation and test figures may be optimistic. "
-            "Fix: remove the copies (`pneumoscope data inspect --json` lists them all)",
-            len(leakage["duplicates_across_splits"]),
-            leakage["duplicates_across_splits"][0],
-        )
-    return dataset, leakage
+    return Trained(feats, (history, best_epoch), finetuned, point, val_metrics, tracked)
 
 
 def _extract_features(data: str | os.PathLike, dataset: Dataset, config: TrainConfig, *, progress: bool):
@@ -345,129 +240,6 @@ def _fit_reference_and_guard(model, feats: FeatureResult, fit_split: FitSplit, c
     }
 
 
-def _write_run(
-    out: str | os.PathLike,
-    work: Path,
-    model,
-    dataset: Dataset,
-    config: TrainConfig,
-    *,
-    resolved: dict,
-    leakage: dict,
-    fit_split: FitSplit,
-    problems: list,
-    trained: _Trained,
-    ood: dict,
-    overwrite: bool,
-) -> None:
-    """Checkpoint, description, histories, splits and figures into a staging folder renamed to ``out``; then drop the work folder."""
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        run = RunFolder(tmp)
-        write_json(run.config, resolved)
-        description = _describe_run(
-            model, dataset, config, resolved=resolved, leakage=leakage, fit_split=fit_split, trained=trained, ood=ood
-        )
-        save_checkpoint(run.path, model, description)
-        write_json(run.checkpoint_json, description.to_dict())
-        write_json(run.metrics, trained.val_metrics)
-        _write_histories(run, config, trained)
-        if (work / "logs").is_dir():
-            shutil.move(work / "logs", run.logs)  # closed by now: the loggers were finalized when training ended
-        _write_splits(run, dataset, trained.feats)
-        write_csv(run.skipped, ["path", "reason"], problems)
-        summary = summarize(dataset)
-        summary["leakage"] = leakage
-        write_json(run.data_summary, summary)
-        _sample_grid(dataset, trained.feats.records, run.samples, seed=config.seed)
-    if work.exists():
-        shutil.rmtree(work, ignore_errors=True)  # the run is complete: nothing left to resume
-
-
-def _describe_run(
-    model,
-    dataset: Dataset,
-    config: TrainConfig,
-    *,
-    resolved: dict,
-    leakage: dict,
-    fit_split: FitSplit,
-    trained: _Trained,
-    ood: dict,
-):
-    """The run's checked description: operating point, validation metrics, how it was trained, OOD guard, leakage."""
-    history, best_epoch = trained.head_fit
-    finetune_history, finetune_facts = trained.finetuned
-    stage = "frozen backbone, head only"
-    if config.finetune.epochs:
-        stage = f"head on frozen features, then fine-tuned ({config.finetune.unfreeze} of the backbone, {len(finetune_history)} epochs)"
-    point = trained.point
-    return describe(
-        model,
-        normal_class=normal_class(model.class_names, config) if model.n_outputs > 1 else None,
-        threshold=point.threshold,
-        threshold_policy=point.description,
-        temperature=point.temperature,
-        metrics={"val": trained.val_metrics},
-        training={
-            "data": resolved["data"],
-            "layout": dataset.layout,
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "n_train": int(fit_split.train.sum()),
-            "n_val": int(fit_split.val.sum()),
-            "seed": config.seed,
-            **({"labels": config.labels} if config.labels != "folders" else {}),
-            "stage": stage,
-            **({"finetune": finetune_facts} if finetune_facts else {}),
-            **({"mlflow": trained.tracked} if trained.tracked else {}),
-        },
-        ood=ood,
-        leakage={
-            "ok": leakage["ok"],
-            "patients_in_several_splits": len(leakage["patients_in_several_splits"]),
-            "duplicates_across_splits": len(leakage["duplicates_across_splits"]),
-            "duplicate_examples": leakage["duplicates_across_splits"][:20],
-        },
-    )
-
-
-def _write_histories(run: RunFolder, config: TrainConfig, trained: _Trained) -> None:
-    """The head's history (CSV and figure) and stage 2's, where it ran."""
-    history, best_epoch = trained.head_fit
-    finetune_history = trained.finetuned[0]
-    write_csv(run.history_csv, list(history[0]), [list(h.values()) for h in history])
-    plot_history(
-        history,
-        run.history_png,
-        best_epoch=best_epoch,
-        title=f"Training history: {config.backbone} backbone, head on frozen features (seed {config.seed})",
-    )
-    if finetune_history:
-        keys = ["epoch", "train_loss", "val_loss", "val_auc"]
-        write_csv(run.finetune_history, keys, [[h.get(k) for k in keys] for h in finetune_history])
-
-
-def _write_splits(run: RunFolder, dataset: Dataset, feats: FeatureResult) -> None:
-    """splits.csv: every image's split, label, patient, hash, and whether training used it."""
-    used = {id(r) for r in feats.records}
-    write_csv(
-        run.splits,
-        ["path", "split", "label", "patient_id", "pneumonia_type", "sha256", "status"],
-        [
-            [
-                dataset.display(r),
-                r.split,
-                dataset.class_names[r.label],
-                r.patient_id,
-                r.pneumonia_type,
-                r.content_hash,
-                "used" if (id(r) in used or r.split == "test") else "skipped",
-            ]
-            for r in dataset.records
-        ],
-    )
-
-
 def _finetune_stage(
     model, dataset, records, config: TrainConfig, work: Path, *, resume: bool, progress: bool, loggers: Sequence = ()
 ) -> tuple[list[dict], dict] | None:
@@ -522,17 +294,6 @@ class _Rows:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.array[self.rows[i]]
-
-
-def _sample_grid(dataset: Dataset, records: list[Record], path: Path, *, seed: int, n: int = 8) -> None:
-    rng = np.random.default_rng(seed)
-    picks = []
-    k = len(dataset.class_names)
-    for label in range(k):  # n images a class for two classes (as always), 4 a class beyond
-        rows = [r for r in records if r.label == label and r.split == "train"]
-        picks += [rows[i] for i in rng.permutation(len(rows))[: n // 2 if k == 2 else 4]]
-    images = [dataset.reader.read_image(r.ref, draft_size=256) for r in picks]
-    plot_image_grid(images, [f"{dataset.class_names[r.label]}\n{r.patient_id}" for r in picks], path)
 
 
 def train_seeds(
