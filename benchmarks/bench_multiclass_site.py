@@ -30,7 +30,7 @@ from bench_pipeline import REPO, run  # noqa: E402
 
 from pneumoscope.metrics.intervals import mean_sd  # noqa: E402
 
-CLASSES = ("BACTERIA", "NORMAL", "VIRUS")
+CLASSES = ("NORMAL", "BACTERIA", "VIRUS")  # the order pneumonia-type runs have
 
 
 def true_priors(test: Path) -> list[float]:
