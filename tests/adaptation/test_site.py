@@ -184,3 +184,26 @@ def test_calibrate_refuses_one_image_under_both_labels_and_counts_copies_once(ru
     assert main(["-q", "calibrate", str(run), str(sample), "--out", str(tmp_path / "c2")]) == 0
     desc = json.loads((tmp_path / "c2" / "checkpoint.json").read_text())
     assert desc["calibration"]["n"] == 24  # the copies counted once
+
+
+def test_train_and_calibrate_take_their_operating_point_from_the_one_fitter(run, tmp_path, monkeypatch, kaggle_tree):
+    """Both fit their temperature and threshold through `fit_operating_point` and keep its policy text as it is: with the
+    fitter's two steps replaced, what they write is what the fitter gave (before issue 21 a source-text test said so)."""
+    from pneumoscope.metrics import operating_point
+
+    monkeypatch.setattr(operating_point, "fit_temperature", lambda *_: 1.618)
+    monkeypatch.setattr(operating_point, "compute_threshold", lambda *_: 0.3141)
+    sample = _site(tmp_path / "sample", 12, labelled=True)
+    trained = tmp_path / "trained"
+    commands = (
+        ["calibrate", str(run), str(sample), "--out", str(tmp_path / "cal")],
+        ["train", str(kaggle_tree), "--out", str(trained), "--pretrained", "none", "--epochs", "2"],
+    )
+    for argv, out in zip(commands, (tmp_path / "cal", trained), strict=True):
+        assert main(["-q", *argv]) == 0
+        desc = json.loads((out / "checkpoint.json").read_text())
+        assert (desc["threshold"], desc["temperature"]) == (0.3141, 1.618), argv[0]
+        text = desc["threshold_policy"]  # the fitter's words, nothing edited into them
+        policy, fitted_on = text.split(":")[0], text.split(" on ", 1)[1].removeprefix("kernel-smoothed ")
+        assert text == operating_point.describe_policy(policy, None, fitted_on)
+        assert ("local calibration sample" in text) == (argv[0] == "calibrate")
