@@ -513,3 +513,22 @@ def test_calibrated_probability_is_the_sigmoid_of_the_tempered_logit_bit_for_bit
     z = np.random.default_rng(1).normal(0, 5, 500)
     assert np.array_equal(calibrated_probability(z, 1.7), 1.0 / (1.0 + np.exp(-z / 1.7)))  # the formula it had
     assert np.array_equal(calibrated_probability(z, 1.7), sigmoid(z / 1.7))
+
+
+def test_the_metric_tables_have_exactly_the_keys_their_types_declare():
+    """Issue 21: the metrics are typed (ClinicalMetrics, MulticlassMetrics); the declared keys stay the computed ones."""
+    from pneumoscope.metrics.clinical import ClinicalMetrics, compute_clinical_metrics
+    from pneumoscope.metrics.multiclass import ClassRow, MulticlassMetrics, compute_multiclass_metrics
+
+    def conforms(value: dict, kind) -> None:
+        assert kind.__required_keys__ <= set(value) <= kind.__required_keys__ | kind.__optional_keys__, kind.__name__
+
+    y = np.array([0, 1, 0, 1, 1, 0])
+    m = compute_clinical_metrics(y, np.array([0.1, 0.9, 0.4, 0.6, 0.3, 0.2]), 0.5, pneumonia_type=["", "bacteria"] * 3, n_boot=20)
+    conforms(m, ClinicalMetrics)
+    assert "subgroups" in m
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]] * 2)
+    mc = compute_multiclass_metrics([0, 1, 2] * 2, probs, ["A", "B", "C"], groups=list("abcdef"), n_boot=20)
+    conforms(mc, MulticlassMetrics)
+    for row in mc["per_class"].values():
+        conforms(row, ClassRow)

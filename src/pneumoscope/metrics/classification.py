@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -67,7 +69,31 @@ def decide(y_prob, threshold: float) -> np.ndarray:
     return (np.asarray(y_prob, dtype=np.float64) >= threshold).astype(int)
 
 
-def compute_binary_metrics(y_true, y_prob, threshold: float) -> dict:
+class ConfusionCounts(TypedDict):
+    """The two-class confusion matrix as counts (positive class 1)."""
+
+    tp: int
+    tn: int
+    fp: int
+    fn: int
+
+
+class BinaryMetrics(TypedDict):
+    """The flat metrics of ``metrics.json``; a rate whose denominator is zero is None."""
+
+    n: int
+    n_positive: int
+    threshold: float
+    accuracy: float | None
+    sensitivity: float | None
+    specificity: float | None
+    precision: float | None
+    f1: float | None
+    roc_auc: float | None  # None with one class present
+    confusion_matrix: ConfusionCounts
+
+
+def compute_binary_metrics(y_true, y_prob, threshold: float) -> BinaryMetrics:
     """The flat metrics of ``metrics.json``: predicted positive when ``prob >= threshold`` (:func:`decide`).
 
     A rate whose denominator is zero is ``None``, and so is ROC-AUC when only

@@ -1,17 +1,44 @@
 """Clinical: part of the metrics (pure numpy/scikit-learn; positive class 1)."""
 
-from __future__ import annotations
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
 from .calibration import compute_brier, compute_ece
-from .classification import check_binary, compute_binary_metrics, decide, ratio
+from .classification import BinaryMetrics, check_binary, compute_binary_metrics, decide, ratio
 from .intervals import compute_bootstrap_ci, compute_pr_auc, compute_wilson_interval
+
+Interval = list[float] | None  # [lower, upper] of a 95% interval; None where it cannot be computed
+
+
+class Subgroup(TypedDict):
+    """Sensitivity within one pneumonia type."""
+
+    n: int
+    sensitivity: float
+    ci95: Interval
+
+
+class ClinicalMetrics(BinaryMetrics):
+    """The full table of ``metrics.json`` (:func:`compute_clinical_metrics`); callers add the entries marked NotRequired."""
+
+    balanced_accuracy: float | None
+    ppv: float | None
+    npv: float | None
+    pr_auc: float | None
+    brier: float
+    ece: float
+    prevalence: float | None
+    ci95: dict[str, Interval]  # by metric name: Wilson for rates, patient bootstrap for roc_auc and pr_auc
+    ci95_method: str
+    subgroups: NotRequired[dict[str, Subgroup]]  # with pneumonia types: sensitivity per type
+    note: NotRequired[str]  # why some figures are None
+    multiclass: NotRequired[dict]  # N classes: the classes' table (:func:`~.multiclass.compute_multiclass_metrics`)
 
 
 def compute_clinical_metrics(
     y_true, y_prob, threshold: float, *, groups=None, pneumonia_type=None, n_boot: int = 2000, seed: int = 0
-) -> dict:
+) -> ClinicalMetrics:
     """:func:`compute_binary_metrics` plus PPV/NPV, balanced accuracy, PR-AUC, Brier, ECE,
     prevalence, 95% intervals (Wilson for rates, patient bootstrap for AUCs) and
     sensitivity per pneumonia type."""

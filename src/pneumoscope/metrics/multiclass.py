@@ -2,7 +2,7 @@
 macro and micro AUC with patient-bootstrap intervals, the N x N confusion matrix, classwise calibration, and the
 paired comparison of two such classifiers. Pure numpy/scikit-learn; two classes work as well as ten."""
 
-from __future__ import annotations
+from typing import TypedDict
 
 import numpy as np
 
@@ -106,9 +106,37 @@ def patient_resamples_multiclass(y: np.ndarray, groups, *, n_boot: int, seed: in
             yield idx
 
 
+class ClassRow(TypedDict):
+    """One class against the rest: its images, rates with Wilson intervals, AUC with its bootstrap interval, ECE."""
+
+    n: int
+    sensitivity: float | None
+    specificity: float | None
+    ppv: float | None
+    npv: float | None
+    ci95: dict[str, list[float] | None]
+    roc_auc: float | None
+    ece: float | None
+
+
+class MulticlassMetrics(TypedDict):
+    """The N-class table of ``metrics.json`` (its ``multiclass`` entry)."""
+
+    n: int
+    classes: list[str]
+    accuracy: float | None  # top-1
+    macro_auc: float | None
+    micro_auc: float | None
+    ci95: dict[str, list[float] | None]  # accuracy (Wilson), macro_auc and micro_auc (patient bootstrap)
+    per_class: dict[str, ClassRow]
+    confusion_matrix: list[list[int]]  # rows true, columns predicted
+    confusion_row_percent: list[list[float]]
+    n_boot: int
+
+
 def compute_multiclass_metrics(
     y_true, probs, class_names, *, groups=None, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95, ece_bins: int = 15
-) -> dict:
+) -> MulticlassMetrics:
     """The N-class table: top-1 accuracy, macro and micro ROC-AUC (patient-bootstrap intervals when ``groups`` is
     given), per class one-vs-rest sensitivity/specificity/PPV/NPV (Wilson intervals), AUC and ECE, and the confusion
     matrix with counts and row percentages."""
