@@ -190,3 +190,10 @@ def pytest_terminal_summary(terminalreporter):
         what, fix = next(((w, f) for key, (w, f) in SKIP_FIXES.items() if reason.startswith(key)), ("tests", None))
         line = f"NOT TESTED: {n} {what} skipped ({reason})" + (f"; to run them: {fix}" if fix else "")
         terminalreporter.write_line(line, yellow=True, bold=True)
+
+
+def conforms(value: dict, kind) -> None:
+    """``value`` holds every key the TypedDict ``kind`` requires, and no key it does not declare."""
+    declared = kind.__required_keys__ | kind.__optional_keys__
+    assert kind.__required_keys__ <= set(value), (kind.__name__, sorted(kind.__required_keys__ - set(value)))
+    assert set(value) <= declared, (kind.__name__, sorted(set(value) - declared))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pneumoscope.cli.main import main
-from tests.conftest import CHEST_XRAY
+from pneumoscope.models.sections import AdaptationSection, CalibrationSection, LeakageSection, ShiftBrief, TrainingSection
+from tests.conftest import CHEST_XRAY, conforms
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,10 @@ def test_an_adapted_run_is_not_adapted_again(run, tmp_path, capsys):
     site = _site(tmp_path / "site", 25)
     assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "once")]) == 0
     capsys.readouterr()
+    entry = json.loads((tmp_path / "once" / "checkpoint.json").read_text())["adaptation"]
+    conforms(entry, AdaptationSection)
+    for brief in (entry["shift_before"], entry["shift_after"]):
+        conforms(brief, ShiftBrief)
     assert main(["-q", "adapt", str(tmp_path / "once"), str(site), "--out", str(tmp_path / "twice")]) == 2
     assert "already adapted" in capsys.readouterr().err and not (tmp_path / "twice").exists()
 
@@ -207,3 +212,7 @@ def test_train_and_calibrate_take_their_operating_point_from_the_one_fitter(run,
         policy, fitted_on = text.split(":")[0], text.split(" on ", 1)[1].removeprefix("kernel-smoothed ")
         assert text == operating_point.describe_policy(policy, None, fitted_on)
         assert ("local calibration sample" in text) == (argv[0] == "calibrate")
+        conforms(
+            desc["calibration" if argv[0] == "calibrate" else "training"], CalibrationSection if argv[0] == "calibrate" else TrainingSection
+        )
+        conforms(desc["leakage"], LeakageSection)

@@ -519,9 +519,7 @@ def test_the_metric_tables_have_exactly_the_keys_their_types_declare():
     """Issue 21: the metrics are typed (ClinicalMetrics, MulticlassMetrics); the declared keys stay the computed ones."""
     from pneumoscope.metrics.clinical import ClinicalMetrics, compute_clinical_metrics
     from pneumoscope.metrics.multiclass import ClassRow, MulticlassMetrics, compute_multiclass_metrics
-
-    def conforms(value: dict, kind) -> None:
-        assert kind.__required_keys__ <= set(value) <= kind.__required_keys__ | kind.__optional_keys__, kind.__name__
+    from tests.conftest import conforms
 
     y = np.array([0, 1, 0, 1, 1, 0])
     m = compute_clinical_metrics(y, np.array([0.1, 0.9, 0.4, 0.6, 0.3, 0.2]), 0.5, pneumonia_type=["", "bacteria"] * 3, n_boot=20)

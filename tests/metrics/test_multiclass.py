@@ -268,6 +268,10 @@ def test_site_commands_work_for_n_classes(three_class, tmp_path, capsys):
     entry = after["adaptation"]
     assert list(entry["estimated_class_priors"]) == ["COVID", "NORMAL", "PNEUMONIA"] and len(entry["prior_logit_offset"]) == 3
     assert entry["estimated_prevalence"] == pytest.approx(1 - entry["estimated_class_priors"]["NORMAL"])
+    from pneumoscope.models.sections import AdaptationSection, CalibrationSection
+    from tests.conftest import conforms
+
+    conforms(entry, AdaptationSection)
     moved = np.log(np.clip(list(entry["estimated_class_priors"].values()), 0.01, None))
     assert np.allclose(np.diff(entry["prior_logit_offset"]), np.diff(moved - np.log(report["class_priors"]["validation"])), atol=0.05)
     assert after["threshold"] != before["threshold"] and 0 < after["threshold"] < 1
@@ -280,6 +284,7 @@ def test_site_commands_work_for_n_classes(three_class, tmp_path, capsys):
         cal = json.loads((tmp_path / name / "checkpoint.json").read_text())
         assert cal["calibration"]["n_per_class"] == {"COVID": 12, "NORMAL": 12, "PNEUMONIA": 12}
         assert cal["calibration"]["n_positive"] == 24 and "multiclass" in cal["calibration"]["metrics_on_sample"]
+        conforms(cal["calibration"], CalibrationSection)
         assert cal["class_names"] == before["class_names"] and 0 < cal["threshold"] < 1
     small = make_three_class_tree(tmp_path / "few", n_patients=2, seed=4) / "train"
     assert main(["-q", "calibrate", str(run), str(small), "--split", "all", "--out", str(tmp_path / "e")]) == 2

@@ -27,6 +27,7 @@ from ..data.records import CLASS_NAMES
 from ..errors import CheckpointError, UsageError
 from ..metrics.calibration import TEMPERATURE_RANGE
 from .backbones import BACKBONES
+from .sections import AdaptationSection, CalibrationSection, LeakageSection, TrainingSection
 
 FORMAT = "pneumoscope-checkpoint"
 FORMAT_VERSION = 2  # 2: N-class runs (class_names of any length, head outputs, normal_class); binary runs are still written as 1
@@ -101,11 +102,11 @@ class RunDescription:
     metrics: dict = field(default_factory=dict)
     feature_adapter: dict | None = None  # {"reference_sample": n}: training moments and a sample, fitted to a site by `adapt`
     versions: dict = field(default_factory=dict)
-    training: dict | None = None
+    training: TrainingSection | None = None
     ood: OodGuardEntry | None = None
-    leakage: dict | None = None
-    calibration: dict | None = None
-    adaptation: dict | None = None
+    leakage: LeakageSection | None = None
+    calibration: CalibrationSection | None = None
+    adaptation: AdaptationSection | None = None
     onnx: dict | None = None
     class_names: tuple[str, ...] = CLASS_NAMES
     positive_class: str = CLASS_NAMES[1]
