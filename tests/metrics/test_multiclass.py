@@ -263,7 +263,9 @@ def test_site_commands_work_for_n_classes(three_class, tmp_path, capsys):
     assert sum(report["class_priors"]["em"]) == pytest.approx(1) and report["class_priors"]["normal"] == "NORMAL"
     assert "Estimated 'not NORMAL' prevalence" in report["verdict"] and "pneumonia" not in report["verdict"]
 
-    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a")]) == 0  # center+prior
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "c0")]) == 0  # N classes: center by default
+    assert json.loads((tmp_path / "c0" / "checkpoint.json").read_text())["adaptation"]["method"] == "center"
+    assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "a"), "--method", "center+prior"]) == 0
     before, after = (json.loads((r / "checkpoint.json").read_text()) for r in (run, tmp_path / "a"))
     entry = after["adaptation"]
     assert list(entry["estimated_class_priors"]) == ["COVID", "NORMAL", "PNEUMONIA"] and len(entry["prior_logit_offset"]) == 3

@@ -209,10 +209,10 @@ def _add_adapt_parser(sub) -> None:
     )
     p.add_argument(
         "--method",
-        default=ADAPT_METHODS[0],
+        default=None,
         choices=ADAPT_METHODS,
         help="center: feature means moved to the training split's; standardize: means and sds; +prior: probabilities moved "
-        "to the site's estimated prevalence (default center+prior)",
+        "to the site's estimated prevalence (default center+prior for two classes, center for more: see BENCHMARKS.md)",
     )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE)
 
