@@ -157,3 +157,19 @@ def test_packed_heads_average_their_members_logits():
     assert (packed.fc1.in_features, packed.fc1.out_features) == (16, 7)
     with pytest.raises(ValueError, match="10 features"):
         pack_heads([a, a], [6, 10])
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_packed_and_averaged_heads_give_the_mean_of_their_members_logits(outputs):
+    """Issue 22: an ensemble's packed head and the cross-fitted heads' average work for K outputs as for one."""
+    from pneumoscope.models.classifier import Head, average_heads, pack_heads
+
+    torch.manual_seed(0)
+    widths = [5, 7]
+    heads = [Head(w, hidden=4, dropout=0.0, outputs=outputs).eval() for w in widths]
+    x = torch.randn(6, sum(widths))
+    with torch.no_grad():
+        want = (heads[0](x[:, :5]) + heads[1](x[:, 5:])) / 2
+        torch.testing.assert_close(pack_heads(heads, widths)(x), want, rtol=1e-5, atol=1e-6)
+        same = [Head(5, hidden=4, dropout=0.0, outputs=outputs).eval() for _ in range(3)]
+        torch.testing.assert_close(average_heads(same)(x[:, :5]), sum(h(x[:, :5]) for h in same) / 3, rtol=1e-5, atol=1e-6)
