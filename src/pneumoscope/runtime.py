@@ -72,11 +72,25 @@ def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.WARNING if quiet else logging.NOTSET)
     own.setLevel(logging.DEBUG if verbose else logging.INFO)
+    global _VERBOSE
+    _VERBOSE = verbose
     if verbose:
         root.setLevel(logging.INFO)
         root.addHandler(handler)  # pneumoscope's records reach it by propagation
     else:
         own.addHandler(handler)
+
+
+_VERBOSE = False  # set by configure_logging
+
+
+def quiet_lightning() -> None:
+    """Lightning's loggers from WARNING, like every other library's (unless the command line is verbose).
+
+    Lightning sets its own loggers to INFO, with a handler, when it is imported ("GPU available: False", a tip to
+    install a cloud logger, "Trainer.fit stopped"); call this after that import, before a Trainer is made."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.INFO if _VERBOSE else logging.WARNING)
 
 
 def progress_wanted(*, quiet: bool = False) -> bool:

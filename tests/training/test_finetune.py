@@ -268,6 +268,9 @@ def test_ddp_with_two_cpu_processes(small_tree, tmp_path, monkeypatch):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # -q: warnings and errors only; Lightning's INFO lines and its own deprecation notice are not for the user
+    for chatter in ("GPU available", "Tip:", "Trainer.fit` stopped", "LeafSpec"):
+        assert chatter not in proc.stderr, proc.stderr[-2000:]
     import json
 
     facts = json.loads((run / "checkpoint.json").read_text())["training"]["finetune"]

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from ..data.preprocessing import Preprocessing
 from ..errors import MissingFileError, UsageError
 from ..models.backbones import UNFREEZE
 from ..models.classifier import PneumoniaClassifier
-from ..runtime import die_with_parent, is_launched_rank
+from ..runtime import die_with_parent, is_launched_rank, quiet_lightning
 from .config import FinetuneConfig
 from .resume import AtomicCheckpointIO, load_resume_state, merge_earlier_log, read_history, resume_checkpoint, set_aside_earlier_log
 
@@ -229,12 +230,14 @@ def finetune(
         "worker_init_fn": die_with_parent,
     }
     t0 = time.perf_counter()
-    trainer.fit(
-        module,
-        DataLoader(train, shuffle=True, **loader_kw),
-        DataLoader(val, **loader_kw),
-        ckpt_path=str(ckpt) if resume else None,
-    )
+    with warnings.catch_warnings():  # Lightning 2.6 on torch 2.14 warns of its own use of a deprecated pytree API, every fit
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        trainer.fit(
+            module,
+            DataLoader(train, shuffle=True, **loader_kw),
+            DataLoader(val, **loader_kw),
+            ckpt_path=str(ckpt) if resume else None,
+        )
     fit_s = time.perf_counter() - t0
     if best.best_model_path:
         state = load_resume_state(best.best_model_path)["state_dict"]
@@ -298,6 +301,7 @@ def _trainer(config: FinetuneConfig, work_dir: Path, ckpt_dir: Path, *, cuda: bo
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
         callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema)))
+    quiet_lightning()
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
