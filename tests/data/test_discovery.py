@@ -412,12 +412,14 @@ def test_image_cache_follows_the_umask_and_leaves_no_temporary_file_on_failure(u
     bad = Record("train/NORMAL/IM-8888-0001.jpeg", 0, "train", "train/IM-8888", "none", True, content_hash="f" * 64)
     (kaggle_tree / bad.ref).write_bytes(b"\xff\xd8\xff broken")
     records, pre = ds.records[:4] + [bad] * unreadable, Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    broken = imagecache._Decode.__getitem__
-    monkeypatch.setattr(imagecache._Decode, "__getitem__", lambda self, i: 1 / 0)
+    from pneumoscope.data.loading import RecordImages
+
+    broken = RecordImages.__getitem__
+    monkeypatch.setattr(RecordImages, "__getitem__", lambda self, i: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         imagecache.build_image_array(ds, records, pre, tmp_path, num_workers=0, progress=False)
     assert os.listdir(tmp_path / "images") == []
-    monkeypatch.setattr(imagecache._Decode, "__getitem__", broken)
+    monkeypatch.setattr(RecordImages, "__getitem__", broken)
     old = os.umask(0o022)
     try:
         arr = imagecache.build_image_array(ds, records, pre, tmp_path, num_workers=0, progress=False)  # compacted when one is left out
@@ -431,16 +433,17 @@ def test_image_cache_follows_the_umask_and_leaves_no_temporary_file_on_failure(u
 
 def _recorded_skips(recorder: str, kaggle_tree, tmp_path) -> dict[str, str]:
     """What ``recorder`` writes beside each image it skips."""
-    from pneumoscope.data.imagecache import _Decode
+    from pneumoscope.data.imagecache import _Resized
+    from pneumoscope.data.loading import RecordImages
     from pneumoscope.data.pack import pack_dataset
     from pneumoscope.data.preprocessing import Preprocessing
-    from pneumoscope.models.features import ImageDataset
+    from pneumoscope.models.features import _Preprocessed
 
     ds = load_dataset(kaggle_tree)
     pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if recorder == "pack":
         return {row["path"]: row["reason"] for row in pack_dataset(kaggle_tree, tmp_path / "p.zip", progress=False)["skipped"]}
-    loader = {"features": ImageDataset, "imagecache": _Decode}[recorder](ds, ds.records, pre)
+    loader = RecordImages(ds, ds.records, {"features": _Preprocessed, "imagecache": _Resized}[recorder](pre), pre.input_size)
     return {ds.display(ds.records[i]): row[-1] for i, *row in (loader[i] for i in range(len(ds.records))) if row[-1]}
 
 

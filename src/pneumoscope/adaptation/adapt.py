@@ -94,20 +94,15 @@ def adapt_run(
     from a small site sample cost some AUC, means alone do not; BENCHMARKS.md). ``+prior`` then moves
     the probabilities to the site's estimated prevalence (a Gaussian mixture on the
     adapted logits), folded into the head's bias; the threshold moves with them, so the
-    decisions stay those of the validation threshold. For N classes ``+prior`` moves each class's
-    probability to the site's class priors (EM on the softmax, Saerens et al. 2002) through the
-    head's K biases, and the screening threshold by the prior odds of "not normal" they give.
-    ``method`` None: ``center+prior`` for two classes, ``center`` for N (the class priors estimated without labels
-    moved the probabilities the wrong way on the official test images; BENCHMARKS.md).
+    decisions stay those of the validation threshold. N classes: see :func:`_fold_class_prior_shift`; ``method``
+    None is ``center+prior`` for two classes, ``center`` for N (BENCHMARKS.md).
     """
     from ..outputs import check_output_dir
 
     if method is not None and method not in ADAPT_METHODS:
         raise UsageError(f"adaptation method must be one of {list(ADAPT_METHODS)}, got {method!r}")
     check_output_dir(out, overwrite)
-    predictor = _adaptable(run)
-    if method is None:  # the default: the prior shift too for two classes, the features only for N (BENCHMARKS.md)
-        method = MULTICLASS_ADAPT_METHOD if predictor.multiclass else ADAPT_METHODS[0]
+    predictor, method = _adaptable(run, method)
     model = predictor.model
     site_feats = read_site(predictor, site, cache_dir=cache_dir, progress=progress)
     before = assess_site(predictor, site_feats.features, seed=seed, n_perm=200)
@@ -140,10 +135,13 @@ def adapt_run(
     return Path(out), description
 
 
-def _adaptable(run: str | os.PathLike) -> Predictor:
-    """The run's predictor, refused when it keeps no training feature statistics or is already adapted."""
+def _adaptable(run: str | os.PathLike, method: str | None) -> tuple[Predictor, str]:
+    """(the run's predictor, the method: ``method`` or the task's default); refused when the run keeps no training
+    feature statistics or is already adapted."""
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)
+    if method is None:  # the prior shift too for two classes, the features only for N (BENCHMARKS.md)
+        method = MULTICLASS_ADAPT_METHOD if predictor.multiclass else ADAPT_METHODS[0]
     done = predictor.description.adaptation
     if done:
         # its head's bias already carries a prior offset and its threshold moved with it: a second
@@ -152,7 +150,7 @@ def _adaptable(run: str | os.PathLike) -> Predictor:
             f"{run}: this run is already adapted ({done.get('method')}, to {done.get('data')}). "
             "Fix: adapt the run it was adapted from, which the new run then replaces."
         )
-    return predictor
+    return predictor, method
 
 
 def _widen_guard(predictor: Predictor, adapted: np.ndarray):

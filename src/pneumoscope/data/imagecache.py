@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
-from ..errors import ImageReadError
 from ..outputs import atomic_file, write_json
 from ..runtime import die_with_parent, progress_bar
-from .decode import skip_detail
+from .loading import RecordImages
 from .preprocessing import Preprocessing
 from .records import Dataset, Record
 
@@ -40,19 +38,14 @@ class ImageArray:
     problems: list[tuple[str, str]]  # (path, reason and fix) of the rows that did not
 
 
-class _Decode(TorchDataset):
-    def __init__(self, dataset: Dataset, records: list[Record], preprocessing: Preprocessing):
-        self.reader, self.records, self.preprocessing = dataset.reader, records, preprocessing
+class _Resized:
+    """A decoded image -> uint8 (S, S), resized as the preprocessing resizes (a class, so that spawned workers can unpickle it)."""
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
 
-    def __getitem__(self, i: int):
-        try:
-            img = self.preprocessing.resize_image(self.reader.read_image(self.records[i].ref, draft_size=self.preprocessing.input_size))
-            return i, np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), ""
-        except (ImageReadError, OSError, KeyError) as err:
-            return i, None, skip_detail(err)
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return np.clip(self.preprocessing.resize_image(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def cache_key(records: list[Record], preprocessing: Preprocessing) -> str:
@@ -90,7 +83,7 @@ def build_image_array(
         ok = np.zeros(len(records), bool)
         problems = []
         loader = DataLoader(
-            _Decode(dataset, records, preprocessing),
+            RecordImages(dataset, records, _Resized(preprocessing), preprocessing.input_size),
             batch_size=64,
             num_workers=num_workers,
             collate_fn=list,

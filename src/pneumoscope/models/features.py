@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
-from ..data.decode import skip_detail
+from ..data.loading import RecordImages
 from ..data.paths import default_cache_dir
 from ..data.records import Dataset, Record
-from ..errors import ImageReadError
 from ..outputs import npy_bytes, write_bytes_atomic
 from ..runtime import die_with_parent, progress_bar
 from .classifier import PneumoniaClassifier, weights_fingerprint
@@ -82,24 +80,14 @@ def part_caches(model: PneumoniaClassifier, root: str | os.PathLike) -> list[Fea
     return [FeatureCache(root, _part_key(name, module, model), dim=module.num_features) for name, module in model.feature_parts()]
 
 
-class ImageDataset(TorchDataset):
-    """Records -> preprocessed tensors; a bad file yields its error, not an exception."""
+class _Preprocessed:
+    """A decoded image -> the (C, S, S) tensor the network takes (a class, so that spawned workers can unpickle it)."""
 
-    def __init__(self, dataset: Dataset, records: list[Record], preprocessing):
-        self.reader = dataset.reader
-        self.records = records
+    def __init__(self, preprocessing):
         self.preprocessing = preprocessing
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        record = self.records[i]
-        try:
-            image = self.reader.read_image(record.ref, draft_size=self.preprocessing.input_size)
-            return i, torch.from_numpy(np.ascontiguousarray(self.preprocessing.apply(image))), ""
-        except (ImageReadError, OSError, KeyError) as err:
-            return i, None, skip_detail(err)
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.preprocessing.apply(image)))
 
 
 def _collate(batch):
@@ -149,7 +137,7 @@ def extract_features(
     problems: dict[int, str] = {}
     if todo:
         loader = DataLoader(
-            ImageDataset(dataset, [records[i] for i in todo], model.preprocessing),
+            RecordImages(dataset, [records[i] for i in todo], _Preprocessed(model.preprocessing), model.preprocessing.input_size),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
