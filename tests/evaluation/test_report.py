@@ -252,3 +252,28 @@ def test_not_assessable_counts_the_guard_and_the_screen_and_says_what_it_could_n
     assert (got["n"], got["guard"], got["screen"]) == (2, 2, None) and "Not counted: the image screen" in got["note"]
     got = count_not_assessable(None, None, None)
     assert got["n"] is None and "the OOD guard (the run has none)" in got["note"]
+
+
+def test_the_model_card_names_the_runs_own_task_and_data():
+    """Issue 22: the card said "one logit for PNEUMONIA", "pneumonia vs normal" and credited Kermany et al. for any run."""
+    import dataclasses
+
+    from pneumoscope.models.description import HeadShape
+
+    desc = dataclasses.replace(
+        _description(),
+        class_names=("NORMAL", "BACTERIA", "VIRUS"),
+        normal_class="NORMAL",
+        head=HeadShape(in_features=1280, hidden=256, dropout=0.3, outputs=3),
+        format_version=2,
+        output="3 logits, one per class in class_names order; P(class) = softmax(logits / temperature)",
+        training={"data": "/data/our-hospital", "layout": "class-folders", "stage": "frozen backbone, head only."},
+    )
+    per_class = {"NORMAL": {"n": 4}, "BACTERIA": {"n": 3}, "VIRUS": {"n": 3}}
+    card = model_card(desc, {"n": 10, "n_positive": 6, "multiclass": {"per_class": per_class}}, "data/test")
+    assert "3 logits, a softmax over NORMAL, BACTERIA, VIRUS" in card["Model details"] and "PNEUMONIA" not in card["Model details"]
+    assert "NORMAL / BACTERIA / VIRUS classification" in card["Intended use"]
+    assert card["Evaluation data"] == "data/test: 10 images, 6 not NORMAL (NORMAL 4, BACTERIA 3, VIRUS 3)."
+    assert "Kermany" not in card["Training data"] + card["License and citation"] and "not recorded" in card["Training data"]
+    kermany = dataclasses.replace(_description(), training={"data": "/x/chest_xray", "layout": "kaggle"})
+    assert "Kermany et al. 2018" in model_card(kermany, {"n": 10, "n_positive": 6}, "t")["Training data"]
