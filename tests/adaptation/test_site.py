@@ -41,6 +41,12 @@ def test_shift_on_the_official_test_images_says_the_threshold_may_not_hold(run, 
     assert report["n"] == _distinct(CHEST_XRAY / "test") and report["shift_detected"] and report["mmd"]["p_value"] < 0.01
     assert "unlikely to hold" in report["verdict"] and "calibrate" in report["verdict"]
     assert 0.0 <= report["prevalence"]["bbse"] <= 1.0
+    from pneumoscope.adaptation.assess import ShiftReport
+    from pneumoscope.adaptation.shift import MmdTest, Prevalence
+
+    conforms(report, ShiftReport)
+    conforms(report["mmd"], MmdTest)
+    conforms(report["prevalence"], Prevalence)
 
 
 def test_shift_between_two_samples_of_the_training_site_is_not_called(run, tmp_path, capsys):

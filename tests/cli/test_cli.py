@@ -128,6 +128,10 @@ def test_evaluate_predict_explain(trained_run, tmp_path, capsys):
     scores = list(csv.DictReader(open(ex / "scores.csv")))
     assert len(scores) == 2 and all(-1 <= float(s["road_most"]) <= 1 and -1 <= float(s["sanity_spearman"]) <= 1 for s in scores)
     assert index["checks"]["n"] == 2 and index["checks"]["road_vs_random_p"] is None
+    from pneumoscope.explain.checks import ChecksSummary
+    from tests.conftest import conforms
+
+    conforms(index["checks"], ChecksSummary)
     assert index["checks"]["faithfulness_verdict"] == "too few images to test faithfulness: n=2, need ≥ 5"
     figure = Image.open(ex / index["images"][0]["figure"])
     assert figure.size[0] > figure.size[1] > 100

@@ -311,6 +311,13 @@ def test_classes_auto_takes_every_class_folder_sorted_as_keras_does(tmp_path):
     default = load_dataset(tree)
     assert default.class_names == CLASS_NAMES and default.unknown_classes == ["COVID"]
     assert "classes" not in summarize(default)  # the default task's summary reads as before
+    from pneumoscope.data.splits import DatasetSummary, SplitCounts
+    from tests.conftest import conforms
+
+    for s in (summary, summarize(default)):
+        conforms(s, DatasetSummary)
+        for counts in s["splits"].values():
+            conforms(counts, SplitCounts)
 
 
 def test_pneumonia_type_labels_come_from_kermany_file_names(kaggle_tree):

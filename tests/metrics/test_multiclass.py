@@ -262,6 +262,11 @@ def test_site_commands_work_for_n_classes(three_class, tmp_path, capsys):
     assert "domain_auc" in report and report["class_priors"]["classes"] == ["COVID", "NORMAL", "PNEUMONIA"]
     assert sum(report["class_priors"]["em"]) == pytest.approx(1) and report["class_priors"]["normal"] == "NORMAL"
     assert "Estimated 'not NORMAL' prevalence" in report["verdict"] and "pneumonia" not in report["verdict"]
+    from pneumoscope.adaptation.assess import ClassPriors, ShiftReport
+    from tests.conftest import conforms
+
+    conforms(report, ShiftReport)
+    conforms(report["class_priors"], ClassPriors)
 
     assert main(["-q", "adapt", str(run), str(site), "--out", str(tmp_path / "c0")]) == 0  # N classes: center by default
     assert json.loads((tmp_path / "c0" / "checkpoint.json").read_text())["adaptation"]["method"] == "center"

@@ -27,7 +27,7 @@ from ..metrics.classification import logit, sigmoid
 from ..models.checkpoint import save_derived_run
 from ..models.description import RunDescription
 from ..models.features import extract_features
-from .assess import assess_site
+from .assess import ShiftReport, assess_site
 from .shift import MIN_SITE_IMAGES, class_prior_offsets, prior_shift_offset, screening_offset
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _require_adapter(predictor: Predictor, run) -> None:
         )
 
 
-def shift_report(run: str | os.PathLike, site: str | os.PathLike, *, cache_dir=None, progress: bool = True, seed: int = 0) -> dict:
+def shift_report(run: str | os.PathLike, site: str | os.PathLike, *, cache_dir=None, progress: bool = True, seed: int = 0) -> ShiftReport:
     """The ``pneumoscope shift`` command: how a site's images differ from the run's training split."""
     predictor = Predictor.from_checkpoint(run)
     _require_adapter(predictor, run)

@@ -3,12 +3,53 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 
 from ..errors import DataError
 from ..inference.predictor import Predictor
-from .shift import compute_domain_auc, compute_mmd_test, estimate_class_priors, estimate_prevalence, shift_verdict
+from .shift import (
+    ClassPriorEstimate,
+    MmdTest,
+    Prevalence,
+    compute_domain_auc,
+    compute_mmd_test,
+    estimate_class_priors,
+    estimate_prevalence,
+    shift_verdict,
+)
+
+
+class ClassPriors(ClassPriorEstimate):
+    """N classes: the estimates, with the classes they are in the order of, the normal class and validation's shares."""
+
+    classes: list[str]
+    normal: str
+    validation: list[float]
+
+
+class _ShiftFigures(TypedDict):
+    n: int
+    shift_detected: bool
+    verdict: str  # a plain sentence with the remedy
+    mmd: MmdTest
+    domain_auc: float  # 0.5: a classifier cannot tell the site's images from the training ones
+    prevalence: Prevalence
+    validation_prevalence: float
+    ood_fraction: float | None  # None without a guard
+    threshold: float
+    adapted: bool  # the run's features are already adapted to a site
+
+
+class ShiftReport(_ShiftFigures, total=False):
+    """How a site differs from the training split (:func:`assess_site`; what ``shift --json`` prints)."""
+
+    class_priors: ClassPriors  # N classes
+    run: str  # `shift` adds the run, the site and how many of its files were skipped
+    site: str
+    skipped: int
 
 
 def _validation_rates(predictor: Predictor) -> tuple[float, float, float]:
@@ -28,7 +69,7 @@ def validation_class_priors(predictor: Predictor) -> tuple[np.ndarray, np.ndarra
     return cm, cm.sum(axis=1) / cm.sum()
 
 
-def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 0, n_perm: int = 500) -> dict:
+def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 0, n_perm: int = 500) -> ShiftReport:
     """Set-level shift between the training split and a site (features as the model sees them now)."""
     model = predictor.model
     ref = model.adapter.ref_sample.numpy()
@@ -45,7 +86,7 @@ def assess_site(predictor: Predictor, site_features: np.ndarray, *, seed: int = 
         ood = float((model.ood.distance_np(adapted) > predictor.ood_cutoff).mean())
     positive = predictor.prob_of.lower() if not predictor.multiclass else f"'{predictor.prob_of}'"
     detected, verdict = shift_verdict(mmd, domain_auc, prevalence, val_prevalence=val_prev, ood_fraction=ood, positive=positive)
-    report = {
+    report: ShiftReport = {
         "n": int(len(site_features)),
         "shift_detected": detected,
         "verdict": verdict,

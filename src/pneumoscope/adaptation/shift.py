@@ -20,6 +20,8 @@ Pure numpy/scikit-learn on pooled backbone features; computes, never draws.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 
 from ..metrics.classification import decide, logit
@@ -46,7 +48,37 @@ def _project(ref: np.ndarray, site: np.ndarray, dims: int) -> tuple[np.ndarray, 
     return z[: len(ref)], z[len(ref) :]
 
 
-def compute_mmd_test(ref: np.ndarray, site: np.ndarray, *, n_perm: int = 500, dims: int = 32, max_n: int = 500, seed: int = 0) -> dict:
+class MmdTest(TypedDict):
+    """The kernel two-sample test's result."""
+
+    mmd2: float
+    p_value: float  # permutation p-value
+    n_permutations: int
+    n_reference: int
+    n_site: int
+    pca_dims: int
+
+
+class Prevalence(TypedDict):
+    """The site's positive share estimated without labels, several ways."""
+
+    predicted_positive_rate: float
+    bbse: float | None  # None when the validation rates are too close to tell apart
+    em: float
+    mixture: float  # the estimate `adapt` uses
+    mean_probability: float
+
+
+class ClassPriorEstimate(TypedDict):
+    """N classes: the site's class shares estimated without labels, each a list in class order."""
+
+    predicted_rate: list[float]
+    bbse: list[float] | None  # None when the validation confusion matrix is too close to singular
+    em: list[float]
+    mean_probability: list[float]
+
+
+def compute_mmd_test(ref: np.ndarray, site: np.ndarray, *, n_perm: int = 500, dims: int = 32, max_n: int = 500, seed: int = 0) -> MmdTest:
     """Unbiased MMD² between two feature sets, Gaussian kernel (median-distance bandwidth), permutation p-value."""
     rng = np.random.default_rng(seed)
     ref = ref[rng.permutation(len(ref))[:max_n]]
@@ -90,7 +122,7 @@ def compute_domain_auc(ref: np.ndarray, site: np.ndarray, *, dims: int = 32, fol
     return float(roc_auc_score(y, scores))
 
 
-def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr: float, source_prevalence: float) -> dict:
+def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr: float, source_prevalence: float) -> Prevalence:
     """The site's pneumonia prevalence from its calibrated probabilities, without labels.
 
     ``tpr``/``fpr``: the validation sensitivity and 1 - specificity at ``threshold``;
@@ -114,7 +146,7 @@ def estimate_prevalence(site_prob: np.ndarray, threshold: float, tpr: float, fpr
     return {"predicted_positive_rate": q, "bbse": bbse, "em": pi, "mixture": mixture, "mean_probability": float(p.mean())}
 
 
-def estimate_class_priors(site_probs: np.ndarray, confusion, source_priors) -> dict:
+def estimate_class_priors(site_probs: np.ndarray, confusion, source_priors) -> ClassPriorEstimate:
     """N classes: the site's class priors from its calibrated class probabilities (n, K), without labels.
 
     ``confusion``: the validation confusion matrix (rows true, columns predicted); ``source_priors``: the class

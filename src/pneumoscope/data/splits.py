@@ -7,6 +7,7 @@ import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TypedDict
 
 import numpy as np
 
@@ -155,7 +156,39 @@ def check_leakage(records: list[Record], *, display=str) -> dict:
     }
 
 
-def summarize(dataset: Dataset) -> dict:
+class _SplitCounts(TypedDict):
+    images: int
+    classes: dict[str, int]  # images per class
+    patients: int | None  # None where the source has no patient ids
+    max_images_per_patient: int | None
+
+
+class SplitCounts(_SplitCounts, total=False):
+    """One split's counts: the default task adds its pneumonia types and positive share, other tasks patients per class."""
+
+    pneumonia_types: dict[str, int]
+    positive_fraction: float | None
+    patients_per_class: dict[str, int]
+
+
+class _SummaryFigures(TypedDict):
+    source: str
+    layout: str
+    images: int
+    splits: dict[str, SplitCounts]
+    patient_id_from_file_stem: int | None  # images whose patient id is the whole file stem (no pattern matched)
+    leakage: dict  # check_leakage's report
+    unreadable: list[dict[str, str]]  # {"path", "reason"}
+    ignored_files: list
+
+
+class DatasetSummary(_SummaryFigures, total=False):
+    """What ``data inspect`` prints (:func:`summarize`): counts per split and class, patients, leakage, problems."""
+
+    classes: list[str]  # a task other than NORMAL / PNEUMONIA
+
+
+def summarize(dataset: Dataset) -> DatasetSummary:
     """Counts per split and class, patients, class balance, leakage, problems."""
     records = dataset.records
     splits = {}
@@ -189,7 +222,7 @@ def summarize(dataset: Dataset) -> dict:
     if not dataset.has_patient_ids:
         leakage["patients_in_several_splits"] = None
         leakage["note"] = "no patient ids in this source: the patient-level leakage check cannot be made"
-    summary = {
+    summary: DatasetSummary = {
         "source": str(dataset.source),
         "layout": dataset.layout,
         "images": len(records),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -188,7 +189,28 @@ SCORE_COLUMNS = [
 ]
 
 
-def summarize_checks(rows: list[dict], method: str) -> dict:
+class ChecksSummary(TypedDict):
+    """The explanation checks over a set of images (:func:`summarize_checks`; ``checks`` in explanations.json)."""
+
+    method: str
+    n: int
+    remove_percent: int  # the share of pixels ROAD removes, in percent
+    central_box: tuple[float, float, float, float]
+    border_fraction: float
+    mean_road_most: float | None  # means over images of each SCORE_COLUMNS column
+    mean_road_least: float | None
+    mean_road_random: float | None
+    mean_sanity_spearman: float | None
+    mean_delta_border_masked: float | None
+    mean_delta_centre_masked: float | None
+    mean_cam_outside_centre: float | None
+    road_vs_random_p: float | None  # one-sided Wilcoxon; None under MIN_FAITHFULNESS_IMAGES images
+    road_most_vs_least_p: float | None
+    road_combined: float  # ROAD's (LeRF - MoRF) / 2: positive is faithful
+    faithfulness_verdict: str
+
+
+def summarize_checks(rows: list[dict], method: str) -> ChecksSummary:
     """Means over images and the faithfulness verdict.
 
     A faithful map passes two one-sided Wilcoxon signed-rank tests over images:
