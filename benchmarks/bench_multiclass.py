@@ -44,17 +44,22 @@ def bacteria_vs_virus(eval_dir: Path) -> dict:
     return {"n": len(rows), "auc": float(roc_auc_score(y, score)), "accuracy": float(((score >= 0.5) == y).mean())}
 
 
-def main() -> None:
+def setup(prefix: str) -> tuple[argparse.Namespace, Path, dict, list[str]]:
+    """The seeds benchmarks' options (--data, --seeds, --cache-dir, --out): (args, work folder, environment, CLI prefix)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache-dir", help="feature cache (default: a new, cold one)")
     parser.add_argument("--out", help="keep the runs and evaluations here (default: a temporary folder)")
     args = parser.parse_args()
-    work = Path(args.out or tempfile.mkdtemp(prefix="pneumoscope-multiclass-"))
+    work = Path(args.out or tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PNEUMOSCOPE_CACHE": str(args.cache_dir or work / "cache")}
-    cli = [sys.executable, "-m", "pneumoscope", "-q"]
+    return args, work, env, [sys.executable, "-m", "pneumoscope", "-q"]
+
+
+def main() -> None:
+    args, work, env, cli = setup("pneumoscope-multiclass-")
     seeds = []
     for seed in args.seeds:
         out = {"seed": seed}

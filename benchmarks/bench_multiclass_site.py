@@ -13,20 +13,18 @@ Prints a JSON record and Markdown rows for BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import REPO, run  # noqa: E402
+from bench_multiclass import setup  # noqa: E402
+from bench_pipeline import run  # noqa: E402
 
 from pneumoscope.metrics.intervals import mean_sd  # noqa: E402
 
@@ -59,16 +57,7 @@ def judged(eval_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--cache-dir", help="feature cache (default: a new, cold one)")
-    parser.add_argument("--out", help="keep the runs and evaluations here (default: a temporary folder)")
-    args = parser.parse_args()
-    work = Path(args.out or tempfile.mkdtemp(prefix="pneumoscope-multiclass-site-"))
-    work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PNEUMOSCOPE_CACHE": str(args.cache_dir or work / "cache")}
-    cli = [sys.executable, "-m", "pneumoscope", "-q"]
+    args, work, env, cli = setup("pneumoscope-multiclass-site-")
     test = Path(args.data) / "test"
     truth = true_priors(test)
     seeds = []
