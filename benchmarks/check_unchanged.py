@@ -15,7 +15,6 @@ The manifest holds each output file's SHA-256; in JSON and CSV files, fields tha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -72,8 +71,7 @@ def fingerprint(path: Path, root: Path) -> str:
     if path.suffix in (".safetensors", ".onnx"):
         data = _model_bytes(path, data, str(root))
     elif path.suffix == ".json":
-        with contextlib.suppress(ValueError):  # not JSON after all: hashed as it is
-            data = json.dumps(_scrub(json.loads(data), str(root)), sort_keys=True).encode()
+        data = _scrub_text(data.decode(), str(root)).encode()
     elif path.suffix in (".csv", ".html", ".md", ".txt", ".yaml", ".log"):
         data = data.replace(str(root).encode(), b"<out>")
     return hashlib.sha256(data).hexdigest()

@@ -19,9 +19,7 @@ import numpy as np
 from ..data.splits import scan, select_split, unique_images
 from ..errors import DataError
 from ..inference.predictor import Predictor
-from ..metrics.clinical import compute_clinical_metrics
-from ..metrics.multiclass import compute_multiclass_metrics, softmax
-from ..metrics.operating_point import OperatingPoint, fit_operating_point, fit_screening_point
+from ..metrics.operating_point import fit_point_with_metrics
 from ..models.checkpoint import save_derived_run
 from ..models.description import RunDescription
 from ..outputs import check_output_dir
@@ -79,13 +77,14 @@ def cross_fitted_logits(model, features: np.ndarray, y: np.ndarray, groups: list
     import torch
     from sklearn.model_selection import StratifiedGroupKFold
 
+    from ..training.head import head_logits
+
     folds = StratifiedGroupKFold(n_splits=min(REFIT_FOLDS, int(np.bincount(y).min())), shuffle=True, random_state=seed)
     out = np.zeros((len(y), model.n_outputs) if model.n_outputs > 1 else len(y))
     for fit, held in folds.split(features, y, groups):
         head = refit_head(model, features[fit], y[fit], seed=seed)
-        with torch.no_grad():
-            logits = head(model.adapted(torch.as_tensor(features[held], dtype=torch.float32)))
-        out[held] = (logits[:, 0] if model.n_outputs == 1 else logits).double().numpy()
+        with torch.no_grad():  # the site's features as the head sees them: through the run's adapter
+            out[held] = head_logits(head, model.adapted(torch.as_tensor(features[held], dtype=torch.float32)))
     return out
 
 
@@ -115,7 +114,9 @@ def calibrate_run(
     if refit:
         z = cross_fitted_logits(model, feats.features, y, groups)
         model.head = refit_head(model, feats.features, y)
-    point, metrics = _fit_point(predictor, z, y, groups, policy, target, fitted_on=f"a local calibration sample ({data})")
+    fitted_on = f"a local calibration sample ({data})"
+    kw = {"groups": groups, "seed": 0, "class_names": predictor.class_names, "normal_index": predictor.normal_index}
+    point, metrics = fit_point_with_metrics(z, y, policy, target, fitted_on=fitted_on, **kw)
     description = replace(
         predictor.description,
         source=f"{out} (derived from {run})",  # a value fitted here that breaks a rule is named as the new run's
@@ -127,7 +128,7 @@ def calibrate_run(
             "data": str(Path(data).absolute()),
             "split": split,
             "n": int(len(y)),
-            "n_positive": int((y != point.normal_index).sum() if predictor.multiclass else y.sum()),
+            "n_positive": int((y != predictor.normal_index).sum() if predictor.multiclass else y.sum()),
             **({"n_per_class": _per_class(predictor.class_names, y)} if predictor.multiclass else {}),
             "date": time.strftime("%Y-%m-%d"),
             "previous_threshold": predictor.threshold,
@@ -171,19 +172,6 @@ def _labelled_sample(predictor: Predictor, data: str | os.PathLike, split: str, 
             f"{', '.join(f'{c} {n}' for c, n in zip(names, counts.tolist(), strict=True))}. Fix: label more local images."
         )
     return scanned, feats, z
-
-
-def _fit_point(predictor: Predictor, z, y, groups, policy: str, target, *, fitted_on: str) -> tuple[OperatingPoint, dict]:
-    """The temperature and threshold fitted on the sample's logits, and the metrics they give on it: for N classes
-    the softmax's one temperature and the screening decision's threshold (P(not normal)), with the N-class table."""
-    if not predictor.multiclass:
-        point = fit_operating_point(z, y, policy, target, fitted_on=fitted_on)
-        return point, compute_clinical_metrics(y, point.probabilities(z), point.threshold, groups=groups, seed=0)
-    normal = predictor.class_names.index(predictor.description.normal_class)
-    point = fit_screening_point(z, y, normal, policy, target, fitted_on=fitted_on)
-    metrics = compute_clinical_metrics((y != normal).astype(int), point.probabilities(z), point.threshold, groups=groups, seed=0)
-    metrics["multiclass"] = compute_multiclass_metrics(y, softmax(z, point.temperature), predictor.class_names, groups=groups, seed=0)
-    return point, metrics
 
 
 def _per_class(names, y) -> dict[str, int]:

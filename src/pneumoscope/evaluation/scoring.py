@@ -63,7 +63,7 @@ def evaluate_dataset(
         raise DataError(f"{dataset.source}: none of the {len(records)} images could be evaluated; see the warnings above.")
     y_class = np.array([r.label for r in kept])
     groups = [r.patient_id for r in kept]
-    y_true = (y_class != predictor.class_names.index(predictor.description.normal_class)).astype(int) if predictor.multiclass else y_class
+    y_true = (y_class != predictor.normal_index).astype(int) if predictor.multiclass else y_class
     types = None if predictor.multiclass else [r.pneumonia_type for r in kept]
     metrics = compute_clinical_metrics(
         y_true, scored.prob, predictor.threshold, groups=groups, pneumonia_type=types, n_boot=n_boot, seed=seed

@@ -139,6 +139,11 @@ class Predictor:
         return to_image(x, name, draft_size=self.preprocessing.input_size)
 
     @property
+    def normal_index(self) -> int | None:
+        """N classes: the index of the class the screening decision is taken against; None for two classes."""
+        return self.class_names.index(self.description.normal_class) if self.multiclass else None
+
+    @property
     def prob_of(self) -> str:
         """What ``prob`` is the probability of: the positive class, or (N classes) "not <normal class>"."""
         return f"not {self.description.normal_class}" if self.multiclass else self.class_names[1]
@@ -190,13 +195,12 @@ class Predictor:
         z = np.asarray(logits, dtype=np.float64)
         if z.ndim == 1:
             return calibrated_probability(z, self.temperature)
-        normal = self.class_names.index(self.description.normal_class)
-        return 1.0 - self.class_probabilities(z)[:, normal]
+        return 1.0 - self.class_probabilities(z)[:, self.normal_index]
 
     def class_label(self, prob: float, class_probs: np.ndarray) -> str:
         """N classes: the normal class when the screening probability is below the threshold, else the most
         probable other class."""
-        normal = self.class_names.index(self.description.normal_class)
+        normal = self.normal_index
         if not self.decide(prob):
             return self.class_names[normal]
         others = np.array(class_probs, dtype=np.float64)

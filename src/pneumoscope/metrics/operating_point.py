@@ -9,7 +9,8 @@ import numpy as np
 from ..errors import UsageError
 from .calibration import fit_temperature
 from .classification import calibrated_probability, check_binary, compute_smoothed_youden_threshold, compute_youden_threshold
-from .multiclass import fit_temperature_multiclass, softmax
+from .clinical import ClinicalMetrics, compute_clinical_metrics
+from .multiclass import compute_multiclass_metrics, fit_temperature_multiclass, softmax
 
 THRESHOLD_POLICIES = ("youden", "youden-smooth", "sensitivity", "specificity")
 
@@ -95,3 +96,33 @@ def fit_screening_point(
     screen = 1.0 - softmax(logits, temperature)[:, normal_index]
     threshold = compute_threshold((y_true != normal_index).astype(int), screen, policy, target)
     return OperatingPoint(temperature, threshold, policy, target, fitted_on, normal_index)
+
+
+def fit_point_with_metrics(
+    logits,
+    y_true,
+    policy: str,
+    target: float | None,
+    *,
+    fitted_on: str,
+    groups,
+    seed: int,
+    class_names=None,
+    normal_index: int | None = None,
+    multiclass_n_boot: int = 2000,
+) -> tuple[OperatingPoint, ClinicalMetrics]:
+    """The operating point fitted on labelled logits and the table it gives on them: training's validation split and
+    calibrate's local sample both fit theirs here. Two classes (``normal_index`` None): :func:`fit_operating_point`
+    and the clinical table. N classes: :func:`fit_screening_point`, the clinical table of the screening decision, and
+    the classes' table (``multiclass``) on the softmax at the fitted temperature."""
+    y_true = np.asarray(y_true)
+    if normal_index is None:
+        point = fit_operating_point(logits, y_true, policy, target, fitted_on=fitted_on)
+        return point, compute_clinical_metrics(y_true, point.probabilities(logits), point.threshold, groups=groups, seed=seed)
+    point = fit_screening_point(logits, y_true, normal_index, policy, target, fitted_on=fitted_on)
+    screen = point.probabilities(logits)
+    metrics = compute_clinical_metrics((y_true != normal_index).astype(int), screen, point.threshold, groups=groups, seed=seed)
+    metrics["multiclass"] = compute_multiclass_metrics(
+        y_true, softmax(logits, point.temperature), class_names, groups=groups, n_boot=multiclass_n_boot, seed=seed
+    )
+    return point, metrics

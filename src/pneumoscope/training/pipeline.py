@@ -22,10 +22,8 @@ import torch
 
 from ..data.records import Dataset, Record
 from ..errors import DataError, StateError
-from ..metrics.clinical import compute_clinical_metrics
 from ..metrics.intervals import mean_sd
-from ..metrics.multiclass import compute_multiclass_metrics, softmax
-from ..metrics.operating_point import OperatingPoint, fit_operating_point, fit_screening_point
+from ..metrics.operating_point import OperatingPoint, fit_point_with_metrics
 from ..models.checkpoint import RunFolder
 from ..models.classifier import FeatureAdapter, MahalanobisGuard, create_model
 from ..models.features import FeatureResult, extract_features
@@ -180,25 +178,26 @@ def _fit_operating_point(model, feats: FeatureResult, fit_split: FitSplit, confi
     else:
         val_logits = head_logits(model.head, feats.features[va])
     val_groups = [r.patient_id for r, v in zip(feats.records, va, strict=True) if v]
-    if model.n_outputs == 1:
-        point = fit_operating_point(val_logits, y[va], config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
-        return point, _log_point(
-            point, compute_clinical_metrics(y[va], point.probabilities(val_logits), point.threshold, groups=val_groups, seed=config.seed)
+    normal = None if model.n_outputs == 1 else model.class_names.index(normal_class(model.class_names, config))
+    point, val_metrics = fit_point_with_metrics(
+        val_logits,
+        y[va],
+        config.threshold_policy,
+        config.threshold_target,
+        fitted_on=fitted_on,
+        groups=val_groups,
+        seed=config.seed,
+        class_names=model.class_names,
+        normal_index=normal,
+        multiclass_n_boot=1000,
+    )
+    if normal is not None:
+        logger.info(
+            "val: macro AUC %.4f, top-1 accuracy %.4f over %s",
+            val_metrics["multiclass"]["macro_auc"] or float("nan"),
+            val_metrics["multiclass"]["accuracy"],
+            ", ".join(model.class_names),
         )
-    normal = model.class_names.index(normal_class(model.class_names, config))
-    point = fit_screening_point(val_logits, y[va], normal, config.threshold_policy, config.threshold_target, fitted_on=fitted_on)
-    screen = point.probabilities(val_logits)
-    val_metrics = compute_clinical_metrics((y[va] != normal).astype(int), screen, point.threshold, groups=val_groups, seed=config.seed)
-    probs = softmax(val_logits, point.temperature)
-    val_metrics["multiclass"] = compute_multiclass_metrics(
-        y[va], probs, model.class_names, groups=val_groups, n_boot=1000, seed=config.seed
-    )
-    logger.info(
-        "val: macro AUC %.4f, top-1 accuracy %.4f over %s",
-        val_metrics["multiclass"]["macro_auc"] or float("nan"),
-        val_metrics["multiclass"]["accuracy"],
-        ", ".join(model.class_names),
-    )
     return point, _log_point(point, val_metrics)
 
 
