@@ -139,3 +139,23 @@ def test_class_prior_offsets_give_the_bayes_posterior_at_the_new_priors():
     assert np.allclose(class_prior_offsets([0.2, 0.5, 0.3], [0.2, 0.5, 0.3]), 0)
     # the screening odds of "not normal" (class 0 normal) move by the prior odds: from 2:1 to 0.4:0.6
     assert screening_offset([0.6, 0.3, 0.1], [1 / 3] * 3, 0) == pytest.approx(np.log(0.4 / 0.6) - np.log(2.0))
+
+
+def test_a_class_without_a_validation_share_gives_no_em_priors_not_nan():
+    """A run whose validation split lacked a class: EM divided by a prior of zero and its NaN shares would have reached
+    the head's biases through `adapt --method center+prior`; now there is no estimate, and adapt refuses the prior shift."""
+    from pneumoscope.adaptation.adapt import _estimated_prevalence, _fold_class_prior_shift
+    from pneumoscope.adaptation.shift import estimate_class_priors
+    from pneumoscope.errors import DataError
+
+    _, p = _three_class_site([0.6, 0.3, 0.1], n=300)
+    cm = np.array([[10, 1, 0], [1, 10, 0], [0, 0, 0]])  # no validation image of class 2
+    est = estimate_class_priors(p, cm, cm.sum(1) / cm.sum())
+    assert est["em"] is None and all(np.isfinite(est["predicted_rate"]))
+    report = {
+        "prevalence": {"mixture": 0.4},
+        "class_priors": {**est, "classes": ["A", "B", "C"], "normal": "A", "validation": [0.5, 0.5, 0.0]},
+    }
+    assert _estimated_prevalence(report) == 0.4  # the screening view's estimate instead
+    with pytest.raises(DataError, match="--method center"):
+        _fold_class_prior_shift(None, report)

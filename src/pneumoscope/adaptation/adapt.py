@@ -187,6 +187,11 @@ def _fold_class_prior_shift(predictor: Predictor, after: dict) -> tuple[float, l
     head's biases; the screening threshold moved by the odds of "not normal" to "normal" that the same priors give,
     so a screening decision at the site's priors stays the validation operating point's."""
     priors = after["class_priors"]
+    if priors["em"] is None:
+        raise DataError(
+            "the run's validation split has no image of some class, so the site's class priors cannot be estimated. "
+            "Fix: --method center (the features only), or train the run again with images of every class in validation."
+        )
     offsets = class_prior_offsets(priors["em"], priors["validation"])
     with torch.no_grad():
         predictor.model.head.fc2.bias += torch.as_tensor(offsets * predictor.temperature, dtype=predictor.model.head.fc2.bias.dtype)
@@ -208,7 +213,7 @@ def _adaptation_entry(
         "estimated_prevalence": _estimated_prevalence(after),
         **(
             {"estimated_class_priors": dict(zip(after["class_priors"]["classes"], after["class_priors"]["em"], strict=True))}
-            if "class_priors" in after
+            if after.get("class_priors", {}).get("em") is not None
             else {}
         ),
         "prior_logit_offset": offset,
@@ -224,7 +229,7 @@ def _estimated_prevalence(report: dict) -> float:
     """The share of the site's images that are not normal: the mixture estimate (two classes) or 1 - the EM prior of
     the normal class (N classes)."""
     priors = report.get("class_priors")
-    if priors is None:
+    if priors is None or priors["em"] is None:
         return report["prevalence"]["mixture"]
     return 1.0 - priors["em"][priors["classes"].index(priors["normal"])]
 

@@ -74,7 +74,7 @@ class ClassPriorEstimate(TypedDict):
 
     predicted_rate: list[float]
     bbse: list[float] | None  # None when the validation confusion matrix is too close to singular
-    em: list[float]
+    em: list[float] | None  # None when a class has no validation share
     mean_probability: list[float]
 
 
@@ -153,7 +153,8 @@ def estimate_class_priors(site_probs: np.ndarray, confusion, source_priors) -> C
     shares the probabilities are calibrated to. Returns the predicted class rates and two estimates, each a
     list of K shares: ``bbse`` (Lipton et al. 2018: the predicted rates solved through the validation
     confusion matrix, P(pred | true), by least squares, clipped and renormalised; None when that matrix is too
-    close to singular to invert) and ``em`` (Saerens et al. 2002: EM on the priors).
+    close to singular to invert) and ``em`` (Saerens et al. 2002: EM on the priors; None when a class has no share in
+    ``source_priors``).
     """
     p = np.asarray(site_probs, np.float64)
     k = p.shape[1]
@@ -165,6 +166,14 @@ def estimate_class_priors(site_probs: np.ndarray, confusion, source_priors) -> C
     if np.linalg.cond(given.T) < 20:
         solved = np.clip(np.linalg.lstsq(given.T, predicted, rcond=None)[0], 0.0, None)
         bbse = (solved / solved.sum()).tolist() if solved.sum() > 0 else None
+    return {"predicted_rate": predicted.tolist(), "bbse": bbse, "em": _em_priors(p, pi0), "mean_probability": p.mean(axis=0).tolist()}
+
+
+def _em_priors(p: np.ndarray, pi0: np.ndarray) -> list[float] | None:
+    """Saerens et al.'s EM on the priors of probabilities ``p`` (n, K) calibrated at ``pi0``; None when a class has no
+    validation share (its probabilities cannot be reweighted: the ratio to a prior of zero is undefined)."""
+    if not (pi0 > 0).all():
+        return None
     pi = pi0.copy()
     for _ in range(1000):
         q = p * (pi / pi0)
@@ -173,7 +182,7 @@ def estimate_class_priors(site_probs: np.ndarray, confusion, source_priors) -> C
             pi = new
             break
         pi = new
-    return {"predicted_rate": predicted.tolist(), "bbse": bbse, "em": pi.tolist(), "mean_probability": p.mean(axis=0).tolist()}
+    return pi.tolist()
 
 
 def _shares(x) -> np.ndarray:
