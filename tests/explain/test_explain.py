@@ -302,3 +302,31 @@ def test_the_evaluation_gallery_explains_the_decision_on_the_evaluated_probabili
         cam = compute_cam(predictor.model, predictor.preprocess(image), cls)[0]
         assert kw["method"] == f"Grad-CAM for {predictor.class_names[cls]}"
         np.testing.assert_array_equal(overlay, overlay_cam(predictor.preprocessing_view(image), cam))
+
+
+def test_explain_maps_only_what_predict_gives_a_diagnosis_and_labels_it_as_predict_does(tiny_run, tmp_path):
+    """A blank image is not assessable for predict and the web page (no label, no heatmap): explain drew a map and wrote
+    a label for it. Every label explain writes is predict's."""
+    import json
+
+    from PIL import Image
+
+    import pneumoscope
+    from pneumoscope.inference.predictor import Predictor
+    from tests.conftest import synthetic_xray
+
+    rng = np.random.default_rng(3)
+    good = [tmp_path / f"good{i}.png" for i in range(3)]
+    for i, path in enumerate(good):
+        Image.fromarray(synthetic_xray(rng, i % 2)).save(path)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(blank)
+    out = tmp_path / "ex"
+    results = explain_images(Predictor.from_checkpoint(tiny_run), [*good, blank], out, checks=False, progress=False)
+    written = json.loads((out / "explanations.json").read_text())
+    predicted = {p.path: p for p in pneumoscope.load(tiny_run).predict([*map(str, good), str(blank)])}
+    assert predicted[str(blank)].label is None
+    assert [r.path for r in results] == [str(g) for g in good]
+    assert all(r.label == predicted[r.path].label for r in results)
+    assert [u["path"] for u in written["not_assessable"]] == [str(blank)] and written["not_assessable"][0]["reason"]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(r.figure for r in results)  # no map of the blank image

@@ -231,6 +231,12 @@ def test_explain_runs_its_checks_on_a_three_class_run(three_class, tmp_path):
     assert main(["-q", "explain", str(run), *map(str, images), "--out", str(out)]) == 0
     explained = json.loads((out / "explanations.json").read_text())
     assert (out / "scores.csv").is_file() and explained
+    # each label is predict's: the normal class below the threshold, else the most probable other class (explain wrote
+    # class_names[decision]: COVID for every image below the threshold, NORMAL for every one above)
+    import pneumoscope
+
+    predicted = {p.path: p.label for p in pneumoscope.load(run).predict(list(map(str, images)))}
+    assert {e["path"]: e["label"] for e in explained["images"]} == {p: lab for p, lab in predicted.items() if lab is not None}
     assert main(["-q", "explain", str(run), str(images[0]), "--out", str(tmp_path / "named"), "--target", "covid", "--no-checks"]) == 0
 
 

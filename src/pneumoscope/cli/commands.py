@@ -235,8 +235,9 @@ def cmd_explain(args) -> int:
     from ..outputs import check_output_dir
 
     check_output_dir(args.out, args.overwrite)  # before the model loads
+    predictor = Predictor.from_checkpoint(args.run)
     results = explain_images(
-        Predictor.from_checkpoint(args.run),
+        predictor,
         args.images,
         args.out,
         target=args.target,
@@ -254,7 +255,7 @@ def cmd_explain(args) -> int:
             f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
             f"-> {summary['faithfulness_verdict']}\n"
             f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
-            f"shortcut audit: P(pneumonia) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
+            f"shortcut audit: P({predictor.prob_of}) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
             f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}"
         )
     if written["skipped"]:
