@@ -126,3 +126,21 @@ def test_pick_cases_shows_both_classes_right_and_wrong_and_enough_for_the_faithf
     picks = pick_cases(y_true, y_prob, 0.5, per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES)
     assert len(picks) == MIN_FAITHFULNESS_IMAGES and {k for k, _ in picks} == {"true positive", "true negative"}
     assert len(pick_cases(y_true[:3], y_prob[:3], 0.5, at_least=5)) == 3  # as many as there are
+
+
+def test_a_malformed_dicom_header_is_one_row_not_pydicoms_warning_with_its_source_line(tmp_path):
+    """pydicom's UserWarning ("Invalid value for VR IS: 'x'", then its source line) reached the terminal under -q, beside
+    the skipped row that already names the value and the fix; -v still shows it."""
+    import subprocess
+    import sys
+
+    from tests.dicom_util import write_malformed_dicoms
+
+    folder = tmp_path / "NORMAL"
+    write_malformed_dicoms(folder)
+    for flag, shown in (("-q", False), ("-v", True)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pneumoscope", "data", "inspect", str(tmp_path), flag], capture_output=True, text=True, timeout=120
+        )
+        assert "frames_x.dcm" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+        assert ("UserWarning" in proc.stderr) is shown, proc.stderr

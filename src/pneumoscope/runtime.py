@@ -9,6 +9,7 @@ import ctypes.util
 import logging
 import os
 import sys
+import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     own.setLevel(logging.DEBUG if verbose else logging.INFO)
     global _VERBOSE
     _VERBOSE = verbose
+    if not verbose:
+        # pydicom warns of each header value it cannot interpret, as a Python warning with its source line; where the
+        # value matters the file is refused and its row names the value and the fix, so the warning is noise (-v shows it)
+        warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     if verbose:
         root.setLevel(logging.INFO)
         root.addHandler(handler)  # pneumoscope's records reach it by propagation
