@@ -227,3 +227,57 @@ def test_the_web_app_answers_each_with_a_status_never_a_label_from_nothing(run, 
         good = _good(Path(bad_files["empty.png"]).parent, 1)[0]
         ok = client.post("/predict", files={"file": ("good.png", good.read_bytes())})
         assert ok.status_code == 200 and ok.json()["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def _labelled_site(root: Path, bad_files: dict[str, Path]) -> Path:
+    """NORMAL/ and PNEUMONIA/ with 12 good images each, the corpus split between them, the special files and a
+    branching chain of folder links (d0..d19, each linking x and y to the next) in NORMAL/."""
+    from tests.test_redteam import _specials
+
+    rng = np.random.default_rng(5)
+    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        for k in range(12):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(synthetic_xray(rng, label)).save(root / cls / f"site{k:02d}.png")
+    for i, (name, path) in enumerate(bad_files.items()):
+        (root / ("NORMAL", "PNEUMONIA")[i % 2] / f"bad_{name}").write_bytes(path.read_bytes())
+    _specials(root / "NORMAL" / "odd")
+    for i in range(20):
+        (root / "NORMAL" / "chain" / f"d{i}").mkdir(parents=True)
+    for i in range(19):
+        for link in ("x", "y"):
+            (root / "NORMAL" / "chain" / f"d{i}" / link).symlink_to(root / "NORMAL" / "chain" / f"d{i + 1}", target_is_directory=True)
+    return root
+
+
+@pytest.mark.slow
+def test_data_inspect_pack_shift_adapt_and_calibrate_go_past_every_bad_file(run, bad_files, tmp_path, capsys):
+    """Issue 23: the rest of the commands over the corpus, FIFOs, device links and a branching chain of links among
+    good images: no traceback, no hang, each good image used, each bad one listed or dropped with its reason."""
+    import zipfile
+
+    from tests.test_redteam import _within
+
+    site = _labelled_site(tmp_path / "site", bad_files)
+    good = {f"site{k:02d}.png" for k in range(12)}
+    commands = {
+        "inspect": ["data", "inspect", str(site), "--json"],
+        "pack": ["pack", str(site), "--out", str(tmp_path / "packed.zip")],
+        "shift": ["shift", str(run), str(site), "--json"],
+        "adapt": ["adapt", str(run), str(site), "--out", str(tmp_path / "adapted")],
+        "calibrate": ["calibrate", str(run), str(site), "--out", str(tmp_path / "calibrated")],
+    }
+    outputs = {}
+    for name, argv in commands.items():
+        code = _within(120, main, ["-q", *argv])
+        out, err = capsys.readouterr()
+        assert code in (0, 1) and "Traceback" not in out + err, (name, code, err[-2000:])
+        outputs[name] = out
+    inspected = json.loads(outputs["inspect"])
+    unreadable = {Path(u["path"]).name for u in inspected["unreadable"]}
+    assert {"pipe.png", "zero.png", "random.jpeg", "gone.png", "bad_frames_x.dcm"} <= unreadable and not unreadable & good
+    packed = {Path(n).name for n in zipfile.ZipFile(tmp_path / "packed.zip").namelist()}
+    assert good <= packed and not {"pipe.png", "zero.png", "random.jpeg"} & packed
+    assert json.loads(outputs["shift"])["n"] >= 2 * len(good)  # both classes' good images; the bad ones skipped
+    for new_run in ("adapted", "calibrated"):
+        assert (tmp_path / new_run / "model.safetensors").is_file()
