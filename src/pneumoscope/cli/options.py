@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+MAX_SEED = 2**32 - 1  # NumPy's and PyTorch's generators take seeds up to here
+
+
+def seed_arg(text: str) -> int:
+    """A ``--seed``: a whole number from 0 to :data:`MAX_SEED` (argparse's type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 to {MAX_SEED:,} (2**32 - 1)")
+    return value
+
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Training options. Defaults come from TrainConfig, then --config YAML, then these flags, then --set."""
@@ -31,7 +44,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=S, help="local state dict (.pth/.safetensors, timm key names) for the backbone")
     p.add_argument("--epochs", type=int, default=S, help="head epochs (default 100)")
     p.add_argument("--patience", type=int, default=S, help="early stopping on val loss (default 10)")
-    p.add_argument("--seed", type=int, default=S, help="seed of the patient split, the head's initialisation and its batches (default 0)")
+    p.add_argument(
+        "--seed", type=seed_arg, default=S, help="seed of the patient split, the head's initialisation and its batches (default 0)"
+    )
     p.add_argument("--batch-size", type=int, default=S, help="head training batch size (default 64)")
     p.add_argument("--val-fraction", type=float, default=S, help="share of train patients held out for validation (default 0.1)")
     p.add_argument("--limit", type=int, default=S, help="at most N images per split (quick runs)")

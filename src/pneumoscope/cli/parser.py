@@ -21,7 +21,7 @@ from .commands import (
     cmd_shift,
     cmd_train,
 )
-from .options import _add_policy_args, _add_task_args, _add_train_args, _command, _loudness
+from .options import _add_policy_args, _add_task_args, _add_train_args, _command, _loudness, seed_arg
 
 RUN = "run folder made by `pneumoscope train` (or its model.safetensors)"
 RUN_OR_ONNX = RUN[:-1] + ", or an .onnx file made by `pneumoscope export`)"
@@ -97,7 +97,7 @@ def _add_data_parser(sub) -> None:
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of train patients held out for validation, as train cuts it (default 0.1)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of that cut, as train's --seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of that cut, as train's --seed (default 0)")
     _add_task_args(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -115,7 +115,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--resume", action="store_true", help="continue a fine-tuning run that was killed")
-    p.add_argument("--seeds", type=int, nargs="+", help="train one run per seed into OUT/seed-N and report mean ± sd")
+    p.add_argument("--seeds", type=seed_arg, nargs="+", help="train one run per seed into OUT/seed-N and report mean ± sd")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -174,7 +174,7 @@ def _site_command(sub, name: str, help: str, func, out_help: str, out_required: 
         help="folder or .zip of the site's images, searched recursively; folder names are not read as labels",
     )
     p.add_argument("--out", required=out_required, help=out_help)
-    p.add_argument("--seed", type=int, default=0, help="for the permutation test and the domain classifier's folds")
+    p.add_argument("--seed", type=seed_arg, default=0, help="for the permutation test and the domain classifier's folds")
     p.add_argument("--cache-dir", help=CACHE_DIR)
     p.set_defaults(func=func)
     return p

@@ -27,6 +27,21 @@ MIN_RATIO_CHECKED = 1 << 20
 
 _ZIP_FIX = "Unpack the archive and check the file, or remove it from the archive."
 
+# A --from-list of 2.5 million paths of 100 characters; a settings file is a page of `name: value` lines.
+MAX_LIST_BYTES = 256_000_000
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not regular is: a FIFO, a device, a socket."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
 
 def not_regular_file(path: str | os.PathLike) -> str:
     """Why ``path`` (its links followed) is not a regular file that may be read: a FIFO, a device, a socket; else "".
@@ -39,17 +54,7 @@ def not_regular_file(path: str | os.PathLike) -> str:
         return ""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return ""
-    kind = (
-        "a FIFO (named pipe)"
-        if stat.S_ISFIFO(mode)
-        else "a character device"
-        if stat.S_ISCHR(mode)
-        else "a block device"
-        if stat.S_ISBLK(mode)
-        else "a socket"
-        if stat.S_ISSOCK(mode)
-        else "not a regular file"
-    )
+    kind = _kind(mode)
     return f"{kind}, not an image file; only regular files are read. Fix: give the image file itself"
 
 
@@ -88,6 +93,24 @@ def read_file(path: str | os.PathLike) -> bytes:
             path, f"file grew past the limit of {limit:,} bytes while read", "Copy the image somewhere it does not change."
         )
     return data
+
+
+def read_text(path: str | os.PathLike, limit: int, *, pipes: bool = False) -> str:
+    """A UTF-8 text file's content, at most ``limit`` bytes: a regular file, or with ``pipes`` also a FIFO (a shell's
+    ``<(...)``), read to its end within the bound. A device (``/dev/zero`` never ends) or a socket is refused unread.
+
+    Raises OSError when it cannot be opened, ValueError (with the reason) for a device, a file over ``limit``, or
+    bytes that are not UTF-8."""
+    nonblock = 0 if pipes else getattr(os, "O_NONBLOCK", 0)  # a FIFO that is not wanted is refused, not waited on
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+            raise ValueError(f"{_kind(mode)}, not a text file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"holds more than {limit:,} bytes, the limit")
+    return data.decode("utf-8")
 
 
 def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:

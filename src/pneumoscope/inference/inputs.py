@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+from ..data.bounded import MAX_LIST_BYTES, read_text
 from ..data.decode import describe_input, is_image_path
 from ..errors import UsageError
 
@@ -107,8 +108,8 @@ class Item(NamedTuple):
 def read_list(path: str | os.PathLike) -> list[str]:
     """The paths in a ``--from-list`` file: one a line; blank lines and lines starting with ``#`` are skipped."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = read_text(path, MAX_LIST_BYTES, pipes=True)  # a pipe, as from `--from-list <(find ...)`, is a list too
+    except (OSError, ValueError) as err:
         raise UsageError(
             f"--from-list {path}: cannot be read as a UTF-8 text file ({err}). Fix: give a text file with one image, "
             "folder or .zip path a line"

@@ -15,9 +15,9 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..data.augment import resolve_augment
+from ..data.bounded import MAX_CONFIG_BYTES, read_text
 from ..data.layouts import LABEL_SOURCES
 from ..data.records import NORMAL
 from ..errors import UsageError
@@ -98,8 +98,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.finetune, dict):
             self.finetune = FinetuneConfig(**self.finetune)
-        if self.seed < 0:
-            raise UsageError(f"seed must be 0 or more, got {self.seed!r}")
+        if not 0 <= self.seed <= 2**32 - 1:  # NumPy's and PyTorch's generators take no other
+            raise UsageError(f"seed must be from 0 to 2**32 - 1 (4,294,967,295), got {self.seed!r}")
         for name in ("epochs", "patience", "batch_size", "hidden", "feature_batch_size", "head_folds"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -188,9 +188,11 @@ def _read_yaml(path: str | os.PathLike):
     import yaml
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(path, MAX_CONFIG_BYTES)
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not a text file ({err.reason} at byte {err.start}). Fix: give a YAML file of settings") from err
+    except ValueError as err:
+        raise UsageError(f"{path}: {err}. Fix: give a YAML file of settings") from err
     except OSError as err:
         raise UsageError(f"{path}: cannot be read ({err.strerror}). Fix: check the path of --config") from err
     try:
