@@ -277,3 +277,21 @@ def test_the_model_card_names_the_runs_own_task_and_data():
     assert "Kermany" not in card["Training data"] + card["License and citation"] and "not recorded" in card["Training data"]
     kermany = dataclasses.replace(_description(), training={"data": "/x/chest_xray", "layout": "kaggle"})
     assert "Kermany et al. 2018" in model_card(kermany, {"n": 10, "n_positive": 6}, "t")["Training data"]
+
+
+def test_an_audit_whose_maps_are_all_empty_says_so_without_nan(tiny_run, monkeypatch):
+    """Every map empty (no activation): numpy's nanmean warned "Mean of empty slice" and the report said "nan%"."""
+    import json
+    import warnings
+
+    from pneumoscope.explain import checks
+    from pneumoscope.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(tiny_run)
+    monkeypatch.setattr(checks, "views_and_cams", lambda p, images, **kw: (None, np.zeros((len(images), 8, 8)), None))
+    images = [np.random.default_rng(i).uniform(size=(64, 64)).astype(np.float32) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audit = checks.audit_dataset(predictor, lambda i: images[i], 3, progress=False)
+    assert audit["mean_cam_outside_centre"] is None and "maps are empty" in audit["verdict"] and "nan" not in audit["verdict"]
+    json.dumps(audit, allow_nan=False)

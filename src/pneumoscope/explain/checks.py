@@ -265,7 +265,7 @@ def audit_dataset(
     *,
     probs: np.ndarray | None = None,
     method: str = "gradcam",
-    batch_size: int = 16,
+    batch_size: int = 8,  # Grad-CAM keeps every activation for its backward pass: memory grows with the batch (BENCHMARKS.md)
     progress: bool = True,
 ) -> dict:
     """Shortcut audit over a set: mean change in P(pneumonia) with the border or the centre
@@ -288,7 +288,7 @@ def audit_dataset(
         "mean_abs_delta_border_masked": float(np.mean(np.abs(deltas_b))),
         "mean_delta_centre_masked": float(np.mean(deltas_c)),
         "mean_abs_delta_centre_masked": float(np.mean(np.abs(deltas_c))),
-        "mean_cam_outside_centre": float(np.nanmean(outside)),
+        "mean_cam_outside_centre": _mean_of_finite(outside),  # None when every map is empty
         "central_area_fraction": float((CENTRAL_BOX[1] - CENTRAL_BOX[0]) * (CENTRAL_BOX[3] - CENTRAL_BOX[2])),
     }
     audit["shortcut_suspected"], audit["verdict"] = shortcut_verdict(audit, prob_of=predictor.prob_of.lower())
@@ -307,6 +307,12 @@ CAM_EXCESS_OUTSIDE = 0.10
 MIN_AUDIT_EFFECT = 0.02  # mean absolute change in P(pneumonia) below which masking "changes nothing"
 
 
+def _mean_of_finite(values) -> float | None:
+    """The mean of the finite values, or None when there is none (numpy's nanmean warned and gave NaN)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
 def shortcut_verdict(audit: dict, *, prob_of: str = "pneumonia") -> tuple[bool, str]:
     """(suspected, sentence) for a shortcut audit (:func:`audit_dataset`'s numbers).
 
@@ -318,7 +324,11 @@ def shortcut_verdict(audit: dict, *, prob_of: str = "pneumonia") -> tuple[bool, 
     effects = (
         f"masking the border band changes P({prob_of}) by {border:.3f} on average (absolute), masking the chest centre by {centre:.3f}"
     )
-    maps = f"the {audit['method']} maps put {outside:.0%} of their mass outside the centre, which covers {area:.0%} of the image"
+    maps = (
+        f"the {audit['method']} maps are empty (no activation anywhere)"
+        if outside is None
+        else f"the {audit['method']} maps put {outside:.0%} of their mass outside the centre, which covers {area:.0%} of the image"
+    )
     if border >= MIN_AUDIT_EFFECT and border >= BORDER_EFFECT_RATIO * centre:
         ratio = border / centre if centre > 0 else np.inf
         how = "more than" if ratio > 1.25 else "about as much as" if ratio >= 0.8 else "at least half as much as"
@@ -326,7 +336,7 @@ def shortcut_verdict(audit: dict, *, prob_of: str = "pneumonia") -> tuple[bool, 
             f"The decision leans on the image border: {effects}, so the border moves it {how} the chest does; "
             f"{maps}. Look for markers, labels and collimation edges in the gallery."
         )
-    if np.isfinite(outside) and outside > area + CAM_EXCESS_OUTSIDE:
+    if outside is not None and outside > area + CAM_EXCESS_OUTSIDE:
         return True, f"The maps look outside the lungs: {maps}, more than area alone would give; {effects}."
     if centre < MIN_AUDIT_EFFECT:
         return False, f"Inconclusive: masking changes little either way ({effects}); {maps}."
