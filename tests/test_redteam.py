@@ -282,6 +282,28 @@ def test_train_warns_and_records_identical_images_across_splits(tmp_path, caplog
     assert any(p.endswith("person77_bacteria_0.jpeg") for p in leakage["duplicate_examples"][0])
 
 
+def test_one_image_under_two_labels_is_named_by_inspect_and_refused_by_train_and_evaluate(tiny_run, tmp_path, capsys):
+    """The same bytes as NORMAL and as PNEUMONIA: calibrate refused it, but evaluate scored it twice (once wrong by
+    construction) without a word, train called it only "identical across splits", data inspect never said."""
+    tree = make_kaggle_tree(tmp_path / "data", n_patients=8)
+    for split in ("train", "test"):
+        source = tree / split / "NORMAL" / "IM-0001-0000.jpeg"
+        (tree / split / "PNEUMONIA" / "person999_bacteria_1.jpeg").write_bytes(source.read_bytes())
+    assert main(["data", "inspect", str(tree)]) == 0
+    out = capsys.readouterr().out
+    assert "images under two labels (same bytes): 2" in out and "NORMAL:" in out and "PNEUMONIA:" in out, out
+    assert main(["data", "inspect", str(tree), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["leakage"]["label_conflicts"]) == 2
+    for argv in (
+        ["train", str(tree), "--out", str(tmp_path / "run"), "--epochs", "2", "--pretrained", "none"],
+        ["evaluate", str(tiny_run), str(tree), "--out", str(tmp_path / "ev"), "--no-audit"],
+    ):
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "carry two labels" in err and "person999_bacteria_1.jpeg (PNEUMONIA)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ev").exists()
+
+
 @pytest.mark.parametrize("damage", ["wrong shape", "nan", "not a float"])
 def test_a_damaged_feature_cache_entry_is_recomputed(damage, kaggle_tree, tmp_path, caplog):
     from pneumoscope.data.layouts import load_dataset

@@ -187,7 +187,7 @@ def test_calibrate_refuses_one_image_under_both_labels_and_counts_copies_once(ru
     both = sorted((CHEST_XRAY / "test" / "NORMAL").iterdir())[0]
     shutil.copy(both, sample / "PNEUMONIA" / "also-normal.jpeg")  # the same bytes under both labels
     assert main(["-q", "calibrate", str(run), str(sample), "--out", str(tmp_path / "c")]) == 2
-    assert "1 images carry both labels" in capsys.readouterr().err
+    assert "1 images carry two labels" in capsys.readouterr().err
     (sample / "PNEUMONIA" / "also-normal.jpeg").unlink()
     for cls in ("NORMAL", "PNEUMONIA"):  # 12 distinct images of each class and 3 copies of each class's first three
         for k, f in enumerate(sorted((sample / cls).iterdir())[:3]):

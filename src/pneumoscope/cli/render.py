@@ -44,6 +44,11 @@ def _leakage_lines(s: dict) -> list[str]:
             f"{len(lk['duplicates_across_splits'])} identical images across splits"
         )
     lines.append(f"duplicate images (same bytes): {lk['duplicate_images']} images in {lk['duplicate_groups']} groups")
+    if lk.get("label_conflicts"):
+        lines.append(
+            f"images under two labels (same bytes): {len(lk['label_conflicts'])}, e.g. {' and '.join(lk['label_conflicts'][0][:2])}; "
+            "train, evaluate and calibrate refuse them. Fix: keep each under its one true label"
+        )
     if s["patient_id_from_file_stem"]:
         lines.append(f"patient id not in file name (file stem used): {s['patient_id_from_file_stem']} images")
     lines.append(f"unreadable files: {len(s['unreadable'])}")

@@ -51,25 +51,40 @@ def scan(dataset: Dataset, *, check_decode: bool = True, workers: int = 4, progr
     return out
 
 
+def label_conflicts(records: list[Record]) -> list[list[Record]]:
+    """Groups of records with the same bytes (:func:`scan`'s content hash) under more than one label."""
+    by_hash: dict[str, list[Record]] = collections.defaultdict(list)
+    for r in records:
+        if r.content_hash:
+            by_hash[r.content_hash].append(r)
+    return [g for g in by_hash.values() if len({r.label for r in g}) > 1]
+
+
+def refuse_label_conflicts(dataset: Dataset) -> None:
+    """Refuse a labelled dataset that holds one image (the same bytes) under two labels: it cannot be both, and a
+    model fitted or scored on it is taught or marked wrong by construction. ``data inspect --json`` lists them all."""
+    conflicts = label_conflicts(dataset.records)
+    if conflicts:
+        example = " and ".join(f"{dataset.display(r)} ({dataset.class_names[r.label]})" for r in conflicts[0][:2])
+        raise DataError(
+            f"{dataset.source}: {len(conflicts)} images carry two labels (the same bytes under two classes), e.g. {example}. "
+            "Fix: keep each image under its one true label (`pneumoscope data inspect --json` lists them all)"
+        )
+
+
 def unique_images(dataset: Dataset, *, labelled: bool) -> Dataset:
     """The dataset with one record per distinct image (the same bytes: :func:`scan`'s content hash), the first kept.
 
     Copies of one image weigh as many images where a site's prevalence, its feature statistics or a temperature are
     fitted (60 copies of one image were taken as a site of prevalence 1.0). With ``labelled``, one image under two
-    labels is refused: it cannot be both. The copies dropped are logged.
+    labels is refused (:func:`refuse_label_conflicts`). The copies dropped are logged.
     """
+    if labelled:
+        refuse_label_conflicts(dataset)
     first: dict[str, Record] = {}
-    conflicts: list[tuple[str, str]] = []
     for r in dataset.records:
-        seen = first.setdefault(r.content_hash, r) if r.content_hash else r
-        if labelled and seen is not r and seen.label != r.label:
-            conflicts.append((dataset.display(seen), dataset.display(r)))
-    if conflicts:
-        a, b = conflicts[0]
-        raise DataError(
-            f"{dataset.source}: {len(conflicts)} images carry both labels (the same bytes as NORMAL and as PNEUMONIA), "
-            f"e.g. {a} and {b}. Fix: keep each image under its one true label"
-        )
+        if r.content_hash:
+            first.setdefault(r.content_hash, r)
     kept = [r for r in dataset.records if not r.content_hash or first[r.content_hash] is r]
     if len(kept) < len(dataset.records):
         logger.warning(
@@ -135,8 +150,8 @@ def limit_per_split(records: list[Record], limit: int, *, seed: int = 0) -> list
     return sorted(out, key=lambda r: order[id(r)])
 
 
-def check_leakage(records: list[Record], *, display=str) -> dict:
-    """Patients in more than one split, and images whose bytes are identical."""
+def check_leakage(records: list[Record], *, display=str, class_names=None) -> dict:
+    """Patients in more than one split, images whose bytes are identical, and those of them under two labels."""
     splits_of: dict[str, set[str]] = collections.defaultdict(set)
     for r in records:
         splits_of[r.patient_id].add(r.split)
@@ -152,6 +167,9 @@ def check_leakage(records: list[Record], *, display=str) -> dict:
         "duplicate_groups": len(groups),
         "duplicate_images": sum(len(g) for g in groups),
         "duplicates_across_splits": [[f"{r.split}:{display(r)}" for r in g] for g in cross_dupes],
+        "label_conflicts": [
+            [f"{class_names[r.label] if class_names else r.label}:{display(r)}" for r in g] for g in label_conflicts(records)
+        ],
         "ok": not crossing and not cross_dupes,
     }
 
@@ -218,7 +236,7 @@ def summarize(dataset: Dataset) -> DatasetSummary:
                 "patients_per_class": by_class,
                 "max_images_per_patient": most,
             }
-    leakage = check_leakage(records, display=dataset.display)
+    leakage = check_leakage(records, display=dataset.display, class_names=dataset.class_names)
     if not dataset.has_patient_ids:
         leakage["patients_in_several_splits"] = None
         leakage["note"] = "no patient ids in this source: the patient-level leakage check cannot be made"

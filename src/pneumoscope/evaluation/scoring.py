@@ -10,7 +10,7 @@ import torch
 
 from ..data.decode import read_many, screen_image
 from ..data.records import Dataset, Record
-from ..data.splits import limit_per_split, scan, select_split
+from ..data.splits import limit_per_split, refuse_label_conflicts, scan, select_split
 from ..errors import DataError
 from ..inference.predictor import Predictor
 from ..metrics.clinical import compute_clinical_metrics
@@ -56,6 +56,7 @@ def evaluate_dataset(
     if limit:
         records = limit_per_split(records, limit, seed=0)
     scanned = scan(dataset.subset(records), check_decode=False, progress=progress)
+    refuse_label_conflicts(scanned)  # one image under two labels is scored wrong by construction
     scanned, excluded, transductive = _leave_out_fitted(predictor, scanned)
     scored = _score(predictor, scanned, tta=tta, cache_dir=cache_dir, progress=progress)
     kept = scored.records

@@ -7,7 +7,7 @@ import os
 
 from ..data.layouts import load_dataset
 from ..data.records import Dataset, Record
-from ..data.splits import check_leakage, limit_per_split, scan, split_by_patient
+from ..data.splits import check_leakage, limit_per_split, refuse_label_conflicts, scan, split_by_patient
 from ..errors import DataError, UsageError
 from .config import TrainConfig
 
@@ -49,7 +49,8 @@ def prepare_data(data: str | os.PathLike, config: TrainConfig, *, progress: bool
         normal_class(dataset.class_names, config)  # refused before any work when it is not one of the classes
     records = prepare_records(dataset, config)
     dataset = scan(dataset.subset(records), check_decode=False, progress=progress)
-    leakage = check_leakage(dataset.records, display=dataset.display)
+    refuse_label_conflicts(dataset)
+    leakage = check_leakage(dataset.records, display=dataset.display, class_names=dataset.class_names)
     if leakage["patients_in_several_splits"] and dataset.has_patient_ids:
         raise RuntimeError(f"patient leakage between splits: {leakage['patients_in_several_splits'][:5]} (a bug; please report it)")
     if leakage["duplicates_across_splits"]:
