@@ -72,7 +72,7 @@ def _missing_tensor(tmp_path, run):
     tensors = load_file(str(path))
     tensors.pop("head.fc1.weight")
     (tmp_path / "missing").mkdir()
-    meta.pop("pneumoscope_weights_sha256")  # as an older version wrote it: the state dict's own check catches it
+    meta.pop("pneumoscope_sha256")  # as an older version wrote it: the state dict's own check catches it
     save_file(tensors, str(tmp_path / "missing" / "model.safetensors"), metadata=meta)
     return tmp_path / "missing", "do not match its description"
 
@@ -92,13 +92,76 @@ def _flipped_bit(tmp_path, run):
     return tmp_path / "flipped", "do not match the SHA-256 digest"
 
 
+def _flip_after(raw: bytes, needle: bytes, mask: int = 0x01) -> bytes:
+    """``raw`` with one bit flipped in the byte that follows the first ``needle``."""
+    i = raw.index(needle) + len(needle)
+    return raw[:i] + bytes([raw[i] ^ mask]) + raw[i + 1 :]
+
+
+def _flipped_threshold(tmp_path, run):
+    """Issue 23, item 5: one flipped bit in the description (threshold 0.5 -> 0.4) loaded without a word; the digest
+    covered the weights only."""
+    raw = (run / "model.safetensors").read_bytes()
+    (tmp_path / "threshold").mkdir()
+    (tmp_path / "threshold" / "model.safetensors").write_bytes(_flip_after(raw, b'\\"threshold\\": 0.'))  # JSON in JSON
+    return tmp_path / "threshold", "do not match the SHA-256 digest"
+
+
+def _flipped_digest_name(tmp_path, run):
+    """A flipped bit in the digest's own key would make the file look older than the digest, and go unchecked."""
+    raw = (run / "model.safetensors").read_bytes()
+    (tmp_path / "name").mkdir()
+    (tmp_path / "name" / "model.safetensors").write_bytes(_flip_after(raw, b'"pneumoscope_sha', 0x04))  # sha256 -> shc256
+    return tmp_path / "name", "a key no version of pneumoscope wrote"
+
+
+def _tiny_onnx(path: Path, run: Path) -> Path:
+    """A pneumoscope ONNX file without the exporter (which takes seconds): the mean pixel as the logit, ``run``'s
+    description in its metadata, with the digest the exporter writes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pneumoscope.inference.backends import onnx_digest
+    from pneumoscope.models.checkpoint import read_description
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224])
+    logit = helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch"])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+    node = helper.make_node("ReduceMean", ["image", "axes"], ["logit"], keepdims=0)
+    graph = helper.make_graph([node], "mean", [image], [logit], initializer=[axes])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    proto.metadata_props.add(key="pneumoscope", value=json.dumps(read_description(run).to_dict()))
+    proto.metadata_props.add(key="pneumoscope_sha256", value=onnx_digest(proto))
+    onnx.save(proto, path)
+    return path
+
+
+def _onnx_flipped_threshold(tmp_path, run):
+    path = tmp_path / "flipped.onnx"
+    path.write_bytes(_flip_after(_tiny_onnx(tmp_path / "tiny.onnx", run).read_bytes(), b'"threshold": 0.'))
+    return path, "do not match the SHA-256 digest"
+
+
 def _truncated_onnx(tmp_path, run):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"\x08\x07\x12\x04abcd" + bytes(40))
     return path, "ONNX Runtime cannot load it"
 
 
-@pytest.mark.parametrize("make", [_truncated_checkpoint, _edited_header, _missing_tensor, _flipped_bit, _truncated_onnx])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _truncated_checkpoint,
+        _edited_header,
+        _missing_tensor,
+        _flipped_bit,
+        _flipped_threshold,
+        _flipped_digest_name,
+        _onnx_flipped_threshold,
+        _truncated_onnx,
+    ],
+)
 def test_damaged_model_file_is_one_line_naming_it(make, tiny_run, tmp_path, capsys, caplog):
     model_file, expected = make(tmp_path, tiny_run)
     image = _png(tmp_path / "x.png")
@@ -528,20 +591,108 @@ def test_a_description_that_is_not_json_is_a_damaged_file_not_a_traceback():
         description_from_json('{"format": "pneumoscope-run", "threshold": 0.5,,}', "model.onnx")
 
 
-def test_old_checkpoints_without_a_digest_still_load(tiny_run, tmp_path):
+@pytest.mark.parametrize("make", [_flipped_threshold, _onnx_flipped_threshold])
+def test_a_flipped_bit_in_the_description_is_refused_by_the_api(make, tiny_run, tmp_path):
+    import pneumoscope
+    from pneumoscope.errors import CheckpointError
+
+    model_file, expected = make(tmp_path, tiny_run)
+    with pytest.raises(CheckpointError, match=expected) as err:
+        pneumoscope.load(model_file)
+    assert str(model_file) in str(err.value) and "Fix:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_model_files_with_their_digest_load_and_predict(tiny_run, tmp_path):
+    import pneumoscope
+
+    image = _png(tmp_path / "x.png")
+    for model_file in (tiny_run, _tiny_onnx(tmp_path / "tiny.onnx", tiny_run)):
+        assert pneumoscope.load(model_file).predict(image).threshold == 0.5
+
+
+def _as_older_versions_wrote(run: Path, out: Path, keep_weights_digest: bool) -> Path:
+    """``run``'s checkpoint without the digest of description and weights: with only the weights' (as the version
+    before wrote it), or with none (as the versions before that)."""
+    import hashlib
+
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from pneumoscope.models.checkpoint import load_checkpoint
-
-    path = tiny_run / "model.safetensors"
+    path = run / "model.safetensors"
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
-    meta.pop("pneumoscope_weights_sha256")
-    (tmp_path / "old").mkdir()
-    save_file(load_file(str(path)), str(tmp_path / "old" / "model.safetensors"), metadata=meta)
-    model, _ = load_checkpoint(tmp_path / "old")
-    assert all(k in model.state_dict() for k in load_file(str(path)))
+    meta.pop("pneumoscope_sha256")
+    out.mkdir()
+    save_file(load_file(str(path)), str(out / "model.safetensors"), metadata=meta)
+    if keep_weights_digest:
+        raw = (out / "model.safetensors").read_bytes()
+        meta["pneumoscope_weights_sha256"] = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
+        save_file(load_file(str(path)), str(out / "model.safetensors"), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("keep_weights_digest", [False, True])
+def test_old_checkpoints_without_a_digest_still_load(keep_weights_digest, tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from pneumoscope.models.checkpoint import load_checkpoint
+
+    old = _as_older_versions_wrote(tiny_run, tmp_path / "old", keep_weights_digest)
+    model, description = load_checkpoint(old)
+    assert all(k in model.state_dict() for k in load_file(str(tiny_run / "model.safetensors")))
+    assert description.threshold == 0.5
+
+
+def test_an_old_checkpoints_weights_digest_is_still_checked(tiny_run, tmp_path, capsys, caplog):
+    old = _as_older_versions_wrote(tiny_run, tmp_path / "old", keep_weights_digest=True)
+    raw = bytearray((old / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x10  # a bit in the last tensor's bytes
+    (old / "model.safetensors").write_bytes(bytes(raw))
+    assert main(["-q", "predict", str(old), str(_png(tmp_path / "x.png"))]) == 2
+    assert "the weights do not match the SHA-256 digest" in _error_line(capsys, caplog)
+
+
+def test_old_onnx_exports_without_a_digest_still_load(tiny_run, tmp_path):
+    import onnx
+
+    import pneumoscope
+
+    proto = onnx.load(_tiny_onnx(tmp_path / "tiny.onnx", tiny_run))
+    kept = [p for p in proto.metadata_props if p.key != "pneumoscope_sha256"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in (("threshold", "0.5"), ("preprocessing", "{}"), ("class_names", "[]")):  # as exports wrote them
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, tmp_path / "old.onnx")
+    assert pneumoscope.load(tmp_path / "old.onnx").threshold == 0.5
+
+
+@pytest.mark.slow
+def test_an_export_carries_the_digest_of_its_description_and_graph(tiny_run, tmp_path, capsys, caplog):
+    """The digest is written into the file that takes the name --out (the export is verified under another name)."""
+    import onnx
+
+    import pneumoscope
+    from pneumoscope.errors import CheckpointError
+
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(tiny_run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert "pneumoscope_sha256" in {p.key for p in onnx.load(out).metadata_props}
+    assert pneumoscope.load(out).threshold == 0.5
+    image = str(_png(tmp_path / "x.png"))
+    for name, needle, mask in (("threshold", b'"threshold": 0.', 0x01), ("mean", b'"mean": [0.', 0x01), ("weights", None, 0)):
+        flipped = tmp_path / f"{name}.onnx"
+        raw = out.read_bytes()
+        if needle is None:  # a bit in the largest initializer's bytes: a weight
+            data = max(onnx.load(out).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+            needle, mask = data[:64], 0x10
+        flipped.write_bytes(_flip_after(raw, needle, mask))
+        assert main(["-q", "predict", str(flipped), image]) == 2
+        line = _error_line(capsys, caplog)
+        assert "do not match the SHA-256 digest" in line and str(flipped) in line
+        with pytest.raises(CheckpointError, match="do not match the SHA-256 digest"):
+            pneumoscope.load(flipped)
 
 
 # --------------------------------------------------------------------------- issue 23, items 10-11: a closed pipe, a long boundary

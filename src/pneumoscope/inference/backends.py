@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..models.checkpoint import description_from_json
+from ..models.checkpoint import SHA256_KEY, compute_digest, description_from_json, verify_digest
+
+# The metadata entries exports made before the digest: its description and copies of its parts for other tools.
+ONNX_LEGACY_KEYS = frozenset({"pneumoscope", "threshold", "preprocessing", "class_names"})
 
 
 class TorchBackend:
@@ -40,16 +44,41 @@ class OnnxBackend:
         options.intra_op_num_threads = threads or available_cpus()  # its default counts the machine's CPUs, not the process's
         # waiting threads sleep rather than spin: under contention a spinning thread burns the time its partner needs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        blob = Path(path).read_bytes()  # the bytes checked below are the bytes run
+        self.session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "pneumoscope" not in meta:
-            raise CheckpointError(
-                f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`."
-            )
+        meta = verified_onnx_metadata(path, blob)
         self.description = description_from_json(meta["pneumoscope"], path)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits (B,), OOD distances (B,) or None) of a preprocessed batch (B, C, S, S)."""
         out = dict(zip(self.outputs, self.session.run(None, {"image": x}), strict=True))
         return out["logit"].astype(np.float64), out["ood_distance"].astype(np.float64) if "ood_distance" in out else None
+
+
+def onnx_digest(proto) -> str:
+    """The SHA-256 an export stores under ``SHA256_KEY``: its metadata entries (the description) and its graph (nodes
+    and initializers: the weights), by ``compute_digest``."""
+    entries = {p.key: p.value for p in proto.metadata_props if p.key != SHA256_KEY}
+    return compute_digest(entries, proto.graph.SerializeToString())
+
+
+def verified_onnx_metadata(path: str | os.PathLike, blob: bytes) -> dict[str, str]:
+    """The metadata entries of an exported model (``blob``: the file's bytes), checked against its digest; exports
+    written before the digest are not checked."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_model_from_string(blob)
+    except DecodeError as err:
+        raise CheckpointError(f"{path}: not a readable ONNX file ({err}). Fix: export it again with `pneumoscope export`.") from err
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "pneumoscope" not in meta:
+        raise CheckpointError(
+            f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`."
+        )
+    verify_digest(
+        path, meta, proto.graph.SerializeToString(), legacy_keys=ONNX_LEGACY_KEYS, fix="export it again with `pneumoscope export`"
+    )
+    return meta

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..errors import OutputExistsError, StateError
+from ..models.checkpoint import SHA256_KEY
 from ..outputs import check_writable, partial_name, remove_orphans, write_bytes_atomic
+from .backends import onnx_digest
 from .predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def export_onnx(
 
 
 def _onnx_model(predictor: Predictor, outputs: list[str]):
-    """The ONNX model (a ModelProto, dynamic batch) of the predictor's network, its description in the metadata."""
+    """The ONNX model (a ModelProto, dynamic batch) of the predictor's network, its description in the metadata with the
+    SHA-256 of both (``onnx_digest``)."""
     s = predictor.preprocessing.input_size
     dummy = torch.zeros(2, predictor.preprocessing.in_chans, s, s)
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -96,6 +99,7 @@ def _onnx_model(predictor: Predictor, outputs: list[str]):
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+    proto.metadata_props.add(key=SHA256_KEY, value=onnx_digest(proto))  # last: it covers every entry above and the graph
     return proto
 
 

@@ -4,7 +4,8 @@ No pickle: loading reads tensors and JSON only, so a checkpoint from a stranger
 cannot run code. The description (:class:`~pneumoscope.description.RunDescription`)
 holds everything needed to rebuild the model and use it: backbone, head shape,
 preprocessing, class names, threshold (and how it was chosen), metrics and package
-versions. :class:`RunFolder` names the files of a run folder.
+versions. A SHA-256 of the description and the weights, in the same header, is checked on load
+(``verify_digest``; an ONNX export carries the same). :class:`RunFolder` names the files of a run folder.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def describe(
     )
 
 
-DIGEST_KEY = "pneumoscope_weights_sha256"  # in the safetensors header, beside the description
+SHA256_KEY = "pneumoscope_sha256"  # in the header: every other metadata entry (the description), then the weights
+WEIGHTS_SHA256_KEY = "pneumoscope_weights_sha256"  # what versions before SHA256_KEY wrote: the weights only
+_LEGACY_KEYS = frozenset({"pneumoscope", WEIGHTS_SHA256_KEY})  # the header entries those versions wrote
 
 
 def _tensor_bytes(blob: bytes) -> bytes:
@@ -81,15 +84,52 @@ def _tensor_bytes(blob: bytes) -> bytes:
     return blob[8 + int.from_bytes(blob[:8], "little") :]
 
 
+def compute_digest(entries: dict[str, str], payload: bytes) -> str:
+    """SHA-256 of a model file's metadata ``entries`` (each key and value as stored, sorted by key, each prefixed
+    with its length so that no two sets of entries hash alike) followed by ``payload`` (the weights)."""
+    sha = hashlib.sha256()
+    for key in sorted(entries):
+        for text in (key, entries[key]):
+            data = text.encode("utf-8")
+            sha.update(len(data).to_bytes(8, "little"))
+            sha.update(data)
+    sha.update(payload)
+    return sha.hexdigest()
+
+
+def verify_digest(path: str | os.PathLike, meta: dict[str, str], payload: bytes, *, legacy_keys: frozenset[str], fix: str) -> bool:
+    """Check ``meta`` (a model file's metadata: the description) and ``payload`` (its weights) against the SHA-256 stored
+    under ``SHA256_KEY``: a flipped bit in a threshold or a weight changes labels without any other sign.
+
+    A file without that key (written by an older version) passes when its keys are ``legacy_keys``, the ones those
+    versions wrote; any other key there is a damaged name (maybe the digest's own). Returns whether it was checked.
+    """
+    expected = meta.get(SHA256_KEY)
+    if expected is None:
+        unknown = sorted(set(meta) - legacy_keys)
+        if unknown:
+            raise CheckpointError(
+                f"{path}: its metadata has no SHA-256 digest and a key no version of pneumoscope wrote ({unknown[0][:40]!r}): "
+                f"the file is damaged or was edited. Fix: copy it again from where it was made, or {fix}."
+            )
+        return False
+    if compute_digest({k: v for k, v in meta.items() if k != SHA256_KEY}, payload) != expected:
+        raise CheckpointError(
+            f"{path}: its description or weights do not match the SHA-256 digest written with them: the file is damaged "
+            f"(a changed byte or bit) or was edited. Fix: copy it again from where it was made, or {fix}."
+        )
+    return True
+
+
 def save_checkpoint(path: str | os.PathLike, model: PneumoniaClassifier, description: RunDescription) -> Path:
-    """Write weights and description to one file, atomically, with the SHA-256 of the tensors' bytes in its header."""
+    """Write weights and description to one file, atomically, with the SHA-256 of both (``compute_digest``) in its header."""
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = RunFolder(path).checkpoint
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"pneumoscope": json.dumps(description.to_dict())}
-    digest = hashlib.sha256(_tensor_bytes(save(tensors, metadata=meta))).hexdigest()  # the data section does not depend on the header
-    write_bytes_atomic(path, save(tensors, metadata={**meta, DIGEST_KEY: digest}))
+    digest = compute_digest(meta, _tensor_bytes(save(tensors, metadata=meta)))  # the data section does not depend on the header
+    write_bytes_atomic(path, save(tensors, metadata={**meta, SHA256_KEY: digest}))
     return path
 
 
@@ -102,7 +142,8 @@ def _header(path: Path) -> dict:
 
 
 def read_description(path: str | os.PathLike) -> RunDescription:
-    """The checked description of a checkpoint (or run folder), without loading its weights."""
+    """The checked description of a checkpoint (or run folder), without loading its weights (nor checking its digest:
+    ``load_checkpoint`` does)."""
     path = resolve_checkpoint(path)
     return description_from_json(_header(path)["pneumoscope"], path)
 
@@ -120,11 +161,13 @@ def description_from_json(text: str, path: str | os.PathLike) -> RunDescription:
 
 
 def verify_weights(path: Path, blob: bytes, meta: dict) -> None:
-    """The tensors' bytes against the digest written with them: a flipped bit in a weight changes labels without any other
-    sign. Checkpoints written before the digest existed have none and are not checked."""
-    expected = meta.get(DIGEST_KEY)
+    """The checkpoint's description and tensors against the digest written with them (``verify_digest``). Files written
+    before it carry only the tensors' SHA-256 (``WEIGHTS_SHA256_KEY``), checked alone; older ones none, not checked."""
+    if verify_digest(path, meta, _tensor_bytes(blob), legacy_keys=_LEGACY_KEYS, fix="train again"):
+        return
+    expected = meta.get(WEIGHTS_SHA256_KEY)
     if expected is None:
-        logger.debug("%s: no weights digest (written by an older version); not checked", path)
+        logger.debug("%s: no digest (written by an older version); not checked", path)
         return
     if hashlib.sha256(_tensor_bytes(blob)).hexdigest() != expected:
         raise CheckpointError(
@@ -149,9 +192,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PneumoniaClassifier, RunDe
 
     path = resolve_checkpoint(path)
     meta = _header(path)
-    description = description_from_json(meta["pneumoscope"], path)
     blob = path.read_bytes()
-    verify_weights(path, blob, meta)
+    verify_weights(path, blob, meta)  # before the description is read: a damaged one is named as damage
+    description = description_from_json(meta["pneumoscope"], path)
     head = description.head
     model = create_model(
         description.backbone, pretrained="none", hidden=head.hidden, dropout=head.dropout, class_names=description.class_names
