@@ -57,10 +57,26 @@ class OnnxBackend:
 
 
 def onnx_digest(proto) -> str:
-    """The SHA-256 an export stores under ``SHA256_KEY``: its metadata entries (the description) and its graph (nodes
-    and initializers: the weights), by ``compute_digest``."""
+    """The SHA-256 an export stores under ``SHA256_KEY``: its metadata entries (the description) and its graph's
+    weights and wiring (:func:`graph_payload`), by ``compute_digest``."""
     entries = {p.key: p.value for p in proto.metadata_props if p.key != SHA256_KEY}
-    return compute_digest(entries, proto.graph.SerializeToString())
+    return compute_digest(entries, graph_payload(proto.graph))
+
+
+def graph_payload(graph) -> bytes:
+    """The bytes an export's digest covers of its graph: each initializer's name, type, shape and values, and each
+    node's operator, inputs and outputs. Built from the values, not from protobuf's serialisation, which another
+    protobuf version may order differently: a model that is intact must never be refused."""
+    from onnx import numpy_helper
+
+    parts = []
+    for init in graph.initializer:
+        header = f"{init.name}|{init.data_type}|{','.join(map(str, init.dims))}|".encode()
+        parts += [len(header).to_bytes(8, "little"), header, numpy_helper.to_array(init).tobytes()]
+    for node in graph.node:
+        wiring = f"{node.op_type}|{','.join(node.input)}|{','.join(node.output)}".encode()
+        parts += [len(wiring).to_bytes(8, "little"), wiring]
+    return b"".join(parts)
 
 
 def verified_onnx_metadata(path: str | os.PathLike, blob: bytes) -> dict[str, str]:
@@ -78,7 +94,5 @@ def verified_onnx_metadata(path: str | os.PathLike, blob: bytes) -> dict[str, st
         raise CheckpointError(
             f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`."
         )
-    verify_digest(
-        path, meta, proto.graph.SerializeToString(), legacy_keys=ONNX_LEGACY_KEYS, fix="export it again with `pneumoscope export`"
-    )
+    verify_digest(path, meta, graph_payload(proto.graph), legacy_keys=ONNX_LEGACY_KEYS, fix="export it again with `pneumoscope export`")
     return meta
