@@ -420,6 +420,12 @@ def commands(inp: dict, out: Path, limit_s: float) -> list[dict]:
         lambda r: set(good["loose"]) <= _csv_names(empty),
     )
     do("predict | head -1", ["predict", str(run_dir), tree], lambda r: len(r["stdout"].splitlines()) == 1, shell_tail="| head -1")
+    for name, argv in (
+        ("predict --from-list /dev/zero", ["predict", str(run_dir), "--from-list", "/dev/zero"]),
+        ("train --config /dev/zero", ["train", tree, "--out", str(out / "run-zero"), "--config", "/dev/zero"]),
+        ("predict, a bit flipped in the threshold", ["predict", str(_flip_threshold(run_dir, out / "flipped")), str(inp["loose"])]),
+    ):
+        do(name, argv, lambda r: "pneumoscope: error:" in r["stderr_tail"], expect=(2,))
     onnx = out / "model.onnx"
     do("export", ["export", str(run_dir), "--out", str(onnx)], lambda r: onnx.is_file())
     do(
@@ -428,6 +434,18 @@ def commands(inp: dict, out: Path, limit_s: float) -> list[dict]:
         rows_check(out / "p-onnx.jsonl", good["train"] + good["test"]),
     )
     return results
+
+
+def _flip_threshold(run_dir: Path, folder: Path) -> Path:
+    """A copy of the run's weights file with one bit flipped in the first digit (1-8) of its stored threshold."""
+    raw = bytearray((run_dir / "model.safetensors").read_bytes())
+    at = raw.index(b"threshold") + len("threshold")
+    while raw[at] not in b"12345678":
+        at += 1
+    raw[at] ^= 0x01 if raw[at] != ord("1") else 0x02  # '4' -> '5', '1' -> '3': still a number, a different one
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    return folder
 
 
 # --------------------------------------------------------------------------- the server
@@ -551,7 +569,7 @@ def table(results: list[dict], server: dict) -> str:
     ]
     for r in results:
         lines.append(
-            f"| `{r['name']}` | {r['code']} | {r['wall_s']} | {r['peak_gb']}; {r['peak_pss_gb']} | {'yes' if r['traceback'] else 'no'} | "
+            f"| `{r['name'].replace('|', chr(92) + '|')}` | {r['code']} | {r['wall_s']} | {r['peak_gb']}; {r['peak_pss_gb']} | {'yes' if r['traceback'] else 'no'} | "
             f"{'yes' if r['good_kept'] else 'NO'} |"
         )
     sb = server.get("slow_bodies", {})
