@@ -144,3 +144,32 @@ def test_a_malformed_dicom_header_is_one_row_not_pydicoms_warning_with_its_sourc
         )
         assert "frames_x.dcm" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
         assert ("UserWarning" in proc.stderr) is shown, proc.stderr
+
+
+def test_pick_cases_picks_only_images_with_a_diagnosis():
+    """explain maps only what predict gives a diagnosis: the demo picked images the OOD guard flagged, explain left them
+    out, and fewer than the faithfulness check needs were explained."""
+    y_true = np.array([0] * 6 + [1] * 6)
+    y_prob = np.r_[np.linspace(0.0, 0.3, 6), np.linspace(0.7, 1.0, 6)]
+    eligible = np.ones(12, dtype=bool)
+    eligible[[0, 1, 11]] = False  # the most confident of two kinds are not assessable
+    picks = pick_cases(y_true, y_prob, 0.5, per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES, eligible=eligible)
+    assert len(picks) == MIN_FAITHFULNESS_IMAGES and all(eligible[i] for _, i in picks)
+    assert [i for k, i in picks if k == "true negative"][0] == 2 and [i for k, i in picks if k == "true positive"][0] == 10
+
+
+def test_an_evaluation_knows_which_images_predict_would_not_assess():
+    from pneumoscope.evaluation.scoring import EvaluationResult
+
+    result = EvaluationResult(
+        records=[None] * 4,
+        paths=["a", "b", "c", "d"],
+        y_true=np.zeros(4),
+        y_prob=np.zeros(4),
+        metrics={},
+        problems=[],
+        ood_distance=np.array([1.0, 9.0, np.nan, 2.0]),
+        screened=["", "", "", "image is near-constant"],
+    )
+    assert result.assessable(5.0).tolist() == [True, False, True, False]
+    assert result.assessable(None).tolist() == [True, True, True, False]

@@ -307,10 +307,18 @@ def cmd_demo(args) -> int:
     _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
     if load_dataset(data).layout != "npz":
         # the most confident of each outcome (true/false positive/negative), enough for the faithfulness check
-        cases = pick_cases(result.y_true, result.y_prob, result.metrics["threshold"], per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES)
+        predictor = Predictor.from_checkpoint(run)
+        cases = pick_cases(
+            result.y_true,
+            result.y_prob,
+            result.metrics["threshold"],
+            per_kind=2,
+            at_least=MIN_FAITHFULNESS_IMAGES,
+            eligible=result.assessable(predictor.ood_cutoff),  # explain maps only what has a diagnosis
+        )
         counts = collections.Counter(kind for kind, _ in cases)
         logger.info("explaining %d test images: %s", len(cases), ", ".join(f"{n} {kind}{'s' * (n > 1)}" for kind, n in counts.items()))
-        explain_images(Predictor.from_checkpoint(run), [result.paths[i] for _, i in cases], out / "explain", progress=args.progress)
+        explain_images(predictor, [result.paths[i] for _, i in cases], out / "explain", progress=args.progress)
     m = result.metrics
     print(
         f"\ntest: n={m['n']} AUC={_fmt(m['roc_auc'])} accuracy={_fmt(m['accuracy'])} sensitivity={_fmt(m['sensitivity'])} "

@@ -32,6 +32,10 @@ MAX_LIST_BYTES = 256_000_000
 MAX_CONFIG_BYTES = 1_000_000
 
 
+_NOT_READ = "not an image file; only regular files are read"
+_GIVE_THE_FILE = "Give the image file itself."
+
+
 def _kind(mode: int) -> str:
     """What a file that is not regular is: a FIFO, a device, a socket."""
     if stat.S_ISFIFO(mode):
@@ -55,7 +59,7 @@ def not_regular_file(path: str | os.PathLike) -> str:
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return ""
     kind = _kind(mode)
-    return f"{kind}, not an image file; only regular files are read. Fix: give the image file itself"
+    return f"{kind}, {_NOT_READ}. {_GIVE_THE_FILE}"
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -70,13 +74,8 @@ def read_file(path: str | os.PathLike) -> bytes:
         raise ImageReadError(path, f"cannot be read ({err.strerror})", "Check the path and permissions.") from err
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            why = (
-                not_regular_file(path)
-                or "not a regular file, not an image file; only regular files are read. Fix: give the image file itself"
-            )
-            reason, fix = why.split(". Fix: ", 1)
-            raise ImageReadError(path, reason, fix[:1].upper() + fix[1:] + ".")
+        if not stat.S_ISREG(info.st_mode):  # the same words as not_regular_file's, as a skipped row carries them
+            raise ImageReadError(path, f"{_kind(info.st_mode)}, {_NOT_READ}", _GIVE_THE_FILE)
         limit = MAX_MEMBER_BYTES
         if info.st_size > limit:
             raise ImageReadError(

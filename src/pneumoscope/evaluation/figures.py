@@ -16,12 +16,20 @@ from ..plots import overlay_cam, plot_cam, plot_confusion_matrix, plot_confusion
 from .scoring import EvaluationResult
 
 
-def pick_cases(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_kind: int = 2, at_least: int = 0) -> list[tuple[str, int]]:
+def pick_cases(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float, *, per_kind: int = 2, at_least: int = 0, eligible: np.ndarray | None = None
+) -> list[tuple[str, int]]:
     """(kind, index) of the most confident false positives, false negatives, true positives and true negatives,
     ``per_kind`` of each where there are that many; then, while fewer than ``at_least`` are picked, more of the
-    kinds that have more, one kind at a time, so that both classes and both outcomes are shown where they exist."""
-    pred = decide(y_prob, threshold).astype(bool)
+    kinds that have more, one kind at a time, so that both classes and both outcomes are shown where they exist.
+    ``eligible``: the images that may be picked (those given a diagnosis: :meth:`EvaluationResult.assessable`)."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
+    if eligible is not None:  # picked among the eligible, their indices mapped back
+        index = np.flatnonzero(eligible)
+        return [
+            (kind, int(index[i])) for kind, i in pick_cases(y_true[index], y_prob[index], threshold, per_kind=per_kind, at_least=at_least)
+        ]
+    pred = decide(y_prob, threshold).astype(bool)
     ranked = []
     for kind, sel, most_confident_first in (
         ("false positive", pred & (y_true == 0), -y_prob),
@@ -46,7 +54,9 @@ def write_gallery(
     from ..explain.cams import views_and_cams
 
     out = []
-    for kind, i in pick_cases(result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind):
+    for kind, i in pick_cases(
+        result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind, eligible=result.assessable(predictor.ood_cutoff)
+    ):
         record = result.records[i]
         image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
         known = None if result.class_probs is None else result.class_probs[i : i + 1]

@@ -37,6 +37,16 @@ class EvaluationResult:
     y_class: np.ndarray | None = None  # the true class of each of ``records``
     class_probs: np.ndarray | None = None  # (n, K) calibrated class probabilities
 
+    def assessable(self, ood_cutoff: float | None) -> np.ndarray:
+        """Whether each image gets a diagnosis, as ``predict`` decides it: not over the OOD guard's ``ood_cutoff``, nor
+        flagged by the image screen where the images were decoded (a NaN distance, like predict's, flags nothing)."""
+        ok = np.ones(len(self.records), dtype=bool)
+        if self.ood_distance is not None and ood_cutoff is not None:
+            ok &= ~(np.asarray(self.ood_distance, dtype=np.float64) > ood_cutoff)
+        if self.screened is not None:
+            ok &= np.array([not reason for reason in self.screened], dtype=bool)
+        return ok
+
 
 def evaluate_dataset(
     predictor: Predictor,
