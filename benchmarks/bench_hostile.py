@@ -48,6 +48,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_serve import wait_healthy  # noqa: E402
 from tests.conftest import make_kaggle_tree, synthetic_xray  # noqa: E402
 from tests.test_corpus import corpus  # noqa: E402
 
@@ -465,12 +466,8 @@ def serve_checks(inp: dict, run_dir: Path, bad: dict[str, bytes], limit_s: float
     base, rec = f"http://127.0.0.1:{port}", {"name": "serve"}
     good = sorted(p for p in inp["loose"].glob("loose*.jpeg"))
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        if not wait_healthy(base):
+            raise RuntimeError("server did not start")
         t0 = time.perf_counter()
         with httpx.Client(timeout=limit_s) as client:
             statuses, tracebacks, labelled_nothing = {}, 0, []

@@ -42,7 +42,6 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 @contextmanager
 def served(run: str, src: str | None = None):
     """(base URL, pid) of `pneumoscope serve RUN` on a free loopback port, stopped on exit."""
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,18 +51,25 @@ def served(run: str, src: str | None = None):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
+        if not wait_healthy(base):
             raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
         yield base, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def wait_healthy(base: str, tries: int = 600) -> bool:
+    """Whether ``base``/health answered 200 within ``tries`` attempts (a server starting up)."""
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return False
 
 
 class RssSampler(threading.Thread):
