@@ -173,3 +173,48 @@ def test_an_evaluation_knows_which_images_predict_would_not_assess():
     )
     assert result.assessable(5.0).tolist() == [True, False, True, False]
     assert result.assessable(None).tolist() == [True, True, True, False]
+
+
+def test_the_gallery_and_the_demo_replace_a_case_the_image_screen_flags():
+    """Without --tta the evaluation does not screen the images: a blank one could be picked, and explain would leave it
+    out. The picked images are screened and a flagged one replaced by the next case."""
+    from types import SimpleNamespace
+
+    from pneumoscope.errors import ImageReadError
+    from pneumoscope.evaluation.figures import pick_diagnosed_cases
+    from pneumoscope.evaluation.scoring import EvaluationResult
+
+    y_true = np.array([0] * 6 + [1] * 6)
+    y_prob = np.r_[np.linspace(0.0, 0.3, 6), np.linspace(0.7, 1.0, 6)]
+    result = EvaluationResult([None] * 12, [f"{i}.png" for i in range(12)], y_true, y_prob, {}, [])
+    rng = np.random.default_rng(0)
+
+    def image_of(i):
+        if i == 11:
+            raise ImageReadError(f"{i}.png", "gone", "Check the file.")
+        return np.full((64, 64), 0.5, np.float32) if i == 0 else rng.uniform(size=(64, 64)).astype(np.float32)
+
+    predictor = SimpleNamespace(threshold=0.5, ood_cutoff=None)
+    cases, images = pick_diagnosed_cases(predictor, result, image_of, per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES)
+    picked = [i for _, i in cases]
+    assert 0 not in picked and 11 not in picked and len(picked) == MIN_FAITHFULNESS_IMAGES and set(images) == set(picked)
+    assert [i for k, i in cases if k == "true negative"][:2] == [1, 2] and [i for k, i in cases if k == "true positive"][:2] == [10, 9]
+
+
+def test_explains_summary_says_n_a_for_a_figure_the_checks_could_not_compute():
+    """Every map empty or constant: summarize_checks gives None, and `explain` ended in a TypeError formatting it."""
+    from pneumoscope.cli.commands import _checks_lines
+
+    summary = dict.fromkeys(
+        [
+            "mean_road_most",
+            "mean_road_least",
+            "mean_road_random",
+            "mean_sanity_spearman",
+            "mean_delta_border_masked",
+            "mean_delta_centre_masked",
+            "mean_cam_outside_centre",
+        ]
+    )
+    text = _checks_lines({**summary, "remove_percent": 20, "faithfulness_verdict": "too few images", "mean_road_most": 0.25}, "PNEUMONIA")
+    assert "+0.250 for the most" in text and "mean Spearman n/a" in text and "CAM mass outside the centre n/a" in text

@@ -76,8 +76,8 @@ def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     global _VERBOSE
     _VERBOSE = verbose
     if not verbose:
-        # pydicom warns of each header value it cannot interpret, as a Python warning with its source line; where the
-        # value matters the file is refused and its row names the value and the fix, so the warning is noise (-v shows it)
+        # pydicom warns of header values it cannot interpret or adjusts, as a Python warning with its source line; a file
+        # that cannot be used is refused and its row names the value and the fix; the rest is for -v, which shows them
         warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     if verbose:
         root.setLevel(logging.INFO)

@@ -228,6 +228,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _checks_lines(summary: dict, prob_of: str) -> str:
+    """explain's checks in three lines; a figure the checks could not compute (every map empty or constant) is n/a."""
+
+    def f(key: str, sign: str = "") -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:{sign}.3f}"
+
+    return (
+        f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {f('mean_road_most', '+')} for the most "
+        f"relevant pixels, {f('mean_road_least', '+')} for the least relevant, {f('mean_road_random', '+')} for random maps "
+        f"-> {summary['faithfulness_verdict']}\n"
+        f"sanity (randomised top layers): mean Spearman {f('mean_sanity_spearman')} (low is good)\n"
+        f"shortcut audit: P({prob_of}) change with border masked {f('mean_delta_border_masked', '+')}, "
+        f"centre masked {f('mean_delta_centre_masked', '+')}; CAM mass outside the centre {f('mean_cam_outside_centre')}"
+    )
+
+
 def cmd_explain(args) -> int:
     """``pneumoscope explain``: write the overlays and print the checks' summary."""
     from ..explain.command import explain_images
@@ -250,14 +267,7 @@ def cmd_explain(args) -> int:
     written = json.loads((Path(args.out) / "explanations.json").read_text())
     summary = written["checks"]
     if summary:
-        print(
-            f"faithfulness (ROAD, {summary['remove_percent']}% removed): change in confidence {summary['mean_road_most']:+.3f} for the most "
-            f"relevant pixels, {summary['mean_road_least']:+.3f} for the least relevant, {summary['mean_road_random']:+.3f} for random maps "
-            f"-> {summary['faithfulness_verdict']}\n"
-            f"sanity (randomised top layers): mean Spearman {summary['mean_sanity_spearman']:.3f} (low is good)\n"
-            f"shortcut audit: P({predictor.prob_of}) change with border masked {summary['mean_delta_border_masked']:+.3f}, "
-            f"centre masked {summary['mean_delta_centre_masked']:+.3f}; CAM mass outside the centre {summary['mean_cam_outside_centre']:.3f}"
-        )
+        print(_checks_lines(summary, predictor.prob_of))
     if written["skipped"]:
         print(f"{len(written['skipped'])} unreadable inputs skipped (listed in explanations.json)", file=sys.stderr)
     return _exit_status(len(written["skipped"]))
@@ -293,7 +303,7 @@ def cmd_demo(args) -> int:
     from ..data.download import fetch_pneumoniamnist
     from ..data.layouts import load_dataset
     from ..evaluation.evaluate import evaluate_run
-    from ..evaluation.figures import pick_cases
+    from ..evaluation.figures import pick_diagnosed_cases
     from ..explain.checks import MIN_FAITHFULNESS_IMAGES
     from ..explain.command import explain_images
     from ..inference.predictor import Predictor
@@ -305,16 +315,12 @@ def cmd_demo(args) -> int:
     run = train_run(data, out / "run", config, overwrite=False, progress=args.progress)
     skipped = _skipped_in_run(run)
     _, result = evaluate_run(run, data, out / "eval", split="test", limit=config.limit, cache_dir=config.cache_dir, progress=args.progress)
-    if load_dataset(data).layout != "npz":
+    dataset = load_dataset(data)
+    if dataset.layout != "npz":
         # the most confident of each outcome (true/false positive/negative), enough for the faithfulness check
-        predictor = Predictor.from_checkpoint(run)
-        cases = pick_cases(
-            result.y_true,
-            result.y_prob,
-            result.metrics["threshold"],
-            per_kind=2,
-            at_least=MIN_FAITHFULNESS_IMAGES,
-            eligible=result.assessable(predictor.ood_cutoff),  # explain maps only what has a diagnosis
+        predictor = Predictor.from_checkpoint(run)  # explain maps only what has a diagnosis: the cases are picked among those
+        cases, _ = pick_diagnosed_cases(
+            predictor, result, lambda i: dataset.reader.read_image(result.records[i].ref), per_kind=2, at_least=MIN_FAITHFULNESS_IMAGES
         )
         counts = collections.Counter(kind for kind, _ in cases)
         logger.info("explaining %d test images: %s", len(cases), ", ".join(f"{n} {kind}{'s' * (n > 1)}" for kind, n in counts.items()))

@@ -46,7 +46,7 @@ def _leakage_lines(s: dict) -> list[str]:
     lines.append(f"duplicate images (same bytes): {lk['duplicate_images']} images in {lk['duplicate_groups']} groups")
     if lk.get("label_conflicts"):
         lines.append(
-            f"images under two labels (same bytes): {len(lk['label_conflicts'])}, e.g. {' and '.join(lk['label_conflicts'][0][:2])}; "
+            f"images under two labels (same bytes): {len(lk['label_conflicts'])}, e.g. {' and '.join(_two_labels(lk['label_conflicts'][0]))}; "
             "train, evaluate and calibrate refuse them. Fix: keep each under its one true label"
         )
     if s["patient_id_from_file_stem"]:
@@ -94,6 +94,14 @@ def format_multiclass(mc: dict) -> list[str]:
         lines.append(f"  {name[:14]:<14} {row['n']:>5} {cells}")
     lines.append("screening decision (normal vs not):")
     return lines
+
+
+def _two_labels(group: list[str]) -> list[str]:
+    """Of a group of one image's copies ("LABEL:path"), the first under each of two labels."""
+    first: dict[str, str] = {}
+    for entry in group:
+        first.setdefault(entry.split(":", 1)[0], entry)
+    return list(first.values())[:2]
 
 
 def _fmt(v) -> str:

@@ -94,22 +94,27 @@ def read_file(path: str | os.PathLike) -> bytes:
     return data
 
 
-def read_text(path: str | os.PathLike, limit: int, *, pipes: bool = False) -> str:
-    """A UTF-8 text file's content, at most ``limit`` bytes: a regular file, or with ``pipes`` also a FIFO (a shell's
-    ``<(...)``), read to its end within the bound. A device (``/dev/zero`` never ends) or a socket is refused unread.
+def read_regular(path: str | os.PathLike, limit: int, *, pipes: bool = False) -> bytes:
+    """A file's bytes, at most ``limit``: a regular file, or with ``pipes`` also a FIFO (a shell's ``<(...)``), read
+    to its end within the bound. A device (``/dev/zero`` never ends) or a socket is refused unread.
 
-    Raises OSError when it cannot be opened, ValueError (with the reason) for a device, a file over ``limit``, or
-    bytes that are not UTF-8."""
+    Raises OSError when it cannot be opened, ValueError (with the reason) for a device or a file over ``limit``."""
     nonblock = 0 if pipes else getattr(os, "O_NONBLOCK", 0)  # a FIFO that is not wanted is refused, not waited on
     fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
-            raise ValueError(f"{_kind(mode)}, not a text file")
+            raise ValueError(f"{_kind(mode)}, not a regular file")
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"holds more than {limit:,} bytes, the limit")
-    return data.decode("utf-8")
+    return data
+
+
+def read_text(path: str | os.PathLike, limit: int, *, pipes: bool = False) -> str:
+    """A UTF-8 text file's content, read by :func:`read_regular`; bytes that are not UTF-8 raise ValueError
+    (UnicodeDecodeError)."""
+    return read_regular(path, limit, pipes=pipes).decode("utf-8")
 
 
 def read_zip_member(archive: zipfile.ZipFile, member: str, name: str) -> bytes:

@@ -65,7 +65,10 @@ def refuse_label_conflicts(dataset: Dataset) -> None:
     model fitted or scored on it is taught or marked wrong by construction. ``data inspect --json`` lists them all."""
     conflicts = label_conflicts(dataset.records)
     if conflicts:
-        example = " and ".join(f"{dataset.display(r)} ({dataset.class_names[r.label]})" for r in conflicts[0][:2])
+        first = {}  # the first record under each label, so that two labels are named
+        for r in conflicts[0]:
+            first.setdefault(r.label, r)
+        example = " and ".join(f"{dataset.display(r)} ({dataset.class_names[r.label]})" for r in list(first.values())[:2])
         raise DataError(
             f"{dataset.source}: {len(conflicts)} images carry two labels (the same bytes under two classes), e.g. {example}. "
             "Fix: keep each image under its one true label (`pneumoscope data inspect --json` lists them all)"

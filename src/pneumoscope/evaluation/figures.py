@@ -47,6 +47,31 @@ def pick_cases(
     return picks
 
 
+def pick_diagnosed_cases(
+    predictor: Predictor, result: EvaluationResult, image_of, *, per_kind: int = 2, at_least: int = 0
+) -> tuple[list[tuple[str, int]], dict[int, np.ndarray]]:
+    """:func:`pick_cases` among the images ``predict`` gives a diagnosis, and the picked images decoded.
+
+    The OOD guard's flags are known from the evaluation; the image screen needs the pixels, so each picked image is
+    decoded (``image_of(i)``) and screened, and one the screen flags (blank, flat) is replaced by the next case."""
+    from ..data.decode import screen_image
+    from ..errors import ImageReadError
+
+    eligible, images = result.assessable(predictor.ood_cutoff), {}
+    while True:
+        cases = pick_cases(result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind, at_least=at_least, eligible=eligible)
+        for _, i in cases:
+            if i not in images:
+                try:
+                    images[i] = image_of(i)
+                except ImageReadError:  # gone or changed since it was scored: not shown
+                    images[i] = None
+        flagged = [i for _, i in cases if images[i] is None or screen_image(images[i])]
+        if not flagged:
+            return cases, {i: images[i] for _, i in cases}
+        eligible[flagged] = False
+
+
 def write_gallery(
     predictor: Predictor, dataset: Dataset, result: EvaluationResult, folder: Path, per_kind: int = 2
 ) -> list[tuple[Path, str]]:
@@ -54,11 +79,12 @@ def write_gallery(
     from ..explain.cams import views_and_cams
 
     out = []
-    for kind, i in pick_cases(
-        result.y_true, result.y_prob, predictor.threshold, per_kind=per_kind, eligible=result.assessable(predictor.ood_cutoff)
-    ):
-        record = result.records[i]
-        image = dataset.reader.read_image(record.ref, draft_size=predictor.preprocessing.input_size)
+    size = predictor.preprocessing.input_size
+    cases, images = pick_diagnosed_cases(
+        predictor, result, lambda i: dataset.reader.read_image(result.records[i].ref, draft_size=size), per_kind=per_kind
+    )
+    for kind, i in cases:
+        image = images[i]
         known = None if result.class_probs is None else result.class_probs[i : i + 1]
         (shown,), (cam,), (cls,) = views_and_cams(predictor, [image], probs=result.y_prob[i : i + 1], class_probs=known)  # pred[i]
         path = folder / f"gallery_{len(out):02d}.png"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ class OnnxBackend:
         options.intra_op_num_threads = threads or available_cpus()  # its default counts the machine's CPUs, not the process's
         # waiting threads sleep rather than spin: under contention a spinning thread burns the time its partner needs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        blob = Path(path).read_bytes()  # the bytes checked below are the bytes run
+        blob = read_model_file(path)  # the bytes checked below are the bytes run
         self.session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
         meta = verified_onnx_metadata(path, blob)
@@ -57,26 +56,83 @@ class OnnxBackend:
 
 
 def onnx_digest(proto) -> str:
-    """The SHA-256 an export stores under ``SHA256_KEY``: its metadata entries (the description) and its graph's
-    weights and wiring (:func:`graph_payload`), by ``compute_digest``."""
+    """The SHA-256 an export stores under ``SHA256_KEY``: its metadata entries (the description) and its model's
+    operator sets, weights and nodes (:func:`model_payload`), by ``compute_digest``."""
     entries = {p.key: p.value for p in proto.metadata_props if p.key != SHA256_KEY}
-    return compute_digest(entries, graph_payload(proto.graph))
+    return compute_digest(entries, model_payload(proto))
+
+
+def model_payload(proto) -> bytes:
+    """The bytes an export's digest covers of its model: the operator sets, then :func:`graph_payload`. Built from the
+    values, not from protobuf's serialisation, which another protobuf version may order differently: a model that
+    is intact must never be refused."""
+    opsets = ";".join(f"{o.domain}:{o.version}" for o in proto.opset_import).encode()
+    return _field(opsets) + graph_payload(proto.graph)
 
 
 def graph_payload(graph) -> bytes:
-    """The bytes an export's digest covers of its graph: each initializer's name, type, shape and values, and each
-    node's operator, inputs and outputs. Built from the values, not from protobuf's serialisation, which another
-    protobuf version may order differently: a model that is intact must never be refused."""
+    """Each initializer's name, type, shape and values, and each node's domain, operator, inputs, outputs and
+    attributes (by name, each with its value: a Gemm's alpha or a Conv's strides change the output as weights do)."""
     from onnx import numpy_helper
 
     parts = []
     for init in graph.initializer:
-        header = f"{init.name}|{init.data_type}|{','.join(map(str, init.dims))}|".encode()
-        parts += [len(header).to_bytes(8, "little"), header, numpy_helper.to_array(init).tobytes()]
+        parts += [
+            _field(f"{init.name}|{init.data_type}|{','.join(map(str, init.dims))}".encode()),
+            _field(numpy_helper.to_array(init).tobytes()),
+        ]
     for node in graph.node:
-        wiring = f"{node.op_type}|{','.join(node.input)}|{','.join(node.output)}".encode()
-        parts += [len(wiring).to_bytes(8, "little"), wiring]
+        parts.append(_field(f"{node.domain}|{node.op_type}|{','.join(node.input)}|{','.join(node.output)}".encode()))
+        parts += [_field(f"{a.name}|{a.type}".encode()) + _field(_attribute_value(a)) for a in sorted(node.attribute, key=lambda a: a.name)]
     return b"".join(parts)
+
+
+def _field(data: bytes) -> bytes:
+    """``data`` prefixed with its length, so that no two sequences of fields run together alike."""
+    return len(data).to_bytes(8, "little") + data
+
+
+def _attribute_value(attr) -> bytes:
+    """A node attribute's value as bytes: numbers packed, texts as stored, tensors by their values, subgraphs by
+    :func:`graph_payload`; a kind this export does not write (sparse tensors, types) by its serialisation."""
+    import struct
+
+    from onnx import AttributeProto, numpy_helper
+
+    kind = attr.type
+    if kind == AttributeProto.FLOAT:
+        return struct.pack("<f", attr.f)
+    if kind == AttributeProto.INT:
+        return struct.pack("<q", attr.i)
+    if kind == AttributeProto.STRING:
+        return attr.s
+    if kind == AttributeProto.FLOATS:
+        return struct.pack(f"<{len(attr.floats)}f", *attr.floats)
+    if kind == AttributeProto.INTS:
+        return struct.pack(f"<{len(attr.ints)}q", *attr.ints)
+    if kind == AttributeProto.STRINGS:
+        return b"".join(_field(t) for t in attr.strings)
+    if kind == AttributeProto.TENSOR:
+        return _field(str(attr.t.data_type).encode()) + numpy_helper.to_array(attr.t).tobytes()
+    if kind == AttributeProto.GRAPH:
+        return graph_payload(attr.g)
+    return attr.SerializeToString()
+
+
+MAX_ONNX_BYTES = 2**31  # protobuf's limit for one message: an ONNX file without external data is smaller
+
+
+def read_model_file(path: str | os.PathLike) -> bytes:
+    """An ONNX file's bytes: a regular file within :data:`MAX_ONNX_BYTES`, never a FIFO (it would wait for ever) or a
+    device (``/dev/zero`` never ends)."""
+    from ..data.bounded import read_regular
+
+    try:
+        return read_regular(path, MAX_ONNX_BYTES)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: cannot be read as an ONNX file ({err}). Fix: give the .onnx file `pneumoscope export` wrote."
+        ) from err
 
 
 def verified_onnx_metadata(path: str | os.PathLike, blob: bytes) -> dict[str, str]:
@@ -94,5 +150,5 @@ def verified_onnx_metadata(path: str | os.PathLike, blob: bytes) -> dict[str, st
         raise CheckpointError(
             f"{path}: not a pneumoscope ONNX export (no description in its metadata). Export one with `pneumoscope export`."
         )
-    verify_digest(path, meta, graph_payload(proto.graph), legacy_keys=ONNX_LEGACY_KEYS, fix="export it again with `pneumoscope export`")
+    verify_digest(path, meta, model_payload(proto), legacy_keys=ONNX_LEGACY_KEYS, fix="export it again with `pneumoscope export`")
     return meta

@@ -188,7 +188,7 @@ def _read_yaml(path: str | os.PathLike):
     import yaml
 
     try:
-        text = read_text(path, MAX_CONFIG_BYTES)
+        text = read_text(path, MAX_CONFIG_BYTES, pipes=True)  # a pipe, as from `--config <(envsubst < c.yaml)`, too
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not a text file ({err.reason} at byte {err.start}). Fix: give a YAML file of settings") from err
     except ValueError as err:
