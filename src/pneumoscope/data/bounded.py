@@ -102,12 +102,15 @@ def read_regular(path: str | os.PathLike, limit: int, *, pipes: bool = False) ->
     nonblock = 0 if pipes else getattr(os, "O_NONBLOCK", 0)  # a FIFO that is not wanted is refused, not waited on
     fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
-            raise ValueError(f"{_kind(mode)}, not a regular file")
-        data = fh.read(limit + 1)
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) or (pipes and stat.S_ISFIFO(info.st_mode))):
+            raise ValueError(f"{_kind(info.st_mode)}, not a regular file")
+        too_big = ValueError(f"holds more than {limit:,} bytes, the limit")
+        if info.st_size > limit:  # a regular file's size is known: refused before a byte is read
+            raise too_big
+        data = fh.read(limit + 1)  # a pipe's is not, nor a file's that grows: read to the bound
     if len(data) > limit:
-        raise ValueError(f"holds more than {limit:,} bytes, the limit")
+        raise too_big
     return data
 
 
