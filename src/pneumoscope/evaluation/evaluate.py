@@ -18,7 +18,7 @@ from ..models.checkpoint import RunFolder
 from ..outputs import atomic_output_dir, check_output_dir, write_bytes_atomic, write_csv, write_json
 from .figures import screening_names, write_figures, write_gallery
 from .report import model_card, render_report
-from .scoring import EvaluationResult, evaluate_dataset
+from .scoring import EvaluationResult, evaluate_dataset, not_assessable_flags
 from .tables import write_tables
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ def count_not_assessable(ood_distance: np.ndarray | None, cutoff: float | None, 
     """How many of the evaluated images inference would give no label (``predict.Predictor``: the image screen or the
     OOD guard flags them). ``guard`` or ``screen`` is None where that check could not be counted (no guard; images
     not decoded); ``n`` counts the images either flags. The metrics still include these images."""
-    guard = None if ood_distance is None or cutoff is None else np.asarray(ood_distance) > cutoff  # (N,) bool
-    screen = None if screened is None else np.array([bool(reason) for reason in screened], dtype=bool)
+    guard, screen = not_assessable_flags(ood_distance, cutoff, screened)  # (N,) bool each, or None
     flagged = [f for f in (guard, screen) if f is not None]
     either = np.logical_or.reduce(flagged) if flagged else None
     unchecked = [

@@ -41,11 +41,21 @@ class EvaluationResult:
         """Whether each image gets a diagnosis, as ``predict`` decides it: not over the OOD guard's ``ood_cutoff``, nor
         flagged by the image screen where the images were decoded (a NaN distance, like predict's, flags nothing)."""
         ok = np.ones(len(self.records), dtype=bool)
-        if self.ood_distance is not None and ood_cutoff is not None:
-            ok &= ~(np.asarray(self.ood_distance, dtype=np.float64) > ood_cutoff)
-        if self.screened is not None:
-            ok &= np.array([not reason for reason in self.screened], dtype=bool)
+        for flags in not_assessable_flags(self.ood_distance, ood_cutoff, self.screened):
+            if flags is not None:
+                ok &= ~flags
         return ok
+
+
+def not_assessable_flags(
+    ood_distance: np.ndarray | None, cutoff: float | None, screened: list[str] | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Predict's rule for an image it gives no label, per check: (the OOD guard's flags: distance over ``cutoff``, the
+    image screen's flags: a reason given), each None where it cannot be told (no guard; images not decoded). A NaN
+    distance flags nothing, as in ``Predictor``."""
+    guard = None if ood_distance is None or cutoff is None else np.asarray(ood_distance, dtype=np.float64) > cutoff
+    screen = None if screened is None else np.array([bool(reason) for reason in screened], dtype=bool)
+    return guard, screen
 
 
 def evaluate_dataset(
